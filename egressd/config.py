@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeVar
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -354,7 +354,9 @@ def is_hostname(text: str) -> bool:
     return bool(_HOSTNAME.match(text))
 
 
-def parse_hostport(text: str, *, allow_names: bool = True, default_port: int | None = None) -> Endpoint:
+def parse_hostport(
+    text: str, *, allow_names: bool = True, default_port: int | None = None
+) -> Endpoint:
     """``ip:port``, ``[ipv6]:port`` or ``host:port`` -> :class:`Endpoint`."""
     host: str
     port_text: str | None
@@ -391,7 +393,9 @@ def parse_hostport(text: str, *, allow_names: bool = True, default_port: int | N
         if not allow_names:
             raise ValueError(f"has {host!r}, which is not an IP address") from None
         if not is_hostname(host):
-            raise ValueError(f"has {host!r}, which is neither an IP address nor a host name") from None
+            raise ValueError(
+                f"has {host!r}, which is neither an IP address nor a host name"
+            ) from None
     return Endpoint(host, port)
 
 
@@ -640,10 +644,11 @@ def _read_suspend_policy(reader: _Table, key: str) -> SuspendPolicy | None:
     if trigger is _MISSING or trigger == "Immediate":
         pass
     elif isinstance(trigger, dict) and set(trigger) == {"Threshold"}:
-        parsed = table.convert("trigger", lambda _: _parse_threshold(trigger["Threshold"]))
-        if parsed is None:
+        try:
+            count, window = _parse_threshold(trigger["Threshold"])
+        except ValueError as exc:
+            table.error("trigger", f"{trigger['Threshold']!r} {exc}")
             return None
-        count, window = parsed
     else:
         table.error("trigger", 'expected "Immediate" or { Threshold = "N/duration" }')
         return None
@@ -678,7 +683,9 @@ def _check_source_coherence(errors: _Errors, draft: _SourceDraft, source: Source
     ):
         if (server_key in draft.values) != (address_key in draft.values):
             present, missing = (
-                (server_key, address_key) if server_key in draft.values else (address_key, server_key)
+                (server_key, address_key)
+                if server_key in draft.values
+                else (address_key, server_key)
             )
             fail(present, f"is set without {missing}; set both or neither")
     if "socks5_proxy_source_address" in draft.values and "socks5_proxy_server" not in draft.values:
@@ -690,13 +697,13 @@ def _check_source_coherence(errors: _Errors, draft: _SourceDraft, source: Source
     for hop_key in ("ha_proxy_server", "socks5_proxy_server"):
         hop: Endpoint | None = getattr(source, hop_key)
         hop_ip = hop.ip if hop is not None else None
-        if source.source_address is not None and hop_ip is not None:
-            if source.source_address.version != hop_ip.version:
-                fail(
-                    "source_address",
-                    f"IPv{source.source_address.version} address {source.source_address} "
-                    f"can never connect to the IPv{hop_ip.version} {hop_key} {hop}",
-                )
+        address = source.source_address
+        if address is not None and hop_ip is not None and address.version != hop_ip.version:
+            fail(
+                "source_address",
+                f"IPv{address.version} address {address} "
+                f"can never connect to the IPv{hop_ip.version} {hop_key} {hop}",
+            )
     return ok
 
 
@@ -806,15 +813,23 @@ def _read_limits(table: _Table | None) -> LimitSettings:
     default = LimitSettings()
     if table is None:
         return default
-    values = {
-        "max_connections": table.integer("max_connections", 1, 10_000_000),
-        "max_connections_per_source": table.integer("max_connections_per_source", 1, 10_000_000),
-        "handshake_timeout": table.duration("handshake_timeout"),
-        "idle_timeout": table.duration("idle_timeout"),
-        "shutdown_grace": table.duration("shutdown_grace"),
-    }
+    max_connections = table.integer("max_connections", 1, 10_000_000)
+    per_source = table.integer("max_connections_per_source", 1, 10_000_000)
+    handshake = table.duration("handshake_timeout")
+    idle = table.duration("idle_timeout")
+    grace = table.duration("shutdown_grace")
     table.finish()
-    return LimitSettings(**{k: v if v is not None else getattr(default, k) for k, v in values.items()})
+    return LimitSettings(
+        max_connections=_or(max_connections, default.max_connections),
+        max_connections_per_source=_or(per_source, default.max_connections_per_source),
+        handshake_timeout=_or(handshake, default.handshake_timeout),
+        idle_timeout=_or(idle, default.idle_timeout),
+        shutdown_grace=_or(grace, default.shutdown_grace),
+    )
+
+
+def _or(value: T | None, default: T) -> T:
+    return default if value is None else value
 
 
 def _read_auth(table: _Table | None) -> Mapping[str, str]:
@@ -879,7 +894,9 @@ def _read_health(table: _Table | None) -> HealthSettings:
         )
     }
     table.finish()
-    return HealthSettings(**{k: v if v is not None else getattr(default, k) for k, v in values.items()})
+    return HealthSettings(
+        **{k: v if v is not None else getattr(default, k) for k, v in values.items()}
+    )
 
 
 def _read_smtp(table: _Table | None) -> SmtpSettings:
@@ -901,9 +918,7 @@ def _read_smtp(table: _Table | None) -> SmtpSettings:
     routes: dict[str, Endpoint] = {}
     if routes_table is not None:
         for domain in routes_table.data:
-            endpoint = routes_table.convert(
-                domain, lambda t: parse_hostport(t, default_port=25)
-            )
+            endpoint = routes_table.convert(domain, lambda t: parse_hostport(t, default_port=25))
             if endpoint is not None:
                 routes[domain.lower()] = endpoint
     tls = _read_smtp_tls(table.table("tls"))
@@ -961,7 +976,9 @@ def _read_smtp_timeouts(table: _Table | None) -> SmtpTimeouts:
     for key, ceiling in limits.items():
         value = table.duration(key)
         if value is not None and value > ceiling:
-            table.error(key, f"{value:g}s must stay below Postfix's client timeout (at most {ceiling}s)")
+            table.error(
+                key, f"{value:g}s must stay below Postfix's client timeout (at most {ceiling}s)"
+            )
             value = None
         values[key] = value if value is not None else getattr(default, key)
     table.finish()
@@ -993,7 +1010,8 @@ _MAIN_KEYS = {
 def _read_toml(errors: _Errors, path: Path, shown: str) -> dict[str, Any] | None:
     try:
         with path.open("rb") as handle:
-            return tomllib.load(handle)
+            data: dict[str, Any] = tomllib.load(handle)
+            return data
     except FileNotFoundError:
         errors.add(shown, "", "file not found")
     except PermissionError:
@@ -1112,7 +1130,9 @@ def _check_listener_pools(errors: _Errors, file: str, config: Config) -> None:
                 errors.add(file, f"{path}: pool", f'"{listener.pool}" is not a defined pool')
             if listener.address in seen:
                 errors.add(
-                    file, f"{path}: address", f"{listener.address} is already used by {seen[listener.address]}"
+                    file,
+                    f"{path}: address",
+                    f"{listener.address} is already used by {seen[listener.address]}",
                 )
             seen[listener.address] = path
     for key, pool in config.smtp.sender_pools.items():
@@ -1120,7 +1140,9 @@ def _check_listener_pools(errors: _Errors, file: str, config: Config) -> None:
             errors.add(file, f'smtp.sender_pools: "{key}"', f'"{pool}" is not a defined pool')
     for user in config.auth:
         if user not in config.pools:
-            errors.add(file, f'auth.users: "{user}"', "names no defined pool (the username is the pool)")
+            errors.add(
+                file, f'auth.users: "{user}"', "names no defined pool (the username is the pool)"
+            )
 
 
 def config_path_from(cli_value: str | None, environ: Mapping[str, str]) -> str:
