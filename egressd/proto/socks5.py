@@ -54,8 +54,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 import struct
+from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Final, NoReturn
+from typing import Final, Literal, NoReturn
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -76,8 +77,6 @@ ATYP_IPV6: Final = 0x04
 
 # The longest message either side can send: a request or reply with a 255-byte name.
 MAX_MESSAGE_SIZE: Final = 4 + 1 + 255 + 2
-# Hard cap on bytes buffered before the handshake is done.
-MAX_BUFFER_SIZE: Final = 1024
 
 
 class Reply(IntEnum):
@@ -276,8 +275,8 @@ class Socks5Client:
         if self._state is _ClientState.DONE:
             self.trailing += bytes(self._buffer)
             self._buffer.clear()
-        elif len(self._buffer) > MAX_BUFFER_SIZE:
-            self._fail(f"proxy sent {len(self._buffer)} bytes without completing a reply")
+        # Otherwise the buffer holds less than one message (< MAX_MESSAGE_SIZE bytes): every
+        # message is consumed as soon as it is complete, which is the client's size cap.
         return bytes(out)
 
     def _step(self) -> bytes | None:
@@ -376,3 +375,391 @@ def _encode_credentials(username: str, password: str) -> bytes:
     if len(secret) > 255:
         raise ValueError(f"SOCKS5 password must be at most 255 bytes, got {len(secret)}")
     return bytes([AUTH_VERSION, len(user)]) + user + bytes([len(secret)]) + secret
+
+
+# ---------------------------------------------------------------------------------------
+# Server
+# ---------------------------------------------------------------------------------------
+
+# Hard cap on bytes buffered before the handshake is done. A client that pipelines a
+# maximal greeting (257), RFC 1929 message (513), BIND (262) and CONNECT (262) stays below.
+MAX_SERVER_BUFFER_SIZE: Final = 4096
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA: Final = _Sentinel.NEED_DATA
+NeedData = Literal[_Sentinel.NEED_DATA]
+"""Returned by :meth:`Socks5Server.next_event` when more bytes must be fed first."""
+
+
+@dataclass(frozen=True)
+class AuthRequest:
+    """RFC 1929 credentials; answer with ``accept_auth()`` or ``deny_auth()``.
+
+    Both fields are decoded as UTF-8 with ``surrogateescape``: lossless, so comparing them
+    with configured strings is exact even for bytes that are not UTF-8.
+    """
+
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class BindRequest:
+    """KumoMTA's ``BIND source:0``; answer with ``reply_success()`` or ``reply_failure()``."""
+
+    address: IPAddress | str
+    port: int
+    atyp: int
+
+    def __post_init__(self) -> None:
+        _check_port(self.port)
+
+
+@dataclass(frozen=True)
+class ConnectRequest:
+    """A CONNECT; answer with ``reply_success()`` or ``reply_failure()``.
+
+    ``host`` is an IP address for ATYP 1 and 4, the name for ATYP 3. ``bind_address`` is
+    the address of the accepted BIND that came before it on this connection, if any.
+    """
+
+    host: IPAddress | str
+    port: int
+    atyp: int
+    bind_address: IPAddress | str | None = None
+
+    def __post_init__(self) -> None:
+        _check_port(self.port)
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The machine is finished without a connection: write ``data_to_send()``, then close."""
+
+    reason: str
+
+
+Socks5ServerEvent = AuthRequest | BindRequest | ConnectRequest | Closed
+
+
+class Socks5ServerUsageError(Exception):
+    """The driver called the server machine out of turn (a bug in egressd, not the peer)."""
+
+
+class _ServerState(enum.Enum):
+    GREETING = "greeting"
+    AUTH = "auth"
+    AWAIT_AUTH_ANSWER = "await auth answer"
+    REQUEST = "request"
+    AWAIT_BIND_ANSWER = "await bind answer"
+    AFTER_BIND = "after bind"
+    AWAIT_CONNECT_ANSWER = "await connect answer"
+    DONE = "done"
+    CLOSED = "closed"
+
+
+_AWAITING_ANSWER = (
+    _ServerState.AWAIT_AUTH_ANSWER,
+    _ServerState.AWAIT_BIND_ANSWER,
+    _ServerState.AWAIT_CONNECT_ANSWER,
+)
+
+
+class _Incomplete(Exception):
+    """Internal: the buffer does not hold a whole message yet."""
+
+
+class _Reject(Exception):
+    """Internal: the peer broke the protocol; carries the reply to send (if any) and why."""
+
+    def __init__(self, reason: str, reply: bytes = b"") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.reply = reply
+
+
+class Socks5Server:
+    """Server side of one SOCKS5 handshake, h11 style; see the module docstring.
+
+    ``require_auth``: when True a client that does not offer method 02 gets ``05 FF``.
+    A client that offers 02 always gets 02, whatever ``require_auth`` says: the username
+    names the egress pool even when no passwords are configured.
+    """
+
+    def __init__(self, *, require_auth: bool = False) -> None:
+        self.require_auth = require_auth
+        self._state = _ServerState.GREETING
+        self._buffer = bytearray()
+        self._outgoing = bytearray()
+        self._eof = False
+        self._closed_reason = ""
+        self._request_atyp = ATYP_IPV4
+        self._bind: BindRequest | None = None
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """True once a CONNECT got a success reply: the rest of the stream is payload."""
+        return self._state is _ServerState.DONE
+
+    @property
+    def closed(self) -> bool:
+        """True once the machine gave up: write ``data_to_send()``, then close."""
+        return self._state is _ServerState.CLOSED
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes the client sent after its CONNECT request; they belong to the destination."""
+        if self._state is not _ServerState.DONE:
+            raise Socks5ServerUsageError("trailing_data is only defined once done")
+        return bytes(self._buffer)
+
+    # -- input ---------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the client; ``b""`` means the client closed its side."""
+        if self._state is _ServerState.DONE:
+            raise Socks5ServerUsageError("handshake is done; relay further bytes yourself")
+        if not data:
+            self._eof = True
+            return
+        if self._state is _ServerState.CLOSED:
+            return
+        if len(self._buffer) + len(data) > MAX_SERVER_BUFFER_SIZE:
+            # Pending answers are then ignored: the driver sees Closed on next_event().
+            self._close(f"client sent more than {MAX_SERVER_BUFFER_SIZE} bytes unanswered")
+            return
+        self._buffer += data
+
+    def next_event(self) -> Socks5ServerEvent | NeedData:
+        """The next event, or :data:`NEED_DATA`. Never raises because of peer input."""
+        if self._state in _AWAITING_ANSWER:
+            raise Socks5ServerUsageError(f"answer the pending request first ({self._state.value})")
+        if self._state is _ServerState.DONE:
+            raise Socks5ServerUsageError("handshake is done; there are no more events")
+        if self._state is _ServerState.CLOSED:
+            return Closed(self._closed_reason)
+        try:
+            return self._parse_next()
+        except _Incomplete:
+            return self._on_incomplete()
+        except _Reject as reject:
+            self._outgoing += reject.reply
+            return self._close(reject.reason)
+
+    def data_to_send(self) -> bytes:
+        """Drain the bytes the machine wants written to the client."""
+        out = bytes(self._outgoing)
+        self._outgoing.clear()
+        return out
+
+    # -- driver answers --------------------------------------------------------------------
+
+    def accept_auth(self) -> None:
+        """Accept the credentials of the pending :class:`AuthRequest` (sends ``01 00``)."""
+        if self._answer_ignored(_ServerState.AWAIT_AUTH_ANSWER):
+            return
+        self._outgoing += bytes([AUTH_VERSION, 0x00])
+        self._state = _ServerState.REQUEST
+
+    def deny_auth(self) -> None:
+        """Deny the credentials of the pending :class:`AuthRequest` (``01 01``, then close)."""
+        if self._answer_ignored(_ServerState.AWAIT_AUTH_ANSWER):
+            return
+        self._outgoing += bytes([AUTH_VERSION, 0x01])
+        self._close("username/password denied")
+
+    def reply_success(self, bound_ip: IPAddress | None = None, bound_port: int = 0) -> None:
+        """Answer the pending BIND or CONNECT with success.
+
+        For a CONNECT, pass the local address of the outbound connection (RFC 1928's
+        BND.ADDR/BND.PORT); the machine is then done. For a BIND, pass the bound address
+        (KumoProxy answers with the address it bound to); ``None`` means the requested
+        address (for CONNECT: the unspecified address). The reply is always in the request's
+        address family, see :func:`reply_address_for`.
+        """
+        _check_port(bound_port)
+        if self._state is _ServerState.AWAIT_BIND_ANSWER:
+            assert self._bind is not None
+            if bound_ip is None and not isinstance(self._bind.address, str):
+                bound_ip = self._bind.address
+            self._outgoing += self._reply(Reply.SUCCEEDED, bound_ip, bound_port)
+            self._state = _ServerState.AFTER_BIND
+            return
+        if self._answer_ignored(_ServerState.AWAIT_CONNECT_ANSWER):
+            return
+        self._outgoing += self._reply(Reply.SUCCEEDED, bound_ip, bound_port)
+        self._state = _ServerState.DONE
+
+    def reply_failure(self, code: Reply | int) -> None:
+        """Refuse the pending BIND or CONNECT with ``code`` (1..255), then close."""
+        if not 1 <= code <= 0xFF:
+            raise ValueError(f"a failure reply code must be 1..255, got {code}")
+        if self._state is not _ServerState.AWAIT_BIND_ANSWER and self._answer_ignored(
+            _ServerState.AWAIT_CONNECT_ANSWER
+        ):
+            return
+        self._outgoing += self._reply(code, None, 0)
+        self._close(f"request refused with reply {code}")
+
+    def _answer_ignored(self, expected: _ServerState) -> bool:
+        """True when an answer should be dropped (the machine already closed, e.g. on
+        overflow); raise when the driver answers something that was never asked."""
+        if self._state is _ServerState.CLOSED:
+            return True
+        if self._state is not expected:
+            raise Socks5ServerUsageError(
+                f"cannot answer {expected.value!r} in state {self._state.value!r}"
+            )
+        return False
+
+    # -- parsing -----------------------------------------------------------------------------
+
+    def _close(self, reason: str) -> Closed:
+        self._state = _ServerState.CLOSED
+        self._closed_reason = reason
+        self._buffer.clear()
+        return Closed(reason)
+
+    def _on_incomplete(self) -> Socks5ServerEvent | NeedData:
+        if not self._eof:
+            return NEED_DATA
+        if self._state is _ServerState.AFTER_BIND and not self._buffer:
+            self._outgoing += self._reply(Reply.COMMAND_NOT_SUPPORTED, None, 0)
+            return self._close("client closed after BIND without sending CONNECT")
+        if self._buffer:
+            return self._close(f"client closed in the middle of the {self._state.value}")
+        return self._close(f"client closed during the {self._state.value}")
+
+    def _parse_next(self) -> Socks5ServerEvent | NeedData:
+        if self._state is _ServerState.GREETING:
+            self._parse_greeting()
+            return self._parse_next_if_buffered()
+        if self._state is _ServerState.AUTH:
+            return self._parse_credentials()
+        return self._parse_request()
+
+    def _parse_next_if_buffered(self) -> Socks5ServerEvent | NeedData:
+        if self._state is _ServerState.CLOSED:
+            return Closed(self._closed_reason)
+        return self._parse_next()
+
+    def _take(self, count: int) -> bytes:
+        """Remove and return the first ``count`` bytes; _Incomplete if not all there."""
+        if len(self._buffer) < count:
+            raise _Incomplete
+        chunk = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        return chunk
+
+    def _peek(self, count: int) -> bytes:
+        if len(self._buffer) < count:
+            raise _Incomplete
+        return bytes(self._buffer[:count])
+
+    def _parse_greeting(self) -> None:
+        """``05 NMETHODS METHODS`` -> queue the method choice (RFC 1928 section 3)."""
+        (version,) = self._peek(1)
+        if version != SOCKS_VERSION:
+            raise _Reject(f"greeting has version {version:#04x}, not 0x05")
+        nmethods = self._peek(2)[1]
+        methods = self._take(2 + nmethods)[2:]
+        method = self._choose_method(methods)
+        self._outgoing += bytes([SOCKS_VERSION, method])
+        if method == METHOD_NO_ACCEPTABLE:
+            self._close("client offers no acceptable authentication method")
+        elif method == METHOD_USERNAME_PASSWORD:
+            self._state = _ServerState.AUTH
+        else:
+            self._state = _ServerState.REQUEST
+
+    def _choose_method(self, offered: bytes) -> int:
+        if METHOD_USERNAME_PASSWORD in offered:
+            return METHOD_USERNAME_PASSWORD
+        if METHOD_NO_AUTH in offered and not self.require_auth:
+            return METHOD_NO_AUTH
+        return METHOD_NO_ACCEPTABLE
+
+    def _parse_credentials(self) -> AuthRequest:
+        """``01 ULEN UNAME PLEN PASSWD`` (RFC 1929 section 2)."""
+        (version,) = self._peek(1)
+        if version != AUTH_VERSION:
+            raise _Reject(
+                f"username/password message has version {version:#04x}, not 0x01",
+                bytes([AUTH_VERSION, 0x01]),
+            )
+        ulen = self._peek(2)[1]
+        plen = self._peek(2 + ulen + 1)[-1]
+        message = self._take(2 + ulen + 1 + plen)
+        self._state = _ServerState.AWAIT_AUTH_ANSWER
+        return AuthRequest(
+            username=message[2 : 2 + ulen].decode("utf-8", "surrogateescape"),
+            password=message[3 + ulen :].decode("utf-8", "surrogateescape"),
+        )
+
+    def _parse_request(self) -> BindRequest | ConnectRequest:
+        """``05 CMD RSV ATYP DST.ADDR DST.PORT`` (RFC 1928 section 4); RSV is ignored."""
+        version, command, _rsv, atyp = self._peek(4)
+        self._request_atyp = atyp if atyp in (ATYP_IPV4, ATYP_IPV6, ATYP_DOMAIN) else ATYP_IPV4
+        if version != SOCKS_VERSION:
+            raise self._reject_request(Reply.GENERAL_FAILURE, f"version {version:#04x}")
+        try:
+            addr_len = address_length(atyp, self._buffer, 4)
+        except KeyError:
+            raise self._reject_request(
+                Reply.ADDRESS_TYPE_NOT_SUPPORTED, f"address type {atyp:#04x}"
+            ) from None
+        if addr_len is None:
+            raise _Incomplete
+        message = self._take(4 + addr_len + 2)
+        if atyp == ATYP_DOMAIN and addr_len == 1:
+            raise self._reject_request(Reply.GENERAL_FAILURE, "empty domain name")
+        address = decode_address(atyp, message[4 : 4 + addr_len])
+        (port,) = struct.unpack_from("!H", message, 4 + addr_len)
+        return self._dispatch_request(command, address, port, atyp)
+
+    def _dispatch_request(
+        self, command: int, address: IPAddress | str, port: int, atyp: int
+    ) -> BindRequest | ConnectRequest:
+        after_bind = self._state is _ServerState.AFTER_BIND
+        if command == CMD_CONNECT:
+            self._state = _ServerState.AWAIT_CONNECT_ANSWER
+            bind = self._bind.address if self._bind is not None else None
+            return ConnectRequest(host=address, port=port, atyp=atyp, bind_address=bind)
+        if command == CMD_BIND and not after_bind:
+            self._bind = BindRequest(address=address, port=port, atyp=atyp)
+            self._state = _ServerState.AWAIT_BIND_ANSWER
+            return self._bind
+        what = "a second BIND" if command == CMD_BIND else f"command {command:#04x}"
+        raise self._reject_request(Reply.COMMAND_NOT_SUPPORTED, what)
+
+    def _reject_request(self, code: Reply, what: str) -> _Reject:
+        return _Reject(f"request with {what}: reply {code.name}", self._reply(code, None, 0))
+
+    def _reply(self, code: int, bound_ip: IPAddress | None, port: int) -> bytes:
+        return encode_reply(code, reply_address_for(self._request_atyp, bound_ip), port)
+
+
+def reply_address_for(request_atyp: int, bound: IPAddress | None) -> IPAddress:
+    """BND.ADDR in the request's address family (Exim reads a fixed-length reply).
+
+    IPv4 request: an IPv4 address (an IPv4-mapped IPv6 address is unmapped, any other IPv6
+    address becomes 0.0.0.0). IPv6 request: an IPv6 address (IPv4 is mapped, ::ffff:a.b.c.d).
+    Domain request: the bound address's own family. ``None`` is the unspecified address.
+    """
+    if request_atyp == ATYP_IPV6:
+        if bound is None:
+            return ipaddress.IPv6Address(0)
+        if isinstance(bound, ipaddress.IPv4Address):
+            return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + bound.packed)
+        return bound
+    if bound is None:
+        return ipaddress.IPv4Address(0)
+    if isinstance(bound, ipaddress.IPv6Address) and request_atyp == ATYP_IPV4:
+        return bound.ipv4_mapped or ipaddress.IPv4Address(0)
+    return bound
