@@ -1,0 +1,228 @@
+"""Metrics: values in a private registry, scraped over loopback from the trio endpoint."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from egressd import metrics as metrics_module
+from egressd.config import Endpoint, SuspendPolicy
+from egressd.health import SourceHealth
+from egressd.metrics import Metrics, reply_class, serve_metrics
+
+SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
+
+
+def samples(exposition: str, name: str) -> dict[str, float]:
+    """``{labels text: value}`` of every sample named ``name``."""
+    found: dict[str, float] = {}
+    for line in exposition.splitlines():
+        match = SAMPLE.match(line)
+        if match and match["name"] == name:
+            found[match["labels"] or ""] = float(match["value"])
+    return found
+
+
+async def exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` raw, read until the server closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request)
+        return await read_all(stream)
+
+
+async def read_all(stream: trio.SocketStream) -> bytes:
+    data = bytearray()
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return bytes(data)
+
+
+def split_response(response: bytes) -> tuple[str, dict[str, str], bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    status, *header_lines = head.decode().split("\r\n")
+    headers = {}
+    for line in header_lines:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+@pytest.fixture
+async def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+async def port(metrics: Metrics, nursery: trio.Nursery) -> AsyncIterator[int]:
+    listeners = await nursery.start(serve_metrics, Endpoint("127.0.0.1", 0), metrics.registry)
+    yield listeners[0].socket.getsockname()[1]
+
+
+async def scrape(port: int) -> str:
+    status, headers, body = split_response(await exchange(port, b"GET /metrics HTTP/1.0\r\n\r\n"))
+    assert status == "HTTP/1.0 200 OK"
+    assert headers["content-type"].startswith("text/plain; version=")
+    assert int(headers["content-length"]) == len(body)
+    return body.decode()
+
+
+async def test_scrape_shows_exactly_the_counted_values(metrics: Metrics, port: int) -> None:
+    metrics.count_connection("smtp", "pool-1", "ip-1", "ok")
+    metrics.count_connection("smtp", "pool-1", "ip-1", "ok")
+    metrics.count_connection("socks5", "pool-2", "", "no_source")
+    metrics.count_bytes("smtp", "pool-1", "ip-1", "upstream", 1234)
+    metrics.active_sessions.labels("smtp").inc()
+    metrics.observe_dial("ip-1", "haproxy", 0.02)
+    metrics.count_suspension("ip-1", "unplumbed")
+    metrics.reloads.inc()
+    metrics.count_transaction("pool-1", 250)
+    metrics.count_transaction("pool-1", 451)
+    metrics.count_transaction("pool-1", 452)
+
+    with trio.fail_after(5):
+        text = await scrape(port)
+
+    assert samples(text, "egressd_connections_total") == {
+        'door="smtp",outcome="ok",pool="pool-1",source="ip-1"': 2.0,
+        'door="socks5",outcome="no_source",pool="pool-2",source=""': 1.0,
+    }
+    assert samples(text, "egressd_bytes_total") == {
+        'direction="upstream",door="smtp",pool="pool-1",source="ip-1"': 1234.0
+    }
+    assert samples(text, "egressd_active_sessions") == {'door="smtp"': 1.0}
+    assert samples(text, "egressd_dial_duration_seconds_count") == {
+        'source="ip-1",via="haproxy"': 1.0
+    }
+    assert (
+        samples(text, "egressd_dial_duration_seconds_bucket")[
+            'le="0.025",source="ip-1",via="haproxy"'
+        ]
+        == 1.0
+    )
+    assert samples(text, "egressd_source_suspensions_total") == {
+        'kind="unplumbed",source="ip-1"': 1.0
+    }
+    assert samples(text, "egressd_reloads_total") == {"": 1.0}
+    assert samples(text, "egressd_reload_failures_total") == {"": 0.0}
+    assert samples(text, "egressd_smtp_transactions_total") == {
+        'pool="pool-1",reply_class="2xx"': 1.0,
+        'pool="pool-1",reply_class="4xx"': 2.0,
+    }
+
+
+async def test_each_metrics_object_has_its_own_registry() -> None:
+    first, second = Metrics(), Metrics()
+    first.reloads.inc()
+    assert samples(second.exposition().decode(), "egressd_reloads_total") == {"": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET / HTTP/1.0\r\n\r\n", "HTTP/1.0 404 Not Found"),
+        (b"GET /metricsX HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.0 404 Not Found"),
+        (b"POST /metrics HTTP/1.0\r\n\r\n", "HTTP/1.0 405 Method Not Allowed"),
+        (b"nonsense\r\n\r\n", "HTTP/1.0 400 Bad Request"),
+        (b"GET /metrics?x=1 HTTP/1.1\nHost: x\n\n", "HTTP/1.0 200 OK"),
+    ],
+)
+async def test_status_codes(port: int, request_bytes: bytes, status: str) -> None:
+    with trio.fail_after(5):
+        response = await exchange(port, request_bytes)
+    assert split_response(response)[0] == status
+
+
+async def test_head_request_has_no_body(port: int) -> None:
+    with trio.fail_after(5):
+        status, headers, body = split_response(
+            await exchange(port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+        )
+    assert status == "HTTP/1.0 200 OK"
+    assert int(headers["content-length"]) > 0
+    assert body == b""
+
+
+async def test_request_trickled_byte_by_byte(port: int) -> None:
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            for byte in b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n":
+                await stream.send_all(bytes([byte]))
+            response = await read_all(stream)
+    assert split_response(response)[0] == "HTTP/1.0 200 OK"
+
+
+async def test_oversized_head_is_refused_and_server_keeps_serving(port: int) -> None:
+    oversized = b"GET /metrics HTTP/1.0\r\nX-Padding: " + b"a" * 20000 + b"\r\n\r\n"
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            try:
+                await stream.send_all(oversized)
+                response = await read_all(stream)
+            except trio.BrokenResourceError:
+                response = b""  # the server closed with our bytes unread: a reset
+        assert response == b"" or response.startswith(b"HTTP/1.0 431 ")
+        await scrape(port)
+
+
+async def test_slow_client_is_dropped_without_blocking_others(
+    port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics_module, "REQUEST_TIMEOUT", 0.3)
+    with trio.fail_after(5):
+        slow = await trio.open_tcp_stream("127.0.0.1", port)
+        async with slow:
+            await slow.send_all(b"GET /metr")
+            await scrape(port)  # served while the slow one is pending
+            assert await read_all(slow) == b""  # closed by the server, no answer
+
+
+async def test_silent_client_that_hangs_up(port: int) -> None:
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.aclose()
+        await scrape(port)
+
+
+async def test_before_scrape_refreshes_source_gauges(nursery: trio.Nursery) -> None:
+    metrics = Metrics()
+    health = SourceHealth(["ip-1", "ip-2"])
+    listeners = await nursery.start(
+        lambda task_status: serve_metrics(
+            Endpoint("127.0.0.1", 0),
+            metrics.registry,
+            before_scrape=lambda: metrics.refresh_sources(health.snapshot()),
+            task_status=task_status,
+        )
+    )
+    port = listeners[0].socket.getsockname()[1]
+    health.record_failure("ip-1", "unplumbed", "EADDRNOTAVAIL", SuspendPolicy(duration=60.0))
+    health.connection_opened("ip-2")
+    with trio.fail_after(5):
+        text = await scrape(port)
+    assert samples(text, "egressd_source_suspended") == {'source="ip-1"': 1.0, 'source="ip-2"': 0.0}
+    assert samples(text, "egressd_source_active_connections") == {
+        'source="ip-1"': 0.0,
+        'source="ip-2"': 1.0,
+    }
+    assert samples(text, "egressd_source_recent_failures")['source="ip-1"'] == 1.0
+
+    health.update_sources(["ip-2"])
+    with trio.fail_after(5):
+        text = await scrape(port)
+    assert samples(text, "egressd_source_suspended") == {'source="ip-2"': 0.0}
+
+
+def test_reply_class() -> None:
+    assert [reply_class(c) for c in (250, 354, 421, 554)] == ["2xx", "other", "4xx", "5xx"]
+
+
+def test_build_info() -> None:
+    text = Metrics().exposition().decode()
+    [(labels, value)] = samples(text, "egressd_build_info").items()
+    assert labels.startswith('version="') and value == 1.0
