@@ -1,0 +1,132 @@
+"""The daemon's live state: the current configuration generation, limits and sessions.
+
+Theory of operation
+-------------------
+A *generation* (:class:`~egressd.net.egress.Egress`) bundles one validated configuration
+with the process's pool selectors and source health. A reload builds a new generation and
+swaps it in with one assignment: new sessions read ``runtime.egress`` once, at their start,
+and keep that generation to the end, so connections in flight finish on what they started
+with. Selectors of unchanged pools and all source health carry over.
+
+Every front-door connection runs inside :meth:`Runtime.session`, which enforces
+``[limits] max_connections``, counts active sessions for the drain, and logs one line when
+the connection ends (client, door, pool, source, local address, destination, bytes each way,
+duration, outcome).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import trio
+
+from egressd.config import Config
+from egressd.health import SourceHealth
+from egressd.log import get_logger
+from egressd.net.egress import Egress, EgressObserver
+from egressd.pools import PoolSet
+
+log = get_logger("session")
+
+
+@dataclass
+class SessionRecord:
+    """What one front-door connection did; doors fill it in as they go."""
+
+    door: str
+    client: str
+    pool: str | None = None
+    source: str | None = None
+    local_address: str | None = None
+    destination: str | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    outcome: str = "closed"
+    detail: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def fields(self) -> dict[str, Any]:
+        values = asdict(self)
+        started = values.pop("started")
+        values["duration"] = round(time.monotonic() - started, 3)
+        return {k: v for k, v in values.items() if v is not None}
+
+
+class Overloaded(Exception):
+    """``max_connections`` is reached: the door refuses the new connection at once."""
+
+
+SessionHook = Callable[[SessionRecord], None]
+
+
+class Runtime:
+    """Shared by all front doors of one daemon process."""
+
+    def __init__(self, config: Config, observer: EgressObserver | None = None) -> None:
+        self.health = SourceHealth(config.sources)
+        self.observer = observer or EgressObserver()
+        self.egress = Egress(config, PoolSet.from_config(config), self.health, self.observer)
+        self.active_sessions = 0
+        self.draining = False
+        self.drain_started = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self.session_hooks: list[SessionHook] = []
+        self.session_opened_hooks: list[Callable[[str], None]] = []
+
+    @property
+    def config(self) -> Config:
+        return self.egress.config
+
+    def swap_config(self, config: Config) -> None:
+        """Adopt a new, validated configuration for every session that starts from now on."""
+        pools = PoolSet.from_config(config, previous=self.egress.pools)
+        self.health.update_sources(config.sources)
+        self.egress = Egress(config, pools, self.health, self.observer)
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        self.drain_started.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    @asynccontextmanager
+    async def session(self, door: str, client: str) -> AsyncIterator[SessionRecord]:
+        """Account for one connection; raise :class:`Overloaded` beyond max_connections."""
+        if self.active_sessions >= self.config.limits.max_connections:
+            raise Overloaded(
+                f"egressd is at max_connections ({self.config.limits.max_connections})"
+            )
+        record = SessionRecord(door=door, client=client)
+        self.active_sessions += 1
+        self._idle = trio.Event() if self.active_sessions == 1 else self._idle
+        for opened in self.session_opened_hooks:
+            opened(door)
+        try:
+            yield record
+        except BaseException as exc:
+            if record.outcome == "closed":
+                record.outcome = "cancelled" if isinstance(exc, trio.Cancelled) else "error"
+                record.detail = record.detail or f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.active_sessions -= 1
+            if self.active_sessions == 0:
+                self._idle.set()
+            log.info("connection", extra={"fields": record.fields()})
+            for hook in self.session_hooks:
+                hook(record)
+
+    @asynccontextmanager
+    async def source_in_use(self, source_name: str) -> AsyncIterator[None]:
+        """Count an outbound connection against its source (per-source cap, status)."""
+        self.health.connection_opened(source_name)
+        try:
+            yield
+        finally:
+            self.health.connection_closed(source_name)
