@@ -28,7 +28,8 @@ Client (:class:`Socks5Client`)
     even when the machine became ``done`` in the same call). Replies may arrive split at
     any byte or several in one chunk. Once ``done``, ``bound_address`` holds the CONNECT
     reply's BND.ADDR/BND.PORT and ``trailing`` the bytes that followed the final reply:
-    they belong to the destination stream. Any refusal or protocol violation raises
+    they belong to the destination stream. ``stage`` names the reply being awaited. Any
+    refusal, protocol violation or early EOF (``receive_data(b"")``) raises
     :class:`Socks5ClientError` (and the machine stays broken); nothing else escapes.
 
 Server (:class:`Socks5Server`), h11 style
@@ -239,6 +240,12 @@ class Socks5Client:
         """True once the CONNECT reply (success) was received."""
         return self._state is _ClientState.DONE
 
+    @property
+    def stage(self) -> str:
+        """The reply awaited: ``'greeting'`` | ``'auth'`` | ``'bind'`` | ``'connect'``, then
+        ``'done'`` (or ``'error'`` after a :class:`Socks5ClientError`)."""
+        return self._state.value
+
     def initial_bytes(self) -> bytes:
         """The greeting: offers 00, plus 02 when a username and a password are both set."""
         methods = [METHOD_NO_AUTH]
@@ -249,8 +256,9 @@ class Socks5Client:
     def receive_data(self, data: bytes) -> bytes:
         """Feed bytes read from the proxy; return the bytes to write next (maybe ``b""``).
 
-        Raises :class:`Socks5ClientError` when the proxy refuses or breaks the protocol,
-        and again on every later call.
+        ``b""`` means the proxy closed the connection: an error before ``done``, nothing
+        after. Raises :class:`Socks5ClientError` when the proxy refuses, closes early or
+        breaks the protocol, and raises it again on every later call.
         """
         if self._error is not None:
             raise self._error
@@ -259,6 +267,8 @@ class Socks5Client:
             return b""
         self._buffer += data
         try:
+            if not data:
+                self._fail(f"proxy closed the connection before its {self._state.value} reply")
             return self._process()
         except Socks5ClientError as exc:
             self._state = _ClientState.ERROR

@@ -225,6 +225,32 @@ def test_client_wrong_version_in_reply() -> None:
     assert (error.stage, error.reply) == ("connect", None)
 
 
+@pytest.mark.parametrize(
+    ("before", "stage"),
+    [(H("05"), "greeting"), (H("0500"), "connect"), (H("050005"), "connect")],
+)
+def test_client_eof_before_done_is_an_error(before: bytes, stage: str) -> None:
+    client = Socks5Client("192.0.2.25", 25)
+    client.receive_data(before)
+    assert client.stage == stage
+    error = client_error(client, b"")
+    assert (error.stage, error.reply) == (stage, None)
+    assert "closed the connection" in str(error)
+    assert client.stage == "error"
+
+
+def test_client_stage_follows_the_handshake() -> None:
+    client = Socks5Client(
+        "192.0.2.25", 25, username="pool", password="secret", bind_address=IPv4("10.0.0.5")
+    )
+    stages = [client.stage]
+    for reply in (H("0502"), H("0100"), SUCCESS_10_0_0_5_0, SUCCESS_10_0_0_5_41234):
+        client.receive_data(reply)
+        stages.append(client.stage)
+    assert stages == ["greeting", "auth", "bind", "connect", "done"]
+    assert client.receive_data(b"") == b""
+
+
 def test_client_error_is_sticky() -> None:
     client = Socks5Client("192.0.2.25", 25)
     first = client_error(client, H("05ff"))
