@@ -1,0 +1,46 @@
+"""Shared fixtures: loopback sinks and real HAProxy / Dante servers (see harness.py).
+
+Async fixtures run in the test's trio loop (pytest-trio, ``trio_mode = true``) and live
+until the test ends; the daemon fixtures are synchronous and stop their process by PID.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import trio
+from harness import Dante, HAProxy, Sink, dante, haproxy_transparent, start_sink
+
+
+@pytest.fixture
+async def sink(nursery: trio.Nursery) -> Sink:
+    """A banner-sending echo server on 127.0.0.1 (any free port)."""
+    return await start_sink(nursery, "127.0.0.1")
+
+
+@pytest.fixture
+async def sink6(nursery: trio.Nursery) -> Sink:
+    """A banner-sending echo server on ::1 (any free port)."""
+    return await start_sink(nursery, "::1")
+
+
+@pytest.fixture
+def haproxy() -> Iterator[HAProxy]:
+    """A transparent HAProxy on 127.0.0.1 accepting PROXY headers."""
+    with haproxy_transparent() as server:
+        yield server
+
+
+@pytest.fixture
+def dante_open() -> Iterator[Dante]:
+    """Dante without authentication, connecting out from 127.0.0.3."""
+    with dante(external="127.0.0.3", auth=False) as server:
+        yield server
+
+
+@pytest.fixture
+def dante_auth() -> Iterator[Dante]:
+    """Dante requiring RFC 1929 username/password, connecting out from 127.0.0.3."""
+    with dante(external="127.0.0.3", auth=True) as server:
+        yield server

@@ -1,0 +1,504 @@
+"""The dialer against real servers on loopback: sinks, a transparent HAProxy, Dante, and a
+scripted KumoMTA-style SOCKS5 proxy checking the BIND-then-CONNECT bytes."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+from harness import (
+    Dante,
+    HAProxy,
+    Sink,
+    StaticResolver,
+    dante,
+    free_port,
+    receive_exactly,
+    receive_until,
+    start_sink,
+)
+
+from egressd.config import Endpoint, Source
+from egressd.net.dialer import (
+    Dialed,
+    DialError,
+    DialFailure,
+    _proxy_v2_header,
+    destination_port,
+    dial,
+    dial_within,
+)
+
+ip = ipaddress.ip_address
+BANNER = b"220 sink.test ESMTP\r\n"
+UNPLUMBED = "203.0.113.7"  # TEST-NET-3: never configured here; only ever a bind address
+
+
+async def banner_of(dialed: Dialed) -> bytes:
+    return await receive_until(dialed.stream, b"\r\n", dialed.initial_data)
+
+
+async def echo_check(dialed: Dialed) -> None:
+    await dialed.stream.send_all(b"EHLO egressd.test\r\n")
+    assert await receive_until(dialed.stream, b"EHLO egressd.test\r\n") == b"EHLO egressd.test\r\n"
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_port_remote_port_wins() -> None:
+    assert destination_port(Source(name="s", remote_port=2525), 587) == 2525
+    assert destination_port(Source(name="s", remote_port=2525), None) == 2525
+
+
+def test_port_caller_then_25() -> None:
+    assert destination_port(Source(name="s"), 587) == 587
+    assert destination_port(Source(name="s"), None) == 25
+
+
+def test_proxy_v2_header_ipv4() -> None:
+    header = _proxy_v2_header(ip("127.0.0.5"), 0, ip("192.0.2.1"), 25)
+    assert header == (
+        b"\r\n\r\n\x00\r\nQUIT\n"
+        + b"\x21\x11\x00\x0c"
+        + bytes([127, 0, 0, 5, 192, 0, 2, 1])
+        + b"\x00\x00\x00\x19"
+    )
+
+
+def test_proxy_v2_header_ipv6() -> None:
+    header = _proxy_v2_header(ip("2001:db8::5"), 0, ip("2001:db8::1"), 2525)
+    assert len(header) == 52
+    assert header[12:16] == b"\x21\x21\x00\x24"
+    assert header[16:32] == ip("2001:db8::5").packed
+    assert header[32:48] == ip("2001:db8::1").packed
+    assert header[48:] == b"\x00\x00\x09\xdd"
+
+
+def test_reply_codes_for_socks_front_door() -> None:
+    def error(kind: DialFailure, code: int | None = None, reply: int | None = None) -> DialError:
+        return DialError(kind, "x", source_name="s", stage="connect", errno=code, socks_reply=reply)
+
+    assert error(DialFailure.REFUSED).reply_code == 5
+    assert error(DialFailure.UNREACHABLE, errno.EHOSTUNREACH).reply_code == 4
+    assert error(DialFailure.UNREACHABLE, errno.ENETUNREACH).reply_code == 3
+    assert error(DialFailure.UNREACHABLE, None, 3).reply_code == 3
+    assert error(DialFailure.TIMEOUT).reply_code == 6
+    assert error(DialFailure.UNPLUMBED).reply_code == 1
+    assert error(DialFailure.HOP_REFUSED, None, 2).reply_code == 1
+
+
+# --------------------------------------------------------------------------- direct
+
+
+@pytest.mark.parametrize("address", ["127.0.0.2", "127.0.0.3"])
+async def test_direct_binds_source_address(sink: Sink, address: str) -> None:
+    source = Source(name="a", source_address=ip(address))
+    dialed = await dial(source, "127.0.0.1", sink.port)
+    async with dialed.stream:
+        assert await banner_of(dialed) == BANNER
+        await echo_check(dialed)
+        (connection,) = await sink.wait_for_connections(1)
+    assert connection.peer[0] == address
+    assert dialed.via == "direct"
+    assert dialed.local_address == connection.peer
+    assert dialed.remote_address == ("127.0.0.1", sink.port)
+    assert dialed.hop_address is None
+
+
+async def test_direct_many_connections_share_nothing_but_the_address(sink: Sink) -> None:
+    source = Source(name="a", source_address=ip("127.0.0.2"))
+    dials = [await dial(source, "127.0.0.1", sink.port) for _ in range(20)]
+    await sink.wait_for_connections(20)
+    assert {d.local_address[0] for d in dials} == {"127.0.0.2"}
+    assert len({d.local_address for d in dials}) == 20
+    for dialed in dials:
+        await dialed.stream.aclose()
+
+
+async def test_direct_ipv6_from_loopback(sink6: Sink) -> None:
+    source = Source(name="v6", source_address=ip("::1"))
+    dialed = await dial(source, "::1", sink6.port)
+    async with dialed.stream:
+        assert await banner_of(dialed) == BANNER
+    assert sink6.peers == ["::1"]
+    assert dialed.local_address[0] == "::1"
+    assert dialed.remote_address == ("::1", sink6.port)
+
+
+async def test_direct_without_source_address_lets_kernel_choose(sink: Sink) -> None:
+    dialed = await dial(Source(name="any"), ip("127.0.0.1"), sink.port)
+    async with dialed.stream:
+        await sink.wait_for_connections(1)
+    assert sink.peers == ["127.0.0.1"]
+
+
+async def test_remote_port_overrides_callers_port(sink: Sink) -> None:
+    source = Source(name="a", source_address=ip("127.0.0.2"), remote_port=sink.port)
+    dialed = await dial(source, "127.0.0.1", 25)
+    async with dialed.stream:
+        await sink.wait_for_connections(1)
+    assert dialed.remote_address == ("127.0.0.1", sink.port)
+
+
+async def test_names_are_resolved_and_every_address_tried(sink: Sink) -> None:
+    resolver = StaticResolver({"mx.test": ["::1", "127.0.0.9", "127.0.0.1"]})
+    trio.socket.set_custom_hostname_resolver(resolver)
+    source = Source(name="a", source_address=ip("127.0.0.2"))
+    # ::1 is skipped (IPv4 source); nothing listens on 127.0.0.9: refused, then 127.0.0.1.
+    dialed = await dial(source, "mx.test", sink.port)
+    async with dialed.stream:
+        assert await banner_of(dialed) == BANNER
+    assert dialed.remote_address == ("127.0.0.1", sink.port)
+    assert resolver.queries == ["mx.test"]
+
+
+# --------------------------------------------------------------------------- HAProxy
+
+
+async def test_haproxy_transparent(haproxy: HAProxy, nursery: trio.Nursery) -> None:
+    destination = await start_sink(nursery, "127.0.0.7")
+    source = Source(
+        name="ha",
+        ha_proxy_server=Endpoint(haproxy.host, haproxy.port),
+        ha_proxy_source_address=ip("127.0.0.5"),
+    )
+    with trio.fail_after(10):
+        dialed = await dial_within(10, source, "127.0.0.7", destination.port)
+        async with dialed.stream:
+            assert await banner_of(dialed) == BANNER, haproxy.process.output()
+            await echo_check(dialed)
+            (connection,) = await destination.wait_for_connections(1)
+    assert connection.peer[0] == "127.0.0.5"
+    assert connection.local == ("127.0.0.7", destination.port)
+    assert dialed.via == "haproxy"
+    assert dialed.local_address == ("127.0.0.5", 0)
+    assert dialed.remote_address == ("127.0.0.7", destination.port)
+    assert dialed.hop_address == ("127.0.0.1", haproxy.port)
+
+
+async def test_haproxy_header_carries_remote_port(haproxy: HAProxy, sink: Sink) -> None:
+    source = Source(
+        name="ha",
+        source_address=ip("127.0.0.2"),
+        remote_port=sink.port,
+        ha_proxy_server=Endpoint(haproxy.host, haproxy.port),
+        ha_proxy_source_address=ip("127.0.0.6"),
+    )
+    with trio.fail_after(10):
+        dialed = await dial(source, "127.0.0.1", 25)
+        async with dialed.stream:
+            assert await banner_of(dialed) == BANNER, haproxy.process.output()
+    assert sink.peers == ["127.0.0.6"]
+
+
+async def test_haproxy_skips_destinations_of_other_family(haproxy: HAProxy) -> None:
+    source = Source(
+        name="ha",
+        ha_proxy_server=Endpoint(haproxy.host, haproxy.port),
+        ha_proxy_source_address=ip("127.0.0.5"),
+    )
+    with pytest.raises(DialError) as caught:
+        await dial(source, "::1", 25)
+    assert caught.value.kind == "no_address"
+
+
+# --------------------------------------------------------------------------- Dante
+
+
+def dante_source(server: Dante, **keys: object) -> Source:
+    return Source(
+        name="dante",
+        socks5_proxy_server=Endpoint(server.host, server.port),
+        **keys,  # type: ignore[arg-type]
+    )
+
+
+async def test_dante_without_auth(dante_open: Dante, sink: Sink) -> None:
+    with trio.fail_after(10):
+        dialed = await dial(dante_source(dante_open), "127.0.0.1", sink.port)
+        async with dialed.stream:
+            assert await banner_of(dialed) == BANNER
+            await echo_check(dialed)
+            (connection,) = await sink.wait_for_connections(1)
+    assert connection.peer[0] == "127.0.0.3"
+    assert dialed.via == "socks5"
+    assert dialed.local_address == connection.peer  # Dante's BND.ADDR/BND.PORT
+    assert dialed.hop_address == ("127.0.0.1", dante_open.port)
+
+
+async def test_dante_with_auth(dante_auth: Dante, sink: Sink) -> None:
+    source = dante_source(
+        dante_auth,
+        source_address=ip("127.0.0.2"),
+        socks5_proxy_username=dante_auth.username,
+        socks5_proxy_password=dante_auth.password,
+    )
+    with trio.fail_after(10):
+        dialed = await dial(source, "127.0.0.1", sink.port)
+        async with dialed.stream:
+            assert await banner_of(dialed) == BANNER
+            (connection,) = await sink.wait_for_connections(1)
+    assert connection.peer[0] == "127.0.0.3"
+    assert dialed.local_address == connection.peer
+
+
+async def test_dante_rejects_wrong_password(dante_auth: Dante, sink: Sink) -> None:
+    source = dante_source(
+        dante_auth, socks5_proxy_username=dante_auth.username, socks5_proxy_password="wrong"
+    )
+    with pytest.raises(DialError) as caught:
+        await dial_within(10, source, "127.0.0.1", sink.port)
+    assert caught.value.kind == "hop_refused"
+    assert caught.value.source_fault
+    assert "username/password" in str(caught.value)
+    assert sink.connections == []
+
+
+async def test_dante_without_credentials_when_auth_required(dante_auth: Dante) -> None:
+    with pytest.raises(DialError) as caught:
+        await dial_within(10, dante_source(dante_auth), "127.0.0.1", 25)
+    assert caught.value.kind == "hop_refused"
+
+
+async def test_dante_reports_destination_refused() -> None:
+    closed_port = free_port()
+    with dante() as server, pytest.raises(DialError) as caught:
+        await dial_within(10, dante_source(server), "127.0.0.1", closed_port)
+    assert caught.value.kind == "refused"
+    assert caught.value.socks_reply == 5
+    assert caught.value.destination_fault and not caught.value.source_fault
+    assert caught.value.reply_code == 5
+
+
+async def test_dante_ruleset_refusal_is_the_hops() -> None:
+    with dante(allow_to="127.0.0.1/32") as server, pytest.raises(DialError) as caught:
+        await dial_within(10, dante_source(server), "127.0.0.9", 25)
+    assert caught.value.kind == "hop_refused"
+    assert caught.value.socks_reply == 2
+    assert caught.value.source_fault
+
+
+async def test_hop_name_resolves_and_every_address_is_tried(dante_open: Dante, sink: Sink) -> None:
+    trio.socket.set_custom_hostname_resolver(
+        StaticResolver({"proxy.test": ["127.0.0.9", dante_open.host]})
+    )
+    source = Source(name="n", socks5_proxy_server=Endpoint("proxy.test", dante_open.port))
+    with trio.fail_after(10):
+        dialed = await dial(source, "127.0.0.1", sink.port)
+        async with dialed.stream:
+            assert await banner_of(dialed) == BANNER
+    assert dialed.hop_address == (dante_open.host, dante_open.port)
+
+
+# --------------------------------------------------------------------------- KumoMTA's convention
+
+
+@dataclass
+class KumoProxy:
+    """A scripted KumoProxy: records each message byte for byte, BINDs then CONNECTs."""
+
+    port: int
+    credentials: tuple[str, str] | None
+    connect_reply: int
+    transcript: list[bytes] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._serve(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.errors.append(repr(exc))
+        finally:
+            await stream.aclose()
+
+    async def _serve(self, client: trio.SocketStream) -> None:
+        head = await receive_exactly(client, 2)
+        self.transcript.append(head + await receive_exactly(client, head[1]))
+        if self.credentials is None:
+            await client.send_all(b"\x05\x00")
+        else:
+            await client.send_all(b"\x05\x02")
+            head = await receive_exactly(client, 2)
+            user = await receive_exactly(client, head[1])
+            length = await receive_exactly(client, 1)
+            password = await receive_exactly(client, length[0])
+            self.transcript.append(head + user + length + password)
+            await client.send_all(b"\x01\x00")
+        bind = await receive_exactly(client, 10)
+        self.transcript.append(bind)
+        source_ip = str(ipaddress.IPv4Address(bind[4:8]))
+        await client.send_all(b"\x05\x00\x00\x01" + bind[4:8] + b"\x00\x00")
+        connect = await receive_exactly(client, 10)
+        self.transcript.append(connect)
+        if self.connect_reply != 0:
+            await client.send_all(bytes([5, self.connect_reply, 0, 1, 0, 0, 0, 0, 0, 0]))
+            return
+        target = (str(ipaddress.IPv4Address(connect[4:8])), int.from_bytes(connect[8:10], "big"))
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        await sock.bind((source_ip, 0))
+        await sock.connect(target)
+        upstream = trio.SocketStream(sock)
+        bound_ip, bound_port = sock.getsockname()
+        banner = await upstream.receive_some(65536)
+        # The reply and the destination's first bytes in one write: they reach the dialer
+        # together, so the banner must come back as Dialed.initial_data.
+        reply = b"\x05\x00\x00\x01" + ip(bound_ip).packed + bound_port.to_bytes(2, "big")
+        await client.send_all(reply + banner)
+        async with upstream, trio.open_nursery() as nursery:
+            nursery.start_soon(_pump, client, upstream)
+            nursery.start_soon(_pump, upstream, client)
+
+
+async def _pump(source: trio.SocketStream, destination: trio.SocketStream) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while data := await source.receive_some(65536):
+            await destination.send_all(data)
+        await destination.send_eof()
+
+
+@pytest.fixture
+async def kumo_proxy(nursery: trio.Nursery) -> AsyncIterator[KumoProxy]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    proxy = KumoProxy(
+        port=listeners[0].socket.getsockname()[1], credentials=("kumo", "pw"), connect_reply=0
+    )
+    nursery.start_soon(trio.serve_listeners, proxy.handle, listeners)
+    yield proxy
+    assert proxy.errors == []
+
+
+def kumo_source(proxy: KumoProxy, **keys: object) -> Source:
+    return Source(
+        name="kumo",
+        socks5_proxy_server=Endpoint("127.0.0.1", proxy.port),
+        socks5_proxy_source_address=ip("127.0.0.6"),
+        socks5_proxy_username="kumo",
+        socks5_proxy_password="pw",
+        **keys,  # type: ignore[arg-type]
+    )
+
+
+async def test_kumomta_bind_then_connect_bytes(kumo_proxy: KumoProxy, sink: Sink) -> None:
+    with trio.fail_after(10):
+        dialed = await dial(kumo_source(kumo_proxy), "127.0.0.1", sink.port)
+        async with dialed.stream:
+            assert dialed.initial_data == BANNER
+            await echo_check(dialed)
+            (connection,) = await sink.wait_for_connections(1)
+    assert kumo_proxy.transcript == [
+        b"\x05\x02\x00\x02",  # greeting: no auth, username/password
+        b"\x01\x04kumo\x02pw",  # RFC 1929
+        b"\x05\x02\x00\x01\x7f\x00\x00\x06\x00\x00",  # BIND 127.0.0.6:0
+        b"\x05\x01\x00\x01\x7f\x00\x00\x01" + sink.port.to_bytes(2, "big"),  # CONNECT
+    ]
+    assert connection.peer[0] == "127.0.0.6"
+    assert dialed.local_address == connection.peer
+
+
+async def test_socks_hop_refusal_carries_reply_code(kumo_proxy: KumoProxy, sink: Sink) -> None:
+    kumo_proxy.connect_reply = 2
+    with pytest.raises(DialError) as caught:
+        await dial_within(10, kumo_source(kumo_proxy), "127.0.0.1", sink.port)
+    error = caught.value
+    assert error.kind == DialFailure.HOP_REFUSED
+    assert error.socks_reply == 2
+    assert error.source_fault and error.hop_fault and not error.destination_fault
+    assert error.nothing_sent
+    assert sink.connections == []
+
+
+# --------------------------------------------------------------------------- failures
+
+
+async def test_unplumbed_source_fails_at_bind(sink: Sink) -> None:
+    source = Source(name="gone", source_address=ip(UNPLUMBED))
+    with pytest.raises(DialError) as caught:
+        await dial(source, "127.0.0.1", sink.port)
+    error = caught.value
+    assert error.kind == "unplumbed"
+    assert error.errno == errno.EADDRNOTAVAIL
+    assert error.source_fault and not error.destination_fault
+    assert UNPLUMBED in str(error) and "gone" in str(error)
+    await trio.sleep(0.05)
+    assert sink.connections == []
+
+
+async def test_unplumbed_source_in_front_of_a_hop(dante_open: Dante) -> None:
+    source = dante_source(dante_open, source_address=ip(UNPLUMBED))
+    with pytest.raises(DialError) as caught:
+        await dial(source, "127.0.0.1", 25)
+    assert caught.value.kind == "unplumbed"
+
+
+@pytest.mark.parametrize("hop", ["socks5", "haproxy"])
+async def test_hop_down(hop: str) -> None:
+    down = Endpoint("127.0.0.1", free_port())
+    if hop == "socks5":
+        source = Source(name="h", socks5_proxy_server=down)
+    else:
+        source = Source(name="h", ha_proxy_server=down, ha_proxy_source_address=ip("127.0.0.5"))
+    with pytest.raises(DialError) as caught:
+        await dial(source, "127.0.0.1", 25)
+    error = caught.value
+    assert error.kind == "hop_unreachable"
+    assert error.errno == errno.ECONNREFUSED
+    assert error.address == ("127.0.0.1", down.port)
+    assert error.source_fault
+    assert "Connection refused (ECONNREFUSED)" in str(error)
+
+
+async def test_destination_refused() -> None:
+    port = free_port()
+    with pytest.raises(DialError) as caught:
+        await dial(Source(name="a", source_address=ip("127.0.0.2")), "127.0.0.1", port)
+    error = caught.value
+    assert error.kind == "refused"
+    assert error.destination_fault and not error.source_fault
+    assert error.reply_code == 5
+    assert f"127.0.0.1:{port}" in str(error)
+
+
+async def test_deadline_expires_in_socks_greeting() -> None:
+    silent = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with silent:
+        await silent.bind(("127.0.0.1", 0))
+        silent.listen(5)  # the kernel accepts; nobody ever answers the greeting
+        port = silent.getsockname()[1]
+        source = Source(name="slow", socks5_proxy_server=Endpoint("127.0.0.1", port))
+        with pytest.raises(DialError) as caught:
+            await dial_within(0.3, source, "127.0.0.1", 25)
+    error = caught.value
+    assert error.kind == "timeout"
+    assert error.stage == "hop_handshake"
+    assert error.hop_fault and error.source_fault
+    assert isinstance(error.__cause__, trio.TooSlowError)
+    assert error.reply_code == 6
+
+
+async def test_ipv6_source_ipv4_destination_has_no_address() -> None:
+    with pytest.raises(DialError) as caught:
+        await dial(Source(name="v6", source_address=ip("::1")), "127.0.0.1", 25)
+    assert caught.value.kind == "no_address"
+
+
+async def test_name_without_address_of_the_family() -> None:
+    trio.socket.set_custom_hostname_resolver(StaticResolver({"v4only.test": ["127.0.0.1"]}))
+    with pytest.raises(DialError) as caught:
+        await dial(Source(name="v6", source_address=ip("::1")), "v4only.test", 25)
+    assert caught.value.kind == "no_address"
+    assert caught.value.destination_fault
+
+
+async def test_resolution_failure() -> None:
+    trio.socket.set_custom_hostname_resolver(StaticResolver({}))
+    with pytest.raises(DialError) as caught:
+        await dial(Source(name="a"), "nowhere.test", 25)
+    assert caught.value.kind == "resolve"
+    assert "nowhere.test" in str(caught.value)
