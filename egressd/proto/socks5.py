@@ -45,9 +45,23 @@ Server (:class:`Socks5Server`), h11 style
     * :class:`Closed` -> the machine has queued its last bytes (maybe none); write them,
       then close the connection. ``Closed.reason`` says why.
 
-    The server never raises on peer input: malformed input produces a failure reply (when
-    a reply is due) and :class:`Closed`. Calling an answer method in the wrong state is a
-    driver bug and raises :class:`Socks5ServerUsageError`.
+    Method choice is automatic: 02 whenever offered (the username names the egress pool),
+    else 00 unless ``require_auth``, else ``05 FF`` and close. After an accepted BIND the
+    only request allowed is CONNECT (its event carries ``bind_address``); a second BIND,
+    UDP ASSOCIATE, an unknown command or EOF get reply 07; an unknown ATYP gets 08; a bad
+    request version or an empty name gets 01. Every reply's BND.ADDR is in the address
+    family of the request it answers, because Exim reads a reply as long as its request
+    (:func:`reply_address_for`). KumoProxy answers BIND with the address it bound and the
+    port the kernel picked; ``reply_success()`` without arguments answers with the
+    requested address and port 0, which KumoMTA ignores either way.
+
+    Once a CONNECT got its success reply the machine is ``done`` and ``trailing_data`` holds
+    the bytes the client pipelined after its request: they belong to the destination.
+    At most :data:`MAX_SERVER_BUFFER_SIZE` unparsed bytes are buffered; past that the
+    machine closes. The server never raises on peer input: malformed input produces a
+    failure reply (when a reply is due) and :class:`Closed`. Calling a method out of turn
+    is a driver bug and raises :class:`Socks5ServerUsageError`; answers given after the
+    machine closed itself (buffer overflow) are ignored.
 """
 
 from __future__ import annotations
@@ -401,8 +415,8 @@ class _Sentinel(enum.Enum):
 
 
 NEED_DATA: Final = _Sentinel.NEED_DATA
-NeedData = Literal[_Sentinel.NEED_DATA]
 """Returned by :meth:`Socks5Server.next_event` when more bytes must be fed first."""
+NeedData = Literal[_Sentinel.NEED_DATA]
 
 
 @dataclass(frozen=True)
