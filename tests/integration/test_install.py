@@ -1,0 +1,104 @@
+"""scripts/install into a temporary DESTDIR: files land, and an edited config survives a rerun.
+
+The quick tests skip the user and the virtualenv (``EGRESSD_INSTALL_SKIP_USER=1``,
+``EGRESSD_INSTALL_SKIP_VENV=1``); one test does the whole pip install (about 15 s here,
+from the configured package index) and runs the installed ``egressd --version``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import egressd
+
+ROOT = Path(__file__).resolve().parents[2]
+INSTALL = ROOT / "scripts" / "install"
+
+
+def run_install(destdir: Path, **env: str) -> str:
+    """Run scripts/install below ``destdir``; its combined output."""
+    environ = {
+        **os.environ,
+        "DESTDIR": str(destdir),
+        "EGRESSD_INSTALL_SKIP_USER": "1",
+        "EGRESSD_INSTALL_SKIP_VENV": "1",
+        "PYTHON": sys.executable,
+        **env,
+    }
+    if "PREFIX" not in env:
+        environ.pop("PREFIX", None)
+    result = subprocess.run(
+        ["bash", str(INSTALL)],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_files_land(tmp_path: Path) -> None:
+    output = run_install(tmp_path)
+    etc = tmp_path / "etc" / "egressd"
+    assert (etc / "egressd.toml").read_bytes() == (ROOT / "config" / "egressd.toml").read_bytes()
+    assert (etc / "sources.toml").read_bytes() == (ROOT / "config" / "sources.toml").read_bytes()
+    assert mode(etc) == 0o750
+    assert mode(etc / "egressd.toml") == 0o640
+    unit = tmp_path / "etc" / "systemd" / "system" / "egressd.service"
+    assert unit.read_bytes() == (ROOT / "systemd" / "egressd.service").read_bytes()
+    assert mode(unit) == 0o644
+    link = tmp_path / "usr" / "local" / "bin" / "egressd"
+    assert link.is_symlink()
+    assert os.readlink(link) == "/opt/egressd/venv/bin/egressd"
+    assert "user: skipped" in output
+    assert "package: skipped" in output
+    assert "systemctl daemon-reload && systemctl enable --now egressd" in output
+
+
+def test_rerun_keeps_an_edited_config(tmp_path: Path) -> None:
+    run_install(tmp_path)
+    edited = tmp_path / "etc" / "egressd" / "egressd.toml"
+    edited.write_text("# the operator's own configuration\n")
+    (tmp_path / "etc" / "egressd" / "sources.toml").unlink()
+
+    output = run_install(tmp_path)
+
+    assert edited.read_text() == "# the operator's own configuration\n"
+    assert "config: kept existing /etc/egressd/egressd.toml" in output
+    assert "config: installed /etc/egressd/sources.toml" in output
+    assert "unit: /etc/systemd/system/egressd.service is up to date" in output
+
+
+def test_prefix_moves_the_link_and_the_units_exec_start(tmp_path: Path) -> None:
+    run_install(tmp_path, PREFIX="/usr")
+    assert (tmp_path / "usr" / "bin" / "egressd").is_symlink()
+    unit = (tmp_path / "etc" / "systemd" / "system" / "egressd.service").read_text()
+    assert "\nExecStart=/usr/bin/egressd run -c /etc/egressd/egressd.toml\n" in unit
+
+
+@pytest.mark.integration
+def test_full_install_with_virtualenv(tmp_path: Path) -> None:
+    output = run_install(tmp_path, EGRESSD_INSTALL_SKIP_VENV="0")
+    venv = tmp_path / "opt" / "egressd" / "venv"
+    assert f"installed egressd {egressd.__version__} into" in output
+    version = subprocess.run(
+        [str(venv / "bin" / "egressd"), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert egressd.__version__ in version.stdout + version.stderr

@@ -1,0 +1,77 @@
+"""systemd/egressd.service passes ``systemd-analyze verify`` and agrees with scripts/install.
+
+``verify`` rejects an ExecStart whose binary does not exist, so the test verifies a copy
+whose ExecStart points at this checkout's ``egressd`` script (the venv's, or any on PATH).
+It needs no running systemd: verify only loads unit files.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from egressd.config import DEFAULT_CONFIG_PATH
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = ROOT / "systemd" / "egressd.service"
+INSTALLED_BINARY = "/usr/local/bin/egressd"
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
+
+
+def unit_lines() -> list[str]:
+    return UNIT.read_text().splitlines()
+
+
+def directive(name: str) -> list[str]:
+    prefix = name + "="
+    return [line[len(prefix) :] for line in unit_lines() if line.startswith(prefix)]
+
+
+def local_egressd() -> Path:
+    beside_python = Path(sys.executable).parent / "egressd"
+    if beside_python.exists():
+        return beside_python
+    found = shutil.which("egressd")
+    if found is None:
+        pytest.skip("no egressd script installed (pip install -e .)")
+    return Path(found)
+
+
+def test_unit_verifies_clean(tmp_path: Path) -> None:
+    text = UNIT.read_text()
+    assert f"ExecStart={INSTALLED_BINARY} " in text
+    copy = tmp_path / "egressd.service"
+    copy.write_text(text.replace(f"ExecStart={INSTALLED_BINARY} ", f"ExecStart={local_egressd()} "))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0, output
+    assert output == ""
+
+
+def test_unit_directives() -> None:
+    assert directive("Type") == ["notify"]
+    assert directive("NotifyAccess") == ["main"]
+    assert directive("ExecReload") == ["/bin/kill -HUP $MAINPID"]
+    assert directive("WatchdogSec") == ["30"]
+    assert directive("User") == ["egressd"]
+    assert directive("RuntimeDirectory") == ["egressd"]
+    assert directive("RestrictAddressFamilies") == ["AF_INET AF_INET6 AF_UNIX"]
+    assert directive("CapabilityBoundingSet") == ["CAP_NET_BIND_SERVICE"]
+
+
+def test_exec_start_runs_the_installed_binary_on_the_default_config() -> None:
+    """scripts/install links INSTALLED_BINARY and copies the config (see test_install.py)."""
+    assert directive("ExecStart") == [f"{INSTALLED_BINARY} run -c {DEFAULT_CONFIG_PATH}"]
