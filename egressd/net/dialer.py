@@ -60,13 +60,7 @@ from typing import Any, ClassVar, Literal
 import trio
 
 from egressd.config import Endpoint, HopKind, IPAddress, Source, format_hostport
-from egressd.proto.socks5 import (
-    CMD_CONNECT,
-    Reply,
-    Socks5Client,
-    Socks5ClientError,
-    encode_request,
-)
+from egressd.proto.socks5 import Reply, Socks5Client, Socks5ClientError
 
 __all__ = [
     "DEFAULT_PORT",
@@ -394,7 +388,8 @@ class _Dial:
         try:
             stream = trio.SocketStream(sock)
             self.stage = "hop_handshake"
-            await self._send(stream, _proxy_v2_header(src, 0, address, port), hop_address)
+            header = _proxy_v2_header(src, 0, address, port)
+            await self._send(stream, header, hop_address, "sending the PROXY header")
             return Dialed(
                 stream=stream,
                 source=self.source,
@@ -423,26 +418,19 @@ class _Dial:
                 password=source.socks5_proxy_password,
                 bind_address=source.socks5_proxy_source_address,
             )
-            connect_request = encode_request(CMD_CONNECT, str(address), port)
             self.stage = "hop_handshake"
-            await self._send(stream, client.initial_bytes(), hop_address)
+            await self._send(stream, client.initial_bytes(), hop_address, "sending the greeting")
             while not client.done:
-                data = await self._receive(stream, hop_address)
-                if not data:
-                    raise self._hop_error(
-                        DialFailure.HOP_REFUSED,
-                        f"SOCKS5 server {format_hostport(*hop_address)} closed the connection"
-                        f" while {_STAGE_TEXT[self.stage]} {format_hostport(*target)}",
-                        hop_address,
-                    )
+                during = f"awaiting the SOCKS5 {client.stage} reply"
+                data = await self._receive(stream, hop_address, during)  # b"": EOF, an error
                 try:
                     reply = client.receive_data(data)
                 except Socks5ClientError as exc:
                     raise self._socks_error(exc, hop_address, target) from exc
                 if reply:
-                    await self._send(stream, reply, hop_address)
-                    if reply.endswith(connect_request):
-                        self.stage, self.address = "connect", target
+                    await self._send(stream, reply, hop_address, f"answering {client.stage}")
+                if client.stage == "connect":  # CONNECT sent: the proxy reaches out now
+                    self.stage, self.address = "connect", target
             bound = client.bound_address or ("0.0.0.0", 0)
             return Dialed(
                 stream=stream,
@@ -516,27 +504,29 @@ class _Dial:
             )
         return matching
 
-    async def _send(self, stream: trio.SocketStream, data: bytes, hop: tuple[str, int]) -> None:
+    async def _send(
+        self, stream: trio.SocketStream, data: bytes, hop: tuple[str, int], during: str
+    ) -> None:
         try:
             await stream.send_all(data)
         except (trio.BrokenResourceError, OSError) as exc:
-            raise self._hop_error(
-                DialFailure.HOP_REFUSED,
-                f"{self.source.hop} server {format_hostport(*hop)} broke the connection: "
-                f"{_cause_text(exc)}",
-                hop,
-            ) from exc
+            raise self._broken(exc, hop, during) from exc
 
-    async def _receive(self, stream: trio.SocketStream, hop: tuple[str, int]) -> bytes:
+    async def _receive(self, stream: trio.SocketStream, hop: tuple[str, int], during: str) -> bytes:
         try:
             return await stream.receive_some(_RECEIVE_SIZE)
         except (trio.BrokenResourceError, OSError) as exc:
-            raise self._hop_error(
-                DialFailure.HOP_REFUSED,
-                f"{self.source.hop} server {format_hostport(*hop)} broke the connection: "
-                f"{_cause_text(exc)}",
-                hop,
-            ) from exc
+            raise self._broken(exc, hop, during) from exc
+
+    def _broken(self, exc: BaseException, hop: tuple[str, int], during: str) -> DialError:
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
+        return self._hop_error(
+            DialFailure.HOP_REFUSED,
+            f"{self.source.hop} server {format_hostport(*hop)} broke the connection while"
+            f" {during}: {_cause_text(exc)}",
+            hop,
+            errno=cause.errno if isinstance(cause, OSError) else None,
+        )
 
     # ----------------------------------------------------------------------- sockets
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -502,3 +503,45 @@ async def test_resolution_failure() -> None:
         await dial(Source(name="a"), "nowhere.test", 25)
     assert caught.value.kind == "resolve"
     assert "nowhere.test" in str(caught.value)
+
+
+async def test_hop_closing_during_greeting_is_hop_refused(nursery: trio.Nursery) -> None:
+    async def close_at_once(stream: trio.SocketStream) -> None:
+        await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, close_at_once, listeners)
+    source = Source(
+        name="rude", socks5_proxy_server=Endpoint("127.0.0.1", listeners[0].socket.getsockname()[1])
+    )
+    with pytest.raises(DialError) as caught:
+        await dial_within(10, source, "127.0.0.1", 25)
+    assert caught.value.kind == "hop_refused"
+    assert caught.value.socks_reply is None
+    assert "greeting" in str(caught.value)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_failures_close_their_sockets(nursery: trio.Nursery) -> None:
+    silent = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    await silent.bind(("127.0.0.1", 0))
+    silent.listen(100)
+    slow = Source(name="slow", socks5_proxy_server=Endpoint("127.0.0.1", silent.getsockname()[1]))
+    closed = free_port()
+    before = open_fds()
+    for _ in range(20):
+        with pytest.raises(DialError):
+            await dial(Source(name="a", source_address=ip("127.0.0.2")), "127.0.0.1", closed)
+        with pytest.raises(DialError):
+            await dial(Source(name="b", source_address=ip(UNPLUMBED)), "127.0.0.1", closed)
+        with pytest.raises(DialError):
+            await dial(
+                Source(name="c", socks5_proxy_server=Endpoint("127.0.0.1", closed)), "::1", 25
+            )
+        with pytest.raises(DialError):
+            await dial_within(0.01, slow, "127.0.0.1", 25)
+    assert open_fds() == before
+    silent.close()
