@@ -1,0 +1,328 @@
+"""Next hop of a recipient domain: a configured route, or its MX records (RFC 5321 5.1).
+
+Theory of operation
+-------------------
+:func:`resolve_next_hop` answers "where does mail for this domain go, from a source of
+this IP version?" with a :class:`NextHop`: the hosts to try, in order, each with its
+addresses and port.
+
+1. ``[smtp.routes]``: the domain itself, else ``"*"``, maps to ``host[:port]``. An IP
+   literal is used as is; a name is resolved to A/AAAA (no MX lookup, like Postfix's
+   ``[host]``).
+2. A domain literal (``user@[192.0.2.1]``, ``user@[IPv6:2001:db8::1]``) is its own host.
+3. Otherwise the MX records, lowest preference first (equal preferences keep the DNS
+   answer's order). RFC 7505: a null MX (one record ``0 .``) means the domain takes no
+   mail, ``556 5.1.10``. No MX records at all: the domain's own A/AAAA records are an
+   implicit MX of preference 0.
+
+Only addresses of the source's IP version are looked up (``A`` for 4, ``AAAA`` for 6,
+both when the source leaves it to the kernel). Lookups go to ``[dns] nameservers``
+(default: the system resolver) through dnspython's ``dns.asyncresolver``, which runs under
+trio (it detects trio through sniffio), each lookup bounded by ``[dns] timeout``.
+
+Every failure is a :class:`NextHopError` carrying the SMTP reply an MTA should get:
+NXDOMAIN ``550 5.1.2``; null MX ``556 5.1.10``; no MX and no address ``550 5.4.4``;
+DNS timeout, SERVFAIL or REFUSED ``451 4.4.3``; MX hosts without an address of the
+source's version ``451 4.4.4`` (another source, or a fixed DNS, may do better).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from egressd.config import Config, DnsSettings, Endpoint, IPAddress
+
+__all__ = ["MxHost", "NextHop", "NextHopError", "resolve_next_hop", "route_for"]
+
+SMTP_PORT = 25
+HopKind = Literal["route", "literal", "mx", "implicit"]
+
+
+class NextHopError(Exception):
+    """The domain's next hop cannot be found; ``reply`` is what the MTA should be told."""
+
+    def __init__(self, code: int, enhanced: str, text: str) -> None:
+        super().__init__(f"{code} {enhanced} {text}")
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+
+@dataclass(frozen=True)
+class MxHost:
+    """One host to try: its name (MX exchange, route host or the domain) and addresses."""
+
+    name: str
+    preference: int
+    addresses: tuple[IPAddress, ...]
+    port: int = SMTP_PORT
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """Where one domain's mail goes, hosts in the order to try them."""
+
+    domain: str
+    kind: HopKind
+    hosts: tuple[MxHost, ...]
+
+    @property
+    def identity(self) -> tuple[tuple[str, int], ...]:
+        """The hosts by name and port: two domains with equal identities share a next hop."""
+        return tuple((host.name, host.port) for host in self.hosts)
+
+    def best_addresses(self) -> set[tuple[IPAddress, int]]:
+        """The addresses (with port) of the hosts of the lowest preference."""
+        if not self.hosts:
+            return set()
+        best = min(host.preference for host in self.hosts)
+        return {
+            (address, host.port)
+            for host in self.hosts
+            if host.preference == best
+            for address in host.addresses
+        }
+
+    def same_destination(self, other: NextHop, connected: tuple[IPAddress, int]) -> bool:
+        """True when mail for ``other`` may ride a connection to ``connected`` made for us.
+
+        Either both domains have the same hosts, or the connected address is one of the
+        most preferred addresses of ``other`` (two domains hosted by one provider under
+        different MX names).
+        """
+        return self.identity == other.identity or connected in other.best_addresses()
+
+
+def route_for(domain: str, routes: Mapping[str, Endpoint]) -> Endpoint | None:
+    """The configured route of ``domain`` (exact match), else the ``"*"`` route, else None."""
+    return routes.get(domain) or routes.get("*")
+
+
+def normalize_domain(domain: str) -> str:
+    return domain.strip().rstrip(".").lower()
+
+
+async def resolve_next_hop(domain: str, config: Config, version: int | None) -> NextHop:
+    """The next hop of ``domain`` for a source of IP ``version``; see the module doc.
+
+    Raises :class:`NextHopError` with the reply for the MTA.
+    """
+    domain = normalize_domain(domain)
+    resolver = _resolver_for(config.dns)
+    route = route_for(domain, config.smtp.routes)
+    if route is not None:
+        return await _route_hop(domain, route, resolver, version)
+    literal = domain_literal(domain)
+    if literal is not None:
+        return _literal_hop(domain, literal, version)
+    return await _mx_hop(domain, resolver, version)
+
+
+def domain_literal(domain: str) -> IPAddress | None:
+    """The address of a domain literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``), or None."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    if inner.lower().startswith("ipv6:"):
+        inner = inner[5:]
+    try:
+        return ipaddress.ip_address(inner)
+    except ValueError:
+        raise NextHopError(501, "5.1.3", f"{domain} is not a valid address literal") from None
+
+
+# --------------------------------------------------------------------------- the three kinds
+
+
+async def _route_hop(
+    domain: str, route: Endpoint, resolver: dns.asyncresolver.Resolver, version: int | None
+) -> NextHop:
+    literal = route.ip
+    if literal is not None:
+        if version is not None and literal.version != version:
+            raise NextHopError(
+                451,
+                "4.4.4",
+                f"the route of {domain} is {route}, but the source egresses over IPv{version}",
+            )
+        return NextHop(domain, "route", (MxHost(route.host, 0, (literal,), route.port),))
+    lookup = await _host_addresses(resolver, route.host, version)
+    if not lookup.addresses:
+        raise _no_address_error(domain, [(route.host, lookup)], version)
+    return NextHop(
+        domain, "route", (MxHost(normalize_domain(route.host), 0, lookup.addresses, route.port),)
+    )
+
+
+def _literal_hop(domain: str, address: IPAddress, version: int | None) -> NextHop:
+    if version is not None and address.version != version:
+        raise NextHopError(
+            451, "4.4.4", f"{domain} is an IPv{address.version} literal, the source is IPv{version}"
+        )
+    return NextHop(domain, "literal", (MxHost(str(address), 0, (address,)),))
+
+
+async def _mx_hop(
+    domain: str, resolver: dns.asyncresolver.Resolver, version: int | None
+) -> NextHop:
+    records = await _mx_records(resolver, domain)
+    if records is None:
+        lookup = await _host_addresses(resolver, domain, version)
+        if lookup.addresses:
+            return NextHop(domain, "implicit", (MxHost(domain, 0, lookup.addresses),))
+        if lookup.temporary is None and not lookup.other_version:
+            raise NextHopError(
+                550, "5.4.4", f"{domain} has no MX record and no address record ({lookup.why})"
+            )
+        raise _no_address_error(domain, [(domain, lookup)], version)
+    hosts: list[MxHost] = []
+    failures: list[tuple[str, _Lookup]] = []
+    for preference, exchange in records:
+        lookup = await _host_addresses(resolver, exchange, version)
+        if lookup.addresses:
+            hosts.append(MxHost(exchange, preference, lookup.addresses))
+        else:
+            failures.append((exchange, lookup))
+    if not hosts:
+        raise _no_address_error(domain, failures, version)
+    return NextHop(domain, "mx", tuple(hosts))
+
+
+async def _mx_records(
+    resolver: dns.asyncresolver.Resolver, domain: str
+) -> list[tuple[int, str]] | None:
+    """``(preference, exchange)`` sorted by preference; None when the domain has no MX."""
+    try:
+        answer = await resolver.resolve(domain, "MX", search=False)
+    except dns.resolver.NXDOMAIN:
+        raise NextHopError(550, "5.1.2", f"domain {domain} does not exist (NXDOMAIN)") from None
+    except dns.resolver.NoAnswer:
+        return None
+    except dns.exception.DNSException as exc:
+        raise NextHopError(
+            451, "4.4.3", f"DNS lookup of the MX of {domain} failed: {_dns_error_text(exc)}"
+        ) from exc
+    records = [
+        (int(rdata.preference), rdata.exchange.to_text(omit_final_dot=True).lower())
+        for rdata in answer
+    ]
+    real = [(p, name) for p, name in records if name not in ("", ".")]
+    if not real:  # RFC 7505: "0 ." alone (a null MX among real ones is ignored)
+        raise NextHopError(
+            556, "5.1.10", f"{domain} accepts no mail: it publishes a null MX (RFC 7505)"
+        )
+    real.sort(key=lambda record: record[0])  # stable: equal preferences keep DNS order
+    return real
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """The outcome of looking up one host's addresses."""
+
+    addresses: tuple[IPAddress, ...]
+    why: str = ""
+    temporary: str | None = None
+    other_version: bool = False
+
+
+async def _host_addresses(
+    resolver: dns.asyncresolver.Resolver, host: str, version: int | None
+) -> _Lookup:
+    """A (for IPv4) then AAAA (for IPv6) records of ``host``, as the source's version wants."""
+    wanted = {4: ("A",), 6: ("AAAA",)}.get(version or 0, ("A", "AAAA"))
+    addresses: list[IPAddress] = []
+    why: list[str] = []
+    temporary: str | None = None
+    for rdtype in wanted:
+        try:
+            answer = await resolver.resolve(host, rdtype, search=False)
+        except dns.resolver.NXDOMAIN:
+            return _Lookup((), f"{host} does not exist")
+        except dns.resolver.NoAnswer:
+            why.append(f"{host} has no {rdtype} record")
+            continue
+        except dns.exception.DNSException as exc:
+            temporary = f"{rdtype} lookup of {host} failed: {_dns_error_text(exc)}"
+            continue
+        addresses.extend(ipaddress.ip_address(rdata.address) for rdata in answer)
+    other_version = False
+    if not addresses and not temporary and version is not None:
+        other_version = await _has_other_version(resolver, host, version)
+    return _Lookup(tuple(addresses), "; ".join(why), temporary, other_version)
+
+
+async def _has_other_version(resolver: dns.asyncresolver.Resolver, host: str, version: int) -> bool:
+    try:
+        await resolver.resolve(host, "AAAA" if version == 4 else "A", search=False)
+    except dns.exception.DNSException:
+        return False
+    return True
+
+
+def _no_address_error(
+    domain: str, failures: list[tuple[str, _Lookup]], version: int | None
+) -> NextHopError:
+    """The reply when no host of ``domain``'s next hop has a usable address."""
+    for _host, lookup in failures:
+        if lookup.temporary is not None:
+            return NextHopError(451, "4.4.3", f"next hop of {domain}: {lookup.temporary}")
+    family = f"IPv{version} " if version is not None else ""
+    names = ", ".join(host for host, _ in failures)
+    details = "; ".join(
+        lookup.why + (" (it has addresses of the other IP version)" if lookup.other_version else "")
+        for _, lookup in failures
+    )
+    return NextHopError(
+        451, "4.4.4", f"no {family}address for the next hop of {domain} ({names}): {details}"
+    )
+
+
+# --------------------------------------------------------------------------- resolver
+
+
+_RESOLVERS: dict[DnsSettings, dns.asyncresolver.Resolver] = {}
+
+
+def _resolver_for(settings: DnsSettings) -> dns.asyncresolver.Resolver:
+    """One resolver per ``[dns]`` table, kept across calls (reading resolv.conf once)."""
+    resolver = _RESOLVERS.get(settings)
+    if resolver is None:
+        if settings.nameservers:
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(server.host, server.port)
+                for server in settings.nameservers
+            ]
+        else:
+            resolver = dns.asyncresolver.Resolver()
+        resolver.lifetime = settings.timeout
+        resolver.timeout = min(resolver.timeout, settings.timeout)
+        if len(_RESOLVERS) > 16:
+            _RESOLVERS.clear()
+        _RESOLVERS[settings] = resolver
+    return resolver
+
+
+def _dns_error_text(exc: dns.exception.DNSException) -> str:
+    if isinstance(exc, dns.exception.Timeout):
+        return "timed out"
+    if isinstance(exc, dns.resolver.NoNameservers):
+        return "no name server answered (SERVFAIL or REFUSED)"
+    return str(exc) or type(exc).__name__
