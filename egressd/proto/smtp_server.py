@@ -395,11 +395,14 @@ class SmtpServer:
     # ---------------------------------------------------------------- h11-style API
 
     def receive_data(self, data: bytes) -> None:
-        """Feed bytes from the MTA; ``b""`` means EOF. Data after EOF is a caller bug."""
-        if self._buf.closed:
-            raise LocalProtocolError("receive_data() after EOF")
+        """Feed bytes from the MTA; ``b""`` means EOF (repeating it is harmless).
+
+        Bytes after EOF are a caller bug (LocalProtocolError).
+        """
         if not data:
             self._buf.closed = True
+        elif self._buf.closed:
+            raise LocalProtocolError("receive_data() after EOF")
         elif self._state not in (ServerState.CLOSED, ServerState.ERROR):
             self._buf.feed(data)
 

@@ -1,0 +1,115 @@
+"""egressd's sans-IO SMTP machines, in one namespace.
+
+The code lives in three modules; this one re-exports their public names so that
+``from egressd.proto.smtp import SmtpServer, SmtpClient, Reply`` works:
+
+* :mod:`egressd.proto.smtp_common` -- command events, :class:`Reply`, EHLO helpers, limits,
+  errors (RFC 5321, RFC 2034 enhanced codes);
+* :mod:`egressd.proto.smtp_server` -- :class:`SmtpServer`, facing the MTA (RFC 5321, 2920
+  PIPELINING, 4954 AUTH, 3207 STARTTLS, 1870 SIZE, 6152 8BITMIME, 6531 SMTPUTF8, 3461 DSN);
+* :mod:`egressd.proto.smtp_client` -- :class:`SmtpClient`, facing the remote MX.
+
+See each module's docstring for the theory of operation.
+"""
+
+from egressd.proto.smtp_client import (
+    ClientCommand,
+    ClientEvent,
+    ClientState,
+    SmtpClient,
+    filter_mail_params,
+    filter_rcpt_params,
+    mail_incompatibility,
+)
+from egressd.proto.smtp_common import (
+    DATA_CHUNK_SIZE,
+    MAX_COMMAND_LINE,
+    MAX_REPLY_LINE,
+    MAX_REPLY_LINES,
+    NEED_DATA,
+    PAUSED,
+    ConnectionClosed,
+    Data,
+    DataChunk,
+    Ehlo,
+    EndOfData,
+    Helo,
+    Help,
+    LocalProtocolError,
+    Mail,
+    Noop,
+    ProtocolViolation,
+    Quit,
+    Rcpt,
+    RemoteProtocolError,
+    Reply,
+    Rset,
+    Sentinel,
+    SmtpError,
+    StartTls,
+    Vrfy,
+    ehlo_reply,
+    parse_ehlo_extensions,
+    parse_esmtp_params,
+    parse_path,
+)
+from egressd.proto.smtp_server import (
+    DEFAULT_SERVER_EXTENSIONS,
+    AuthChallenge,
+    AuthCredentials,
+    BareLineEnding,
+    CommandError,
+    DataDiscarded,
+    ServerEvent,
+    ServerState,
+    SmtpServer,
+)
+
+__all__ = [
+    "DATA_CHUNK_SIZE",
+    "DEFAULT_SERVER_EXTENSIONS",
+    "MAX_COMMAND_LINE",
+    "MAX_REPLY_LINE",
+    "MAX_REPLY_LINES",
+    "NEED_DATA",
+    "PAUSED",
+    "AuthChallenge",
+    "AuthCredentials",
+    "BareLineEnding",
+    "ClientCommand",
+    "ClientEvent",
+    "ClientState",
+    "CommandError",
+    "ConnectionClosed",
+    "Data",
+    "DataChunk",
+    "DataDiscarded",
+    "Ehlo",
+    "EndOfData",
+    "Helo",
+    "Help",
+    "LocalProtocolError",
+    "Mail",
+    "Noop",
+    "ProtocolViolation",
+    "Quit",
+    "Rcpt",
+    "RemoteProtocolError",
+    "Reply",
+    "Rset",
+    "Sentinel",
+    "ServerEvent",
+    "ServerState",
+    "SmtpClient",
+    "SmtpError",
+    "SmtpServer",
+    "StartTls",
+    "Vrfy",
+    "ehlo_reply",
+    "filter_mail_params",
+    "filter_rcpt_params",
+    "mail_incompatibility",
+    "parse_ehlo_extensions",
+    "parse_esmtp_params",
+    "parse_path",
+]

@@ -1,0 +1,439 @@
+"""Sans-IO SMTP client machine: egressd's side of the conversation with the remote MX.
+
+Theory of operation
+-------------------
+The relay opens a connection from the chosen source address to the recipient domain's mail
+server and drives it with this machine, in h11's manner::
+
+    wire = client.send(Ehlo("out1.example"))   # a command -> bytes to write
+    client.receive_data(chunk)                 # bytes from the remote; b"" at EOF
+    event = client.next_event()                # Reply, ConnectionClosed, ProtocolViolation
+                                               # or NEED_DATA
+
+Replies (RFC 5321 section 4.2)
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A reply is one or more lines ``250-text`` ... ``250 text`` with the same code; it comes out
+as one :class:`~egressd.proto.smtp_common.Reply` holding every line, so the relay can hand it
+to the MTA unchanged (``reply.to_bytes()``, ``reply.enhanced`` for the RFC 2034 code). *Any*
+code from 200 to 599 is a reply, never a violation: a 421 may arrive at any moment,
+unsolicited, and is reported like any other reply (the machine is then CLOSED: RFC 5321
+section 3.8 says the server is closing). Lines may end in CRLF or, leniently, a bare LF;
+the text never holds a CR or LF, so re-serializing can never inject a line toward the MTA.
+
+What breaks the protocol beyond repair comes out once as
+:class:`~egressd.proto.smtp_common.ProtocolViolation` (repeated on every later call; the
+machine is in ERROR): a line that is not ``[2-5]dd[ -]text``, a line longer than
+``max_line`` octets, more than ``max_lines`` lines in one reply, a continuation line whose
+code differs, a bare CR, a reply when no command awaits one (other than 421: the relay could
+no longer pair replies with commands), or bytes after the 220 to STARTTLS.
+
+Commands and pipelining (RFC 2920)
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+:meth:`SmtpClient.send` takes the same command events the server machine emits (so a
+:class:`~egressd.proto.smtp_common.Mail` from the MTA can be passed on) and records which
+reply each awaits; replies are matched in order. Without PIPELINING in the remote's EHLO
+reply one command at a time may be outstanding; with it, commands may be queued, except
+after EHLO, HELO, DATA, NOOP, QUIT and STARTTLS, which RFC 2920 section 3.1 makes the last of
+a group. Misuse (MAIL before EHLO, a command after QUIT, ...) raises
+:class:`~egressd.proto.smtp_common.LocalProtocolError`: it is a bug in egressd.
+
+MAIL and RCPT carry only the ESMTP parameters the remote advertised (RFC 5321 section
+4.1.1.11): SIZE needs SIZE (RFC 1870), BODY needs 8BITMIME (RFC 6152), SMTPUTF8 needs
+SMTPUTF8 (RFC 6531), RET/ENVID/NOTIFY/ORCPT need DSN (RFC 3461), AUTH= needs AUTH
+(RFC 4954); others are dropped (:func:`filter_mail_params`, :func:`filter_rcpt_params`).
+Dropping SMTPUTF8 or BODY=8BITMIME would change the message, which a cut-through relay cannot
+convert, so :func:`mail_incompatibility` tells the driver which reply to give the MTA instead.
+
+The body
+~~~~~~~~
+After the 354 the relay writes the body octets directly, as the server machine gave them
+(dot-stuffed, CRLF lines), optionally through ``send(DataChunk(...))`` which returns them
+unchanged, then ``send(EndOfData())``, which returns ``b".\\r\\n"`` and awaits the final reply.
+
+STARTTLS (RFC 3207)
+~~~~~~~~~~~~~~~~~~~
+After the 220 the driver calls :meth:`SmtpClient.start_tls`: it raises
+:class:`~egressd.proto.smtp_common.RemoteProtocolError` if the remote already sent more
+plaintext (response injection, the CVE-2011-0411 class), else it forgets the advertised
+extensions and requires a new EHLO; the driver then starts the handshake.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+from egressd.proto.smtp_common import (
+    MAX_REPLY_LINE,
+    MAX_REPLY_LINES,
+    NEED_DATA,
+    ConnectionClosed,
+    Data,
+    DataChunk,
+    Ehlo,
+    EndOfData,
+    Helo,
+    LocalProtocolError,
+    Mail,
+    Noop,
+    ProtocolViolation,
+    Quit,
+    Rcpt,
+    ReceiveBuffer,
+    RemoteProtocolError,
+    Reply,
+    Rset,
+    Sentinel,
+    StartTls,
+    format_params,
+    parse_ehlo_extensions,
+)
+
+__all__ = [
+    "ClientCommand",
+    "ClientEvent",
+    "ClientState",
+    "SmtpClient",
+    "filter_mail_params",
+    "filter_rcpt_params",
+    "mail_incompatibility",
+]
+
+ClientCommand = (
+    Helo | Ehlo | Mail | Rcpt | Data | Rset | Noop | Quit | StartTls | DataChunk | EndOfData
+)
+ClientEvent = Reply | ConnectionClosed | ProtocolViolation
+
+# Which EHLO keyword each parameter needs.
+_MAIL_PARAM_NEEDS: Final = {
+    "SIZE": "SIZE",
+    "BODY": "8BITMIME",
+    "SMTPUTF8": "SMTPUTF8",
+    "RET": "DSN",
+    "ENVID": "DSN",
+    "AUTH": "AUTH",
+}
+_RCPT_PARAM_NEEDS: Final = {"NOTIFY": "DSN", "ORCPT": "DSN"}
+
+
+def filter_mail_params(
+    params: Mapping[str, str | None], extensions: Mapping[str, str]
+) -> dict[str, str | None]:
+    """The MAIL parameters the remote supports (by its EHLO ``extensions``), in order."""
+    return {
+        keyword: value
+        for keyword, value in params.items()
+        if _MAIL_PARAM_NEEDS.get(keyword.upper()) in extensions
+    }
+
+
+def filter_rcpt_params(
+    params: Mapping[str, str | None], extensions: Mapping[str, str]
+) -> dict[str, str | None]:
+    """The RCPT parameters the remote supports: NOTIFY and ORCPT with DSN, nothing else."""
+    return {
+        keyword: value
+        for keyword, value in params.items()
+        if _RCPT_PARAM_NEEDS.get(keyword.upper()) in extensions
+    }
+
+
+def _max_size(extensions: Mapping[str, str]) -> int | None:
+    value = extensions.get("SIZE", "")
+    return int(value) if value.isascii() and value.isdigit() and int(value) > 0 else None
+
+
+def mail_incompatibility(mail: Mail, extensions: Mapping[str, str]) -> Reply | None:
+    """A reply for the MTA if this remote cannot take the message as the MTA declared it.
+
+    Cut-through cannot downgrade a message, so: SMTPUTF8 to a remote without it is refused
+    (RFC 6531 section 3.2, ``553 5.6.7``); BODY=8BITMIME to a remote without 8BITMIME is
+    refused (RFC 6152 section 3, ``554 5.6.3``); a declared SIZE above the remote's fixed
+    maximum is refused (RFC 1870 section 6.1, ``552 5.3.4``). None if all is well.
+    """
+    params = mail.params
+    if ("SMTPUTF8" in params or not mail.address.isascii()) and "SMTPUTF8" not in extensions:
+        return Reply.make(553, "Remote server does not support SMTPUTF8", enhanced="5.6.7")
+    body = params.get("BODY")
+    if body is not None and body.upper() == "8BITMIME" and "8BITMIME" not in extensions:
+        return Reply.make(554, "Remote server does not support 8BITMIME", enhanced="5.6.3")
+    size = params.get("SIZE")
+    limit = _max_size(extensions)
+    if size is not None and size.isdigit() and limit is not None and int(size) > limit:
+        return Reply.make(552, "Message size exceeds the remote server's maximum", enhanced="5.3.4")
+    return None
+
+
+class ClientState(enum.Enum):
+    GREETING = "GREETING"  # waiting for the remote's greeting
+    READY = "READY"  # sending commands
+    BODY = "BODY"  # 354 received: the relay writes the body
+    TLS = "TLS"  # 220 to STARTTLS received; waiting for start_tls()
+    CLOSED = "CLOSED"  # QUIT answered or 421 received
+    ERROR = "ERROR"  # the remote broke the protocol
+
+
+class _Await(enum.Enum):
+    """What an awaited reply answers."""
+
+    GREETING = "greeting"
+    EHLO = "EHLO"
+    HELO = "HELO"
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+    DOT = "end of data"
+    RSET = "RSET"
+    NOOP = "NOOP"
+    QUIT = "QUIT"
+    STARTTLS = "STARTTLS"
+
+
+# RFC 2920 section 3.1: these end a pipelined group (the greeting comes first anyway).
+_GROUP_ENDERS: Final = frozenset(
+    {_Await.GREETING, _Await.EHLO, _Await.HELO, _Await.DATA, _Await.NOOP, _Await.QUIT}
+    | {_Await.STARTTLS}
+)
+_VIOLATION_REPLY: Final = Reply.make(451, "Remote server broke the SMTP protocol", enhanced="4.5.0")
+
+
+def _parse_reply_line(line: bytes) -> tuple[int, bool, str] | None:
+    """``b"250-text"`` -> (250, True, "text"); None if it is not a reply line."""
+    if len(line) < 3 or line[0] not in b"2345" or not line[1:3].isdigit():
+        return None
+    separator = line[3:4]
+    if separator not in (b"", b" ", b"-"):
+        return None
+    return int(line[:3]), separator == b"-", line[4:].decode("utf-8", "surrogateescape")
+
+
+class SmtpClient:
+    """The SMTP client machine (egressd facing the remote MX). See the module docstring."""
+
+    def __init__(self, *, max_line: int = MAX_REPLY_LINE, max_lines: int = MAX_REPLY_LINES) -> None:
+        if max_line < 64 or max_lines < 1:
+            raise LocalProtocolError("max_line must be at least 64 and max_lines at least 1")
+        self._max_line = max_line
+        self._max_lines = max_lines
+        self._buf = ReceiveBuffer()
+        self._state = ClientState.GREETING
+        self._awaiting: deque[_Await] = deque([_Await.GREETING])
+        self._lines: list[str] = []  # lines of the reply being read
+        self._code = 0  # its code
+        self._extensions: dict[str, str] = {}
+        self._hello = False
+        self._mail = False  # a MAIL was sent and its transaction not ended (as far as we know)
+        self._rcpts = 0  # RCPTs sent in this transaction
+        self._quit_sent = False
+        self._violation: ProtocolViolation | None = None
+
+    # ---------------------------------------------------------------- public properties
+
+    @property
+    def state(self) -> ClientState:
+        return self._state
+
+    @property
+    def extensions(self) -> Mapping[str, str]:
+        """What the remote's last successful EHLO advertised (keyword -> parameters)."""
+        return MappingProxyType(self._extensions)
+
+    def supports(self, keyword: str) -> bool:
+        return keyword.upper() in self._extensions
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self._extensions
+
+    @property
+    def max_size(self) -> int | None:
+        """The remote's SIZE limit (RFC 1870), or None if it declared none."""
+        return _max_size(self._extensions)
+
+    @property
+    def awaiting_replies(self) -> int:
+        """How many replies the remote still owes."""
+        return len(self._awaiting)
+
+    # ---------------------------------------------------------------- h11-style API
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the remote; ``b""`` means EOF (repeating it is harmless).
+
+        Bytes after EOF are a caller bug (LocalProtocolError).
+        """
+        if not data:
+            self._buf.closed = True
+        elif self._buf.closed:
+            raise LocalProtocolError("receive_data() after EOF")
+        elif self._state not in (ClientState.CLOSED, ClientState.ERROR):
+            self._buf.feed(data)
+
+    def next_event(self) -> ClientEvent | Sentinel:
+        """The next Reply (or ConnectionClosed, ProtocolViolation), or ``NEED_DATA``."""
+        if self._violation is not None:
+            return self._violation
+        if self._state is ClientState.CLOSED:
+            return ConnectionClosed()
+        if self._state is ClientState.TLS and len(self._buf):
+            return self._fail("plaintext after the 220 to STARTTLS (CVE-2011-0411 class)")
+        event = self._next_reply()
+        if event is NEED_DATA and self._buf.closed:
+            return ConnectionClosed()
+        return event
+
+    def send(self, command: ClientCommand) -> bytes:
+        """The bytes for ``command``; the machine then awaits its reply."""
+        state = self._state
+        if state in (ClientState.CLOSED, ClientState.ERROR) or self._quit_sent:
+            raise LocalProtocolError(f"cannot send {command!r}: the session is over")
+        if isinstance(command, (DataChunk, EndOfData)):
+            if state is not ClientState.BODY:
+                raise LocalProtocolError("the body may only be sent after a 354 to DATA")
+            if isinstance(command, DataChunk):
+                return command.data
+            self._state = ClientState.READY
+            self._mail = False
+            self._rcpts = 0
+            self._awaiting.append(_Await.DOT)
+            return b".\r\n"
+        if state is ClientState.BODY:
+            raise LocalProtocolError(f"cannot send {command!r} inside the body")
+        if state is ClientState.TLS:
+            raise LocalProtocolError("call start_tls() after the 220 to STARTTLS")
+        if self._awaiting:
+            last = self._awaiting[-1]
+            if last in _GROUP_ENDERS:
+                raise LocalProtocolError(f"{command!r} cannot follow {last.value} unanswered")
+            if not self.pipelining:
+                raise LocalProtocolError("the remote did not advertise PIPELINING")
+        line, awaits = self._command_line(command)
+        self._awaiting.append(awaits)
+        return line.encode("utf-8") + b"\r\n"
+
+    def start_tls(self) -> None:
+        """Call after the 220 to STARTTLS, before the handshake (see the module docstring)."""
+        if self._state is not ClientState.TLS:
+            raise LocalProtocolError("start_tls() only after a 220 reply to STARTTLS")
+        if len(self._buf):
+            self._fail("plaintext after the 220 to STARTTLS (CVE-2011-0411 class)")
+            raise RemoteProtocolError("plaintext after the 220 to STARTTLS", _VIOLATION_REPLY)
+        self._buf.reset_scan()
+        self._extensions = {}
+        self._hello = False
+        self._state = ClientState.READY
+
+    # ---------------------------------------------------------------- commands
+
+    def _need_utf8(self, text: str) -> None:
+        if not text.isascii() and "SMTPUTF8" not in self._extensions:
+            raise LocalProtocolError("non-ASCII command but the remote lacks SMTPUTF8")
+
+    def _command_line(self, command: ClientCommand) -> tuple[str, _Await]:
+        if isinstance(command, Ehlo):
+            return f"EHLO {command.name}", _Await.EHLO
+        if isinstance(command, Helo):
+            return f"HELO {command.name}", _Await.HELO
+        if isinstance(command, Rset):
+            self._mail = False
+            self._rcpts = 0
+            return "RSET", _Await.RSET
+        if isinstance(command, Noop):
+            return (f"NOOP {command.argument}" if command.argument else "NOOP"), _Await.NOOP
+        if isinstance(command, Quit):
+            self._quit_sent = True
+            return "QUIT", _Await.QUIT
+        if not self._hello:
+            raise LocalProtocolError(f"{command!r} needs a successful EHLO or HELO first")
+        if isinstance(command, StartTls):
+            if "STARTTLS" not in self._extensions:
+                raise LocalProtocolError("the remote did not advertise STARTTLS")
+            if self._mail:
+                raise LocalProtocolError("STARTTLS inside a mail transaction")
+            return "STARTTLS", _Await.STARTTLS
+        if isinstance(command, Mail):
+            if self._mail:
+                raise LocalProtocolError("MAIL inside a mail transaction")
+            line = f"MAIL FROM:<{command.address}>"
+            line += format_params(filter_mail_params(command.params, self._extensions))
+            self._need_utf8(line)
+            self._mail = True
+            self._rcpts = 0
+            return line, _Await.MAIL
+        if not self._mail:
+            raise LocalProtocolError(f"{command!r} needs MAIL first")
+        if isinstance(command, Rcpt):
+            line = f"RCPT TO:<{command.address}>"
+            line += format_params(filter_rcpt_params(command.params, self._extensions))
+            self._need_utf8(line)
+            self._rcpts += 1
+            return line, _Await.RCPT
+        if not self._rcpts:
+            raise LocalProtocolError("DATA needs RCPT first")
+        return "DATA", _Await.DATA
+
+    # ---------------------------------------------------------------- replies
+
+    def _fail(self, description: str) -> ProtocolViolation:
+        self._violation = ProtocolViolation(description, _VIOLATION_REPLY)
+        self._state = ClientState.ERROR
+        return self._violation
+
+    def _next_reply(self) -> ClientEvent | Sentinel:
+        buf = self._buf
+        while True:
+            end = buf.find(b"\n")
+            if end < 0:
+                if len(buf) > self._max_line + 1:
+                    return self._fail(f"reply line longer than {self._max_line} octets")
+                return NEED_DATA
+            line = buf.take(end + 1)[:-1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > self._max_line:
+                return self._fail(f"reply line longer than {self._max_line} octets")
+            if b"\r" in line:
+                return self._fail("bare CR in a reply line")
+            parsed = _parse_reply_line(line)
+            if parsed is None:
+                return self._fail(f"malformed reply line {line[:80]!r}")
+            code, more, text = parsed
+            if self._lines and code != self._code:
+                return self._fail(f"reply code changed from {self._code} to {code} mid-reply")
+            self._code = code
+            self._lines.append(text)
+            if len(self._lines) > self._max_lines:
+                return self._fail(f"reply longer than {self._max_lines} lines")
+            if not more:
+                reply = Reply(code, tuple(self._lines))
+                self._lines = []
+                return self._on_reply(reply)
+
+    def _on_reply(self, reply: Reply) -> ClientEvent:
+        if reply.code == 421:
+            self._state = ClientState.CLOSED
+            self._awaiting.clear()
+            return reply
+        if not self._awaiting:
+            return self._fail(f"unsolicited reply {reply.to_bytes()[:80]!r}")
+        awaited = self._awaiting.popleft()
+        if awaited is _Await.GREETING:
+            self._state = ClientState.READY
+        elif awaited is _Await.EHLO and reply.is_success:
+            self._extensions = parse_ehlo_extensions(reply)
+            self._hello = True
+        elif awaited is _Await.HELO and reply.is_success:
+            self._extensions = {}
+            self._hello = True
+        elif awaited is _Await.MAIL and not reply.is_success:
+            self._mail = False
+        elif awaited is _Await.DATA and reply.code == 354:
+            self._state = ClientState.BODY
+        elif awaited is _Await.STARTTLS and reply.is_success:
+            self._state = ClientState.TLS
+        elif awaited is _Await.QUIT:
+            self._state = ClientState.CLOSED
+        return reply
