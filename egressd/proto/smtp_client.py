@@ -194,8 +194,15 @@ class _Await(enum.Enum):
 
 # RFC 2920 section 3.1: these end a pipelined group (the greeting comes first anyway).
 _GROUP_ENDERS: Final = frozenset(
-    {_Await.GREETING, _Await.EHLO, _Await.HELO, _Await.DATA, _Await.NOOP, _Await.QUIT}
-    | {_Await.STARTTLS}
+    {
+        _Await.GREETING,
+        _Await.EHLO,
+        _Await.HELO,
+        _Await.DATA,
+        _Await.NOOP,
+        _Await.QUIT,
+        _Await.STARTTLS,
+    }
 )
 _VIOLATION_REPLY: Final = Reply.make(451, "Remote server broke the SMTP protocol", enhanced="4.5.0")
 
@@ -371,6 +378,8 @@ class SmtpClient:
             self._need_utf8(line)
             self._rcpts += 1
             return line, _Await.RCPT
+        if not isinstance(command, Data):
+            raise LocalProtocolError(f"the client machine does not send {command!r}")
         if not self._rcpts:
             raise LocalProtocolError("DATA needs RCPT first")
         return "DATA", _Await.DATA

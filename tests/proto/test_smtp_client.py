@@ -19,6 +19,7 @@ from egressd.proto.smtp import (
     Ehlo,
     EndOfData,
     Helo,
+    Help,
     LocalProtocolError,
     Mail,
     Noop,
@@ -31,6 +32,7 @@ from egressd.proto.smtp import (
     Sentinel,
     SmtpClient,
     StartTls,
+    Vrfy,
     filter_mail_params,
     filter_rcpt_params,
     mail_incompatibility,
@@ -589,3 +591,12 @@ def test_reply_shaped_noise_in_a_pipelined_session(tokens: list[bytes]) -> None:
     for event in events:
         if isinstance(event, Reply):
             assert b"\r" not in event.to_bytes().replace(b"\r\n", b"")
+
+
+def test_commands_the_client_does_not_send() -> None:
+    client = ready()
+    client.send(Mail("a@b.c"))
+    feed(client, [b"250 ok\r\n"])
+    for command in (Vrfy("x"), Help()):
+        with pytest.raises(LocalProtocolError):
+            client.send(command)  # type: ignore[arg-type]
