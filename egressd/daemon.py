@@ -24,18 +24,23 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 import trio
 
+from egressd import observe
 from egressd.access import client_refusal
 from egressd.config import Config, ConfigError, Endpoint, Listener, load_config
 from egressd.log import get_logger, setup_logging
+from egressd.metrics import Metrics
 from egressd.net import sdnotify
 from egressd.net.listen import accept_loop, bound_port, open_listener, peer_of
+from egressd.observe import Extras
 from egressd.runtime import Overloaded, Runtime, SessionRecord
 
 log = get_logger("daemon")
@@ -80,9 +85,21 @@ def configured_listeners(config: Config) -> dict[tuple[str, Endpoint], Listener]
 
 @dataclass
 class _Running:
+    """One bound listener: which door it feeds, its accept loop's scope, its real port."""
+
+    door: str
     listener: Listener
     scope: trio.CancelScope
     port: int
+    closed: trio.Event = field(default_factory=trio.Event)
+
+
+class ReloadRefused(Exception):
+    """A reload that cannot take effect; each item of ``errors`` is one log line."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
 
 
 @dataclass
@@ -94,42 +111,112 @@ class Daemon:
     connections: trio.Nursery
     listeners: dict[tuple[str, Endpoint], _Running] = field(default_factory=dict)
     on_reload: list[Callable[[bool], None]] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=Metrics)
+    json_logs: bool = False
+    """``egressd run --json-logs``: JSON lines whatever ``[log] format`` says, reloads included."""
+    started_at: float = field(default_factory=time.time)
+    reloads: int = 0
+    """Reloads that took effect; the configuration's generation is ``reloads + 1``."""
+    reload_failures: int = 0
+    files_seen: list[tuple[int, int, int] | None] = field(default_factory=list)
+    """Fingerprints of the watched files as of the last (attempted) load."""
+    extras: Extras | None = None
+    _lock: trio.Lock = field(default_factory=trio.Lock)
 
     def bound_ports(self) -> dict[tuple[str, Endpoint], int]:
         """Each listener's real port (port 0 in the configuration picks a free one)."""
         return {key: running.port for key, running in self.listeners.items()}
 
     async def start_listener(self, key: tuple[str, Endpoint], listener: Listener) -> None:
+        self._run_listener(key, listener, await open_listener(key[1]))
+
+    def _run_listener(
+        self, key: tuple[str, Endpoint], listener: Listener, socket_listener: trio.SocketListener
+    ) -> None:
         door_name, address = key
-        socket_listener = await open_listener(address)
-        scope = trio.CancelScope()
-        running = _Running(listener, scope, bound_port(socket_listener))
+        running = _Running(door_name, listener, trio.CancelScope(), bound_port(socket_listener))
         self.listeners[key] = running
 
         async def handler(stream: trio.SocketStream) -> None:
-            await self.handle_connection(self.doors[door_name], running, stream)
+            await self.handle_connection(self.doors[running.door], running, stream)
 
         async def loop() -> None:
-            with scope:
-                await accept_loop(socket_listener, handler, self.connections)
+            try:
+                with running.scope:
+                    await accept_loop(socket_listener, handler, self.connections)
+            finally:
+                running.closed.set()
 
         self.connections.start_soon(loop)
-        log.info("listening", extra={"fields": {"door": door_name, "address": str(address)}})
+        log.info(
+            "listening",
+            extra={"fields": {"door": door_name, "address": str(address), "port": running.port}},
+        )
 
     def stop_listener(self, key: tuple[str, Endpoint]) -> None:
+        """Close a listener (its socket closes as soon as its accept loop runs)."""
         running = self.listeners.pop(key)
         running.scope.cancel()
         log.info("listener closed", extra={"fields": {"door": key[0], "address": str(key[1])}})
 
-    async def reconcile_listeners(self, config: Config) -> None:
-        wanted = configured_listeners(config)
-        for key in [k for k in self.listeners if k not in wanted]:
+    async def close_listeners(self) -> None:
+        """Close every listener and wait until their sockets are closed."""
+        closing = [self.listeners[key] for key in list(self.listeners)]
+        for key in list(self.listeners):
             self.stop_listener(key)
+        for running in closing:
+            await running.closed.wait()
+
+    async def reconcile_listeners(self, config: Config) -> None:
+        """Bind what ``config`` adds, close what it drops, keep the rest (raises OSError)."""
+        self._adopt_listeners(config, await self._open_new_listeners(config))
+
+    async def _open_new_listeners(
+        self, config: Config
+    ) -> dict[tuple[str, Endpoint], trio.SocketListener]:
+        """Bind every listener ``config`` adds; on a failure close them all and raise OSError.
+
+        An address that stays but moves to another door keeps its socket (see
+        :meth:`_adopt_listeners`), so nothing here binds an address that is already bound.
+        """
+        running_addresses = {address for _, address in self.listeners}
+        opened: dict[tuple[str, Endpoint], trio.SocketListener] = {}
+        try:
+            for key in configured_listeners(config):
+                if key[1] not in running_addresses:
+                    opened[key] = await open_listener(key[1])
+        except OSError as exc:
+            for socket_listener in opened.values():
+                await socket_listener.aclose()
+            raise OSError(
+                exc.errno, f"cannot listen on {key[1]} ({key[0]}): {exc.strerror}"
+            ) from exc
+        return opened
+
+    def _adopt_listeners(
+        self,
+        config: Config,
+        opened: dict[tuple[str, Endpoint], trio.SocketListener],
+    ) -> None:
+        wanted = configured_listeners(config)
+        by_address = {address: key for key, address in ((k, k[1]) for k in self.listeners)}
+        for address, key in by_address.items():
+            new_key = next((k for k in wanted if k[1] == address), None)
+            if new_key is None:
+                self.stop_listener(key)
+            elif new_key != key:
+                running = self.listeners.pop(key)
+                running.door = new_key[0]
+                self.listeners[new_key] = running
+                log.info(
+                    "listener moved to another door",
+                    extra={"fields": {"address": str(address), "door": new_key[0]}},
+                )
         for key, listener in wanted.items():
-            if key in self.listeners:
-                self.listeners[key].listener = listener
+            if key in opened:
+                self._run_listener(key, listener, opened[key])
             else:
-                await self.start_listener(key, listener)
+                self.listeners[key].listener = listener
 
     async def handle_connection(
         self, door: Door, running: _Running, stream: trio.SocketStream
@@ -148,47 +235,86 @@ class Daemon:
             log.warning(
                 "connection refused", extra={"fields": {"client": client, "reason": str(exc)}}
             )
+            self.metrics.connections.labels(door.name, "", "", "overloaded").inc()
             with trio.move_on_after(5):
                 await door.refuse(stream, str(exc))
 
     async def reload(self, reason: str) -> bool:
-        """Load, validate and swap in the configuration; True when it was swapped."""
+        """Load, validate and swap in the configuration; True when it was swapped.
+
+        Refused (every error logged, the old configuration stays): an invalid file, or a new
+        listener that cannot be bound. A reload during the drain is ignored.
+        """
+        async with self._lock:
+            if self.runtime.draining:
+                log.info("reload ignored while draining", extra={"fields": {"trigger": reason}})
+                return False
+            sdnotify.reloading(f"reloading ({reason})")
+            try:
+                await self._load_for_reload()
+            except ReloadRefused as exc:
+                for error in exc.errors:
+                    log.error("reload refused: %s", error)
+                log.error(
+                    "reload failed, still running on the previous configuration",
+                    extra={"fields": {"trigger": reason, "errors": len(exc.errors)}},
+                )
+                self.reload_failures += 1
+                sdnotify.ready(self.status_line())
+                self._reloaded(False)
+                return False
+            self.reloads += 1
+            log.info(
+                "configuration reloaded",
+                extra={"fields": {"trigger": reason, "generation": self.reloads + 1}},
+            )
+            sdnotify.ready(self.status_line())
+            self._reloaded(True)
+            return True
+
+    async def _load_for_reload(self) -> Config:
+        """Load, validate, bind new listeners, swap: all or nothing (raises ReloadRefused)."""
         path = self.runtime.config.path
-        sdnotify.reloading()
+        self.files_seen = file_fingerprint(watched_files(self.runtime.config))
         try:
             config = load_config(path)
         except ConfigError as exc:
-            for error in exc.errors:
-                log.error("reload refused: %s", error)
-            log.error(
-                "reload failed, still running on the previous configuration",
-                extra={"fields": {"trigger": reason, "errors": len(exc.errors)}},
-            )
-            sdnotify.ready()
-            self._reloaded(False)
-            return False
+            raise ReloadRefused(exc.errors) from exc
+        self.files_seen = file_fingerprint(watched_files(config))
         try:
-            await self.reconcile_listeners(config)
+            opened = await self._open_new_listeners(config)
         except OSError as exc:
-            log.error("reload: cannot bind a new listener: %s", exc)
+            raise ReloadRefused([str(exc.strerror or exc)]) from exc
         self.runtime.swap_config(config)
-        setup_logging(config.log.format, config.log.level)
-        log.info("configuration reloaded", extra={"fields": {"trigger": reason}})
-        sdnotify.ready()
-        self._reloaded(True)
-        return True
+        self._adopt_listeners(config, opened)
+        setup_logging("json" if self.json_logs else config.log.format, config.log.level)
+        if self.extras is not None:
+            await self.extras.apply(config)
+        return config
 
     def _reloaded(self, ok: bool) -> None:
         for hook in self.on_reload:
             hook(ok)
 
+    def status_line(self) -> str:
+        """One line for ``systemctl status``."""
+        pools = len(self.runtime.config.pools)
+        return (
+            f"generation {self.reloads + 1}, {len(self.listeners)} listeners, {pools} pools, "
+            f"{self.runtime.active_sessions} sessions"
+        )
+
     async def drain(self) -> None:
-        """Stop accepting, let sessions finish within the grace period."""
-        sdnotify.stopping()
-        self.runtime.begin_drain()
-        for key in list(self.listeners):
-            self.stop_listener(key)
+        """Stop accepting, let sessions finish within the grace period.
+
+        The listening sockets are closed before STOPPING=1 goes out, so from then on a new
+        connection is refused by the kernel.
+        """
+        async with self._lock:
+            self.runtime.begin_drain()
+            await self.close_listeners()
         grace = self.runtime.config.limits.shutdown_grace
+        sdnotify.stopping(f"draining {self.runtime.active_sessions} sessions")
         log.info(
             "draining",
             extra={"fields": {"sessions": self.runtime.active_sessions, "grace_seconds": grace}},
@@ -219,36 +345,62 @@ def watched_files(config: Config) -> list[Path]:
 
 
 async def watch_config_files(daemon: Daemon) -> None:
-    """Reload when the main file or a sources file changes, checked every shortest ttl."""
-    config = daemon.runtime.config
-    seen = file_fingerprint(watched_files(config))
+    """Reload when the main file or a sources file changes, checked every shortest ttl.
+
+    Compared against :attr:`Daemon.files_seen`, which every reload (SIGHUP included)
+    refreshes, so a change already picked up by a SIGHUP does not reload twice.
+    """
     while True:
         await trio.sleep(max(0.2, daemon.runtime.config.min_ttl))
-        config = daemon.runtime.config
-        now = file_fingerprint(watched_files(config))
-        if now != seen:
+        if daemon.runtime.draining:
+            return
+        if file_fingerprint(watched_files(daemon.runtime.config)) != daemon.files_seen:
             await daemon.reload("file change")
-            seen = file_fingerprint(watched_files(daemon.runtime.config))
+
+
+HEALTH_CHECK_PERIOD = 1.0
+
+
+async def announce_recoveries(daemon: Daemon) -> None:
+    """Log "source back in service" once a suspension has run out (checked every second)."""
+    while True:
+        await trio.sleep(HEALTH_CHECK_PERIOD)
+        for name in daemon.runtime.health.expire_suspensions():
+            log.info("source back in service", extra={"fields": {"source": name}})
 
 
 async def serve(
     config: Config,
     *,
     doors: dict[str, Door] | None = None,
+    json_logs: bool = False,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until SIGTERM/SIGINT (and their drain) or cancellation."""
-    runtime = Runtime(config)
+    """Run until SIGTERM/SIGINT (and their drain) or cancellation.
+
+    Startup order: metrics endpoint and control socket, then every front-door listener,
+    then READY=1; a listener that cannot be bound ends ``serve`` with OSError before it.
+    """
+    metrics = Metrics()
+    runtime = Runtime(config, observe.egress_observer(metrics))
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as connections:
-            daemon = Daemon(runtime, doors if doors is not None else load_doors(), connections)
-            await _start_extras(daemon, connections)
+            daemon = Daemon(
+                runtime,
+                doors if doors is not None else load_doors(),
+                connections,
+                metrics=metrics,
+                json_logs=json_logs,
+                files_seen=file_fingerprint(watched_files(config)),
+            )
+            observe.count_into_metrics(daemon)
+            daemon.extras = observe.Extras(daemon, connections)
+            await daemon.extras.apply(config, at_startup=True)
             await daemon.reconcile_listeners(config)
             connections.start_soon(watch_config_files, daemon)
-            interval = sdnotify.watchdog_interval()
-            if interval is not None:
-                connections.start_soon(sdnotify.watchdog_loop)
-            sdnotify.ready()
+            connections.start_soon(announce_recoveries, daemon)
+            await connections.start(sdnotify.watchdog_loop)
+            sdnotify.ready(daemon.status_line())
             log.info("egressd ready", extra={"fields": {"listeners": len(daemon.listeners)}})
             task_status.started(daemon)
             async for signum in signals:
@@ -259,13 +411,6 @@ async def serve(
                 await daemon.drain()
                 connections.cancel_scope.cancel()
                 break
-
-
-async def _start_extras(daemon: Daemon, nursery: trio.Nursery) -> None:
-    """Metrics endpoint and control socket, when configured."""
-    from egressd import observe
-
-    await observe.start(daemon, nursery)
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -281,6 +426,7 @@ def raise_open_files_limit() -> tuple[int, int]:
 
 
 def run_daemon(config: Config, *, json_logs: bool = False) -> int:
+    """``egressd run``: 0 after a clean shutdown, 1 when startup failed (logged)."""
     setup_logging("json" if json_logs else config.log.format, config.log.level)
     soft, _ = raise_open_files_limit()
     log.info(
@@ -288,9 +434,20 @@ def run_daemon(config: Config, *, json_logs: bool = False) -> int:
         extra={"fields": {"config": str(config.path), "pid": os.getpid(), "open_files": soft}},
     )
     try:
-        trio.run(serve, config)
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
+        trio.run(partial(serve, config, json_logs=json_logs))
+    except Exception as exc:
+        startup_error = _startup_error(exc)
+        if startup_error is None:
+            raise
+        log.error("cannot start: %s", startup_error)
         return 1
     log.info("stopped")
     return 0
+
+
+def _startup_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed startup (trio wraps it in exception groups), if any."""
+    if isinstance(exc, OSError):
+        return exc
+    inner: tuple[BaseException, ...] = getattr(exc, "exceptions", ())
+    return _startup_error(inner[0]) if len(inner) == 1 else None

@@ -1,14 +1,193 @@
-"""Operator-facing extras started with the daemon: the metrics endpoint and control socket."""
+"""What operators watch: metrics counted from the runtime's hooks, and the endpoints serving them.
+
+Theory of operation
+-------------------
+Counting and serving are separate. :func:`egress_observer` and :func:`count_into_metrics`
+attach the daemon's one :class:`~egressd.metrics.Metrics` to the hooks the runtime already
+has (nothing in the front doors knows about Prometheus):
+
+* a session opening raises ``egressd_active_sessions{door}``; its end lowers it and counts
+  ``egressd_connections_total{door,pool,source,outcome}`` and both directions of
+  ``egressd_bytes_total`` from the finished :class:`~egressd.runtime.SessionRecord`;
+* each dial's latency goes to ``egressd_dial_duration_seconds{source,via}``, each new
+  suspension to ``egressd_source_suspensions_total{source,kind}``;
+* ``Runtime.smtp_transaction`` counts ``egressd_smtp_transactions_total{pool,reply_class}``;
+* each reload counts ``egressd_reloads_total`` or ``egressd_reload_failures_total``.
+
+Labels stay bounded whatever a client sends: a pool or source label is a name some loaded
+configuration defined, else ``""``; an outcome is a short lower-case word, else ``other``.
+Byte counts are added when the session ends, so a scrape shows finished sessions exactly.
+
+:class:`Extras` runs the endpoints ``[metrics] listen`` and ``[control] socket`` ask for,
+each in a cancel scope of its own inside the daemon's nursery: :meth:`Extras.apply` starts,
+stops or moves them to match a configuration, at startup (where a failure to bind stops the
+daemon) and after each reload (where it is logged and the old endpoint is gone). Before
+every scrape the ``egressd_source_*`` gauges are rewritten from the health snapshot.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import re
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+from egressd.config import Config, Endpoint
+from egressd.log import get_logger
+from egressd.metrics import Metrics, serve_metrics
+from egressd.net.egress import EgressObserver
+from egressd.runtime import SessionRecord
 
 if TYPE_CHECKING:
     from egressd.daemon import Daemon
 
+log = get_logger("observe")
 
-async def start(daemon: Daemon, nursery: trio.Nursery) -> None:
-    """Start what the configuration asks for (filled in with the service issue)."""
+DOORS = ("smtp", "socks5", "proxy")
+_OUTCOME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def egress_observer(metrics: Metrics) -> EgressObserver:
+    """Dial latencies and new suspensions, counted into ``metrics``."""
+    return EgressObserver(
+        dialed=lambda source, seconds: metrics.observe_dial(source.name, source.hop, seconds),
+        suspended=lambda source, kind: metrics.count_suspension(source.name, kind),
+    )
+
+
+class KnownNames:
+    """Pool and source names of every configuration loaded so far: the allowed labels."""
+
+    def __init__(self) -> None:
+        self.pools: set[str] = set()
+        self.sources: set[str] = set()
+
+    def add(self, config: Config) -> None:
+        self.pools.update(config.pools)
+        self.sources.update(config.sources)
+
+    def pool(self, name: str | None) -> str:
+        return name if name is not None and name in self.pools else ""
+
+    def source(self, name: str | None) -> str:
+        return name if name is not None and name in self.sources else ""
+
+
+def outcome_label(outcome: str) -> str:
+    """``outcome`` when it is a short lower-case word, else ``other``."""
+    return outcome if _OUTCOME.fullmatch(outcome) else "other"
+
+
+def count_session(metrics: Metrics, names: KnownNames, record: SessionRecord) -> None:
+    """A finished session: one connection, its bytes, one active session fewer."""
+    door, pool, source = record.door, names.pool(record.pool), names.source(record.source)
+    metrics.active_sessions.labels(door).dec()
+    metrics.connections.labels(door, pool, source, outcome_label(record.outcome)).inc()
+    metrics.bytes.labels(door, pool, source, "upstream").inc(record.bytes_up)
+    metrics.bytes.labels(door, pool, source, "downstream").inc(record.bytes_down)
+
+
+def count_into_metrics(daemon: Daemon) -> None:
+    """Attach ``daemon.metrics`` to the runtime's session, transaction and reload hooks."""
+    metrics, runtime = daemon.metrics, daemon.runtime
+    names = KnownNames()
+    names.add(runtime.config)
+    for door in DOORS:
+        metrics.active_sessions.labels(door).set(0)
+    runtime.session_opened_hooks.append(lambda door: metrics.active_sessions.labels(door).inc())
+    runtime.session_hooks.append(partial(count_session, metrics, names))
+    runtime.transaction_hooks.append(
+        lambda pool, code: metrics.count_transaction(names.pool(pool), code)
+    )
+
+    def reloaded(ok: bool) -> None:
+        if ok:
+            names.add(daemon.runtime.config)
+            metrics.reloads.inc()
+        else:
+            metrics.reload_failures.inc()
+
+    daemon.on_reload.append(reloaded)
+
+
+ServiceStarter = Callable[..., Awaitable[None]]
+
+
+class Extras:
+    """The metrics endpoint and the control socket, matched to the current configuration."""
+
+    def __init__(self, daemon: Daemon, nursery: trio.Nursery) -> None:
+        self._daemon = daemon
+        self._nursery = nursery
+        self._metrics_at: Endpoint | None = None
+        self._metrics_scope: trio.CancelScope | None = None
+        self._control_at: str | None = None
+        self._control_scope: trio.CancelScope | None = None
+        self.metrics_port: int | None = None
+        """The metrics endpoint's real port (``[metrics] listen`` may say port 0)."""
+
+    async def apply(self, config: Config, *, at_startup: bool = False) -> None:
+        """Start, stop or move the endpoints to match ``config``.
+
+        At startup a failure raises OSError; after a reload it is logged.
+        """
+        try:
+            await self._apply_metrics(config.metrics.listen)
+            await self._apply_control(config.control.socket)
+        except OSError as exc:
+            if at_startup:
+                raise
+            log.error("reload: %s", exc)
+
+    async def _apply_metrics(self, endpoint: Endpoint | None) -> None:
+        if endpoint == self._metrics_at:
+            return
+        if self._metrics_scope is not None:
+            self._metrics_scope.cancel()
+            self._metrics_scope, self._metrics_at, self.metrics_port = None, None, None
+        if endpoint is None:
+            return
+        metrics, health = self._daemon.metrics, self._daemon.runtime.health
+        serve = partial(
+            serve_metrics,
+            endpoint,
+            metrics.registry,
+            before_scrape=lambda: metrics.refresh_sources(health.snapshot()),
+        )
+        try:
+            self._metrics_scope, listeners = await self._start(serve)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve metrics on {endpoint}: {exc.strerror}") from exc
+        self._metrics_at = endpoint
+        self.metrics_port = listeners[0].socket.getsockname()[1]
+        log.info(
+            "metrics endpoint listening",
+            extra={"fields": {"address": str(endpoint), "port": self.metrics_port}},
+        )
+
+    async def _apply_control(self, path: str | None) -> None:
+        from egressd.control import serve_control
+
+        if path == self._control_at:
+            return
+        if self._control_scope is not None:
+            self._control_scope.cancel()
+            self._control_scope, self._control_at = None, None
+        if path is None:
+            return
+        self._control_scope, _ = await self._start(partial(serve_control, path, self._daemon))
+        self._control_at = path
+        log.info("control socket listening", extra={"fields": {"path": path}})
+
+    async def _start(self, service: ServiceStarter) -> tuple[trio.CancelScope, Any]:
+        """Run ``service`` (a ``nursery.start``-able function) in a cancel scope of its own."""
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await service(task_status=task_status)
+
+        started = await self._nursery.start(run)
+        return scope, started

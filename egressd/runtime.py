@@ -12,6 +12,13 @@ Every front-door connection runs inside :meth:`Runtime.session`, which enforces
 ``[limits] max_connections``, counts active sessions for the drain, and logs one line when
 the connection ends (client, door, pool, source, local address, destination, bytes each way,
 duration, outcome).
+
+Observers (the metrics) attach through plain hook lists rather than through the doors:
+``session_opened_hooks`` get the door's name when a session starts, ``session_hooks`` get
+the finished :class:`SessionRecord`, ``transaction_hooks`` get ``(pool, final reply code)``
+for each SMTP transaction a door relayed (:meth:`Runtime.smtp_transaction`), and the
+:class:`~egressd.net.egress.EgressObserver` hears about dials and suspensions. A hook must
+be quick and must not raise; the doors never see who listens.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class Overloaded(Exception):
 
 
 SessionHook = Callable[[SessionRecord], None]
+TransactionHook = Callable[[str, int], None]
 
 
 class Runtime:
@@ -77,6 +85,7 @@ class Runtime:
         self._idle.set()
         self.session_hooks: list[SessionHook] = []
         self.session_opened_hooks: list[Callable[[str], None]] = []
+        self.transaction_hooks: list[TransactionHook] = []
 
     @property
     def config(self) -> Config:
@@ -87,6 +96,11 @@ class Runtime:
         pools = PoolSet.from_config(config, previous=self.egress.pools)
         self.health.update_sources(config.sources)
         self.egress = Egress(config, pools, self.health, self.observer)
+
+    def smtp_transaction(self, pool: str, code: int) -> None:
+        """An SMTP door relayed one transaction whose final reply (to the dot) was ``code``."""
+        for hook in self.transaction_hooks:
+            hook(pool, code)
 
     def begin_drain(self) -> None:
         self.draining = True
