@@ -118,7 +118,8 @@ async def test_probe_ipv6_and_remote_port(tmp_path: Path, sink6: Sink) -> None:
 async def test_probe_through_haproxy(tmp_path: Path, sink: Sink, haproxy: HAProxy) -> None:
     path = write_config(
         tmp_path,
-        f'[source.hp]\nha_proxy_server = "{haproxy.endpoint}"\nha_proxy_source_address = "127.0.0.5"\n',
+        f'[source.hp]\nha_proxy_server = "{haproxy.endpoint}"\n'
+        'ha_proxy_source_address = "127.0.0.5"\n',
     )
     result = await egressd_async(
         "probe", "-c", path, "--source", "hp", f"127.0.0.1:{sink.port}", "--json"
