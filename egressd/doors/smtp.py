@@ -1,0 +1,440 @@
+"""The SMTP front door: a transparent cut-through relay host for MTAs.
+
+Theory of operation
+-------------------
+Most MTAs cannot speak SOCKS5 or PROXY, but every one can send to a relay host. This door
+is that relay host, and it stays transparent: it never queues a message and never takes
+responsibility for one. It holds each transaction open while it delivers it to the
+recipient domain's mail server through the chosen source, and hands the MTA the remote
+server's own replies. The MTA keeps its queue, retries and bounces; egressd decides the
+source address and the EHLO name that goes with it.
+
+Three layers, each small:
+
+* :class:`~egressd.proto.smtp_server.SmtpServer` (sans-IO) parses what the MTA sends and
+  keeps the session state; every reply is decided here.
+* :class:`MtaSession` (this module) is the trio shell facing the MTA: it reads and writes
+  the socket (replies are collected and written before each read, so a pipelining MTA gets
+  them in one segment, RFC 2920), applies the timeouts towards the MTA (per command, and
+  the mid-DATA stall), does inbound STARTTLS and AUTH PLAIN/LOGIN, answers what needs no
+  remote (EHLO, NOOP, RSET, QUIT, HELP, VRFY), and turns the drain into ``421 4.3.2`` at a
+  command boundary outside any transaction.
+* :class:`~egressd.doors.smtp_relay.Relay` does the transactions: pool, source, next hop,
+  the remote session (:mod:`egressd.doors.smtp_remote`) and passing its replies on.
+
+Towards the MTA egressd greets with its own hostname (``[smtp] hostname``, else the top
+level ``hostname``, else the machine's FQDN) and advertises PIPELINING, SIZE, 8BITMIME,
+SMTPUTF8, ENHANCEDSTATUSCODES, DSN, AUTH PLAIN LOGIN, and STARTTLS when ``[smtp.tls]``
+has a certificate. With ``[auth] users`` configured, AUTH checks the password; without,
+any password is taken and only the username (a pool name) matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hmac
+import socket
+import ssl
+from typing import NoReturn
+
+import trio
+
+from egressd.config import Config, Listener
+from egressd.doors.smtp_relay import Relay, pool_for
+from egressd.log import get_logger
+from egressd.net.tls import server_context
+from egressd.proto.smtp_common import (
+    NEED_DATA,
+    PAUSED,
+    ConnectionClosed,
+    Data,
+    DataChunk,
+    Ehlo,
+    EndOfData,
+    Helo,
+    Help,
+    Mail,
+    Noop,
+    ProtocolViolation,
+    Quit,
+    Rcpt,
+    RemoteProtocolError,
+    Reply,
+    Rset,
+    StartTls,
+    Vrfy,
+)
+from egressd.proto.smtp_server import (
+    AuthChallenge,
+    AuthCredentials,
+    BareLineEnding,
+    CommandError,
+    DataDiscarded,
+    ServerEvent,
+    ServerState,
+    SmtpServer,
+)
+from egressd.runtime import Runtime, SessionRecord
+
+__all__ = ["SmtpDoor", "door_hostname", "mta_extensions"]
+
+log = get_logger("smtp")
+
+_RECEIVE_SIZE = 65536
+_TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+@functools.lru_cache(maxsize=1)
+def _fqdn() -> str:
+    return socket.getfqdn()
+
+
+def door_hostname(config: Config) -> str:
+    """egressd's name towards MTAs (and the EHLO name of sources without ``ehlo_domain``)."""
+    return config.smtp.hostname or config.hostname or _fqdn()
+
+
+def mta_extensions(config: Config) -> tuple[str, ...]:
+    """The EHLO extensions offered to MTAs."""
+    size = config.smtp.max_message_size
+    extensions = [
+        "PIPELINING",
+        f"SIZE {size}" if size else "SIZE",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "DSN",
+        "AUTH PLAIN LOGIN",
+    ]
+    if config.smtp.tls.certificate and config.smtp.tls.private_key:
+        extensions.append("STARTTLS")
+    return tuple(extensions)
+
+
+def _local(code: int, enhanced: str, text: str) -> Reply:
+    return Reply.make(code, text, enhanced=enhanced)
+
+
+class SmtpDoor:
+    """The ``smtp`` front door (see the module doc).
+
+    ``command_timeout`` bounds the wait for each command from the MTA (RFC 5321 4.5.3.2.7
+    suggests 5 minutes), ``data_timeout`` the wait for each piece of the body.
+    """
+
+    name = "smtp"
+
+    def __init__(self, *, command_timeout: float = 300.0, data_timeout: float = 180.0) -> None:
+        self.command_timeout = command_timeout
+        self.data_timeout = data_timeout
+
+    async def handle(
+        self,
+        stream: trio.SocketStream,
+        runtime: Runtime,
+        listener: Listener,
+        record: SessionRecord,
+    ) -> None:
+        await MtaSession(self, stream, runtime, listener, record).run()
+
+    async def refuse(self, stream: trio.SocketStream, reason: str) -> None:
+        hostname = await trio.to_thread.run_sync(_fqdn)
+        reply = _local(421, "4.3.2", f"{hostname} {reason}; try again later")
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await stream.send_all(reply.to_bytes())
+
+
+class _SessionOver(Exception):
+    """The MTA connection is finished (closed, timed out, broken, or told 421)."""
+
+
+class MtaSession:
+    """One MTA connection: the trio shell around :class:`SmtpServer` and a :class:`Relay`."""
+
+    def __init__(
+        self,
+        door: SmtpDoor,
+        stream: trio.SocketStream,
+        runtime: Runtime,
+        listener: Listener,
+        record: SessionRecord,
+    ) -> None:
+        self.door = door
+        self.stream: trio.abc.Stream = stream
+        self.runtime = runtime
+        self.listener = listener
+        self.record = record
+        self.config = runtime.config
+        self.hostname = ""
+        self.server = SmtpServer(extensions=mta_extensions(self.config))
+        self.relay: Relay | None = None
+        self.auth_user: str | None = None
+        self.outbox = bytearray()
+        self.idle_scope: trio.CancelScope | None = None
+
+    # ----------------------------------------------------------------------- the loop
+
+    async def run(self) -> None:
+        self.hostname = self.config.smtp.hostname or self.config.hostname or ""
+        if not self.hostname:
+            self.hostname = await trio.to_thread.run_sync(_fqdn)
+        self.relay = Relay(self.runtime, self.record, self.hostname)
+        clean = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_drain)
+                try:
+                    self.reply(_local(220, "2.0.0", f"{self.hostname} ESMTP egressd"))
+                    await self._converse()
+                    clean = True
+                except _SessionOver:
+                    clean = self.server.state is ServerState.CLOSED
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.relay.close(clean=clean)
+
+    async def _converse(self) -> None:
+        while self.server.state is not ServerState.CLOSED:
+            event = await self.next_event()
+            if self._drain_now(event):
+                self.reply(_local(421, "4.3.2", f"{self.hostname} shutting down; try again later"))
+                self.record.outcome = "drained"
+                break
+            await self.dispatch(event)
+        await self.flush()
+
+    def _drain_now(self, event: ServerEvent) -> bool:
+        relay = self.relay
+        return (
+            self.runtime.draining
+            and (relay is None or relay.tx is None)
+            and not isinstance(event, (Quit, ConnectionClosed, ProtocolViolation))
+        )
+
+    async def _watch_drain(self) -> None:
+        await self.runtime.drain_started.wait()
+        if self.idle_scope is not None:
+            self.idle_scope.cancel()
+
+    async def dispatch(self, event: ServerEvent) -> None:
+        if isinstance(event, (ConnectionClosed, ProtocolViolation)):
+            await self._peer_gone(event)
+        elif isinstance(event, (Ehlo, Helo)):
+            await self._hello(event)
+        elif isinstance(event, Mail):
+            self._mail(event)
+        elif isinstance(event, Rcpt):
+            assert self.relay is not None
+            self.reply(await self.relay.recipient(event))
+        elif isinstance(event, Data):
+            await self._data()
+        elif isinstance(event, Rset):
+            await self._end_transaction("reset")
+            self.reply(_local(250, "2.0.0", "Reset state"))
+        elif isinstance(event, Quit):
+            await self._end_transaction("quit")
+            self.reply(_local(221, "2.0.0", f"{self.hostname} closing connection"))
+        elif isinstance(event, Noop):
+            self.reply(_local(250, "2.0.0", "OK"))
+        elif isinstance(event, Vrfy):
+            self.reply(_local(252, "2.5.0", "Cannot VRFY; send the message and see"))
+        elif isinstance(event, Help):
+            self.reply(_local(214, "2.0.0", "egressd relays mail; see RFC 5321"))
+        elif isinstance(event, StartTls):
+            await self._starttls()
+        elif isinstance(event, AuthChallenge):
+            self.reply(event.reply)
+        elif isinstance(event, AuthCredentials):
+            self._auth(event)
+        elif isinstance(event, CommandError):
+            self.reply(event.reply)
+        else:  # body events outside DATA cannot happen: the machine emits them only there
+            raise AssertionError(f"unexpected event {event!r}")
+
+    # ----------------------------------------------------------------------- I/O
+
+    def reply(self, reply: Reply) -> None:
+        """Queue a reply; it goes out before the next read (or at the end)."""
+        self.outbox += self.server.send(reply)
+
+    async def flush(self) -> None:
+        if not self.outbox:
+            return
+        data = bytes(self.outbox)
+        self.outbox.clear()
+        try:
+            with trio.fail_after(self.door.command_timeout):
+                await self.stream.send_all(data)
+        except trio.TooSlowError:
+            self._over("timeout", "the MTA does not read its replies")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self._over("disconnected", "the MTA closed the connection")
+
+    async def next_event(self) -> ServerEvent:
+        """The next event from the MTA, reading (and flushing replies) as needed."""
+        while True:
+            event = self.server.next_event()
+            if event is NEED_DATA:
+                await self.flush()
+                self.server.receive_data(await self._receive())
+                continue
+            if event is PAUSED:  # every event is answered before the next is asked for
+                raise AssertionError("the SMTP server machine is waiting for a reply")
+            assert not isinstance(event, type(NEED_DATA))
+            return event
+
+    async def _receive(self) -> bytes:
+        in_data = self.server.state in (ServerState.DATA, ServerState.DISCARD)
+        seconds = self.door.data_timeout if in_data else self.door.command_timeout
+        idle = not in_data and (self.relay is None or self.relay.tx is None)
+        if idle and self.runtime.draining:
+            return await self._drained()
+        try:
+            with trio.fail_after(seconds):
+                if idle:
+                    with trio.CancelScope() as scope:
+                        self.idle_scope = scope
+                        try:
+                            return bytes(await self.stream.receive_some(_RECEIVE_SIZE))
+                        finally:
+                            self.idle_scope = None
+                    return await self._drained()
+                return bytes(await self.stream.receive_some(_RECEIVE_SIZE))
+        except trio.TooSlowError:
+            await self._timed_out(in_data, seconds)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return b""
+
+    async def _drained(self) -> NoReturn:
+        self.reply(_local(421, "4.3.2", f"{self.hostname} shutting down; try again later"))
+        self.record.outcome = "drained"
+        await self.flush()
+        raise _SessionOver("drained")
+
+    async def _timed_out(self, in_data: bool, seconds: float) -> NoReturn:
+        what = "the message body" if in_data else "a command"
+        if in_data and self.relay is not None:
+            await self.relay.abort_body(f"the MTA sent no data for {seconds:g}s")
+            self.relay.finish("mta timeout mid-DATA")
+        if self.server.state not in (ServerState.CLOSED, ServerState.ERROR):
+            self.reply(_local(421, "4.4.2", f"{self.hostname} timeout waiting for {what}"))
+            with trio.move_on_after(5):
+                await self.flush()
+        self._over("timeout", f"no {what} from the MTA within {seconds:g}s")
+
+    def _over(self, outcome: str, detail: str) -> NoReturn:
+        if self.record.outcome == "closed":
+            self.record.outcome = outcome
+        self.record.detail = self.record.detail or detail
+        raise _SessionOver(detail)
+
+    async def _peer_gone(self, event: ConnectionClosed | ProtocolViolation) -> None:
+        if isinstance(event, ProtocolViolation):
+            if event.reply is not None and self.server.state is not ServerState.ERROR:
+                self.reply(event.reply)
+            self.record.detail = event.description
+        await self.flush()
+        self._over("closed" if isinstance(event, ConnectionClosed) else "protocol error", "")
+
+    # ----------------------------------------------------------------------- commands
+
+    async def _hello(self, event: Ehlo | Helo) -> None:
+        await self._end_transaction("reset")
+        if isinstance(event, Ehlo):
+            self.reply(self.server.ehlo_reply(self.hostname, "egressd"))
+        else:
+            self.reply(_local(250, "2.0.0", self.hostname))
+
+    def _mail(self, mail: Mail) -> None:
+        pool, why = pool_for(
+            mail.address, self.auth_user, self.config.smtp.sender_pools, self.listener.pool
+        )
+        if pool is None:
+            self.reply(
+                _local(
+                    451,
+                    "4.3.5",
+                    f"no pool for sender <{mail.address}>: not authenticated, no"
+                    " [smtp.sender_pools] entry, and the listener has no pool",
+                )
+            )
+            return
+        assert self.relay is not None
+        self.relay.begin(mail, pool)
+        self.reply(_local(250, "2.1.0", f"Sender OK (pool {pool} by {why})"))
+
+    async def _data(self) -> None:
+        relay = self.relay
+        assert relay is not None
+        reply = await relay.data()
+        self.reply(reply)
+        if reply.code != 354:
+            return
+        while True:
+            event = await self.next_event()
+            if isinstance(event, DataChunk):
+                await relay.body(event)
+            elif isinstance(event, EndOfData):
+                self.reply(await relay.end_of_data())
+                return
+            elif isinstance(event, BareLineEnding):
+                await relay.abort_body("bare CR or LF in the message body")
+            elif isinstance(event, DataDiscarded):
+                self.reply(event.reply)
+                if relay.tx is not None:
+                    relay.tx.final_reply = event.reply
+                relay.finish("refused: bare CR or LF")
+                return
+            else:
+                await relay.abort_body("the MTA disconnected in the middle of DATA")
+                relay.finish("mta disconnected mid-DATA")
+                if isinstance(event, (ConnectionClosed, ProtocolViolation)):
+                    await self._peer_gone(event)
+                raise AssertionError(f"unexpected event in DATA: {event!r}")
+
+    async def _end_transaction(self, outcome: str) -> None:
+        if self.relay is not None:
+            await self.relay.reset(outcome)
+
+    async def _starttls(self) -> None:
+        tls = self.config.smtp.tls
+        try:
+            assert tls.certificate is not None and tls.private_key is not None
+            context = server_context(tls.certificate, tls.private_key)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("cannot load the STARTTLS certificate: %s", exc)
+            self.reply(_local(454, "4.7.0", "TLS not available"))
+            return
+        self.reply(_local(220, "2.0.0", "Ready to start TLS"))
+        await self.flush()
+        try:
+            self.server.start_tls()
+        except RemoteProtocolError as exc:
+            self._over("protocol error", str(exc))
+        ssl_stream = trio.SSLStream(self.stream, context, server_side=True)
+        try:
+            with trio.fail_after(_TLS_HANDSHAKE_TIMEOUT):
+                await ssl_stream.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            self._over("tls failed", f"STARTTLS handshake with the MTA failed: {exc}")
+        self.stream = ssl_stream
+        self.auth_user = None
+
+    def _auth(self, credentials: AuthCredentials) -> None:
+        users = self.config.auth
+        if users:
+            expected = users.get(credentials.username)
+            ok = expected is not None and hmac.compare_digest(
+                expected.encode(), credentials.password.encode()
+            )
+        else:
+            ok = credentials.username in self.config.pools
+        if not ok:
+            self.reply(_local(535, "5.7.8", "Authentication credentials invalid"))
+            return
+        self.auth_user = credentials.username
+        self.record.pool = credentials.username
+        self.reply(_local(235, "2.7.0", f"Authentication succeeded (pool {credentials.username})"))

@@ -1,0 +1,49 @@
+"""TLS contexts for the SMTP relay: STARTTLS towards remote MXes and towards MTAs.
+
+Theory of operation
+-------------------
+Outbound (RFC 3207 STARTTLS to a recipient's MX): mail servers mostly present certificates
+that do not match their MX name, or are self-signed, so the default policy encrypts without
+verifying (opportunistic TLS, RFC 7435): :func:`client_context` with ``verify=False``
+accepts any certificate and still negotiates the best protocol the remote offers. With
+``verify=True`` the system's trust store (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` honoured)
+and the MX name are checked, as Postfix's ``verify`` level does.
+
+Inbound (an MTA sending STARTTLS to egressd): :func:`server_context` loads the configured
+certificate chain and key.
+
+Contexts are built once per setting and shared: an ``SSLContext`` is safe to use from
+many connections, and loading a certificate or the trust store is not free.
+"""
+
+from __future__ import annotations
+
+import functools
+import ssl
+
+__all__ = ["client_context", "server_context"]
+
+
+@functools.lru_cache(maxsize=4)
+def client_context(verify: bool) -> ssl.SSLContext:
+    """The context for STARTTLS to a remote MX; see the module doc."""
+    if verify:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+@functools.lru_cache(maxsize=4)
+def server_context(certificate: str, private_key: str) -> ssl.SSLContext:
+    """The context for STARTTLS from an MTA, with egressd's certificate chain and key.
+
+    Raises ``OSError`` / ``ssl.SSLError`` when the files cannot be read or do not match.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certificate, private_key)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
