@@ -28,6 +28,7 @@ import re
 import shutil
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -458,6 +459,16 @@ class Postfix:
             [binary, "-c", str(self.directory), "-f"], capture_output=True, check=False, timeout=10
         )
 
+    def clear_queue(self) -> None:
+        """``postsuper -d ALL``: forget every queued message (between tests)."""
+        binary = require_binary("postsuper")
+        subprocess.run(
+            [binary, "-c", str(self.directory), "-d", "ALL"],
+            capture_output=True,
+            check=False,
+            timeout=10,
+        )
+
     def queue_ids(self) -> list[str]:
         binary = require_binary("postqueue")
         result = subprocess.run(
@@ -486,30 +497,32 @@ class Postfix:
 
 
 @contextlib.contextmanager
-def postfix(directory: Path, relay_port: int, extra_main_cf: str = "") -> Iterator[Postfix]:
+def postfix(relay_port: int, extra_main_cf: str = "") -> Iterator[Postfix]:
     """Postfix 3.x from a private config directory, relaying to 127.0.0.1:``relay_port``.
 
+    The directory is made under the system's temporary directory and opened to the postfix
+    user (pytest's own tmp_path is private to root, and Postfix's daemons run as postfix).
     Runs ``postfix -c DIR start-fg`` (the master stays in the foreground), waits for the
     master's "daemon started" log line, and stops it with ``postfix -c DIR stop`` and then
     by PID (and its process group) at exit.
     """
     binary = require_binary("postfix")
-    if shutil.which("sendmail", path="/usr/sbin:/usr/bin") is None:
-        require_binary("sendmail")
-    directory.mkdir(parents=True, exist_ok=True)
-    for sub in ("queue", "data"):
-        (directory / sub).mkdir(exist_ok=True)
-    shutil.chown(directory / "data", user="postfix")
-    (directory / "main.cf").write_text(
-        POSTFIX_MAIN_CF.format(dir=directory, relay_port=relay_port, extra=extra_main_cf)
-    )
-    (directory / "master.cf").write_text(POSTFIX_MASTER_CF)
-    instance = Postfix(directory)
+    require_binary("sendmail")
+    with tempfile.TemporaryDirectory(prefix="egressd-postfix-") as name:
+        directory = Path(name)
+        directory.chmod(0o755)
+        for sub in ("queue", "data"):
+            (directory / sub).mkdir()
+        shutil.chown(directory / "data", user="postfix")
+        (directory / "main.cf").write_text(
+            POSTFIX_MAIN_CF.format(dir=directory, relay_port=relay_port, extra=extra_main_cf)
+        )
+        (directory / "master.cf").write_text(POSTFIX_MASTER_CF)
+        instance = Postfix(directory)
 
-    def started() -> bool:
-        return "daemon started" in instance.log()
+        def started() -> bool:
+            return "daemon started" in instance.log()
 
-    try:
         with start_process([binary, "-c", str(directory), "start-fg"], started) as process:
             instance.process = process
             try:
@@ -521,5 +534,4 @@ def postfix(directory: Path, relay_port: int, extra_main_cf: str = "") -> Iterat
                     check=False,
                     timeout=15,
                 )
-    finally:
-        instance.process = None
+                instance.process = None
