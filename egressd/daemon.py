@@ -168,8 +168,13 @@ class Daemon:
             await running.closed.wait()
 
     async def reconcile_listeners(self, config: Config) -> None:
-        """Bind what ``config`` adds, close what it drops, keep the rest (raises OSError)."""
-        self._adopt_listeners(config, await self._open_new_listeners(config))
+        """Bind what ``config`` adds, close what it drops, keep the rest (raises OSError).
+
+        Returns once the dropped listeners' sockets are closed.
+        """
+        stopped = self._adopt_listeners(config, await self._open_new_listeners(config))
+        for running in stopped:
+            await running.closed.wait()
 
     async def _open_new_listeners(
         self, config: Config
@@ -197,12 +202,15 @@ class Daemon:
         self,
         config: Config,
         opened: dict[tuple[str, Endpoint], trio.SocketListener],
-    ) -> None:
+    ) -> list[_Running]:
+        """Start ``opened``, re-tag kept listeners, stop dropped ones; return the stopped."""
         wanted = configured_listeners(config)
+        stopped: list[_Running] = []
         by_address = {address: key for key, address in ((k, k[1]) for k in self.listeners)}
         for address, key in by_address.items():
             new_key = next((k for k in wanted if k[1] == address), None)
             if new_key is None:
+                stopped.append(self.listeners[key])
                 self.stop_listener(key)
             elif new_key != key:
                 running = self.listeners.pop(key)
@@ -217,6 +225,7 @@ class Daemon:
                 self._run_listener(key, listener, opened[key])
             else:
                 self.listeners[key].listener = listener
+        return stopped
 
     async def handle_connection(
         self, door: Door, running: _Running, stream: trio.SocketStream
@@ -286,7 +295,8 @@ class Daemon:
         except OSError as exc:
             raise ReloadRefused([str(exc.strerror or exc)]) from exc
         self.runtime.swap_config(config)
-        self._adopt_listeners(config, opened)
+        for running in self._adopt_listeners(config, opened):
+            await running.closed.wait()
         setup_logging("json" if self.json_logs else config.log.format, config.log.level)
         if self.extras is not None:
             await self.extras.apply(config)

@@ -159,6 +159,9 @@ async def daemon_process(
         try:
             await _wait_ready(process, ready_timeout)
             yield process
+        except BaseException:
+            print(f"egressd (pid {process.pid}) log:\n{process.log()}")  # shown on failure
+            raise
         finally:
             await _stop(process)
             notify.close()
