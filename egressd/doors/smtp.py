@@ -278,35 +278,44 @@ class MtaSession:
         while True:
             event = self.server.next_event()
             if event is NEED_DATA:
-                await self.flush()
-                self.server.receive_data(await self._receive())
+                await self._feed()
                 continue
             if event is PAUSED:  # every event is answered before the next is asked for
                 raise AssertionError("the SMTP server machine is waiting for a reply")
             assert not isinstance(event, type(NEED_DATA))
             return event
 
-    async def _receive(self) -> bytes:
+    async def _feed(self) -> None:
+        """Write the queued replies, then read from the MTA; one deadline covers both.
+
+        Outside a transaction a drain may cut the wait short, but never a write: a reply
+        to a final dot is always delivered whole.
+        """
         in_data = self.server.state in (ServerState.DATA, ServerState.DISCARD)
         seconds = self.door.data_timeout if in_data else self.door.command_timeout
         idle = not in_data and (self.relay is None or self.relay.tx is None)
-        if idle and self.runtime.draining:
-            return await self._drained()
+        data: bytes | bytearray | None = None
         try:
-            with trio.fail_after(seconds):
+            with trio.move_on_after(seconds) as scope:
+                if self.outbox:
+                    out = bytes(self.outbox)
+                    self.outbox.clear()
+                    await self.stream.send_all(out)
                 if idle:
-                    with trio.CancelScope() as scope:
-                        self.idle_scope = scope
-                        try:
-                            return bytes(await self.stream.receive_some(_RECEIVE_SIZE))
-                        finally:
-                            self.idle_scope = None
-                    return await self._drained()
-                return bytes(await self.stream.receive_some(_RECEIVE_SIZE))
-        except trio.TooSlowError:
-            await self._timed_out(in_data, seconds)
+                    if self.runtime.draining:
+                        scope.cancel()
+                    self.idle_scope = scope
+                try:
+                    data = await self.stream.receive_some(_RECEIVE_SIZE)
+                finally:
+                    self.idle_scope = None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return b""
+            data = b""
+        if data is None:
+            if idle and self.runtime.draining:
+                await self._drained()
+            await self._timed_out(in_data, seconds)
+        self.server.receive_data(bytes(data))
 
     async def _drained(self) -> NoReturn:
         self.reply(_local(421, "4.3.2", f"{self.hostname} shutting down; try again later"))
@@ -373,14 +382,27 @@ class MtaSession:
         self.reply(reply)
         if reply.code != 354:
             return
+        await self._relay_body(relay)
+
+    async def _relay_body(self, relay: Relay) -> None:
+        """Stream the body to the remote: each read's worth of chunks in one write, and the
+        last ones together with the final dot."""
+        chunks: list[DataChunk] = []
         while True:
-            event = await self.next_event()
+            event = self.server.next_event()
+            if event is NEED_DATA:
+                if chunks:
+                    await relay.body(chunks)
+                    chunks = []
+                await self._feed()
+                continue
             if isinstance(event, DataChunk):
-                await relay.body(event)
+                chunks.append(event)
             elif isinstance(event, EndOfData):
-                self.reply(await relay.end_of_data())
+                self.reply(await relay.end_of_data(chunks))
                 return
             elif isinstance(event, BareLineEnding):
+                chunks = []
                 await relay.abort_body("bare CR or LF in the message body")
             elif isinstance(event, DataDiscarded):
                 self.reply(event.reply)
@@ -388,11 +410,11 @@ class MtaSession:
                     relay.tx.final_reply = event.reply
                 relay.finish("refused: bare CR or LF")
                 return
-            else:
+            elif isinstance(event, (ConnectionClosed, ProtocolViolation)):
                 await relay.abort_body("the MTA disconnected in the middle of DATA")
                 relay.finish("mta disconnected mid-DATA")
-                if isinstance(event, (ConnectionClosed, ProtocolViolation)):
-                    await self._peer_gone(event)
+                await self._peer_gone(event)
+            else:
                 raise AssertionError(f"unexpected event in DATA: {event!r}")
 
     async def _end_transaction(self, outcome: str) -> None:

@@ -294,15 +294,15 @@ class Relay:
             tx.final_reply = reply
         return reply
 
-    async def body(self, chunk: DataChunk) -> None:
-        """Forward one piece of the body; a remote failure is kept for the final reply."""
+    async def body(self, chunks: list[DataChunk]) -> None:
+        """Forward pieces of the body; a remote failure is kept for the final reply."""
         tx = self.tx
         assert tx is not None
-        tx.size += len(chunk.data)
+        tx.size += sum(len(chunk.data) for chunk in chunks)
         if tx.body_failure is not None or self.remote is None:
             return
         try:
-            await self.remote.send_body(chunk)
+            await self.remote.send_body(chunks)
         except RemoteError as exc:
             tx.body_failure = exc.reply
             await self.drop_remote()
@@ -315,16 +315,17 @@ class Relay:
             tx.remote_open = False
         await self.drop_remote()
 
-    async def end_of_data(self) -> Reply:
-        """Send the final dot; the remote's reply is the MTA's reply."""
+    async def end_of_data(self, chunks: list[DataChunk]) -> Reply:
+        """Send the last pieces and the final dot; the remote's reply is the MTA's reply."""
         tx = self.tx
         assert tx is not None
+        tx.size += sum(len(chunk.data) for chunk in chunks)
         remote = self.remote
         if tx.body_failure is not None or remote is None:
             reply = tx.body_failure or temporary("4.3.0", "the remote connection is gone")
         else:
             try:
-                reply = await remote.end_body()
+                reply = await remote.end_body(chunks)
                 tx.remote_open = False
             except RemoteError as exc:
                 reply = exc.reply

@@ -140,57 +140,69 @@ class RemoteSession:
     # ----------------------------------------------------------------------- I/O
 
     async def command(self, command: ClientCommand, seconds: float, what: str = "") -> Reply:
-        """Send ``command`` and return the remote's reply (any code)."""
+        """Send ``command`` and return the remote's reply (any code), all within ``seconds``."""
         label = what or type(command).__name__.upper()
-        await self.send(self.client.send(command), seconds, label)
-        return await self.reply(seconds, label)
-
-    async def send(self, data: bytes, seconds: float, what: str) -> None:
-        try:
-            with trio.fail_after(seconds):
-                await self.stream.send_all(data)
-        except trio.TooSlowError:
-            raise self._lost(f"timed out after {seconds:g}s sending {what}") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise self._lost(f"connection lost sending {what}: {_error_text(exc)}") from exc
+        return await self.exchange(self.client.send(command), seconds, label)
 
     async def reply(self, seconds: float, what: str) -> Reply:
-        """The next reply, within ``seconds``."""
+        """The next reply (the banner, say), within ``seconds``."""
+        return await self.exchange(b"", seconds, what)
+
+    async def exchange(self, data: bytes, seconds: float, what: str) -> Reply:
+        """Write ``data`` (if any), then read one reply; one deadline covers both."""
+        sending = bool(data)
         try:
             with trio.fail_after(seconds):
-                while True:
-                    event = self.client.next_event()
-                    if isinstance(event, Reply):
-                        if event.code == 421:
-                            self.alive = False
-                        return event
-                    if isinstance(event, ConnectionClosed):
-                        raise self._lost(f"connection closed by the remote in reply to {what}")
-                    if isinstance(event, ProtocolViolation):
-                        raise self._lost(
-                            f"protocol violation in reply to {what}: {event.description}"
-                        )
-                    assert event is NEED_DATA
-                    data = await self.stream.receive_some(_RECEIVE_SIZE)
-                    self.client.receive_data(bytes(data))
+                if data:
+                    await self.stream.send_all(data)
+                sending = False
+                return await self._read_reply(what)
         except trio.TooSlowError:
+            if sending:
+                raise self._lost(f"timed out after {seconds:g}s sending {what}") from None
             raise self._lost(f"no reply to {what} within {seconds:g}s") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise self._lost(
-                f"connection lost waiting for the reply to {what}: {_error_text(exc)}"
-            ) from exc
+            doing = "sending" if sending else "waiting for the reply to"
+            raise self._lost(f"connection lost {doing} {what}: {_error_text(exc)}") from exc
+
+    async def _read_reply(self, what: str) -> Reply:
+        while True:
+            event = self.client.next_event()
+            if isinstance(event, Reply):
+                if event.code == 421:
+                    self.alive = False
+                return event
+            if isinstance(event, ConnectionClosed):
+                raise self._lost(f"connection closed by the remote in reply to {what}")
+            if isinstance(event, ProtocolViolation):
+                raise self._lost(f"protocol violation in reply to {what}: {event.description}")
+            assert event is NEED_DATA
+            self.client.receive_data(bytes(await self.stream.receive_some(_RECEIVE_SIZE)))
 
     def _lost(self, what: str) -> RemoteError:
         self.alive = False
         return self.failure("4.4.2", what)
 
-    async def send_body(self, chunk: DataChunk) -> None:
-        await self.send(self.client.send(chunk), self.timeouts.data_block, "the message body")
+    async def send_body(self, chunks: list[DataChunk]) -> None:
+        """Write pieces of the body in one write, within ``data_block``."""
+        data = b"".join([self.client.send(chunk) for chunk in chunks])
+        seconds = self.timeouts.data_block
+        try:
+            with trio.fail_after(seconds):
+                await self.stream.send_all(data)
+        except trio.TooSlowError:
+            raise self._lost(f"timed out after {seconds:g}s sending the message body") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._lost(
+                f"connection lost sending the message body: {_error_text(exc)}"
+            ) from exc
 
-    async def end_body(self) -> Reply:
-        """Send the final dot and wait for the reply to it."""
-        await self.send(self.client.send(EndOfData()), self.timeouts.data_block, "end of data")
-        return await self.reply(self.timeouts.final_dot, "end of data")
+    async def end_body(self, chunks: list[DataChunk]) -> Reply:
+        """Write the last pieces of the body and the final dot in one write; wait for the
+        reply to it (``final_dot`` covers both: the pieces are at most one read's worth)."""
+        data = b"".join([self.client.send(chunk) for chunk in chunks])
+        data += self.client.send(EndOfData())
+        return await self.exchange(data, self.timeouts.final_dot, "end of data")
 
     async def quit(self) -> None:
         """QUIT politely (waiting briefly for the 221), then close."""
