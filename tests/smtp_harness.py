@@ -190,7 +190,8 @@ class ScriptedMx:
     """A trio SMTP server whose replies are scripted per step; see the module doc.
 
     ``replies`` keys: ``banner``, ``ehlo``, ``starttls``, ``mail``, ``rcpt``, ``data``,
-    ``dot``, ``rset``, and ``rcpt:<address>`` for one recipient. Values are reply text
+    ``dot``, ``rset``, and ``rcpt:<address>`` for one recipient; ``after_dot: DROP`` closes
+    the connection right after the reply to the final dot. Values are reply text
     (``"550 5.1.1 no"``; a multi-line reply uses ``\\n`` between lines), or DROP / HANG.
     """
 
@@ -297,6 +298,8 @@ class ScriptedMx:
                         return
                     buffer.extend(chunk)
                 if not await self._say(stream, "dot", "250 2.0.0 scripted queued"):
+                    return
+                if self.replies.get("after_dot") == DROP:
                     return
             elif verb == "RSET":
                 if not await self._say(stream, "rset", "250 2.0.0 reset"):

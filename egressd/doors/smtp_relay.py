@@ -153,28 +153,51 @@ class Relay:
                     enhanced="4.5.3",
                 )
             return await self._remote_rcpt(tx, rcpt)
-        remote = await self._remote_for(tx, domain)
-        refusal = mail_incompatibility(tx.mail, remote.client.extensions)
-        if refusal is not None:
-            tx.mail_refusal = refusal
-            return refusal
-        reply = await self._remote_mail(tx, remote)
-        if not reply.is_success:
-            tx.mail_refusal = reply
-            return reply
-        return await self._remote_rcpt(tx, rcpt)
+        return await self._begin_remote(tx, domain, rcpt)
 
-    async def _remote_mail(self, tx: Transaction, remote: RemoteSession) -> Reply:
-        try:
-            reply = await remote.command(tx.mail, tx.config.smtp.timeouts.command, "MAIL FROM")
-        except RemoteError as exc:
-            await self.drop_remote()
-            raise _Refusal(exc.reply) from exc
-        if reply.code == 421:
-            await self.drop_remote()
-        elif reply.is_success:
+    async def _begin_remote(self, tx: Transaction, domain: str, rcpt: Rcpt) -> Reply:
+        """MAIL FROM then the first RCPT at the remote (in one write when it pipelines).
+
+        A kept connection that turns out to be dead (the remote timed it out while the MTA
+        was idle) is replaced by a fresh one, once: nothing was committed on it.
+        """
+        timeout = tx.config.smtp.timeouts.command
+        for _ in range(2):
+            remote, fresh = await self._remote_for(tx, domain)
+            refusal = mail_incompatibility(tx.mail, remote.client.extensions)
+            if refusal is not None:
+                tx.mail_refusal = refusal
+                return refusal
+            together = remote.client.pipelining and (
+                rcpt.address.isascii() or remote.client.supports("SMTPUTF8")
+            )
+            try:
+                if together:
+                    mail_reply, rcpt_reply = await remote.pipeline(
+                        [tx.mail, rcpt], timeout, "MAIL FROM and RCPT TO"
+                    )
+                else:
+                    mail_reply = await remote.command(tx.mail, timeout, "MAIL FROM")
+            except RemoteError as exc:
+                await self.drop_remote()
+                if fresh:
+                    raise _Refusal(exc.reply) from exc
+                continue
+            if mail_reply.code == 421:
+                await self.drop_remote()
+                if not fresh:
+                    continue
+            if not mail_reply.is_success:
+                tx.mail_refusal = mail_reply
+                return mail_reply
             tx.remote_open = True
-        return reply
+            if not together:
+                return await self._remote_rcpt(tx, rcpt)
+            if rcpt_reply.code == 421:
+                tx.broken = rcpt_reply
+                await self.drop_remote()
+            return rcpt_reply
+        raise AssertionError("unreachable: a fresh connection ends the loop")
 
     async def _remote_rcpt(self, tx: Transaction, rcpt: Rcpt) -> Reply:
         remote = self.remote
@@ -194,21 +217,22 @@ class Relay:
 
     # ----------------------------------------------------------------------- choosing
 
-    async def _remote_for(self, tx: Transaction, domain: str) -> RemoteSession:
-        """The connection for a new remote transaction: the kept one if it fits, else new."""
+    async def _remote_for(self, tx: Transaction, domain: str) -> tuple[RemoteSession, bool]:
+        """The connection for a new remote transaction: the kept one if it fits, else a new
+        one; and whether it is new."""
         kept = self.remote
         if kept is not None:
             if kept.alive and self._source_fits(tx, kept.source):
                 hop = await self._next_hop(tx, domain, kept.source.egress_version)
                 if kept.hop.same_destination(hop, kept.hop_address):
-                    return kept
+                    return kept, False
             await self.drop_remote(polite=True)
         remote = await self._open(tx, domain)
         self.remote = remote
         self.record.source = remote.source.name
         self.record.local_address = remote.local_address
         self.record.destination = remote.remote_text
-        return remote
+        return remote, True
 
     @staticmethod
     def _source_fits(tx: Transaction, source: Source) -> bool:

@@ -148,15 +148,38 @@ class RemoteSession:
         """The next reply (the banner, say), within ``seconds``."""
         return await self.exchange(b"", seconds, what)
 
+    async def pipeline(
+        self, commands: list[ClientCommand], seconds: float, what: str
+    ) -> list[Reply]:
+        """Send ``commands`` in one write (RFC 2920) and return their replies, in order.
+
+        A 421 ends the session: it stands for the replies that will never come.
+        """
+        data = b"".join([self.client.send(command) for command in commands])
+        return await self.exchange_many(data, len(commands), seconds, what)
+
     async def exchange(self, data: bytes, seconds: float, what: str) -> Reply:
         """Write ``data`` (if any), then read one reply; one deadline covers both."""
+        [reply] = await self.exchange_many(data, 1, seconds, what)
+        return reply
+
+    async def exchange_many(
+        self, data: bytes, count: int, seconds: float, what: str
+    ) -> list[Reply]:
+        """Write ``data`` (if any), then read ``count`` replies; one deadline covers all."""
         sending = bool(data)
         try:
             with trio.fail_after(seconds):
                 if data:
                     await self.stream.send_all(data)
                 sending = False
-                return await self._read_reply(what)
+                replies: list[Reply] = []
+                while len(replies) < count:
+                    reply = await self._read_reply(what)
+                    if reply.code == 421:
+                        return replies + [reply] * (count - len(replies))
+                    replies.append(reply)
+                return replies
         except trio.TooSlowError:
             if sending:
                 raise self._lost(f"timed out after {seconds:g}s sending {what}") from None

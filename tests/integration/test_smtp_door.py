@@ -470,7 +470,7 @@ async def test_a_silent_remote_times_out_into_a_4xx(
         await client.command("MAIL FROM:<a@sender.test>")
         reply = await client.command("RCPT TO:<one@good.test>")
         assert reply.startswith('451 4.4.2 source "a" (127.0.0.3) to 127.0.0.1[127.0.0.1]')
-        assert "no reply to RCPT TO within 0.3s" in reply
+        assert "no reply to MAIL FROM and RCPT TO within 0.3s" in reply  # pipelined
         assert (await client.command("DATA")).startswith("503")
 
 
@@ -564,6 +564,18 @@ async def test_transactions_of_a_session_reuse_the_connection_while_the_source_f
     assert [c for c in first.commands if c.startswith("MAIL")] == ["MAIL FROM:<a@sender.test>"] * 2
     assert first.commands[-1] == "QUIT"
     assert second.peer == "127.0.0.4"
+
+
+async def test_a_kept_connection_the_remote_closed_is_replaced_transparently(
+    tmp_path: Path, nursery: trio.Nursery, port: int
+) -> None:
+    remote = await start_scripted_mx(nursery, {"after_dot": DROP}, port=port)
+    async with egressd(tmp_path, routed(port)) as relay, mta(relay) as client:
+        for _ in range(2):
+            replies = await transaction(client, ["r@good.test"])
+            assert replies[-1] == "250 2.0.0 scripted queued"
+    assert len(remote.sessions) == 2
+    assert all(s.got_final_dot for s in remote.sessions)
 
 
 async def test_a_remote_421_closes_the_mta_session_with_it(
