@@ -1,0 +1,245 @@
+"""The relay between two real loopback TCP connections, on both the splice and trio paths.
+
+Layout of every test: ``client_app <-> [relay] <-> remote_app``, i.e. two TCP connections
+whose inner ends the relay owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+import trio.testing
+
+from egressd.net.splice import RelayResult, Traffic, can_splice, relay
+
+PATHS = [pytest.param(True, id="splice"), pytest.param(False, id="trio")]
+
+
+async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Both ends of one loopback TCP connection."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listeners[0] as listener:
+        port = listener.socket.getsockname()[1]
+        dialer = await trio.open_tcp_stream("127.0.0.1", port)
+        accepted = await listener.accept()
+    assert isinstance(accepted, trio.SocketStream)
+    return dialer, accepted
+
+
+@dataclass
+class Relayed:
+    client_app: trio.SocketStream
+    remote_app: trio.SocketStream
+    traffic: Traffic = field(default_factory=Traffic)
+    result: RelayResult | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@asynccontextmanager
+async def relayed(
+    zero_copy: bool,
+    *,
+    idle_timeout: float | None = None,
+    to_remote_first: bytes = b"",
+    to_client_first: bytes = b"",
+) -> AsyncIterator[Relayed]:
+    client_app, client_end = await tcp_pair()
+    remote_end, remote_app = await tcp_pair()
+    state = Relayed(client_app, remote_app)
+
+    async def run() -> None:
+        try:
+            state.result = await relay(
+                client_end,
+                remote_end,
+                traffic=state.traffic,
+                idle_timeout=idle_timeout,
+                to_remote_first=to_remote_first,
+                to_client_first=to_client_first,
+                zero_copy=zero_copy,
+            )
+        finally:
+            state.done.set()
+            await client_end.aclose()
+            await remote_end.aclose()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            yield state
+            nursery.cancel_scope.cancel()
+    finally:
+        # Outside the nursery: a checkpoint in a cancelled scope would swallow the error.
+        await trio.aclose_forcefully(client_app)
+        await trio.aclose_forcefully(remote_app)
+
+
+async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
+    data = bytearray()
+    while chunk := await stream.receive_some(1 << 20):
+        data += chunk
+    return bytes(data)
+
+
+@pytest.mark.parametrize("zero_copy", PATHS)
+async def test_both_directions_at_once_arrive_intact_and_are_counted(zero_copy: bool) -> None:
+    up, down = os.urandom(5 << 20), os.urandom(3 << 20)
+    received: dict[str, bytes] = {}
+    async with relayed(zero_copy) as r:
+
+        async def talk(name: str, stream: trio.SocketStream, data: bytes) -> None:
+            async with trio.open_nursery() as nursery:
+
+                async def send() -> None:
+                    await stream.send_all(data)
+                    await stream.send_eof()
+
+                nursery.start_soon(send)
+                received[name] = await read_to_eof(stream)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(talk, "client", r.client_app, up)
+                nursery.start_soon(talk, "remote", r.remote_app, down)
+            await r.done.wait()
+    assert received["remote"] == up
+    assert received["client"] == down
+    assert (r.traffic.up, r.traffic.down) == (len(up), len(down))
+    assert r.result == RelayResult("ok")
+
+
+@pytest.mark.parametrize("zero_copy", PATHS)
+async def test_half_close_lets_the_last_reply_through(zero_copy: bool) -> None:
+    """The client sends QUIT and shuts its write side; the 221 that follows still arrives."""
+    async with relayed(zero_copy) as r:
+        with trio.fail_after(10):
+            await r.client_app.send_all(b"QUIT\r\n")
+            await r.client_app.send_eof()
+            assert await read_to_eof(r.remote_app) == b"QUIT\r\n"
+            await trio.sleep(0.05)  # the remote answers a moment after the client's EOF
+            await r.remote_app.send_all(b"221 bye\r\n")
+            await r.remote_app.send_eof()
+            assert await read_to_eof(r.client_app) == b"221 bye\r\n"
+            await r.done.wait()
+    assert r.result == RelayResult("ok")
+
+
+@pytest.mark.parametrize("zero_copy", PATHS)
+async def test_bytes_already_read_go_first_and_count(zero_copy: bool) -> None:
+    async with relayed(
+        zero_copy, to_remote_first=b"EHLO a\r\n", to_client_first=b"220 hi\r\n"
+    ) as r:
+        with trio.fail_after(10):
+            await r.client_app.send_all(b"QUIT\r\n")
+            await r.client_app.send_eof()
+            assert await read_to_eof(r.remote_app) == b"EHLO a\r\nQUIT\r\n"
+            await r.remote_app.send_eof()
+            assert await read_to_eof(r.client_app) == b"220 hi\r\n"
+            await r.done.wait()
+    assert (r.traffic.up, r.traffic.down) == (14, 8)
+
+
+@pytest.mark.parametrize("zero_copy", PATHS)
+async def test_silence_ends_the_relay_after_the_idle_timeout_not_before(zero_copy: bool) -> None:
+    async with relayed(zero_copy, idle_timeout=0.3) as r:
+        started = trio.current_time()
+        with trio.fail_after(5):
+            for _ in range(6):  # 0.6 s of trickling traffic keeps it alive
+                await r.client_app.send_all(b".")
+                await trio.sleep(0.1)
+            assert await r.remote_app.receive_some(100)
+            assert not r.done.is_set()
+            quiet_from = trio.current_time()
+            await r.done.wait()
+            silent_for = trio.current_time() - quiet_from
+            # The owner closed both ends: the applications see EOF.
+            assert await read_to_eof(r.client_app) == b""
+    assert trio.current_time() - started > 0.6
+    assert silent_for >= 0.3 - 0.11  # the last byte went out up to 0.1 s before quiet_from
+    assert r.result is not None and r.result.outcome == "idle_timeout"
+    assert r.traffic.up == 6
+
+
+def reset(stream: trio.SocketStream) -> None:
+    """Close with SO_LINGER 0: the peer gets a TCP RST."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+
+
+@pytest.mark.parametrize("zero_copy", PATHS)
+async def test_a_reset_ends_both_directions(zero_copy: bool) -> None:
+    async with relayed(zero_copy) as r:
+        with trio.fail_after(5):
+            await r.client_app.send_all(b"hello")
+            assert await r.remote_app.receive_some(100) == b"hello"
+            reset(r.remote_app)
+            await r.done.wait()
+            # The client is not left hanging: its connection ends (EOF or a reset).
+            with contextlib.suppress(trio.BrokenResourceError):
+                assert await read_to_eof(r.client_app) == b""
+    assert r.result is not None and r.result.outcome == "reset"
+    assert r.result.detail is not None and "remote" in r.result.detail
+
+
+async def test_idle_spliced_connections_hold_no_pipe() -> None:
+    """Each idle connection costs its two sockets only; pipes are pooled per chunk."""
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async with relayed(True) as warm:  # fill the pipe pool once
+        await warm.client_app.send_all(b"x")
+        await warm.remote_app.receive_some(10)
+    before = open_fds()
+    count = 20
+    async with trio.open_nursery() as nursery:
+        opened: list[Relayed] = []
+
+        async def one() -> None:
+            async with relayed(True) as r:
+                await r.client_app.send_all(b"ping")
+                assert await r.remote_app.receive_some(10) == b"ping"
+                opened.append(r)
+                await trio.sleep_forever()
+
+        for _ in range(count):
+            nursery.start_soon(one)
+        with trio.fail_after(5):
+            while len(opened) < count:
+                await trio.sleep(0.01)
+        during = open_fds()
+        nursery.cancel_scope.cancel()
+    # 4 sockets per relayed pair (two TCP connections, both ends in this process).
+    assert during - before <= 4 * count + 2
+
+
+async def test_the_trio_path_relays_any_half_closeable_stream() -> None:
+    client_app, client_end = trio.testing.memory_stream_pair()
+    remote_end, remote_app = trio.testing.memory_stream_pair()
+    traffic = Traffic()
+    assert not can_splice(client_end, remote_end)
+    with pytest.raises(ValueError):
+        await relay(client_end, remote_end, traffic=traffic, idle_timeout=None, zero_copy=True)
+    async with trio.open_nursery() as nursery:
+        results: list[RelayResult] = []
+
+        async def run() -> None:
+            results.append(await relay(client_end, remote_end, traffic=traffic, idle_timeout=None))
+
+        nursery.start_soon(run)
+        with trio.fail_after(5):
+            await client_app.send_all(b"QUIT\r\n")
+            await client_app.send_eof()
+            assert await read_to_eof(remote_app) == b"QUIT\r\n"
+            await remote_app.send_all(b"221 bye\r\n")
+            await remote_app.send_eof()
+            assert await read_to_eof(client_app) == b"221 bye\r\n"
+    assert results == [RelayResult("ok")]
