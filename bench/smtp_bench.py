@@ -3,7 +3,11 @@
 Usage (from the repository root)::
 
     .venv/bin/python bench/smtp_bench.py [--messages 5000] [--sessions 50] [--size 10240]
-                                         [--json]
+                                         [--rounds 3] [--pipelining] [--json]
+
+Without ``--pipelining`` the client sends one command at a time (like smtplib) and the sink
+does not offer PIPELINING; with it, the sink offers it and the client sends MAIL, RCPT and
+DATA in one write (like Postfix), and egressd pipelines MAIL and RCPT towards the sink.
 
 What it does, all on loopback:
 
@@ -37,6 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -83,11 +88,20 @@ def child(argv: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[by
 # --------------------------------------------------------------------------- children
 
 
-def serve_sink(port: int) -> None:
-    """The sink: aiosmtpd, accepting and discarding every message."""
+def serve_sink(port: int, pipelining: bool) -> None:
+    """The sink: aiosmtpd, accepting and discarding every message. With ``pipelining`` it
+    advertises PIPELINING (aiosmtpd reads commands in order, so it handles it)."""
     from aiosmtpd.controller import Controller
 
     class Discard:
+        async def handle_EHLO(
+            self, server: object, session: Any, envelope: object, name: str, lines: list[str]
+        ) -> list[str]:
+            session.host_name = name  # what aiosmtpd's own EHLO does before the hook
+            if pipelining:
+                lines.insert(1, "250-PIPELINING")
+            return lines
+
         async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
             return "250 2.0.0 discarded"
 
@@ -140,7 +154,8 @@ def serve_egressd(config_path: str) -> None:
 
 
 class SmtpClient:
-    """A minimal SMTP client: one command, one reply (no pipelining), like smtplib."""
+    """A minimal SMTP client: one command, one reply, like smtplib; or, when told to and the
+    server offers PIPELINING, MAIL, RCPT and DATA in one write, as Postfix does."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
@@ -166,6 +181,23 @@ class SmtpClient:
         if code != expect:
             raise RuntimeError(f"{line!r} got {code}, expected {expect}")
 
+    async def ehlo(self) -> set[str]:
+        await self.stream.send_all(b"EHLO client.bench\r\n")
+        keywords: set[str] = set()
+        while True:
+            end = self.buffer.find(b"\r\n")
+            while end < 0:
+                chunk = await self.stream.receive_some(65536)
+                if not chunk:
+                    raise ConnectionError("the server closed the connection")
+                self.buffer += chunk
+                end = self.buffer.find(b"\r\n")
+            line = bytes(self.buffer[:end])
+            del self.buffer[: end + 2]
+            keywords.add(line[4:].split(b" ")[0].decode().upper())
+            if line[3:4] != b"-":
+                return keywords
+
 
 def message_body(size: int) -> bytes:
     header = b"From: bench@sender.bench\r\nTo: rcpt@dest.bench\r\nSubject: bench\r\n\r\n"
@@ -174,31 +206,39 @@ def message_body(size: int) -> bytes:
     return body[: size - 2] + b"\r\n"
 
 
-async def one_session(port: int, count: int, body: bytes) -> None:
+async def one_session(port: int, count: int, body: bytes, pipelining: bool) -> None:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         client = SmtpClient(stream)
         if await client.reply() != 220:
             raise RuntimeError("no 220 greeting")
-        await client.command(b"EHLO client.bench", 250)
+        offered = await client.ehlo()
+        together = pipelining and "PIPELINING" in offered
+        envelope = (b"MAIL FROM:<bench@sender.bench>\r\n", b"RCPT TO:<rcpt@dest.bench>\r\n")
         for _ in range(count):
-            await client.command(b"MAIL FROM:<bench@sender.bench>", 250)
-            await client.command(b"RCPT TO:<rcpt@dest.bench>", 250)
-            await client.command(b"DATA", 354)
+            if together:
+                await stream.send_all(b"".join(envelope) + b"DATA\r\n")
+                codes = [await client.reply() for _ in range(3)]
+                if codes != [250, 250, 354]:
+                    raise RuntimeError(f"envelope refused: {codes}")
+            else:
+                await client.command(envelope[0][:-2], 250)
+                await client.command(envelope[1][:-2], 250)
+                await client.command(b"DATA", 354)
             await stream.send_all(body + b".\r\n")
             if await client.reply() != 250:
                 raise RuntimeError("message refused")
         await client.command(b"QUIT", 221)
 
 
-async def load(port: int, messages: int, sessions: int, size: int) -> float:
+async def load(port: int, messages: int, sessions: int, size: int, pipelining: bool) -> float:
     """Send ``messages`` over ``sessions`` concurrent sessions; return messages per second."""
     body = message_body(size)
     share = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
     started = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for count in share:
-            nursery.start_soon(one_session, port, count, body)
+            nursery.start_soon(one_session, port, count, body, pipelining)
     return messages / (time.perf_counter() - started)
 
 
@@ -222,7 +262,9 @@ class Result:
         return self.relayed / self.direct
 
 
-def run(messages: int, sessions: int, size: int, rounds: int, workdir: Path) -> Result:
+def run(
+    messages: int, sessions: int, size: int, rounds: int, pipelining: bool, workdir: Path
+) -> Result:
     sink_port, relay_port = free_port(), free_port()
     config = workdir / "egressd.toml"
     config.write_text(
@@ -230,15 +272,23 @@ def run(messages: int, sessions: int, size: int, rounds: int, workdir: Path) -> 
     )
     me = [sys.executable, str(Path(__file__).resolve())]
     with (
-        child([*me, "--serve-sink", str(sink_port)], sink_port, workdir / "sink.log"),
+        child(
+            [*me, "--serve-sink", str(sink_port), *(["--pipelining"] if pipelining else [])],
+            sink_port,
+            workdir / "sink.log",
+        ),
         child([*me, "--serve-egressd", str(config)], relay_port, workdir / "egressd.log"),
     ):
-        trio.run(load, sink_port, min(500, messages), sessions, size)  # warm-up
-        trio.run(load, relay_port, min(500, messages), sessions, size)
+        warm_up = min(500, messages)
+        trio.run(load, sink_port, warm_up, sessions, size, pipelining)
+        trio.run(load, relay_port, warm_up, sessions, size, pipelining)
         result = Result([], [])
         for _ in range(rounds):  # alternate, so that both see the same background load
-            result.direct_rounds.append(trio.run(load, sink_port, messages, sessions, size))
-            result.relayed_rounds.append(trio.run(load, relay_port, messages, sessions, size))
+            for port, rates in (
+                (sink_port, result.direct_rounds),
+                (relay_port, result.relayed_rounds),
+            ):
+                rates.append(trio.run(load, port, messages, sessions, size, pipelining))
     return result
 
 
@@ -248,22 +298,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--size", type=int, default=10 * 1024, help="message size in bytes")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
+    parser.add_argument(
+        "--pipelining",
+        action="store_true",
+        help="the sink offers PIPELINING and the client uses it, as Postfix does",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--serve-sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-egressd", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_sink:
-        serve_sink(args.serve_sink)
+        serve_sink(args.serve_sink, args.pipelining)
         return 0
     if args.serve_egressd:
         serve_egressd(args.serve_egressd)
         return 0
     with tempfile.TemporaryDirectory(prefix="egressd-smtp-bench-") as name:
-        result = run(args.messages, args.sessions, args.size, args.rounds, Path(name))
+        result = run(
+            args.messages, args.sessions, args.size, args.rounds, args.pipelining, Path(name)
+        )
     figures = {
         "messages": args.messages,
         "sessions": args.sessions,
         "size": args.size,
+        "pipelining": args.pipelining,
         "direct_msgs_per_s": round(result.direct, 1),
         "egressd_msgs_per_s": round(result.relayed, 1),
         "ratio": round(result.ratio, 3),
@@ -276,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(
             f"SMTP relay, {args.messages} messages of {args.size} bytes over {args.sessions}"
-            f" sessions: direct {result.direct:.0f} msg/s, through egressd"
+            f" sessions{' (pipelining)' if args.pipelining else ''}:"
+            f" direct {result.direct:.0f} msg/s, through egressd"
             f" {result.relayed:.0f} msg/s, ratio {result.ratio:.2f} (medians of"
             f" {args.rounds} rounds; direct {figures['direct_rounds']},"
             f" egressd {figures['egressd_rounds']})"
