@@ -325,11 +325,25 @@ class Relay:
         tx.size += sum(len(chunk.data) for chunk in chunks)
         if tx.body_failure is not None or self.remote is None:
             return
+        if await self._refuse_oversize(tx):
+            return
         try:
             await self.remote.send_body(chunks)
         except RemoteError as exc:
             tx.body_failure = exc.reply
             await self.drop_remote()
+
+    async def _refuse_oversize(self, tx: Transaction) -> bool:
+        """Past the SIZE egressd advertises: cut the remote off before the final dot."""
+        limit = tx.config.smtp.max_message_size
+        if not limit or tx.size <= limit or tx.body_failure is not None:
+            return False
+        tx.body_failure = Reply.make(
+            552, f"Message exceeds the maximum size of {limit} bytes", enhanced="5.3.4"
+        )
+        tx.remote_open = False
+        await self.drop_remote()
+        return True
 
     async def abort_body(self, why: str) -> None:
         """The body will not end cleanly: close the remote without the final dot."""
@@ -344,6 +358,7 @@ class Relay:
         tx = self.tx
         assert tx is not None
         tx.size += sum(len(chunk.data) for chunk in chunks)
+        await self._refuse_oversize(tx)
         remote = self.remote
         if tx.body_failure is not None or remote is None:
             reply = tx.body_failure or temporary("4.3.0", "the remote connection is gone")

@@ -58,6 +58,7 @@ def dns() -> Iterator[Dnsmasq]:
             ("fallback.test", "live.fallback.test", 20),
             ("dead.test", "mx1.dead.test", 10),
             ("dead.test", "mx2.dead.test", 20),
+            ("dual.test", "mx.dual.test", 10),
         ],
         hosts={
             "mx.good.test": ["127.0.0.1"],
@@ -68,6 +69,7 @@ def dns() -> Iterator[Dnsmasq]:
             "mx1.dead.test": ["127.0.0.9"],
             "mx2.dead.test": ["127.0.0.10"],
             "implicit.test": ["127.0.0.1"],
+            "mx.dual.test": ["127.0.0.1", "::1"],
         },
         null_mx=["nullmx.test"],
     ) as server:
@@ -523,6 +525,33 @@ async def test_an_mta_stalling_mid_data_is_cut_and_the_remote_gets_no_dot(
         assert (await client.reply()).startswith("421 4.4.2")
         await remote.wait_closed()
     assert not remote.sessions[0].got_final_dot
+
+
+async def test_a_body_over_the_advertised_size_never_reaches_the_remote(
+    tmp_path: Path, nursery: trio.Nursery, port: int
+) -> None:
+    remote = await start_scripted_mx(nursery, port=port)
+    text = routed(port, extra="[smtp]\nmax_message_size = 2000\n")
+    async with egressd(tmp_path, text) as relay, mta(relay) as client:
+        replies = await transaction(client, ["one@good.test"], BODY + b"x" * 3000 + b"\r\n")
+        await remote.wait_closed()
+    assert replies[-1] == "552 5.3.4 Message exceeds the maximum size of 2000 bytes"
+    assert not remote.sessions[0].got_final_dot
+
+
+async def test_an_ipv6_source_reaches_the_mx_over_ipv6(tmp_path: Path, dns: Dnsmasq) -> None:
+    port = free_port("::1")
+    text = config(port, dns=dns, listener_pool="six") + (
+        f'[source."six"]\nsource_address = "::1"\nehlo_domain = "out-6.test"\n'
+        f"remote_port = {port}\n"
+        '[pool."six"."six"]\n'
+    )
+    with smtp_sink("::1", port) as sink:
+        async with egressd(tmp_path, text) as relay, mta(relay) as client:
+            replies = await transaction(client, ["rcpt@dual.test"])
+        [message] = await sink.wait(1)
+    assert replies[-1].startswith("250 2.0.0 sink queued")
+    assert (message.peer, message.ehlo) == ("::1", "out-6.test")
 
 
 async def test_a_bare_line_feed_aborts_the_remote_transaction(
