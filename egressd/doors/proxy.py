@@ -1,0 +1,140 @@
+"""The PROXY-protocol front door: a drop-in for KumoMTA's ``ha_proxy_server``.
+
+Theory of operation
+-------------------
+KumoMTA (``ha_proxy_server`` + ``ha_proxy_source_address``) connects and sends, in one
+write, a PROXY v2 header whose src is the source address it wants and whose dst is the
+destination; every byte after it belongs to the destination. A transparent HAProxy needs
+``usesrc clientip`` and root's IP_TRANSPARENT to honour that; this door needs neither: the
+header's src only *names* a configured source (:meth:`Config.source_for_address`: its
+``source_address`` or its hop's address), and egressd dials from that source with
+everything it defines (hop, ``remote_port``). v1 headers are accepted as well, as
+HAProxy's ``accept-proxy`` does.
+
+The header is read with :class:`ProxyHeaderReader`, never asking for more than its
+``max_read()``, so no byte past the header is consumed; bytes the client sends right
+after it (a pipelined EHLO) reach the destination intact. Reading the header is bounded
+by ``[limits] handshake_timeout``.
+
+The protocol has no way to answer, so every refusal is a close and the session's log
+line says why: a malformed header (``protocol_error``), a LOCAL header (a health check:
+``closed``), a header without addresses, or a src that is no configured source's address,
+or a destination the ``[access]`` rules deny (``denied``), no source available
+(``refused``), a failed dial (``dial_failed``). Overload (``max_connections``) closes at
+once, like HAProxy's own refusal: the client sees EOF, as it would from HAProxy when the
+outbound connection fails.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from egressd.config import Listener
+from egressd.doors.common import (
+    Denied,
+    note_destination,
+    note_dialed,
+    note_refusal,
+    open_outbound,
+    relay_session,
+)
+from egressd.net.dialer import DialError
+from egressd.net.egress import EgressRefused
+from egressd.proto.proxy_header import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
+from egressd.runtime import Runtime, SessionRecord
+
+
+class _NoHeader(Exception):
+    """The client closed (or reset) before a complete header."""
+
+
+class ProxyDoor:
+    """The PROXY-protocol front door; see the module docstring."""
+
+    name = "proxy"
+
+    async def handle(
+        self,
+        stream: trio.SocketStream,
+        runtime: Runtime,
+        listener: Listener,
+        record: SessionRecord,
+    ) -> None:
+        egress = runtime.egress  # this session's generation, taken once
+        limits = egress.config.limits
+        header = await _header_or_none(stream, record, limits.handshake_timeout)
+        if header is None:
+            return
+        if not _usable(header, record):
+            return
+        assert header.src_ip is not None and header.dst_ip is not None
+        assert header.dst_port is not None
+        record.pool = None  # the header names the exact source
+        note_destination(record, header.dst_ip, header.dst_port)
+        source = egress.config.source_for_address(header.src_ip)
+        if source is None:
+            record.outcome = "denied"
+            record.detail = f"PROXY header src {header.src_ip} is no configured source's address"
+            return
+        record.source = source.name
+        try:
+            dialed = await open_outbound(egress, header.dst_ip, header.dst_port, source=source)
+        except (Denied, EgressRefused, DialError) as exc:
+            note_refusal(record, exc)
+            return
+        note_dialed(record, dialed)
+        try:
+            await relay_session(runtime, record, stream, dialed, idle_timeout=limits.idle_timeout)
+        finally:
+            await trio.aclose_forcefully(dialed.stream)
+
+    async def refuse(self, stream: trio.SocketStream, reason: str) -> None:
+        """Nothing can be said in the PROXY protocol: the daemon closes the connection."""
+
+
+async def _header_or_none(
+    stream: trio.SocketStream, record: SessionRecord, timeout: float
+) -> ProxyHeader | None:
+    """The header, or None with the record's outcome set (timeout, EOF, malformed)."""
+    try:
+        with trio.fail_after(timeout):
+            return await read_header(stream)
+    except trio.TooSlowError:
+        record.outcome = "timeout"
+        record.detail = f"no complete PROXY header within {timeout:g}s"
+    except _NoHeader as exc:
+        record.outcome = "closed"
+        record.detail = str(exc)
+    except ProxyHeaderError as exc:
+        record.outcome = "protocol_error"
+        record.detail = str(exc)
+    return None
+
+
+async def read_header(stream: trio.abc.ReceiveStream) -> ProxyHeader:
+    """Read one PROXY v1/v2 header and not a byte more (the reader's ``max_read``)."""
+    reader = ProxyHeaderReader()
+    while True:
+        try:
+            data = await stream.receive_some(reader.max_read())
+        except trio.BrokenResourceError as exc:
+            raise _NoHeader(f"client went away before a complete PROXY header: {exc}") from exc
+        if not data:
+            raise _NoHeader("client closed before a complete PROXY header")
+        header = reader.feed(bytes(data))
+        if header is not None:
+            assert not reader.leftover  # max_read never reaches past the header
+            return header
+
+
+def _usable(header: ProxyHeader, record: SessionRecord) -> bool:
+    """True when the header has the src and dst this door needs; else fill the record."""
+    if header.local:
+        record.outcome = "closed"
+        record.detail = "PROXY v2 LOCAL header (a health check): nothing to relay"
+        return False
+    if not header.has_addresses or header.dst_ip is None or header.dst_port is None:
+        record.outcome = "denied"
+        record.detail = f"PROXY v{header.version} header carries no addresses to choose from"
+        return False
+    return True

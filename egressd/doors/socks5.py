@@ -1,0 +1,273 @@
+"""The SOCKS5 front door (RFC 1928, RFC 1929 and KumoMTA's BIND-then-CONNECT).
+
+Theory of operation
+-------------------
+One accepted connection is driven through the sans-IO :class:`Socks5Server`; this module
+only reads, writes, decides and dials.
+
+Handshake (bounded by ``[limits] handshake_timeout``; on expiry the connection is closed
+with outcome ``timeout``):
+
+* Method: with ``[auth.users]`` configured, a client must offer username/password
+  (otherwise ``05 FF``). Without, "no authentication" is accepted and a username, when
+  offered, only tags the pool.
+* RFC 1929: the username names the pool (Exim's ``name=POOL``; KumoMTA's
+  ``socks5_proxy_username``). With users configured the password must match
+  (constant-time compare), otherwise ``01 01`` and close, outcome ``denied``.
+* ``BIND addr:0`` (KumoMTA's convention) selects the configured source whose address is
+  ``addr`` (:meth:`Config.source_for_address`: its ``source_address`` or its hop's
+  address) with all it defines (hop, ``remote_port``). Nothing is bound yet: the dial binds
+  at CONNECT time (``IP_BIND_ADDRESS_NO_PORT``). An address of no configured source, or a
+  name, gets reply 02. BIND without a following CONNECT gets 07 (the machine does that).
+* ``CONNECT``: IPv4, IPv6 or a name. Source: the BIND's, else the pool named by the
+  username, else the listener's ``pool``. Access checks and dialing are
+  :func:`egressd.doors.common.open_outbound` (a name is resolved here, in the source's
+  family, and the resolved address is checked before it is dialed).
+
+Replies: 02 for access denials (and a pool that does not exist), 01 when no source can be
+had (all suspended, or at ``max_connections_per_source``), the dialer's typed failure
+otherwise (``DialError.reply_code``: 01 unplumbed source or hop failure, 03/04
+unreachable, 05 refused, 06 timeout). The success reply carries the outbound connection's
+real local address (``Dialed.local_address``), in the request's address family, because
+Exim reads a reply as long as its request. UDP ASSOCIATE gets 07, unknown address types
+08 (the machine does both).
+
+Then the client and the destination are spliced (:mod:`egressd.net.splice`); bytes the
+client pipelined after its CONNECT are delivered first.
+
+Overload (``max_connections``): :meth:`Socks5Door.refuse` speaks just enough SOCKS5 to
+refuse properly: it answers the greeting, accepts any credentials (nothing is served, so
+nothing is protected), and replies 01 to the first request, then closes. A client then
+reports "general SOCKS server failure" instead of a mysterious EOF. The daemon bounds this
+to a few seconds.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+
+import trio
+
+from egressd.config import IPAddress, Listener, Source
+from egressd.doors.common import (
+    Denied,
+    local_ip,
+    note_destination,
+    note_dialed,
+    note_refusal,
+    open_outbound,
+    relay_session,
+)
+from egressd.net.dialer import Dialed, DialError
+from egressd.net.egress import Egress, EgressRefused
+from egressd.proto.socks5 import (
+    NEED_DATA,
+    AuthRequest,
+    BindRequest,
+    Closed,
+    ConnectRequest,
+    Reply,
+    Socks5Server,
+)
+from egressd.runtime import Runtime, SessionRecord
+
+_RECEIVE_SIZE = 4096
+
+
+class Socks5Door:
+    """The SOCKS5 front door; see the module docstring."""
+
+    name = "socks5"
+
+    async def handle(
+        self,
+        stream: trio.SocketStream,
+        runtime: Runtime,
+        listener: Listener,
+        record: SessionRecord,
+    ) -> None:
+        session = _Session(stream, runtime, listener, record)
+        await session.run()
+
+    async def refuse(self, stream: trio.SocketStream, reason: str) -> None:
+        """Answer the greeting, then reply 01 (general failure) to the first request."""
+        server = Socks5Server()
+        try:
+            while True:
+                event = server.next_event()
+                if event is NEED_DATA:
+                    await _send(stream, server.data_to_send())
+                    server.receive_data(await _receive(stream))
+                    continue
+                if isinstance(event, AuthRequest):
+                    server.accept_auth()
+                elif isinstance(event, BindRequest | ConnectRequest):
+                    server.reply_failure(Reply.GENERAL_FAILURE)
+                await _send(stream, server.data_to_send())
+                if isinstance(event, Closed) or server.closed:
+                    return
+        except trio.BrokenResourceError:
+            return
+
+
+async def _receive(stream: trio.SocketStream) -> bytes:
+    """The next bytes from the client; a reset counts as EOF."""
+    try:
+        return await stream.receive_some(_RECEIVE_SIZE)
+    except trio.BrokenResourceError:
+        return b""
+
+
+async def _send(stream: trio.SocketStream, data: bytes) -> None:
+    if data:
+        await stream.send_all(data)
+
+
+class _Session:
+    """One SOCKS5 connection: handshake, dial, reply, relay."""
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        runtime: Runtime,
+        listener: Listener,
+        record: SessionRecord,
+    ) -> None:
+        self.stream = stream
+        self.runtime = runtime
+        self.egress: Egress = runtime.egress  # this session's generation, taken once
+        self.config = self.egress.config
+        self.record = record
+        self.users: Mapping[str, str] = self.config.auth
+        self.server = Socks5Server(require_auth=bool(self.users))
+        self.pool: str | None = listener.pool
+        self.source: Source | None = None
+        self.client_eof = False
+
+    async def run(self) -> None:
+        limits = self.config.limits
+        try:
+            with trio.move_on_after(limits.handshake_timeout) as scope:
+                request = await self.negotiate()
+            if scope.cancelled_caught:
+                self.record.outcome = "timeout"
+                self.record.detail = (
+                    f"SOCKS5 handshake not finished within {limits.handshake_timeout:g}s"
+                )
+                return
+            if request is None:
+                return
+            dialed = await self.connect(request)
+            if dialed is None:
+                return
+            try:
+                await self.reply_success(dialed)
+                await relay_session(
+                    self.runtime,
+                    self.record,
+                    self.stream,
+                    dialed,
+                    idle_timeout=limits.idle_timeout,
+                    client_data=self.server.trailing_data,
+                )
+            finally:
+                await trio.aclose_forcefully(dialed.stream)
+        except trio.BrokenResourceError as exc:
+            if self.record.outcome in ("closed", "ok"):
+                self.record.outcome = "closed"
+                self.record.detail = f"client went away: {exc.__cause__ or exc}"
+
+    # ------------------------------------------------------------------ handshake
+
+    async def negotiate(self) -> ConnectRequest | None:
+        """Run the machine up to a CONNECT; None when it closed (reply already sent)."""
+        while True:
+            event = self.server.next_event()
+            if event is NEED_DATA:
+                await _send(self.stream, self.server.data_to_send())  # e.g. the method choice
+                data = await _receive(self.stream)
+                self.client_eof = not data
+                self.server.receive_data(data)
+                continue
+            if isinstance(event, ConnectRequest):
+                return event
+            if isinstance(event, AuthRequest):
+                self.authenticate(event)
+            elif isinstance(event, BindRequest):
+                self.bind(event)
+            await _send(self.stream, self.server.data_to_send())
+            if isinstance(event, Closed):
+                self.closed(event)
+                return None
+
+    def authenticate(self, request: AuthRequest) -> None:
+        username = request.username
+        if self.users and not _password_matches(self.users.get(username), request.password):
+            self.server.deny_auth()
+            self.record.outcome = "denied"
+            self.record.detail = f"RFC 1929 credentials refused for user {username!r}"
+            return
+        self.server.accept_auth()
+        if username:
+            self.pool = username
+            self.record.pool = username
+
+    def bind(self, request: BindRequest) -> None:
+        """KumoMTA's ``BIND source:0``: pick the source with that address, bind nothing yet."""
+        address = request.address
+        source = None if isinstance(address, str) else self.config.source_for_address(address)
+        if source is None or isinstance(address, str):
+            self.server.reply_failure(Reply.NOT_ALLOWED)
+            self.record.outcome = "denied"
+            self.record.detail = f"BIND {address}: no configured source has this address"
+            return
+        self.source = source
+        self.record.source = source.name
+        self.record.pool = None  # the exact source, not a pool, decides
+        self.server.reply_success(address, 0)
+
+    def closed(self, event: Closed) -> None:
+        if self.record.outcome != "closed":
+            return  # denied: the reason is already recorded
+        if not self.client_eof:
+            self.record.outcome = "protocol_error"
+        self.record.detail = event.reason
+
+    # ------------------------------------------------------------------ connect
+
+    async def connect(self, request: ConnectRequest) -> Dialed | None:
+        """Dial the request's destination; on failure send the reply and return None."""
+        note_destination(self.record, request.host, request.port)
+        try:
+            dialed = await open_outbound(
+                self.egress, request.host, request.port, pool=self.pool, source=self.source
+            )
+        except (Denied, EgressRefused, DialError) as exc:
+            note_refusal(self.record, exc)
+            self.server.reply_failure(_reply_for(exc))
+            await _send(self.stream, self.server.data_to_send())
+            return None
+        note_dialed(self.record, dialed)
+        return dialed
+
+    async def reply_success(self, dialed: Dialed) -> None:
+        bound: IPAddress | None = local_ip(dialed)
+        self.server.reply_success(bound, dialed.local_address[1])
+        await _send(self.stream, self.server.data_to_send())
+
+
+def _password_matches(expected: str | None, given: str) -> bool:
+    if expected is None:
+        return False
+    return hmac.compare_digest(
+        expected.encode("utf-8", "surrogateescape"), given.encode("utf-8", "surrogateescape")
+    )
+
+
+def _reply_for(exc: Denied | EgressRefused | DialError) -> int:
+    if isinstance(exc, Denied):
+        return int(Reply.NOT_ALLOWED)
+    if isinstance(exc, EgressRefused):
+        return int(Reply.NOT_ALLOWED if exc.kind == "unknown_pool" else Reply.GENERAL_FAILURE)
+    return exc.reply_code
