@@ -141,10 +141,15 @@ def note_destination(record: SessionRecord, host: str | IPAddress, port: int) ->
     record.destination = format_hostport(host, port)
 
 
-def note_dialed(record: SessionRecord, dialed: Dialed) -> None:
+def note_dialed(record: SessionRecord, dialed: Dialed, host: str | IPAddress) -> None:
+    """Source, local address and destination (``name:port (ip)`` when a name was asked)."""
     record.source = dialed.source.name
     record.local_address = format_hostport(*dialed.local_address)
-    record.destination = format_hostport(*dialed.remote_address)
+    ip, port = dialed.remote_address
+    if isinstance(host, str) and _is_name(host):
+        record.destination = f"{format_hostport(host, port)} ({ip})"
+    else:
+        record.destination = format_hostport(ip, port)
 
 
 def local_ip(dialed: Dialed) -> IPAddress | None:

@@ -82,7 +82,7 @@ class ProxyDoor:
         except (Denied, EgressRefused, DialError) as exc:
             note_refusal(record, exc)
             return
-        note_dialed(record, dialed)
+        note_dialed(record, dialed, header.dst_ip)
         try:
             await relay_session(runtime, record, stream, dialed, idle_timeout=limits.idle_timeout)
         finally:

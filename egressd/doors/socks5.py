@@ -62,7 +62,9 @@ from egressd.doors.common import (
 from egressd.net.dialer import Dialed, DialError
 from egressd.net.egress import Egress, EgressRefused
 from egressd.proto.socks5 import (
+    METHOD_NO_ACCEPTABLE,
     NEED_DATA,
+    SOCKS_VERSION,
     AuthRequest,
     BindRequest,
     Closed,
@@ -73,6 +75,7 @@ from egressd.proto.socks5 import (
 from egressd.runtime import Runtime, SessionRecord
 
 _RECEIVE_SIZE = 4096
+_NO_ACCEPTABLE_METHOD = bytes([SOCKS_VERSION, METHOD_NO_ACCEPTABLE])
 
 
 class Socks5Door:
@@ -196,9 +199,10 @@ class _Session:
                 self.authenticate(event)
             elif isinstance(event, BindRequest):
                 self.bind(event)
-            await _send(self.stream, self.server.data_to_send())
+            last_words = self.server.data_to_send()
+            await _send(self.stream, last_words)
             if isinstance(event, Closed):
-                self.closed(event)
+                self.closed(event, last_words)
                 return None
 
     def authenticate(self, request: AuthRequest) -> None:
@@ -227,10 +231,12 @@ class _Session:
         self.record.pool = None  # the exact source, not a pool, decides
         self.server.reply_success(address, 0)
 
-    def closed(self, event: Closed) -> None:
+    def closed(self, event: Closed, last_words: bytes) -> None:
         if self.record.outcome != "closed":
             return  # denied: the reason is already recorded
-        if not self.client_eof:
+        if last_words == _NO_ACCEPTABLE_METHOD:
+            self.record.outcome = "denied"  # [auth.users] is set and no credentials offered
+        elif not self.client_eof:
             self.record.outcome = "protocol_error"
         self.record.detail = event.reason
 
@@ -248,7 +254,7 @@ class _Session:
             self.server.reply_failure(_reply_for(exc))
             await _send(self.stream, self.server.data_to_send())
             return None
-        note_dialed(self.record, dialed)
+        note_dialed(self.record, dialed, request.host)
         return dialed
 
     async def reply_success(self, dialed: Dialed) -> None:
