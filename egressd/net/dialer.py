@@ -52,7 +52,6 @@ import errno
 import ipaddress
 import os
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -60,6 +59,7 @@ from typing import Any, ClassVar, Literal
 import trio
 
 from egressd.config import Endpoint, HopKind, IPAddress, Source, format_hostport
+from egressd.proto.proxy_header import build_v2
 from egressd.proto.socks5 import Reply, Socks5Client, Socks5ClientError
 
 __all__ = [
@@ -388,7 +388,7 @@ class _Dial:
         try:
             stream = trio.SocketStream(sock)
             self.stage = "hop_handshake"
-            header = _proxy_v2_header(src, 0, address, port)
+            header = build_v2(src, 0, address, port)
             await self._send(stream, header, hop_address, "sending the PROXY header")
             return Dialed(
                 stream=stream,
@@ -640,20 +640,6 @@ class _Dial:
 
 
 # --------------------------------------------------------------------------- helpers
-
-_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-
-
-def _proxy_v2_header(src: IPAddress, src_port: int, dst: IPAddress, dst_port: int) -> bytes:
-    """PROXY protocol v2, command PROXY, TCP, no TLVs (28 bytes for IPv4, 52 for IPv6).
-
-    Private until ``egressd.proto.proxy_header.build_v2`` lands; same layout.
-    """
-    if src.version != dst.version:
-        raise ValueError(f"PROXY header addresses differ in family: {src} and {dst}")
-    family = 0x11 if src.version == 4 else 0x21
-    body = src.packed + dst.packed + struct.pack("!HH", src_port, dst_port)
-    return _V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
 
 
 def _as_ip(host: str | IPAddress) -> IPAddress | None:

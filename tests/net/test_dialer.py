@@ -30,7 +30,6 @@ from egressd.net.dialer import (
     Dialed,
     DialError,
     DialFailure,
-    _proxy_v2_header,
     destination_port,
     dial,
     dial_within,
@@ -61,25 +60,6 @@ def test_port_remote_port_wins() -> None:
 def test_port_caller_then_25() -> None:
     assert destination_port(Source(name="s"), 587) == 587
     assert destination_port(Source(name="s"), None) == 25
-
-
-def test_proxy_v2_header_ipv4() -> None:
-    header = _proxy_v2_header(ip("127.0.0.5"), 0, ip("192.0.2.1"), 25)
-    assert header == (
-        b"\r\n\r\n\x00\r\nQUIT\n"
-        + b"\x21\x11\x00\x0c"
-        + bytes([127, 0, 0, 5, 192, 0, 2, 1])
-        + b"\x00\x00\x00\x19"
-    )
-
-
-def test_proxy_v2_header_ipv6() -> None:
-    header = _proxy_v2_header(ip("2001:db8::5"), 0, ip("2001:db8::1"), 2525)
-    assert len(header) == 52
-    assert header[12:16] == b"\x21\x21\x00\x24"
-    assert header[16:32] == ip("2001:db8::5").packed
-    assert header[32:48] == ip("2001:db8::1").packed
-    assert header[48:] == b"\x00\x00\x09\xdd"
 
 
 def test_reply_codes_for_socks_front_door() -> None:
