@@ -263,8 +263,8 @@ async def dial_within(
 
 _STAGE_TEXT: dict[str, str] = {
     "resolve": "resolving",
-    "hop_connect": "connecting to the hop",
-    "hop_handshake": "in the SOCKS5 handshake with the hop",
+    "hop_connect": "connecting to the hop at",
+    "hop_handshake": "in the handshake with the hop at",
     "connect": "connecting to",
 }
 
