@@ -2,21 +2,27 @@
 
 Theory of operation
 -------------------
-``serve()`` binds every configured listener, then tells systemd READY=1. Accepted
-connections run in one daemon-wide nursery, apart from the listeners' accept loops, so a
-listener can be removed on reload, or all of them closed at the start of a drain, without
-disturbing connections in flight.
+``serve()`` starts the metrics endpoint and control socket (:mod:`egressd.observe`), binds
+every configured listener, starts the watchdog pings, then tells systemd READY=1; a socket
+that cannot be bound ends startup with exit status 1. Accepted connections run in one
+daemon-wide nursery, apart from the listeners' accept loops, so a listener can be removed
+on reload, or all of them closed at the start of a drain, without disturbing connections in
+flight.
 
 Reload (SIGHUP, or a change of the main file or a sources file, polled at the sources'
-shortest ``ttl``): the new configuration is loaded and validated off to the side. Invalid:
-every error is logged and the daemon keeps running on the old one. Valid: it is swapped in
-with one assignment (:meth:`Runtime.swap_config`), listeners that disappeared are closed,
-new ones are bound, and the others keep their socket (a changed default pool applies to the
-next connection they accept).
+shortest ``ttl``) is all or nothing, between RELOADING=1 and READY=1: the new configuration
+is loaded and validated off to the side and its new listeners are bound. Invalid, or a
+listener that cannot be bound: every error is logged, the daemon keeps running on the old
+configuration, and ``egressd_reload_failures_total`` counts it. Valid: it is swapped in with
+one assignment (:meth:`Runtime.swap_config`), listeners that disappeared are closed (before
+READY=1), and the others keep their socket - also when their address moved to another door
+- so a changed default pool applies to the next connection they accept. Reloads and the
+drain are serialized by one lock; a reload during the drain is ignored.
 
-SIGTERM or SIGINT: STOPPING=1, stop accepting, give sessions ``[limits] shutdown_grace`` to
-finish (SMTP sessions are told 421 at their next command boundary), then cancel what is
-left and exit 0.
+SIGTERM or SIGINT: stop accepting (the listening sockets are closed before STOPPING=1 goes
+out), give sessions ``[limits] shutdown_grace`` to finish (SMTP sessions are told 421 at
+their next command boundary), then cancel what is left and exit 0. The metrics endpoint and
+control socket keep answering during the drain.
 """
 
 from __future__ import annotations
