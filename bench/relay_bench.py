@@ -126,6 +126,22 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def cpu_seconds(session: int) -> float:
+    """User + system CPU of every process in session ``session`` (a server and its children)."""
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[3]) == session:  # field 6, session id
+            ticks += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -224,12 +240,13 @@ socks pass {{
 
 
 @contextlib.contextmanager
-def dante(workdir: Path) -> Iterator[int]:
+def dante(workdir: Path) -> Iterator[tuple[int, int]]:
     port = free_port()
     config = workdir / "danted.conf"
     config.write_text(DANTE_CONFIG.format(port=port))
-    with running([binary("danted"), "-f", str(config), "-N", "2"], port, workdir, "dante"):
-        yield port
+    argv = [binary("danted"), "-f", str(config), "-N", "2"]
+    with running(argv, port, workdir, "dante") as pid:
+        yield port, pid
 
 
 @contextlib.contextmanager
@@ -276,8 +293,12 @@ def throughput(proxy: str | None, sink: int, size: int, repeat: int, socks: bool
     return statistics.median(speeds)
 
 
-def session_rate(proxy: int, sink: int, sessions: int, concurrency: int, repeat: int) -> float:
+def session_rate(
+    proxy: int, pid: int, sink: int, sessions: int, concurrency: int, repeat: int
+) -> tuple[float, float]:
+    """Sessions per second (median) and the proxy's CPU milliseconds per session."""
     rates = []
+    cpu_before = cpu_seconds(pid)
     for _ in range(repeat):
         result = load(
             "rate",
@@ -293,7 +314,8 @@ def session_rate(proxy: int, sink: int, sessions: int, concurrency: int, repeat:
         if result["failures"]:
             sys.exit(f"bench: {result['failures']} of {sessions} sessions failed")
         rates.append(result["sessions"] / result["seconds"])
-    return statistics.median(rates)
+    cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / (sessions * repeat)
+    return statistics.median(rates), cpu_ms
 
 
 def idle_memory(workdir: Path, sink: int, count: int) -> tuple[float, int]:
@@ -364,11 +386,11 @@ def run(args: argparse.Namespace) -> int:
         ):
             print(f"throughput: {args.gib:g} GiB per run, median of {args.repeat}", flush=True)
             direct = throughput(None, blast_sink, size, args.repeat, socks=False)
-            with egressd(workdir, [blast_sink, echo_sink]) as (port, _):
+            with egressd(workdir, [blast_sink, echo_sink]) as (port, pid):
                 ours = throughput(f"127.0.0.1:{port}", blast_sink, size, args.repeat, socks=True)
                 print("session rate: egressd", flush=True)
-                ours_rate = session_rate(
-                    port, echo_sink, args.sessions, args.concurrency, args.repeat
+                ours_rate, ours_cpu = session_rate(
+                    port, pid, echo_sink, args.sessions, args.concurrency, args.repeat
                 )
             with socat(workdir, blast_sink) as port:
                 theirs = throughput(f"127.0.0.1:{port}", blast_sink, size, args.repeat, False)
@@ -381,9 +403,9 @@ def run(args: argparse.Namespace) -> int:
                         f"127.0.0.1:{port}", blast_sink, size, args.repeat, False
                     )
             print("session rate: Dante", flush=True)
-            with dante(workdir) as port:
-                dante_rate = session_rate(
-                    port, echo_sink, args.sessions, args.concurrency, args.repeat
+            with dante(workdir) as (port, pid):
+                dante_rate, dante_cpu = session_rate(
+                    port, pid, echo_sink, args.sessions, args.concurrency, args.repeat
                 )
             print(f"idle memory: {args.idle} sessions", flush=True)
             per_session, fds = idle_memory(workdir, echo_sink, args.idle)
@@ -395,6 +417,7 @@ def run(args: argparse.Namespace) -> int:
             "throughput, splice.relay zero-copy", speeds[True], "GiB/s", "trio path", speeds[False]
         ),
         Row("short sessions, egressd", ours_rate, "/s", "Dante", dante_rate, ">= 1.0x"),
+        Row("proxy CPU per short session", ours_cpu, "ms", "Dante", dante_cpu),
         Row(f"RSS per idle session ({args.idle} open)", per_session, "KiB", target="<= 20 KiB"),
         Row(f"daemon fds with {args.idle} idle sessions", fds, "fds"),
     ]

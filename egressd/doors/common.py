@@ -107,6 +107,8 @@ async def allowed_addresses(
     Raises :class:`Denied` when every address is denied, :class:`DialError` when the name
     does not resolve (in time, ``[dial] timeout``) to an address of that family.
     """
+    if not (isinstance(host, str) and _is_name(host)):
+        return await resolve_destination(host, port, source.egress_version, source_name=source.name)
     timeout = egress.config.dial.timeout
     try:
         with trio.fail_after(timeout):
@@ -120,13 +122,11 @@ async def allowed_addresses(
             source_name=source.name,
             stage="resolve",
         ) from exc
-    if isinstance(host, str) and _is_name(host):
-        refusals = [destination_refusal(access, a, port) for a in addresses]
-        allowed = [a for a, refusal in zip(addresses, refusals, strict=True) if refusal is None]
-        if not allowed:
-            raise Denied(f"{host} resolves to a denied address: {refusals[0]}")
-        return allowed
-    return addresses
+    refusals = [destination_refusal(access, a, port) for a in addresses]
+    allowed = [a for a, refusal in zip(addresses, refusals, strict=True) if refusal is None]
+    if not allowed:
+        raise Denied(f"{host} resolves to a denied address: {refusals[0]}")
+    return allowed
 
 
 def _is_name(host: str) -> bool:

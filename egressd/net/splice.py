@@ -17,8 +17,10 @@ Half-close
 Zero-copy path (Linux)
     When both ends are plain TCP :class:`trio.SocketStream` s, bytes move with
     ``os.splice`` from the source socket into a pipe and from the pipe into the other
-    socket: they never enter user space. Each step is tried non-blocking first and waits
-    for readiness (``trio.lowlevel.wait_readable`` / ``wait_writable``) only on EAGAIN.
+    socket: they never enter user space. Writes are tried non-blocking first and wait for
+    readiness (``trio.lowlevel.wait_writable``) only on EAGAIN; reads wait for readiness
+    first unless the previous read filled a whole pipe (more is likely queued), so an
+    idle or trickling socket costs no failing splice() calls.
     Pipes come from a small process-wide pool and are held only while a chunk is in
     flight: an idle connection holds no pipe, so 5,000 idle sessions cost 10,000
     descriptors, not 30,000. A pipe that may still hold bytes (an error or a
@@ -251,19 +253,29 @@ async def _pump_splice(
     sides: tuple[Side, Side],
 ) -> None:
     src_fd, dst_fd = src.fileno(), dst.fileno()
+    wait_first = True
     while True:
-        moved = await _splice_chunk(src_fd, dst_fd, sides)
+        moved = await _splice_chunk(src_fd, dst_fd, sides, wait_first)
         if moved == 0:
             break
         count(moved)
-        await trio.lowlevel.checkpoint()  # fairness: a busy relay must not starve others
+        # A short read drained the socket: wait for readiness before the next try instead
+        # of paying for a splice() that fails with EAGAIN. After a full chunk, try at once.
+        wait_first = moved < PIPE_SIZE
+        if not wait_first:
+            await trio.lowlevel.checkpoint()  # fairness: a busy relay must not starve others
     with contextlib.suppress(OSError):
         dst.shutdown(socket.SHUT_WR)
 
 
-async def _splice_chunk(src_fd: int, dst_fd: int, sides: tuple[Side, Side]) -> int:
+async def _splice_chunk(
+    src_fd: int, dst_fd: int, sides: tuple[Side, Side], wait_first: bool
+) -> int:
     """Move one chunk src -> pipe -> dst; 0 at EOF. Holds a pipe only while moving."""
     while True:
+        if wait_first:
+            await trio.lowlevel.wait_readable(src_fd)
+        wait_first = True
         try:
             pipe = _PIPES.take()
         except OSError as exc:
@@ -272,7 +284,6 @@ async def _splice_chunk(src_fd: int, dst_fd: int, sides: tuple[Side, Side]) -> i
             size = os.splice(src_fd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             _PIPES.give(pipe)
-            await trio.lowlevel.wait_readable(src_fd)
             continue
         except OSError as exc:
             _PIPES.give(pipe)  # nothing entered the pipe
