@@ -747,12 +747,19 @@ def _collect_pools(
 # --------------------------------------------------------------------------- egressd's tables
 
 
-def _read_listeners(parent: _Table, door: str, errors: _Errors) -> tuple[Listener, ...]:
+def _read_listeners(parent: _Table, door: str) -> tuple[Listener, ...]:
     table = parent.table(door)
     if table is None:
         return ()
+    listeners = _listener_tables(table)
+    table.finish()
+    return listeners
+
+
+def _listener_tables(door: _Table) -> tuple[Listener, ...]:
+    """A door's ``[[DOOR.listener]]`` array: ``address`` (required) and ``pool``."""
     listeners = []
-    for item in table.tables("listener"):
+    for item in door.tables("listener"):
         address = item.endpoint("address", allow_names=False)
         if "address" not in item.data:
             item.error("address", "is required")
@@ -760,7 +767,6 @@ def _read_listeners(parent: _Table, door: str, errors: _Errors) -> tuple[Listene
         item.finish()
         if address is not None:
             listeners.append(Listener(address=address, pool=pool))
-    table.finish()
     return tuple(listeners)
 
 
@@ -902,15 +908,7 @@ def _read_health(table: _Table | None) -> HealthSettings:
 def _read_smtp(table: _Table | None) -> SmtpSettings:
     if table is None:
         return SmtpSettings()
-    listeners: list[Listener] = []
-    for item in table.tables("listener"):
-        address = item.endpoint("address", allow_names=False)
-        if "address" not in item.data:
-            item.error("address", "is required")
-        pool = item.string("pool")
-        item.finish()
-        if address is not None:
-            listeners.append(Listener(address=address, pool=pool))
+    listeners = _listener_tables(table)
     hostname = table.convert("hostname", _parse_ehlo_domain)
     size = table.integer("max_message_size", 0, 2**40)
     sender_pools = _read_string_map(table.table("sender_pools"))
@@ -925,7 +923,7 @@ def _read_smtp(table: _Table | None) -> SmtpSettings:
     timeouts = _read_smtp_timeouts(table.table("timeouts"))
     table.finish()
     return SmtpSettings(
-        listeners=tuple(listeners),
+        listeners=listeners,
         hostname=hostname,
         max_message_size=size if size is not None else SmtpSettings.max_message_size,
         sender_pools=MappingProxyType({k.lower(): v for k, v in sender_pools.items()}),
@@ -1078,8 +1076,8 @@ def load_config(path: str | Path) -> Config:
         metrics=_read_metrics(root.table("metrics")),
         control=_read_control(root.table("control")),
         health=_read_health(root.table("health")),
-        socks5_listeners=_read_listeners(root, "socks5", errors),
-        proxy_listeners=_read_listeners(root, "proxy", errors),
+        socks5_listeners=_read_listeners(root, "socks5"),
+        proxy_listeners=_read_listeners(root, "proxy"),
         smtp=_read_smtp(root.table("smtp")),
     )
     _check_listener_pools(errors, main_name, config)
