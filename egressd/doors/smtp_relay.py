@@ -422,6 +422,8 @@ class Relay:
         }
         self.record.bytes_up += tx.size
         self.record.outcome = outcome
+        if final is not None:
+            self.runtime.smtp_transaction(tx.pool, final.code)
         log.info(
             "transaction", extra={"fields": {k: v for k, v in fields.items() if v is not None}}
         )

@@ -22,6 +22,7 @@ import trio
 import trustme
 from daemon_helpers import port_of, running_daemon
 from harness import free_port, require_binary
+from service_harness import sample, scrape
 from smtp_harness import (
     DROP,
     GARBAGE,
@@ -737,3 +738,21 @@ async def test_the_mta_can_starttls_to_egressd(
 
     async with egressd(tmp_path, text) as relay_port:
         assert await trio.to_thread.run_sync(submit, relay_port) == {}
+
+
+async def test_metrics_count_relayed_transactions_by_reply_class(
+    tmp_path: Path, nursery: trio.Nursery, port: int
+) -> None:
+    metrics_port = free_port()
+    remote = await start_scripted_mx(nursery, {"dot": "550 5.7.1 no thanks"}, port=port)
+    extra = f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
+    async with egressd(tmp_path, routed(port, extra=extra)) as relay:
+        for _ in range(2):
+            async with mta(relay) as client:
+                replies = await transaction(client, ["rcpt@good.test"])
+                assert replies[-1] == "550 5.7.1 no thanks"
+        exposition = await scrape(metrics_port)
+    assert len(remote.sessions) == 2
+    name = "egressd_smtp_transactions_total"
+    assert sample(exposition, name, pool="main", reply_class="5xx") == 2
+    assert sample(exposition, name, pool="main", reply_class="2xx") in (None, 0)
