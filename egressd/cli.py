@@ -21,6 +21,7 @@ from egressd.config import (
     config_path_from,
     format_hostport,
     load_config,
+    load_status_endpoints,
     parse_hostport,
 )
 from egressd.pools import NoSourcesAvailable, PoolSelector
@@ -88,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
+        if args.command == "status":
+            return status_despite_errors(path, exc)
         for error in exc.errors:
             print(error, file=sys.stderr)
         print(f"egressd: {len(exc.errors)} error(s) in the configuration", file=sys.stderr)
@@ -105,6 +108,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     from egressd.daemon import run_daemon
 
     return run_daemon(config, json_logs=args.json_logs)
+
+
+def status_despite_errors(path: str, error: ConfigError) -> int:
+    """``egressd status`` when the file on disk is invalid (say, after a refused reload).
+
+    The running daemon still serves its previous configuration; only the ``[control]`` and
+    ``[metrics]`` addresses are needed to ask it, so those are read alone.
+    """
+    from egressd.control import command_status
+
+    print(
+        f"egressd: warning: {path} has {len(error.errors)} error(s) (see egressd check); "
+        "asking the daemon anyway",
+        file=sys.stderr,
+    )
+    try:
+        endpoints = load_status_endpoints(path)
+    except ConfigError as exc:
+        for message in exc.errors:
+            print(message, file=sys.stderr)
+        return EXIT_INVALID
+    return command_status(endpoints, sys.stdout)
 
 
 def command_check(config: Config, out: TextIO) -> int:

@@ -1146,3 +1146,23 @@ def _check_listener_pools(errors: _Errors, file: str, config: Config) -> None:
 def config_path_from(cli_value: str | None, environ: Mapping[str, str]) -> str:
     """-c/--config, else $EGRESSD_CONFIG, else the default path."""
     return cli_value or environ.get("EGRESSD_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def load_status_endpoints(path: str | Path) -> Config:
+    """Only ``[control]`` and ``[metrics]`` of a main file, ignoring every other table.
+
+    ``egressd status`` uses it when the file on disk no longer validates: the running
+    daemon still answers on the addresses it was started with.
+    """
+    main_path = Path(path)
+    errors = _Errors()
+    data = _read_toml(errors, main_path, str(main_path))
+    if data is None:
+        raise ConfigError(errors.items)
+    root = _Table(errors, str(main_path), "", data)
+    control = _read_control(root.table("control"))
+    metrics = _read_metrics(root.table("metrics"))
+    if errors.items:
+        raise ConfigError(errors.items)
+    empty: Mapping[str, Any] = MappingProxyType({})
+    return Config(path=main_path, sources=empty, pools=empty, control=control, metrics=metrics)
