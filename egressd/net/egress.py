@@ -51,8 +51,8 @@ def health_kind(error: DialError) -> FailureKind | None:
         return "unplumbed"
     if error.hop_fault:
         return "proxy_unhealthy"
-    if error.kind in ("timeout", "unreachable"):
-        return "connect"
+    if error.kind in ("timeout", "unreachable") and error.stage == "connect":
+        return "connect"  # a slow resolver is not the source's fault
     return None
 
 

@@ -525,3 +525,17 @@ async def test_failures_close_their_sockets(nursery: trio.Nursery) -> None:
             await dial_within(0.01, slow, "127.0.0.1", 25)
     assert open_fds() == before
     silent.close()
+
+
+def test_only_connect_stage_failures_count_softly_against_the_source() -> None:
+    from egressd.net.dialer import DialError, DialFailure
+    from egressd.net.egress import health_kind
+
+    def error(kind: DialFailure, stage: str) -> DialError:
+        return DialError(kind, "x", source_name="s", stage=stage)  # type: ignore[arg-type]
+
+    assert health_kind(error(DialFailure.TIMEOUT, "connect")) == "connect"
+    assert health_kind(error(DialFailure.TIMEOUT, "resolve")) is None
+    assert health_kind(error(DialFailure.TIMEOUT, "hop_handshake")) == "proxy_unhealthy"
+    assert health_kind(error(DialFailure.UNPLUMBED, "connect")) == "unplumbed"
+    assert health_kind(error(DialFailure.REFUSED, "connect")) is None
