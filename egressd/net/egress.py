@@ -147,12 +147,20 @@ class Egress:
             )
 
     async def _dial(self, source: Source, host: str, port: int | None) -> Dialed:
+        """Dial, holding one of the source's connection slots while the dial is in flight.
+
+        The slot makes concurrent dials count against ``max_connections_per_source``; the
+        caller takes a slot of its own (``Runtime.source_in_use``) for the connection's life.
+        """
         started = time.monotonic()
+        self.health.connection_opened(source.name)
         try:
             dialed = await dial_within(self.config.dial.timeout, source, host, port)
         except DialError as exc:
             self._record_failure(source, exc)
             raise
+        finally:
+            self.health.connection_closed(source.name)
         self.observer.dialed(source, time.monotonic() - started)
         self.health.record_success(source.name)
         return dialed
