@@ -24,9 +24,10 @@ be quick and must not raise; the doors never see who listens.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import trio
@@ -57,10 +58,28 @@ class SessionRecord:
     started: float = field(default_factory=time.monotonic)
 
     def fields(self) -> dict[str, Any]:
-        values = asdict(self)
-        started = values.pop("started")
-        values["duration"] = round(time.monotonic() - started, 3)
-        return {k: v for k, v in values.items() if v is not None}
+        """The log line's fields: every set field in declaration order, then ``duration``.
+
+        Built by hand rather than with ``dataclasses.asdict`` (a recursive deep copy): it
+        runs once per connection and every value is a str, an int or None.
+        """
+        values: dict[str, Any] = {}
+        for key, value in (
+            ("door", self.door),
+            ("client", self.client),
+            ("pool", self.pool),
+            ("source", self.source),
+            ("local_address", self.local_address),
+            ("destination", self.destination),
+            ("bytes_up", self.bytes_up),
+            ("bytes_down", self.bytes_down),
+            ("outcome", self.outcome),
+            ("detail", self.detail),
+        ):
+            if value is not None:
+                values[key] = value
+        values["duration"] = round(time.monotonic() - self.started, 3)
+        return values
 
 
 class Overloaded(Exception):
@@ -109,38 +128,87 @@ class Runtime:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
-    @asynccontextmanager
-    async def session(self, door: str, client: str) -> AsyncIterator[SessionRecord]:
-        """Account for one connection; raise :class:`Overloaded` beyond max_connections."""
-        if self.active_sessions >= self.config.limits.max_connections:
-            raise Overloaded(
-                f"egressd is at max_connections ({self.config.limits.max_connections})"
-            )
+    def session(self, door: str, client: str) -> AbstractAsyncContextManager[SessionRecord]:
+        """Account for one connection; raise :class:`Overloaded` beyond max_connections.
+
+        ``async with runtime.session(door, client) as record:``; entering raises
+        :class:`Overloaded`, leaving logs the connection line and runs the session hooks.
+        """
+        return _Session(self, door, client)
+
+    def source_in_use(self, source_name: str) -> AbstractAsyncContextManager[None]:
+        """Count an outbound connection against its source (per-source cap, status)."""
+        return _SourceInUse(self.health, source_name)
+
+    def _open(self, door: str, client: str) -> SessionRecord:
+        max_connections = self.egress.config.limits.max_connections
+        if self.active_sessions >= max_connections:
+            raise Overloaded(f"egressd is at max_connections ({max_connections})")
         record = SessionRecord(door=door, client=client)
         self.active_sessions += 1
-        self._idle = trio.Event() if self.active_sessions == 1 else self._idle
+        if self.active_sessions == 1:
+            self._idle = trio.Event()
         for opened in self.session_opened_hooks:
             opened(door)
-        try:
-            yield record
-        except BaseException as exc:
-            if record.outcome == "closed":
-                record.outcome = "cancelled" if isinstance(exc, trio.Cancelled) else "error"
-                record.detail = record.detail or f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            self.active_sessions -= 1
-            if self.active_sessions == 0:
-                self._idle.set()
-            log.info("connection", extra={"fields": record.fields()})
-            for hook in self.session_hooks:
-                hook(record)
+        return record
 
-    @asynccontextmanager
-    async def source_in_use(self, source_name: str) -> AsyncIterator[None]:
-        """Count an outbound connection against its source (per-source cap, status)."""
-        self.health.connection_opened(source_name)
-        try:
-            yield
-        finally:
-            self.health.connection_closed(source_name)
+    def _close(self, record: SessionRecord, exc: BaseException | None) -> None:
+        if exc is not None and record.outcome == "closed":
+            record.outcome = "cancelled" if isinstance(exc, trio.Cancelled) else "error"
+            record.detail = record.detail or f"{type(exc).__name__}: {exc}"
+        self.active_sessions -= 1
+        if self.active_sessions == 0:
+            self._idle.set()
+        log.info("connection", extra={"fields": record.fields()})
+        for hook in self.session_hooks:
+            hook(record)
+
+
+# The two context managers below are classes rather than @asynccontextmanager generators:
+# each connection enters both, and a generator-based manager costs several times more.
+
+
+class _Session:
+    """:meth:`Runtime.session`: one connection's record, its accounting and its log line."""
+
+    __slots__ = ("_client", "_door", "_record", "_runtime")
+
+    def __init__(self, runtime: Runtime, door: str, client: str) -> None:
+        self._runtime = runtime
+        self._door = door
+        self._client = client
+        self._record: SessionRecord | None = None
+
+    async def __aenter__(self) -> SessionRecord:
+        self._record = self._runtime._open(self._door, self._client)
+        return self._record
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        assert self._record is not None
+        self._runtime._close(self._record, exc)
+
+
+class _SourceInUse:
+    """:meth:`Runtime.source_in_use`."""
+
+    __slots__ = ("_health", "_name")
+
+    def __init__(self, health: SourceHealth, name: str) -> None:
+        self._health = health
+        self._name = name
+
+    async def __aenter__(self) -> None:
+        self._health.connection_opened(self._name)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._health.connection_closed(self._name)
