@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -20,9 +21,17 @@ def get_logger(name: str = "") -> logging.Logger:
     return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
 
 
+# ``\s`` in a str pattern is exactly ``str.isspace()`` (both use Py_UNICODE_ISSPACE).
+_NEEDS_QUOTES = re.compile(r'[\s"=]')
+
+
 def _format_value(value: object) -> str:
+    """``value`` as it appears after ``key=``: JSON-quoted when empty or holding a space,
+    a double quote or an equals sign, else as is."""
+    if type(value) is int or type(value) is float:  # byte counts, durations: never quoted
+        return str(value)
     text = str(value)
-    if text == "" or any(c.isspace() or c in '"=' for c in text):
+    if not text or _NEEDS_QUOTES.search(text):
         return json.dumps(text)
     return text
 
@@ -32,9 +41,11 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields: Mapping[str, Any] = getattr(record, "fields", {}) or {}
-        parts = [f"{record.levelname.lower()} {record.name}: {record.getMessage()}"]
-        parts.extend(f"{key}={_format_value(value)}" for key, value in fields.items())
-        line = " ".join(parts)
+        line = f"{record.levelname.lower()} {record.name}: {record.getMessage()}"
+        if fields:
+            line += " " + " ".join(
+                [f"{key}={_format_value(value)}" for key, value in fields.items()]
+            )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
