@@ -33,6 +33,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
+from prometheus_client import Counter, Gauge
 
 from egressd.config import Config, Endpoint
 from egressd.log import get_logger
@@ -80,13 +81,50 @@ def outcome_label(outcome: str) -> str:
     return outcome if _OUTCOME.fullmatch(outcome) else "other"
 
 
-def count_session(metrics: Metrics, names: KnownNames, record: SessionRecord) -> None:
-    """A finished session: one connection, its bytes, one active session fewer."""
-    door, pool, source = record.door, names.pool(record.pool), names.source(record.source)
-    metrics.active_sessions.labels(door).dec()
-    metrics.connections.labels(door, pool, source, outcome_label(record.outcome)).inc()
-    metrics.bytes.labels(door, pool, source, "upstream").inc(record.bytes_up)
-    metrics.bytes.labels(door, pool, source, "downstream").inc(record.bytes_down)
+class SessionCounters:
+    """Counts finished sessions into ``metrics``; the labelled children are looked up once.
+
+    ``Metric.labels()`` validates and stringifies its labels and takes a lock on every call;
+    a session needs five of them. Labels are bounded (see the module doc), so the children
+    are kept in dicts keyed by their label values (nothing ever removes these series), and
+    the per-session work is a dict lookup and the increments.
+    """
+
+    def __init__(self, metrics: Metrics, names: KnownNames) -> None:
+        self.metrics = metrics
+        self.names = names
+        self._active: dict[str, Gauge] = {}
+        self._finished: dict[tuple[str, str, str, str], tuple[Counter, Counter, Counter]] = {}
+
+    def active(self, door: str) -> Gauge:
+        """The ``egressd_active_sessions{door}`` child."""
+        child = self._active.get(door)
+        if child is None:
+            child = self._active[door] = self.metrics.active_sessions.labels(door)
+        return child
+
+    def opened(self, door: str) -> None:
+        self.active(door).inc()
+
+    def finished(self, record: SessionRecord) -> None:
+        """A finished session: one connection, its bytes, one active session fewer."""
+        names = self.names
+        door, pool, source = record.door, names.pool(record.pool), names.source(record.source)
+        key = (door, pool, source, outcome_label(record.outcome))
+        children = self._finished.get(key)
+        if children is None:
+            outcome = key[3]
+            metrics = self.metrics
+            children = self._finished[key] = (
+                metrics.connections.labels(door, pool, source, outcome),
+                metrics.bytes.labels(door, pool, source, "upstream"),
+                metrics.bytes.labels(door, pool, source, "downstream"),
+            )
+        self.active(door).dec()
+        connections, upstream, downstream = children
+        connections.inc()
+        upstream.inc(record.bytes_up)
+        downstream.inc(record.bytes_down)
 
 
 def count_into_metrics(daemon: Daemon) -> None:
@@ -94,10 +132,11 @@ def count_into_metrics(daemon: Daemon) -> None:
     metrics, runtime = daemon.metrics, daemon.runtime
     names = KnownNames()
     names.add(runtime.config)
+    counters = SessionCounters(metrics, names)
     for door in DOORS:
-        metrics.active_sessions.labels(door).set(0)
-    runtime.session_opened_hooks.append(lambda door: metrics.active_sessions.labels(door).inc())
-    runtime.session_hooks.append(partial(count_session, metrics, names))
+        counters.active(door).set(0)
+    runtime.session_opened_hooks.append(counters.opened)
+    runtime.session_hooks.append(counters.finished)
     runtime.transaction_hooks.append(
         lambda pool, code: metrics.count_transaction(names.pool(pool), code)
     )

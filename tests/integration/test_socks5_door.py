@@ -11,6 +11,8 @@ and small scripted servers.
 from __future__ import annotations
 
 import ipaddress
+import logging
+import re
 import struct
 import subprocess
 from collections.abc import AsyncIterator, Sequence
@@ -25,6 +27,7 @@ from harness import Sink, free_port, receive_exactly, receive_until, require_bin
 
 from egressd.config import Endpoint, Source
 from egressd.daemon import Daemon
+from egressd.log import TextFormatter
 from egressd.net.dialer import dial
 from egressd.runtime import SessionRecord
 
@@ -562,3 +565,61 @@ async def test_per_source_cap_refuses_at_once_with_01(sink: Sink, tmp_path: Path
     assert (from_pool.code, from_bind.code) == (1, 1)
     assert [r.outcome for r in refusals] == ["refused", "refused"]
     assert all("max_connections_per_source" in (r.detail or "") for r in refusals)
+
+
+# --------------------------------------------------------------------------- the session's trace
+
+
+async def test_each_session_logs_one_line_and_counts_its_metrics(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = await start_quit_server(nursery)
+    caplog.set_level(logging.INFO, logger="egressd")
+    async with egressd(tmp_path, [port]) as e:
+        for _ in range(2):
+            stream, reply = await connect(e.port, "127.0.0.1", port)
+            assert reply.code == 0
+            await stream.send_all(b"QUIT\r\n")
+            await stream.send_eof()
+            with trio.fail_after(5):
+                assert await read_to_eof(stream) == b"221 bye\r\n"
+            await stream.aclose()
+        await e.record(2)
+        scrape = e.daemon.metrics.exposition().decode()
+    lines = [r for r in caplog.records if r.name == "egressd.session"]
+    assert len(lines) == 2
+    for line in lines:
+        assert line.getMessage() == "connection"
+        fields = getattr(line, "fields", {})
+        assert list(fields) == [
+            "door",
+            "client",
+            "pool",
+            "source",
+            "local_address",
+            "destination",
+            "bytes_up",
+            "bytes_down",
+            "outcome",
+            "duration",
+        ]
+        assert fields["door"] == "socks5"
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", fields["client"])
+        assert (fields["pool"], fields["source"]) == ("main", "a")
+        assert re.fullmatch(r"127\.0\.0\.2:\d+", fields["local_address"])
+        assert fields["destination"] == f"127.0.0.1:{port}"
+        assert (fields["bytes_up"], fields["bytes_down"], fields["outcome"]) == (6, 9, "ok")
+        assert isinstance(fields["duration"], float)
+        text = TextFormatter().format(line)
+        assert text == (
+            f"info egressd.session: connection door=socks5 client={fields['client']} pool=main"
+            f" source=a local_address={fields['local_address']} destination=127.0.0.1:{port}"
+            f" bytes_up=6 bytes_down=9 outcome=ok duration={fields['duration']}"
+        )
+    labels = 'door="socks5",pool="main",source="a"'  # the exposition sorts labels by name
+    assert (
+        'egressd_connections_total{door="socks5",outcome="ok",pool="main",source="a"} 2.0' in scrape
+    )
+    assert f'egressd_bytes_total{{direction="upstream",{labels}}} 12.0' in scrape
+    assert f'egressd_bytes_total{{direction="downstream",{labels}}} 18.0' in scrape
+    assert 'egressd_active_sessions{door="socks5"} 0.0' in scrape
