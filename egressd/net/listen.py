@@ -64,7 +64,16 @@ async def run_handler(handler: Handler, stream: trio.SocketStream) -> None:
     except Exception:
         log.exception("connection handler failed")
     finally:
-        await trio.aclose_forcefully(stream)
+        close_now(stream)
+
+
+def close_now(stream: trio.SocketStream) -> None:
+    """Close ``stream`` at once, without a checkpoint.
+
+    For a socket stream this is what ``trio.aclose_forcefully`` does (there is nothing to
+    flush), minus a cancel scope and two trips through the scheduler per connection.
+    """
+    stream.socket.close()
 
 
 def peer_of(stream: trio.SocketStream) -> tuple[str, int]:
