@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -359,23 +360,23 @@ class _Dial:
         target = (str(address), port)
         sock = self._socket(address.version, target)
         try:
-            if self.source.source_address is not None:
-                self.stage, self.address = "connect", target
-                await self._bind(sock, self.source.source_address, target)
             self.stage, self.address = "connect", target
+            if self.source.source_address is not None:
+                self._bind(sock, self.source.source_address, target)
             try:
-                await sock.connect(target)
+                await _connect(sock, target)
             except OSError as exc:
                 raise self._connect_error(exc, target) from exc
+            local_address = _host_port(sock.getsockname())
             return Dialed(
-                stream=trio.SocketStream(sock),
+                stream=trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
                 source=self.source,
                 via="direct",
-                local_address=_host_port(sock.getsockname()),
+                local_address=local_address,
                 remote_address=target,
             )
         except BaseException:
-            sock.close()
+            _close(sock)
             raise
 
     async def _via_haproxy(self, address: IPAddress, port: int) -> Dialed:
@@ -460,19 +461,19 @@ class _Dial:
             sock = self._socket(address.version, target)
             try:
                 if bind is not None:
-                    await self._bind(sock, bind, target)
-                await sock.connect(target)
+                    self._bind(sock, bind, target)
+                await _connect(sock, target)
             except OSError as exc:
-                sock.close()
+                _close(sock)
                 if exc.errno in _LOCAL_ERRNOS:
                     raise self._local_error(exc, target) from exc
                 failures.append(f"{format_hostport(*target)}: {_errno_text(exc)}")
                 last = exc
                 continue
             except BaseException:
-                sock.close()
+                _close(sock)
                 raise
-            return sock, target
+            return trio.socket.from_stdlib_socket(sock), target
         raise self._hop_error(
             DialFailure.HOP_UNREACHABLE,
             f"cannot connect to {self.source.hop} server {hop}: " + "; ".join(failures),
@@ -530,21 +531,26 @@ class _Dial:
 
     # ----------------------------------------------------------------------- sockets
 
-    def _socket(self, version: int, target: tuple[str, int]) -> trio.socket.SocketType:
+    # Setting up a socket (create, bind an IP literal, start the connect) never blocks, so
+    # it is done on a plain non-blocking socket.socket: trio's async bind() and connect()
+    # would run each IP literal through getaddrinfo and add a trip through the scheduler.
+    # The socket is handed to trio (from_stdlib_socket) once it is connected.
+
+    def _socket(self, version: int, target: tuple[str, int]) -> socket.socket:
         family = socket.AF_INET6 if version == 6 else socket.AF_INET
         try:
-            return trio.socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
             raise self._local_error(exc, target) from exc
+        sock.setblocking(False)
+        return sock
 
-    async def _bind(
-        self, sock: trio.socket.SocketType, address: IPAddress, target: tuple[str, int]
-    ) -> None:
+    def _bind(self, sock: socket.socket, address: IPAddress, target: tuple[str, int]) -> None:
         """Bind the source address with IP_BIND_ADDRESS_NO_PORT (the port comes at connect)."""
         with contextlib.suppress(OSError):  # pragma: no branch - Linux >= 4.2 has it
             sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
         try:
-            await sock.bind((str(address), 0))
+            sock.bind((str(address), 0))
         except OSError as exc:
             kind = DialFailure.UNPLUMBED if exc.errno == errno.EADDRNOTAVAIL else DialFailure.LOCAL
             raise DialError(
@@ -642,9 +648,38 @@ class _Dial:
 # --------------------------------------------------------------------------- helpers
 
 
+async def _connect(sock: socket.socket, target: tuple[str, int]) -> None:
+    """Connect the non-blocking ``sock``; raises OSError as ``socket.connect`` would.
+
+    Cancelled while waiting, the caller closes the socket (a connect cannot be undone).
+    """
+    try:
+        sock.connect(target)
+    except BlockingIOError:
+        await trio.lowlevel.wait_writable(sock)
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code != 0:
+            raise OSError(code, f"Error connecting to {target!r}: {os.strerror(code)}") from None
+    else:
+        await trio.lowlevel.checkpoint()
+
+
+def _close(sock: socket.socket) -> None:
+    """Close a socket trio may have waited on (trio must hear of it first)."""
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
+
+
 def _as_ip(host: str | IPAddress) -> IPAddress | None:
     if isinstance(host, ipaddress.IPv4Address | ipaddress.IPv6Address):
         return host
+    return _parse_literal(host)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_literal(host: str) -> IPAddress | None:
+    """``host`` as an IP address, None for a name. Cached: the doors dial IP literals
+    (names are resolved before the dial), and parsing one costs more than the lookup."""
     try:
         return ipaddress.ip_address(host)
     except ValueError:
