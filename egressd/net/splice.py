@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-:func:`relay` runs one task per direction (client -> remote counted as "up", remote ->
-client as "down"), both in one nursery:
+:func:`relay` runs the two directions (client -> remote counted as "up", remote -> client
+as "down") side by side in one nursery: "down" in a child task, "up" in the nursery's body.
 
 Half-close
     EOF from one side ends that direction only: what was read is delivered, then the
@@ -151,8 +151,10 @@ async def relay(
 
         async with trio.open_nursery() as nursery:
             state = _Relay(nursery.cancel_scope, use_splice)
-            nursery.start_soon(state.direction, client, remote, to_remote_first, up, "up")
             nursery.start_soon(state.direction, remote, client, to_client_first, down, "down")
+            # "up" runs in this task, inside the nursery (and its cancel scope): one task
+            # fewer to spawn and schedule per connection than a child for each direction.
+            await state.direction(client, remote, to_remote_first, up, "up")
     if state.broken is not None:
         return RelayResult("reset", state.broken)
     if idle_scope.cancelled_caught:
