@@ -163,6 +163,7 @@ class Metrics:
             "egressd_build_info", "egressd's version.", ("version",), registry=registry
         )
         build_info.labels(__version__).set(1)
+        self._dial_children: dict[tuple[str, str], Histogram] = {}
 
     # ------------------------------------------------------------------ conveniences
 
@@ -175,7 +176,11 @@ class Metrics:
         self.bytes.labels(door, pool, source, direction).inc(amount)
 
     def observe_dial(self, source: str, via: HopKind, seconds: float) -> None:
-        self.dial_duration.labels(source, via).observe(seconds)
+        """One dial's latency (every connection dials: the labelled child is cached)."""
+        child = self._dial_children.get((source, via))
+        if child is None:
+            child = self._dial_children[source, via] = self.dial_duration.labels(source, via)
+        child.observe(seconds)
 
     def count_suspension(self, source: str, kind: FailureKind) -> None:
         self.source_suspensions.labels(source, kind).inc()

@@ -27,6 +27,7 @@ done and fills the :class:`~egressd.runtime.SessionRecord`.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 import trio
@@ -154,8 +155,14 @@ def note_dialed(record: SessionRecord, dialed: Dialed, host: str | IPAddress) ->
 
 def local_ip(dialed: Dialed) -> IPAddress | None:
     """The IP address of ``dialed.local_address`` (None when it is not an address)."""
+    return _parse_local_ip(dialed.local_address[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_local_ip(host: str) -> IPAddress | None:
+    """Cached: local addresses are the few source addresses, parsed once per connection."""
     try:
-        return ipaddress.ip_address(dialed.local_address[0].split("%", 1)[0])
+        return ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return None
 
