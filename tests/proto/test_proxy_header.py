@@ -5,9 +5,10 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-from collections.abc import Callable, Iterator
 
 import pytest
+from chunking import Splitter as Chunker
+from chunking import bytewise, chunkings, whole
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from proxyprotocol.result import ProxyResultIPv4, ProxyResultIPv6, ProxyResultLocal
@@ -28,20 +29,6 @@ from egressd.proto.proxy_header import (
 IPv4 = ipaddress.IPv4Address
 IPv6 = ipaddress.IPv6Address
 H = bytes.fromhex
-
-Chunker = Callable[[bytes], Iterator[bytes]]
-
-
-def whole(data: bytes) -> Iterator[bytes]:
-    yield data
-
-
-def bytewise(data: bytes) -> Iterator[bytes]:
-    for i in range(len(data)):
-        yield data[i : i + 1]
-
-
-chunkings = pytest.mark.parametrize("chunks", [whole, bytewise], ids=["whole", "bytewise"])
 
 
 def read_all(data: bytes, chunks: Chunker) -> ProxyHeaderReader:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
+from chunking import SPLITTERS, Splitter, bytewise, whole
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,31 +37,6 @@ from egressd.proto.smtp import (
     filter_rcpt_params,
     mail_incompatibility,
     parse_ehlo_extensions,
-)
-
-Splitter = Callable[[bytes], list[bytes]]
-
-
-def whole(data: bytes) -> list[bytes]:
-    return [data]
-
-
-def bytewise(data: bytes) -> list[bytes]:
-    return [data[i : i + 1] for i in range(len(data))]
-
-
-def random_splits(data: bytes, seed: int = 2920) -> list[bytes]:
-    rng = random.Random(seed)
-    pieces, pos = [], 0
-    while pos < len(data):
-        step = rng.randint(1, 40)
-        pieces.append(data[pos : pos + step])
-        pos += step
-    return pieces
-
-
-SPLITTERS = pytest.mark.parametrize(
-    "split", [whole, bytewise, random_splits], ids=["whole", "bytewise", "random"]
 )
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import base64
-import random
 from collections.abc import Callable, Sequence
 
 import pytest
+from chunking import SPLITTERS, Splitter, whole
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -54,31 +54,6 @@ EXTENSIONS = (
 GREETING = Reply.make(220, "relay.test ESMTP")
 
 # ------------------------------------------------------------------------------ helpers
-
-Splitter = Callable[[bytes], list[bytes]]
-
-
-def whole(data: bytes) -> list[bytes]:
-    return [data]
-
-
-def bytewise(data: bytes) -> list[bytes]:
-    return [data[i : i + 1] for i in range(len(data))]
-
-
-def random_splits(data: bytes, seed: int = 5321) -> list[bytes]:
-    rng = random.Random(seed)
-    pieces, pos = [], 0
-    while pos < len(data):
-        step = rng.randint(1, 40)
-        pieces.append(data[pos : pos + step])
-        pos += step
-    return pieces
-
-
-SPLITTERS = pytest.mark.parametrize(
-    "split", [whole, bytewise, random_splits], ids=["whole", "bytewise", "random"]
-)
 
 
 def respond(server: SmtpServer, event: ServerEvent) -> Reply | None:

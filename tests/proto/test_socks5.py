@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
+from chunking import Splitter as Chunker
+from chunking import chunkings, whole
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,19 +31,6 @@ IPv4 = ipaddress.IPv4Address
 IPv6 = ipaddress.IPv6Address
 H = bytes.fromhex
 
-Chunker = Callable[[bytes], Iterator[bytes]]
-
-
-def whole(data: bytes) -> Iterator[bytes]:
-    yield data
-
-
-def bytewise(data: bytes) -> Iterator[bytes]:
-    for i in range(len(data)):
-        yield data[i : i + 1]
-
-
-chunkings = pytest.mark.parametrize("chunks", [whole, bytewise], ids=["whole", "bytewise"])
 
 # Wire fragments used by several transcripts.
 NO_AUTH_GREETING = H("050100")
