@@ -1,12 +1,14 @@
 """Run an in-process egressd daemon for end-to-end tests of the front doors.
 
-Listeners configured with port 0 get a free port; ``port_of`` tells which.
+``port_of`` tells a listener's port; ``recording_daemon`` also collects the session
+record of every connection that ended.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import trio
 
 from egressd.config import load_config
 from egressd.daemon import Daemon, Door, serve
+from egressd.runtime import SessionRecord
 
 
 @asynccontextmanager
@@ -40,3 +43,34 @@ def port_of(daemon: Daemon, door: str, index: int = 0) -> int:
     """The real port of the door's ``index``-th listener, in configuration order."""
     ports = [port for (name, _), port in daemon.bound_ports().items() if name == door]
     return ports[index]
+
+
+@dataclass
+class RecordingDaemon:
+    """A running daemon, its door under test, and the records of sessions that ended."""
+
+    daemon: Daemon
+    door: str
+    records: list[SessionRecord] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return port_of(self.daemon, self.door)
+
+    async def record(self, count: int = 1) -> SessionRecord:
+        """The ``count``-th session record (sessions log when they end)."""
+        with trio.fail_after(5):
+            while len(self.records) < count:
+                await trio.sleep(0.01)
+        return self.records[count - 1]
+
+
+@asynccontextmanager
+async def recording_daemon(
+    config_text: str, directory: Path, door: str
+) -> AsyncIterator[RecordingDaemon]:
+    """:func:`running_daemon`, collecting every session record for ``door``'s tests."""
+    async with running_daemon(config_text, directory) as daemon:
+        recording = RecordingDaemon(daemon, door)
+        daemon.runtime.session_hooks.append(recording.records.append)
+        yield recording

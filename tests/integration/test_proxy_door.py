@@ -15,12 +15,11 @@ import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import port_of, running_daemon
+from daemon_helpers import RecordingDaemon, recording_daemon
 from harness import (
     Sink,
     free_port,
@@ -32,9 +31,6 @@ from harness import (
 from proxyprotocol.result import ProxyResultIPv4, ProxyResultIPv6
 from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
-
-from egressd.daemon import Daemon
-from egressd.runtime import SessionRecord
 
 pytestmark = pytest.mark.integration
 
@@ -63,28 +59,13 @@ address = "127.0.0.1:{free_port()}"
 """
 
 
-@dataclass
-class Egressd:
-    daemon: Daemon
-    records: list[SessionRecord]
-
-    @property
-    def port(self) -> int:
-        return port_of(self.daemon, "proxy")
-
-    async def record(self, count: int = 1) -> SessionRecord:
-        with trio.fail_after(5):
-            while len(self.records) < count:
-                await trio.sleep(0.01)
-        return self.records[count - 1]
+Egressd = RecordingDaemon
 
 
 @asynccontextmanager
 async def egressd(tmp_path: Path, ports: Sequence[int]) -> AsyncIterator[Egressd]:
-    async with running_daemon(config_text(ports), tmp_path) as daemon:
-        records: list[SessionRecord] = []
-        daemon.runtime.session_hooks.append(records.append)
-        yield Egressd(daemon, records)
+    async with recording_daemon(config_text(ports), tmp_path, "proxy") as daemon:
+        yield daemon
 
 
 def proxy_result(src: str, dst: str, dst_port: int) -> ProxyResultIPv4 | ProxyResultIPv6:

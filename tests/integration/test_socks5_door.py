@@ -22,14 +22,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import port_of, running_daemon
+from daemon_helpers import RecordingDaemon, recording_daemon
 from harness import Sink, free_port, receive_exactly, receive_until, require_binary
 
 from egressd.config import Endpoint, Source
-from egressd.daemon import Daemon
 from egressd.log import TextFormatter
 from egressd.net.dialer import dial
-from egressd.runtime import SessionRecord
 
 pytestmark = pytest.mark.integration
 
@@ -124,21 +122,7 @@ pool = "main"
     return text
 
 
-@dataclass
-class Egressd:
-    daemon: Daemon
-    records: list[SessionRecord]
-
-    @property
-    def port(self) -> int:
-        return port_of(self.daemon, "socks5")
-
-    async def record(self, count: int = 1) -> SessionRecord:
-        """The ``count``-th session record (sessions log when they end)."""
-        with trio.fail_after(5):
-            while len(self.records) < count:
-                await trio.sleep(0.01)
-        return self.records[count - 1]
+Egressd = RecordingDaemon
 
 
 @asynccontextmanager
@@ -146,10 +130,8 @@ async def egressd(
     tmp_path: Path, ports: Sequence[int], **options: object
 ) -> AsyncIterator[Egressd]:
     text = config_text(ports, **options)  # type: ignore[arg-type]
-    async with running_daemon(text, tmp_path) as daemon:
-        records: list[SessionRecord] = []
-        daemon.runtime.session_hooks.append(records.append)
-        yield Egressd(daemon, records)
+    async with recording_daemon(text, tmp_path, "socks5") as daemon:
+        yield daemon
 
 
 # --------------------------------------------------------------------------- clients
