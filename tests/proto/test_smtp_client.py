@@ -9,10 +9,16 @@ from chunking import SPLITTERS, Splitter, bytewise, whole
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egressd.proto.smtp import (
-    NEED_DATA,
+from egressd.proto.smtp_client import (
     ClientEvent,
     ClientState,
+    SmtpClient,
+    filter_mail_params,
+    filter_rcpt_params,
+    mail_incompatibility,
+)
+from egressd.proto.smtp_common import (
+    NEED_DATA,
     ConnectionClosed,
     Data,
     DataChunk,
@@ -30,12 +36,8 @@ from egressd.proto.smtp import (
     Reply,
     Rset,
     Sentinel,
-    SmtpClient,
     StartTls,
     Vrfy,
-    filter_mail_params,
-    filter_rcpt_params,
-    mail_incompatibility,
     parse_ehlo_extensions,
 )
 

@@ -10,15 +10,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from egressd.proto.smtp import (
+from egressd.proto.smtp_client import SmtpClient, mail_incompatibility
+from egressd.proto.smtp_common import (
     NEED_DATA,
     PAUSED,
-    BareLineEnding,
-    CommandError,
     ConnectionClosed,
     Data,
     DataChunk,
-    DataDiscarded,
     Ehlo,
     EndOfData,
     Helo,
@@ -27,10 +25,8 @@ from egressd.proto.smtp import (
     Rcpt,
     Reply,
     Rset,
-    SmtpClient,
-    SmtpServer,
-    mail_incompatibility,
 )
+from egressd.proto.smtp_server import BareLineEnding, CommandError, DataDiscarded, SmtpServer
 
 
 @dataclass

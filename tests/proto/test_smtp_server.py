@@ -10,17 +10,12 @@ from chunking import SPLITTERS, Splitter, whole
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egressd.proto.smtp import (
+from egressd.proto.smtp_common import (
     NEED_DATA,
     PAUSED,
-    AuthChallenge,
-    AuthCredentials,
-    BareLineEnding,
-    CommandError,
     ConnectionClosed,
     Data,
     DataChunk,
-    DataDiscarded,
     Ehlo,
     EndOfData,
     Helo,
@@ -34,11 +29,18 @@ from egressd.proto.smtp import (
     RemoteProtocolError,
     Reply,
     Rset,
+    StartTls,
+    Vrfy,
+)
+from egressd.proto.smtp_server import (
+    AuthChallenge,
+    AuthCredentials,
+    BareLineEnding,
+    CommandError,
+    DataDiscarded,
     ServerEvent,
     ServerState,
     SmtpServer,
-    StartTls,
-    Vrfy,
 )
 
 EXTENSIONS = (
