@@ -67,21 +67,9 @@ async def open_outbound(
         return await _dial_checked(egress, access, source, host, port)
     if pool is None:
         raise EgressRefused("unknown_pool", "the client named no pool and the listener has none")
-    first = egress.pick(pool)
-    try:
-        return await _dial_checked(egress, access, first, host, port)
-    except DialError as exc:
-        if not exc.source_fault:
-            raise
-        try:
-            second = egress.pick(pool, avoid=frozenset({first.name}))
-        except EgressRefused:
-            raise exc from None
-        log.info(
-            "retrying on the pool's next source",
-            extra={"fields": {"pool": pool, "failed": first.name, "next": second.name}},
-        )
-        return await _dial_checked(egress, access, second, host, port)
+    return await egress.through_pool(
+        pool, lambda picked: _dial_checked(egress, access, picked, host, port)
+    )
 
 
 async def _dial_checked(

@@ -244,17 +244,9 @@ class Relay:
         return in_pool and not tx.egress.health.is_suspended(source.name)
 
     async def _open(self, tx: Transaction, domain: str) -> RemoteSession:
-        egress = tx.egress
-        avoid: frozenset[str] = frozenset()
-        source_failure: DialError | None = None
-        for _ in range(2):
-            try:
-                source = egress.pick(tx.pool, avoid)
-            except EgressRefused as exc:
-                if source_failure is not None:
-                    break
-                enhanced = "4.3.5" if exc.kind == "unknown_pool" else "4.4.5"
-                raise _Refusal(temporary(enhanced, f"pool {tx.pool}: {exc}")) from exc
+        """A remote session through the pool's next source (retried once on a source fault)."""
+
+        async def attempt(source: Source) -> RemoteSession:
             hop = await self._next_hop(tx, domain, source.egress_version)
             denied = denied_addresses(hop, tx.config)
             if all(a in denied for h in hop.hosts for a in h.addresses):
@@ -266,7 +258,7 @@ class Relay:
                 )
             try:
                 return await open_remote(
-                    egress,
+                    tx.egress,
                     self.runtime,
                     source,
                     hop,
@@ -275,11 +267,14 @@ class Relay:
                 )
             except RemoteError as exc:
                 raise _Refusal(exc.reply) from exc
-            except DialError as exc:  # the source's own fault: try the pool's next source
-                source_failure = exc
-                avoid = avoid | {source.name}
-        assert source_failure is not None
-        raise _Refusal(temporary("4.3.0", str(source_failure)))
+
+        try:
+            return await tx.egress.through_pool(tx.pool, attempt)
+        except EgressRefused as exc:
+            enhanced = "4.3.5" if exc.kind == "unknown_pool" else "4.4.5"
+            raise _Refusal(temporary(enhanced, f"pool {tx.pool}: {exc}")) from exc
+        except DialError as exc:  # the source's own fault, on every source tried
+            raise _Refusal(temporary("4.3.0", str(exc))) from exc
 
     async def _next_hop(self, tx: Transaction, domain: str, version: int | None) -> NextHop:
         key = (domain, version)

@@ -22,9 +22,9 @@ handshake.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from egressd.config import Config, Source
 from egressd.health import FailureKind, SourceHealth, policy_for
@@ -33,6 +33,8 @@ from egressd.net.dialer import Dialed, DialError, dial_within
 from egressd.pools import NoSourcesAvailable, PoolSet, SelectionError
 
 log = get_logger("egress")
+
+T = TypeVar("T")
 
 RefusalKind = Literal["unknown_pool", "no_sources", "source_limit", "unknown_source"]
 
@@ -123,9 +125,19 @@ class Egress:
             return await self._dial(source, host, port)
         if pool is None:
             raise EgressRefused("unknown_pool", "no pool given")
+        return await self.through_pool(pool, lambda picked: self._dial(picked, host, port))
+
+    async def through_pool(self, pool: str, attempt: Callable[[Source], Awaitable[T]]) -> T:
+        """Run ``attempt`` on the pool's next source, and once more on the following source
+        when the first failed through its own fault (nothing reached the destination yet).
+
+        Every front door's dialing goes through here, so the retry policy lives in one place.
+        Raises :class:`EgressRefused` when the pool gives no source, else what ``attempt``
+        raised (the first failure when no second source is available).
+        """
         first = self.pick(pool)
         try:
-            return await self._dial(first, host, port)
+            return await attempt(first)
         except DialError as exc:
             if not exc.source_fault:
                 raise
@@ -137,7 +149,7 @@ class Egress:
                 "retrying on the pool's next source",
                 extra={"fields": {"pool": pool, "failed": first.name, "next": second.name}},
             )
-            return await self._dial(second, host, port)
+            return await attempt(second)
 
     def _check_source_cap(self, source: Source) -> None:
         cap = self.config.limits.max_connections_per_source

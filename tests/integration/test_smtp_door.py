@@ -756,3 +756,23 @@ async def test_metrics_count_relayed_transactions_by_reply_class(
     name = "egressd_smtp_transactions_total"
     assert sample(exposition, name, pool="main", reply_class="5xx") == 2
     assert sample(exposition, name, pool="main", reply_class="2xx") in (None, 0)
+
+
+async def test_an_unplumbed_source_is_retried_once_on_the_pools_next_source(
+    tmp_path: Path, nursery: trio.Nursery, port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="egressd")
+    remote = await start_scripted_mx(nursery, port=port)
+    extra = (
+        '[source."gone"]\nsource_address = "203.0.113.7"\n'
+        '[pool."mixed"."gone"]\nweight = 5\n[pool."mixed"."a"]\n'
+        '[smtp.sender_pools]\n"@sender.test" = "mixed"\n'
+    )
+    async with egressd(tmp_path, routed(port, extra=extra)) as relay, mta(relay) as client:
+        replies = await transaction(client, ["rcpt@good.test"])
+    assert replies[-1] == "250 2.0.0 scripted queued"
+    assert [s.peer for s in remote.sessions] == ["127.0.0.3"]
+    retries = [r for r in caplog.records if r.getMessage() == "retrying on the pool's next source"]
+    assert [dict(getattr(r, "fields", {})) for r in retries] == [
+        {"pool": "mixed", "failed": "gone", "next": "a"}
+    ]
