@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ from egressd.config import Config, ConfigError, Endpoint, Listener, load_config
 from egressd.log import get_logger, setup_logging
 from egressd.metrics import Metrics
 from egressd.net import sdnotify
-from egressd.net.listen import accept_loop, bound_port, open_listener, peer_of
+from egressd.net.connection import Connection
+from egressd.net.listen import accept_loop, bound_port, close_listener, open_listener, peer_of
 from egressd.observe import Extras
 from egressd.runtime import Overloaded, Runtime, SessionRecord
 
@@ -59,13 +61,13 @@ class Door(Protocol):
 
     async def handle(
         self,
-        stream: trio.SocketStream,
+        stream: Connection,
         runtime: Runtime,
         listener: Listener,
         record: SessionRecord,
     ) -> None: ...
 
-    async def refuse(self, stream: trio.SocketStream, reason: str) -> None:
+    async def refuse(self, stream: Connection, reason: str) -> None:
         """Answer a connection that cannot be served (overload) protocol-correctly."""
 
 
@@ -134,17 +136,17 @@ class Daemon:
         return {key: running.port for key, running in self.listeners.items()}
 
     async def start_listener(self, key: tuple[str, Endpoint], listener: Listener) -> None:
-        self._run_listener(key, listener, await open_listener(key[1]))
+        self._run_listener(key, listener, open_listener(key[1]))
 
     def _run_listener(
-        self, key: tuple[str, Endpoint], listener: Listener, socket_listener: trio.SocketListener
+        self, key: tuple[str, Endpoint], listener: Listener, socket_listener: socket.socket
     ) -> None:
         door_name, address = key
         running = _Running(door_name, listener, trio.CancelScope(), bound_port(socket_listener))
         self.listeners[key] = running
 
-        async def handler(stream: trio.SocketStream) -> None:
-            await self.handle_connection(self.doors[running.door], running, stream)
+        async def handler(connection: Connection) -> None:
+            await self.handle_connection(self.doors[running.door], running, connection)
 
         async def loop() -> None:
             try:
@@ -184,21 +186,21 @@ class Daemon:
 
     async def _open_new_listeners(
         self, config: Config
-    ) -> dict[tuple[str, Endpoint], trio.SocketListener]:
+    ) -> dict[tuple[str, Endpoint], socket.socket]:
         """Bind every listener ``config`` adds; on a failure close them all and raise OSError.
 
         An address that stays but moves to another door keeps its socket (see
         :meth:`_adopt_listeners`), so nothing here binds an address that is already bound.
         """
         running_addresses = {address for _, address in self.listeners}
-        opened: dict[tuple[str, Endpoint], trio.SocketListener] = {}
+        opened: dict[tuple[str, Endpoint], socket.socket] = {}
         try:
             for key in configured_listeners(config):
                 if key[1] not in running_addresses:
-                    opened[key] = await open_listener(key[1])
+                    opened[key] = open_listener(key[1])
         except OSError as exc:
             for socket_listener in opened.values():
-                await socket_listener.aclose()
+                close_listener(socket_listener)
             raise OSError(
                 exc.errno, f"cannot listen on {key[1]} ({key[0]}): {exc.strerror}"
             ) from exc
@@ -207,7 +209,7 @@ class Daemon:
     def _adopt_listeners(
         self,
         config: Config,
-        opened: dict[tuple[str, Endpoint], trio.SocketListener],
+        opened: dict[tuple[str, Endpoint], socket.socket],
     ) -> list[_Running]:
         """Start ``opened``, re-tag kept listeners, stop dropped ones; return the stopped."""
         wanted = configured_listeners(config)
@@ -234,9 +236,9 @@ class Daemon:
         return stopped
 
     async def handle_connection(
-        self, door: Door, running: _Running, stream: trio.SocketStream
+        self, door: Door, running: _Running, connection: Connection
     ) -> None:
-        host, port = peer_of(stream)
+        host, port = peer_of(connection)
         client = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         refusal = client_refusal(self.runtime.config.access, host)
         if refusal is not None:
@@ -245,14 +247,14 @@ class Daemon:
         try:
             async with self.runtime.session(door.name, client) as record:
                 record.pool = running.listener.pool
-                await door.handle(stream, self.runtime, running.listener, record)
+                await door.handle(connection, self.runtime, running.listener, record)
         except Overloaded as exc:
             log.warning(
                 "connection refused", extra={"fields": {"client": client, "reason": str(exc)}}
             )
             self.metrics.connections.labels(door.name, "", "", "overloaded").inc()
             with trio.move_on_after(5):
-                await door.refuse(stream, str(exc))
+                await door.refuse(connection, str(exc))
 
     async def reload(self, reason: str) -> bool:
         """Load, validate and swap in the configuration; True when it was swapped.

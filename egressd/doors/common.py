@@ -35,6 +35,7 @@ import trio
 from egressd.access import destination_refusal
 from egressd.config import AccessSettings, IPAddress, Source, format_hostport
 from egressd.log import get_logger
+from egressd.net.connection import Connection
 from egressd.net.dialer import Dialed, DialError, DialFailure, resolve_destination
 from egressd.net.egress import Egress, EgressRefused
 from egressd.net.splice import Traffic, relay
@@ -171,7 +172,7 @@ def note_refusal(record: SessionRecord, exc: Denied | EgressRefused | DialError)
 async def relay_session(
     runtime: Runtime,
     record: SessionRecord,
-    client: trio.SocketStream,
+    client: Connection,
     dialed: Dialed,
     *,
     idle_timeout: float,

@@ -38,6 +38,7 @@ from egressd.doors.common import (
     open_outbound,
     relay_session,
 )
+from egressd.net.connection import Connection
 from egressd.net.dialer import DialError
 from egressd.net.egress import EgressRefused
 from egressd.proto.proxy_header import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
@@ -55,7 +56,7 @@ class ProxyDoor:
 
     async def handle(
         self,
-        stream: trio.SocketStream,
+        stream: Connection,
         runtime: Runtime,
         listener: Listener,
         record: SessionRecord,
@@ -86,14 +87,14 @@ class ProxyDoor:
         try:
             await relay_session(runtime, record, stream, dialed, idle_timeout=limits.idle_timeout)
         finally:
-            dialed.stream.socket.close()  # synchronous: nothing to flush, no checkpoint
+            dialed.stream.close()  # synchronous: nothing to flush, no checkpoint
 
-    async def refuse(self, stream: trio.SocketStream, reason: str) -> None:
+    async def refuse(self, stream: Connection, reason: str) -> None:
         """Nothing can be said in the PROXY protocol: the daemon closes the connection."""
 
 
 async def _header_or_none(
-    stream: trio.SocketStream, record: SessionRecord, timeout: float
+    stream: Connection, record: SessionRecord, timeout: float
 ) -> ProxyHeader | None:
     """The header, or None with the record's outcome set (timeout, EOF, malformed)."""
     try:

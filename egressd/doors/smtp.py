@@ -43,6 +43,7 @@ import trio
 from egressd.config import Config, Listener
 from egressd.doors.smtp_relay import Relay, pool_for
 from egressd.log import get_logger
+from egressd.net.connection import Connection
 from egressd.net.tls import server_context
 from egressd.proto.smtp_common import (
     NEED_DATA,
@@ -131,14 +132,14 @@ class SmtpDoor:
 
     async def handle(
         self,
-        stream: trio.SocketStream,
+        stream: Connection,
         runtime: Runtime,
         listener: Listener,
         record: SessionRecord,
     ) -> None:
         await MtaSession(self, stream, runtime, listener, record).run()
 
-    async def refuse(self, stream: trio.SocketStream, reason: str) -> None:
+    async def refuse(self, stream: Connection, reason: str) -> None:
         hostname = await trio.to_thread.run_sync(_fqdn)
         reply = _local(421, "4.3.2", f"{hostname} {reason}; try again later")
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -155,7 +156,7 @@ class MtaSession:
     def __init__(
         self,
         door: SmtpDoor,
-        stream: trio.SocketStream,
+        stream: Connection,
         runtime: Runtime,
         listener: Listener,
         record: SessionRecord,

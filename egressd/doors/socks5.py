@@ -59,6 +59,7 @@ from egressd.doors.common import (
     open_outbound,
     relay_session,
 )
+from egressd.net.connection import Connection
 from egressd.net.dialer import Dialed, DialError
 from egressd.net.egress import Egress, EgressRefused
 from egressd.proto.socks5 import (
@@ -85,7 +86,7 @@ class Socks5Door:
 
     async def handle(
         self,
-        stream: trio.SocketStream,
+        stream: Connection,
         runtime: Runtime,
         listener: Listener,
         record: SessionRecord,
@@ -93,7 +94,7 @@ class Socks5Door:
         session = _Session(stream, runtime, listener, record)
         await session.run()
 
-    async def refuse(self, stream: trio.SocketStream, reason: str) -> None:
+    async def refuse(self, stream: Connection, reason: str) -> None:
         """Answer the greeting, then reply 01 (general failure) to the first request."""
         server = Socks5Server()
         try:
@@ -114,7 +115,7 @@ class Socks5Door:
             return
 
 
-async def _receive(stream: trio.SocketStream) -> bytes:
+async def _receive(stream: Connection) -> bytes:
     """The next bytes from the client; a reset counts as EOF."""
     try:
         return await stream.receive_some(_RECEIVE_SIZE)
@@ -122,7 +123,7 @@ async def _receive(stream: trio.SocketStream) -> bytes:
         return b""
 
 
-async def _send(stream: trio.SocketStream, data: bytes) -> None:
+async def _send(stream: Connection, data: bytes) -> None:
     if data:
         await stream.send_all(data)
 
@@ -132,7 +133,7 @@ class _Session:
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        stream: Connection,
         runtime: Runtime,
         listener: Listener,
         record: SessionRecord,
@@ -175,7 +176,7 @@ class _Session:
                     client_data=self.server.trailing_data,
                 )
             finally:
-                dialed.stream.socket.close()  # synchronous: nothing to flush, no checkpoint
+                dialed.stream.close()  # synchronous: nothing to flush, no checkpoint
         except trio.BrokenResourceError as exc:
             if self.record.outcome in ("closed", "ok"):
                 self.record.outcome = "closed"

@@ -60,6 +60,7 @@ from typing import Any, ClassVar, Literal
 import trio
 
 from egressd.config import Endpoint, HopKind, IPAddress, Source, format_hostport
+from egressd.net.connection import Connection
 from egressd.proto.proxy_header import build_v2
 from egressd.proto.socks5 import Reply, Socks5Client, Socks5ClientError
 
@@ -216,7 +217,7 @@ class Dialed:
     last reply; deliver them before anything read from ``stream``.
     """
 
-    stream: trio.SocketStream
+    stream: Connection
     source: Source
     via: HopKind
     local_address: tuple[str, int]
@@ -369,7 +370,7 @@ class _Dial:
                 raise self._connect_error(exc, target) from exc
             local_address = _host_port(sock.getsockname())
             return Dialed(
-                stream=trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
+                stream=Connection(sock, target),
                 source=self.source,
                 via="direct",
                 local_address=local_address,
@@ -387,7 +388,7 @@ class _Dial:
         target = (str(address), port)
         sock, hop_address = await self._open_hop(hop)
         try:
-            stream = trio.SocketStream(sock)
+            stream = Connection(sock, hop_address)
             self.stage = "hop_handshake"
             header = build_v2(src, 0, address, port)
             await self._send(stream, header, hop_address, "sending the PROXY header")
@@ -400,7 +401,7 @@ class _Dial:
                 hop_address=hop_address,
             )
         except BaseException:
-            sock.close()
+            _close(sock)
             raise
 
     async def _via_socks5(self, address: IPAddress, port: int) -> Dialed:
@@ -411,7 +412,7 @@ class _Dial:
         target = (str(address), port)
         sock, hop_address = await self._open_hop(hop)
         try:
-            stream = trio.SocketStream(sock)
+            stream = Connection(sock, hop_address)
             client = Socks5Client(
                 str(address),
                 port,
@@ -443,12 +444,12 @@ class _Dial:
                 initial_data=client.trailing,
             )
         except BaseException:
-            sock.close()
+            _close(sock)
             raise
 
     # ----------------------------------------------------------------------- the hop
 
-    async def _open_hop(self, hop: Endpoint) -> tuple[trio.socket.SocketType, tuple[str, int]]:
+    async def _open_hop(self, hop: Endpoint) -> tuple[socket.socket, tuple[str, int]]:
         """A socket connected to the hop; every address of a hop name is tried in turn."""
         self.stage, self.address = "hop_connect", (hop.host, hop.port)
         bind = self.source.source_address
@@ -473,7 +474,7 @@ class _Dial:
             except BaseException:
                 _close(sock)
                 raise
-            return trio.socket.from_stdlib_socket(sock), target
+            return sock, target
         raise self._hop_error(
             DialFailure.HOP_UNREACHABLE,
             f"cannot connect to {self.source.hop} server {hop}: " + "; ".join(failures),
@@ -506,14 +507,14 @@ class _Dial:
         return matching
 
     async def _send(
-        self, stream: trio.SocketStream, data: bytes, hop: tuple[str, int], during: str
+        self, stream: Connection, data: bytes, hop: tuple[str, int], during: str
     ) -> None:
         try:
             await stream.send_all(data)
         except (trio.BrokenResourceError, OSError) as exc:
             raise self._broken(exc, hop, during) from exc
 
-    async def _receive(self, stream: trio.SocketStream, hop: tuple[str, int], during: str) -> bytes:
+    async def _receive(self, stream: Connection, hop: tuple[str, int], during: str) -> bytes:
         try:
             return await stream.receive_some(_RECEIVE_SIZE)
         except (trio.BrokenResourceError, OSError) as exc:
@@ -534,7 +535,7 @@ class _Dial:
     # Setting up a socket (create, bind an IP literal, start the connect) never blocks, so
     # it is done on a plain non-blocking socket.socket: trio's async bind() and connect()
     # would run each IP literal through getaddrinfo and add a trip through the scheduler.
-    # The socket is handed to trio (from_stdlib_socket) once it is connected.
+    # Once connected, the socket becomes a Connection.
 
     def _socket(self, version: int, target: tuple[str, int]) -> socket.socket:
         family = socket.AF_INET6 if version == 6 else socket.AF_INET

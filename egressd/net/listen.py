@@ -2,83 +2,112 @@
 
 The accept loop runs in the listener's own cancel scope, but the connections it accepts
 run in a nursery the caller provides, so a listener can be closed (on reload or at the
-start of a drain) without touching the connections it already accepted. A handler's
-exception is logged and never reaches the accept loop; every accepted stream is closed in
-a ``finally``. When the process runs out of descriptors (EMFILE and friends) the loop
-pauses briefly instead of dying.
+start of a drain) without touching the connections it already accepted. Each accepted
+socket becomes a :class:`~egressd.net.connection.Connection` that knows its peer (what
+``accept`` returned). A handler's exception is logged and never reaches the accept loop;
+every accepted connection is closed in a ``finally``. When the process runs out of
+descriptors (EMFILE and friends) the loop pauses briefly instead of dying.
+
+``accept`` is tried before waiting for readiness, and a burst of waiting clients is taken
+in one go (yielding every :data:`ACCEPT_BURST` accepts so the connections get to run).
 """
 
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from egressd.config import Endpoint
 from egressd.log import get_logger
+from egressd.net.connection import Connection
 
 log = get_logger("listen")
 
-Handler = Callable[[trio.SocketStream], Awaitable[None]]
+Handler = Callable[[Connection], Awaitable[None]]
+
+ACCEPT_BURST = 64
+"""Connections accepted back to back before the accept loop yields to them."""
 
 _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _CAPACITY_PAUSE = 0.1
 
 
-async def open_listener(address: Endpoint, backlog: int = 4096) -> trio.SocketListener:
-    """Bind ``address`` (an IP literal; port 0 picks a free port)."""
-    listeners = await trio.open_tcp_listeners(address.port, host=address.host, backlog=backlog)
-    if len(listeners) != 1:  # an IP literal resolves to exactly one address
-        for extra in listeners:
-            await extra.aclose()
-        raise OSError(f"{address} resolved to {len(listeners)} addresses")
-    return listeners[0]
+def open_listener(address: Endpoint, backlog: int = 4096) -> socket.socket:
+    """A non-blocking socket listening on ``address`` (an IP literal; port 0 picks one)."""
+    ip = address.ip
+    if ip is None:
+        raise OSError(errno.EINVAL, f"{address}: a listener needs an IP address")
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((str(ip), address.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
-def bound_port(listener: trio.SocketListener) -> int:
-    port: int = listener.socket.getsockname()[1]
+def bound_port(listener: socket.socket) -> int:
+    port: int = listener.getsockname()[1]
     return port
 
 
-async def accept_loop(
-    listener: trio.SocketListener, handler: Handler, connections: trio.Nursery
-) -> None:
-    """Accept until cancelled; run each connection in ``connections``."""
-    async with listener:
+def close_listener(listener: socket.socket) -> None:
+    trio.lowlevel.notify_closing(listener)
+    listener.close()
+
+
+async def accept_loop(listener: socket.socket, handler: Handler, connections: trio.Nursery) -> None:
+    """Accept until cancelled; run each connection in ``connections``. Closes ``listener``."""
+    try:
+        accepted = 0
         while True:
             try:
-                stream = await listener.accept()
+                sock, peer = listener.accept()
+            except BlockingIOError:
+                accepted = 0
+                await trio.lowlevel.wait_readable(listener)
+                continue
             except OSError as exc:
                 if exc.errno not in _CAPACITY_ERRNOS:
                     raise
                 log.error("accept paused: %s", exc.strerror)
                 await trio.sleep(_CAPACITY_PAUSE)
                 continue
-            connections.start_soon(run_handler, handler, stream)
+            connections.start_soon(run_handler, handler, Connection(sock, _host_port(peer)))
+            accepted += 1
+            if accepted >= ACCEPT_BURST:
+                accepted = 0
+                await trio.lowlevel.checkpoint()
+    finally:
+        close_listener(listener)
 
 
-async def run_handler(handler: Handler, stream: trio.SocketStream) -> None:
+async def run_handler(handler: Handler, connection: Connection) -> None:
     try:
-        await handler(stream)
+        await handler(connection)
     except Exception:
         log.exception("connection handler failed")
     finally:
-        close_now(stream)
+        connection.close()
 
 
-def close_now(stream: trio.SocketStream) -> None:
-    """Close ``stream`` at once, without a checkpoint.
-
-    For a socket stream this is what ``trio.aclose_forcefully`` does (there is nothing to
-    flush), minus a cancel scope and two trips through the scheduler per connection.
-    """
-    stream.socket.close()
+def _host_port(peer: tuple[str, int] | tuple[str, int, int, int]) -> tuple[str, int]:
+    return (str(peer[0]), int(peer[1]))
 
 
-def peer_of(stream: trio.SocketStream) -> tuple[str, int]:
+def peer_of(connection: Connection) -> tuple[str, int]:
+    if connection.peer is not None:
+        return connection.peer
     try:
-        peer = stream.socket.getpeername()
+        return _host_port(connection.socket.getpeername())
     except OSError:
         return ("?", 0)
-    return (str(peer[0]), int(peer[1]))

@@ -15,7 +15,8 @@ Half-close
     proxies get wrong by closing both directions on the first EOF.
 
 Zero-copy path (Linux)
-    When both ends are plain TCP :class:`trio.SocketStream` s, bytes move with
+    When both ends are plain TCP sockets (a :class:`~egressd.net.connection.Connection`
+    or a :class:`trio.SocketStream`), bytes move with
     ``os.splice`` from the source socket into a pipe and from the pipe into the other
     socket: they never enter user space. Writes are tried non-blocking first and wait for
     readiness (``trio.lowlevel.wait_writable``) only on EAGAIN; reads wait for readiness
@@ -56,6 +57,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import trio
+
+from egressd.net.connection import Connection
 
 __all__ = [
     "CHUNK_SIZE",
@@ -107,15 +110,19 @@ def can_splice(*streams: trio.abc.Stream) -> bool:
     if not hasattr(os, "splice"):
         return False
     for stream in streams:
-        if not isinstance(stream, trio.SocketStream):
+        sock = _socket_of(stream)
+        if sock is None or sock.type != socket.SOCK_STREAM:
             return False
-        sock = stream.socket
-        if sock.type != socket.SOCK_STREAM or sock.family not in (
-            socket.AF_INET,
-            socket.AF_INET6,
-        ):
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
             return False
     return True
+
+
+def _socket_of(stream: trio.abc.Stream) -> socket.socket | trio.socket.SocketType | None:
+    """The TCP socket under a :class:`Connection` or a :class:`trio.SocketStream`."""
+    if isinstance(stream, Connection | trio.SocketStream):
+        return stream.socket
+    return None
 
 
 async def relay(
@@ -137,7 +144,7 @@ async def relay(
     """
     use_splice = can_splice(client, remote) if zero_copy is None else zero_copy
     if use_splice and not can_splice(client, remote):
-        raise ValueError("zero_copy=True needs two TCP trio.SocketStreams on Linux")
+        raise ValueError("zero_copy=True needs two TCP socket streams on Linux")
     with trio.CancelScope() as idle_scope:
         watch = _IdleWatch(idle_scope, idle_timeout)
 
@@ -183,9 +190,9 @@ class _Relay:
             if first:
                 await _send_first(dst, first, sides[1])
                 count(len(first))
-            if self.use_splice:
-                assert isinstance(src, trio.SocketStream) and isinstance(dst, trio.SocketStream)
-                await _pump_splice(src.socket, dst.socket, count, sides)
+            src_socket, dst_socket = _socket_of(src), _socket_of(dst)
+            if self.use_splice and src_socket is not None and dst_socket is not None:
+                await _pump_splice(src_socket, dst_socket, count, sides)
             else:
                 await _pump_streams(src, dst, count, sides)
         except _Broken as exc:
@@ -249,8 +256,8 @@ async def _pump_streams(
 
 
 async def _pump_splice(
-    src: trio.socket.SocketType,
-    dst: trio.socket.SocketType,
+    src: socket.socket | trio.socket.SocketType,
+    dst: socket.socket | trio.socket.SocketType,
     count: Callable[[int], None],
     sides: tuple[Side, Side],
 ) -> None:
