@@ -51,6 +51,7 @@ import enum
 import errno
 import functools
 import ipaddress
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable
@@ -247,10 +248,9 @@ async def dial_within(
     seconds: float, source: Source, host: str | IPAddress, port: int | None = None
 ) -> Dialed:
     """:func:`dial` under one deadline; expiry raises :class:`DialError` of kind timeout."""
-    attempt = _Dial(source)
+    attempt = _Dial(source, deadline=trio.current_time() + seconds)
     try:
-        with trio.fail_after(seconds):
-            return await attempt.run(host, port)
+        return await attempt.run(host, port)
     except trio.TooSlowError as exc:
         where = _STAGE_TEXT[attempt.stage]
         target = format_hostport(*attempt.address) if attempt.address else str(host)
@@ -312,8 +312,9 @@ async def resolve_destination(
 class _Dial:
     """One dial from one source; remembers how far it got, for the timeout message."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, deadline: float = math.inf) -> None:
         self.source = source
+        self.deadline = deadline  # only the waits are bounded: see _connect
         self.stage: DialStage = "resolve"
         self.address: tuple[str, int] | None = None
         bound = f" from {source.source_address}" if source.source_address is not None else ""
@@ -323,9 +324,7 @@ class _Dial:
         source = self.source
         port = destination_port(source, port)
         self.stage, self.address = "resolve", None
-        addresses = await resolve_destination(
-            host, port, source.egress_version, source_name=source.name
-        )
+        addresses = await self._resolve(host, port)
         attempt: Callable[[IPAddress, int], Awaitable[Dialed]]
         if source.hop == "haproxy":
             attempt = self._via_haproxy
@@ -355,6 +354,13 @@ class _Dial:
             socks_reply=last.socks_reply,
         ) from last
 
+    async def _resolve(self, host: str | IPAddress, port: int) -> list[IPAddress]:
+        version = self.source.egress_version
+        if _as_ip(host) is not None:  # a literal: nothing to wait for
+            return await resolve_destination(host, port, version, source_name=self.source.name)
+        with trio.fail_at(self.deadline):
+            return await resolve_destination(host, port, version, source_name=self.source.name)
+
     # ----------------------------------------------------------------------- the three paths
 
     async def _direct(self, address: IPAddress, port: int) -> Dialed:
@@ -365,7 +371,7 @@ class _Dial:
             if self.source.source_address is not None:
                 self._bind(sock, self.source.source_address, target)
             try:
-                await _connect(sock, target)
+                await _connect(sock, target, self.deadline)
             except OSError as exc:
                 raise self._connect_error(exc, target) from exc
             local_address = _host_port(sock.getsockname())
@@ -386,7 +392,8 @@ class _Dial:
         if src is None or hop is None:
             raise ValueError(f"source {self.source.name!r}: haproxy hop needs both keys set")
         target = (str(address), port)
-        sock, hop_address = await self._open_hop(hop)
+        with trio.fail_at(self.deadline):
+            sock, hop_address = await self._open_hop(hop)
         try:
             stream = Connection(sock, hop_address)
             self.stage = "hop_handshake"
@@ -410,7 +417,8 @@ class _Dial:
         if hop is None:  # pragma: no cover - source.hop says it is set
             raise ValueError(f"source {source.name!r}: socks5 hop without a server")
         target = (str(address), port)
-        sock, hop_address = await self._open_hop(hop)
+        with trio.fail_at(self.deadline):
+            sock, hop_address = await self._open_hop(hop)
         try:
             stream = Connection(sock, hop_address)
             client = Socks5Client(
@@ -463,7 +471,7 @@ class _Dial:
             try:
                 if bind is not None:
                     self._bind(sock, bind, target)
-                await _connect(sock, target)
+                await _connect(sock, target, self.deadline)
             except OSError as exc:
                 _close(sock)
                 if exc.errno in _LOCAL_ERRNOS:
@@ -510,13 +518,15 @@ class _Dial:
         self, stream: Connection, data: bytes, hop: tuple[str, int], during: str
     ) -> None:
         try:
-            await stream.send_all(data)
+            with trio.fail_at(self.deadline):
+                await stream.send_all(data)
         except (trio.BrokenResourceError, OSError) as exc:
             raise self._broken(exc, hop, during) from exc
 
     async def _receive(self, stream: Connection, hop: tuple[str, int], during: str) -> bytes:
         try:
-            return await stream.receive_some(_RECEIVE_SIZE)
+            with trio.fail_at(self.deadline):
+                return await stream.receive_some(_RECEIVE_SIZE)
         except (trio.BrokenResourceError, OSError) as exc:
             raise self._broken(exc, hop, during) from exc
 
@@ -649,20 +659,32 @@ class _Dial:
 # --------------------------------------------------------------------------- helpers
 
 
-async def _connect(sock: socket.socket, target: tuple[str, int]) -> None:
-    """Connect the non-blocking ``sock``; raises OSError as ``socket.connect`` would.
+async def _connect(sock: socket.socket, target: tuple[str, int], deadline: float) -> None:
+    """Connect the non-blocking ``sock``; raises OSError as ``socket.connect`` would, and
+    trio.TooSlowError when it must wait past ``deadline``.
 
-    Cancelled while waiting, the caller closes the socket (a connect cannot be undone).
+    A connection to this host (loopback, a local hop) is complete when connect() returns,
+    even when it says EINPROGRESS; then there is nothing to wait for, and no timeout scope
+    is set up. Cancelled while waiting, the caller closes the socket.
     """
     try:
         sock.connect(target)
     except BlockingIOError:
-        await trio.lowlevel.wait_writable(sock)
+        if _is_connected(sock):
+            return
+        with trio.fail_at(deadline):
+            await trio.lowlevel.wait_writable(sock)
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code != 0:
             raise OSError(code, f"Error connecting to {target!r}: {os.strerror(code)}") from None
-    else:
-        await trio.lowlevel.checkpoint()
+
+
+def _is_connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 def _close(sock: socket.socket) -> None:
