@@ -27,6 +27,7 @@ control socket keep answering during the drain.
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import signal
@@ -451,6 +452,7 @@ def run_daemon(config: Config, *, json_logs: bool = False) -> int:
         "starting",
         extra={"fields": {"config": str(config.path), "pid": os.getpid(), "open_files": soft}},
     )
+    tune_garbage_collector()
     try:
         trio.run(partial(serve, config, json_logs=json_logs))
     except Exception as exc:
@@ -461,6 +463,19 @@ def run_daemon(config: Config, *, json_logs: bool = False) -> int:
         return 1
     log.info("stopped")
     return 0
+
+
+def tune_garbage_collector() -> None:
+    """Keep the collector off the per-connection path.
+
+    What exists after startup (modules, configuration) lives as long as the process:
+    ``gc.freeze`` moves it out of every later collection. A connection allocates a few
+    hundred objects, most freed by reference counting; a youngest-generation threshold of
+    10,000 instead of 700 makes the collector run a dozen times less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def _startup_error(exc: BaseException) -> OSError | None:
