@@ -243,3 +243,20 @@ async def test_the_trio_path_relays_any_half_closeable_stream() -> None:
             await remote_app.send_eof()
             assert await read_to_eof(client_app) == b"221 bye\r\n"
     assert results == [RelayResult("ok")]
+
+
+async def test_a_relay_cancelled_midway_leaves_the_splice_reactor_serving_the_next() -> None:
+    """A drain or shutdown cancels spliced sessions in flight; the next ones still flow."""
+    async with relayed(True) as first:
+        await first.client_app.send_all(b"one")
+        with trio.fail_after(5):
+            assert await first.remote_app.receive_some(10) == b"one"
+    # Leaving the block cancelled the first relay in the middle of its session.
+    assert first.result is None and first.traffic.up == 3
+    for _ in range(3):  # the next pairs get the same descriptor numbers back
+        async with relayed(True) as following:
+            await following.client_app.send_all(b"two")
+            with trio.fail_after(5):
+                assert await following.remote_app.receive_some(10) == b"two"
+                await following.remote_app.send_all(b"reply")
+                assert await following.client_app.receive_some(10) == b"reply"
