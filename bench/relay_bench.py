@@ -5,7 +5,7 @@ one invocation, each server as its own process started here and stopped by its P
 
 throughput      one connection moves ``--gib`` GiB (default 1) client -> sink through
                 egressd's SOCKS5 door (os.splice path), socat (``-b65536``), HAProxy (tcp
-                mode) and directly; median of ``--repeat`` runs. Target: egressd >= socat.
+                mode) and directly. Target: egressd >= socat.
 splice paths    the same through a bare trio relay built on egressd.net.splice, zero-copy
                 vs the portable trio path.
 session rate    ``--sessions`` short sessions (connect, SOCKS5 handshake, one line echoed,
@@ -13,6 +13,11 @@ session rate    ``--sessions`` short sessions (connect, SOCKS5 handshake, one li
                 Target: egressd >= Dante.
 idle memory     ``--idle`` sessions opened through a fresh egressd, one exchange each, then
                 left idle; the daemon's RSS growth per session. Target: <= 20 KiB.
+
+All servers run at once and the measurements alternate: each of ``--repeat`` rounds takes
+one throughput run through each contender and one session-rate run through egressd and
+through Dante; the table shows medians over the rounds. (This machine's speed drifts by tens
+of percent over minutes; measuring in rounds spreads the drift over every contender.)
 
 The load generators are bench/relay_load.py processes, so the client, the proxy and the
 sink do not share an interpreter. Nothing is installed: scripts/test sets up .venv and
@@ -277,45 +282,60 @@ class Row:
         return None
 
 
-def throughput(proxy: str | None, sink: int, size: int, repeat: int, socks: bool) -> float:
-    """GiB/s, median of ``repeat`` runs."""
+def blast_once(proxy: str | None, sink: int, size: int, socks: bool) -> float:
+    """GiB/s of one ``size``-byte transfer to ``sink``, directly or through ``proxy``."""
     if proxy is None:
         args = ["blast", "--dest", f"127.0.0.1:{sink}"]
     elif socks:
         args = ["blast", "--proxy", proxy, "--dest", f"127.0.0.1:{sink}"]
     else:  # a plain TCP forwarder: connect to it as if it were the sink
         args = ["blast", "--dest", proxy]
-    args += ["--bytes", str(size)]
-    speeds = []
-    for _ in range(repeat):
-        result = load(*args)
-        speeds.append(result["bytes"] / result["seconds"] / GIB)
-    return statistics.median(speeds)
+    result = load(*args, "--bytes", str(size))
+    return result["bytes"] / result["seconds"] / GIB
 
 
-def session_rate(
-    proxy: int, pid: int, sink: int, sessions: int, concurrency: int, repeat: int
-) -> tuple[float, float]:
-    """Sessions per second (median) and the proxy's CPU milliseconds per session."""
-    rates = []
+def sessions_once(proxy: int, pid: int, sink: int, sessions: int, concurrency: int) -> Sample:
+    """One run of ``sessions`` short sessions through the SOCKS5 proxy at ``proxy``."""
     cpu_before = cpu_seconds(pid)
-    for _ in range(repeat):
-        result = load(
-            "rate",
-            "--proxy",
-            f"127.0.0.1:{proxy}",
-            "--dest",
-            f"127.0.0.1:{sink}",
-            "--sessions",
-            str(sessions),
-            "--concurrency",
-            str(concurrency),
-        )
-        if result["failures"]:
-            sys.exit(f"bench: {result['failures']} of {sessions} sessions failed")
-        rates.append(result["sessions"] / result["seconds"])
-    cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / (sessions * repeat)
-    return statistics.median(rates), cpu_ms
+    result = load(
+        "rate",
+        "--proxy",
+        f"127.0.0.1:{proxy}",
+        "--dest",
+        f"127.0.0.1:{sink}",
+        "--sessions",
+        str(sessions),
+        "--concurrency",
+        str(concurrency),
+    )
+    if result["failures"]:
+        sys.exit(f"bench: {result['failures']} of {sessions} sessions failed")
+    cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / sessions
+    return Sample(result["sessions"] / result["seconds"], cpu_ms)
+
+
+@dataclass
+class Sample:
+    rate: float
+    cpu_ms: float
+
+
+class Rounds:
+    """Measurements taken in alternation, one of each per round, and their medians.
+
+    The machine's speed drifts (a shared VM: +-30% over minutes); measuring every contender
+    once per round, rather than one contender's repeats in a block, spreads that drift over
+    all of them instead of biasing whichever ran in the slow minutes.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, name: str, value: float) -> None:
+        self.values.setdefault(name, []).append(value)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.values[name])
 
 
 def idle_memory(workdir: Path, sink: int, count: int) -> tuple[float, int]:
@@ -377,47 +397,72 @@ def print_table(rows: Sequence[Row]) -> None:
 def run(args: argparse.Namespace) -> int:
     size = int(args.gib * GIB)
     rows: list[Row] = []
+    rounds = Rounds()
     with tempfile.TemporaryDirectory(prefix="egressd-bench-") as tmp:
         workdir = Path(tmp)
         blast_sink, echo_sink = free_port(), free_port()
-        with (
-            running([*LOAD, "blast-sink", str(blast_sink)], blast_sink, workdir, "blast-sink"),
-            running([*LOAD, "echo-sink", str(echo_sink)], echo_sink, workdir, "echo-sink"),
-        ):
-            print(f"throughput: {args.gib:g} GiB per run, median of {args.repeat}", flush=True)
-            direct = throughput(None, blast_sink, size, args.repeat, socks=False)
-            with egressd(workdir, [blast_sink, echo_sink]) as (port, pid):
-                ours = throughput(f"127.0.0.1:{port}", blast_sink, size, args.repeat, socks=True)
-                print("session rate: egressd", flush=True)
-                ours_rate, ours_cpu = session_rate(
-                    port, pid, echo_sink, args.sessions, args.concurrency, args.repeat
-                )
-            with socat(workdir, blast_sink) as port:
-                theirs = throughput(f"127.0.0.1:{port}", blast_sink, size, args.repeat, False)
-            with haproxy(workdir, blast_sink) as port:
-                ha = throughput(f"127.0.0.1:{port}", blast_sink, size, args.repeat, False)
-            speeds = {}
-            for zero_copy in (True, False):
-                with bare_relay(workdir, blast_sink, zero_copy) as port:
-                    speeds[zero_copy] = throughput(
-                        f"127.0.0.1:{port}", blast_sink, size, args.repeat, False
-                    )
-            print("session rate: Dante", flush=True)
-            with dante(workdir) as (port, pid):
-                dante_rate, dante_cpu = session_rate(
-                    port, pid, echo_sink, args.sessions, args.concurrency, args.repeat
-                )
+        with contextlib.ExitStack() as servers:
+            for name, sink in (("blast-sink", blast_sink), ("echo-sink", echo_sink)):
+                servers.enter_context(running([*LOAD, name, str(sink)], sink, workdir, name))
+            ours, ours_pid = servers.enter_context(egressd(workdir, [blast_sink, echo_sink]))
+            forwarders = {
+                "socat": servers.enter_context(socat(workdir, blast_sink)),
+                "HAProxy": servers.enter_context(haproxy(workdir, blast_sink)),
+                "zero-copy": servers.enter_context(bare_relay(workdir, blast_sink, True)),
+                "trio path": servers.enter_context(bare_relay(workdir, blast_sink, False)),
+            }
+            theirs, dante_pid = servers.enter_context(dante(workdir))
+            print(
+                f"{args.repeat} rounds; each: {args.gib:g} GiB through each, then"
+                f" {args.sessions} short sessions through egressd and through Dante",
+                flush=True,
+            )
+            for number in range(1, args.repeat + 1):
+                print(f"round {number}", flush=True)
+                rounds.add("direct", blast_once(None, blast_sink, size, socks=False))
+                rounds.add("egressd", blast_once(f"127.0.0.1:{ours}", blast_sink, size, True))
+                for name, port in forwarders.items():
+                    rounds.add(name, blast_once(f"127.0.0.1:{port}", blast_sink, size, False))
+                for name, port, pid in (("egressd", ours, ours_pid), ("Dante", theirs, dante_pid)):
+                    sample = sessions_once(port, pid, echo_sink, args.sessions, args.concurrency)
+                    rounds.add(f"{name} rate", sample.rate)
+                    rounds.add(f"{name} cpu", sample.cpu_ms)
             print(f"idle memory: {args.idle} sessions", flush=True)
             per_session, fds = idle_memory(workdir, echo_sink, args.idle)
+    med = rounds.median
     rows += [
-        Row("throughput, no proxy (loopback ceiling)", direct, "GiB/s"),
-        Row("throughput, egressd SOCKS5 (splice)", ours, "GiB/s", "socat", theirs, ">= 1.0x"),
-        Row("throughput, egressd SOCKS5 (splice)", ours, "GiB/s", "HAProxy", ha),
+        Row("throughput, no proxy (loopback ceiling)", med("direct"), "GiB/s"),
         Row(
-            "throughput, splice.relay zero-copy", speeds[True], "GiB/s", "trio path", speeds[False]
+            "throughput, egressd SOCKS5 (splice)",
+            med("egressd"),
+            "GiB/s",
+            "socat",
+            med("socat"),
+            ">= 1.0x",
         ),
-        Row("short sessions, egressd", ours_rate, "/s", "Dante", dante_rate, ">= 1.0x"),
-        Row("proxy CPU per short session", ours_cpu, "ms", "Dante", dante_cpu),
+        Row(
+            "throughput, egressd SOCKS5 (splice)",
+            med("egressd"),
+            "GiB/s",
+            "HAProxy",
+            med("HAProxy"),
+        ),
+        Row(
+            "throughput, splice.relay zero-copy",
+            med("zero-copy"),
+            "GiB/s",
+            "trio path",
+            med("trio path"),
+        ),
+        Row(
+            "short sessions, egressd",
+            med("egressd rate"),
+            "/s",
+            "Dante",
+            med("Dante rate"),
+            ">= 1.0x",
+        ),
+        Row("proxy CPU per short session", med("egressd cpu"), "ms", "Dante", med("Dante cpu")),
         Row(f"RSS per idle session ({args.idle} open)", per_session, "KiB", target="<= 20 KiB"),
         Row(f"daemon fds with {args.idle} idle sessions", fds, "fds"),
     ]
@@ -429,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
     parser.add_argument("--gib", type=float, default=1.0, help="GiB per throughput run (1)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (3)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; medians are shown (3)")
     parser.add_argument("--sessions", type=int, default=5000, help="short sessions per run")
     parser.add_argument("--concurrency", type=int, default=32, help="sessions at a time (32)")
     parser.add_argument("--idle", type=int, default=5000, help="idle sessions (5000)")
