@@ -539,3 +539,30 @@ def test_only_connect_stage_failures_count_softly_against_the_source() -> None:
     assert health_kind(error(DialFailure.TIMEOUT, "hop_handshake")) == "proxy_unhealthy"
     assert health_kind(error(DialFailure.UNPLUMBED, "connect")) == "unplumbed"
     assert health_kind(error(DialFailure.REFUSED, "connect")) is None
+
+
+async def test_deadline_expires_while_the_destination_does_not_answer_the_connect() -> None:
+    """A destination whose accept queue is full drops SYNs: the dial waits, then times out."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    fillers: list[socket.socket] = []
+    with listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # nobody accepts: the queue fills after a connection or two
+        port = listener.getsockname()[1]
+        for _ in range(4):
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        try:
+            with pytest.raises(DialError) as caught:
+                await dial_within(0.3, Source(name="a"), "127.0.0.1", port)
+        finally:
+            for filler in fillers:
+                filler.close()
+    error = caught.value
+    assert error.kind == "timeout"
+    assert error.stage == "connect"
+    assert error.destination_fault and not error.source_fault
+    assert isinstance(error.__cause__, trio.TooSlowError)
