@@ -56,12 +56,13 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import trio
 
 from egressd.config import Endpoint, HopKind, IPAddress, Source, format_hostport
 from egressd.net.connection import Connection
+from egressd.net.oserrors import cause_text, errno_text, host_port
 from egressd.proto.proxy_header import build_v2
 from egressd.proto.socks5 import Reply, Socks5Client, Socks5ClientError
 
@@ -374,7 +375,7 @@ class _Dial:
                 await _connect(sock, target, self.deadline)
             except OSError as exc:
                 raise self._connect_error(exc, target) from exc
-            local_address = _host_port(sock.getsockname())
+            local_address = host_port(sock.getsockname())
             return Dialed(
                 stream=Connection(sock, target),
                 source=self.source,
@@ -476,7 +477,7 @@ class _Dial:
                 _close(sock)
                 if exc.errno in _LOCAL_ERRNOS:
                     raise self._local_error(exc, target) from exc
-                failures.append(f"{format_hostport(*target)}: {_errno_text(exc)}")
+                failures.append(f"{format_hostport(*target)}: {errno_text(exc)}")
                 last = exc
                 continue
             except BaseException:
@@ -535,7 +536,7 @@ class _Dial:
         return self._hop_error(
             DialFailure.HOP_REFUSED,
             f"{self.source.hop} server {format_hostport(*hop)} broke the connection while"
-            f" {during}: {_cause_text(exc)}",
+            f" {during}: {cause_text(exc)}",
             hop,
             errno=cause.errno if isinstance(cause, OSError) else None,
         )
@@ -567,7 +568,7 @@ class _Dial:
             raise DialError(
                 kind,
                 f"source {self.source.name!r}: cannot bind {address} (to reach"
-                f" {format_hostport(*target)}): {_errno_text(exc)}"
+                f" {format_hostport(*target)}): {errno_text(exc)}"
                 + (" - the address is not configured on this host" if kind == "unplumbed" else ""),
                 source_name=self.source.name,
                 stage=self.stage,
@@ -589,7 +590,7 @@ class _Dial:
             kind = DialFailure.UNREACHABLE
         return DialError(
             kind,
-            f"{self.who}: connecting to {format_hostport(*target)} failed: {_errno_text(exc)}",
+            f"{self.who}: connecting to {format_hostport(*target)} failed: {errno_text(exc)}",
             source_name=self.source.name,
             stage="connect",
             address=target,
@@ -600,7 +601,7 @@ class _Dial:
         return DialError(
             DialFailure.LOCAL,
             f"{self.who}: no local resources to reach {format_hostport(*target)}:"
-            f" {_errno_text(exc)}",
+            f" {errno_text(exc)}",
             source_name=self.source.name,
             stage=self.stage,
             address=target,
@@ -715,21 +716,3 @@ def _unique(addresses: Iterable[IPAddress]) -> list[IPAddress]:
         if address not in seen:
             seen.append(address)
     return seen
-
-
-def _host_port(sockaddr: tuple[Any, ...]) -> tuple[str, int]:
-    return str(sockaddr[0]), int(sockaddr[1])
-
-
-def _errno_text(exc: OSError) -> str:
-    if exc.errno is None:
-        return str(exc)
-    name = errno.errorcode.get(exc.errno, str(exc.errno))
-    return f"{os.strerror(exc.errno)} ({name})"
-
-
-def _cause_text(exc: BaseException) -> str:
-    cause = exc if isinstance(exc, OSError) else exc.__cause__
-    if isinstance(cause, OSError):
-        return _errno_text(cause)
-    return str(exc) or type(exc).__name__

@@ -23,6 +23,7 @@ import trio
 from egressd.config import Endpoint
 from egressd.log import get_logger
 from egressd.net.connection import Connection
+from egressd.net.oserrors import host_port
 
 log = get_logger("listen")
 
@@ -82,7 +83,7 @@ async def accept_loop(listener: socket.socket, handler: Handler, connections: tr
                 log.error("accept paused: %s", exc.strerror)
                 await trio.sleep(_CAPACITY_PAUSE)
                 continue
-            connections.start_soon(run_handler, handler, Connection(sock, _host_port(peer)))
+            connections.start_soon(run_handler, handler, Connection(sock, host_port(peer)))
             accepted += 1
             if accepted >= ACCEPT_BURST:
                 accepted = 0
@@ -100,14 +101,10 @@ async def run_handler(handler: Handler, connection: Connection) -> None:
         connection.close()
 
 
-def _host_port(peer: tuple[str, int] | tuple[str, int, int, int]) -> tuple[str, int]:
-    return (str(peer[0]), int(peer[1]))
-
-
 def peer_of(connection: Connection) -> tuple[str, int]:
     if connection.peer is not None:
         return connection.peer
     try:
-        return _host_port(connection.socket.getpeername())
+        return host_port(connection.socket.getpeername())
     except OSError:
         return ("?", 0)

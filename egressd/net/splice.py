@@ -51,7 +51,8 @@ from typing import Literal
 import trio
 
 from egressd.net.connection import Connection
-from egressd.net.zerocopy import AnySocket, SplicedPair, reason
+from egressd.net.oserrors import cause_text
+from egressd.net.zerocopy import AnySocket, SplicedPair
 
 __all__ = [
     "CHUNK_SIZE",
@@ -240,7 +241,7 @@ async def _send_first(dst: trio.abc.SendStream, data: bytes, side: Side) -> None
     try:
         await dst.send_all(data)
     except (trio.BrokenResourceError, OSError) as exc:
-        raise _Broken(f"{side} broke the connection: {reason(exc)}") from exc
+        raise _Broken(f"{side} broke the connection: {cause_text(exc)}") from exc
 
 
 async def _pump_streams(
@@ -253,13 +254,13 @@ async def _pump_streams(
         try:
             data = await src.receive_some(CHUNK_SIZE)
         except (trio.BrokenResourceError, OSError) as exc:
-            raise _Broken(f"{sides[0]} broke the connection: {reason(exc)}") from exc
+            raise _Broken(f"{sides[0]} broke the connection: {cause_text(exc)}") from exc
         if not data:
             break
         try:
             await dst.send_all(data)
         except (trio.BrokenResourceError, OSError) as exc:
-            raise _Broken(f"{sides[1]} broke the connection: {reason(exc)}") from exc
+            raise _Broken(f"{sides[1]} broke the connection: {cause_text(exc)}") from exc
         count(len(data))
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await dst.send_eof()

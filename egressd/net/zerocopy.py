@@ -52,6 +52,8 @@ from typing import Literal
 
 import trio
 
+from egressd.net.oserrors import cause_text
+
 __all__ = ["PIPE_SIZE", "SplicedPair"]
 
 PIPE_SIZE = 262144
@@ -124,7 +126,7 @@ class _Direction:
             self.state = _WRITE
             return False
         except OSError as exc:
-            raise _Broken(f"{self.sides[1]} broke the connection: {reason(exc)}") from exc
+            raise _Broken(f"{self.sides[1]} broke the connection: {cause_text(exc)}") from exc
         self.count(written)
         self.first = self.first[written:] or None
         if self.first is not None:
@@ -138,7 +140,7 @@ class _Direction:
         try:
             pipe = _PIPES.take()
         except OSError as exc:
-            raise _Broken(f"no descriptors for a splice pipe: {reason(exc)}") from exc
+            raise _Broken(f"no descriptors for a splice pipe: {cause_text(exc)}") from exc
         try:
             size = os.splice(self.src_fd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
         except BlockingIOError:
@@ -147,7 +149,7 @@ class _Direction:
             return 0
         except OSError as exc:
             _PIPES.give(pipe)  # nothing entered the pipe
-            raise _Broken(f"{self.sides[0]} broke the connection: {reason(exc)}") from exc
+            raise _Broken(f"{self.sides[0]} broke the connection: {cause_text(exc)}") from exc
         if size == 0:
             _PIPES.give(pipe)
             self.state = _DONE
@@ -169,7 +171,7 @@ class _Direction:
                 self.state = _WRITE
                 return False
             except OSError as exc:
-                raise _Broken(f"{self.sides[1]} broke the connection: {reason(exc)}") from exc
+                raise _Broken(f"{self.sides[1]} broke the connection: {cause_text(exc)}") from exc
             if written <= 0:  # pragma: no cover - the kernel never does this with data queued
                 raise _Broken(f"{self.sides[1]}: splice wrote nothing")
             self.pending -= written
@@ -391,11 +393,3 @@ class _PipePool:
 
 
 _PIPES = _PipePool(_POOLED_PIPES)
-
-
-def reason(exc: BaseException) -> str:
-    """``Connection reset by peer (ECONNRESET)`` for an OSError (or its cause)."""
-    cause = exc if isinstance(exc, OSError) else exc.__cause__
-    if isinstance(cause, OSError) and cause.errno is not None:
-        return f"{os.strerror(cause.errno)} ({errno.errorcode.get(cause.errno, cause.errno)})"
-    return str(exc) or type(exc).__name__
