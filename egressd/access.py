@@ -1,16 +1,45 @@
 """Access rules shared by every front door: who may connect, and where they may go.
 
 An open SOCKS or SMTP relay is what abusers look for, so the defaults are tight: clients
-from loopback only, destination ports 25, 465, 587 and 2525, and no destination in
-loopback, private, shared (CGNAT), link-local, multicast or documentation ranges.
+from loopback only, destination ports 25, 465, 587 and 2525, and no destination in a range
+that IANA's special-purpose registries (RFC 6890) mark as not globally reachable: loopback,
+private, shared (CGNAT), link-local, benchmarking, multicast, reserved, documentation...
 Each refusal names the rule that refused, for the log line. Pure: no sockets.
+
+IPv6 addresses that carry an IPv4 address
+-----------------------------------------
+Several IPv6 prefixes are ways to reach an IPv4 host: on a NAT64 host ``64:ff9b::a00:1``
+*is* 10.0.0.1. So before an IPv6 destination is allowed, every IPv4 address it may embed
+is checked against the same rules, as if it had been asked for directly
+(:func:`embedded_ipv4`):
+
+* IPv4-mapped ``::ffff:0:0/96`` (RFC 4291): checked as the IPv4 address it maps;
+* IPv4-compatible ``::/96`` (RFC 4291, deprecated) and SIIT ``::ffff:0:0:0/96``
+  (RFC 2765): the last 32 bits;
+* NAT64 ``64:ff9b::/96`` (RFC 6052) and the local-use ``64:ff9b:1::/48`` (RFC 8215): the
+  last 32 bits, and for the local-use prefix also the RFC 6052 /48 layout (bits 48-63 and
+  72-87), since an operator may use either;
+* 6to4 ``2002::/16`` (RFC 3056): bits 16-47;
+* Teredo ``2001::/32`` (RFC 4380): the server (bits 32-63) and the client (the last 32
+  bits, inverted).
+
+An address is refused when it or any address it embeds is refused.
 """
 
 from __future__ import annotations
 
 import ipaddress
 
-from egressd.config import AccessSettings, IPAddress
+from egressd.config import AccessSettings, IPAddress, IPNetwork
+
+_V4 = ipaddress.IPv4Address
+_MASK32 = 0xFFFFFFFF
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_SIIT = ipaddress.IPv6Network("::ffff:0:0:0/96")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
 
 
 def _as_address(address: str | IPAddress) -> IPAddress | None:
@@ -22,6 +51,21 @@ def _as_address(address: str | IPAddress) -> IPAddress | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 addresses an IPv6 address may stand for (see the module doc); often none."""
+    value = int(address)
+    if address in _NAT64 or address in _COMPATIBLE or address in _SIIT:
+        return (_V4(value & _MASK32),)
+    if address in _NAT64_LOCAL:
+        rfc6052_48 = ((value >> 64) & 0xFFFF) << 16 | (value >> 40) & 0xFFFF
+        return (_V4(value & _MASK32), _V4(rfc6052_48))
+    if address in _SIX_TO_FOUR:
+        return (_V4((value >> 80) & _MASK32),)
+    if address in _TEREDO:
+        return (_V4((value >> 64) & _MASK32), _V4(~value & _MASK32))
+    return ()
 
 
 def client_refusal(access: AccessSettings, client: str | IPAddress) -> str | None:
@@ -43,7 +87,22 @@ def destination_refusal(
     address = _as_address(destination)
     if address is None:
         return None  # a name: checked again once it is resolved
-    for network in access.deny_destinations:
+    network = _denying_network(access.deny_destinations, address)
+    if network is not None:
+        return f"destination {address} is in access.deny_destinations ({network})"
+    if isinstance(address, ipaddress.IPv6Address):
+        for inner in embedded_ipv4(address):
+            network = _denying_network(access.deny_destinations, inner)
+            if network is not None:
+                return (
+                    f"destination {address} embeds {inner}, which is in"
+                    f" access.deny_destinations ({network})"
+                )
+    return None
+
+
+def _denying_network(deny: tuple[IPNetwork, ...], address: IPAddress) -> IPNetwork | None:
+    for network in deny:
         if address.version == network.version and address in network:
-            return f"destination {address} is in access.deny_destinations ({network})"
+            return network
     return None

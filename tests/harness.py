@@ -15,6 +15,7 @@ is *expected* to fail at bind (EADDRNOTAVAIL), before any packet is sent.
 Helpers (import them with ``from harness import ...``; fixtures are in ``conftest.py``):
 
 * :func:`free_port` - a TCP port nobody listens on right now.
+* :func:`receive_exactly`, :func:`receive_until`, :func:`read_to_eof` - reading a stream.
 * :func:`start_sink` / :class:`Sink` - a trio TCP server recording each connection's peer
   and local address, sending a banner and echoing what it receives.
 * :func:`start_process` - run a daemon, wait until it listens, dump its output on failure.
@@ -172,6 +173,17 @@ async def receive_exactly(stream: trio.abc.ReceiveStream, count: int) -> bytes:
         if not chunk:
             pytest.fail(f"EOF after {len(data)} of {count} bytes: {bytes(data)!r}")
         data += chunk
+    return bytes(data)
+
+
+async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
+    """Everything until EOF; a reset (BrokenResourceError) also ends the read."""
+    data = bytearray()
+    try:
+        while chunk := await stream.receive_some(1 << 20):
+            data += chunk
+    except trio.BrokenResourceError:
+        pass
     return bytes(data)
 
 
