@@ -1,7 +1,18 @@
-"""The ``egressd`` command line: check, select, probe, status and run.
+"""The ``egressd`` command line: check, select, probe, status, suspend, resume and run.
 
-Exit codes: 0 success, 1 a failed probe or an unreachable daemon, 2 an invalid configuration
-or bad usage.
+Exit codes, as ``haproxy -c`` and ``nginx -t`` use them, so a script can tell a bad file
+from a bad command line:
+
+* 0: success (``check``: the configuration is valid);
+* 1: an invalid configuration, a failed probe, a daemon that cannot be reached or that
+  refused the request;
+* 2: bad usage (an unknown option, pool or source named on the command line);
+* 78 (``EX_CONFIG`` of sysexits.h), from ``run`` only: the configuration is invalid, so
+  the daemon did not start. The systemd unit lists it in ``RestartPreventExitStatus=``: a
+  restart loop cannot fix a file. ``run`` exits 1 when it failed to start for another
+  reason (an address it cannot bind), which a restart may well fix.
+
+``-c FILE`` may stand before or after the subcommand.
 """
 
 from __future__ import annotations
@@ -10,8 +21,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import TextIO
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
 from egressd import __version__
 from egressd.config import (
@@ -22,65 +34,212 @@ from egressd.config import (
     format_hostport,
     load_config,
     load_status_endpoints,
+    parse_duration,
     parse_hostport,
 )
 from egressd.pools import NoSourcesAvailable, PoolSelector
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_INVALID = 2
+EXIT_USAGE = 2
+EXIT_CONFIG = 78
+
+COMMON_EXITS = "exit status: 0 success, 1 invalid configuration or {failure}, 2 usage error"
+CONFIG_HELP = "configuration file (default: $EGRESSD_CONFIG, else /etc/egressd/egressd.toml)"
+MAX_REASON = 200
+MAIN_EPILOG = """\
+-c FILE may stand before or after the command; `egressd COMMAND --help` describes each.
+
+exit status: 0 success, 1 invalid configuration (or the command failed: see its help),
+2 usage error; `run` exits 78 (EX_CONFIG) when the configuration is invalid."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs keep their line breaks; defaults are shown."""
+
+
+def _add_command(
+    commands: Any, name: str, summary: str, description: str, failure: str
+) -> argparse.ArgumentParser:
+    """A subcommand with a description, its exit codes in the epilog, and its own ``-c``.
+
+    The subcommand's ``-c`` defaults to SUPPRESS so it does not overwrite a ``-c`` given
+    before the subcommand.
+    """
+    command: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=COMMON_EXITS.format(failure=failure),
+        formatter_class=_Formatter,
+    )
+    command.add_argument(
+        "-c", "--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP
+    )
+    return command
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} {exc}") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
+    return seconds
+
+
+def _reason(text: str) -> str:
+    if not text.strip() or len(text) > MAX_REASON or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_REASON} printable characters")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    config_option = argparse.ArgumentParser(add_help=False)
-    config_option.add_argument(
-        "-c",
-        "--config",
-        metavar="FILE",
-        help="configuration file (default: $EGRESSD_CONFIG, else /etc/egressd/egressd.toml)",
-    )
     parser = argparse.ArgumentParser(
         prog="egressd",
         description="Egress layer for mail servers: picks the source address of each "
         "outbound SMTP connection.",
+        epilog=MAIN_EPILOG,
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"egressd {__version__}")
+    parser.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_check(commands)
+    _add_select(commands)
+    _add_probe(commands)
+    _add_run(commands)
+    _add_status(commands)
+    _add_suspend(commands)
+    _add_resume(commands)
+    return parser
 
-    commands.add_parser(
+
+def _add_check(commands: Any) -> None:
+    check = _add_command(
+        commands,
         "check",
-        parents=[config_option],
-        help="validate the configuration and show sources, pool shares and listeners",
+        "validate the configuration and show sources, pool shares and listeners",
+        "Validate the configuration (every error names the file and the key path), then show\n"
+        "each source, how each pool shares its traffic, and the listeners. Warnings, which do\n"
+        "not fail the check, go to stderr: source addresses that are not on this host, sources\n"
+        "that share an address, EHLO names whose A/AAAA record does not point back to the\n"
+        "source's address (when DNS answers).",
+        "-",
+    )
+    check.epilog = "exit status: 0 valid, 1 invalid, 2 usage error"
+    check.add_argument(
+        "-q", "--quiet", action="store_true", help="print errors only (for ExecReload and scripts)"
+    )
+    check.add_argument(
+        "--effective",
+        action="store_true",
+        help="print every setting with its value and, where it differs, its default "
+        "(like postconf -n / postconf -d)",
     )
 
-    select = commands.add_parser(
-        "select", parents=[config_option], help="print the sources a pool would pick next"
+
+def _add_select(commands: Any) -> None:
+    select = _add_command(
+        commands,
+        "select",
+        "print the sources a pool would pick next",
+        "Print the next N sources a fresh selector for POOL picks, one per line, to see how a\n"
+        "pool's weights rotate. Source health is not taken into account.",
+        "an empty pool",
     )
-    select.add_argument("pool")
+    select.add_argument("pool", metavar="POOL", help="the pool's name")
     select.add_argument("-n", type=int, default=10, metavar="N", help="how many (default 10)")
 
-    probe = commands.add_parser(
+
+def _add_probe(commands: Any) -> None:
+    probe = _add_command(
+        commands,
         "probe",
-        parents=[config_option],
-        help="dial a server through a source or pool and print its greeting",
+        "dial a server through a source or pool and print its greeting",
+        "Dial HOST[:PORT] through one source, or through a pool's next source, exactly as a\n"
+        "front door would, and print the path, the local address the server sees, the remote\n"
+        "address and the server's first line. A failure says which kind it was: unplumbed\n"
+        "source address, unreachable or refusing hop, destination refused or timed out.",
+        "a failed probe",
     )
     which = probe.add_mutually_exclusive_group(required=True)
-    which.add_argument("--source", metavar="NAME")
-    which.add_argument("--pool", metavar="NAME")
-    probe.add_argument("destination", metavar="HOST[:PORT]")
+    which.add_argument("--source", metavar="NAME", help="dial through this source")
+    which.add_argument("--pool", metavar="NAME", help="dial through this pool's next source")
+    probe.add_argument(
+        "destination",
+        metavar="HOST[:PORT]",
+        help="the server to dial (port: the source's remote_port, else 25)",
+    )
     probe.add_argument("--json", action="store_true", help="print one JSON object")
 
-    run = commands.add_parser(
-        "run", parents=[config_option], help="run the daemon in the foreground"
+
+def _add_run(commands: Any) -> None:
+    run = _add_command(
+        commands,
+        "run",
+        "run the daemon in the foreground",
+        "Run the daemon in the foreground, logging to stderr. SIGHUP reloads the\n"
+        "configuration (an invalid one is refused and logged; the old one stays); SIGTERM\n"
+        "drains sessions for [limits] shutdown_grace and exits 0.",
+        "-",
+    )
+    run.epilog = (
+        "exit status: 0 after a clean shutdown, 1 startup failed (an address cannot be\n"
+        "bound), 2 usage error, 78 invalid configuration (EX_CONFIG: restarting will not help)"
     )
     run.add_argument("--json-logs", action="store_true", help="log JSON lines (as [log] format)")
 
-    commands.add_parser(
+
+def _add_status(commands: Any) -> None:
+    _add_command(
+        commands,
         "status",
-        parents=[config_option],
-        help="ask the running daemon for each source's health (needs [control] socket)",
+        "ask the running daemon for each source's health",
+        "Ask the running daemon, through [control] socket, for its generation, pools and each\n"
+        "source's health: healthy or suspended, until when and why, active connections,\n"
+        "recent failures. Without [control] socket, scrape [metrics] listen instead (which\n"
+        "does not know when a suspension ends). Works while the file on disk is invalid.",
+        "a daemon that cannot be reached",
     )
-    return parser
+
+
+def _add_suspend(commands: Any) -> None:
+    suspend = _add_command(
+        commands,
+        "suspend",
+        "take a source out of rotation for a while (needs [control] socket)",
+        "Tell the running daemon, through [control] socket, to suspend SOURCE for DURATION:\n"
+        "pools skip it until the time has passed or `egressd resume SOURCE`. Connections in\n"
+        "flight are not cut.",
+        "a daemon that cannot be reached or refused (unknown source)",
+    )
+    suspend.add_argument("source", metavar="SOURCE", help="the source's name")
+    suspend.add_argument(
+        "duration",
+        metavar="DURATION",
+        type=_duration,
+        help='how long, in humantime syntax: "600s", "10m", "1h 30m"',
+    )
+    suspend.add_argument(
+        "--reason",
+        metavar="TEXT",
+        type=_reason,
+        help='shown by egressd status and logged (default "suspended by operator")',
+    )
+
+
+def _add_resume(commands: Any) -> None:
+    resume = _add_command(
+        commands,
+        "resume",
+        "put a suspended source back in rotation (needs [control] socket)",
+        "Tell the running daemon, through [control] socket, to end SOURCE's suspension now\n"
+        "and forget its recent failures.",
+        "a daemon that cannot be reached or refused (unknown source)",
+    )
+    resume.add_argument("source", metavar="SOURCE", help="the source's name")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,35 +248,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        if args.command == "status":
-            return status_despite_errors(path, exc)
-        for error in exc.errors:
-            print(error, file=sys.stderr)
-        print(f"egressd: {len(exc.errors)} error(s) in the configuration", file=sys.stderr)
-        return EXIT_INVALID
+        return _invalid_configuration(args, path, exc)
+    return _run_command(args, config)
+
+
+def _run_command(args: argparse.Namespace, config: Config) -> int:
     if args.command == "check":
-        return command_check(config, sys.stdout)
+        return command_check(config, args, sys.stdout)
     if args.command == "select":
         return command_select(config, args.pool, args.n, sys.stdout)
     if args.command == "probe":
         return command_probe(config, args)
-    if args.command == "status":
-        from egressd.control import command_status
-
-        return command_status(config, sys.stdout)
+    if args.command in CONTROL_COMMANDS:
+        return CONTROL_COMMANDS[args.command](config, args)
     from egressd.daemon import run_daemon
 
     return run_daemon(config, json_logs=args.json_logs)
 
 
-def status_despite_errors(path: str, error: ConfigError) -> int:
-    """``egressd status`` when the file on disk is invalid (say, after a refused reload).
+def _invalid_configuration(args: argparse.Namespace, path: str, error: ConfigError) -> int:
+    """Every error on stderr; the daemon's commands still try the running daemon."""
+    if args.command in CONTROL_COMMANDS:
+        return _control_despite_errors(args, path, error)
+    for message in error.errors:
+        print(message, file=sys.stderr)
+    print(f"egressd: {len(error.errors)} error(s) in the configuration", file=sys.stderr)
+    return EXIT_CONFIG if args.command == "run" else EXIT_FAILED
+
+
+def _control_despite_errors(args: argparse.Namespace, path: str, error: ConfigError) -> int:
+    """``status``, ``suspend``, ``resume`` when the file on disk is invalid (say, after a
+    refused reload).
 
     The running daemon still serves its previous configuration; only the ``[control]`` and
     ``[metrics]`` addresses are needed to ask it, so those are read alone.
     """
-    from egressd.control import command_status
-
     print(
         f"egressd: warning: {path} has {len(error.errors)} error(s) (see egressd check); "
         "asking the daemon anyway",
@@ -128,11 +293,30 @@ def status_despite_errors(path: str, error: ConfigError) -> int:
     except ConfigError as exc:
         for message in exc.errors:
             print(message, file=sys.stderr)
-        return EXIT_INVALID
-    return command_status(endpoints, sys.stdout)
+        return EXIT_FAILED
+    return CONTROL_COMMANDS[args.command](endpoints, args)
 
 
-def command_check(config: Config, out: TextIO) -> int:
+# --------------------------------------------------------------------------- check
+
+
+def command_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """``egressd check``: the summary (or ``--effective`` settings), warnings on stderr."""
+    from egressd.checks import config_warnings, effective_settings
+
+    if args.quiet:
+        return EXIT_OK
+    if args.effective:
+        for line in effective_settings(config):
+            print(line, file=out)
+    else:
+        print_summary(config, out)
+    for warning in config_warnings(config):
+        print(f"egressd: warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def print_summary(config: Config, out: TextIO) -> None:
     print(f"configuration {config.path} is valid", file=out)
     for extra in config.source_files:
         print(f"  sources file {extra}", file=out)
@@ -151,6 +335,10 @@ def command_check(config: Config, out: TextIO) -> int:
                 f"    {entry.source:<20} weight {entry.weight:<5} {shares[entry.source]:6.2f}%",
                 file=out,
             )
+    print_listeners(config, out)
+
+
+def print_listeners(config: Config, out: TextIO) -> None:
     print("\nlisteners:", file=out)
     listeners = [
         *(("socks5", listener) for listener in config.socks5_listeners),
@@ -164,7 +352,6 @@ def command_check(config: Config, out: TextIO) -> int:
     for door, listener in listeners:
         tag = f" pool {listener.pool}" if listener.pool else ""
         print(f"  {door:<6} {listener.address}{tag}", file=out)
-    return EXIT_OK
 
 
 def describe_source(source: Source) -> str:
@@ -185,10 +372,13 @@ def describe_source(source: Source) -> str:
     return ", ".join(parts)
 
 
+# --------------------------------------------------------------------------- select, probe
+
+
 def command_select(config: Config, pool: str, count: int, out: TextIO) -> int:
     if pool not in config.pools:
         print(f'egressd: unknown pool "{pool}"', file=sys.stderr)
-        return EXIT_INVALID
+        return EXIT_USAGE
     selector = PoolSelector(config.pools[pool])
     try:
         for name in selector.take(count):
@@ -206,7 +396,7 @@ def command_probe(config: Config, args: argparse.Namespace) -> int:
         destination = parse_hostport(args.destination, default_port=25)
     except ValueError as exc:
         print(f"egressd: destination {args.destination!r} {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return EXIT_USAGE
     explicit_port = args.destination.endswith(f":{destination.port}")
     try:
         result = run_probe(
@@ -220,7 +410,7 @@ def command_probe(config: Config, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"error": str(exc), "kind": exc.kind}))
         print(f"egressd: probe failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED if exc.kind != "config" else EXIT_INVALID
+        return EXIT_FAILED if exc.kind != "config" else EXIT_USAGE
     if args.json:
         print(json.dumps(result.as_json()))
     else:
@@ -230,3 +420,67 @@ def command_probe(config: Config, args: argparse.Namespace) -> int:
         print(f"remote address  {format_hostport(*result.remote_address)}")
         print(f"greeting        {result.greeting}")
     return EXIT_OK
+
+
+# --------------------------------------------------------------------------- control socket
+
+
+def command_status(config: Config, args: argparse.Namespace) -> int:
+    from egressd.control import command_status as status
+
+    return status(config, sys.stdout)
+
+
+def command_suspend(config: Config, args: argparse.Namespace) -> int:
+    """``egressd suspend SOURCE DURATION [--reason TEXT]``."""
+    request: dict[str, Any] = {
+        "command": "suspend",
+        "source": args.source,
+        "seconds": args.duration,
+    }
+    if args.reason is not None:
+        request["reason"] = args.reason
+    reply = _ask_daemon(config, request)
+    if reply is None:
+        return EXIT_FAILED
+    until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() + args.duration))
+    print(f"{args.source} suspended for {args.duration:g}s, until {until}")
+    return EXIT_OK
+
+
+def command_resume(config: Config, args: argparse.Namespace) -> int:
+    """``egressd resume SOURCE``."""
+    reply = _ask_daemon(config, {"command": "resume", "source": args.source})
+    if reply is None:
+        return EXIT_FAILED
+    state = "resumed" if reply.get("was_suspended") else "was not suspended"
+    print(f"{args.source} {state}")
+    return EXIT_OK
+
+
+def _ask_daemon(config: Config, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The daemon's reply when it accepted ``request``; else None, the reason on stderr."""
+    from egressd.control import ControlError, ask
+
+    if config.control.socket is None:
+        print(
+            f"egressd: [control] socket is not set in {config.path}; {request['command']} needs it",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        reply = ask(config.control.socket, request)
+    except ControlError as exc:
+        print(f"egressd: {exc}", file=sys.stderr)
+        return None
+    if not reply.get("ok"):
+        print(f"egressd: the daemon refused: {reply.get('error')}", file=sys.stderr)
+        return None
+    return reply
+
+
+CONTROL_COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
+    "status": command_status,
+    "suspend": command_suspend,
+    "resume": command_resume,
+}

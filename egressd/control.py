@@ -7,7 +7,8 @@ stream socket (mode 0660: root and the ``egressd`` group). A client writes one r
 line and reads one JSON object per line back, as many times as it likes, then closes::
 
     {"command": "status"}                                -> {"ok": true, "status": {...}}
-    {"command": "suspend", "source": "ip-1", "seconds": 600}  -> {"ok": true, ...}
+    {"command": "suspend", "source": "ip-1", "seconds": 600,
+     "reason": "blocklisted at Spamhaus"}                -> {"ok": true}
     {"command": "resume", "source": "ip-1"}              -> {"ok": true, "was_suspended": true}
     anything else                                        -> {"ok": false, "error": "..."}
 
@@ -112,9 +113,13 @@ def _suspend_or_resume(daemon: Daemon, request: Mapping[str, Any]) -> Reply:
     seconds = request.get("seconds")
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
         return {"ok": False, "error": '"seconds" must be a positive number'}
-    health.suspend(source, float(seconds))
+    reason = request.get("reason")
+    if reason is not None and (not isinstance(reason, str) or not 0 < len(reason) <= 200):
+        return {"ok": False, "error": '"reason" must be a string of 1 to 200 characters'}
+    health.suspend(source, float(seconds), reason or "suspended by operator")
     log.warning(
-        "source suspended by operator", extra={"fields": {"source": source, "seconds": seconds}}
+        "source suspended by operator",
+        extra={"fields": {"source": source, "seconds": seconds, "reason": reason or ""}},
     )
     return {"ok": True}
 

@@ -57,12 +57,12 @@ def test_check_on_kumomta_file_and_environment_variable(tmp_path: Path) -> None:
     assert "pool-2:" in env_result.stdout
 
 
-def test_check_invalid_exits_2_with_every_error_on_stderr(tmp_path: Path) -> None:
+def test_check_invalid_exits_1_with_every_error_on_stderr(tmp_path: Path) -> None:
     path = write_config(
         tmp_path, '[source.a]\nsource_address = "10.0.0.300"\n[pool.p.b]\n[pool.p.a]\nweight = -2\n'
     )
     result = egressd("check", "-c", path)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stdout == ""
     assert f'{path}: source "a": source_address: "10.0.0.300" is not an IP address' in result.stderr
     assert f'{path}: pool "p": source "b": names a source that is not defined' in result.stderr
