@@ -177,13 +177,10 @@ async def receive_exactly(stream: trio.abc.ReceiveStream, count: int) -> bytes:
 
 
 async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
-    """Everything until EOF; a reset (BrokenResourceError) also ends the read."""
+    """Everything until EOF; a reset raises trio.BrokenResourceError (cause: the OSError)."""
     data = bytearray()
-    try:
-        while chunk := await stream.receive_some(1 << 20):
-            data += chunk
-    except trio.BrokenResourceError:
-        pass
+    while chunk := await stream.receive_some(1 << 20):
+        data += chunk
     return bytes(data)
 
 

@@ -14,6 +14,12 @@ Half-close
     outcome ``reset``. This is the behaviour mitmproxy's proxy core gets right and many
     proxies get wrong by closing both directions on the first EOF.
 
+Resets travel on
+    A reset is passed on as a reset, in both directions: once a side broke, both sockets
+    get ``SO_LINGER`` 0, so the owner's close sends the other side a TCP RST instead of a
+    FIN. A client whose destination aborted a transfer then sees an error, not an EOF that
+    would make a cut-off download or a half-sent reply look complete.
+
 Zero-copy path (Linux)
     When both ends are plain TCP sockets (a :class:`~egressd.net.connection.Connection`
     or a :class:`trio.SocketStream`), bytes move with ``os.splice`` through a pooled pipe
@@ -44,6 +50,7 @@ import contextlib
 import math
 import os
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -58,6 +65,7 @@ __all__ = [
     "CHUNK_SIZE",
     "RelayResult",
     "Traffic",
+    "abort_on_close",
     "can_splice",
     "relay",
 ]
@@ -160,10 +168,28 @@ async def relay(
                 client, remote, to_remote_first, to_client_first, up, down
             )
     if broken is not None:
+        abort_on_close(client, remote)
         return RelayResult("reset", broken)
     if idle_scope.cancelled_caught:
         return RelayResult("idle_timeout", f"no traffic for {idle_timeout:g}s")
     return RelayResult("ok")
+
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def abort_on_close(*streams: trio.abc.Stream) -> None:
+    """Make closing these streams' TCP sockets send a RST (``SO_LINGER`` 0), not a FIN.
+
+    A TLS stream's transport is used; a stream with no socket under it is left alone.
+    """
+    for stream in streams:
+        while isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        sock = _socket_of(stream)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
 
 
 def _tcp_socket(stream: trio.abc.Stream) -> AnySocket:

@@ -32,6 +32,7 @@ Semantics (the same as the portable path in :mod:`egressd.net.splice`)
     other side's write half is shut down, and the opposite direction keeps flowing until
     its own EOF. An error on either socket (a reset) ends the whole pair, ``broken`` says
     which side and why. ``first`` bytes of a direction are written before anything read.
+    The caller (:func:`egressd.net.splice.relay`) then passes the reset on to both sides.
 
 Cancellation and timeouts belong to the caller: :meth:`SplicedPair.run` parks until the
 pair is finished; when the caller's scope is cancelled (idle timeout, drain) the pair is

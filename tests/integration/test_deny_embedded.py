@@ -123,7 +123,7 @@ async def test_proxy_door_closes_embedded_and_non_global_destinations(tmp_path: 
         for count, (source, destination, rule) in enumerate(cases, start=1):
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
-                await stream.send_all(proxy_v2(source, destination, 25) + b"EHLO x\r\n")
+                await stream.send_all(proxy_v2(source, destination, 25))
                 with trio.fail_after(5):
                     assert await read_to_eof(stream) == b""
             await wait_records(e, count)

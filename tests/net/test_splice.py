@@ -189,6 +189,28 @@ async def test_a_reset_ends_both_directions(zero_copy: bool) -> None:
     assert r.result.detail is not None and "remote" in r.result.detail
 
 
+@pytest.mark.parametrize("zero_copy", PATHS)
+@pytest.mark.parametrize("resetting", ["remote", "client"])
+async def test_a_reset_reaches_the_other_side_as_a_reset_not_an_eof(
+    zero_copy: bool, resetting: str
+) -> None:
+    """An aborted transfer must not look complete: the other side gets a RST too."""
+    async with relayed(zero_copy) as r:
+        resetter, other = (
+            (r.remote_app, r.client_app) if resetting == "remote" else (r.client_app, r.remote_app)
+        )
+        with trio.fail_after(5):
+            await resetter.send_all(b"partial transfer")
+            assert await other.receive_some(100) == b"partial transfer"
+            reset(resetter)
+            await r.done.wait()
+            with pytest.raises(trio.BrokenResourceError) as raised:
+                await read_to_eof(other)
+    assert isinstance(raised.value.__cause__, ConnectionResetError)
+    assert r.result is not None and r.result.outcome == "reset"
+    assert r.result.detail is not None and resetting in r.result.detail
+
+
 async def test_idle_spliced_connections_hold_no_pipe() -> None:
     """Each idle connection costs its two sockets only; pipes are pooled per chunk."""
 
