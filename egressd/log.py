@@ -1,20 +1,43 @@
-"""Logging to stderr (journald takes it from there), human-readable or JSON lines.
+"""Logging to stderr, human-readable or JSON lines, in the form journald expects.
 
 Connection and transaction records are logged with ``extra={"fields": {...}}``: the text
 formatter appends them as ``key=value`` pairs, the JSON formatter merges them into the object.
+
+Theory of operation
+-------------------
+Under systemd, stderr is a stream to journald, which timestamps each line itself and reads
+a leading ``<N>`` as the line's syslog priority (sd-daemon(3): ``<3>`` error, ``<4>``
+warning, ``<6>`` info, ``<7>`` debug), so ``journalctl -p warning`` shows suspensions and
+refused reloads. systemd says stderr is its stream by setting ``JOURNAL_STREAM`` to the
+stream's ``device:inode`` (systemd.exec(5)); egressd compares it with stderr's own
+(:func:`stderr_is_journal`), because a child whose stderr was redirected inherits the
+variable too. Elsewhere (a terminal, a file, a container runtime) each text line starts
+with its UTC time instead.
+
+journald splits a stream at every newline, so a traceback written there would become one
+entry per line, most of them without a priority. A record of several lines is therefore
+sent whole through journald's native protocol (one datagram to
+:data:`JOURNAL_SOCKET`, MESSAGE in the binary-safe form of systemd's
+native protocol); only if that fails is it written to the stream with every line carrying
+the priority prefix.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import socket
+import struct
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
 LOGGER_NAME = "egressd"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+SYSLOG_IDENTIFIER = "egressd"
 
 
 def get_logger(name: str = "") -> logging.Logger:
@@ -36,12 +59,26 @@ def _format_value(value: object) -> str:
     return text
 
 
+def utc_timestamp(created: float) -> str:
+    """``2026-11-30T05:40:01.123Z``: the JSON lines' ``time`` and the text lines' prefix."""
+    whole = int(created)
+    millis = int((created - whole) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
 class TextFormatter(logging.Formatter):
-    """``LEVEL logger: message key=value ...`` (journald adds the timestamp)."""
+    """``LEVEL logger: message key=value ...``, after the UTC time when ``timestamps``
+    (not under journald, which adds its own)."""
+
+    def __init__(self, *, timestamps: bool = False) -> None:
+        super().__init__()
+        self.timestamps = timestamps
 
     def format(self, record: logging.LogRecord) -> str:
         fields: Mapping[str, Any] = getattr(record, "fields", {}) or {}
         line = f"{record.levelname.lower()} {record.name}: {record.getMessage()}"
+        if self.timestamps:
+            line = f"{utc_timestamp(record.created)} {line}"
         if fields:
             line += " " + " ".join(
                 [f"{key}={_format_value(value)}" for key, value in fields.items()]
@@ -56,8 +93,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         obj: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": utc_timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -68,8 +104,82 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, default=str)
 
 
+def syslog_priority(levelno: int) -> int:
+    """The sd-daemon priority of a logging level: 3 error, 4 warning, 6 info, 7 debug."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    return 6 if levelno >= logging.INFO else 7
+
+
+def stderr_is_journal(environ: Mapping[str, str] = os.environ, fd: int = 2) -> bool:
+    """True when ``fd`` is the journald stream that ``JOURNAL_STREAM`` names."""
+    device, _, inode = environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        stat = os.fstat(fd)
+        return (stat.st_dev, stat.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError):
+        return False
+
+
+def journal_datagram(priority: int, message: str) -> bytes:
+    """One native-protocol entry: PRIORITY, SYSLOG_IDENTIFIER and a MESSAGE of any lines."""
+    data = message.encode("utf-8", "replace")
+    return (
+        f"PRIORITY={priority}\nSYSLOG_IDENTIFIER={SYSLOG_IDENTIFIER}\nMESSAGE\n".encode()
+        + struct.pack("<Q", len(data))
+        + data
+        + b"\n"
+    )
+
+
+class JournalStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Lines with the ``<N>`` priority prefix; a record of several lines as one entry."""
+
+    def __init__(self, stream: TextIO, journal_socket: str = JOURNAL_SOCKET) -> None:
+        super().__init__(stream)
+        self.journal_socket = journal_socket
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            priority = syslog_priority(record.levelno)
+            if "\n" in text and self._send_native(priority, text):
+                return
+            prefix = f"<{priority}>"
+            self.stream.write("".join(f"{prefix}{line}\n" for line in text.split("\n")))
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
+    def _send_native(self, priority: int, text: str) -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(journal_datagram(priority, text), self.journal_socket)
+        except OSError:
+            return False
+        return True
+
+
+def make_handler(fmt: str, *, journal: bool, stream: TextIO) -> logging.Handler:
+    """The handler for ``[log] format``: journald's form when ``journal``, else plain
+    lines (text ones timestamped)."""
+    if fmt == "json":
+        formatter: logging.Formatter = JsonFormatter()
+    else:
+        formatter = TextFormatter(timestamps=not journal)
+    handler = JournalStreamHandler(stream) if journal else logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    return handler
+
+
 def setup_logging(fmt: str = "text", level: str = "info") -> None:
     """Route egressd's loggers to stderr in the chosen format; safe to call again on reload.
+
+    Under journald (:func:`stderr_is_journal`) every line carries its priority prefix.
 
     The daemon logs a line per connection, so the record attributes no formatter here uses
     are switched off, as the logging HOWTO's "Optimization" section describes: the caller's
@@ -80,8 +190,7 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logger = logging.getLogger(LOGGER_NAME)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler = make_handler(fmt, journal=stderr_is_journal(), stream=sys.stderr)
     for old in list(logger.handlers):
         logger.removeHandler(old)
     logger.addHandler(handler)

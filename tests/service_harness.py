@@ -122,8 +122,12 @@ async def daemon_process(
     watchdog_pid_self: bool = False,
     args: tuple[str, ...] = (),
     ready_timeout: float = 15.0,
+    journal: bool = False,
 ) -> AsyncIterator[DaemonProcess]:
     """Start ``python -m egressd run -c config``; yield after READY=1; stop it by PID.
+
+    ``journal`` sets ``JOURNAL_STREAM`` to the log file's device and inode, as systemd does
+    when stderr is its journal stream.
 
     ``watchdog_pid_self`` sets ``WATCHDOG_PID`` to the daemon's own PID, as systemd does
     (a shell exports its ``$$`` and execs Python, which keeps that PID).
@@ -131,12 +135,19 @@ async def daemon_process(
     with tempfile.TemporaryDirectory(prefix="egn-") as directory:
         notify = NotifySocket(os.path.join(directory, "notify"))
         await notify.bind()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("NOTIFY_", "WATCHDOG_", "JOURNAL_"))
+        }
         env["NOTIFY_SOCKET"] = notify.path
         if watchdog_usec is not None:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
         log_path = config.parent / "egressd.log"
         with log_path.open("wb") as log_file:
+            if journal:
+                stat = os.fstat(log_file.fileno())
+                env["JOURNAL_STREAM"] = f"{stat.st_dev}:{stat.st_ino}"
             argv = [sys.executable, "-m", "egressd", "run", "-c", str(config), *args]
             if watchdog_pid_self:
                 argv = [

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
+import socket
+import struct
 import sys
+from pathlib import Path
 
 import pytest
 
-from egressd.log import TextFormatter, _format_value
+from egressd.log import (
+    JournalStreamHandler,
+    TextFormatter,
+    _format_value,
+    make_handler,
+    stderr_is_journal,
+)
 
 
 def reference_format_value(value: object) -> str:
@@ -40,3 +51,84 @@ def test_text_line() -> None:
     assert TextFormatter().format(record) == (
         'info egressd.session: connection door=socks5 bytes_up=5 detail="client went away" empty=""'
     )
+
+
+# --------------------------------------------------------------------------- journald
+
+
+def record_at(level: int, message: str, created: float = 1_764_480_001.25) -> logging.LogRecord:
+    record = logging.LogRecord("egressd.daemon", level, __file__, 1, message, (), None)
+    record.created = created
+    return record
+
+
+def test_text_lines_carry_the_utc_time_when_not_under_journald() -> None:
+    line = TextFormatter(timestamps=True).format(record_at(logging.INFO, "ready"))
+    assert line == "2025-11-30T05:20:01.250Z info egressd.daemon: ready"
+
+
+def test_journal_stream_is_recognised_by_device_and_inode(tmp_path: Path) -> None:
+    with (tmp_path / "stream").open("w") as stream, (tmp_path / "other").open("w") as other:
+        own = os.fstat(stream.fileno())
+        env = {"JOURNAL_STREAM": f"{own.st_dev}:{own.st_ino}"}
+        assert stderr_is_journal(env, stream.fileno())
+        assert not stderr_is_journal(env, other.fileno())  # redirected: inherited variable
+        assert not stderr_is_journal({}, stream.fileno())
+        assert not stderr_is_journal({"JOURNAL_STREAM": "garbage"}, stream.fileno())
+
+
+def journal_logger(stream: io.StringIO, socket_path: str) -> logging.Logger:
+    handler = make_handler("text", journal=True, stream=stream)
+    assert isinstance(handler, JournalStreamHandler)
+    handler.journal_socket = socket_path
+    logger = logging.getLogger(f"egressd.test-journal-{id(stream)}")
+    logger.handlers = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    return logger
+
+
+def raise_and_log(logger: logging.Logger) -> None:
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        logger.exception("handler crashed")
+
+
+def test_under_journald_lines_carry_priorities_and_a_traceback_is_one_entry(
+    tmp_path: Path,
+) -> None:
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(str(tmp_path / "journal"))
+    stream = io.StringIO()
+    logger = journal_logger(stream, str(tmp_path / "journal"))
+    logger.info("ready", extra={"fields": {"listeners": 2}})
+    logger.warning("source suspended")
+    logger.error("reload refused")
+    logger.debug("detail")
+    raise_and_log(logger)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("<6>info egressd.test-journal-")
+    assert lines[0].endswith(": ready listeners=2")  # no timestamp: journald adds it
+    assert [line[:3] for line in lines] == ["<6>", "<4>", "<3>", "<7>"]
+    entry = journal.recv(65536)
+    journal.close()
+    head, _, rest = entry.partition(b"MESSAGE\n")
+    assert head == b"PRIORITY=3\nSYSLOG_IDENTIFIER=egressd\n"
+    (length,) = struct.unpack("<Q", rest[:8])
+    message = rest[8 : 8 + length].decode()
+    assert rest[8 + length :] == b"\n"
+    assert message.startswith("error egressd.test-journal-")
+    assert "handler crashed\nTraceback (most recent call last):\n" in message
+    assert message.endswith("RuntimeError: boom")
+
+
+def test_without_the_native_socket_every_traceback_line_keeps_the_priority(
+    tmp_path: Path,
+) -> None:
+    stream = io.StringIO()
+    raise_and_log(journal_logger(stream, str(tmp_path / "absent")))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) > 3
+    assert all(line.startswith("<3>") for line in lines)
+    assert lines[-1] == "<3>RuntimeError: boom"

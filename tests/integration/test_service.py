@@ -13,6 +13,7 @@ process bind; 203.0.113.7 is only ever a source that is expected to fail at bind
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import socket
@@ -328,7 +329,8 @@ async def test_startup_failure_exits_1_and_says_why(setup: Setup) -> None:
         )
     assert result.returncode == 1
     last_line = result.stderr.decode().splitlines()[-1]
-    assert last_line.startswith("error egressd.daemon: cannot start:")
+    timestamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    assert re.match(timestamp + " error egressd.daemon: cannot start:", last_line)
     assert f"cannot listen on 127.0.0.1:{setup.socks_port} (socks5)" in last_line
 
 
