@@ -10,6 +10,7 @@ import pytest
 from egressd.config import (
     ConfigError,
     Endpoint,
+    Problem,
     config_path_from,
     load_config,
     parse_duration,
@@ -130,6 +131,35 @@ def test_each_class_of_bad_config_names_file_and_key_path(
     path = write(tmp_path, "egressd.toml", text)
     errors = errors_of(path)
     assert any(e.startswith(f"{path}: ") and expected in e for e in errors), errors
+
+
+def test_problems_are_records_with_file_key_path_and_message(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "egressd.toml",
+        '[source.s]\nremote_port = 0\n[log]\nformat = "xml"\n[smtp.tls]\nmod = "required"\n',
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == (
+        Problem(str(path), 'source "s": remote_port', "0 is outside 1-65535"),
+        Problem(str(path), "log: format", '"xml" is not one of "text", "json"'),
+        Problem(str(path), "smtp: tls: mod", "unknown key"),
+    )
+    assert caught.value.errors == [str(problem) for problem in caught.value.problems]
+
+
+def test_a_required_key_and_a_check_across_keys_are_reported(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "egressd.toml",
+        '[[smtp.listener]]\npool = "p"\n[smtp.tls]\ncertificate = "c.pem"\n',
+    )
+    assert errors_of(path) == [
+        f"{path}: smtp: listener[0]: address: is required",
+        f"{path}: smtp: tls: certificate: certificate and private_key go together; "
+        "set both or neither",
+    ]
 
 
 def test_same_pool_entry_in_two_files_is_refused(tmp_path: Path) -> None:

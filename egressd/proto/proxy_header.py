@@ -46,7 +46,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final, Literal
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from egressd.addresses import IPAddress
 
 V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX: Final = b"PROXY "

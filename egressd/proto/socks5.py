@@ -73,7 +73,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Final, Literal, NoReturn
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from egressd.addresses import IPAddress
 
 SOCKS_VERSION: Final = 0x05
 AUTH_VERSION: Final = 0x01  # RFC 1929 sub-negotiation version

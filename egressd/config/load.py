@@ -1,0 +1,147 @@
+"""Loading: read the files, merge the sources, validate, and raise every problem at once."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from egressd.config.model import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ControlSettings,
+    MetricsSettings,
+)
+from egressd.config.problems import ConfigError, Problems, Where
+from egressd.config.reader import ListOf, Reported, Table, Text, failed, read_table, read_value
+from egressd.config.sources import SourcesDraft
+from egressd.config.values import Endpoint
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+_SOURCES_FILE_KEYS = ("source", "pool")
+
+
+def read_file(path: Path, where: Where) -> dict[str, Any] | None:
+    """The tables of one file, or None (the problem recorded) when it cannot be read."""
+    try:
+        with path.open("rb") as handle:
+            data: dict[str, Any] = tomllib.load(handle)
+            return data
+    except FileNotFoundError:
+        where.error("file not found")
+    except PermissionError:
+        where.error("permission denied")
+    except IsADirectoryError:
+        where.error("is a directory, not a file")
+    except tomllib.TOMLDecodeError as exc:
+        where.error(f"not valid TOML: {exc}")
+    except OSError as exc:
+        where.error(f"cannot be read: {exc.strerror}")
+    return None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, merge and validate a configuration; raise :class:`ConfigError` listing all errors."""
+    main_path = Path(path)
+    problems = Problems()
+    main = Where(problems, str(main_path))
+    data = read_file(main_path, main)
+    if data is None:
+        raise ConfigError(problems.items)
+    draft = SourcesDraft()
+    draft.add_file(data, main)
+    source_files = _sources_files(data, main, main_path)
+    for extra in source_files:
+        _add_sources_file(draft, extra, Where(problems, str(extra)))
+    pools = draft.build_pools()
+    given = {
+        "path": main_path,
+        "sources": MappingProxyType(draft.build_sources()),
+        "pools": MappingProxyType(pools),
+        "source_files": source_files,
+    }
+    try:
+        config = read_table(Config, data, main, **given)
+    except Reported:
+        problems.raise_if_any()
+        raise  # pragma: no cover - Reported always comes with a problem
+    _check_references(main, config)
+    problems.raise_if_any()
+    return config
+
+
+def _sources_files(data: Mapping[str, Any], main: Where, main_path: Path) -> tuple[Path, ...]:
+    if "sources_files" not in data:
+        return ()
+    names = read_value(ListOf(Text()), data["sources_files"], main.at("sources_files"))
+    if failed(names):
+        return ()
+    return tuple(main_path.parent / name for name in names)
+
+
+def _add_sources_file(draft: SourcesDraft, path: Path, where: Where) -> None:
+    data = read_file(path, where)
+    if data is None:
+        return
+    for key in data:
+        if key not in _SOURCES_FILE_KEYS:
+            where.at(key).error("unknown key (a sources file holds only source and pool)")
+    draft.add_file(data, where)
+
+
+def _check_references(main: Where, config: Config) -> None:
+    """Pools named by listeners, sender maps and users exist; no address is listened on twice."""
+    doors = (
+        ("socks5.listener", config.socks5_listeners),
+        ("proxy.listener", config.proxy_listeners),
+        ("smtp.listener", config.smtp.listeners),
+    )
+    seen: dict[Endpoint, str] = {}
+    for door, listeners in doors:
+        for index, listener in enumerate(listeners):
+            path = f"{door}[{index}]"
+            if listener.pool is not None and listener.pool not in config.pools:
+                main.at(path).at("pool").error(f'"{listener.pool}" is not a defined pool')
+            if listener.address in seen:
+                main.at(path).at("address").error(
+                    f"{listener.address} is already used by {seen[listener.address]}"
+                )
+            seen[listener.address] = path
+    for key, pool in config.smtp.sender_pools.items():
+        if pool not in config.pools:
+            main.at(f'smtp.sender_pools: "{key}"').error(f'"{pool}" is not a defined pool')
+    for user in config.auth:
+        if user not in config.pools:
+            main.at(f'auth.users: "{user}"').error(
+                "names no defined pool (the username is the pool)"
+            )
+
+
+def config_path_from(cli_value: str | None, environ: Mapping[str, str]) -> str:
+    """-c/--config, else $EGRESSD_CONFIG, else the default path."""
+    return cli_value or environ.get("EGRESSD_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def load_status_endpoints(path: str | Path) -> Config:
+    """Only ``[control]`` and ``[metrics]`` of a main file, ignoring every other table.
+
+    ``egressd status`` uses it when the file on disk no longer validates: the running
+    daemon still answers on the addresses it was started with.
+    """
+    main_path = Path(path)
+    problems = Problems()
+    main = Where(problems, str(main_path))
+    data = read_file(main_path, main)
+    if data is None:
+        raise ConfigError(problems.items)
+    control = read_value(Table(ControlSettings), data.get("control", {}), main.at("control"))
+    metrics = read_value(Table(MetricsSettings), data.get("metrics", {}), main.at("metrics"))
+    problems.raise_if_any()
+    empty: Mapping[str, Any] = MappingProxyType({})
+    return Config(path=main_path, sources=empty, pools=empty, control=control, metrics=metrics)

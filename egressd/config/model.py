@@ -1,0 +1,429 @@
+"""The configuration's frozen dataclasses, each field saying how its key is read.
+
+Every default is the field's default (:func:`~egressd.config.reader.setting`), and the
+fields are the keys a table may hold: the tables of the main file, a KumoMTA source
+(``make_egress_source``'s keys) and a pool entry.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from egressd.addresses import IPAddress, IPNetwork
+from egressd.config.problems import Where
+from egressd.config.reader import (
+    Choice,
+    Flag,
+    Integer,
+    ListOf,
+    MapOf,
+    Parsed,
+    Section,
+    Table,
+    Tables,
+    Text,
+    expect,
+    read_table,
+    setting,
+)
+from egressd.config.values import (
+    Endpoint,
+    parse_duration,
+    parse_ehlo_domain,
+    parse_hostport,
+    parse_ip,
+    parse_network,
+)
+
+HopKind = Literal["direct", "haproxy", "socks5"]
+
+DEFAULT_CONFIG_PATH = "/etc/egressd/egressd.toml"
+DEFAULT_TTL = 60.0
+
+DEFAULT_DENY_DESTINATIONS: tuple[str, ...] = (
+    # IANA's IPv4 and IPv6 special-purpose address registries (RFC 6890): every block that
+    # is not globally reachable, and multicast. See egressd.access for embedded IPv4.
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.88.99.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/128",
+    "::1/128",
+    "::ffff:0:0/96",
+    "64:ff9b:1::/48",
+    "100::/64",
+    "2001::/23",
+    "2001:db8::/32",
+    "3fff::/20",
+    "5f00::/16",
+    "fc00::/7",
+    "fe80::/10",
+    "fec0::/10",
+    "ff00::/8",
+)
+
+Duration = Parsed(parse_duration)
+IP = Parsed(parse_ip)
+EhloDomain = Parsed(parse_ehlo_domain)
+Network = Parsed(parse_network)
+HostPort = Parsed(parse_hostport)
+IPPort = Parsed(lambda text: parse_hostport(text, allow_names=False))
+Port = Integer(1, 65535)
+
+KeyAt = Callable[[str], Where]
+
+
+def _empty() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+# --------------------------------------------------------------------------- suspensions
+
+
+@dataclass(frozen=True)
+class SuspendPolicy:
+    """KumoMTA's ``{ duration = "5m", trigger = "Immediate" | { Threshold = "3/5m" } }``.
+
+    A source is suspended for ``duration`` seconds once ``count`` failures happened within
+    ``window`` seconds (``Immediate`` is a count of 1).
+    """
+
+    duration: float
+    count: int = 1
+    window: float = 0.0
+
+
+DEFAULT_SUSPEND_POLICY = SuspendPolicy(duration=300.0, count=1, window=0.0)
+DEFAULT_CONNECT_FAILURE_POLICY = SuspendPolicy(duration=60.0, count=3, window=60.0)
+
+
+class Trigger:
+    """``"Immediate"`` or ``{ Threshold = "N/duration" }`` -> ``(count, window)``."""
+
+    def read(self, value: object, where: Where) -> tuple[int, float]:
+        if value == "Immediate":
+            return 1, 0.0
+        if isinstance(value, dict) and set(value) == {"Threshold"}:
+            try:
+                return _parse_threshold(value["Threshold"])
+            except ValueError as exc:
+                raise ValueError(f"{value['Threshold']!r} {exc}") from None
+        raise ValueError('expected "Immediate" or { Threshold = "N/duration" }')
+
+
+@dataclass(frozen=True)
+class _SuspendTable:
+    duration: float = setting(Duration)
+    trigger: tuple[int, float] = setting(Trigger(), (1, 0.0))
+
+
+class Suspend:
+    """A ``suspend_when_*`` table: ``duration`` (required) and ``trigger``."""
+
+    def read(self, value: object, where: Where) -> SuspendPolicy:
+        table = read_table(_SuspendTable, expect(value, dict, "a table"), where)
+        count, window = table.trigger
+        return SuspendPolicy(duration=table.duration, count=count, window=window)
+
+
+def _parse_threshold(value: object) -> tuple[int, float]:
+    if not isinstance(value, str) or "/" not in value:
+        raise ValueError('has a Threshold that is not "N/duration" such as "3/5m"')
+    count_text, _, window_text = value.partition("/")
+    if not count_text.strip().isdigit() or int(count_text) < 1:
+        raise ValueError(f"has a Threshold count {count_text!r} that is not a positive integer")
+    return int(count_text), parse_duration(window_text)
+
+
+# --------------------------------------------------------------------------- sources and pools
+
+
+@dataclass(frozen=True)
+class Source:
+    """An egress identity, with KumoMTA's ``make_egress_source`` keys."""
+
+    name: str
+    source_address: IPAddress | None = setting(IP, None)
+    ehlo_domain: str | None = setting(EhloDomain, None)
+    remote_port: int | None = setting(Port, None)
+    ha_proxy_server: Endpoint | None = setting(HostPort, None)
+    ha_proxy_source_address: IPAddress | None = setting(IP, None)
+    socks5_proxy_server: Endpoint | None = setting(HostPort, None)
+    socks5_proxy_source_address: IPAddress | None = setting(IP, None)
+    socks5_proxy_username: str | None = setting(Text(), None)
+    socks5_proxy_password: str | None = setting(Text(), None)
+    ttl: float = setting(Duration, DEFAULT_TTL)
+    suspend_when_unplumbed: SuspendPolicy | None = setting(Suspend(), None)
+    suspend_when_proxy_unhealthy: SuspendPolicy | None = setting(Suspend(), None)
+
+    @property
+    def hop(self) -> HopKind:
+        """How connections of this source leave: directly, via HAProxy or via SOCKS5."""
+        if self.ha_proxy_server is not None:
+            return "haproxy"
+        if self.socks5_proxy_server is not None:
+            return "socks5"
+        return "direct"
+
+    @property
+    def egress_address(self) -> IPAddress | None:
+        """The address the destination sees, when the configuration fixes one."""
+        if self.hop == "haproxy":
+            return self.ha_proxy_source_address
+        if self.hop == "socks5" and self.socks5_proxy_source_address is not None:
+            return self.socks5_proxy_source_address
+        if self.hop == "direct":
+            return self.source_address
+        return None
+
+    @property
+    def egress_version(self) -> int | None:
+        """The IP version (4 or 6) of destinations this source can reach, if fixed."""
+        address = self.egress_address
+        return address.version if address is not None else None
+
+    def matches_address(self, address: IPAddress) -> bool:
+        """True when ``address`` is this source's own address or the one its hop uses."""
+        return address in (
+            self.source_address,
+            self.ha_proxy_source_address,
+            self.socks5_proxy_source_address,
+        )
+
+    def check_keys(self, at: KeyAt) -> None:
+        """Refuse key combinations that KumoMTA silently ignores or that can never connect."""
+        for first, second in (
+            ("ha_proxy_server", "ha_proxy_source_address"),
+            ("socks5_proxy_username", "socks5_proxy_password"),
+        ):
+            if (getattr(self, first) is None) != (getattr(self, second) is None):
+                present, missing = (first, second) if getattr(self, first) else (second, first)
+                at(present).error(f"is set without {missing}; set both or neither")
+        if self.socks5_proxy_server is None:
+            for key in ("socks5_proxy_source_address", "socks5_proxy_username"):
+                if getattr(self, key) is not None:
+                    at(key).error("is set without socks5_proxy_server")
+        if self.ha_proxy_server is not None and self.socks5_proxy_server is not None:
+            at("socks5_proxy_server").error(
+                "is set together with ha_proxy_server; a source has one hop"
+            )
+        self._check_families(at)
+
+    def _check_families(self, at: KeyAt) -> None:
+        address = self.source_address
+        for hop_key in ("ha_proxy_server", "socks5_proxy_server"):
+            hop: Endpoint | None = getattr(self, hop_key)
+            hop_ip = hop.ip if hop is not None else None
+            if address is not None and hop_ip is not None and address.version != hop_ip.version:
+                at("source_address").error(
+                    f"IPv{address.version} address {address} "
+                    f"can never connect to the IPv{hop_ip.version} {hop_key} {hop}"
+                )
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    source: str
+    weight: int = setting(Integer(0, 1_000_000), 1)
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    entries: tuple[PoolEntry, ...] = ()
+
+
+# --------------------------------------------------------------------------- egressd's tables
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One listening socket of a front door, optionally tagged with a default pool."""
+
+    address: Endpoint = setting(IPPort)
+    pool: str | None = setting(Text(), None)
+
+
+@dataclass(frozen=True)
+class _DoorTable:
+    """``[socks5]`` and ``[proxy]``: only their ``[[DOOR.listener]]`` array."""
+
+    listener: tuple[Listener, ...] = setting(Tables(Listener), ())
+
+
+@dataclass(frozen=True)
+class DialSettings:
+    timeout: float = setting(Duration, 30.0)
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    nameservers: tuple[Endpoint, ...] = setting(
+        ListOf(Parsed(lambda t: parse_hostport(t, allow_names=False, default_port=53))), ()
+    )
+    timeout: float = setting(Duration, 10.0)
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    clients: tuple[IPNetwork, ...] = setting(
+        ListOf(Network),
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+    )
+    destination_ports: tuple[int, ...] = setting(ListOf(Port), (25, 465, 587, 2525))
+    deny_destinations: tuple[IPNetwork, ...] = setting(
+        ListOf(Network), tuple(ipaddress.ip_network(n) for n in DEFAULT_DENY_DESTINATIONS)
+    )
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_connections: int = setting(Integer(1, 10_000_000), 10000)
+    max_connections_per_source: int = setting(Integer(1, 10_000_000), 2000)
+    handshake_timeout: float = setting(Duration, 30.0)
+    idle_timeout: float = setting(Duration, 600.0)
+    shutdown_grace: float = setting(Duration, 30.0)
+
+
+@dataclass(frozen=True)
+class _AuthTable:
+    users: Mapping[str, str] = setting(MapOf(Text()), factory=_empty)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: Literal["text", "json"] = setting(Choice(("text", "json")), "text")
+    level: str = setting(Choice(("debug", "info", "warning", "error"), fold=True), "info")
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: Endpoint | None = setting(IPPort, None)
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    socket: str | None = setting(Text(), None)
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Defaults for sources that do not set KumoMTA's suspend keys."""
+
+    suspend_when_unplumbed: SuspendPolicy = setting(Suspend(), DEFAULT_SUSPEND_POLICY)
+    suspend_when_proxy_unhealthy: SuspendPolicy = setting(Suspend(), DEFAULT_SUSPEND_POLICY)
+    suspend_on_connect_failures: SuspendPolicy = setting(Suspend(), DEFAULT_CONNECT_FAILURE_POLICY)
+
+
+@dataclass(frozen=True)
+class PostfixTimeout:
+    """A duration that must stay below Postfix's client timeout for the same step."""
+
+    ceiling: int
+
+    def read(self, value: object, where: Where) -> float:
+        seconds = Duration.read(value, where)
+        if seconds > self.ceiling:
+            raise ValueError(
+                f"{seconds:g}s must stay below Postfix's client timeout (at most {self.ceiling}s)"
+            )
+        return seconds
+
+
+@dataclass(frozen=True)
+class SmtpTimeouts:
+    """Timeouts towards the remote server; each stays below Postfix's client timeouts."""
+
+    banner: float = setting(PostfixTimeout(290), 240.0)
+    command: float = setting(PostfixTimeout(290), 240.0)
+    data_init: float = setting(PostfixTimeout(110), 100.0)
+    data_block: float = setting(PostfixTimeout(170), 150.0)
+    final_dot: float = setting(PostfixTimeout(590), 540.0)
+
+
+@dataclass(frozen=True)
+class SmtpTls:
+    """Outbound STARTTLS policy, and the certificate offered to MTAs (inbound STARTTLS)."""
+
+    mode: Literal["opportunistic", "required", "disabled"] = setting(
+        Choice(("opportunistic", "required", "disabled")), "opportunistic"
+    )
+    verify: bool = setting(Flag(), False)
+    certificate: str | None = setting(Text(), None)
+    private_key: str | None = setting(Text(), None)
+
+    def check_keys(self, at: KeyAt) -> None:
+        if (self.certificate is None) != (self.private_key is None):
+            at("certificate").error("certificate and private_key go together; set both or neither")
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    listeners: tuple[Listener, ...] = setting(Tables(Listener), (), key="listener")
+    hostname: str | None = setting(EhloDomain, None)
+    max_message_size: int = setting(Integer(0, 2**40), 52428800)
+    sender_pools: Mapping[str, str] = setting(MapOf(Text(), fold=True), factory=_empty)
+    routes: Mapping[str, Endpoint] = setting(
+        MapOf(Parsed(lambda t: parse_hostport(t, default_port=25)), fold=True), factory=_empty
+    )
+    tls: SmtpTls = setting(Table(SmtpTls), SmtpTls())
+    timeouts: SmtpTimeouts = setting(Table(SmtpTimeouts), SmtpTimeouts())
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, validated configuration: the keys of the main file.
+
+    ``source``, ``pool`` and ``sources_files`` are read by the sources reader, which merges
+    them across files (:mod:`egressd.config.sources`).
+    """
+
+    path: Path
+    sources: Mapping[str, Source] = setting(None, key="source")
+    pools: Mapping[str, Pool] = setting(None, key="pool")
+    source_files: tuple[Path, ...] = setting(None, (), key="sources_files")
+    hostname: str | None = setting(EhloDomain, None)
+    dial: DialSettings = setting(Table(DialSettings), DialSettings())
+    dns: DnsSettings = setting(Table(DnsSettings), DnsSettings())
+    access: AccessSettings = setting(Table(AccessSettings), AccessSettings())
+    limits: LimitSettings = setting(Table(LimitSettings), LimitSettings())
+    auth: Mapping[str, str] = setting(Section(_AuthTable, "users"), factory=_empty)
+    log: LogSettings = setting(Table(LogSettings), LogSettings())
+    metrics: MetricsSettings = setting(Table(MetricsSettings), MetricsSettings())
+    control: ControlSettings = setting(Table(ControlSettings), ControlSettings())
+    health: HealthSettings = setting(Table(HealthSettings), HealthSettings())
+    socks5_listeners: tuple[Listener, ...] = setting(
+        Section(_DoorTable, "listener"), (), key="socks5"
+    )
+    proxy_listeners: tuple[Listener, ...] = setting(
+        Section(_DoorTable, "listener"), (), key="proxy"
+    )
+    smtp: SmtpSettings = setting(Table(SmtpSettings), SmtpSettings())
+
+    @property
+    def min_ttl(self) -> float:
+        """The shortest ``ttl`` of any source: how often sources files are checked."""
+        return min((s.ttl for s in self.sources.values()), default=DEFAULT_TTL)
+
+    def source_for_address(self, address: IPAddress) -> Source | None:
+        """The configured source whose own or hop address is ``address``."""
+        for source in self.sources.values():
+            if source.matches_address(address):
+                return source
+        return None
