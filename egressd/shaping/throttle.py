@@ -1,0 +1,180 @@
+"""KumoMTA's throttle and limit specs, and the GCRA that enforces a throttle.
+
+Theory of operation
+-------------------
+A :class:`ThrottleSpec` is KumoMTA's ``[local:]quantity/period[,max_burst=N]`` (crates/throttle
+in KumoCorp/kumomta): ``"100/hr"``, ``"3/5m"`` (3 per 5 minutes), ``"1,000/day"``,
+``"1_000/h"``, ``"50/d,max_burst=1"``. The period unit is one of ``s sec second m min minute
+h hr hour d day``, optionally preceded by a number. A :class:`LimitSpec` is a concurrency limit:
+an integer, or a string such as ``"local:5"`` or ``"1_000"``. Both reject a zero quantity.
+
+:class:`Gcra` is the Generic Cell Rate Algorithm exactly as KumoMTA runs it in process
+(redis-cell's ``RateLimiter``, which kumod uses when no Redis is configured):
+
+- the emission interval ``T`` is ``period / limit`` in whole nanoseconds;
+- the burst is ``min(max_burst, limit - 1) + 1`` cells (``max_burst`` defaults to ``limit``,
+  so ``"10/s"`` allows 10 at once, and ``",max_burst=1"`` allows 2 at once for any limit above
+  1: KumoMTA passes ``max_burst.min(limit - 1)`` to redis-cell, which allows ``max_burst + 1``);
+- a cell arriving at ``now`` is conforming when ``max(TAT, now) + T - T * burst <= now``; a
+  conforming cell moves the theoretical arrival time ``TAT`` to ``max(TAT, now) + T``, a
+  refused one leaves it alone and learns how long to wait.
+
+Time is an integer count of nanoseconds given by the caller: this module has no clock.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+NANOS = 1_000_000_000
+
+_PERIOD_UNITS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "h": 3600,
+    "hr": 3600,
+    "hour": 3600,
+    "d": 86400,
+    "day": 86400,
+}
+_PERIOD_NAMES = {86400: "d", 3600: "h", 60: "m", 1: "s"}
+_DIGITS = re.compile(r"[0-9]+")
+_PERIOD = re.compile(r"([0-9]*)(.*)", re.DOTALL)
+LOCAL_PREFIX = "local:"
+BURST_SEPARATOR = ",max_burst="
+
+
+def parse_separated_number(text: str) -> int:
+    """``"1,000"`` and ``"1_000"`` -> 1000 (KumoMTA allows both separators anywhere)."""
+    digits = text.replace("_", "").replace(",", "")
+    if not _DIGITS.fullmatch(digits):
+        raise ValueError(f"{text!r} is not a number")
+    return int(digits)
+
+
+def _split_local(text: str) -> tuple[bool, str]:
+    if text.startswith(LOCAL_PREFIX):
+        return True, text[len(LOCAL_PREFIX) :]
+    return False, text
+
+
+def _parse_period(text: str) -> int:
+    """``"hr"`` -> 3600, ``"5m"`` -> 300: an optional count, then a unit."""
+    match = _PERIOD.fullmatch(text)
+    assert match is not None  # the pattern matches any text
+    count_text, unit = match.groups()
+    if unit not in _PERIOD_UNITS:
+        raise ValueError(f"has an unknown period {text!r} (use s, m, h or d, e.g. 5m)")
+    count = int(count_text) if count_text else 1
+    if count == 0:
+        raise ValueError("has a period of 0")
+    return count * _PERIOD_UNITS[unit]
+
+
+@dataclass(frozen=True)
+class ThrottleSpec:
+    """``limit`` events per ``period`` seconds, ``max_burst`` of them at once."""
+
+    limit: int
+    period: int
+    max_burst: int | None = None
+    force_local: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> ThrottleSpec:
+        """KumoMTA's grammar; ValueError says what is wrong with ``text``."""
+        try:
+            return cls._parse(text)
+        except ValueError as exc:
+            raise ValueError(f"throttle {text!r} {exc}") from None
+
+    @classmethod
+    def _parse(cls, text: str) -> ThrottleSpec:
+        force_local, rest = _split_local(text)
+        max_burst: int | None = None
+        if BURST_SEPARATOR in rest:
+            rest, burst_text = rest.split(BURST_SEPARATOR, 1)
+            max_burst = parse_separated_number(burst_text)
+        if "/" not in rest:
+            raise ValueError("is not quantity/period (e.g. 100/hr, 3/5m)")
+        limit_text, period_text = rest.split("/", 1)
+        limit = parse_separated_number(limit_text)
+        if limit == 0:
+            raise ValueError("has a quantity of 0")
+        return cls(limit, _parse_period(period_text), max_burst, force_local)
+
+    @property
+    def burst(self) -> int:
+        """How many events may happen at once (see the module docstring)."""
+        wanted = self.limit if self.max_burst is None else self.max_burst
+        return min(wanted, self.limit - 1) + 1
+
+    @property
+    def interval_ns(self) -> int:
+        """The emission interval, truncated to nanoseconds as redis-cell does."""
+        return int(self.period * NANOS / self.limit)
+
+    def __str__(self) -> str:
+        """KumoMTA's canonical form: ``"3/5m"`` prints as ``"3/300s"``."""
+        unit = _PERIOD_NAMES.get(self.period)
+        period = unit if unit is not None else f"{self.period}s"
+        burst = f"{BURST_SEPARATOR}{self.max_burst}" if self.max_burst is not None else ""
+        local = LOCAL_PREFIX if self.force_local else ""
+        return f"{local}{self.limit}/{period}{burst}"
+
+
+@dataclass(frozen=True)
+class LimitSpec:
+    """A concurrency limit: an integer >= 1, or ``"[local:]N"`` with ``,``/``_`` separators."""
+
+    limit: int
+    force_local: bool = False
+
+    @classmethod
+    def parse(cls, value: object) -> LimitSpec:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError("is not a limit (an integer, or a string such as 'local:5')")
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError(f"limit {value} must be 1 or larger")
+            return cls(value)
+        force_local, rest = _split_local(value)
+        limit = parse_separated_number(rest)
+        if limit < 1:
+            raise ValueError(f"limit {value!r} must be 1 or larger")
+        return cls(limit, force_local)
+
+    def __str__(self) -> str:
+        return f"{LOCAL_PREFIX if self.force_local else ''}{self.limit}"
+
+
+@dataclass
+class Gcra:
+    """One throttle bucket: the theoretical arrival time of the next cell, in nanoseconds."""
+
+    spec: ThrottleSpec
+    tat: int | None = field(default=None)
+
+    def wait_ns(self, now: int, quantity: int = 1) -> int:
+        """0 when ``quantity`` cells conform at ``now``; else how long until they would."""
+        interval = self.spec.interval_ns
+        start = now if self.tat is None else max(self.tat, now)
+        allow_at = start + interval * quantity - interval * self.spec.burst
+        return max(0, allow_at - now)
+
+    def take(self, now: int, quantity: int = 1) -> int:
+        """Like :meth:`wait_ns`, and a conforming request is counted."""
+        wait = self.wait_ns(now, quantity)
+        if wait == 0:
+            start = now if self.tat is None else max(self.tat, now)
+            self.tat = start + self.spec.interval_ns * quantity
+        return wait
+
+    def idle(self, now: int) -> bool:
+        """True when the bucket is full again (it may be forgotten)."""
+        return self.tat is None or self.tat <= now
