@@ -30,8 +30,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,74 +39,22 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from procs import (
+    ROOT,
+    binary,
+    children_cpu_seconds,
+    cpu_seconds,
+    free_port,
+    python_env,
+    running,
+)
+
 LOAD = [sys.executable, str(ROOT / "bench" / "relay_load.py")]
 EGRESSD = [sys.executable, "-m", "egressd"]
-SBIN = os.pathsep.join(["/usr/local/sbin", "/usr/sbin", "/sbin", os.environ.get("PATH", "")])
 GIB = 1 << 30
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def is_listening(port: int) -> bool:
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError), open(table) as handle:
-            next(handle, None)
-            for line in handle:
-                fields = line.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    return True
-    return False
-
-
-def binary(name: str) -> str:
-    path = shutil.which(name, path=SBIN)
-    if path is None:
-        sys.exit(f"bench: {name} is not installed (scripts/test installs it)")
-    return path
-
-
-@contextlib.contextmanager
-def running(argv: Sequence[str], port: int, workdir: Path, name: str) -> Iterator[int]:
-    """Start ``argv``, wait until ``port`` listens, yield its PID; stop it by PID."""
-    log = (workdir / f"{name}.log").open("wb")
-    process = subprocess.Popen(
-        list(argv),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=workdir,
-        start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while not is_listening(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                sys.exit(f"bench: {name} did not start:\n{(workdir / f'{name}.log').read_text()}")
-            time.sleep(0.02)
-        yield process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
 
 
 def load(*args: str) -> dict[str, float]:
@@ -116,7 +62,7 @@ def load(*args: str) -> dict[str, float]:
         [*LOAD, *args],
         capture_output=True,
         check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=python_env(),
     )
     if done.returncode != 0:
         sys.exit(f"bench: relay_load {' '.join(args)} failed:\n{done.stderr.decode()}")
@@ -129,22 +75,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def cpu_seconds(session: int) -> float:
-    """User + system CPU of every process in session ``session`` (a server and its children)."""
-    ticks = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[3]) == session:  # field 6, session id
-            ticks += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def open_fds(pid: int) -> int:
@@ -263,6 +193,31 @@ def bare_relay(workdir: Path, sink: int, zero_copy: bool) -> Iterator[int]:
         yield port
 
 
+PONG_CONFIG = """\
+global
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend pong
+    bind 127.0.0.1:{port}
+    option httpclose
+    http-request return status 200 content-type text/plain string "PONG"
+"""
+
+
+@contextlib.contextmanager
+def pong_sink(workdir: Path) -> Iterator[tuple[int, int]]:
+    """HAProxy answering every HTTP request itself and closing: the C sink for curl."""
+    port = free_port()
+    config = workdir / "pong.cfg"
+    config.write_text(PONG_CONFIG.format(port=port))
+    with running([binary("haproxy"), "-f", str(config), "-db"], port, workdir, "pong") as pid:
+        yield port, pid
+
+
 # --------------------------------------------------------------------------- measurements
 
 
@@ -274,6 +229,7 @@ class Row:
     reference: str | None = None
     reference_value: float | None = None
     target: str = ""
+    note: str = ""
 
     @property
     def ratio(self) -> float | None:
@@ -282,42 +238,88 @@ class Row:
         return None
 
 
-def blast_once(proxy: str | None, sink: int, size: int, socks: bool) -> float:
-    """GiB/s of one ``size``-byte transfer to ``sink``, directly or through ``proxy``."""
+def blast_once(
+    proxy: str | None, sink: tuple[int, int], size: int, socks: bool
+) -> tuple[float, float, float]:
+    """GiB/s of one ``size``-byte transfer to ``sink`` (port, pid), directly or through
+    ``proxy``; and the CPU seconds per GiB of the generator and of the sink."""
+    port, sink_pid = sink
     if proxy is None:
-        args = ["blast", "--dest", f"127.0.0.1:{sink}"]
+        args = ["blast", "--dest", f"127.0.0.1:{port}"]
     elif socks:
-        args = ["blast", "--proxy", proxy, "--dest", f"127.0.0.1:{sink}"]
+        args = ["blast", "--proxy", proxy, "--dest", f"127.0.0.1:{port}"]
     else:  # a plain TCP forwarder: connect to it as if it were the sink
         args = ["blast", "--dest", proxy]
+    sink_before, generator_before = cpu_seconds(sink_pid), children_cpu_seconds()
     result = load(*args, "--bytes", str(size))
-    return result["bytes"] / result["seconds"] / GIB
-
-
-def sessions_once(proxy: int, pid: int, sink: int, sessions: int, concurrency: int) -> Sample:
-    """One run of ``sessions`` short sessions through the SOCKS5 proxy at ``proxy``."""
-    cpu_before = cpu_seconds(pid)
-    result = load(
-        "rate",
-        "--proxy",
-        f"127.0.0.1:{proxy}",
-        "--dest",
-        f"127.0.0.1:{sink}",
-        "--sessions",
-        str(sessions),
-        "--concurrency",
-        str(concurrency),
+    gib = result["bytes"] / GIB
+    return (
+        gib / result["seconds"],
+        (children_cpu_seconds() - generator_before) / gib,
+        (cpu_seconds(sink_pid) - sink_before) / gib,
     )
-    if result["failures"]:
-        sys.exit(f"bench: {result['failures']} of {sessions} sessions failed")
-    cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / sessions
-    return Sample(result["sessions"] / result["seconds"], cpu_ms)
 
 
 @dataclass
 class Sample:
+    """One session-rate run: sessions/s and CPU ms per session of proxy, generator, sink."""
+
     rate: float
-    cpu_ms: float
+    proxy_ms: float
+    generator_ms: float
+    sink_ms: float
+
+
+def curl_sessions(proxy: int | None, sink: int, sessions: int, concurrency: int) -> float:
+    """``sessions`` HTTP requests with curl --parallel, each on a new connection (the sink
+    closes), through the SOCKS5 proxy or straight; returns the seconds they took."""
+    argv = [binary("curl"), "-s", "--parallel", "--parallel-max", str(concurrency)]
+    argv += ["-o", "/dev/null", "-w", "%{http_code}\\n"]
+    if proxy is not None:
+        argv += ["--socks5", f"127.0.0.1:{proxy}"]
+    argv.append(f"http://127.0.0.1:{sink}/[1-{sessions}]")
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, check=False)
+    seconds = time.perf_counter() - started
+    ok = done.stdout.split().count(b"200")
+    if ok != sessions:
+        sys.exit(f"bench: {sessions - ok} of {sessions} curl sessions failed")
+    return seconds
+
+
+def python_sessions(proxy: int | None, sink: int, sessions: int, concurrency: int) -> float:
+    """The same with the asyncio generator (connect, SOCKS5, one line echoed, close)."""
+    args = ["rate", "--dest", f"127.0.0.1:{sink}", "--sessions", str(sessions)]
+    args += ["--concurrency", str(concurrency)]
+    if proxy is not None:
+        args += ["--proxy", f"127.0.0.1:{proxy}"]
+    result = load(*args)
+    if result["failures"]:
+        sys.exit(f"bench: {result['failures']} of {sessions} sessions failed")
+    return result["seconds"]
+
+
+def sessions_once(
+    client: str,
+    proxy: tuple[int, int] | None,
+    sink: tuple[int, int],
+    sessions: int,
+    concurrency: int,
+) -> Sample:
+    """One run of ``sessions`` short sessions through ``proxy`` (port, pid) or straight to
+    ``sink`` (port, pid); the CPU of the proxy, the generator and the sink per session."""
+    proxy_before = cpu_seconds(proxy[1]) if proxy else 0.0
+    sink_before = cpu_seconds(sink[1])
+    generator_before = children_cpu_seconds()
+    run = curl_sessions if client == "curl" else python_sessions
+    seconds = run(proxy[0] if proxy else None, sink[0], sessions, concurrency)
+    per_session = 1000 / sessions
+    return Sample(
+        rate=sessions / seconds,
+        proxy_ms=(cpu_seconds(proxy[1]) - proxy_before) * per_session if proxy else 0.0,
+        generator_ms=(children_cpu_seconds() - generator_before) * per_session,
+        sink_ms=(cpu_seconds(sink[1]) - sink_before) * per_session,
+    )
 
 
 class Rounds:
@@ -347,7 +349,7 @@ def idle_memory(workdir: Path, sink: int, count: int) -> tuple[float, int]:
             hold_argv(port, sink, count),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env=python_env(),
         )
         try:
             assert holder.stdout is not None and holder.stdin is not None
@@ -374,7 +376,7 @@ def hold(port: int, sink: int, count: int) -> None:
         input=b"",
         capture_output=True,
         check=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=python_env(),
     )
 
 
@@ -392,46 +394,84 @@ def print_table(rows: Sequence[Row]) -> None:
         )
         ratio = f"{row.ratio:.2f}x" if row.ratio is not None else ""
         print(f"{row.name:<44} {value:>12}  {reference:<26} {ratio:>6}  {row.target}")
+        if row.note:
+            print(f"{'':<46}{row.note}")
 
 
 def run(args: argparse.Namespace) -> int:
     size = int(args.gib * GIB)
-    rows: list[Row] = []
     rounds = Rounds()
     with tempfile.TemporaryDirectory(prefix="egressd-bench-") as tmp:
         workdir = Path(tmp)
-        blast_sink, echo_sink = free_port(), free_port()
+        blast_port, echo_port = free_port(), free_port()
         with contextlib.ExitStack() as servers:
-            for name, sink in (("blast-sink", blast_sink), ("echo-sink", echo_sink)):
-                servers.enter_context(running([*LOAD, name, str(sink)], sink, workdir, name))
-            ours, ours_pid = servers.enter_context(egressd(workdir, [blast_sink, echo_sink]))
+            sinks = {}
+            for name, port in (("blast-sink", blast_port), ("echo-sink", echo_port)):
+                pid = servers.enter_context(running([*LOAD, name, str(port)], port, workdir, name))
+                sinks[name] = (port, pid)
+            blast = sinks["blast-sink"]
+            session_sink = sinks["echo-sink"]
+            if args.client == "curl":
+                session_sink = servers.enter_context(pong_sink(workdir))
+            ours = servers.enter_context(egressd(workdir, [blast_port, session_sink[0]]))
             forwarders = {
-                "socat": servers.enter_context(socat(workdir, blast_sink)),
-                "HAProxy": servers.enter_context(haproxy(workdir, blast_sink)),
-                "zero-copy": servers.enter_context(bare_relay(workdir, blast_sink, True)),
-                "trio path": servers.enter_context(bare_relay(workdir, blast_sink, False)),
+                "socat": servers.enter_context(socat(workdir, blast_port)),
+                "HAProxy": servers.enter_context(haproxy(workdir, blast_port)),
+                "zero-copy": servers.enter_context(bare_relay(workdir, blast_port, True)),
+                "trio path": servers.enter_context(bare_relay(workdir, blast_port, False)),
             }
-            theirs, dante_pid = servers.enter_context(dante(workdir))
+            proxies = {"egressd": ours, "Dante": servers.enter_context(dante(workdir))}
             print(
                 f"{args.repeat} rounds; each: {args.gib:g} GiB through each, then"
-                f" {args.sessions} short sessions through egressd and through Dante",
+                f" {args.sessions} short sessions ({args.client}) straight to the sink, through"
+                " egressd and through Dante",
                 flush=True,
             )
             for number in range(1, args.repeat + 1):
                 print(f"round {number}", flush=True)
-                rounds.add("direct", blast_once(None, blast_sink, size, socks=False))
-                rounds.add("egressd", blast_once(f"127.0.0.1:{ours}", blast_sink, size, True))
-                for name, port in forwarders.items():
-                    rounds.add(name, blast_once(f"127.0.0.1:{port}", blast_sink, size, False))
-                for name, port, pid in (("egressd", ours, ours_pid), ("Dante", theirs, dante_pid)):
-                    sample = sessions_once(port, pid, echo_sink, args.sessions, args.concurrency)
+                contenders: list[tuple[str, str | None, bool]] = [
+                    ("direct", None, False),
+                    ("egressd", f"127.0.0.1:{ours[0]}", True),
+                ]
+                contenders += [(n, f"127.0.0.1:{p}", False) for n, p in forwarders.items()]
+                for name, proxy, socks in contenders:
+                    rate, generator, sink = blast_once(proxy, blast, size, socks)
+                    rounds.add(name, rate)
+                    rounds.add(f"{name} gen", generator)
+                    rounds.add(f"{name} sink", sink)
+                through: list[tuple[str, tuple[int, int] | None]] = [("direct", None)]
+                for name, via in [*through, *proxies.items()]:
+                    sample = sessions_once(
+                        args.client, via, session_sink, args.sessions, args.concurrency
+                    )
                     rounds.add(f"{name} rate", sample.rate)
-                    rounds.add(f"{name} cpu", sample.cpu_ms)
+                    rounds.add(f"{name} cpu", sample.proxy_ms)
+                    rounds.add(f"{name} session gen", sample.generator_ms)
+                    rounds.add(f"{name} session sink", sample.sink_ms)
             print(f"idle memory: {args.idle} sessions", flush=True)
-            per_session, fds = idle_memory(workdir, echo_sink, args.idle)
+            per_session, fds = idle_memory(workdir, echo_port, args.idle)
+    print()
+    print_table(table_rows(rounds, args, per_session, fds))
+    return 0
+
+
+def table_rows(rounds: Rounds, args: argparse.Namespace, per_session: float, fds: int) -> list[Row]:
     med = rounds.median
-    rows += [
-        Row("throughput, no proxy (loopback ceiling)", med("direct"), "GiB/s"),
+
+    def blast_note(name: str) -> str:
+        return f"gen {med(f'{name} gen'):.2f} s/GiB, sink {med(f'{name} sink'):.2f} s/GiB"
+
+    def session_note(name: str) -> str:
+        gen, sink = med(f"{name} session gen"), med(f"{name} session sink")
+        return f"{args.client} {gen:.3f} ms, sink {sink:.3f} ms per session"
+
+    return [
+        Row(
+            "throughput, no proxy (loopback ceiling)",
+            med("direct"),
+            "GiB/s",
+            note=blast_note("direct"),
+        ),
         Row(
             "throughput, egressd SOCKS5 (splice)",
             med("egressd"),
@@ -439,6 +479,7 @@ def run(args: argparse.Namespace) -> int:
             "socat",
             med("socat"),
             ">= 1.0x",
+            blast_note("egressd"),
         ),
         Row(
             "throughput, egressd SOCKS5 (splice)",
@@ -455,20 +496,39 @@ def run(args: argparse.Namespace) -> int:
             med("trio path"),
         ),
         Row(
+            "short sessions, no proxy (generator ceiling)",
+            med("direct rate"),
+            "/s",
+            note=session_note("direct"),
+        ),
+        Row(
             "short sessions, egressd",
             med("egressd rate"),
             "/s",
             "Dante",
             med("Dante rate"),
             ">= 1.0x",
+            session_note("egressd"),
         ),
-        Row("proxy CPU per short session", med("egressd cpu"), "ms", "Dante", med("Dante cpu")),
+        Row(
+            "short sessions, no proxy / egressd",
+            med("direct rate"),
+            "/s",
+            "egressd",
+            med("egressd rate"),
+            ">= 3x: generator not the bottleneck",
+        ),
+        Row(
+            "proxy CPU per short session",
+            med("egressd cpu"),
+            "ms",
+            "Dante",
+            med("Dante cpu"),
+            note=session_note("Dante"),
+        ),
         Row(f"RSS per idle session ({args.idle} open)", per_session, "KiB", target="<= 20 KiB"),
         Row(f"daemon fds with {args.idle} idle sessions", fds, "fds"),
     ]
-    print()
-    print_table(rows)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -478,6 +538,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=5000, help="short sessions per run")
     parser.add_argument("--concurrency", type=int, default=32, help="sessions at a time (32)")
     parser.add_argument("--idle", type=int, default=5000, help="idle sessions (5000)")
+    parser.add_argument(
+        "--client",
+        choices=("curl", "python"),
+        default="curl",
+        help="short-session generator: curl --parallel (C) into an HAProxy that answers"
+        " HTTP itself (default), or the asyncio client into an asyncio echo sink",
+    )
     return run(parser.parse_args(argv))
 
 

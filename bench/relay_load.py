@@ -9,7 +9,8 @@ Subcommands (all on loopback):
 ``blast``          one connection (direct, or through a SOCKS5 proxy) sends N bytes and
                    half-closes, waits for the sink's count; prints seconds and bytes as JSON.
 ``rate``           N short sessions through a SOCKS5 proxy (connect, handshake, one
-                   exchange, close), C at a time; prints sessions per second as JSON.
+                   exchange, close), C at a time, or straight to the sink without
+                   ``--proxy``; prints sessions per second as JSON.
 ``hold``           opens N sessions through a SOCKS5 proxy, one exchange each, prints
                    ``ready`` and keeps them open until stdin closes.
 ``relay``          a bare trio relay built on egressd.net.splice (``--zero-copy yes|no``):
@@ -147,18 +148,21 @@ def blast(proxy: str | None, dest: str, size: int) -> None:
 # --------------------------------------------------------------------------- short sessions
 
 
-async def _session(proxy: tuple[str, int], dest: tuple[str, int]) -> None:
+async def _session(proxy: tuple[str, int] | None, dest: tuple[str, int]) -> None:
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        await loop.sock_connect(sock, proxy)
-        await loop.sock_sendall(sock, b"\x05\x01\x00")
-        assert await _recv_exactly(loop, sock, 2) == b"\x05\x00"
-        await loop.sock_sendall(sock, socks5_request(*dest))
-        reply = await _recv_exactly(loop, sock, 10)
-        if reply[1] != 0:
-            raise ConnectionError(f"SOCKS5 reply {reply[1]}")
+        if proxy is None:  # straight to the sink: the generator's own ceiling
+            await loop.sock_connect(sock, dest)
+        else:
+            await loop.sock_connect(sock, proxy)
+            await loop.sock_sendall(sock, b"\x05\x01\x00")
+            assert await _recv_exactly(loop, sock, 2) == b"\x05\x00"
+            await loop.sock_sendall(sock, socks5_request(*dest))
+            reply = await _recv_exactly(loop, sock, 10)
+            if reply[1] != 0:
+                raise ConnectionError(f"SOCKS5 reply {reply[1]}")
         await loop.sock_sendall(sock, b"PING\n")
         assert await _recv_exactly(loop, sock, 5) == b"PING\n"
     finally:
@@ -175,7 +179,9 @@ async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, co
     return data
 
 
-async def _rate(proxy: tuple[str, int], dest: tuple[str, int], sessions: int, workers: int) -> None:
+async def _rate(
+    proxy: tuple[str, int] | None, dest: tuple[str, int], sessions: int, workers: int
+) -> None:
     remaining = sessions
     failures = 0
 
@@ -194,11 +200,14 @@ async def _rate(proxy: tuple[str, int], dest: tuple[str, int], sessions: int, wo
     print(json.dumps({"sessions": sessions, "seconds": elapsed, "failures": failures}))
 
 
-def rate(proxy: str, dest: str, sessions: int, workers: int) -> None:
+def rate(proxy: str | None, dest: str, sessions: int, workers: int) -> None:
     raise_fd_limit()
-    phost, pport = proxy.rsplit(":", 1)
     host, port = dest.rsplit(":", 1)
-    asyncio.run(_rate((phost, int(pport)), (host, int(port)), sessions, workers))
+    through = None
+    if proxy:
+        phost, pport = proxy.rsplit(":", 1)
+        through = (phost, int(pport))
+    asyncio.run(_rate(through, (host, int(port)), sessions, workers))
 
 
 # --------------------------------------------------------------------------- idle sessions
@@ -252,7 +261,7 @@ def main() -> None:
     blast_p.add_argument("--dest", required=True)
     blast_p.add_argument("--bytes", type=int, required=True)
     rate_p = commands.add_parser("rate")
-    rate_p.add_argument("--proxy", required=True)
+    rate_p.add_argument("--proxy", help="none: straight to the sink")
     rate_p.add_argument("--dest", required=True)
     rate_p.add_argument("--sessions", type=int, required=True)
     rate_p.add_argument("--concurrency", type=int, default=32)

@@ -1,119 +1,124 @@
-"""Messages per second through egressd's SMTP relay, against the same client going direct.
+"""Messages per second through egressd's SMTP door, against the same C load going direct.
 
-Usage (from the repository root)::
+Run it through ``scripts/bench smtp`` (``--help`` for the knobs)::
 
-    .venv/bin/python bench/smtp_bench.py [--messages 5000] [--sessions 50] [--size 10240]
-                                         [--rounds 3] [--pipelining] [--json]
+    scripts/bench smtp            # quick: 10 KiB, 50 sessions, sink with and without PIPELINING
+    scripts/bench smtp --full     # the matrix: 1, 10, 100 KiB x 1, 50 sessions x PIPELINING on/off
+    scripts/bench smtp --client python   # second opinion: the Python client as the generator
 
-Without ``--pipelining`` the client sends one command at a time (like smtplib) and the sink
-does not offer PIPELINING; with it, the sink offers it and the client sends MAIL, RCPT and
-DATA in one write (like Postfix), and egressd pipelines MAIL and RCPT towards the sink.
+The load generator and the sink are Postfix's own C test tools, so that the figure is
+egressd's cost and not the generator's: ``smtp-source`` (``-d``: one session sends its
+messages one after the other; HELO, MAIL, RCPT, DATA, an 80-column body of ``-l`` bytes, the
+dot, lock-step since smtp-source has no pipelining) and ``smtp-sink`` (accepts and discards;
+``-p`` when the case has PIPELINING off). "PIPELINING on/off" is therefore the egressd ->
+sink leg: with it egressd sends MAIL FROM and RCPT TO in one write, as towards most MXs.
+The Python client (``--client python``) pipelines towards egressd as Postfix does.
 
-What it does, all on loopback:
+What it does, all on loopback, every process started here and stopped by its PID:
 
-1. starts an aiosmtpd sink in its own process (it accepts everything and discards it);
-2. starts egressd in its own process with only the SMTP door: one listener, one pool with
-   one source (127.0.0.3), and ``[smtp.routes] "*"`` pointing at the sink (no DNS, so the
-   figure is the relay's own cost), logging one line per transaction to a file;
-3. runs the load generator (a trio SMTP client in this process): ``--sessions`` concurrent
-   sessions, each sending its share of ``--messages`` messages of ``--size`` bytes, one
-   after the other (MAIL, RCPT, DATA, body, dot) on one connection, straight to the sink
-   and then through egressd;
-4. repeats 3 and 4 ``--rounds`` times, alternating, and prints the median rates and their
-   ratio (through egressd / direct).
-
-Every process it starts is stopped by its PID at the end.
+1. starts one smtp-sink per PIPELINING setting and one egressd per sink, egressd with only
+   the SMTP door (one listener, one pool with one source, 127.0.0.3, ``[smtp.routes] "*"``
+   pointing at its sink, so no DNS: the figure is the relay's own cost), logging one line
+   per transaction to a file as in production;
+2. per case, a warm-up run through each contender sizes the runs to about ``--seconds``;
+3. ``--rounds`` rounds, each running every case once straight into the sink and once through
+   egressd, alternating which goes first (this shared machine drifts by tens of percent);
+4. prints the medians: messages/s direct and through egressd, the ratio, and the CPU per
+   message of egressd, the generator and the sink (user + system, from ``/proc/PID/stat``
+   for the servers and ``getrusage`` for the generator), and egressd's share of one core.
+   egressd near 100% of a core means egressd is the bottleneck, as it should be.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import trio
+from procs import (
+    binary,
+    children_cpu_seconds,
+    cpu_seconds,
+    free_port,
+    python_env,
+    running,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 SOURCE_ADDRESS = "127.0.0.3"
+SENDER = "bench@sender.bench"
+RECIPIENT = "rcpt@dest.bench"
+EGRESSD = [sys.executable, "-m", "egressd"]
+KIB = 1024
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+@dataclass(frozen=True)
+class Case:
+    size: int  # body bytes (smtp-source -l)
+    sessions: int
+    pipelining: bool  # the sink offers PIPELINING
+
+    @property
+    def name(self) -> str:
+        pipelining = "pipelining" if self.pipelining else "no pipelining"
+        return f"{self.size // KIB} KiB, {self.sessions} sess, {pipelining}"
 
 
-def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"process {process.args!r} exited with {process.returncode}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing listens on port {port} after {timeout:g}s")
+QUICK = [Case(10 * KIB, 50, True), Case(10 * KIB, 50, False)]
+FULL = [
+    Case(size * KIB, sessions, pipelining)
+    for pipelining, size, sessions in itertools.product((True, False), (1, 10, 100), (1, 50))
+]
 
 
-@contextmanager
-def child(argv: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``argv`` until the block ends; stop it by its PID."""
-    with log.open("wb") as output:
-        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            wait_listening(port, process)
-            yield process
-        finally:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+@dataclass
+class Run:
+    """One run of one contender: messages, wall seconds and CPU seconds of each process."""
+
+    messages: int
+    seconds: float
+    generator_cpu: float
+    sink_cpu: float
+    egressd_cpu: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    def per_message_ms(self, cpu: float) -> float:
+        return cpu * 1000 / self.messages
 
 
-# --------------------------------------------------------------------------- children
+@dataclass
+class Contender:
+    """Where a case's load goes (the sink, or egressd in front of it) and what to measure."""
+
+    port: int
+    sink_pid: int
+    egressd_pid: int | None = None
+    runs: dict[Case, list[Run]] = field(default_factory=dict)
+    size_for: dict[Case, int] = field(default_factory=dict)
 
 
-def serve_sink(port: int, pipelining: bool) -> None:
-    """The sink: aiosmtpd, accepting and discarding every message. With ``pipelining`` it
-    advertises PIPELINING (aiosmtpd reads commands in order, so it handles it)."""
-    from aiosmtpd.controller import Controller
+# --------------------------------------------------------------------------- servers
 
-    class Discard:
-        async def handle_EHLO(
-            self, server: object, session: Any, envelope: object, name: str, lines: list[str]
-        ) -> list[str]:
-            session.host_name = name  # what aiosmtpd's own EHLO does before the hook
-            if pipelining:
-                lines.insert(1, "250-PIPELINING")
-            return lines
 
-        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
-            return "250 2.0.0 discarded"
-
-    controller = Controller(Discard(), hostname="127.0.0.1", port=port, data_size_limit=0)
-    controller.start()
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        controller.stop()
+def sink_argv(port: int, pipelining: bool) -> list[str]:
+    argv = [binary("smtp-sink")]
+    if os.geteuid() == 0:
+        argv += ["-u", "nobody"]  # smtp-sink refuses to run as root otherwise
+    if not pipelining:
+        argv.append("-p")
+    return [*argv, f"127.0.0.1:{port}", "1024"]
 
 
 EGRESSD_CONFIG = """\
@@ -137,210 +142,195 @@ ehlo_domain = "out.bench"
 """
 
 
-def serve_egressd(config_path: str) -> None:
-    """egressd with only the SMTP door (so it runs whatever other doors exist)."""
-    sys.path.insert(0, str(REPO))
-    from egressd.config import load_config
-    from egressd.daemon import serve
-    from egressd.doors.smtp import SmtpDoor
-    from egressd.log import setup_logging
-
-    config = load_config(config_path)
-    setup_logging(config.log.format, config.log.level)
-    trio.run(partial(serve, config, doors={"smtp": SmtpDoor()}))
-
-
-# --------------------------------------------------------------------------- load
-
-
-class SmtpClient:
-    """A minimal SMTP client: one command, one reply, like smtplib; or, when told to and the
-    server offers PIPELINING, MAIL, RCPT and DATA in one write, as Postfix does."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buffer = bytearray()
-
-    async def reply(self) -> int:
-        while True:
-            end = self.buffer.find(b"\r\n")
-            while end < 0:
-                chunk = await self.stream.receive_some(65536)
-                if not chunk:
-                    raise ConnectionError("the server closed the connection")
-                self.buffer += chunk
-                end = self.buffer.find(b"\r\n")
-            line = bytes(self.buffer[:end])
-            del self.buffer[: end + 2]
-            if line[3:4] != b"-":
-                return int(line[:3])
-
-    async def command(self, line: bytes, expect: int) -> None:
-        await self.stream.send_all(line + b"\r\n")
-        code = await self.reply()
-        if code != expect:
-            raise RuntimeError(f"{line!r} got {code}, expected {expect}")
-
-    async def ehlo(self) -> set[str]:
-        await self.stream.send_all(b"EHLO client.bench\r\n")
-        keywords: set[str] = set()
-        while True:
-            end = self.buffer.find(b"\r\n")
-            while end < 0:
-                chunk = await self.stream.receive_some(65536)
-                if not chunk:
-                    raise ConnectionError("the server closed the connection")
-                self.buffer += chunk
-                end = self.buffer.find(b"\r\n")
-            line = bytes(self.buffer[:end])
-            del self.buffer[: end + 2]
-            keywords.add(line[4:].split(b" ")[0].decode().upper())
-            if line[3:4] != b"-":
-                return keywords
-
-
-def message_body(size: int) -> bytes:
-    header = b"From: bench@sender.bench\r\nTo: rcpt@dest.bench\r\nSubject: bench\r\n\r\n"
-    line = b"x" * 76 + b"\r\n"
-    body = header + line * ((size - len(header)) // len(line) + 1)
-    return body[: size - 2] + b"\r\n"
-
-
-async def one_session(port: int, count: int, body: bytes, pipelining: bool) -> None:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        client = SmtpClient(stream)
-        if await client.reply() != 220:
-            raise RuntimeError("no 220 greeting")
-        offered = await client.ehlo()
-        together = pipelining and "PIPELINING" in offered
-        envelope = (b"MAIL FROM:<bench@sender.bench>\r\n", b"RCPT TO:<rcpt@dest.bench>\r\n")
-        for _ in range(count):
-            if together:
-                await stream.send_all(b"".join(envelope) + b"DATA\r\n")
-                codes = [await client.reply() for _ in range(3)]
-                if codes != [250, 250, 354]:
-                    raise RuntimeError(f"envelope refused: {codes}")
-            else:
-                await client.command(envelope[0][:-2], 250)
-                await client.command(envelope[1][:-2], 250)
-                await client.command(b"DATA", 354)
-            await stream.send_all(body + b".\r\n")
-            if await client.reply() != 250:
-                raise RuntimeError("message refused")
-        await client.command(b"QUIT", 221)
-
-
-async def load(port: int, messages: int, sessions: int, size: int, pipelining: bool) -> float:
-    """Send ``messages`` over ``sessions`` concurrent sessions; return messages per second."""
-    body = message_body(size)
-    share = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
-    started = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for count in share:
-            nursery.start_soon(one_session, port, count, body, pipelining)
-    return messages / (time.perf_counter() - started)
-
-
-@dataclass
-class Result:
-    """Rates of each round; the figures are the medians (this box is shared and noisy)."""
-
-    direct_rounds: list[float]
-    relayed_rounds: list[float]
-
-    @property
-    def direct(self) -> float:
-        return statistics.median(self.direct_rounds)
-
-    @property
-    def relayed(self) -> float:
-        return statistics.median(self.relayed_rounds)
-
-    @property
-    def ratio(self) -> float:
-        return self.relayed / self.direct
-
-
-def run(
-    messages: int, sessions: int, size: int, rounds: int, pipelining: bool, workdir: Path
-) -> Result:
+@contextlib.contextmanager
+def contenders(workdir: Path, pipelining: bool) -> Iterator[tuple[Contender, Contender]]:
+    """A sink and an egressd in front of it: (direct, through egressd)."""
     sink_port, relay_port = free_port(), free_port()
-    config = workdir / "egressd.toml"
+    name = "pipelining" if pipelining else "plain"
+    config = workdir / f"egressd-{name}.toml"
     config.write_text(
         EGRESSD_CONFIG.format(sink_port=sink_port, relay_port=relay_port, source=SOURCE_ADDRESS)
     )
-    me = [sys.executable, str(Path(__file__).resolve())]
+    argv = [*EGRESSD, "run", "-c", str(config)]
     with (
-        child(
-            [*me, "--serve-sink", str(sink_port), *(["--pipelining"] if pipelining else [])],
-            sink_port,
-            workdir / "sink.log",
-        ),
-        child([*me, "--serve-egressd", str(config)], relay_port, workdir / "egressd.log"),
+        running(sink_argv(sink_port, pipelining), sink_port, workdir, f"sink-{name}") as sink,
+        running(argv, relay_port, workdir, f"egressd-{name}") as egressd,
     ):
-        warm_up = min(500, messages)
-        trio.run(load, sink_port, warm_up, sessions, size, pipelining)
-        trio.run(load, relay_port, warm_up, sessions, size, pipelining)
-        result = Result([], [])
-        for _ in range(rounds):  # alternate, so that both see the same background load
-            for port, rates in (
-                (sink_port, result.direct_rounds),
-                (relay_port, result.relayed_rounds),
-            ):
-                rates.append(trio.run(load, port, messages, sessions, size, pipelining))
-    return result
+        yield Contender(sink_port, sink), Contender(relay_port, sink, egressd)
+
+
+# --------------------------------------------------------------------------- generators
+
+
+def generator_argv(client: str, port: int, case: Case, messages: int) -> list[str]:
+    if client == "smtp-source":
+        return [
+            binary("smtp-source"),
+            *("-s", str(case.sessions), "-m", str(messages), "-l", str(case.size)),
+            *("-d", "-f", SENDER, "-t", RECIPIENT, "-M", "client.bench"),
+            f"127.0.0.1:{port}",
+        ]
+    me = [sys.executable, str(Path(__file__).resolve())]
+    argv = [*me, "--python-load", str(port), "--messages", str(messages)]
+    argv += ["--sessions", str(case.sessions), "--size", str(case.size)]
+    return argv
+
+
+def run_once(client: str, contender: Contender, case: Case, messages: int) -> Run:
+    """One generator run against ``contender``; CPU read around it."""
+    argv = generator_argv(client, contender.port, case, messages)
+    sink_before = cpu_seconds(contender.sink_pid)
+    egressd_before = cpu_seconds(contender.egressd_pid) if contender.egressd_pid else 0.0
+    generator_before = children_cpu_seconds()
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, check=False, env=python_env())
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        output = (done.stdout + done.stderr).decode(errors="replace")
+        sys.exit(f"bench: {' '.join(argv)} failed ({done.returncode}):\n{output[-3000:]}")
+    if client == "python":  # the interpreter's start-up is not the contender's time
+        seconds = json.loads(done.stdout)["seconds"]
+    return Run(
+        messages=messages,
+        seconds=seconds,
+        generator_cpu=children_cpu_seconds() - generator_before,
+        sink_cpu=cpu_seconds(contender.sink_pid) - sink_before,
+        egressd_cpu=(
+            cpu_seconds(contender.egressd_pid) - egressd_before if contender.egressd_pid else 0.0
+        ),
+    )
+
+
+def calibrate(client: str, contender: Contender, case: Case, seconds: float) -> None:
+    """A warm-up run (imports, pools, first connections); size later runs to ``seconds``."""
+    warm = max(case.sessions * 10, 100)
+    rate = run_once(client, contender, case, warm).rate
+    messages = int(rate * seconds)
+    contender.size_for[case] = max(case.sessions * 5, min(messages, 500_000))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def median(runs: Sequence[Run], value: str) -> float:
+    return float(statistics.median(getattr(run, value) for run in runs))
+
+
+def median_ms(runs: Sequence[Run], cpu: str) -> float:
+    return statistics.median(run.per_message_ms(getattr(run, cpu)) for run in runs)
+
+
+def figures(case: Case, direct: Contender, relayed: Contender) -> dict[str, object]:
+    d, r = direct.runs[case], relayed.runs[case]
+    return {
+        "case": case.name,
+        "size": case.size,
+        "sessions": case.sessions,
+        "pipelining": case.pipelining,
+        "direct_msgs_per_s": round(median(d, "rate"), 1),
+        "egressd_msgs_per_s": round(median(r, "rate"), 1),
+        "ratio": round(median(r, "rate") / median(d, "rate"), 3),
+        "egressd_cpu_ms_per_msg": round(median_ms(r, "egressd_cpu"), 3),
+        "egressd_core_share": round(
+            statistics.median(run.egressd_cpu / run.seconds for run in r), 2
+        ),
+        "generator_cpu_ms_per_msg": {
+            "direct": round(median_ms(d, "generator_cpu"), 3),
+            "egressd": round(median_ms(r, "generator_cpu"), 3),
+        },
+        "sink_cpu_ms_per_msg": {
+            "direct": round(median_ms(d, "sink_cpu"), 3),
+            "egressd": round(median_ms(r, "sink_cpu"), 3),
+        },
+        "direct_rounds": [round(run.rate, 1) for run in d],
+        "egressd_rounds": [round(run.rate, 1) for run in r],
+    }
+
+
+def print_table(rows: Sequence[dict[str, object]], client: str, rounds: int) -> None:
+    print(
+        f"SMTP door, generator {client}, sink smtp-sink; medians of {rounds} alternating rounds."
+        "\nCPU in ms per message (user+system); gen and sink as direct/through egressd;"
+        " 'core' is egressd's share of one core while loaded."
+    )
+    header = (
+        f"{'case':<34} {'direct/s':>9} {'egressd/s':>9} {'ratio':>6} {'egressd':>8}"
+        f" {'core':>5} {'gen d/e':>13} {'sink d/e':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        gen = row["generator_cpu_ms_per_msg"]
+        sink = row["sink_cpu_ms_per_msg"]
+        assert isinstance(gen, dict) and isinstance(sink, dict)
+        print(
+            f"{row['case']:<34} {row['direct_msgs_per_s']:>9.0f} {row['egressd_msgs_per_s']:>9.0f}"
+            f" {row['ratio']:>5.3f}x {row['egressd_cpu_ms_per_msg']:>6.3f}ms"
+            f" {row['egressd_core_share']:>4.0%}"
+            f" {gen['direct']:>6.3f}/{gen['egressd']:<6.3f}"
+            f" {sink['direct']:>6.3f}/{sink['egressd']:<6.3f}"
+        )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> int:
+    cases = FULL if args.full else QUICK
+    if args.case:
+        cases = [c for c in FULL if c.name in args.case] or sys.exit("bench: no such case")
+    pairs: dict[bool, tuple[Contender, Contender]] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="egressd-smtp-bench-") as tmp,
+        contextlib.ExitStack() as servers,
+    ):
+        for pipelining in sorted({case.pipelining for case in cases}, reverse=True):
+            pairs[pipelining] = servers.enter_context(contenders(Path(tmp), pipelining))
+        for case in cases:
+            for contender in pairs[case.pipelining]:
+                calibrate(args.client, contender, case, args.seconds)
+        for number in range(args.rounds):
+            print(f"round {number + 1} of {args.rounds}", file=sys.stderr, flush=True)
+            for case in cases:
+                order = pairs[case.pipelining]
+                for contender in order if number % 2 == 0 else reversed(order):
+                    messages = contender.size_for[case]
+                    result = run_once(args.client, contender, case, messages)
+                    contender.runs.setdefault(case, []).append(result)
+    rows = [figures(case, *pairs[case.pipelining]) for case in cases]
+    if args.json:
+        print(json.dumps({"client": args.client, "cpus": os.cpu_count(), "cases": rows}))
+    else:
+        print_table(rows, args.client, args.rounds)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=5000)
-    parser.add_argument("--sessions", type=int, default=50)
-    parser.add_argument("--size", type=int, default=10 * 1024, help="message size in bytes")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
+    parser = argparse.ArgumentParser(prog="scripts/bench smtp", description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="the whole matrix (12 cases)")
+    parser.add_argument("--quick", action="store_true", help="the default: 10 KiB, 50 sessions")
     parser.add_argument(
-        "--pipelining",
-        action="store_true",
-        help="the sink offers PIPELINING and the client uses it, as Postfix does",
+        "--case", action="append", help="only this case, by its printed name (repeatable)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
+    parser.add_argument("--seconds", type=float, default=1.5, help="about this long per run")
+    parser.add_argument(
+        "--client",
+        choices=("smtp-source", "python"),
+        default="smtp-source",
+        help="the load generator (python: the second opinion, pipelining towards egressd)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--serve-sink", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--serve-egressd", help=argparse.SUPPRESS)
+    parser.add_argument("--python-load", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--messages", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sessions", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.serve_sink:
-        serve_sink(args.serve_sink, args.pipelining)
-        return 0
-    if args.serve_egressd:
-        serve_egressd(args.serve_egressd)
-        return 0
-    with tempfile.TemporaryDirectory(prefix="egressd-smtp-bench-") as name:
-        result = run(
-            args.messages, args.sessions, args.size, args.rounds, args.pipelining, Path(name)
-        )
-    figures = {
-        "messages": args.messages,
-        "sessions": args.sessions,
-        "size": args.size,
-        "pipelining": args.pipelining,
-        "direct_msgs_per_s": round(result.direct, 1),
-        "egressd_msgs_per_s": round(result.relayed, 1),
-        "ratio": round(result.ratio, 3),
-        "direct_rounds": [round(r, 1) for r in result.direct_rounds],
-        "egressd_rounds": [round(r, 1) for r in result.relayed_rounds],
-        "cpus": os.cpu_count(),
-    }
-    if args.json:
-        print(json.dumps(figures))
-    else:
-        print(
-            f"SMTP relay, {args.messages} messages of {args.size} bytes over {args.sessions}"
-            f" sessions{' (pipelining)' if args.pipelining else ''}:"
-            f" direct {result.direct:.0f} msg/s, through egressd"
-            f" {result.relayed:.0f} msg/s, ratio {result.ratio:.2f} (medians of"
-            f" {args.rounds} rounds; direct {figures['direct_rounds']},"
-            f" egressd {figures['egressd_rounds']})"
-        )
-    return 0
+    if args.python_load:
+        from smtp_load import main as load_main
+
+        return load_main(args.python_load, args.messages, args.sessions, args.size)
+    return run(args)
 
 
 if __name__ == "__main__":
