@@ -1,0 +1,184 @@
+"""A circuit breaker per destination address, and what destinations say about sources.
+
+Theory of operation
+-------------------
+A destination (an IP address and port) that keeps failing is the destination's problem,
+not the source's: dead MX hosts and closed ports are everyday traffic. So destination
+failures never suspend a source (KumoMTA does the same). Instead each destination has a
+breaker, shared by every source and every tenant:
+
+``closed``
+    Dials go through. ``failures`` destination failures within ``window`` seconds (with no
+    success in between) open it.
+``open``
+    For ``open_for`` seconds every dial to the destination fails at once, from any source,
+    with ``DESTINATION_FAILING`` and a reply that names the destination; no socket is
+    opened. This spares the destination and frees the MTA at once.
+``half-open``
+    When the time is up, one dial (the trial) goes through while others still fail fast.
+    A success closes the breaker; a failure opens it again for twice as long, up to
+    ``max_open_for``. A trial that never reports (its session was cancelled) is replaced by
+    another after ``open_for``.
+
+The defaults (:class:`BreakerSettings`): 3 failures within 60 s open the breaker for 30 s,
+doubling up to 5 minutes. Three, because one or two failures are noise (a SYN lost, a
+server restarting) while a third in a minute is a pattern; 30 s, because it is short next
+to an MTA's retry interval (minutes), so a destination that comes back loses little.
+
+The breaker also keeps the one piece of evidence against a *source* that destinations can
+give (:meth:`DestinationBreaker.source_evidence`): a destination that failed from this
+source although another source reached it within ``window`` seconds. Spread over several
+distinct destinations, that points at the source (a blocked address, a broken route), and
+the caller counts it against the source's health.
+
+Memory is bounded: at most ``capacity`` destinations are remembered, the least recently
+used forgotten first. Pure: no trio, no sockets; time comes from an injected clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from egressd.config import IPAddress, format_hostport
+
+__all__ = ["BreakerSettings", "DestinationBreaker", "Open"]
+
+Destination = tuple[IPAddress, int]
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    failures: int = 3
+    window: float = 60.0
+    open_for: float = 30.0
+    max_open_for: float = 300.0
+    capacity: int = 10000
+
+
+@dataclass(frozen=True)
+class Open:
+    """Why a destination is not dialed now: for the reply that names it."""
+
+    destination: Destination
+    failures: int
+    seconds_left: float
+    last_kind: str
+    last_reason: str
+
+    def describe(self) -> str:
+        return (
+            f"destination {format_hostport(*self.destination)} is failing"
+            f" ({self.failures} failures, the last: {self.last_reason});"
+            f" not dialed again for {self.seconds_left:.0f}s"
+        )
+
+
+@dataclass
+class _State:
+    failures: deque[float] = field(default_factory=deque)
+    open_until: float | None = None
+    open_for: float = 0.0
+    trial_started: float | None = None
+    opened_after: int = 0
+    last_kind: str = ""
+    last_reason: str = ""
+    reached: dict[str, float] = field(default_factory=dict)
+    """Source name -> when it last reached this destination."""
+    failed_from: dict[str, float] = field(default_factory=dict)
+    """Source name -> when it last failed here although another source had reached it."""
+
+
+class DestinationBreaker:
+    """Breakers for every destination; see the module docstring."""
+
+    def __init__(
+        self, settings: BreakerSettings | None = None, *, now: Clock = time.monotonic
+    ) -> None:
+        self.settings = settings or BreakerSettings()
+        self._now = now
+        self._states: OrderedDict[Destination, _State] = OrderedDict()
+
+    def check(self, destination: Destination) -> Open | None:
+        """None when ``destination`` may be dialed now (maybe as the half-open trial)."""
+        state = self._states.get(destination)
+        if state is None or state.open_until is None:
+            return None
+        now = self._now()
+        if now < state.open_until:
+            return self._open(destination, state, state.open_until - now)
+        trial = state.trial_started
+        if trial is not None and now - trial < self.settings.open_for:
+            return self._open(destination, state, trial + self.settings.open_for - now)
+        state.trial_started = now
+        return None
+
+    def failure(self, destination: Destination, kind: str, reason: str) -> bool:
+        """Count a destination failure; True when it opens the breaker."""
+        now = self._now()
+        state = self._state(destination)
+        state.last_kind, state.last_reason = kind, reason
+        if state.trial_started is not None:
+            state.open_for = min(state.open_for * 2, self.settings.max_open_for)
+            return self._trip(state, now, len(state.failures) + 1)
+        if state.open_until is not None and now < state.open_until:
+            return False
+        state.failures.append(now)
+        while state.failures and now - state.failures[0] > self.settings.window:
+            state.failures.popleft()
+        if len(state.failures) < self.settings.failures:
+            return False
+        state.open_for = self.settings.open_for
+        return self._trip(state, now, len(state.failures))
+
+    def success(self, destination: Destination, source: str) -> None:
+        """A dial from ``source`` reached ``destination``: close its breaker."""
+        state = self._state(destination)
+        state.failures.clear()
+        state.open_until = state.trial_started = None
+        state.reached[source] = self._now()
+        state.failed_from.pop(source, None)
+
+    def source_evidence(self, destination: Destination, source: str) -> bool:
+        """True when ``destination`` just failed from ``source`` although another source
+        reached it within ``window`` seconds, and this is the first such failure of
+        ``source`` there within the window (each destination counts once)."""
+        state = self._states.get(destination)
+        if state is None:
+            return False
+        now = self._now()
+        horizon = now - self.settings.window
+        if not any(name != source and at >= horizon for name, at in state.reached.items()):
+            return False
+        previous = state.failed_from.get(source)
+        state.failed_from[source] = now
+        return previous is None or previous < horizon
+
+    def is_open(self, destination: Destination) -> bool:
+        state = self._states.get(destination)
+        return state is not None and state.open_until is not None
+
+    # ------------------------------------------------------------------ helpers
+
+    def _trip(self, state: _State, now: float, failures: int) -> bool:
+        state.open_until = now + state.open_for
+        state.trial_started = None
+        state.opened_after = failures
+        state.failures.clear()
+        return True
+
+    def _open(self, destination: Destination, state: _State, left: float) -> Open:
+        return Open(destination, state.opened_after, left, state.last_kind, state.last_reason)
+
+    def _state(self, destination: Destination) -> _State:
+        state = self._states.get(destination)
+        if state is None:
+            state = self._states[destination] = _State()
+            if len(self._states) > self.settings.capacity:
+                self._states.popitem(last=False)
+        else:
+            self._states.move_to_end(destination)
+        return state

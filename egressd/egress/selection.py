@@ -1,0 +1,87 @@
+"""Which source: one configuration generation's pools, health and limits.
+
+An :class:`Egress` bundles one validated configuration with the process's pool selectors
+(smooth weighted round-robin, :mod:`egressd.pools`), source health
+(:mod:`egressd.health`) and destination circuit breaker (:mod:`egressd.egress.breaker`).
+A reload builds a new one around the same health and breaker; sessions keep the
+generation they started with.
+
+:meth:`Egress.pick` gives a pool's next source, skipping sources that are suspended, at
+``max_connections_per_source`` or in the caller's avoid list; :meth:`Egress.check_cap`
+guards an exact source (KumoMTA's BIND, a PROXY header). Both raise
+:class:`~egressd.egress.failures.EgressFailure` of a ``NOBODY`` kind. Pure: no trio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from egressd.config import Config, Source
+from egressd.egress.breaker import DestinationBreaker
+from egressd.egress.failures import EgressFailure, Failure
+from egressd.health import FailureKind, SourceHealth
+from egressd.pools import NoSourcesAvailable, PoolSet, SelectionError
+
+__all__ = ["Egress", "EgressObserver"]
+
+
+@dataclass
+class EgressObserver:
+    """Hooks for metrics; each defaults to doing nothing."""
+
+    dialed: Callable[[Source, float], None] = lambda source, seconds: None
+    suspended: Callable[[Source, FailureKind], None] = lambda source, kind: None
+
+
+@dataclass
+class Egress:
+    """One configuration generation's view of sources, pools, health and destinations."""
+
+    config: Config
+    pools: PoolSet
+    health: SourceHealth
+    observer: EgressObserver = field(default_factory=EgressObserver)
+    breaker: DestinationBreaker = field(default_factory=DestinationBreaker)
+
+    def source_named(self, name: str) -> Source:
+        try:
+            return self.config.sources[name]
+        except KeyError:
+            raise EgressFailure(Failure.UNKNOWN_SOURCE, f'unknown source "{name}"') from None
+
+    def pick(self, pool: str, avoid: frozenset[str] = frozenset()) -> Source:
+        """The pool's next source that is not suspended, not at its cap and not avoided."""
+        cap = self.config.limits.max_connections_per_source
+
+        def skip(name: str) -> bool:
+            return (
+                name in avoid
+                or self.health.is_suspended(name)
+                or self.health.active_connections(name) >= cap
+            )
+
+        try:
+            return self.config.sources[self.pools.next(pool, skip)]
+        except NoSourcesAvailable as exc:
+            if self._all_at_cap(pool):
+                message = f"every source of pool {pool} is at max_connections_per_source ({cap})"
+                raise EgressFailure(Failure.SOURCE_LIMIT, message) from None
+            raise EgressFailure(Failure.NO_SOURCES, str(exc)) from None
+        except SelectionError as exc:
+            raise EgressFailure(Failure.UNKNOWN_POOL, str(exc)) from None
+
+    def check_cap(self, source: Source) -> None:
+        """Raise ``SOURCE_LIMIT`` when ``source`` is at ``max_connections_per_source``."""
+        cap = self.config.limits.max_connections_per_source
+        if self.health.active_connections(source.name) >= cap:
+            raise EgressFailure(
+                Failure.SOURCE_LIMIT,
+                f"source {source.name} is at max_connections_per_source ({cap})",
+                source=source.name,
+            )
+
+    def _all_at_cap(self, pool: str) -> bool:
+        cap = self.config.limits.max_connections_per_source
+        names = [e.source for e in self.pools.selector(pool).pool.entries if e.weight > 0]
+        return bool(names) and all(self.health.active_connections(n) >= cap for n in names)

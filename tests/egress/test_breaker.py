@@ -1,0 +1,142 @@
+"""The per-destination circuit breaker on a fake clock."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from egressd.config import IPAddress
+from egressd.egress import BreakerSettings, DestinationBreaker
+
+ip = ipaddress.ip_address
+DEAD: tuple[IPAddress, int] = (ip("192.0.2.66"), 25)
+OTHER: tuple[IPAddress, int] = (ip("192.0.2.66"), 587)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def breaker(clock: FakeClock) -> DestinationBreaker:
+    return DestinationBreaker(now=clock)
+
+
+def fail(
+    breaker: DestinationBreaker, times: int = 1, destination: tuple[IPAddress, int] = DEAD
+) -> list[bool]:
+    return [breaker.failure(destination, "refused", "Connection refused") for _ in range(times)]
+
+
+def test_the_defaults() -> None:
+    assert BreakerSettings() == BreakerSettings(
+        failures=3, window=60.0, open_for=30.0, max_open_for=300.0, capacity=10000
+    )
+
+
+def test_three_failures_within_a_minute_open_it(
+    breaker: DestinationBreaker, clock: FakeClock
+) -> None:
+    assert fail(breaker, 2) == [False, False]
+    assert breaker.check(DEAD) is None
+    clock.now += 59
+    assert fail(breaker) == [True]
+    refusal = breaker.check(DEAD)
+    assert refusal is not None
+    assert refusal.describe() == (
+        "destination 192.0.2.66:25 is failing (3 failures, the last: Connection refused);"
+        " not dialed again for 30s"
+    )
+    assert breaker.is_open(DEAD)
+    assert breaker.check(OTHER) is None  # another port is another destination
+
+
+def test_failures_spread_beyond_the_window_do_not_add_up(
+    breaker: DestinationBreaker, clock: FakeClock
+) -> None:
+    for _ in range(6):
+        assert fail(breaker) == [False]
+        clock.now += 31
+    assert breaker.check(DEAD) is None
+
+
+def test_a_success_resets_the_count(breaker: DestinationBreaker) -> None:
+    fail(breaker, 2)
+    breaker.success(DEAD, "a")
+    assert fail(breaker, 2) == [False, False]
+    assert not breaker.is_open(DEAD)
+
+
+def test_half_open_lets_one_trial_through(breaker: DestinationBreaker, clock: FakeClock) -> None:
+    fail(breaker, 3)
+    clock.now += 29.5
+    left = breaker.check(DEAD)
+    assert left is not None and left.seconds_left == pytest.approx(0.5)
+    assert fail(breaker) == [False]  # a dial already in flight changes nothing
+    clock.now += 0.5
+    assert breaker.check(DEAD) is None  # the trial
+    assert breaker.check(DEAD) is not None  # everyone else still fails fast
+    breaker.success(DEAD, "a")
+    assert breaker.check(DEAD) is None and breaker.check(DEAD) is None
+    assert not breaker.is_open(DEAD)
+
+
+def test_a_failed_trial_opens_it_for_twice_as_long_up_to_the_cap(
+    breaker: DestinationBreaker, clock: FakeClock
+) -> None:
+    fail(breaker, 3)
+    lengths = []
+    for _ in range(6):
+        refusal = breaker.check(DEAD)
+        assert refusal is not None
+        clock.now += refusal.seconds_left
+        assert breaker.check(DEAD) is None  # the trial
+        assert fail(breaker) == [True]
+        reopened = breaker.check(DEAD)
+        assert reopened is not None
+        lengths.append(reopened.seconds_left)
+    assert lengths == [60, 120, 240, 300, 300, 300]
+
+
+def test_an_abandoned_trial_is_replaced(breaker: DestinationBreaker, clock: FakeClock) -> None:
+    fail(breaker, 3)
+    clock.now += 30
+    assert breaker.check(DEAD) is None  # the trial; its session is cancelled, never reports
+    clock.now += 29
+    assert breaker.check(DEAD) is not None
+    clock.now += 1
+    assert breaker.check(DEAD) is None  # a new trial
+
+
+def test_memory_is_bounded(clock: FakeClock) -> None:
+    breaker = DestinationBreaker(BreakerSettings(capacity=2), now=clock)
+    fail(breaker, 3)
+    fail(breaker, 1, (ip("192.0.2.1"), 25))
+    fail(breaker, 1, (ip("192.0.2.2"), 25))
+    assert breaker.check(DEAD) is None  # the least recently used was forgotten
+
+
+def test_source_evidence_needs_another_source_that_reached_it_lately(
+    breaker: DestinationBreaker, clock: FakeClock
+) -> None:
+    assert not breaker.source_evidence(DEAD, "a")  # never heard of
+    breaker.success(DEAD, "a")
+    fail(breaker)
+    assert not breaker.source_evidence(DEAD, "a")  # only "a" itself reached it
+    breaker.success(DEAD, "b")
+    assert breaker.source_evidence(DEAD, "a")
+    assert not breaker.source_evidence(DEAD, "a")  # each destination counts once a window
+    clock.now += 61
+    assert not breaker.source_evidence(DEAD, "a")  # "b" reached it too long ago
+    breaker.success(DEAD, "b")
+    assert breaker.source_evidence(DEAD, "a")
