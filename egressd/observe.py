@@ -36,9 +36,9 @@ import trio
 from prometheus_client import Counter, Gauge
 
 from egressd.config import Config, Endpoint
+from egressd.egress import EgressObserver
 from egressd.log import get_logger
 from egressd.metrics import Metrics, serve_metrics
-from egressd.net.egress import EgressObserver
 from egressd.runtime import SessionRecord
 
 if TYPE_CHECKING:

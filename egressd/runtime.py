@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A *generation* (:class:`~egressd.net.egress.Egress`) bundles one validated configuration
+A *generation* (:class:`~egressd.egress.Egress`) bundles one validated configuration
 with the process's pool selectors and source health. A reload builds a new generation and
 swaps it in with one assignment: new sessions read ``runtime.egress`` once, at their start,
 and keep that generation to the end, so connections in flight finish on what they started
@@ -17,7 +17,7 @@ Observers (the metrics) attach through plain hook lists rather than through the 
 ``session_opened_hooks`` get the door's name when a session starts, ``session_hooks`` get
 the finished :class:`SessionRecord`, ``transaction_hooks`` get ``(pool, final reply code)``
 for each SMTP transaction a door relayed (:meth:`Runtime.smtp_transaction`), and the
-:class:`~egressd.net.egress.EgressObserver` hears about dials and suspensions. A hook must
+:class:`~egressd.egress.EgressObserver` hears about dials and suspensions. A hook must
 be quick and must not raise; the doors never see who listens.
 """
 
@@ -33,9 +33,9 @@ from typing import Any
 import trio
 
 from egressd.config import Config
+from egressd.egress import DestinationBreaker, Egress, EgressObserver
 from egressd.health import SourceHealth
 from egressd.log import get_logger
-from egressd.net.egress import Egress, EgressObserver
 from egressd.pools import PoolSet
 
 log = get_logger("session")
@@ -96,7 +96,10 @@ class Runtime:
     def __init__(self, config: Config, observer: EgressObserver | None = None) -> None:
         self.health = SourceHealth(config.sources)
         self.observer = observer or EgressObserver()
-        self.egress = Egress(config, PoolSet.from_config(config), self.health, self.observer)
+        self.breaker = DestinationBreaker()
+        self.egress = Egress(
+            config, PoolSet.from_config(config), self.health, self.observer, self.breaker
+        )
         self.active_sessions = 0
         self.draining = False
         self.drain_started = trio.Event()
@@ -114,7 +117,7 @@ class Runtime:
         """Adopt a new, validated configuration for every session that starts from now on."""
         pools = PoolSet.from_config(config, previous=self.egress.pools)
         self.health.update_sources(config.sources)
-        self.egress = Egress(config, pools, self.health, self.observer)
+        self.egress = Egress(config, pools, self.health, self.observer, self.breaker)
 
     def smtp_transaction(self, pool: str, code: int) -> None:
         """An SMTP door relayed one transaction whose final reply (to the dot) was ``code``."""

@@ -3,49 +3,32 @@
 Theory of operation
 -------------------
 :func:`open_outbound` turns "this destination, from this pool (or this exact source)" into
-a :class:`~egressd.net.dialer.Dialed` connection, enforcing ``[access]`` on the way:
+a :class:`~egressd.net.dialer.Dialed` connection: it builds the outbound plan
+(:class:`~egressd.egress.plan.Plan`, which enforces ``[access]`` on the port and on every
+address, a name's resolved addresses included, so a name that resolves to 127.0.0.1 never
+reaches loopback) and runs it under its one deadline, ``[dial] timeout``
+(:func:`~egressd.net.egress.connect_within`). Which source, which address, what is retried
+and what health hears of it is the plan's business.
 
-1. The requested port and, for an IP literal, the address are checked against
-   ``destination_ports`` and ``deny_destinations`` (:func:`egressd.access.destination_refusal`).
-2. The source is chosen: the exact one the client named, or the pool's next one
-   (:meth:`Egress.pick`, which skips suspended sources and those at their cap).
-3. A name is resolved *here*, in the chosen source's address family, and every address
-   is checked; only allowed addresses are dialed, as IP literals. Dialing the checked
-   address (instead of handing the name to the dialer, which would resolve it again) is
-   what keeps a name that resolves to 127.0.0.1 from reaching loopback.
-4. :meth:`Egress.connect` dials from that source (health accounting included). Addresses
-   are tried in the resolver's order while the failure is the destination's. A failure
-   that is the source's fault (unplumbed address, dead hop) is retried once on the pool's
-   next source, as ``Egress.connect`` does for pools.
-
-Refusals are typed: :class:`Denied` (an access rule; its text names the rule),
-:class:`~egressd.net.egress.EgressRefused` (no source could be chosen) and
-:class:`~egressd.net.dialer.DialError` (the dial failed; ``reply_code`` gives the SOCKS5
-reply). :func:`relay_session` then splices the client and the destination until both are
-done and fills the :class:`~egressd.runtime.SessionRecord`.
+Every refusal is an :class:`~egressd.egress.failures.EgressFailure`; each door turns its
+kind into its own reply. :func:`relay_session` then splices the client and the destination
+until both are done and fills the :class:`~egressd.runtime.SessionRecord`.
 """
 
 from __future__ import annotations
 
-import functools
-import ipaddress
-
-import trio
-
-from egressd.access import destination_refusal
-from egressd.config import AccessSettings, IPAddress, Source, format_hostport
+from egressd.config import IPAddress, Source, format_hostport
+from egressd.egress import Egress, EgressFailure, Failure, Plan
 from egressd.log import get_logger
 from egressd.net.connection import Connection
-from egressd.net.dialer import Dialed, DialError, DialFailure, resolve_destination
-from egressd.net.egress import Egress, EgressRefused
+from egressd.net.dialer import Dialed
+from egressd.net.egress import connect_within
 from egressd.net.splice import Traffic, relay
 from egressd.runtime import Runtime, SessionRecord
 
 log = get_logger("doors")
 
-
-class Denied(Exception):
-    """The access rules refuse the destination; the message names the rule."""
+_NO_SOURCE_KINDS = frozenset({Failure.UNKNOWN_POOL, Failure.NO_SOURCES, Failure.SOURCE_LIMIT})
 
 
 async def open_outbound(
@@ -58,73 +41,10 @@ async def open_outbound(
 ) -> Dialed:
     """Dial ``host:port`` from ``source``, or from ``pool``'s next source; see the module doc.
 
-    Raises :class:`Denied`, :class:`EgressRefused` or :class:`DialError`.
+    Raises :class:`EgressFailure`.
     """
-    access = egress.config.access
-    refusal = destination_refusal(access, host, port)
-    if refusal is not None:
-        raise Denied(refusal)
-    if source is not None:
-        return await _dial_checked(egress, access, source, host, port)
-    if pool is None:
-        raise EgressRefused("unknown_pool", "the client named no pool and the listener has none")
-    return await egress.through_pool(
-        pool, lambda picked: _dial_checked(egress, access, picked, host, port)
-    )
-
-
-async def _dial_checked(
-    egress: Egress, access: AccessSettings, source: Source, host: str | IPAddress, port: int
-) -> Dialed:
-    addresses = await allowed_addresses(egress, access, source, host, port)
-    last: DialError | None = None
-    for address in addresses:
-        try:
-            return await egress.connect(str(address), port, source=source)
-        except DialError as exc:
-            if not exc.destination_fault:
-                raise
-            last = exc
-    assert last is not None  # allowed_addresses never returns an empty list
-    raise last
-
-
-async def allowed_addresses(
-    egress: Egress, access: AccessSettings, source: Source, host: str | IPAddress, port: int
-) -> list[IPAddress]:
-    """``host``'s addresses in ``source``'s family that the access rules allow.
-
-    Raises :class:`Denied` when every address is denied, :class:`DialError` when the name
-    does not resolve (in time, ``[dial] timeout``) to an address of that family.
-    """
-    if not (isinstance(host, str) and _is_name(host)):
-        return await resolve_destination(host, port, source.egress_version, source_name=source.name)
-    timeout = egress.config.dial.timeout
-    try:
-        with trio.fail_after(timeout):
-            addresses = await resolve_destination(
-                host, port, source.egress_version, source_name=source.name
-            )
-    except trio.TooSlowError as exc:
-        raise DialError(
-            DialFailure.TIMEOUT,
-            f"source {source.name!r}: resolving {host} took longer than {timeout:g}s",
-            source_name=source.name,
-            stage="resolve",
-        ) from exc
-    refusals = [destination_refusal(access, a, port) for a in addresses]
-    allowed = [a for a, refusal in zip(addresses, refusals, strict=True) if refusal is None]
-    if not allowed:
-        raise Denied(f"{host} resolves to a denied address: {refusals[0]}")
-    return allowed
-
-
-def _is_name(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return True
-    return False
+    plan = Plan(egress, pool=pool, source=source, host=host, port=port, access=egress.config.access)
+    return await connect_within(plan)
 
 
 def note_destination(record: SessionRecord, host: str | IPAddress, port: int) -> None:
@@ -136,35 +56,21 @@ def note_dialed(record: SessionRecord, dialed: Dialed, host: str | IPAddress) ->
     record.source = dialed.source.name
     record.local_address = format_hostport(*dialed.local_address)
     ip, port = dialed.remote_address
-    if isinstance(host, str) and _is_name(host):
+    if isinstance(host, str) and host != str(ip):
         record.destination = f"{format_hostport(host, port)} ({ip})"
     else:
         record.destination = format_hostport(ip, port)
 
 
-def local_ip(dialed: Dialed) -> IPAddress | None:
-    """The IP address of ``dialed.local_address`` (None when it is not an address)."""
-    return _parse_local_ip(dialed.local_address[0])
-
-
-@functools.lru_cache(maxsize=256)
-def _parse_local_ip(host: str) -> IPAddress | None:
-    """Cached: local addresses are the few source addresses, parsed once per connection."""
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-
-
-def note_refusal(record: SessionRecord, exc: Denied | EgressRefused | DialError) -> tuple[str, str]:
+def note_refusal(record: SessionRecord, exc: EgressFailure) -> tuple[str, str]:
     """Fill the record's outcome and detail for a failed :func:`open_outbound`."""
-    if isinstance(exc, Denied):
+    if exc.kind is Failure.DENIED:
         record.outcome = "denied"
-    elif isinstance(exc, EgressRefused):
+    elif exc.kind in _NO_SOURCE_KINDS:
         record.outcome = "refused"
     else:
         record.outcome = "dial_failed"
-        record.source = exc.source_name
+        record.source = exc.source
     record.detail = str(exc)
     return record.outcome, record.detail
 

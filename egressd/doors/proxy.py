@@ -31,16 +31,14 @@ import trio
 
 from egressd.config import Listener
 from egressd.doors.common import (
-    Denied,
     note_destination,
     note_dialed,
     note_refusal,
     open_outbound,
     relay_session,
 )
+from egressd.egress import EgressFailure
 from egressd.net.connection import Connection
-from egressd.net.dialer import DialError
-from egressd.net.egress import EgressRefused
 from egressd.proto.proxy_header import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 from egressd.runtime import Runtime, SessionRecord
 
@@ -80,7 +78,7 @@ class ProxyDoor:
         record.source = source.name
         try:
             dialed = await open_outbound(egress, header.dst_ip, header.dst_port, source=source)
-        except (Denied, EgressRefused, DialError) as exc:
+        except EgressFailure as exc:
             note_refusal(record, exc)
             return
         note_dialed(record, dialed, header.dst_ip)

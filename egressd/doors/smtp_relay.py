@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from egressd.access import destination_refusal
 from egressd.config import Config, IPAddress, Source
 from egressd.doors.smtp_remote import RemoteError, RemoteSession, open_remote, temporary
+from egressd.egress import Egress, EgressFailure, Failure
 from egressd.log import get_logger
-from egressd.net.dialer import DialError
-from egressd.net.egress import Egress, EgressRefused
+from egressd.net.egress import through_pool
 from egressd.net.mx import NextHop, NextHopError, resolve_next_hop
 from egressd.proto.smtp_client import mail_incompatibility
 from egressd.proto.smtp_common import Data, DataChunk, Mail, Rcpt, Reply, Rset
@@ -51,6 +51,8 @@ from egressd.runtime import Runtime, SessionRecord
 __all__ = ["Relay", "Transaction", "pool_for"]
 
 log = get_logger("smtp")
+
+_NO_SOURCE = frozenset({Failure.UNKNOWN_POOL, Failure.NO_SOURCES, Failure.SOURCE_LIMIT})
 
 
 def pool_for(
@@ -269,11 +271,12 @@ class Relay:
                 raise _Refusal(exc.reply) from exc
 
         try:
-            return await tx.egress.through_pool(tx.pool, attempt)
-        except EgressRefused as exc:
-            enhanced = "4.3.5" if exc.kind == "unknown_pool" else "4.4.5"
-            raise _Refusal(temporary(enhanced, f"pool {tx.pool}: {exc}")) from exc
-        except DialError as exc:  # the source's own fault, on every source tried
+            return await through_pool(tx.egress, tx.pool, attempt)
+        except EgressFailure as exc:
+            if exc.kind in _NO_SOURCE:
+                enhanced = "4.3.5" if exc.kind is Failure.UNKNOWN_POOL else "4.4.5"
+                raise _Refusal(temporary(enhanced, f"pool {tx.pool}: {exc}")) from exc
+            # the source's own fault, on every source tried
             raise _Refusal(temporary("4.3.0", str(exc))) from exc
 
     async def _next_hop(self, tx: Transaction, domain: str, version: int | None) -> NextHop:

@@ -45,8 +45,9 @@ from dataclasses import dataclass, field
 import trio
 
 from egressd.config import Config, IPAddress, SmtpTimeouts, Source, format_hostport
-from egressd.net.dialer import Dialed, DialError, destination_port
-from egressd.net.egress import Egress
+from egressd.egress import Egress, EgressFailure, Party, destination_port
+from egressd.net.dialer import Dialed
+from egressd.net.egress import dial_one
 from egressd.net.mx import MxHost, NextHop
 from egressd.net.tls import client_context
 from egressd.proto.smtp_client import ClientCommand, SmtpClient
@@ -269,7 +270,7 @@ async def open_remote(
     """A session to the first host of ``hop`` that answers and greets, ready for MAIL.
 
     Raises :class:`RemoteError` (with a 4xx naming the source, each address tried and its
-    error) when no host works; :class:`~egressd.net.dialer.DialError` is raised as is when
+    error) when no host works; :class:`~egressd.egress.EgressFailure` is raised as is when
     it is the source's fault, so the caller can try another source.
     """
     attempt = _Attempt(egress, runtime, egress.config, source, hop, ehlo_name)
@@ -299,8 +300,8 @@ async def _try_address(attempt: _Attempt, host: MxHost, address: IPAddress) -> R
     for _ in range(2):
         try:
             session = await _dial(attempt, host, address)
-        except DialError as exc:
-            if exc.source_fault:
+        except EgressFailure as exc:
+            if exc.party is Party.SOURCE:
                 raise
             port = destination_port(attempt.source, host.port)
             attempt.failures.append(f"{host.name}[{address}]:{port}: {_dial_reason(exc)}")
@@ -322,7 +323,7 @@ async def _try_address(attempt: _Attempt, host: MxHost, address: IPAddress) -> R
 
 
 async def _dial(attempt: _Attempt, host: MxHost, address: IPAddress) -> RemoteSession:
-    dialed = await attempt.egress.connect(str(address), host.port, source=attempt.source)
+    dialed = await dial_one(attempt.egress, attempt.source, address, host.port)
     stack = AsyncExitStack()
     try:
         await stack.enter_async_context(attempt.runtime.source_in_use(attempt.source.name))
@@ -407,11 +408,11 @@ def _first_line(reply: Reply) -> str:
     return f"{reply.code} {reply.lines[0]}".strip()
 
 
-def _dial_reason(exc: DialError) -> str:
+def _dial_reason(exc: EgressFailure) -> str:
     """The OS error of a failed dial (the source is named elsewhere in the reply)."""
     if exc.errno is not None:
         return f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})"
-    return exc.message
+    return exc.detail
 
 
 def _error_text(exc: BaseException) -> str:

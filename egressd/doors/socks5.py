@@ -25,9 +25,10 @@ with outcome ``timeout``):
   family, and the resolved address is checked before it is dialed).
 
 Replies: 02 for access denials (and a pool that does not exist), 01 when no source can be
-had (all suspended, or at ``max_connections_per_source``), the dialer's typed failure
-otherwise (``DialError.reply_code``: 01 unplumbed source or hop failure, 03/04
-unreachable, 05 refused, 06 timeout). The success reply carries the outbound connection's
+had (all suspended, or at ``max_connections_per_source``), and for the typed failure
+of the outbound plan (:func:`_reply_for`): 01 unplumbed source or proxy failure, 03/04
+unreachable, 05 refused, 06 timeout; a destination whose circuit breaker is open gets
+the reply of the failure that opened it. The success reply carries the outbound connection's
 real local address (``Dialed.local_address``), in the request's address family, because
 Exim reads a reply as long as its request. UDP ASSOCIATE gets 07, unknown address types
 08 (the machine does both).
@@ -49,19 +50,17 @@ from collections.abc import Mapping
 
 import trio
 
-from egressd.config import IPAddress, Listener, Source
+from egressd.config import Listener, Source
 from egressd.doors.common import (
-    Denied,
-    local_ip,
     note_destination,
     note_dialed,
     note_refusal,
     open_outbound,
     relay_session,
 )
+from egressd.egress import Egress, EgressFailure, Failure
 from egressd.net.connection import Connection
-from egressd.net.dialer import Dialed, DialError
-from egressd.net.egress import Egress, EgressRefused
+from egressd.net.dialer import Dialed
 from egressd.proto.socks5 import (
     METHOD_NO_ACCEPTABLE,
     NEED_DATA,
@@ -250,7 +249,7 @@ class _Session:
             dialed = await open_outbound(
                 self.egress, request.host, request.port, pool=self.pool, source=self.source
             )
-        except (Denied, EgressRefused, DialError) as exc:
+        except EgressFailure as exc:
             note_refusal(self.record, exc)
             self.server.reply_failure(_reply_for(exc))
             await _send(self.stream, self.server.data_to_send())
@@ -259,8 +258,8 @@ class _Session:
         return dialed
 
     async def reply_success(self, dialed: Dialed) -> None:
-        bound: IPAddress | None = local_ip(dialed)
-        self.server.reply_success(bound, dialed.local_address[1])
+        bound, port = dialed.local_address
+        self.server.reply_success(bound, port)
         await _send(self.stream, self.server.data_to_send())
 
 
@@ -272,9 +271,22 @@ def _password_matches(expected: str | None, given: str) -> bool:
     )
 
 
-def _reply_for(exc: Denied | EgressRefused | DialError) -> int:
-    if isinstance(exc, Denied):
-        return int(Reply.NOT_ALLOWED)
-    if isinstance(exc, EgressRefused):
-        return int(Reply.NOT_ALLOWED if exc.kind == "unknown_pool" else Reply.GENERAL_FAILURE)
-    return exc.reply_code
+_REPLIES: dict[Failure, Reply] = {
+    Failure.DENIED: Reply.NOT_ALLOWED,
+    Failure.UNKNOWN_POOL: Reply.NOT_ALLOWED,
+    Failure.REFUSED: Reply.CONNECTION_REFUSED,
+    Failure.HOST_UNREACHABLE: Reply.HOST_UNREACHABLE,
+    Failure.NETWORK_UNREACHABLE: Reply.NETWORK_UNREACHABLE,
+    Failure.TIMEOUT: Reply.TTL_EXPIRED,
+}
+
+
+def _reply_for(exc: EgressFailure) -> int:
+    """The RFC 1928 reply for a failure: 02 denied or no such pool, 05 refused, 04/03
+    unreachable, 06 timeout, 01 for the rest (no source, unplumbed, proxy failures). A
+    destination whose breaker is open gets the reply of the failure that opened it (04
+    when that was not a connect failure)."""
+    if exc.kind is Failure.DESTINATION_FAILING:
+        opened_by = exc.cause if exc.cause is not None else exc.kind
+        return int(_REPLIES.get(opened_by, Reply.HOST_UNREACHABLE))
+    return int(_REPLIES.get(exc.kind, Reply.GENERAL_FAILURE))

@@ -1,197 +1,184 @@
-"""Egress: pick a source, dial through it, account for its health, retry once elsewhere.
+"""The executor: run an outbound plan (:mod:`egressd.egress.plan`) with real sockets.
 
 Theory of operation
 -------------------
-Every front door asks :meth:`Egress.connect` for a connection to a destination, naming
-either a pool (the usual case) or an exact source (KumoMTA's BIND-then-CONNECT, a PROXY
-header's source address). For a pool, the pool's smooth weighted round-robin selector picks
-the next source, skipping sources that are suspended or at their connection cap.
+:func:`execute` asks the plan for its next step and does the I/O: a :class:`Resolve`
+goes to the caller's resolver (by default :func:`~egressd.net.dialer.resolve_name` for the
+plan's host), an :class:`Attempt` to the caller's per-address step (by default
+:func:`~egressd.net.dialer.connect`, which makes the connection the result). The outcome
+goes back to the plan, which holds the one retry policy and tells health. A step may do
+more than connect: the SMTP door's step connects through the source, then reads the
+greeting and says EHLO (and STARTTLS); raising an
+:class:`~egressd.egress.failures.EgressFailure` (kind ``rejected`` for a 4xx greeting)
+moves the plan on to the next address, and a step that succeeds ends the plan.
 
-A dial failure that is the source's fault (its address is not plumbed here, its hop is
-unreachable or refuses) is recorded against the source, which may suspend it, and because
-nothing reached the destination yet, the connection is retried once on the pool's next
-source: one broken address does not fail traffic. Destination failures (refused, timeout)
-are the destination's business and are returned to the caller; repeated timeouts and
-unreachable errors still count softly against the source, since a blocked address looks
-like that.
+While an attempt is in flight it holds one of its source's connection slots, so
+concurrent dials count against ``max_connections_per_source``; the caller takes a slot of
+its own for the connection's life. A successful attempt's time goes to the observer
+(dial latency by source).
 
-The deadline (``[dial] timeout``) covers each attempt: resolving, connecting and the hop's
-handshake.
+No timeout is applied here. The caller applies the plan's one deadline, once, around
+:func:`execute` (:func:`open_within` does exactly that and turns expiry into the plan's
+timeout failure).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
-from egressd.config import Config, Source
-from egressd.health import FailureKind, SourceHealth, policy_for
+import trio
+
+from egressd.config import Config, IPAddress, Source
+from egressd.egress.failures import EgressFailure, Party
+from egressd.egress.plan import (
+    MAX_SOURCES,
+    Attempt,
+    Destination,
+    GiveUp,
+    Plan,
+    Progress,
+    Resolve,
+)
+from egressd.egress.selection import Egress
+from egressd.health import SourceHealth
 from egressd.log import get_logger
-from egressd.net.dialer import Dialed, DialError, dial_within
-from egressd.pools import NoSourcesAvailable, PoolSet, SelectionError
+from egressd.net.dialer import Dialed, connect, resolve_name
+from egressd.pools import PoolSet
+
+__all__ = [
+    "AttemptStep",
+    "Resolver",
+    "connect_within",
+    "dial_one",
+    "dial_source",
+    "execute",
+    "open_within",
+    "through_pool",
+]
 
 log = get_logger("egress")
 
 T = TypeVar("T")
 
-RefusalKind = Literal["unknown_pool", "no_sources", "source_limit", "unknown_source"]
+AttemptStep = Callable[[Attempt, Progress], Awaitable[T]]
+"""One address from one source: the connection, or more (an SMTP session ready for MAIL)."""
+Resolver = Callable[[Resolve], Awaitable[Sequence[Destination]]]
 
 
-class EgressRefused(Exception):
-    """No connection was attempted: the pool or limits gave no source. Always temporary."""
-
-    def __init__(self, kind: RefusalKind, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-def health_kind(error: DialError) -> FailureKind | None:
-    """Which kind of failure ``error`` counts as against its source, if any."""
-    if error.kind == "unplumbed":
-        return "unplumbed"
-    if error.hop_fault:
-        return "proxy_unhealthy"
-    if error.kind in ("timeout", "unreachable") and error.stage == "connect":
-        return "connect"  # a slow resolver is not the source's fault
-    return None
+async def resolve_host(step: Resolve) -> Sequence[Destination]:
+    """The default resolver: the plan's host name, in the source's IP version."""
+    assert step.host is not None, "a plan without a host needs the caller's resolver"
+    try:
+        return await resolve_name(step.host, step.port, step.version)
+    except EgressFailure as exc:
+        raise EgressFailure(
+            exc.kind,
+            f"source {step.source.name!r}: {exc}",
+            source=step.source.name,
+            stage=exc.stage,
+        ) from exc
 
 
-@dataclass
-class EgressObserver:
-    """Hooks for metrics; each defaults to doing nothing."""
-
-    dialed: Callable[[Source, float], None] = lambda source, seconds: None
-    suspended: Callable[[Source, FailureKind], None] = lambda source, kind: None
-
-
-@dataclass
-class Egress:
-    """One configuration generation's view of sources, pools and health."""
-
-    config: Config
-    pools: PoolSet
-    health: SourceHealth
-    observer: EgressObserver = field(default_factory=EgressObserver)
-
-    def source_named(self, name: str) -> Source:
-        try:
-            return self.config.sources[name]
-        except KeyError:
-            raise EgressRefused("unknown_source", f'unknown source "{name}"') from None
-
-    def pick(self, pool: str, avoid: frozenset[str] = frozenset()) -> Source:
-        """The pool's next source that is not suspended, not at its cap and not avoided."""
-        cap = self.config.limits.max_connections_per_source
-
-        def skip(name: str) -> bool:
-            return (
-                name in avoid
-                or self.health.is_suspended(name)
-                or self.health.active_connections(name) >= cap
-            )
-
-        try:
-            return self.config.sources[self.pools.next(pool, skip)]
-        except NoSourcesAvailable as exc:
-            if self._all_at_cap(pool):
-                message = f"every source of pool {pool} is at max_connections_per_source ({cap})"
-                raise EgressRefused("source_limit", message) from None
-            raise EgressRefused("no_sources", str(exc)) from None
-        except SelectionError as exc:
-            raise EgressRefused("unknown_pool", str(exc)) from None
-
-    def _all_at_cap(self, pool: str) -> bool:
-        cap = self.config.limits.max_connections_per_source
-        names = [e.source for e in self.pools.selector(pool).pool.entries if e.weight > 0]
-        return bool(names) and all(self.health.active_connections(n) >= cap for n in names)
-
-    async def connect(
-        self,
-        host: str,
-        port: int | None,
-        *,
-        pool: str | None = None,
-        source: Source | None = None,
-    ) -> Dialed:
-        """Dial ``host:port`` through ``source``, or through ``pool``'s next source.
-
-        Raises :class:`EgressRefused` when no source could be chosen, and the dialer's
-        :class:`DialError` when the dial failed (after the one retry a pool allows).
-        """
-        if source is not None:
-            self._check_source_cap(source)
-            return await self._dial(source, host, port)
-        if pool is None:
-            raise EgressRefused("unknown_pool", "no pool given")
-        return await self.through_pool(pool, lambda picked: self._dial(picked, host, port))
-
-    async def through_pool(self, pool: str, attempt: Callable[[Source], Awaitable[T]]) -> T:
-        """Run ``attempt`` on the pool's next source, and once more on the following source
-        when the first failed through its own fault (nothing reached the destination yet).
-
-        Every front door's dialing goes through here, so the retry policy lives in one place.
-        Raises :class:`EgressRefused` when the pool gives no source, else what ``attempt``
-        raised (the first failure when no second source is available).
-        """
-        first = self.pick(pool)
-        try:
-            return await attempt(first)
-        except DialError as exc:
-            if not exc.source_fault:
-                raise
+async def execute(
+    plan: Plan,
+    step: AttemptStep[T],
+    resolve: Resolver = resolve_host,
+) -> T:
+    """Run ``plan`` to its end: ``step``'s result, or the plan's final failure raised."""
+    while True:
+        command = plan.next_step()
+        if isinstance(command, GiveUp):
+            raise command.failure
+        if isinstance(command, Resolve):
             try:
-                second = self.pick(pool, avoid=frozenset({first.name}))
-            except EgressRefused:
-                raise exc from None
-            log.info(
-                "retrying on the pool's next source",
-                extra={"fields": {"pool": pool, "failed": first.name, "next": second.name}},
-            )
-            return await attempt(second)
-
-    def _check_source_cap(self, source: Source) -> None:
-        cap = self.config.limits.max_connections_per_source
-        if self.health.active_connections(source.name) >= cap:
-            raise EgressRefused(
-                "source_limit", f"source {source.name} is at max_connections_per_source ({cap})"
-            )
-
-    async def _dial(self, source: Source, host: str, port: int | None) -> Dialed:
-        """Dial, holding one of the source's connection slots while the dial is in flight.
-
-        The slot makes concurrent dials count against ``max_connections_per_source``; the
-        caller takes a slot of its own (``Runtime.source_in_use``) for the connection's life.
-        """
-        started = time.monotonic()
-        self.health.connection_opened(source.name)
+                destinations = await resolve(command)
+            except EgressFailure as failure:
+                plan.failed(failure)
+                continue
+            plan.resolved(destinations)
+            continue
         try:
-            dialed = await dial_within(self.config.dial.timeout, source, host, port)
-        except DialError as exc:
-            self._record_failure(source, exc)
-            raise
-        finally:
-            self.health.connection_closed(source.name)
-        self.observer.dialed(source, time.monotonic() - started)
-        self.health.record_success(source.name)
-        return dialed
+            result = await _attempt(plan, command, step)
+        except EgressFailure as failure:
+            plan.failed(failure)
+            continue
+        plan.succeeded()
+        return result
 
-    def _record_failure(self, source: Source, error: DialError) -> None:
-        kind = health_kind(error)
-        if kind is None:
-            return
-        policy = policy_for(source, kind, self.config.health)
-        if self.health.record_failure(source.name, kind, str(error), policy):
-            log.warning(
-                "source suspended",
-                extra={
-                    "fields": {
-                        "source": source.name,
-                        "kind": kind,
-                        "for_seconds": policy.duration,
-                        "reason": str(error),
-                    }
-                },
-            )
-            self.observer.suspended(source, kind)
+
+async def _attempt(plan: Plan, attempt: Attempt, step: AttemptStep[T]) -> T:
+    """Run ``step`` holding one of the source's connection slots."""
+    health = plan.egress.health
+    name = attempt.source.name
+    started = trio.current_time()
+    health.connection_opened(name)
+    try:
+        result = await step(attempt, plan.progress)
+    finally:
+        health.connection_closed(name)
+    plan.egress.observer.dialed(attempt.source, trio.current_time() - started)
+    return result
+
+
+async def open_within(
+    plan: Plan,
+    step: AttemptStep[T],
+    resolve: Resolver = resolve_host,
+) -> T:
+    """:func:`execute` under the plan's one deadline; expiry raises the plan's failure."""
+    try:
+        with trio.fail_after(plan.timeout):
+            return await execute(plan, step, resolve)
+    except trio.TooSlowError as exc:
+        raise plan.timed_out() from exc
+
+
+async def connect_within(plan: Plan) -> Dialed:
+    """The connection a plan leads to (the SOCKS5 and PROXY doors' step), under its deadline."""
+    return await open_within(plan, connect)
+
+
+async def dial_source(source: Source, host: str | IPAddress, port: int | None = None) -> Dialed:
+    """Dial ``host`` from ``source`` alone, with no access rules, limits, health or
+    deadline (:func:`egressd.net.dialer.dial`)."""
+    config = Config(path=None, sources={source.name: source}, pools={})  # type: ignore[arg-type]
+    egress = Egress(config, PoolSet.from_config(config), SourceHealth([source.name]))
+    return await execute(Plan(egress, source=source, host=host, port=port), connect)
+
+
+async def dial_one(egress: Egress, source: Source, address: IPAddress, port: int | None) -> Dialed:
+    """One address from one exact source: a plan of one attempt, under the plan's deadline.
+
+    Transitional: the SMTP door's open path (:func:`egressd.doors.smtp_remote.open_remote`)
+    still walks the next hop's addresses itself; once it runs its greeting as the
+    per-address step of :func:`execute`, this and :func:`through_pool` go away.
+    """
+    return await connect_within(Plan(egress, source=source, host=address, port=port))
+
+
+async def through_pool(egress: Egress, pool: str, attempt: Callable[[Source], Awaitable[T]]) -> T:
+    """Run ``attempt`` on the pool's next source, and on one more source when it failed
+    through the source's fault (the plan's rule: :data:`MAX_SOURCES`, :func:`blame`).
+
+    Transitional, for the SMTP door: see :func:`dial_one`.
+    """
+    tried: list[str] = []
+    failure: EgressFailure | None = None
+    while True:
+        try:
+            source = egress.pick(pool, avoid=frozenset(tried))
+        except EgressFailure:
+            if failure is not None:
+                raise failure from None
+            raise
+        if tried:
+            fields = {"pool": pool, "failed": tried[-1], "next": source.name}
+            log.info("retrying on the pool's next source", extra={"fields": fields})
+        tried.append(source.name)
+        try:
+            return await attempt(source)
+        except EgressFailure as exc:
+            if exc.party is not Party.SOURCE or len(tried) >= MAX_SOURCES:
+                raise
+            failure = exc

@@ -45,7 +45,7 @@ from egressd.config import Config, DnsSettings, Endpoint, IPAddress
 __all__ = ["MxHost", "NextHop", "NextHopError", "resolve_next_hop", "route_for"]
 
 SMTP_PORT = 25
-HopKind = Literal["route", "literal", "mx", "implicit"]
+NextHopKind = Literal["route", "literal", "mx", "implicit"]
 
 
 class NextHopError(Exception):
@@ -77,7 +77,7 @@ class NextHop:
     """Where one domain's mail goes, hosts in the order to try them."""
 
     domain: str
-    kind: HopKind
+    kind: NextHopKind
     hosts: tuple[MxHost, ...]
 
     @property

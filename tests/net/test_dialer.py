@@ -25,19 +25,35 @@ from harness import (
     start_sink,
 )
 
-from egressd.config import Endpoint, Source
-from egressd.net.dialer import (
-    Dialed,
-    DialError,
-    DialFailure,
-    destination_port,
-    dial,
-    dial_within,
-)
+from egressd.config import Config, DialSettings, Endpoint, IPAddress, Source
+from egressd.egress import Egress, EgressFailure, Party, Plan, Stage, destination_port
+from egressd.health import SourceHealth
+from egressd.net.dialer import Dialed, dial
+from egressd.net.egress import connect_within
+from egressd.pools import PoolSet
 
 ip = ipaddress.ip_address
 BANNER = b"220 sink.test ESMTP\r\n"
 UNPLUMBED = "203.0.113.7"  # TEST-NET-3: never configured here; only ever a bind address
+
+
+async def dial_within(
+    seconds: float, source: Source, host: str | IPAddress, port: int | None = None
+) -> Dialed:
+    """The doors' path for one exact source: a plan under one deadline of ``seconds``."""
+    config = Config(
+        path=None,  # type: ignore[arg-type]
+        sources={source.name: source},
+        pools={},
+        dial=DialSettings(timeout=seconds),
+    )
+    egress = Egress(config, PoolSet.from_config(config), SourceHealth([source.name]))
+    return await connect_within(Plan(egress, source=source, host=host, port=port))
+
+
+def peer(address: tuple[IPAddress, int] | None) -> tuple[str, int]:
+    assert address is not None
+    return str(address[0]), address[1]
 
 
 async def banner_of(dialed: Dialed) -> bytes:
@@ -62,19 +78,6 @@ def test_port_caller_then_25() -> None:
     assert destination_port(Source(name="s"), None) == 25
 
 
-def test_reply_codes_for_socks_front_door() -> None:
-    def error(kind: DialFailure, code: int | None = None, reply: int | None = None) -> DialError:
-        return DialError(kind, "x", source_name="s", stage="connect", errno=code, socks_reply=reply)
-
-    assert error(DialFailure.REFUSED).reply_code == 5
-    assert error(DialFailure.UNREACHABLE, errno.EHOSTUNREACH).reply_code == 4
-    assert error(DialFailure.UNREACHABLE, errno.ENETUNREACH).reply_code == 3
-    assert error(DialFailure.UNREACHABLE, None, 3).reply_code == 3
-    assert error(DialFailure.TIMEOUT).reply_code == 6
-    assert error(DialFailure.UNPLUMBED).reply_code == 1
-    assert error(DialFailure.HOP_REFUSED, None, 2).reply_code == 1
-
-
 # --------------------------------------------------------------------------- direct
 
 
@@ -88,16 +91,16 @@ async def test_direct_binds_source_address(sink: Sink, address: str) -> None:
         (connection,) = await sink.wait_for_connections(1)
     assert connection.peer[0] == address
     assert dialed.via == "direct"
-    assert dialed.local_address == connection.peer
-    assert dialed.remote_address == ("127.0.0.1", sink.port)
-    assert dialed.hop_address is None
+    assert peer(dialed.local_address) == connection.peer
+    assert peer(dialed.remote_address) == ("127.0.0.1", sink.port)
+    assert dialed.proxy_address is None
 
 
 async def test_direct_many_connections_share_nothing_but_the_address(sink: Sink) -> None:
     source = Source(name="a", source_address=ip("127.0.0.2"))
     dials = [await dial(source, "127.0.0.1", sink.port) for _ in range(20)]
     await sink.wait_for_connections(20)
-    assert {d.local_address[0] for d in dials} == {"127.0.0.2"}
+    assert {str(d.local_address[0]) for d in dials} == {"127.0.0.2"}
     assert len({d.local_address for d in dials}) == 20
     for dialed in dials:
         await dialed.stream.aclose()
@@ -109,8 +112,8 @@ async def test_direct_ipv6_from_loopback(sink6: Sink) -> None:
     async with dialed.stream:
         assert await banner_of(dialed) == BANNER
     assert sink6.peers == ["::1"]
-    assert dialed.local_address[0] == "::1"
-    assert dialed.remote_address == ("::1", sink6.port)
+    assert str(dialed.local_address[0]) == "::1"
+    assert peer(dialed.remote_address) == ("::1", sink6.port)
 
 
 async def test_direct_without_source_address_lets_kernel_choose(sink: Sink) -> None:
@@ -125,7 +128,7 @@ async def test_remote_port_overrides_callers_port(sink: Sink) -> None:
     dialed = await dial(source, "127.0.0.1", 25)
     async with dialed.stream:
         await sink.wait_for_connections(1)
-    assert dialed.remote_address == ("127.0.0.1", sink.port)
+    assert peer(dialed.remote_address) == ("127.0.0.1", sink.port)
 
 
 async def test_names_are_resolved_and_every_address_tried(sink: Sink) -> None:
@@ -136,7 +139,7 @@ async def test_names_are_resolved_and_every_address_tried(sink: Sink) -> None:
     dialed = await dial(source, "mx.test", sink.port)
     async with dialed.stream:
         assert await banner_of(dialed) == BANNER
-    assert dialed.remote_address == ("127.0.0.1", sink.port)
+    assert peer(dialed.remote_address) == ("127.0.0.1", sink.port)
     assert resolver.queries == ["mx.test"]
 
 
@@ -159,9 +162,9 @@ async def test_haproxy_transparent(haproxy: HAProxy, nursery: trio.Nursery) -> N
     assert connection.peer[0] == "127.0.0.5"
     assert connection.local == ("127.0.0.7", destination.port)
     assert dialed.via == "haproxy"
-    assert dialed.local_address == ("127.0.0.5", 0)
-    assert dialed.remote_address == ("127.0.0.7", destination.port)
-    assert dialed.hop_address == ("127.0.0.1", haproxy.port)
+    assert peer(dialed.local_address) == ("127.0.0.5", 0)
+    assert peer(dialed.remote_address) == ("127.0.0.7", destination.port)
+    assert peer(dialed.proxy_address) == ("127.0.0.1", haproxy.port)
 
 
 async def test_haproxy_header_carries_remote_port(haproxy: HAProxy, sink: Sink) -> None:
@@ -185,7 +188,7 @@ async def test_haproxy_skips_destinations_of_other_family(haproxy: HAProxy) -> N
         ha_proxy_server=Endpoint(haproxy.host, haproxy.port),
         ha_proxy_source_address=ip("127.0.0.5"),
     )
-    with pytest.raises(DialError) as caught:
+    with pytest.raises(EgressFailure) as caught:
         await dial(source, "::1", 25)
     assert caught.value.kind == "no_address"
 
@@ -210,8 +213,8 @@ async def test_dante_without_auth(dante_open: Dante, sink: Sink) -> None:
             (connection,) = await sink.wait_for_connections(1)
     assert connection.peer[0] == "127.0.0.3"
     assert dialed.via == "socks5"
-    assert dialed.local_address == connection.peer  # Dante's BND.ADDR/BND.PORT
-    assert dialed.hop_address == ("127.0.0.1", dante_open.port)
+    assert peer(dialed.local_address) == connection.peer  # Dante's BND.ADDR/BND.PORT
+    assert peer(dialed.proxy_address) == ("127.0.0.1", dante_open.port)
 
 
 async def test_dante_with_auth(dante_auth: Dante, sink: Sink) -> None:
@@ -227,46 +230,47 @@ async def test_dante_with_auth(dante_auth: Dante, sink: Sink) -> None:
             assert await banner_of(dialed) == BANNER
             (connection,) = await sink.wait_for_connections(1)
     assert connection.peer[0] == "127.0.0.3"
-    assert dialed.local_address == connection.peer
+    assert peer(dialed.local_address) == connection.peer
 
 
 async def test_dante_rejects_wrong_password(dante_auth: Dante, sink: Sink) -> None:
     source = dante_source(
         dante_auth, socks5_proxy_username=dante_auth.username, socks5_proxy_password="wrong"
     )
-    with pytest.raises(DialError) as caught:
+    with pytest.raises(EgressFailure) as caught:
         await dial_within(10, source, "127.0.0.1", sink.port)
-    assert caught.value.kind == "hop_refused"
-    assert caught.value.source_fault
+    assert caught.value.kind == "proxy_refused"
+    assert caught.value.party is Party.SOURCE
     assert "username/password" in str(caught.value)
     assert sink.connections == []
 
 
 async def test_dante_without_credentials_when_auth_required(dante_auth: Dante) -> None:
-    with pytest.raises(DialError) as caught:
+    with pytest.raises(EgressFailure) as caught:
         await dial_within(10, dante_source(dante_auth), "127.0.0.1", 25)
-    assert caught.value.kind == "hop_refused"
+    assert caught.value.kind == "proxy_refused"
 
 
 async def test_dante_reports_destination_refused() -> None:
     closed_port = free_port()
-    with dante() as server, pytest.raises(DialError) as caught:
+    with dante() as server, pytest.raises(EgressFailure) as caught:
         await dial_within(10, dante_source(server), "127.0.0.1", closed_port)
-    assert caught.value.kind == "refused"
-    assert caught.value.socks_reply == 5
-    assert caught.value.destination_fault and not caught.value.source_fault
-    assert caught.value.reply_code == 5
+    assert caught.value.kind == "refused"  # Dante's reply 05, a fact about the destination
+    assert caught.value.party is Party.DESTINATION
+    assert caught.value.stage == Stage.CONNECT
 
 
-async def test_dante_ruleset_refusal_is_the_hops() -> None:
-    with dante(allow_to="127.0.0.1/32") as server, pytest.raises(DialError) as caught:
+async def test_dante_ruleset_refusal_is_the_proxys() -> None:
+    with dante(allow_to="127.0.0.1/32") as server, pytest.raises(EgressFailure) as caught:
         await dial_within(10, dante_source(server), "127.0.0.9", 25)
-    assert caught.value.kind == "hop_refused"
-    assert caught.value.socks_reply == 2
-    assert caught.value.source_fault
+    assert caught.value.kind == "proxy_refused"
+    assert "CONNECT: 2 (NOT_ALLOWED)" in str(caught.value)  # the proxy's own ruleset
+    assert caught.value.party is Party.SOURCE
 
 
-async def test_hop_name_resolves_and_every_address_is_tried(dante_open: Dante, sink: Sink) -> None:
+async def test_proxy_name_resolves_and_every_address_is_tried(
+    dante_open: Dante, sink: Sink
+) -> None:
     trio.socket.set_custom_hostname_resolver(
         StaticResolver({"proxy.test": ["127.0.0.9", dante_open.host]})
     )
@@ -275,7 +279,7 @@ async def test_hop_name_resolves_and_every_address_is_tried(dante_open: Dante, s
         dialed = await dial(source, "127.0.0.1", sink.port)
         async with dialed.stream:
             assert await banner_of(dialed) == BANNER
-    assert dialed.hop_address == (dante_open.host, dante_open.port)
+    assert peer(dialed.proxy_address) == (dante_open.host, dante_open.port)
 
 
 # --------------------------------------------------------------------------- KumoMTA's convention
@@ -380,18 +384,17 @@ async def test_kumomta_bind_then_connect_bytes(kumo_proxy: KumoProxy, sink: Sink
         b"\x05\x01\x00\x01\x7f\x00\x00\x01" + sink.port.to_bytes(2, "big"),  # CONNECT
     ]
     assert connection.peer[0] == "127.0.0.6"
-    assert dialed.local_address == connection.peer
+    assert peer(dialed.local_address) == connection.peer
 
 
-async def test_socks_hop_refusal_carries_reply_code(kumo_proxy: KumoProxy, sink: Sink) -> None:
+async def test_socks_proxy_refusal_is_the_proxys_fault(kumo_proxy: KumoProxy, sink: Sink) -> None:
     kumo_proxy.connect_reply = 2
-    with pytest.raises(DialError) as caught:
+    with pytest.raises(EgressFailure) as caught:
         await dial_within(10, kumo_source(kumo_proxy), "127.0.0.1", sink.port)
     error = caught.value
-    assert error.kind == DialFailure.HOP_REFUSED
-    assert error.socks_reply == 2
-    assert error.source_fault and error.hop_fault and not error.destination_fault
-    assert error.nothing_sent
+    assert error.kind == "proxy_refused"
+    assert "CONNECT: 2 (NOT_ALLOWED)" in str(error)
+    assert error.party is Party.SOURCE
     assert sink.connections == []
 
 
@@ -400,49 +403,48 @@ async def test_socks_hop_refusal_carries_reply_code(kumo_proxy: KumoProxy, sink:
 
 async def test_unplumbed_source_fails_at_bind(sink: Sink) -> None:
     source = Source(name="gone", source_address=ip(UNPLUMBED))
-    with pytest.raises(DialError) as caught:
+    with pytest.raises(EgressFailure) as caught:
         await dial(source, "127.0.0.1", sink.port)
     error = caught.value
     assert error.kind == "unplumbed"
     assert error.errno == errno.EADDRNOTAVAIL
-    assert error.source_fault and not error.destination_fault
+    assert error.party is Party.SOURCE
     assert UNPLUMBED in str(error) and "gone" in str(error)
     await trio.sleep(0.05)
     assert sink.connections == []
 
 
-async def test_unplumbed_source_in_front_of_a_hop(dante_open: Dante) -> None:
+async def test_unplumbed_source_in_front_of_a_proxy(dante_open: Dante) -> None:
     source = dante_source(dante_open, source_address=ip(UNPLUMBED))
-    with pytest.raises(DialError) as caught:
+    with pytest.raises(EgressFailure) as caught:
         await dial(source, "127.0.0.1", 25)
     assert caught.value.kind == "unplumbed"
 
 
-@pytest.mark.parametrize("hop", ["socks5", "haproxy"])
-async def test_hop_down(hop: str) -> None:
+@pytest.mark.parametrize("proxy", ["socks5", "haproxy"])
+async def test_proxy_down(proxy: str) -> None:
     down = Endpoint("127.0.0.1", free_port())
-    if hop == "socks5":
+    if proxy == "socks5":
         source = Source(name="h", socks5_proxy_server=down)
     else:
         source = Source(name="h", ha_proxy_server=down, ha_proxy_source_address=ip("127.0.0.5"))
-    with pytest.raises(DialError) as caught:
+    with pytest.raises(EgressFailure) as caught:
         await dial(source, "127.0.0.1", 25)
     error = caught.value
-    assert error.kind == "hop_unreachable"
+    assert error.kind == "proxy_unreachable"
     assert error.errno == errno.ECONNREFUSED
-    assert error.address == ("127.0.0.1", down.port)
-    assert error.source_fault
+    assert error.address == (ip("127.0.0.1"), down.port)
+    assert error.party is Party.SOURCE
     assert "Connection refused (ECONNREFUSED)" in str(error)
 
 
 async def test_destination_refused() -> None:
     port = free_port()
-    with pytest.raises(DialError) as caught:
+    with pytest.raises(EgressFailure) as caught:
         await dial(Source(name="a", source_address=ip("127.0.0.2")), "127.0.0.1", port)
     error = caught.value
     assert error.kind == "refused"
-    assert error.destination_fault and not error.source_fault
-    assert error.reply_code == 5
+    assert error.party is Party.DESTINATION
     assert f"127.0.0.1:{port}" in str(error)
 
 
@@ -453,39 +455,38 @@ async def test_deadline_expires_in_socks_greeting() -> None:
         silent.listen(5)  # the kernel accepts; nobody ever answers the greeting
         port = silent.getsockname()[1]
         source = Source(name="slow", socks5_proxy_server=Endpoint("127.0.0.1", port))
-        with pytest.raises(DialError) as caught:
+        with pytest.raises(EgressFailure) as caught:
             await dial_within(0.3, source, "127.0.0.1", 25)
     error = caught.value
-    assert error.kind == "timeout"
-    assert error.stage == "hop_handshake"
-    assert error.hop_fault and error.source_fault
+    assert error.kind == "proxy_timeout"
+    assert error.stage == "proxy_handshake"
+    assert error.party is Party.SOURCE
     assert isinstance(error.__cause__, trio.TooSlowError)
-    assert error.reply_code == 6
 
 
 async def test_ipv6_source_ipv4_destination_has_no_address() -> None:
-    with pytest.raises(DialError) as caught:
+    with pytest.raises(EgressFailure) as caught:
         await dial(Source(name="v6", source_address=ip("::1")), "127.0.0.1", 25)
     assert caught.value.kind == "no_address"
 
 
 async def test_name_without_address_of_the_family() -> None:
     trio.socket.set_custom_hostname_resolver(StaticResolver({"v4only.test": ["127.0.0.1"]}))
-    with pytest.raises(DialError) as caught:
+    with pytest.raises(EgressFailure) as caught:
         await dial(Source(name="v6", source_address=ip("::1")), "v4only.test", 25)
     assert caught.value.kind == "no_address"
-    assert caught.value.destination_fault
+    assert caught.value.party is Party.DESTINATION
 
 
 async def test_resolution_failure() -> None:
     trio.socket.set_custom_hostname_resolver(StaticResolver({}))
-    with pytest.raises(DialError) as caught:
+    with pytest.raises(EgressFailure) as caught:
         await dial(Source(name="a"), "nowhere.test", 25)
     assert caught.value.kind == "resolve"
     assert "nowhere.test" in str(caught.value)
 
 
-async def test_hop_closing_during_greeting_is_hop_refused(nursery: trio.Nursery) -> None:
+async def test_proxy_closing_during_greeting_is_proxy_refused(nursery: trio.Nursery) -> None:
     async def close_at_once(stream: trio.SocketStream) -> None:
         await stream.aclose()
 
@@ -494,10 +495,9 @@ async def test_hop_closing_during_greeting_is_hop_refused(nursery: trio.Nursery)
     source = Source(
         name="rude", socks5_proxy_server=Endpoint("127.0.0.1", listeners[0].socket.getsockname()[1])
     )
-    with pytest.raises(DialError) as caught:
+    with pytest.raises(EgressFailure) as caught:
         await dial_within(10, source, "127.0.0.1", 25)
-    assert caught.value.kind == "hop_refused"
-    assert caught.value.socks_reply is None
+    assert caught.value.kind == "proxy_refused"
     assert "greeting" in str(caught.value)
 
 
@@ -513,32 +513,18 @@ async def test_failures_close_their_sockets(nursery: trio.Nursery) -> None:
     closed = free_port()
     before = open_fds()
     for _ in range(20):
-        with pytest.raises(DialError):
+        with pytest.raises(EgressFailure):
             await dial(Source(name="a", source_address=ip("127.0.0.2")), "127.0.0.1", closed)
-        with pytest.raises(DialError):
+        with pytest.raises(EgressFailure):
             await dial(Source(name="b", source_address=ip(UNPLUMBED)), "127.0.0.1", closed)
-        with pytest.raises(DialError):
+        with pytest.raises(EgressFailure):
             await dial(
                 Source(name="c", socks5_proxy_server=Endpoint("127.0.0.1", closed)), "::1", 25
             )
-        with pytest.raises(DialError):
+        with pytest.raises(EgressFailure):
             await dial_within(0.01, slow, "127.0.0.1", 25)
     assert open_fds() == before
     silent.close()
-
-
-def test_only_connect_stage_failures_count_softly_against_the_source() -> None:
-    from egressd.net.dialer import DialError, DialFailure
-    from egressd.net.egress import health_kind
-
-    def error(kind: DialFailure, stage: str) -> DialError:
-        return DialError(kind, "x", source_name="s", stage=stage)  # type: ignore[arg-type]
-
-    assert health_kind(error(DialFailure.TIMEOUT, "connect")) == "connect"
-    assert health_kind(error(DialFailure.TIMEOUT, "resolve")) is None
-    assert health_kind(error(DialFailure.TIMEOUT, "hop_handshake")) == "proxy_unhealthy"
-    assert health_kind(error(DialFailure.UNPLUMBED, "connect")) == "unplumbed"
-    assert health_kind(error(DialFailure.REFUSED, "connect")) is None
 
 
 async def test_deadline_expires_while_the_destination_does_not_answer_the_connect() -> None:
@@ -556,7 +542,7 @@ async def test_deadline_expires_while_the_destination_does_not_answer_the_connec
                 filler.connect(("127.0.0.1", port))
             fillers.append(filler)
         try:
-            with pytest.raises(DialError) as caught:
+            with pytest.raises(EgressFailure) as caught:
                 await dial_within(0.3, Source(name="a"), "127.0.0.1", port)
         finally:
             for filler in fillers:
@@ -564,5 +550,5 @@ async def test_deadline_expires_while_the_destination_does_not_answer_the_connec
     error = caught.value
     assert error.kind == "timeout"
     assert error.stage == "connect"
-    assert error.destination_fault and not error.source_fault
+    assert error.party is Party.DESTINATION
     assert isinstance(error.__cause__, trio.TooSlowError)
