@@ -19,8 +19,11 @@ Three layers, each small:
   the mid-DATA stall), does inbound STARTTLS and AUTH PLAIN/LOGIN, answers what needs no
   remote (EHLO, NOOP, RSET, QUIT, HELP, VRFY), and turns the drain into ``421 4.3.2`` at a
   command boundary outside any transaction.
-* :class:`~egressd.doors.smtp_relay.Relay` does the transactions: pool, source, next hop,
-  the remote session (:mod:`egressd.doors.smtp_remote`) and passing its replies on.
+* :class:`~egressd.relay.core.RelayCore` (sans-IO) makes every relay decision: pool, open
+  or reuse a remote, 452 for another next hop, 421, oversize, abort without the dot; and
+  :class:`~egressd.doors.smtp_relay.Relay` executes its commands (the remote session is
+  :mod:`egressd.doors.smtp_remote`). Every reply egressd makes up is in
+  :mod:`egressd.relay.replies`.
 
 Towards the MTA egressd greets with its own hostname (``[smtp] hostname``, else the top
 level ``hostname``, else the machine's FQDN) and advertises PIPELINING, SIZE, 8BITMIME,
@@ -41,7 +44,7 @@ from typing import NoReturn
 import trio
 
 from egressd.config import Config, Listener
-from egressd.doors.smtp_relay import Relay, pool_for
+from egressd.doors.smtp_relay import Relay
 from egressd.log import get_logger
 from egressd.net.connection import Connection
 from egressd.net.tls import server_context
@@ -75,6 +78,17 @@ from egressd.proto.smtp_server import (
     ServerEvent,
     ServerState,
     SmtpServer,
+)
+from egressd.relay import replies
+from egressd.relay.events import (
+    MtaAuthenticated,
+    MtaBareLineEnding,
+    MtaBody,
+    MtaClosed,
+    MtaCommand,
+    MtaDataDiscarded,
+    MtaEndOfData,
+    MtaTimedOut,
 )
 from egressd.runtime import Runtime, SessionRecord
 
@@ -113,10 +127,6 @@ def mta_extensions(config: Config) -> tuple[str, ...]:
     return tuple(extensions)
 
 
-def _local(code: int, enhanced: str, text: str) -> Reply:
-    return Reply.make(code, text, enhanced=enhanced)
-
-
 class SmtpDoor:
     """The ``smtp`` front door (see the module doc).
 
@@ -141,7 +151,7 @@ class SmtpDoor:
 
     async def refuse(self, stream: Connection, reason: str) -> None:
         hostname = await trio.to_thread.run_sync(_fqdn)
-        reply = _local(421, "4.3.2", f"{hostname} {reason}; try again later")
+        reply = replies.refused_at_capacity(hostname, reason)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await stream.send_all(reply.to_bytes())
 
@@ -170,7 +180,6 @@ class MtaSession:
         self.hostname = ""
         self.server = SmtpServer(extensions=mta_extensions(self.config))
         self.relay: Relay | None = None
-        self.auth_user: str | None = None
         self.outbox = bytearray()
         self.idle_scope: trio.CancelScope | None = None
 
@@ -180,13 +189,13 @@ class MtaSession:
         self.hostname = self.config.smtp.hostname or self.config.hostname or ""
         if not self.hostname:
             self.hostname = await trio.to_thread.run_sync(_fqdn)
-        self.relay = Relay(self.runtime, self.record, self.hostname)
+        self.relay = Relay(self.runtime, self.record, self.hostname, self.listener.pool, self.reply)
         clean = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_drain)
                 try:
-                    self.reply(_local(220, "2.0.0", f"{self.hostname} ESMTP egressd"))
+                    self.reply(replies.greeting(self.hostname))
                     await self._converse()
                     clean = True
                 except _SessionOver:
@@ -201,7 +210,7 @@ class MtaSession:
         while self.server.state is not ServerState.CLOSED:
             event = await self.next_event()
             if self._drain_now(event):
-                self.reply(_local(421, "4.3.2", f"{self.hostname} shutting down; try again later"))
+                self.reply(replies.draining(self.hostname))
                 self.record.outcome = "drained"
                 break
             await self.dispatch(event)
@@ -211,7 +220,7 @@ class MtaSession:
         relay = self.relay
         return (
             self.runtime.draining
-            and (relay is None or relay.tx is None)
+            and (relay is None or not relay.in_transaction)
             and not isinstance(event, (Quit, ConnectionClosed, ProtocolViolation))
         )
 
@@ -225,25 +234,17 @@ class MtaSession:
             await self._peer_gone(event)
         elif isinstance(event, (Ehlo, Helo)):
             await self._hello(event)
-        elif isinstance(event, Mail):
-            self._mail(event)
-        elif isinstance(event, Rcpt):
+        elif isinstance(event, (Mail, Rcpt, Rset, Quit)):
             assert self.relay is not None
-            self.reply(await self.relay.recipient(event))
+            await self.relay.feed(MtaCommand(event))
         elif isinstance(event, Data):
-            await self._data()
-        elif isinstance(event, Rset):
-            await self._end_transaction("reset")
-            self.reply(_local(250, "2.0.0", "Reset state"))
-        elif isinstance(event, Quit):
-            await self._end_transaction("quit")
-            self.reply(_local(221, "2.0.0", f"{self.hostname} closing connection"))
+            await self._data(event)
         elif isinstance(event, Noop):
-            self.reply(_local(250, "2.0.0", "OK"))
+            self.reply(replies.local(250, "2.0.0", "OK"))
         elif isinstance(event, Vrfy):
-            self.reply(_local(252, "2.5.0", "Cannot VRFY; send the message and see"))
+            self.reply(replies.local(252, "2.5.0", "Cannot VRFY; send the message and see"))
         elif isinstance(event, Help):
-            self.reply(_local(214, "2.0.0", "egressd relays mail; see RFC 5321"))
+            self.reply(replies.local(214, "2.0.0", "egressd relays mail; see RFC 5321"))
         elif isinstance(event, StartTls):
             await self._starttls()
         elif isinstance(event, AuthChallenge):
@@ -294,7 +295,7 @@ class MtaSession:
         """
         in_data = self.server.state in (ServerState.DATA, ServerState.DISCARD)
         seconds = self.door.data_timeout if in_data else self.door.command_timeout
-        idle = not in_data and (self.relay is None or self.relay.tx is None)
+        idle = not in_data and (self.relay is None or not self.relay.in_transaction)
         data: bytes | bytearray | None = None
         try:
             with trio.move_on_after(seconds) as scope:
@@ -319,7 +320,7 @@ class MtaSession:
         self.server.receive_data(bytes(data))
 
     async def _drained(self) -> NoReturn:
-        self.reply(_local(421, "4.3.2", f"{self.hostname} shutting down; try again later"))
+        self.reply(replies.draining(self.hostname))
         self.record.outcome = "drained"
         await self.flush()
         raise _SessionOver("drained")
@@ -327,10 +328,9 @@ class MtaSession:
     async def _timed_out(self, in_data: bool, seconds: float) -> NoReturn:
         what = "the message body" if in_data else "a command"
         if in_data and self.relay is not None:
-            await self.relay.abort_body(f"the MTA sent no data for {seconds:g}s")
-            self.relay.finish("mta timeout mid-DATA")
+            await self.relay.feed(MtaTimedOut(seconds))
         if self.server.state not in (ServerState.CLOSED, ServerState.ERROR):
-            self.reply(_local(421, "4.4.2", f"{self.hostname} timeout waiting for {what}"))
+            self.reply(replies.mta_timeout(self.hostname, in_data))
             with trio.move_on_after(5):
                 await self.flush()
         self._over("timeout", f"no {what} from the MTA within {seconds:g}s")
@@ -352,38 +352,19 @@ class MtaSession:
     # ----------------------------------------------------------------------- commands
 
     async def _hello(self, event: Ehlo | Helo) -> None:
-        await self._end_transaction("reset")
+        assert self.relay is not None
+        await self.relay.feed(MtaCommand(event))  # ends any transaction
         if isinstance(event, Ehlo):
             self.reply(self.server.ehlo_reply(self.hostname, "egressd"))
         else:
-            self.reply(_local(250, "2.0.0", self.hostname))
+            self.reply(replies.local(250, "2.0.0", self.hostname))
 
-    def _mail(self, mail: Mail) -> None:
-        pool, why = pool_for(
-            mail.address, self.auth_user, self.config.smtp.sender_pools, self.listener.pool
-        )
-        if pool is None:
-            self.reply(
-                _local(
-                    451,
-                    "4.3.5",
-                    f"no pool for sender <{mail.address}>: not authenticated, no"
-                    " [smtp.sender_pools] entry, and the listener has no pool",
-                )
-            )
-            return
-        assert self.relay is not None
-        self.relay.begin(mail, pool)
-        self.reply(_local(250, "2.1.0", f"Sender OK (pool {pool} by {why})"))
-
-    async def _data(self) -> None:
+    async def _data(self, event: Data) -> None:
         relay = self.relay
         assert relay is not None
-        reply = await relay.data()
-        self.reply(reply)
-        if reply.code != 354:
-            return
-        await self._relay_body(relay)
+        await relay.feed(MtaCommand(event))
+        if self.server.state is ServerState.DATA:  # the remote's 354 was passed on
+            await self._relay_body(relay)
 
     async def _relay_body(self, relay: Relay) -> None:
         """Stream the body to the remote: each read's worth of chunks in one write, and the
@@ -393,34 +374,26 @@ class MtaSession:
             event = self.server.next_event()
             if event is NEED_DATA:
                 if chunks:
-                    await relay.body(chunks)
+                    await relay.feed(MtaBody(tuple(chunks)))
                     chunks = []
                 await self._feed()
                 continue
             if isinstance(event, DataChunk):
                 chunks.append(event)
             elif isinstance(event, EndOfData):
-                self.reply(await relay.end_of_data(chunks))
+                await relay.feed(MtaEndOfData(tuple(chunks)))
                 return
             elif isinstance(event, BareLineEnding):
                 chunks = []
-                await relay.abort_body("bare CR or LF in the message body")
+                await relay.feed(MtaBareLineEnding())
             elif isinstance(event, DataDiscarded):
-                self.reply(event.reply)
-                if relay.tx is not None:
-                    relay.tx.final_reply = event.reply
-                relay.finish("refused: bare CR or LF")
+                await relay.feed(MtaDataDiscarded(event.reply))
                 return
             elif isinstance(event, (ConnectionClosed, ProtocolViolation)):
-                await relay.abort_body("the MTA disconnected in the middle of DATA")
-                relay.finish("mta disconnected mid-DATA")
+                await relay.feed(MtaClosed())
                 await self._peer_gone(event)
             else:
                 raise AssertionError(f"unexpected event in DATA: {event!r}")
-
-    async def _end_transaction(self, outcome: str) -> None:
-        if self.relay is not None:
-            await self.relay.reset(outcome)
 
     async def _starttls(self) -> None:
         tls = self.config.smtp.tls
@@ -429,9 +402,9 @@ class MtaSession:
             context = server_context(tls.certificate, tls.private_key)
         except (OSError, ssl.SSLError) as exc:
             log.error("cannot load the STARTTLS certificate: %s", exc)
-            self.reply(_local(454, "4.7.0", "TLS not available"))
+            self.reply(replies.local(454, "4.7.0", "TLS not available"))
             return
-        self.reply(_local(220, "2.0.0", "Ready to start TLS"))
+        self.reply(replies.local(220, "2.0.0", "Ready to start TLS"))
         await self.flush()
         try:
             self.server.start_tls()
@@ -444,7 +417,7 @@ class MtaSession:
         except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
             self._over("tls failed", f"STARTTLS handshake with the MTA failed: {exc}")
         self.stream = ssl_stream
-        self.auth_user = None
+        self._authenticated(None)
 
     def _auth(self, credentials: AuthCredentials) -> None:
         users = self.config.auth
@@ -456,8 +429,15 @@ class MtaSession:
         else:
             ok = credentials.username in self.config.pools
         if not ok:
-            self.reply(_local(535, "5.7.8", "Authentication credentials invalid"))
+            self.reply(replies.local(535, "5.7.8", "Authentication credentials invalid"))
             return
-        self.auth_user = credentials.username
+        self._authenticated(credentials.username)
         self.record.pool = credentials.username
-        self.reply(_local(235, "2.7.0", f"Authentication succeeded (pool {credentials.username})"))
+        self.reply(
+            replies.local(235, "2.7.0", f"Authentication succeeded (pool {credentials.username})")
+        )
+
+    def _authenticated(self, user: str | None) -> None:
+        assert self.relay is not None
+        commands = self.relay.core.handle(MtaAuthenticated(user))
+        assert not commands, commands

@@ -25,11 +25,13 @@ With ``verify = true`` the certificate must chain to the system trust store and 
 MX name (SNI is the MX name either way); a failure is never downgraded to plaintext.
 
 The sans-IO :class:`~egressd.proto.smtp_client.SmtpClient` does the protocol; this module
-only moves bytes and applies the ``[smtp.timeouts]`` (each below Postfix's own client
-timeouts, so the MTA always hears from egressd first). Every failure is a
-:class:`RemoteError` carrying the 4xx reply the MTA should get, which names the source,
-the address and the error. A reply from the remote, whatever its code (a 421 included),
-is returned as a :class:`~egressd.proto.smtp_common.Reply` for the relay to pass on.
+only moves bytes. :class:`RemoteSession` has no deadlines of its own: :func:`converse`
+puts the ``[smtp.timeouts]`` entry that fits (each below Postfix's own client timeouts, so
+the MTA always hears from egressd first) around an exchange with ``trio.fail_after`` and
+returns the outcome as the relay core's event (:class:`~egressd.relay.events.RemoteReplied`,
+:class:`~egressd.relay.events.RemoteTimedOut` or :class:`~egressd.relay.events.RemoteLost`).
+A failure while opening is a :class:`RemoteError` carrying the 4xx reply the MTA should get
+(built in :mod:`egressd.relay.replies`), which names the source, the address and the error.
 """
 
 from __future__ import annotations
@@ -54,9 +56,7 @@ from egressd.proto.smtp_client import ClientCommand, SmtpClient
 from egressd.proto.smtp_common import (
     NEED_DATA,
     ConnectionClosed,
-    DataChunk,
     Ehlo,
-    EndOfData,
     Helo,
     ProtocolViolation,
     Quit,
@@ -64,27 +64,32 @@ from egressd.proto.smtp_common import (
     Reply,
     StartTls,
 )
+from egressd.relay import replies
+from egressd.relay.events import Remote, RemoteLost, RemoteReplied, RemoteTimedOut
 from egressd.runtime import Runtime
 
-__all__ = ["RemoteError", "RemoteSession", "open_remote", "temporary"]
+__all__ = ["RemoteBroken", "RemoteError", "RemoteSession", "converse", "open_remote"]
 
 _RECEIVE_SIZE = 65536
 _QUIT_WAIT = 2.0
 
 
-def temporary(enhanced: str, text: str, code: int = 451) -> Reply:
-    """A reply egressd itself gives the MTA (``451 4.x.y text``)."""
-    return Reply.make(code, text.replace("\r", " ").replace("\n", " "), enhanced=enhanced)
-
-
 class RemoteError(Exception):
-    """The remote conversation failed; ``reply`` is the 4xx for the MTA, naming the source,
-    the address and the error; ``detail`` names the address and the error only."""
+    """Opening the remote failed; ``reply`` is the 4xx for the MTA, naming the source, the
+    address and the error; ``detail`` names the address and the error only."""
 
     def __init__(self, reply: Reply, detail: str = "") -> None:
         super().__init__(reply.text)
         self.reply = reply
         self.detail = detail or reply.text
+
+
+class RemoteBroken(Exception):
+    """The connection broke (see :class:`~egressd.relay.events.RemoteLost`)."""
+
+    def __init__(self, lost: RemoteLost) -> None:
+        super().__init__(lost.detail or lost.how)
+        self.lost = lost
 
 
 class _TlsFailed(Exception):
@@ -93,7 +98,10 @@ class _TlsFailed(Exception):
 
 @dataclass
 class RemoteSession:
-    """An open SMTP connection to one address of a next hop, from one source."""
+    """An open SMTP connection to one address of a next hop, from one source.
+
+    It has no deadlines of its own: callers put ``trio.fail_after`` around each exchange.
+    """
 
     dialed: Dialed
     mx_name: str
@@ -103,7 +111,8 @@ class RemoteSession:
     stream: trio.abc.Stream
     client: SmtpClient = field(default_factory=SmtpClient)
     tls_version: str | None = None
-    alive: bool = True
+    #: True while the last exchange was still writing (for the timeout's wording).
+    sending: bool = False
     _exit: AsyncExitStack = field(default_factory=AsyncExitStack)
 
     @property
@@ -133,113 +142,92 @@ class RemoteSession:
         """The address and the next hop's port (before a source's ``remote_port``)."""
         return self.address[0], self.mx_port
 
-    def failure(self, enhanced: str, what: str) -> RemoteError:
-        return RemoteError(
-            temporary(enhanced, f"{self.describe()}: {what}"), f"{self.remote_text}: {what}"
+    def view(self) -> Remote:
+        """What the relay core knows of this connection."""
+        return Remote(
+            source=self.source,
+            next_hop=self.hop,
+            hop_address=self.hop_address,
+            remote_text=self.remote_text,
+            describe=self.describe(),
+            mx_name=self.mx_name,
+            local_address=self.local_address,
+            tls_version=self.tls_version,
+            extensions=dict(self.client.extensions),
         )
+
+    def failure(self, enhanced: str, what: str) -> RemoteError:
+        reply = replies.remote_failure(self.describe(), what, enhanced)
+        return RemoteError(reply, f"{self.remote_text}: {what}")
 
     # ----------------------------------------------------------------------- I/O
 
-    async def command(self, command: ClientCommand, seconds: float, what: str = "") -> Reply:
-        """Send ``command`` and return the remote's reply (any code), all within ``seconds``."""
-        label = what or type(command).__name__.upper()
-        return await self.exchange(self.client.send(command), seconds, label)
-
-    async def reply(self, seconds: float, what: str) -> Reply:
-        """The next reply (the banner, say), within ``seconds``."""
-        return await self.exchange(b"", seconds, what)
-
-    async def pipeline(
-        self, commands: list[ClientCommand], seconds: float, what: str
-    ) -> list[Reply]:
-        """Send ``commands`` in one write (RFC 2920) and return their replies, in order.
-
-        A 421 ends the session: it stands for the replies that will never come.
-        """
-        data = b"".join([self.client.send(command) for command in commands])
-        return await self.exchange_many(data, len(commands), seconds, what)
-
-    async def exchange(self, data: bytes, seconds: float, what: str) -> Reply:
-        """Write ``data`` (if any), then read one reply; one deadline covers both."""
-        [reply] = await self.exchange_many(data, 1, seconds, what)
-        return reply
-
-    async def exchange_many(
-        self, data: bytes, count: int, seconds: float, what: str
-    ) -> list[Reply]:
-        """Write ``data`` (if any), then read ``count`` replies; one deadline covers all."""
-        sending = bool(data)
+    async def exchange(self, data: bytes, count: int) -> list[Reply]:
+        """Write ``data`` (if any), then read ``count`` replies, or fewer when one is a 421
+        (the session is over). Raises :class:`RemoteBroken`."""
+        self.sending = bool(data)
         try:
-            with trio.fail_after(seconds):
-                if data:
-                    await self.stream.send_all(data)
-                sending = False
-                replies: list[Reply] = []
-                while len(replies) < count:
-                    reply = await self._read_reply(what)
-                    if reply.code == 421:
-                        return replies + [reply] * (count - len(replies))
-                    replies.append(reply)
-                return replies
-        except trio.TooSlowError:
-            if sending:
-                raise self._lost(f"timed out after {seconds:g}s sending {what}") from None
-            raise self._lost(f"no reply to {what} within {seconds:g}s") from None
+            if data:
+                await self.stream.send_all(data)
+            self.sending = False
+            got: list[Reply] = []
+            while len(got) < count:
+                reply = await self._read_reply()
+                got.append(reply)
+                if reply.code == 421:
+                    break
+            return got
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            doing = "sending" if sending else "waiting for the reply to"
-            raise self._lost(f"connection lost {doing} {what}: {_error_text(exc)}") from exc
+            raise RemoteBroken(RemoteLost("error", self.sending, _error_text(exc))) from exc
 
-    async def _read_reply(self, what: str) -> Reply:
+    async def _read_reply(self) -> Reply:
         while True:
             event = self.client.next_event()
             if isinstance(event, Reply):
-                if event.code == 421:
-                    self.alive = False
                 return event
             if isinstance(event, ConnectionClosed):
-                raise self._lost(f"connection closed by the remote in reply to {what}")
+                raise RemoteBroken(RemoteLost("closed"))
             if isinstance(event, ProtocolViolation):
-                raise self._lost(f"protocol violation in reply to {what}: {event.description}")
+                raise RemoteBroken(RemoteLost("violation", detail=event.description))
             assert event is NEED_DATA
             self.client.receive_data(bytes(await self.stream.receive_some(_RECEIVE_SIZE)))
 
-    def _lost(self, what: str) -> RemoteError:
-        self.alive = False
-        return self.failure("4.4.2", what)
-
-    async def send_body(self, chunks: list[DataChunk]) -> None:
-        """Write pieces of the body in one write, within ``data_block``."""
-        data = b"".join([self.client.send(chunk) for chunk in chunks])
-        seconds = self.timeouts.data_block
-        try:
-            with trio.fail_after(seconds):
-                await self.stream.send_all(data)
-        except trio.TooSlowError:
-            raise self._lost(f"timed out after {seconds:g}s sending the message body") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise self._lost(
-                f"connection lost sending the message body: {_error_text(exc)}"
-            ) from exc
-
-    async def end_body(self, chunks: list[DataChunk]) -> Reply:
-        """Write the last pieces of the body and the final dot in one write; wait for the
-        reply to it (``final_dot`` covers both: the pieces are at most one read's worth)."""
-        data = b"".join([self.client.send(chunk) for chunk in chunks])
-        data += self.client.send(EndOfData())
-        return await self.exchange(data, self.timeouts.final_dot, "end of data")
-
     async def quit(self) -> None:
         """QUIT politely (waiting briefly for the 221), then close."""
-        if self.alive and self.client.awaiting_replies == 0:
-            with contextlib.suppress(RemoteError, Exception), trio.move_on_after(_QUIT_WAIT):
-                await self.command(Quit(), _QUIT_WAIT)
+        if self.client.awaiting_replies == 0:
+            with contextlib.suppress(Exception), trio.move_on_after(_QUIT_WAIT):
+                await self.exchange(self.client.send(Quit()), 1)
         await self.abort()
 
     async def abort(self) -> None:
         """Close at once: in the middle of DATA the remote never sees the final dot."""
-        self.alive = False
         await trio.aclose_forcefully(self.stream)
         await self._exit.aclose()
+
+
+async def converse(
+    session: RemoteSession, data: bytes, count: int, seconds: float
+) -> RemoteReplied | RemoteTimedOut | RemoteLost:
+    """:meth:`RemoteSession.exchange` within ``seconds``, its outcome as the core's event."""
+    try:
+        with trio.fail_after(seconds):
+            return RemoteReplied(tuple(await session.exchange(data, count)))
+    except trio.TooSlowError:
+        return RemoteTimedOut(seconds, session.sending)
+    except RemoteBroken as exc:
+        return exc.lost
+
+
+async def _command(
+    session: RemoteSession, command: ClientCommand | None, seconds: float, what: str
+) -> Reply:
+    """One command of the opening conversation (``b""``: the banner); failures raise
+    :class:`RemoteError` with the 4xx naming the source, the address and the error."""
+    data = b"" if command is None else session.client.send(command)
+    outcome = await converse(session, data, 1, seconds)
+    if isinstance(outcome, RemoteReplied):
+        return outcome.replies[0]
+    raise session.failure("4.4.2", replies.remote_failure_detail(what, outcome))
 
 
 # --------------------------------------------------------------------------- opening
@@ -283,13 +271,8 @@ async def open_remote(
                 return session
     who = _source_text(source, source.egress_address)
     if not attempt.failures:
-        raise RemoteError(temporary("4.4.4", f"no usable address for {hop.domain}"))
-    raise RemoteError(
-        temporary(
-            "4.4.1",
-            f"{who}: no mail server of {hop.domain} could be used: " + "; ".join(attempt.failures),
-        )
-    )
+        raise RemoteError(replies.no_usable_address(hop.domain))
+    raise RemoteError(replies.no_mail_server(who, hop.domain, attempt.failures))
 
 
 async def _try_address(attempt: _Attempt, host: MxHost, address: IPAddress) -> RemoteSession | None:
@@ -347,7 +330,7 @@ async def _dial(attempt: _Attempt, host: MxHost, address: IPAddress) -> RemoteSe
 async def _greet(attempt: _Attempt, session: RemoteSession, *, use_tls: bool) -> None:
     """Banner, EHLO, STARTTLS (per policy), EHLO again. Raises RemoteError or _TlsFailed."""
     timeouts = session.timeouts
-    banner = await session.reply(timeouts.banner, "the connection (banner)")
+    banner = await _command(session, None, timeouts.banner, "the connection (banner)")
     if banner.code != 220:
         raise session.failure("4.4.0", f"greeting was {_first_line(banner)}")
     await _hello(attempt, session)
@@ -358,7 +341,7 @@ async def _greet(attempt: _Attempt, session: RemoteSession, *, use_tls: bool) ->
         if tls.mode == "required" or tls.verify:
             raise session.failure("4.7.10", "does not offer STARTTLS, which is required")
         return
-    reply = await session.command(StartTls(), timeouts.command)
+    reply = await _command(session, StartTls(), timeouts.command, "STARTTLS")
     if reply.code != 220:
         if tls.mode == "required" or tls.verify:
             raise session.failure("4.7.10", f"refused STARTTLS: {_first_line(reply)}")
@@ -368,11 +351,11 @@ async def _greet(attempt: _Attempt, session: RemoteSession, *, use_tls: bool) ->
 
 
 async def _hello(attempt: _Attempt, session: RemoteSession) -> None:
-    reply = await session.command(Ehlo(attempt.ehlo_name), session.timeouts.command, "EHLO")
+    reply = await _command(session, Ehlo(attempt.ehlo_name), session.timeouts.command, "EHLO")
     if reply.is_success:
         return
     if reply.is_permanent and reply.code != 421:
-        reply = await session.command(Helo(attempt.ehlo_name), session.timeouts.command, "HELO")
+        reply = await _command(session, Helo(attempt.ehlo_name), session.timeouts.command, "HELO")
         if reply.is_success:
             return
     raise session.failure("4.4.0", f"refused EHLO {attempt.ehlo_name}: {_first_line(reply)}")

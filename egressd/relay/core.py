@@ -1,0 +1,585 @@
+"""The SMTP relay core: every decision of the cut-through relay, without I/O.
+
+Theory of operation
+-------------------
+:class:`RelayCore` sits between the machine facing the MTA
+(:class:`~egressd.proto.smtp_server.SmtpServer`) and the one facing the remote
+(:class:`~egressd.proto.smtp_client.SmtpClient`), in mitmproxy's proxy-core manner: the shell
+feeds it events (:mod:`egressd.relay.events`) with :meth:`RelayCore.handle`, which returns
+the commands to execute, in order. A command that waits for a result (open a remote,
+resolve a next hop, send to the remote) is always the last of a batch; its result is the
+next event. Inside, each MTA command is handled by a generator that ``yield``\\ s commands
+and receives results, so the logic reads top to bottom like the conversation it drives.
+
+It never queues and never says 250 for the remote: every answer about a recipient or the
+message is the remote server's own reply, or one of egressd's (:mod:`egressd.relay.replies`).
+
+* MAIL: the transaction's pool is chosen (:func:`pool_for`: the AUTH username, then
+  ``[smtp.sender_pools]`` by exact sender, then by ``@domain``, then the listener's pool).
+  egressd answers MAIL itself (250 when there is a pool, ``451 4.3.5`` when there is none):
+  where the message goes is not known before the first recipient.
+* First RCPT: a remote is opened for the recipient's domain through the pool
+  (:class:`~egressd.relay.events.OpenRemote`), or the kept one is reused (below); then
+  ``MAIL FROM`` and the RCPT go out, in one write when the remote pipelines (RFC 2920). If
+  the remote refuses MAIL, this and every later RCPT of the transaction get that refusal.
+* Later RCPTs ride the same transaction when their domain has the same next hop
+  (``NextHop.same_destination``); others get ``452 4.5.3``, so the MTA sends them in
+  another transaction.
+* DATA: the remote's reply to DATA is the MTA's reply; after the remote's 354 the body
+  goes on piece by piece, and the remote's reply to the final dot is the MTA's reply. A
+  body that does not end cleanly (the MTA drops or stalls, a bare CR/LF, more than the
+  advertised SIZE) makes the core close the remote without the final dot: nothing is
+  delivered.
+* A 421 from the remote ends that connection; it is passed on, and an MTA told 421 is
+  closed by its own machine. Any later command of the transaction gets the same 421.
+* Between transactions the remote connection is kept (after RSET when needed) and reused
+  when the next transaction's pool holds its source (in rotation, not suspended, same
+  configuration) and its destination is the same; otherwise it gets QUIT. A kept
+  connection that turns out to be dead is replaced, once, by a fresh one.
+
+Each transaction ends in one :class:`~egressd.relay.events.TransactionEnded` with the
+fields of its log line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from egressd.config import Source
+from egressd.proto.smtp_client import ClientCommand, mail_incompatibility
+from egressd.proto.smtp_common import Data, DataChunk, Ehlo, Helo, Mail, Quit, Rcpt, Reply, Rset
+from egressd.proto.smtp_common import EndOfData as EndOfDataCommand
+from egressd.relay import replies
+from egressd.relay.events import (
+    AWAITING,
+    CloseRemote,
+    Command,
+    EgressView,
+    Event,
+    MtaAuthenticated,
+    MtaBareLineEnding,
+    MtaBody,
+    MtaClosed,
+    MtaCommand,
+    MtaDataDiscarded,
+    MtaEndOfData,
+    MtaTimedOut,
+    NextHopResolved,
+    NextHops,
+    NextHopView,
+    OpenFailed,
+    OpenRemote,
+    Remote,
+    RemoteLost,
+    RemoteOpened,
+    RemoteReplied,
+    RemoteTimedOut,
+    ReplyMta,
+    ResolveNextHop,
+    SendRemote,
+    SessionEnded,
+    TransactionEnded,
+    TransactionStarted,
+)
+
+__all__ = ["RelayCore", "Transaction", "pool_for", "recipient_domain"]
+
+T = TypeVar("T")
+#: A step of the core: yields commands, receives the result of each awaiting one.
+Step = Generator[Command, "Event | None", T]
+
+
+def pool_for(
+    sender: str,
+    auth_user: str | None,
+    sender_pools: Mapping[str, str],
+    listener_pool: str | None,
+) -> tuple[str | None, str]:
+    """The transaction's pool and why: ``auth``, ``sender``, ``sender domain``, ``listener``.
+
+    ``sender_pools`` keys are lower-cased sender addresses or ``@domain``.
+    """
+    if auth_user:
+        return auth_user, "auth"
+    address = sender.lower()
+    if address and address in sender_pools:
+        return sender_pools[address], "sender"
+    domain = address.rpartition("@")[2]
+    if domain and f"@{domain}" in sender_pools:
+        return sender_pools[f"@{domain}"], "sender domain"
+    if listener_pool:
+        return listener_pool, "listener"
+    return None, "none"
+
+
+def recipient_domain(address: str) -> str:
+    """The domain of a recipient (``Postmaster`` alone has none: RFC 5321 4.5.1)."""
+    return address.rpartition("@")[2].lower()
+
+
+class _Refusal(Exception):
+    """A recipient cannot be taken; ``reply`` says why (any code)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.text)
+        self.reply = reply
+
+
+class _RemoteFailed(Exception):
+    """The remote conversation failed; ``reply`` is the 4xx for the MTA."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.text)
+        self.reply = reply
+
+
+@dataclass
+class Transaction:
+    """One MAIL ... final dot, as the relay sees it."""
+
+    mail: Mail
+    pool: str
+    egress: EgressView
+    started: float
+    recipients: list[tuple[str, int]] = field(default_factory=list)
+    next_hops: NextHops = field(default_factory=dict)
+    mail_refusal: Reply | None = None
+    broken: Reply | None = None
+    body_failure: Reply | None = None
+    remote_open: bool = False
+    in_body: bool = False
+    size: int = 0
+    final_reply: Reply | None = None
+
+
+class RelayCore:
+    """The relay decisions of one MTA session; see the module doc.
+
+    ``egress`` returns the current configuration generation (read at each MAIL);
+    ``clock`` gives the transactions' durations.
+    """
+
+    def __init__(
+        self,
+        hostname: str,
+        listener_pool: str | None,
+        egress: Callable[[], EgressView],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.hostname = hostname
+        self.listener_pool = listener_pool
+        self.egress = egress
+        self.clock = clock
+        self.auth_user: str | None = None
+        self.tx: Transaction | None = None
+        self.remote: Remote | None = None
+        self.remote_alive = False
+        #: The last remote opened in this session (the log line's fallback).
+        self.last_remote: Remote | None = None
+        self._step: Step[None] | None = None
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.tx is not None
+
+    @property
+    def waiting(self) -> bool:
+        """A command's result is awaited: the next event must be that result."""
+        return self._step is not None
+
+    # ----------------------------------------------------------------------- driving
+
+    def handle(self, event: Event) -> list[Command]:
+        """Feed one event; return the commands to execute, in order."""
+        if self._step is not None:
+            step, self._step = self._step, None
+            return self._run(step, event)
+        return self._run(self._start(event), None)
+
+    def _run(self, step: Step[None], value: Event | None) -> list[Command]:
+        commands: list[Command] = []
+        while True:
+            try:
+                command = step.send(value)
+            except StopIteration:
+                return commands
+            commands.append(command)
+            if isinstance(command, AWAITING):
+                self._step = step
+                return commands
+            value = None
+
+    def _start(self, event: Event) -> Step[None]:
+        if isinstance(event, MtaCommand):
+            return self._command(event.command)
+        if isinstance(event, MtaAuthenticated):
+            self.auth_user = event.user
+            return _nothing()
+        if isinstance(event, MtaBody):
+            return self._body(event.chunks)
+        if isinstance(event, MtaEndOfData):
+            return self._end_of_data(event.chunks)
+        if isinstance(event, MtaBareLineEnding):
+            return self._abort_body("bare CR or LF in the message body")
+        if isinstance(event, MtaDataDiscarded):
+            return self._discarded(event.reply)
+        if isinstance(event, MtaClosed):
+            return self._mta_gone(
+                "the MTA disconnected in the middle of DATA", "mta disconnected mid-DATA"
+            )
+        if isinstance(event, MtaTimedOut):
+            return self._mta_gone(
+                f"the MTA sent no data for {event.seconds:g}s", "mta timeout mid-DATA"
+            )
+        if isinstance(event, SessionEnded):
+            return self._close(clean=event.clean)
+        raise AssertionError(f"{event!r} arrived while no command awaited a result")
+
+    def _command(self, command: Mail | Rcpt | Data | Rset | Quit | Ehlo | Helo) -> Step[None]:
+        if isinstance(command, Mail):
+            yield from self._mail(command)
+        elif isinstance(command, Rcpt):
+            yield from self._recipient(command)
+        elif isinstance(command, Data):
+            yield from self._data()
+        elif isinstance(command, Rset):
+            yield from self._reset("reset")
+            yield ReplyMta(replies.reset())
+        elif isinstance(command, Quit):
+            yield from self._reset("quit")
+            yield ReplyMta(replies.closing(self.hostname))
+        else:  # EHLO and HELO end any transaction; the shell answers them
+            yield from self._reset("reset")
+
+    # ----------------------------------------------------------------------- MAIL
+
+    def _mail(self, mail: Mail) -> Step[None]:
+        egress = self.egress()
+        pool, why = pool_for(
+            mail.address, self.auth_user, egress.config.smtp.sender_pools, self.listener_pool
+        )
+        if pool is None:
+            yield ReplyMta(replies.no_pool(mail.address))
+            return
+        self.tx = Transaction(mail=mail, pool=pool, egress=egress, started=self.clock())
+        yield TransactionStarted(pool)
+        yield ReplyMta(replies.local(250, "2.1.0", f"Sender OK (pool {pool} by {why})"))
+
+    # ----------------------------------------------------------------------- RCPT
+
+    def _recipient(self, rcpt: Rcpt) -> Step[None]:
+        """The reply for one RCPT: the remote's, or egressd's refusal."""
+        tx = self.tx
+        assert tx is not None, "RCPT outside a transaction"
+        try:
+            reply = yield from self._take_recipient(tx, rcpt)
+        except _Refusal as refusal:
+            reply = refusal.reply
+        tx.recipients.append((rcpt.address, reply.code))
+        yield ReplyMta(reply)
+
+    def _take_recipient(self, tx: Transaction, rcpt: Rcpt) -> Step[Reply]:
+        if tx.mail_refusal is not None:
+            return tx.mail_refusal
+        if tx.broken is not None:
+            return tx.broken
+        domain = recipient_domain(rcpt.address)
+        remote = self.remote
+        if tx.remote_open and remote is not None:
+            next_hop = yield from self._next_hop(tx, domain, remote.source.egress_version)
+            if not remote.next_hop.same_destination(next_hop, remote.hop_address):
+                return replies.another_next_hop(domain, remote.next_hop.domain, remote.remote_text)
+            return (yield from self._remote_rcpt(tx, rcpt))
+        return (yield from self._begin_remote(tx, domain, rcpt))
+
+    def _begin_remote(self, tx: Transaction, domain: str, rcpt: Rcpt) -> Step[Reply]:
+        """MAIL FROM then the first RCPT at the remote (in one write when it pipelines).
+
+        A kept connection that turns out to be dead (the remote timed it out while the MTA
+        was idle) is replaced by a fresh one, once: nothing was committed on it.
+        """
+        for _ in range(2):
+            remote, fresh = yield from self._remote_for(tx, domain)
+            refusal = mail_incompatibility(tx.mail, remote.extensions)
+            if refusal is not None:
+                tx.mail_refusal = refusal
+                return refusal
+            together = remote.pipelining and (rcpt.address.isascii() or remote.supports("SMTPUTF8"))
+            try:
+                if together:
+                    mail_reply, rcpt_reply = yield from self._exchange(
+                        (tx.mail, rcpt), "MAIL FROM and RCPT TO"
+                    )
+                else:
+                    [mail_reply] = yield from self._exchange((tx.mail,), "MAIL FROM")
+            except _RemoteFailed as exc:
+                yield from self._drop_remote()
+                if fresh:
+                    raise _Refusal(exc.reply) from exc
+                continue
+            if mail_reply.code == 421:
+                yield from self._drop_remote()
+                if not fresh:
+                    continue
+            if not mail_reply.is_success:
+                tx.mail_refusal = mail_reply
+                return mail_reply
+            tx.remote_open = True
+            if not together:
+                return (yield from self._remote_rcpt(tx, rcpt))
+            if rcpt_reply.code == 421:
+                tx.broken = rcpt_reply
+                yield from self._drop_remote()
+            return rcpt_reply
+        raise AssertionError("unreachable: a fresh connection ends the loop")
+
+    def _remote_rcpt(self, tx: Transaction, rcpt: Rcpt) -> Step[Reply]:
+        remote = self.remote
+        assert remote is not None
+        if not rcpt.address.isascii() and not remote.supports("SMTPUTF8"):
+            return replies.no_smtputf8()
+        try:
+            [reply] = yield from self._exchange((rcpt,), "RCPT TO")
+        except _RemoteFailed as exc:
+            tx.broken = exc.reply
+            yield from self._drop_remote()
+            return exc.reply
+        if reply.code == 421:
+            tx.broken = reply
+            yield from self._drop_remote()
+        return reply
+
+    # ----------------------------------------------------------------------- choosing
+
+    def _remote_for(self, tx: Transaction, domain: str) -> Step[tuple[Remote, bool]]:
+        """The connection for a new remote transaction: the kept one if it fits, else a new
+        one; and whether it is new."""
+        kept = self.remote
+        if kept is not None:
+            if self.remote_alive and self._source_fits(tx, kept.source):
+                next_hop = yield from self._next_hop(tx, domain, kept.source.egress_version)
+                if kept.next_hop.same_destination(next_hop, kept.hop_address):
+                    return kept, False
+            yield from self._drop_remote(polite=True)
+        result = yield OpenRemote(tx.pool, domain, tx.egress, tx.next_hops)
+        if isinstance(result, OpenFailed):
+            raise _Refusal(result.reply)
+        assert isinstance(result, RemoteOpened), result
+        self.remote = self.last_remote = result.remote
+        self.remote_alive = True
+        return result.remote, True
+
+    @staticmethod
+    def _source_fits(tx: Transaction, source: Source) -> bool:
+        """The kept connection's source may serve this transaction's pool right now."""
+        config = tx.egress.config
+        pool = config.pools.get(tx.pool)
+        if pool is None or config.sources.get(source.name) != source:
+            return False
+        in_pool = any(e.source == source.name and e.weight > 0 for e in pool.entries)
+        return in_pool and not tx.egress.health.is_suspended(source.name)
+
+    def _next_hop(self, tx: Transaction, domain: str, version: int | None) -> Step[NextHopView]:
+        key = (domain, version)
+        found = tx.next_hops.get(key)
+        if found is None:
+            result = yield ResolveNextHop(domain, version, tx.egress.config)
+            assert isinstance(result, NextHopResolved), result
+            found = tx.next_hops[key] = result.result
+        if isinstance(found, Reply):
+            raise _Refusal(found)
+        return found
+
+    # ----------------------------------------------------------------------- the remote
+
+    def _exchange(self, commands: tuple[ClientCommand, ...], what: str) -> Step[list[Reply]]:
+        """Send ``commands`` and return the remote's reply to each, in order.
+
+        A 421 ends the connection: it stands for the replies that will never come. A
+        failure raises :class:`_RemoteFailed` with the 4xx for the MTA.
+        """
+        remote = self.remote
+        assert remote is not None
+        send = SendRemote(commands, what)
+        result = yield send
+        if isinstance(result, (RemoteTimedOut, RemoteLost)):
+            self.remote_alive = False
+            detail = replies.remote_failure_detail(what, result)
+            raise _RemoteFailed(replies.remote_failure(remote.describe, detail))
+        assert isinstance(result, RemoteReplied), result
+        got = list(result.replies)
+        if got and got[-1].code == 421:
+            self.remote_alive = False
+            got += [got[-1]] * (send.replies_owed - len(got))
+        assert len(got) == send.replies_owed, (got, send)
+        return got
+
+    def _drop_remote(self, *, polite: bool = False) -> Step[None]:
+        remote, self.remote = self.remote, None
+        if remote is not None:
+            yield CloseRemote(polite=polite and self.remote_alive)
+        self.remote_alive = False
+
+    # ----------------------------------------------------------------------- DATA
+
+    def _data(self) -> Step[None]:
+        """The remote's reply to DATA is the MTA's (354 lets the body flow)."""
+        tx = self.tx
+        assert tx is not None
+        reply = yield from self._data_reply(tx)
+        tx.in_body = reply.code == 354
+        yield ReplyMta(reply)
+
+    def _data_reply(self, tx: Transaction) -> Step[Reply]:
+        if tx.broken is not None:
+            return tx.broken
+        if self.remote is None or not tx.remote_open:
+            return replies.no_remote_transaction()
+        try:
+            [reply] = yield from self._exchange((Data(),), "DATA")
+        except _RemoteFailed as exc:
+            tx.broken = exc.reply
+            yield from self._drop_remote()
+            return exc.reply
+        if reply.code == 421:
+            tx.broken = reply
+            yield from self._drop_remote()
+        if reply.code != 354:
+            tx.final_reply = reply
+        return reply
+
+    def _body(self, chunks: tuple[DataChunk, ...]) -> Step[None]:
+        """Forward pieces of the body; a remote failure is kept for the final reply."""
+        tx = self.tx
+        assert tx is not None
+        tx.size += sum(len(chunk.data) for chunk in chunks)
+        if tx.body_failure is not None or self.remote is None:
+            return
+        if (yield from self._refuse_oversize(tx)):
+            return
+        try:
+            yield from self._exchange(chunks, "the message body")
+        except _RemoteFailed as exc:
+            tx.body_failure = exc.reply
+            yield from self._drop_remote()
+
+    def _refuse_oversize(self, tx: Transaction) -> Step[bool]:
+        """Past the SIZE egressd advertises: cut the remote off before the final dot."""
+        limit = tx.egress.config.smtp.max_message_size
+        if not limit or tx.size <= limit or tx.body_failure is not None:
+            return False
+        tx.body_failure = replies.oversize(limit)
+        tx.remote_open = False
+        yield from self._drop_remote()
+        return True
+
+    def _abort_body(self, why: str) -> Step[None]:
+        """The body will not end cleanly: close the remote without the final dot."""
+        tx = self.tx
+        if tx is not None:
+            tx.body_failure = tx.body_failure or replies.body_aborted(why)
+            tx.remote_open = False
+        yield from self._drop_remote()
+
+    def _end_of_data(self, chunks: tuple[DataChunk, ...]) -> Step[None]:
+        """Send the last pieces and the final dot; the remote's reply is the MTA's reply."""
+        tx = self.tx
+        assert tx is not None
+        tx.size += sum(len(chunk.data) for chunk in chunks)
+        yield from self._refuse_oversize(tx)
+        if tx.body_failure is not None or self.remote is None:
+            reply = tx.body_failure or replies.remote_gone()
+        else:
+            try:
+                [reply] = yield from self._exchange((*chunks, EndOfDataCommand()), "end of data")
+                tx.remote_open = False
+            except _RemoteFailed as exc:
+                reply = exc.reply
+                yield from self._drop_remote()
+            if reply.code == 421:
+                yield from self._drop_remote()
+        tx.final_reply = reply
+        yield from self._finish("delivered" if reply.is_success else "refused")
+        yield ReplyMta(reply)
+
+    def _discarded(self, reply: Reply) -> Step[None]:
+        if self.tx is not None:
+            self.tx.final_reply = reply
+        yield ReplyMta(reply)
+        yield from self._finish("refused: bare CR or LF")
+
+    def _mta_gone(self, why: str, outcome: str) -> Step[None]:
+        """The MTA went away or silent; mid-DATA the remote gets no final dot."""
+        tx = self.tx
+        if tx is None or not tx.in_body:
+            return
+        yield from self._abort_body(why)
+        yield from self._finish(outcome)
+
+    # ----------------------------------------------------------------------- endings
+
+    def _reset(self, outcome: str) -> Step[None]:
+        """End the transaction (RSET, EHLO, QUIT): RSET the remote if needed."""
+        tx = self.tx
+        if tx is None:
+            return
+        remote = self.remote
+        if remote is not None and (tx.remote_open or tx.final_reply is not None):
+            if self.remote_alive:
+                try:
+                    [reply] = yield from self._exchange((Rset(),), "RSET")
+                except _RemoteFailed:
+                    yield from self._drop_remote()
+                else:
+                    if not reply.is_success:
+                        yield from self._drop_remote(polite=reply.code != 421)
+            else:
+                yield from self._drop_remote()
+        tx.remote_open = False
+        yield from self._finish(outcome)
+
+    def _finish(self, outcome: str) -> Step[None]:
+        """The transaction's log line; then it is forgotten."""
+        tx = self.tx
+        if tx is None:
+            return
+        self.tx = None
+        remote = self.remote or self.last_remote
+        final = tx.final_reply
+        fields: dict[str, object] = {
+            "pool": tx.pool,
+            "source": remote.source.name if remote else None,
+            "local_address": remote.local_address if remote else None,
+            "mx": self.remote.mx_name if self.remote else None,
+            "mx_address": remote.remote_text if remote else None,
+            "tls": self.remote.tls_version if self.remote else None,
+            "sender": tx.mail.address or "<>",
+            "recipients": ",".join(f"{a}={c}" for a, c in tx.recipients) or None,
+            "reply": f"{final.code} {final.lines[0]}".strip() if final else None,
+            "size": tx.size,
+            "duration": round(self.clock() - tx.started, 3),
+            "outcome": outcome,
+        }
+        yield TransactionEnded(
+            tx.pool,
+            outcome,
+            final,
+            tx.size,
+            {key: value for key, value in fields.items() if value is not None},
+        )
+
+    def _close(self, *, clean: bool) -> Step[None]:
+        """The MTA session is over: end any transaction, QUIT (or cut) the remote."""
+        if self.tx is not None:
+            if self.tx.remote_open:
+                yield from self._drop_remote()  # mid-transaction: never let it complete
+            yield from self._finish("abandoned")
+        yield from self._drop_remote(polite=clean)
+
+
+def _nothing() -> Step[None]:
+    return
+    yield  # a generator that yields nothing

@@ -1,0 +1,341 @@
+"""The relay core's vocabulary: events in, commands out (mitmproxy's proxy-core shape).
+
+Events tell :class:`~egressd.relay.core.RelayCore` what happened: the MTA sent a command or
+a piece of the body, went away or went silent; a remote connection was opened (or could
+not be); a next hop was resolved; the remote replied, went silent, or broke. Commands tell
+the shell what to do: reply to the MTA, open a remote through the egress, resolve a next
+hop, send to the remote, close the remote, account for a transaction.
+
+Three commands wait for a result, which the shell feeds back as the next event:
+
+======================  =================================================================
+:class:`OpenRemote`     :class:`RemoteOpened` or :class:`OpenFailed`
+:class:`ResolveNextHop` :class:`NextHopResolved`
+:class:`SendRemote`     :class:`RemoteReplied`, :class:`RemoteTimedOut` or
+                        :class:`RemoteLost`
+======================  =================================================================
+
+Every command and event is a small frozen dataclass, so a test reads as a transcript::
+
+    >> MtaCommand(Rcpt("r@good.test"))
+    << OpenRemote(pool="main", domain="good.test")
+    >> RemoteOpened(remote)
+    << SendRemote((Mail(...), Rcpt(...)), "MAIL FROM and RCPT TO")
+    >> RemoteReplied((Reply(250, ...), Reply(250, ...)))
+    << ReplyMta(Reply(250, ...))
+
+Nothing here does I/O or imports trio: the shell (:mod:`egressd.doors.smtp_relay`) executes
+the commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from egressd.config import Config, IPAddress, Source
+from egressd.proto.smtp_client import ClientCommand
+from egressd.proto.smtp_common import Data as DataCommand
+from egressd.proto.smtp_common import (
+    DataChunk,
+    Ehlo,
+    Helo,
+    Mail,
+    Quit,
+    Rcpt,
+    Reply,
+    Rset,
+)
+
+__all__ = [
+    "CloseRemote",
+    "Command",
+    "EgressView",
+    "Event",
+    "MtaAuthenticated",
+    "MtaBareLineEnding",
+    "MtaBody",
+    "MtaClosed",
+    "MtaCommand",
+    "MtaDataDiscarded",
+    "MtaEndOfData",
+    "MtaTimedOut",
+    "NextHopResolved",
+    "NextHopView",
+    "NextHops",
+    "OpenFailed",
+    "OpenRemote",
+    "Remote",
+    "RemoteLost",
+    "RemoteOpened",
+    "RemoteReplied",
+    "RemoteTimedOut",
+    "ReplyMta",
+    "ResolveNextHop",
+    "SendRemote",
+    "SessionEnded",
+    "TransactionEnded",
+    "TransactionStarted",
+]
+
+
+# --------------------------------------------------------------------------- what the core reads
+
+
+class NextHopView(Protocol):
+    """What the core needs of a next hop (:class:`egressd.net.mx.NextHop` is one)."""
+
+    @property
+    def domain(self) -> str: ...
+
+    def same_destination(self, other: Any, connected: tuple[IPAddress, int]) -> bool: ...
+
+
+class HealthView(Protocol):
+    def is_suspended(self, name: str) -> bool: ...
+
+
+class EgressView(Protocol):
+    """One configuration generation and the sources' health (:class:`egressd.net.egress.Egress`
+    is one); a transaction keeps the generation that was current at its MAIL."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def health(self) -> HealthView: ...
+
+
+#: A transaction's next hops by (domain, IP version): each domain is resolved once.
+NextHops = MutableMapping[tuple[str, "int | None"], "NextHopView | Reply"]
+
+
+@dataclass(frozen=True)
+class Remote:
+    """An open SMTP connection to a remote, ready for MAIL, as the core sees it."""
+
+    source: Source
+    next_hop: NextHopView
+    #: The connected address and the next hop's port (before a source's ``remote_port``).
+    hop_address: tuple[IPAddress, int]
+    #: ``mx.example[192.0.2.1]:25``
+    remote_text: str
+    #: ``source "a" (127.0.0.3) to mx.example[192.0.2.1]:25``, for replies
+    describe: str
+    mx_name: str = ""
+    local_address: str = ""
+    tls_version: str | None = None
+    #: What the remote's last EHLO advertised (keyword -> parameters).
+    extensions: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.extensions
+
+    def supports(self, keyword: str) -> bool:
+        return keyword.upper() in self.extensions
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class MtaCommand:
+    """A transaction command from the MTA (EHLO/HELO/RSET/QUIT end a transaction)."""
+
+    command: Mail | Rcpt | DataCommand | Rset | Quit | Ehlo | Helo
+
+
+@dataclass(frozen=True)
+class MtaAuthenticated:
+    """AUTH succeeded (``user`` names a pool), or was undone by STARTTLS (None)."""
+
+    user: str | None
+
+
+@dataclass(frozen=True)
+class MtaBody:
+    """Pieces of the body, as the MTA sent them (dot-stuffed), one read's worth."""
+
+    chunks: tuple[DataChunk, ...]
+
+
+@dataclass(frozen=True)
+class MtaEndOfData:
+    """The last pieces of the body and the final dot."""
+
+    chunks: tuple[DataChunk, ...] = ()
+
+
+@dataclass(frozen=True)
+class MtaBareLineEnding:
+    """A bare CR or LF in the body: it must not end at the remote (SMTP smuggling)."""
+
+
+@dataclass(frozen=True)
+class MtaDataDiscarded:
+    """The refused body ended; ``reply`` (550 5.6.11) is the MTA's answer."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class MtaClosed:
+    """The MTA disconnected (or broke the protocol)."""
+
+
+@dataclass(frozen=True)
+class MtaTimedOut:
+    """The MTA sent nothing for ``seconds``."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    """The MTA session is over; ``clean`` when it ended with QUIT."""
+
+    clean: bool
+
+
+@dataclass(frozen=True)
+class RemoteOpened:
+    remote: Remote
+
+
+@dataclass(frozen=True)
+class OpenFailed:
+    """No remote could be opened; ``reply`` says why (see :mod:`egressd.relay.replies`)."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class NextHopResolved:
+    """The next hop, or the reply for a next hop that cannot be found."""
+
+    result: NextHopView | Reply
+
+
+@dataclass(frozen=True)
+class RemoteReplied:
+    """The remote's replies to a :class:`SendRemote`, in order; fewer when one is a 421
+    (it stands for the replies that will never come)."""
+
+    replies: tuple[Reply, ...] = ()
+
+
+@dataclass(frozen=True)
+class RemoteTimedOut:
+    """No progress within the deadline, while ``sending`` or waiting for a reply."""
+
+    seconds: float
+    sending: bool = False
+
+
+@dataclass(frozen=True)
+class RemoteLost:
+    """The remote connection broke: an OS ``error``, ``closed`` by the remote, or a
+    protocol ``violation``; ``detail`` is the error's text."""
+
+    how: Literal["error", "closed", "violation"]
+    sending: bool = False
+    detail: str = ""
+
+
+Event = (
+    MtaCommand
+    | MtaAuthenticated
+    | MtaBody
+    | MtaEndOfData
+    | MtaBareLineEnding
+    | MtaDataDiscarded
+    | MtaClosed
+    | MtaTimedOut
+    | SessionEnded
+    | RemoteOpened
+    | OpenFailed
+    | NextHopResolved
+    | RemoteReplied
+    | RemoteTimedOut
+    | RemoteLost
+)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class ReplyMta:
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class OpenRemote:
+    """Open a remote for ``domain`` through ``pool``'s next source (retried once on another
+    source when the first fails through its own fault), ready for MAIL. The shell resolves
+    the next hop for the picked source's IP version through ``next_hops`` (and fills it)."""
+
+    pool: str
+    domain: str
+    egress: EgressView | None = field(default=None, compare=False, repr=False)
+    next_hops: NextHops = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ResolveNextHop:
+    domain: str
+    version: int | None
+    config: Config | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class SendRemote:
+    """Write ``commands`` in one write and read a reply to each (none to body pieces);
+    ``what`` names them for a failure reply."""
+
+    commands: tuple[ClientCommand, ...]
+    what: str
+
+    @property
+    def replies_owed(self) -> int:
+        return sum(not isinstance(command, DataChunk) for command in self.commands)
+
+
+@dataclass(frozen=True)
+class CloseRemote:
+    """Close the remote connection: after QUIT when ``polite``, else at once (in the middle
+    of DATA the remote then never sees the final dot)."""
+
+    polite: bool = False
+
+
+@dataclass(frozen=True)
+class TransactionStarted:
+    pool: str
+
+
+@dataclass(frozen=True)
+class TransactionEnded:
+    """A transaction is over: its log line's ``fields``, and its final reply, if any."""
+
+    pool: str
+    outcome: str
+    final: Reply | None
+    size: int
+    fields: Mapping[str, object] = field(compare=False, repr=False, default_factory=dict)
+
+
+Command = (
+    ReplyMta
+    | OpenRemote
+    | ResolveNextHop
+    | SendRemote
+    | CloseRemote
+    | TransactionStarted
+    | TransactionEnded
+)
+
+#: Commands whose result comes back as the next event.
+AWAITING = (OpenRemote, ResolveNextHop, SendRemote)

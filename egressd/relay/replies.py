@@ -1,0 +1,205 @@
+"""Every reply egressd itself gives an MTA on the SMTP door, built in this one module.
+
+Theory of operation
+-------------------
+A cut-through relay passes the remote server's own replies on unchanged; the replies below
+are the ones egressd has to make up: when there is no remote reply to pass on (the remote
+could not be reached, dropped the connection or went silent), when egressd refuses on its
+own account (no pool, another next hop, a message over the advertised SIZE, a body that
+did not end cleanly), and the session replies of the door itself (greeting, RSET, QUIT,
+drain, timeouts).
+
+Rules every failure here follows (RFC 5321 section 4.2.5, RFC 3463):
+
+* a failure that may go away is a 4xx, so the MTA keeps the message and retries; a 5xx is
+  given only where retrying cannot help (the next hop's permanent DNS answers, a message
+  over the advertised SIZE, an address the remote cannot take);
+* the text says what failed and where: the source (name and address), the remote's name
+  and address, and the error, so a deferred message in the MTA's queue explains itself;
+* the text never holds CR or LF (a reply line cannot be split by an error message).
+
+Typed failures from below are mapped here, not where they are raised:
+:class:`~egressd.relay.events.RemoteTimedOut` and :class:`~egressd.relay.events.RemoteLost`
+(the remote connection), the next hop's DNS failures (:func:`next_hop_failure`, from the
+code, enhanced code and text that :mod:`egressd.net.mx` reports), and the open path's
+refusals (pool, source, addresses).
+"""
+
+from __future__ import annotations
+
+from egressd.egress.failures import EgressFailure, Failure
+from egressd.proto.smtp_common import Reply
+from egressd.relay.events import RemoteLost, RemoteTimedOut
+
+__all__ = [
+    "another_next_hop",
+    "body_aborted",
+    "closing",
+    "denied_next_hop",
+    "draining",
+    "egress_failure",
+    "greeting",
+    "local",
+    "mta_timeout",
+    "next_hop_failure",
+    "no_mail_server",
+    "no_pool",
+    "no_remote_transaction",
+    "no_smtputf8",
+    "no_usable_address",
+    "oversize",
+    "refused_at_capacity",
+    "remote_failure",
+    "remote_failure_detail",
+    "remote_gone",
+    "reset",
+    "temporary",
+]
+
+
+def temporary(enhanced: str, text: str, code: int = 451) -> Reply:
+    """A reply egressd itself gives the MTA (``451 4.x.y text``); CR and LF become spaces."""
+    return Reply.make(code, text.replace("\r", " ").replace("\n", " "), enhanced=enhanced)
+
+
+def local(code: int, enhanced: str, text: str) -> Reply:
+    """A session reply of egressd's own (greeting, RSET, QUIT, AUTH, NOOP ...)."""
+    return Reply.make(code, text, enhanced=enhanced)
+
+
+# --------------------------------------------------------------------------- session
+
+
+def greeting(hostname: str) -> Reply:
+    return local(220, "2.0.0", f"{hostname} ESMTP egressd")
+
+
+def reset() -> Reply:
+    return local(250, "2.0.0", "Reset state")
+
+
+def closing(hostname: str) -> Reply:
+    return local(221, "2.0.0", f"{hostname} closing connection")
+
+
+def draining(hostname: str) -> Reply:
+    """The daemon is stopping: said at a command boundary outside any transaction."""
+    return local(421, "4.3.2", f"{hostname} shutting down; try again later")
+
+
+def refused_at_capacity(hostname: str, reason: str) -> Reply:
+    """A connection beyond a ``[limits]`` cap, refused at once."""
+    return local(421, "4.3.2", f"{hostname} {reason}; try again later")
+
+
+def mta_timeout(hostname: str, in_data: bool) -> Reply:
+    what = "the message body" if in_data else "a command"
+    return local(421, "4.4.2", f"{hostname} timeout waiting for {what}")
+
+
+def no_pool(sender: str) -> Reply:
+    return local(
+        451,
+        "4.3.5",
+        f"no pool for sender <{sender}>: not authenticated, no"
+        " [smtp.sender_pools] entry, and the listener has no pool",
+    )
+
+
+# --------------------------------------------------------------------------- recipients
+
+
+def another_next_hop(domain: str, connected_domain: str, remote_text: str) -> Reply:
+    """RCPT for a domain this transaction's remote does not serve: the MTA sends it later."""
+    return Reply.make(
+        452,
+        f"{domain} has another next hop than {connected_domain}"
+        f" ({remote_text}); send it in another transaction",
+        enhanced="4.5.3",
+    )
+
+
+def no_smtputf8() -> Reply:
+    return Reply.make(553, "Remote server does not support SMTPUTF8", enhanced="5.6.7")
+
+
+def next_hop_failure(code: int, enhanced: str, text: str) -> Reply:
+    """The next hop cannot be found (NXDOMAIN 550 5.1.2, null MX 556 5.1.10, DNS 451 4.4.3,
+    no address of the source's family 451 4.4.4 ...): the code comes from the resolver."""
+    return Reply.make(code, text, enhanced=enhanced)
+
+
+# --------------------------------------------------------------------------- opening
+
+
+_NO_SOURCE = frozenset({Failure.UNKNOWN_POOL, Failure.NO_SOURCES, Failure.SOURCE_LIMIT})
+
+
+def egress_failure(pool: str, failure: EgressFailure) -> Reply:
+    """The egress gave no connection: the pool gave no source (unknown pool ``4.3.5``,
+    every source suspended or at its cap ``4.4.5``), or the source's own fault (unplumbed
+    address, proxy down) on every source tried (``4.3.0``)."""
+    if failure.kind in _NO_SOURCE:
+        enhanced = "4.3.5" if failure.kind is Failure.UNKNOWN_POOL else "4.4.5"
+        return temporary(enhanced, f"pool {pool}: {failure}")
+    return temporary("4.3.0", str(failure))
+
+
+def denied_next_hop(domain: str) -> Reply:
+    return temporary(
+        "4.4.4", f"every address of the next hop of {domain} is in access.deny_destinations"
+    )
+
+
+def no_usable_address(domain: str) -> Reply:
+    return temporary("4.4.4", f"no usable address for {domain}")
+
+
+def no_mail_server(source_text: str, domain: str, failures: list[str]) -> Reply:
+    """Every address of every host of the next hop failed; each failure is listed."""
+    return temporary(
+        "4.4.1",
+        f"{source_text}: no mail server of {domain} could be used: " + "; ".join(failures),
+    )
+
+
+# --------------------------------------------------------------------------- remote
+
+
+def remote_failure(describe: str, what: str, enhanced: str = "4.4.2") -> Reply:
+    """The remote conversation failed: ``describe`` names the source and the remote."""
+    return temporary(enhanced, f"{describe}: {what}")
+
+
+def remote_failure_detail(what: str, failure: RemoteTimedOut | RemoteLost) -> str:
+    """What went wrong while sending ``what`` (or waiting for its reply)."""
+    if isinstance(failure, RemoteTimedOut):
+        if failure.sending:
+            return f"timed out after {failure.seconds:g}s sending {what}"
+        return f"no reply to {what} within {failure.seconds:g}s"
+    if failure.how == "closed":
+        return f"connection closed by the remote in reply to {what}"
+    if failure.how == "violation":
+        return f"protocol violation in reply to {what}: {failure.detail}"
+    doing = "sending" if failure.sending else "waiting for the reply to"
+    return f"connection lost {doing} {what}: {failure.detail}"
+
+
+def no_remote_transaction() -> Reply:
+    return temporary("4.3.0", "no open transaction with the remote server")
+
+
+def remote_gone() -> Reply:
+    return temporary("4.3.0", "the remote connection is gone")
+
+
+# --------------------------------------------------------------------------- the body
+
+
+def oversize(limit: int) -> Reply:
+    return Reply.make(552, f"Message exceeds the maximum size of {limit} bytes", enhanced="5.3.4")
+
+
+def body_aborted(why: str) -> Reply:
+    """The body did not end cleanly; the remote was closed without the final dot."""
+    return temporary("4.3.0", why)
