@@ -34,7 +34,8 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from egressd.config import Config, IPAddress, Source
+from egressd.addresses import IPAddress
+from egressd.config import Config, Source
 from egressd.proto.smtp_client import ClientCommand
 from egressd.proto.smtp_common import Data as DataCommand
 from egressd.proto.smtp_common import (
