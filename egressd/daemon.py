@@ -9,15 +9,16 @@ daemon-wide nursery, apart from the listeners' accept loops, so a listener can b
 on reload, or all of them closed at the start of a drain, without disturbing connections in
 flight.
 
-Reload (SIGHUP, or a change of the main file or a sources file, polled at the sources'
-shortest ``ttl``) is all or nothing, between RELOADING=1 and READY=1: the new configuration
-is loaded and validated off to the side and its new listeners are bound. Invalid, or a
-listener that cannot be bound: every error is logged, the daemon keeps running on the old
-configuration, and ``egressd_reload_failures_total`` counts it. Valid: it is swapped in with
-one assignment (:meth:`Runtime.swap_config`), listeners that disappeared are closed (before
-READY=1), and the others keep their socket - also when their address moved to another door
-- so a changed default pool applies to the next connection they accept. Reloads and the
-drain are serialized by one lock; a reload during the drain is ignored.
+Reload (SIGHUP, or a change of the main file or a sources file that two polls in a row saw
+the same, polled at half the sources' shortest ``ttl``) is all or nothing, between
+RELOADING=1 and READY=1: the new configuration is loaded and validated off to the side and
+its new listeners are bound. Invalid, or a listener that cannot be bound: every error is
+logged, the daemon keeps running on the old configuration, and
+``egressd_reload_failures_total`` counts it. Valid: it is swapped in with one assignment
+(:meth:`Runtime.swap_config`), listeners that disappeared are closed (before READY=1), and
+the others keep their socket - also when their address moved to another door - so a changed
+default pool applies to the next connection they accept. Reloads and the drain are
+serialized by one lock; a reload during the drain is ignored.
 
 SIGTERM or SIGINT: stop accepting (the listening sockets are closed before STOPPING=1 goes
 out), give sessions ``[limits] shutdown_grace`` to finish (SMTP sessions are told 421 at
@@ -53,6 +54,9 @@ from egressd.observe import Extras
 from egressd.runtime import Overloaded, Runtime, SessionRecord
 
 log = get_logger("daemon")
+
+Fingerprint = list[tuple[int, int, int] | None]
+"""(inode, size, mtime) of each watched file, None for a file that cannot be read."""
 
 
 class Door(Protocol):
@@ -127,7 +131,7 @@ class Daemon:
     reloads: int = 0
     """Reloads that took effect; the configuration's generation is ``reloads + 1``."""
     reload_failures: int = 0
-    files_seen: list[tuple[int, int, int] | None] = field(default_factory=list)
+    files_seen: Fingerprint = field(default_factory=list)
     """Fingerprints of the watched files as of the last (attempted) load."""
     extras: Extras | None = None
     _lock: trio.Lock = field(default_factory=trio.Lock)
@@ -347,8 +351,8 @@ class Daemon:
             )
 
 
-def file_fingerprint(paths: list[Path]) -> list[tuple[int, int, int] | None]:
-    prints: list[tuple[int, int, int] | None] = []
+def file_fingerprint(paths: list[Path]) -> Fingerprint:
+    prints: Fingerprint = []
     for path in paths:
         try:
             st = path.stat()
@@ -363,17 +367,49 @@ def watched_files(config: Config) -> list[Path]:
     return [config.path, *config.source_files]
 
 
-async def watch_config_files(daemon: Daemon) -> None:
-    """Reload when the main file or a sources file changes, checked every shortest ttl.
+class SettledChange:
+    """Tells when a change of the watched files has settled: the same at two polls in a row.
 
-    Compared against :attr:`Daemon.files_seen`, which every reload (SIGHUP included)
-    refreshes, so a change already picked up by a SIGHUP does not reload twice.
+    A file rewritten in place passes through states that may parse (a valid prefix that
+    lacks a listener, say); one poll could land on such a state. Two polls that see the
+    same new fingerprint (inode, size, mtime) make that unlikely; writing the file
+    atomically (write a temporary file, then rename it over) makes it impossible.
     """
+
+    def __init__(self) -> None:
+        self.candidate: Fingerprint | None = None
+
+    def poll(self, applied: Fingerprint, current: Fingerprint) -> bool:
+        """True when ``current`` differs from ``applied`` and was already seen last poll."""
+        if current == applied:
+            self.candidate = None
+            return False
+        if current == self.candidate:
+            self.candidate = None
+            return True
+        self.candidate = current
+        return False
+
+
+def watch_period(config: Config) -> float:
+    """Half the shortest ttl (at least 0.2 s): two polls in a row fit within the ttl."""
+    return max(0.2, config.min_ttl / 2)
+
+
+async def watch_config_files(daemon: Daemon) -> None:
+    """Reload when the main file or a sources file changed and settled (:class:`SettledChange`).
+
+    Polled every half of the shortest ttl, so a change applies within the ttl. Compared
+    against :attr:`Daemon.files_seen`, which every reload (SIGHUP included) refreshes, so a
+    change already picked up by a SIGHUP does not reload twice.
+    """
+    settled = SettledChange()
     while True:
-        await trio.sleep(max(0.2, daemon.runtime.config.min_ttl))
+        await trio.sleep(watch_period(daemon.runtime.config))
         if daemon.runtime.draining:
             return
-        if file_fingerprint(watched_files(daemon.runtime.config)) != daemon.files_seen:
+        current = file_fingerprint(watched_files(daemon.runtime.config))
+        if settled.poll(daemon.files_seen, current):
             await daemon.reload("file change")
 
 
