@@ -43,11 +43,14 @@ import socket
 import stat
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from egressd import __version__
 from egressd.config import Config, Endpoint
@@ -117,6 +120,7 @@ def _suspend_or_resume(daemon: Daemon, request: Mapping[str, Any]) -> Reply:
     if reason is not None and (not isinstance(reason, str) or not 0 < len(reason) <= 200):
         return {"ok": False, "error": '"reason" must be a string of 1 to 200 characters'}
     health.suspend(source, float(seconds), reason or "suspended by operator")
+    daemon.metrics.count_suspension(source, None)
     log.warning(
         "source suspended by operator",
         extra={"fields": {"source": source, "seconds": seconds, "reason": reason or ""}},
@@ -388,36 +392,42 @@ def _duration(seconds: float) -> str:
 
 # --------------------------------------------------------------------------- metrics fallback
 
-_SAMPLE = re.compile(r'^(egressd_source_[a-z_]+)\{source="((?:[^"\\]|\\.)*)"\} (\S+)$')
+SOURCE_GAUGES = (
+    "egressd_source_suspended",
+    "egressd_source_active_connections",
+    "egressd_source_recent_failures",
+)
 
 
 def scrape(endpoint: Endpoint, timeout: float = CLIENT_TIMEOUT) -> str:
-    """``GET /metrics`` from ``endpoint``; raises :class:`ControlError`."""
-    request = f"GET /metrics HTTP/1.0\r\nHost: {endpoint}\r\n\r\n".encode()
+    """``GET /metrics`` from ``endpoint`` (urllib); raises :class:`ControlError`."""
+    url = f"http://{endpoint}/metrics"
     try:
-        with socket.create_connection((endpoint.host, endpoint.port), timeout=timeout) as sock:
-            sock.sendall(request)
-            data = bytearray()
-            while chunk := sock.recv(65536):
-                data += chunk
-    except OSError as exc:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body: bytes = response.read()
+    except urllib.error.HTTPError as exc:
+        raise ControlError(f"egressd's metrics at {endpoint} answered {exc.code}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
         raise ControlError(
-            f"cannot reach egressd's metrics at {endpoint}: {exc.strerror or exc} (is it running?)"
+            f"cannot reach egressd's metrics at {endpoint}: {reason} (is it running?)"
         ) from exc
-    head, _, body = bytes(data).partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.0 200"):
-        raise ControlError(f"egressd's metrics at {endpoint} answered {head[:40]!r}")
     return body.decode("utf-8", errors="replace")
 
 
 def sources_from_metrics(exposition: str) -> list[dict[str, Any]]:
-    """Rows for :func:`format_sources` from the ``egressd_source_*`` gauges."""
+    """Rows for :func:`format_sources` from the ``egressd_source_*`` gauges, read with
+    prometheus_client's own parser (labels in any order, escapes, new labels)."""
     values: dict[str, dict[str, float]] = {}
-    for line in exposition.splitlines():
-        match = _SAMPLE.match(line)
-        if match:
-            name = match[2].replace('\\"', '"').replace("\\\\", "\\")
-            values.setdefault(name, {})[match[1]] = float(match[3])
+    try:
+        families = list(text_string_to_metric_families(exposition))
+    except ValueError as exc:
+        raise ControlError(f"egressd's metrics could not be parsed: {exc}") from exc
+    for family in families:
+        for sample in family.samples:
+            if sample.name in SOURCE_GAUGES and "source" in sample.labels:
+                gauges = values.setdefault(sample.labels["source"], {})
+                gauges[sample.name] = gauges.get(sample.name, 0.0) + sample.value
     return [
         {
             "name": name,

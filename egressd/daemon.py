@@ -250,7 +250,8 @@ class Daemon:
             log.warning("client refused", extra={"fields": {"door": door.name, "reason": refusal}})
             return
         try:
-            async with self.runtime.session(door.name, client) as record:
+            listener = str(running.listener.address)
+            async with self.runtime.session(door.name, client, listener) as record:
                 record.pool = running.listener.pool
                 await door.handle(connection, self.runtime, running.listener, record)
         except Overloaded as exc:

@@ -12,22 +12,46 @@ Labels stay bounded: front door (``smtp``, ``socks5``, ``proxy``), pool and sour
 destination address or domain. A label not known yet (a connection refused before a source
 was picked) is the empty string.
 
-=============================================  ================================================
-metric                                         labels
-=============================================  ================================================
-``egressd_connections_total``                  door, pool, source, outcome
-``egressd_bytes_total``                        door, pool, source, direction
-``egressd_active_sessions``                    door
-``egressd_dial_duration_seconds``              source, via (``direct``/``haproxy``/``socks5``)
-``egressd_source_suspensions_total``           source, kind (see :mod:`egressd.health`)
-``egressd_reloads_total``                      -
-``egressd_reload_failures_total``              -
-``egressd_smtp_transactions_total``            pool, reply_class (``2xx``/``4xx``/``5xx``)
-``egressd_source_suspended``                   source (0 or 1)
-``egressd_source_active_connections``          source
-``egressd_source_recent_failures``             source
-``egressd_build_info``                         version (always 1)
-=============================================  ================================================
+========================================================  ========================================
+metric                                                    labels
+========================================================  ========================================
+``egressd_connections_total``                             door, pool, source, outcome
+``egressd_bytes_total``                                   door, pool, source, direction
+``egressd_active_sessions``                               door
+``egressd_dial_duration_seconds``                         source, via (direct/haproxy/socks5)
+``egressd_source_failures_total``                         source, kind (see :mod:`egressd.health`)
+``egressd_source_suspensions_total``                      source, kind (or ``operator``)
+``egressd_source_suspended``                              source, reason (0 or 1)
+``egressd_source_active_connections``                     source
+``egressd_source_recent_failures``                        source (since its last success)
+``egressd_smtp_transactions_total``                       pool, source, reply_class (2xx/4xx/5xx)
+``egressd_reloads_total``                                 -
+``egressd_reload_failures_total``                         -
+``egressd_config_last_reload_successful``                 - (1 or 0)
+``egressd_config_last_reload_success_timestamp_seconds``  - (Unix time)
+``egressd_build_info``                                    version (always 1)
+``process_*``                                             - (open/max fds, CPU, memory, start)
+========================================================  ========================================
+
+The same facts under the names a KumoMTA or KumoProxy dashboard queries:
+
+========================================================  ========================================
+``egress_source_health_suspended``                        source, reason (1 while suspended)
+``egress_source_health_suspensions_total``                source, reason
+``egress_source_connection_failures_total``               source, kind
+``proxy_connections_accepted_total``                      listener (the SOCKS5 door's)
+``proxy_connections_completed_total``                     listener (both sides closed cleanly)
+``proxy_connections_failed_total``                        listener (every other end)
+``proxy_active_connections``                              listener
+``proxy_bytes_received_total``                            listener (from clients)
+``proxy_bytes_sent_total``                                listener (to clients)
+========================================================  ========================================
+
+KumoProxy's ``proxy_outbound_connections_total{listener,destination}`` is left out: a label
+per destination address is unbounded. A suspension's ``reason`` is its failure kind, or
+``operator`` for ``egressd suspend``; a healthy source's ``egressd_source_suspended`` is 0
+with ``reason=""``. Counters carry no ``_created`` series (they double the series count
+and no dashboard reads them).
 
 ``direction`` is ``upstream`` (client to remote) or ``downstream`` (remote to client).
 Suggested ``outcome`` values: ``ok``, ``denied``, ``no_source``, ``dial_failed``,
@@ -60,6 +84,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -90,12 +116,22 @@ def reply_class(code: int) -> ReplyClass:
     return "other"
 
 
+def suspension_reason(kind: FailureKind | None) -> str:
+    """The ``reason`` label of a suspension: its failure kind, else ``operator``."""
+    return kind if kind is not None else OPERATOR
+
+
+OPERATOR = "operator"
+
+
 class Metrics:
     """Every egressd metric, in a registry of its own (``self.registry``)."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide; none wanted
         self.registry = CollectorRegistry()
         registry = self.registry
+        ProcessCollector(registry=registry)
         self.connections = Counter(
             "egressd_connections",
             "Connections handled, by front door, pool, source and outcome.",
@@ -137,14 +173,14 @@ class Metrics:
         )
         self.smtp_transactions = Counter(
             "egressd_smtp_transactions",
-            "Relayed SMTP transactions, by pool and class of the remote's final reply.",
-            ("pool", "reply_class"),
+            "Relayed SMTP transactions, by pool, source and class of the remote's final reply.",
+            ("pool", "source", "reply_class"),
             registry=registry,
         )
         self.source_suspended = Gauge(
             "egressd_source_suspended",
-            "1 while the source is suspended, else 0.",
-            ("source",),
+            "1 while the source is suspended (reason: failure kind or operator), else 0.",
+            ("source", "reason"),
             registry=registry,
         )
         self.source_active_connections = Gauge(
@@ -159,6 +195,24 @@ class Metrics:
             ("source",),
             registry=registry,
         )
+        self.source_failures = Counter(
+            "egressd_source_failures",
+            "Failures blamed on the source, by source and failure kind.",
+            ("source", "kind"),
+            registry=registry,
+        )
+        self.config_last_reload_successful = Gauge(
+            "egressd_config_last_reload_successful",
+            "1 when the last configuration load (startup or reload) took effect, else 0.",
+            registry=registry,
+        )
+        self.config_last_reload_success_timestamp = Gauge(
+            "egressd_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last configuration load that took effect.",
+            registry=registry,
+        )
+        self.kumo = KumoMetrics(registry)
+        self.proxy = ProxyMetrics(registry)
         build_info = Gauge(
             "egressd_build_info", "egressd's version.", ("version",), registry=registry
         )
@@ -182,12 +236,26 @@ class Metrics:
             child = self._dial_children[source, via] = self.dial_duration.labels(source, via)
         child.observe(seconds)
 
-    def count_suspension(self, source: str, kind: FailureKind) -> None:
-        self.source_suspensions.labels(source, kind).inc()
+    def count_suspension(self, source: str, kind: FailureKind | None) -> None:
+        """A new suspension: ``kind`` None is an operator's (``egressd suspend``)."""
+        reason = suspension_reason(kind)
+        self.source_suspensions.labels(source, reason).inc()
+        self.kumo.suspensions.labels(source, reason).inc()
 
-    def count_transaction(self, pool: str, code: int) -> None:
+    def count_failure(self, source: str, kind: FailureKind) -> None:
+        """A failure blamed on ``source`` (suspending it or not)."""
+        self.source_failures.labels(source, kind).inc()
+        self.kumo.connection_failures.labels(source, kind).inc()
+
+    def count_transaction(self, pool: str, code: int, source: str = "") -> None:
         """One relayed transaction whose final reply (to the dot) had ``code``."""
-        self.smtp_transactions.labels(pool, reply_class(code)).inc()
+        self.smtp_transactions.labels(pool, source, reply_class(code)).inc()
+
+    def config_loaded(self, ok: bool, when: float) -> None:
+        """A configuration load (startup or reload) took effect, or was refused."""
+        self.config_last_reload_successful.set(1 if ok else 0)
+        if ok:
+            self.config_last_reload_success_timestamp.set(when)
 
     def refresh_sources(self, statuses: Iterable[SourceStatus]) -> None:
         """Rewrite the ``egressd_source_*`` gauges from a health snapshot.
@@ -198,16 +266,78 @@ class Metrics:
             self.source_suspended,
             self.source_active_connections,
             self.source_recent_failures,
+            self.kumo.suspended,
         )
         for gauge in gauges:
             gauge.clear()
         for status in statuses:
-            self.source_suspended.labels(status.name).set(1 if status.suspended else 0)
+            if status.suspended:
+                reason = suspension_reason(status.suspension_kind)
+                self.source_suspended.labels(status.name, reason).set(1)
+                self.kumo.suspended.labels(status.name, reason).set(1)
+            else:
+                self.source_suspended.labels(status.name, "").set(0)
             self.source_active_connections.labels(status.name).set(status.active_connections)
             self.source_recent_failures.labels(status.name).set(status.recent_failures)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class KumoMetrics:
+    """KumoMTA's names for source health (``egress_source_*``), for its dashboards."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.suspended = Gauge(
+            "egress_source_health_suspended",
+            "1 while the source is suspended, by reason (KumoMTA's name).",
+            ("source", "reason"),
+            registry=registry,
+        )
+        self.suspensions = Counter(
+            "egress_source_health_suspensions",
+            "Times the source was suspended, by reason (KumoMTA's name).",
+            ("source", "reason"),
+            registry=registry,
+        )
+        self.connection_failures = Counter(
+            "egress_source_connection_failures",
+            "Connection failures blamed on the source, by kind (KumoMTA's name).",
+            ("source", "kind"),
+            registry=registry,
+        )
+
+
+class ProxyMetrics:
+    """KumoProxy's ``proxy_*`` metrics, for the SOCKS5 door, by listener address."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def counter(name: str, text: str) -> Counter:
+            return Counter(name, text, ("listener",), registry=registry)
+
+        self.accepted = counter(
+            "proxy_connections_accepted", "SOCKS5 connections accepted (KumoProxy's name)."
+        )
+        self.completed = counter(
+            "proxy_connections_completed",
+            "SOCKS5 sessions relayed to their end, both sides closing cleanly.",
+        )
+        self.failed = counter(
+            "proxy_connections_failed",
+            "SOCKS5 connections that ended otherwise (refused, handshake, dial, reset, timeout).",
+        )
+        self.bytes_received = counter(
+            "proxy_bytes_received", "Bytes received from SOCKS5 clients (client to remote)."
+        )
+        self.bytes_sent = counter(
+            "proxy_bytes_sent", "Bytes sent to SOCKS5 clients (remote to client)."
+        )
+        self.active = Gauge(
+            "proxy_active_connections",
+            "SOCKS5 connections open now (KumoProxy's name).",
+            ("listener",),
+            registry=registry,
+        )
 
 
 # --------------------------------------------------------------------------- HTTP endpoint

@@ -9,10 +9,16 @@ has (nothing in the front doors knows about Prometheus):
 * a session opening raises ``egressd_active_sessions{door}``; its end lowers it and counts
   ``egressd_connections_total{door,pool,source,outcome}`` and both directions of
   ``egressd_bytes_total`` from the finished :class:`~egressd.runtime.SessionRecord`;
-* each dial's latency goes to ``egressd_dial_duration_seconds{source,via}``, each new
+* each dial's latency goes to ``egressd_dial_duration_seconds{source,via}``, each failure
+  blamed on a source to ``egressd_source_failures_total{source,kind}``, each new
   suspension to ``egressd_source_suspensions_total{source,kind}``;
-* ``Runtime.smtp_transaction`` counts ``egressd_smtp_transactions_total{pool,reply_class}``;
-* each reload counts ``egressd_reloads_total`` or ``egressd_reload_failures_total``.
+* a SOCKS5 session also counts KumoProxy's ``proxy_*`` metrics by listener address
+  (accepted and active when it opens; completed or failed, and bytes, when it ends);
+* ``Runtime.smtp_transaction`` counts
+  ``egressd_smtp_transactions_total{pool,source,reply_class}``;
+* each reload counts ``egressd_reloads_total`` or ``egressd_reload_failures_total`` and
+  sets ``egressd_config_last_reload_successful`` (and its timestamp when it took effect;
+  startup counts as a successful load).
 
 Labels stay bounded whatever a client sends: a pool or source label is a name some loaded
 configuration defined, else ``""``; an outcome is a short lower-case word, else ``other``.
@@ -28,6 +34,7 @@ every scrape the ``egressd_source_*`` gauges are rewritten from the health snaps
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -51,10 +58,11 @@ _OUTCOME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 def egress_observer(metrics: Metrics) -> EgressObserver:
-    """Dial latencies and new suspensions, counted into ``metrics``."""
+    """Dial latencies, failures blamed on sources and new suspensions, into ``metrics``."""
     return EgressObserver(
         dialed=lambda source, seconds: metrics.observe_dial(source.name, source.hop, seconds),
         suspended=lambda source, kind: metrics.count_suspension(source.name, kind),
+        failed=lambda source, kind: metrics.count_failure(source.name, kind),
     )
 
 
@@ -103,8 +111,21 @@ class SessionCounters:
             child = self._active[door] = self.metrics.active_sessions.labels(door)
         return child
 
-    def opened(self, door: str) -> None:
-        self.active(door).inc()
+    def opened(self, record: SessionRecord) -> None:
+        self.active(record.door).inc()
+        if record.door == "socks5":
+            listener = record.listener or ""
+            self.metrics.proxy.accepted.labels(listener).inc()
+            self.metrics.proxy.active.labels(listener).inc()
+
+    def proxy_finished(self, record: SessionRecord) -> None:
+        """KumoProxy's view of a finished SOCKS5 session."""
+        proxy, listener = self.metrics.proxy, record.listener or ""
+        proxy.active.labels(listener).dec()
+        ended = proxy.completed if record.outcome == "ok" else proxy.failed
+        ended.labels(listener).inc()
+        proxy.bytes_received.labels(listener).inc(record.bytes_up)
+        proxy.bytes_sent.labels(listener).inc(record.bytes_down)
 
     def finished(self, record: SessionRecord) -> None:
         """A finished session: one connection, its bytes, one active session fewer."""
@@ -125,6 +146,8 @@ class SessionCounters:
         connections.inc()
         upstream.inc(record.bytes_up)
         downstream.inc(record.bytes_down)
+        if door == "socks5":
+            self.proxy_finished(record)
 
 
 def count_into_metrics(daemon: Daemon) -> None:
@@ -138,10 +161,14 @@ def count_into_metrics(daemon: Daemon) -> None:
     runtime.session_opened_hooks.append(counters.opened)
     runtime.session_hooks.append(counters.finished)
     runtime.transaction_hooks.append(
-        lambda pool, code: metrics.count_transaction(names.pool(pool), code)
+        lambda pool, code, source: metrics.count_transaction(
+            names.pool(pool), code, names.source(source)
+        )
     )
+    metrics.config_loaded(True, time.time())
 
     def reloaded(ok: bool) -> None:
+        metrics.config_loaded(ok, time.time())
         if ok:
             names.add(daemon.runtime.config)
             metrics.reloads.inc()

@@ -14,8 +14,9 @@ the connection ends (client, door, pool, source, local address, destination, byt
 duration, outcome).
 
 Observers (the metrics) attach through plain hook lists rather than through the doors:
-``session_opened_hooks`` get the door's name when a session starts, ``session_hooks`` get
-the finished :class:`SessionRecord`, ``transaction_hooks`` get ``(pool, final reply code)``
+``session_opened_hooks`` get the new :class:`SessionRecord` when a session starts,
+``session_hooks`` the finished one, ``transaction_hooks`` get ``(pool, final reply code,
+source)``
 for each SMTP transaction a door relayed (:meth:`Runtime.smtp_transaction`), and the
 :class:`~egressd.egress.EgressObserver` hears about dials and suspensions. A hook must
 be quick and must not raise; the doors never see who listens.
@@ -47,6 +48,8 @@ class SessionRecord:
 
     door: str
     client: str
+    listener: str | None = None
+    """The address of the listener that accepted the connection (not logged)."""
     pool: str | None = None
     source: str | None = None
     local_address: str | None = None
@@ -87,7 +90,7 @@ class Overloaded(Exception):
 
 
 SessionHook = Callable[[SessionRecord], None]
-TransactionHook = Callable[[str, int], None]
+TransactionHook = Callable[[str, int, str], None]
 
 
 class Runtime:
@@ -106,7 +109,7 @@ class Runtime:
         self._idle = trio.Event()
         self._idle.set()
         self.session_hooks: list[SessionHook] = []
-        self.session_opened_hooks: list[Callable[[str], None]] = []
+        self.session_opened_hooks: list[SessionHook] = []
         self.transaction_hooks: list[TransactionHook] = []
 
     @property
@@ -119,10 +122,10 @@ class Runtime:
         self.health.update_sources(config.sources)
         self.egress = Egress(config, pools, self.health, self.observer, self.breaker)
 
-    def smtp_transaction(self, pool: str, code: int) -> None:
+    def smtp_transaction(self, pool: str, code: int, source: str = "") -> None:
         """An SMTP door relayed one transaction whose final reply (to the dot) was ``code``."""
         for hook in self.transaction_hooks:
-            hook(pool, code)
+            hook(pool, code, source)
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -131,28 +134,30 @@ class Runtime:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
-    def session(self, door: str, client: str) -> AbstractAsyncContextManager[SessionRecord]:
+    def session(
+        self, door: str, client: str, listener: str | None = None
+    ) -> AbstractAsyncContextManager[SessionRecord]:
         """Account for one connection; raise :class:`Overloaded` beyond max_connections.
 
         ``async with runtime.session(door, client) as record:``; entering raises
         :class:`Overloaded`, leaving logs the connection line and runs the session hooks.
         """
-        return _Session(self, door, client)
+        return _Session(self, door, client, listener)
 
     def source_in_use(self, source_name: str) -> AbstractAsyncContextManager[None]:
         """Count an outbound connection against its source (per-source cap, status)."""
         return _SourceInUse(self.health, source_name)
 
-    def _open(self, door: str, client: str) -> SessionRecord:
+    def _open(self, door: str, client: str, listener: str | None = None) -> SessionRecord:
         max_connections = self.egress.config.limits.max_connections
         if self.active_sessions >= max_connections:
             raise Overloaded(f"egressd is at max_connections ({max_connections})")
-        record = SessionRecord(door=door, client=client)
+        record = SessionRecord(door=door, client=client, listener=listener)
         self.active_sessions += 1
         if self.active_sessions == 1:
             self._idle = trio.Event()
         for opened in self.session_opened_hooks:
-            opened(door)
+            opened(record)
         return record
 
     def _close(self, record: SessionRecord, exc: BaseException | None) -> None:
@@ -174,16 +179,17 @@ class Runtime:
 class _Session:
     """:meth:`Runtime.session`: one connection's record, its accounting and its log line."""
 
-    __slots__ = ("_client", "_door", "_record", "_runtime")
+    __slots__ = ("_client", "_door", "_listener", "_record", "_runtime")
 
-    def __init__(self, runtime: Runtime, door: str, client: str) -> None:
+    def __init__(self, runtime: Runtime, door: str, client: str, listener: str | None) -> None:
         self._runtime = runtime
         self._door = door
         self._client = client
+        self._listener = listener
         self._record: SessionRecord | None = None
 
     async def __aenter__(self) -> SessionRecord:
-        self._record = self._runtime._open(self._door, self._client)
+        self._record = self._runtime._open(self._door, self._client, self._listener)
         return self._record
 
     async def __aexit__(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import AsyncIterator
 
@@ -79,9 +80,9 @@ async def test_scrape_shows_exactly_the_counted_values(metrics: Metrics, port: i
     metrics.observe_dial("ip-1", "haproxy", 0.02)
     metrics.count_suspension("ip-1", "unplumbed")
     metrics.reloads.inc()
-    metrics.count_transaction("pool-1", 250)
-    metrics.count_transaction("pool-1", 451)
-    metrics.count_transaction("pool-1", 452)
+    metrics.count_transaction("pool-1", 250, "ip-1")
+    metrics.count_transaction("pool-1", 451, "ip-1")
+    metrics.count_transaction("pool-1", 452, "ip-2")
 
     with trio.fail_after(5):
         text = await scrape(port)
@@ -109,9 +110,11 @@ async def test_scrape_shows_exactly_the_counted_values(metrics: Metrics, port: i
     assert samples(text, "egressd_reloads_total") == {"": 1.0}
     assert samples(text, "egressd_reload_failures_total") == {"": 0.0}
     assert samples(text, "egressd_smtp_transactions_total") == {
-        'pool="pool-1",reply_class="2xx"': 1.0,
-        'pool="pool-1",reply_class="4xx"': 2.0,
+        'pool="pool-1",reply_class="2xx",source="ip-1"': 1.0,
+        'pool="pool-1",reply_class="4xx",source="ip-1"': 1.0,
+        'pool="pool-1",reply_class="4xx",source="ip-2"': 1.0,
     }
+    assert not [line for line in text.splitlines() if "_created" in line]
 
 
 async def test_each_metrics_object_has_its_own_registry() -> None:
@@ -205,7 +208,13 @@ async def test_before_scrape_refreshes_source_gauges(nursery: trio.Nursery) -> N
     health.connection_opened("ip-2")
     with trio.fail_after(5):
         text = await scrape(port)
-    assert samples(text, "egressd_source_suspended") == {'source="ip-1"': 1.0, 'source="ip-2"': 0.0}
+    assert samples(text, "egressd_source_suspended") == {
+        'reason="unplumbed",source="ip-1"': 1.0,
+        'reason="",source="ip-2"': 0.0,
+    }
+    assert samples(text, "egress_source_health_suspended") == {
+        'reason="unplumbed",source="ip-1"': 1.0
+    }
     assert samples(text, "egressd_source_active_connections") == {
         'source="ip-1"': 0.0,
         'source="ip-2"': 1.0,
@@ -215,7 +224,8 @@ async def test_before_scrape_refreshes_source_gauges(nursery: trio.Nursery) -> N
     health.update_sources(["ip-2"])
     with trio.fail_after(5):
         text = await scrape(port)
-    assert samples(text, "egressd_source_suspended") == {'source="ip-2"': 0.0}
+    assert samples(text, "egressd_source_suspended") == {'reason="",source="ip-2"': 0.0}
+    assert samples(text, "egress_source_health_suspended") == {}
 
 
 def test_reply_class() -> None:
@@ -226,3 +236,54 @@ def test_build_info() -> None:
     text = Metrics().exposition().decode()
     [(labels, value)] = samples(text, "egressd_build_info").items()
     assert labels.startswith('version="') and value == 1.0
+
+
+def test_failures_and_suspensions_are_counters_under_both_names() -> None:
+    metrics = Metrics()
+    metrics.count_failure("ip-1", "connect")
+    metrics.count_failure("ip-1", "connect")
+    metrics.count_failure("ip-1", "unplumbed")
+    metrics.count_suspension("ip-1", "unplumbed")
+    metrics.count_suspension("ip-2", None)  # egressd suspend
+    health = SourceHealth(["ip-1", "ip-2"])
+    health.suspend("ip-2", 60.0, "listed")
+    metrics.refresh_sources(health.snapshot())
+    text = metrics.exposition().decode()
+    failures = {'kind="connect",source="ip-1"': 2.0, 'kind="unplumbed",source="ip-1"': 1.0}
+    assert samples(text, "egressd_source_failures_total") == failures
+    assert samples(text, "egress_source_connection_failures_total") == failures
+    suspensions = {'kind="unplumbed",source="ip-1"': 1.0, 'kind="operator",source="ip-2"': 1.0}
+    assert samples(text, "egressd_source_suspensions_total") == suspensions
+    assert samples(text, "egress_source_health_suspensions_total") == {
+        'reason="unplumbed",source="ip-1"': 1.0,
+        'reason="operator",source="ip-2"': 1.0,
+    }
+    assert samples(text, "egress_source_health_suspended") == {
+        'reason="operator",source="ip-2"': 1.0
+    }
+    health.resume("ip-2")
+    metrics.refresh_sources(health.snapshot())  # the gauge drops, the counters stay
+    text = metrics.exposition().decode()
+    assert samples(text, "egress_source_health_suspended") == {}
+    assert samples(text, "egressd_source_failures_total") == failures
+
+
+def test_process_metrics_count_this_process_open_files() -> None:
+    text = Metrics().exposition().decode()
+    open_fds = samples(text, "process_open_fds")[""]
+    assert open_fds == pytest.approx(len(os.listdir("/proc/self/fd")), abs=3)
+    assert samples(text, "process_max_fds")[""] > 0
+    assert samples(text, "process_start_time_seconds")[""] > 0
+
+
+def test_last_reload_success_and_its_time() -> None:
+    metrics = Metrics()
+    metrics.config_loaded(True, 1000.0)
+    metrics.config_loaded(False, 2000.0)
+    text = metrics.exposition().decode()
+    assert samples(text, "egressd_config_last_reload_successful") == {"": 0.0}
+    assert samples(text, "egressd_config_last_reload_success_timestamp_seconds") == {"": 1000.0}
+    metrics.config_loaded(True, 3000.0)
+    text = metrics.exposition().decode()
+    assert samples(text, "egressd_config_last_reload_successful") == {"": 1.0}
+    assert samples(text, "egressd_config_last_reload_success_timestamp_seconds") == {"": 3000.0}

@@ -180,7 +180,8 @@ class Relay:
         self.record.bytes_up += ended.size
         self.record.outcome = ended.outcome
         if ended.final is not None:
-            self.runtime.smtp_transaction(ended.pool, ended.final.code)
+            source = str(ended.fields.get("source") or "")
+            self.runtime.smtp_transaction(ended.pool, ended.final.code, source)
         fields = {"client": self.record.client, **ended.fields}
         log.info("transaction", extra={"fields": fields})
 

@@ -400,6 +400,7 @@ class Plan:
     def _count_against(self, source: Source, kind: FailureKind, failure: EgressFailure) -> None:
         egress = self.egress
         policy = policy_for(source, kind, egress.config.health)
+        egress.observer.failed(source, kind)
         if not egress.health.record_failure(source.name, kind, failure.detail, policy):
             return
         log.warning(

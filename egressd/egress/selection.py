@@ -32,6 +32,7 @@ class EgressObserver:
 
     dialed: Callable[[Source, float], None] = lambda source, seconds: None
     suspended: Callable[[Source, FailureKind], None] = lambda source, kind: None
+    failed: Callable[[Source, FailureKind], None] = lambda source, kind: None
 
 
 @dataclass

@@ -456,8 +456,13 @@ async def test_unplumbed_source_is_suspended_skipped_reported_and_comes_back(
     assert rows["bad"][4:6] == ["0", "1"]  # active connections, recent failures
     assert "unplumbed:" in table and "203.0.113.7" in table
     assert rows["good"][1:5] == ["healthy", "-", "0", "0"]
-    assert sample(suspended_metrics, "egressd_source_suspended", source="bad") == 1
-    assert sample(suspended_metrics, "egressd_source_suspended", source="good") == 0
+    suspended = "egressd_source_suspended"
+    assert sample(suspended_metrics, suspended, source="bad", reason="unplumbed") == 1
+    assert sample(suspended_metrics, suspended, source="good", reason="") == 0
+    assert (
+        sample(suspended_metrics, "egressd_source_failures_total", source="bad", kind="unplumbed")
+        == 1
+    )
     assert (
         sample(
             suspended_metrics, "egressd_source_suspensions_total", source="bad", kind="unplumbed"
@@ -465,7 +470,7 @@ async def test_unplumbed_source_is_suspended_skipped_reported_and_comes_back(
         == 1
     )
 
-    assert sample(recovered_metrics, "egressd_source_suspended", source="bad") == 0
+    assert sample(recovered_metrics, "egressd_source_suspended", source="bad", reason="") == 0
     assert status_rows(table_after)["bad"][1] == "healthy"
     # Back in rotation: picked again, fails again, and the connection still goes out via good.
     assert peers_after == ["127.0.0.2"] * 2
