@@ -15,12 +15,19 @@ There are three kinds of failure, from strongest to softest signal:
     host. Policy: the source's own ``suspend_when_unplumbed``, else
     :attr:`HealthSettings.suspend_when_unplumbed`.
 ``proxy_unhealthy``
-    The source's HAProxy or SOCKS5 hop is unreachable or refuses us. Policy: the source's
-    ``suspend_when_proxy_unhealthy``, else :attr:`HealthSettings.suspend_when_proxy_unhealthy`.
+    The source's proxy (HAProxy or SOCKS5) is unreachable, refuses us or stays silent.
+    Policy: the source's ``suspend_when_proxy_unhealthy``, else
+    :attr:`HealthSettings.suspend_when_proxy_unhealthy`.
 ``connect``
-    Connections to destinations keep failing (timeouts, resets). Destinations fail for their
-    own reasons, so this is a soft signal with its own, more lenient policy:
+    The source failed at distinct destinations that *other* sources reached a moment ago
+    (the outbound plan counts each such destination once; see
+    :mod:`egressd.egress.plan`). A destination's own failures never count against a
+    source: they go to that destination's circuit breaker. Policy:
     :attr:`HealthSettings.suspend_on_connect_failures`.
+
+Which failure is whose is decided by :func:`egressd.egress.failures.blame`, as KumoMTA
+does (crates/kumod/src/egress_source.rs: only a failed bind of an unplumbed address and a
+failing proxy reach ``source_health``; a failed connect to the destination does not).
 
 :func:`policy_for` picks the policy. A policy's trigger is ``count`` failures within
 ``window`` seconds (KumoMTA's ``Immediate`` is ``count=1``; ``{ Threshold = "3/5m" }`` is

@@ -168,6 +168,10 @@ class _Dial:
     def stage(self) -> Stage:
         return self.progress.stage
 
+    @property
+    def proxy_name(self) -> str:
+        return "HAProxy" if self.source.hop == "haproxy" else "SOCKS5 proxy"
+
     # ----------------------------------------------------------------------- the three paths
 
     async def _direct(self, address: IPAddress, port: int) -> Dialed:
@@ -288,7 +292,7 @@ class _Dial:
             return sock, target
         raise self._proxy_error(
             Failure.PROXY_UNREACHABLE,
-            f"cannot connect to {self.source.hop} proxy {proxy}: " + "; ".join(failures),
+            f"cannot connect to {self.proxy_name} {proxy}: " + "; ".join(failures),
             self.progress.address,
             errno=last.errno if last is not None else None,
         )
@@ -305,7 +309,7 @@ class _Dial:
             except socket.gaierror as exc:
                 raise self._proxy_error(
                     Failure.PROXY_UNREACHABLE,
-                    f"cannot resolve {self.source.hop} proxy {proxy}: {exc.strerror}",
+                    f"cannot resolve {self.proxy_name} {proxy}: {exc.strerror}",
                     None,
                 ) from exc
             candidates = _unique(ipaddress.ip_address(info[4][0]) for info in infos)
@@ -313,7 +317,7 @@ class _Dial:
         if not matching:
             raise self._proxy_error(
                 Failure.PROXY_UNREACHABLE,
-                f"{self.source.hop} proxy {proxy} has no IPv{version} address to reach from"
+                f"{self.proxy_name} {proxy} has no IPv{version} address to reach from"
                 f" {self.source.source_address}",
                 None,
             )
@@ -341,7 +345,7 @@ class _Dial:
         cause = exc if isinstance(exc, OSError) else exc.__cause__
         return self._proxy_error(
             Failure.PROXY_REFUSED,
-            f"{self.source.hop} proxy {format_hostport(*proxy)} broke the connection while"
+            f"{self.proxy_name} {format_hostport(*proxy)} broke the connection while"
             f" {during}: {cause_text(exc)}",
             proxy,
             errno=cause.errno if isinstance(cause, OSError) else None,

@@ -125,11 +125,11 @@ async def resolve_next_hop(domain: str, config: Config, version: int | None) -> 
     resolver = _resolver_for(config.dns)
     route = route_for(domain, config.smtp.routes)
     if route is not None:
-        return await _route_hop(domain, route, resolver, version)
+        return await _route_next_hop(domain, route, resolver, version)
     literal = domain_literal(domain)
     if literal is not None:
-        return _literal_hop(domain, literal, version)
-    return await _mx_hop(domain, resolver, version)
+        return _literal_next_hop(domain, literal, version)
+    return await _mx_next_hop(domain, resolver, version)
 
 
 def domain_literal(domain: str) -> IPAddress | None:
@@ -148,7 +148,7 @@ def domain_literal(domain: str) -> IPAddress | None:
 # --------------------------------------------------------------------------- the three kinds
 
 
-async def _route_hop(
+async def _route_next_hop(
     domain: str, route: Endpoint, resolver: dns.asyncresolver.Resolver, version: int | None
 ) -> NextHop:
     literal = route.ip
@@ -168,7 +168,7 @@ async def _route_hop(
     )
 
 
-def _literal_hop(domain: str, address: IPAddress, version: int | None) -> NextHop:
+def _literal_next_hop(domain: str, address: IPAddress, version: int | None) -> NextHop:
     if version is not None and address.version != version:
         raise NextHopError(
             451, "4.4.4", f"{domain} is an IPv{address.version} literal, the source is IPv{version}"
@@ -176,7 +176,7 @@ def _literal_hop(domain: str, address: IPAddress, version: int | None) -> NextHo
     return NextHop(domain, "literal", (MxHost(str(address), 0, (address,)),))
 
 
-async def _mx_hop(
+async def _mx_next_hop(
     domain: str, resolver: dns.asyncresolver.Resolver, version: int | None
 ) -> NextHop:
     records = await _mx_records(resolver, domain)
