@@ -70,12 +70,19 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address
 
 def client_refusal(access: AccessSettings, client: str | IPAddress) -> str | None:
     """None when ``client`` may connect, else the reason naming the rule."""
+    return network_refusal(access.clients, client, "access.clients")
+
+
+def network_refusal(
+    networks: tuple[IPNetwork, ...], client: str | IPAddress, rule: str
+) -> str | None:
+    """None when ``client`` is in one of ``networks``, else the reason naming ``rule``."""
     address = _as_address(client)
     if address is None:
         return f"client {client} is not an IP address"
-    if any(address in network for network in access.clients):
+    if any(address in network for network in networks):
         return None
-    return f"client {address} is not in access.clients"
+    return f"client {address} is not in {rule}"
 
 
 def destination_refusal(

@@ -90,7 +90,8 @@ from prometheus_client import (
 )
 
 from egressd import __version__
-from egressd.config import Endpoint, HopKind
+from egressd.access import network_refusal
+from egressd.config import Endpoint, HopKind, MetricsSettings
 from egressd.health import FailureKind, SourceStatus
 
 log = logging.getLogger(__name__)
@@ -352,20 +353,77 @@ async def serve_metrics(
     registry: CollectorRegistry,
     *,
     before_scrape: Callable[[], None] | None = None,
+    settings: Callable[[], MetricsSettings] = MetricsSettings,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``GET /metrics`` on ``endpoint`` until cancelled.
 
     ``await nursery.start(serve_metrics, endpoint, registry)`` returns the bound listeners
     (port 0 picks a free port). ``before_scrape`` runs before each exposition, e.g.
-    ``lambda: metrics.refresh_sources(health.snapshot())``.
+    ``lambda: metrics.refresh_sources(health.snapshot())``. ``settings`` gives the current
+    ``[metrics]`` table (``clients``, ``max_connections``), asked at every connection so a
+    reload applies to the next one.
     """
     listeners = await trio.open_tcp_listeners(endpoint.port, host=endpoint.host)
+    gate = _ScrapeGate()
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle_connection(stream, registry, before_scrape)
+        verdict = gate.verdict(_peer_host(stream), settings())
+        if verdict != "serve":
+            await _turn_away(stream, _BUSY if verdict == "busy" else None)
+            return
+        gate.active += 1
+        try:
+            await _handle_connection(stream, registry, before_scrape)
+        finally:
+            gate.active -= 1
 
     await trio.serve_listeners(handler, listeners, task_status=task_status)
+
+
+class _ScrapeGate:
+    """Who may scrape, and how many at once: ``[metrics] clients`` and ``max_connections``.
+
+    The endpoint must never be a way to take descriptors from the front doors, so a client
+    outside ``clients`` is closed at once, and so is a connection beyond the cap (after a
+    503, so that a scraper says why).
+    """
+
+    def __init__(self) -> None:
+        self.active = 0
+
+    def verdict(self, peer: str, settings: MetricsSettings) -> Literal["serve", "refused", "busy"]:
+        refusal = network_refusal(settings.clients, peer, "metrics.clients")
+        if refusal is not None:
+            log.warning("metrics client refused: %s", refusal)
+            return "refused"
+        if self.active >= settings.max_connections:
+            log.warning(
+                "metrics connection refused: %d scrapes at once (metrics.max_connections)",
+                self.active,
+            )
+            return "busy"
+        return "serve"
+
+
+def _peer_host(stream: trio.SocketStream) -> str:
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return str(peer[0])
+
+
+async def _turn_away(stream: trio.SocketStream, answer: bytes | None) -> None:
+    """Close a connection that is not served, after ``answer`` when there is one."""
+    try:
+        if answer is not None:
+            with trio.move_on_after(1):
+                await stream.send_all(answer)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 async def _handle_connection(
@@ -457,3 +515,6 @@ def _response(
         "Connection: close\r\n"
     ).encode() + extra
     return head + b"\r\n" + (b"" if head_only else body)
+
+
+_BUSY = _response(503, "Service Unavailable")

@@ -221,6 +221,7 @@ class Extras:
             endpoint,
             metrics.registry,
             before_scrape=lambda: metrics.refresh_sources(health.snapshot()),
+            settings=lambda: self._daemon.runtime.config.metrics,
         )
         try:
             self._metrics_scope, listeners = await self._start(serve)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import os
 import re
 from collections.abc import AsyncIterator
 
 import pytest
 import trio
+import trio.testing
 
 from egressd import metrics as metrics_module
-from egressd.config import Endpoint, SuspendPolicy
+from egressd.config import Endpoint, MetricsSettings, SuspendPolicy
+from egressd.config.model import LOOPBACK
 from egressd.health import SourceHealth
 from egressd.metrics import Metrics, reply_class, serve_metrics
 
@@ -287,3 +291,27 @@ def test_last_reload_success_and_its_time() -> None:
     text = metrics.exposition().decode()
     assert samples(text, "egressd_config_last_reload_successful") == {"": 1.0}
     assert samples(text, "egressd_config_last_reload_success_timestamp_seconds") == {"": 3000.0}
+
+
+async def test_only_metrics_clients_are_served_and_at_most_max_connections(
+    metrics: Metrics, nursery: trio.Nursery
+) -> None:
+    settings = MetricsSettings(clients=LOOPBACK[:1], max_connections=1)
+    listeners = await nursery.start(
+        functools.partial(
+            serve_metrics, Endpoint("127.0.0.1", 0), metrics.registry, settings=lambda: settings
+        )
+    )
+    port = listeners[0].socket.getsockname()[1]
+    held = await trio.open_tcp_stream("127.0.0.1", port)
+    await trio.testing.wait_all_tasks_blocked()
+    busy = await trio.open_tcp_stream("127.0.0.1", port)
+    async with busy:  # (no request sent: closing with one unread would be a reset)
+        assert (await read_all(busy)).startswith(b"HTTP/1.0 503 ")
+    await held.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    await scrape(port)
+    settings = MetricsSettings(clients=(ipaddress.ip_network("10.0.0.0/8"),))
+    outsider = await trio.open_tcp_stream("127.0.0.1", port)
+    async with outsider:
+        assert await read_all(outsider) == b""  # closed at once, nothing said

@@ -280,12 +280,15 @@ class DnsSettings:
     timeout: float = setting(Duration, 10.0)
 
 
+LOOPBACK: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+
 @dataclass(frozen=True)
 class AccessSettings:
-    clients: tuple[IPNetwork, ...] = setting(
-        ListOf(Network),
-        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
-    )
+    clients: tuple[IPNetwork, ...] = setting(ListOf(Network), LOOPBACK)
     destination_ports: tuple[int, ...] = setting(ListOf(Port), (25, 465, 587, 2525))
     deny_destinations: tuple[IPNetwork, ...] = setting(
         ListOf(Network), tuple(ipaddress.ip_network(n) for n in DEFAULT_DENY_DESTINATIONS)
@@ -315,6 +318,10 @@ class LogSettings:
 @dataclass(frozen=True)
 class MetricsSettings:
     listen: Endpoint | None = setting(IPPort, None)
+    clients: tuple[IPNetwork, ...] = setting(ListOf(Network), LOOPBACK)
+    """Who may scrape; anyone else is closed at once (the front doors' clients are apart)."""
+    max_connections: int = setting(Integer(1, 10_000), 16)
+    """Scrapes served at once; beyond, a new connection gets 503 at once and is closed."""
 
 
 @dataclass(frozen=True)
