@@ -30,9 +30,8 @@ from typing import TypeVar
 import trio
 
 from egressd.config import Config, IPAddress, Source
-from egressd.egress.failures import EgressFailure, Party
+from egressd.egress.failures import EgressFailure
 from egressd.egress.plan import (
-    MAX_SOURCES,
     Attempt,
     Destination,
     GiveUp,
@@ -42,7 +41,6 @@ from egressd.egress.plan import (
 )
 from egressd.egress.selection import Egress
 from egressd.health import SourceHealth
-from egressd.log import get_logger
 from egressd.net.dialer import Dialed, connect, resolve_name
 from egressd.pools import PoolSet
 
@@ -56,8 +54,6 @@ __all__ = [
     "open_within",
     "through_pool",
 ]
-
-log = get_logger("egress")
 
 T = TypeVar("T")
 
@@ -158,27 +154,15 @@ async def dial_one(egress: Egress, source: Source, address: IPAddress, port: int
 
 
 async def through_pool(egress: Egress, pool: str, attempt: Callable[[Source], Awaitable[T]]) -> T:
-    """Run ``attempt`` on the pool's next source, and on one more source when it failed
-    through the source's fault (the plan's rule: :data:`MAX_SOURCES`, :func:`blame`).
+    """Run ``attempt`` on the pool's next source, and on the following one when the plan
+    says so (:meth:`Plan.source_failed`: a source's fault, once).
 
     Transitional, for the SMTP door: see :func:`dial_one`.
     """
-    tried: list[str] = []
-    failure: EgressFailure | None = None
+    plan = Plan(egress, pool=pool)
     while True:
-        try:
-            source = egress.pick(pool, avoid=frozenset(tried))
-        except EgressFailure:
-            if failure is not None:
-                raise failure from None
-            raise
-        if tried:
-            fields = {"pool": pool, "failed": tried[-1], "next": source.name}
-            log.info("retrying on the pool's next source", extra={"fields": fields})
-        tried.append(source.name)
+        source = plan.next_source()
         try:
             return await attempt(source)
-        except EgressFailure as exc:
-            if exc.party is not Party.SOURCE or len(tried) >= MAX_SOURCES:
-                raise
-            failure = exc
+        except EgressFailure as failure:
+            plan.source_failed(failure)
