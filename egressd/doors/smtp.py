@@ -166,12 +166,14 @@ class MtaSession:
     def __init__(
         self,
         door: SmtpDoor,
-        stream: Connection,
+        stream: trio.abc.Stream,
         runtime: Runtime,
         listener: Listener,
         record: SessionRecord,
+        relay_type: type[Relay] = Relay,
     ) -> None:
         self.door = door
+        self.relay_type = relay_type
         self.stream: trio.abc.Stream = stream
         self.runtime = runtime
         self.listener = listener
@@ -189,7 +191,9 @@ class MtaSession:
         self.hostname = self.config.smtp.hostname or self.config.hostname or ""
         if not self.hostname:
             self.hostname = await trio.to_thread.run_sync(_fqdn)
-        self.relay = Relay(self.runtime, self.record, self.hostname, self.listener.pool, self.reply)
+        self.relay = self.relay_type(
+            self.runtime, self.record, self.hostname, self.listener.pool, self.reply
+        )
         clean = False
         try:
             async with trio.open_nursery() as nursery:

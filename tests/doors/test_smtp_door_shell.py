@@ -1,0 +1,337 @@
+"""The SMTP door's trio shell over memory streams, on a fake clock.
+
+The MTA is the test, on one end of a ``memory_stream_pair``; the remote is a small SMTP
+server built from :class:`~egressd.proto.smtp_server.SmtpServer`, on another, handed to the
+relay by :class:`MemoryRelay` (the one place the door opens remotes). Every timeout here
+is the door's real one (minutes), applied by the shell with ``trio.fail_after``, and takes
+no real time under ``autojump_clock``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from egressd.config import Config, Endpoint, Listener, Pool, PoolEntry, SmtpSettings, Source
+from egressd.doors.smtp import MtaSession, SmtpDoor
+from egressd.doors.smtp_relay import Relay
+from egressd.doors.smtp_remote import RemoteSession
+from egressd.net.dialer import Dialed
+from egressd.net.mx import MxHost, NextHop
+from egressd.proto.smtp_client import SmtpClient
+from egressd.proto.smtp_common import (
+    NEED_DATA,
+    PAUSED,
+    ConnectionClosed,
+    Data,
+    DataChunk,
+    Ehlo,
+    EndOfData,
+    Mail,
+    Quit,
+    Rcpt,
+    Reply,
+    Rset,
+)
+from egressd.proto.smtp_server import CommandError, SmtpServer
+from egressd.relay.events import Event, OpenRemote, RemoteOpened
+from egressd.runtime import Runtime, SessionRecord
+
+SOURCE = Source("a", source_address=ipaddress.ip_address("127.0.0.3"), ehlo_domain="out-a.test")
+NEXT_HOP = NextHop(
+    "good.test", "mx", (MxHost("mx.good.test", 10, (ipaddress.ip_address("192.0.2.1"),)),)
+)
+HANG = "hang"
+
+
+@dataclass
+class Remote:
+    """The remote MX: answers every command with 250 (354 to DATA), or as ``script`` says
+    (``HANG``: never answer); records the body and whether the final dot came."""
+
+    script: dict[str, str] = field(default_factory=dict)
+    body: bytearray = field(default_factory=bytearray)
+    got_final_dot: bool = False
+    closed: trio.Event = field(default_factory=trio.Event)
+    commands: list[str] = field(default_factory=list)
+
+    async def serve(self, stream: trio.abc.Stream, machine: SmtpServer) -> None:
+        try:
+            while True:
+                event = machine.next_event()
+                if event is NEED_DATA or event is PAUSED:
+                    machine.receive_data(bytes(await stream.receive_some(65536)))
+                    continue
+                if isinstance(event, ConnectionClosed):
+                    return
+                reply = self.answer(event)
+                if reply == HANG:  # read on, answer nothing, until the relay hangs up
+                    while await stream.receive_some(65536):
+                        pass
+                    return
+                if isinstance(reply, Reply):
+                    await stream.send_all(machine.send(reply))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        finally:
+            self.closed.set()
+
+    def answer(self, event: object) -> Reply | str | None:
+        step = {Mail: "mail", Rcpt: "rcpt", Data: "data", EndOfData: "dot", Rset: "rset"}.get(
+            type(event)
+        )
+        if isinstance(event, DataChunk):
+            self.body += event.data
+            return None
+        self.commands.append(type(event).__name__.upper())
+        if isinstance(event, EndOfData):
+            self.got_final_dot = True
+        scripted = self.script.get(step or "")
+        if scripted == HANG:
+            return HANG
+        if scripted:
+            return Reply(int(scripted[:3]), (scripted[4:],))
+        if isinstance(event, Data):
+            return Reply.make(354, "go ahead")
+        if isinstance(event, Quit):
+            return Reply.make(221, "bye", enhanced="2.0.0")
+        if isinstance(event, CommandError):
+            return event.reply
+        return Reply.make(250, "ok", enhanced="2.0.0")
+
+
+class MemoryRelay(Relay):
+    """A relay whose remotes are :class:`Remote` servers on memory streams."""
+
+    remote_server: Remote
+    nursery: trio.Nursery
+
+    async def open(self, command: OpenRemote) -> Event:
+        ours, theirs = trio.testing.memory_stream_pair()
+        client, machine = SmtpClient(), SmtpServer(extensions=("PIPELINING", "8BITMIME"))
+        machine.send(Reply.make(220, "mx.good.test ESMTP"))  # greeted and EHLO'd already
+        client.receive_data(b"220 mx.good.test ESMTP\r\n")
+        client.next_event()
+        machine.receive_data(client.send(Ehlo("out-a.test")))
+        machine.next_event()
+        client.receive_data(machine.send(machine.ehlo_reply("mx.good.test")))
+        client.next_event()
+        self.nursery.start_soon(self.remote_server.serve, theirs, machine)
+        dialed = Dialed(
+            stream=ours,  # type: ignore[arg-type]
+            source=SOURCE,
+            via="direct",
+            local_address=(ipaddress.ip_address("127.0.0.3"), 40000),
+            remote_address=(ipaddress.ip_address("192.0.2.1"), 25),
+        )
+        self.remote = RemoteSession(
+            dialed=dialed,
+            mx_name="mx.good.test",
+            mx_port=25,
+            hop=NEXT_HOP,
+            timeouts=self.runtime.config.smtp.timeouts,
+            stream=ours,
+            client=client,
+        )
+        return RemoteOpened(self.remote.view())
+
+
+class Mta:
+    """The MTA end: send lines, read whole replies."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def reply(self) -> str:
+        lines: list[str] = []
+        while True:
+            while b"\r\n" not in self.buffer:
+                chunk = await self.stream.receive_some(65536)
+                if not chunk:
+                    return "\n".join(lines) or "EOF"
+                self.buffer += chunk
+            end = self.buffer.index(b"\r\n")
+            line = self.buffer[:end].decode()
+            del self.buffer[: end + 2]
+            lines.append(line)
+            if line[3:4] != "-":
+                return "\n".join(lines)
+
+    async def command(self, line: str) -> str:
+        await self.stream.send_all(line.encode() + b"\r\n")
+        return await self.reply()
+
+
+@dataclass
+class Door:
+    mta: Mta
+    remote: Remote
+    runtime: Runtime
+    record: SessionRecord
+    done: trio.Event
+
+
+def config() -> Config:
+    return Config(
+        path=Path("egressd.toml"),
+        hostname="relay.test",
+        sources={"a": SOURCE},
+        pools={"main": Pool("main", (PoolEntry("a"),))},
+        smtp=SmtpSettings(max_message_size=0),
+    )
+
+
+@asynccontextmanager
+async def door(
+    script: dict[str, str] | None = None, smtp_door: SmtpDoor | None = None
+) -> AsyncIterator[Door]:
+    """An MTA session on the door's shell, greeted; the remote follows ``script``."""
+    runtime = Runtime(config())
+    record = SessionRecord(door="smtp", client="127.0.0.1")
+    remote = Remote(script or {})
+    mta_end, door_end = trio.testing.memory_stream_pair()
+    listener = Listener(Endpoint("127.0.0.1", 2525), pool="main")
+    done = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        class Shell(MemoryRelay):
+            remote_server = remote
+
+        Shell.nursery = nursery
+        session = MtaSession(
+            smtp_door or SmtpDoor(), door_end, runtime, listener, record, relay_type=Shell
+        )
+
+        async def run() -> None:
+            await session.run()
+            await door_end.aclose()
+            done.set()
+
+        nursery.start_soon(run)
+        mta = Mta(mta_end)
+        assert await mta.reply() == "220 2.0.0 relay.test ESMTP egressd"
+        yield Door(mta, remote, runtime, record, done)
+        nursery.cancel_scope.cancel()
+
+
+async def in_data(mta: Mta) -> None:
+    assert (await mta.command("EHLO mta.test")).startswith("250-relay.test")
+    assert (await mta.command("MAIL FROM:<a@sender.test>")).startswith("250 2.1.0")
+    assert await mta.command("RCPT TO:<one@good.test>") == "250 2.0.0 ok"
+    assert await mta.command("DATA") == "354 go ahead"
+
+
+async def test_a_message_goes_through_and_the_remote_reply_comes_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with door({"dot": "250 2.0.0 queued as X1"}) as d:
+        await in_data(d.mta)
+        await d.mta.stream.send_all(b"Subject: hi\r\n\r\n..dot\r\n.\r\n")
+        assert await d.mta.reply() == "250 2.0.0 queued as X1"
+        assert await d.mta.command("QUIT") == "221 2.0.0 relay.test closing connection"
+        await d.done.wait()
+        await d.remote.closed.wait()
+    assert bytes(d.remote.body) == b"Subject: hi\r\n\r\n..dot\r\n"
+    assert d.remote.commands[-1] == "QUIT"
+    assert d.record.outcome == "delivered"
+    assert d.record.pool == "main"
+
+
+async def test_an_mta_silent_between_commands_gets_421_after_the_command_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with door() as d:
+        started = trio.current_time()
+        assert await d.mta.reply() == "421 4.4.2 relay.test timeout waiting for a command"
+        assert trio.current_time() - started == pytest.approx(300)
+        assert await d.mta.reply() == "EOF"
+    assert d.record.outcome == "timeout"
+
+
+async def test_an_mta_stalling_mid_data_is_cut_and_the_remote_gets_no_dot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with door(smtp_door=SmtpDoor(data_timeout=180)) as d:
+        await in_data(d.mta)
+        await d.mta.stream.send_all(b"Subject: stall\r\n\r\nwaiting\r\n")
+        started = trio.current_time()
+        assert await d.mta.reply() == "421 4.4.2 relay.test timeout waiting for the message body"
+        assert trio.current_time() - started == pytest.approx(180)
+        await d.remote.closed.wait()
+    assert bytes(d.remote.body) == b"Subject: stall\r\n\r\nwaiting\r\n"
+    assert not d.remote.got_final_dot
+
+
+async def test_the_mta_dropping_mid_data_closes_the_remote_without_the_dot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with door() as d:
+        await in_data(d.mta)
+        await d.mta.stream.send_all(b"Subject: half\r\n\r\nthe first half\r\n")
+        await d.mta.stream.aclose()
+        await d.remote.closed.wait()
+        await d.done.wait()
+    assert bytes(d.remote.body).startswith(b"Subject: half")
+    assert not d.remote.got_final_dot
+    assert d.record.outcome == "mta disconnected mid-DATA"
+
+
+@pytest.mark.parametrize(
+    ("step", "command", "seconds"), [("rcpt", "RCPT TO", 240), ("data", "DATA", 100)]
+)
+async def test_a_silent_remote_times_out_into_a_4xx_after_its_smtp_timeout(
+    autojump_clock: trio.testing.MockClock, step: str, command: str, seconds: int
+) -> None:
+    async with door({step: HANG}) as d:
+        mta = d.mta
+        assert (await mta.command("EHLO mta.test")).startswith("250-relay.test")
+        await mta.command("MAIL FROM:<a@sender.test>")
+        started = trio.current_time()
+        if step == "rcpt":
+            reply = await mta.command("RCPT TO:<one@good.test>")
+            what = "MAIL FROM and RCPT TO"
+        else:
+            await mta.command("RCPT TO:<one@good.test>")
+            started = trio.current_time()
+            reply = await mta.command(command)
+            what = command
+        assert trio.current_time() - started == pytest.approx(seconds)
+        assert reply == (
+            f'451 4.4.2 source "a" (127.0.0.3) to mx.good.test[192.0.2.1]:25: no reply to'
+            f" {what} within {seconds}s"
+        )
+        assert await mta.command("RSET") == "250 2.0.0 Reset state"
+        await d.remote.closed.wait()
+
+
+async def test_drain_says_421_to_an_idle_mta_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with door() as d:
+        assert (await d.mta.command("EHLO mta.test")).startswith("250-relay.test")
+        started = trio.current_time()
+        d.runtime.begin_drain()
+        assert await d.mta.reply() == "421 4.3.2 relay.test shutting down; try again later"
+        assert trio.current_time() == started
+    assert d.record.outcome == "drained"
+
+
+async def test_drain_waits_for_the_transaction_in_flight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with door() as d:
+        await in_data(d.mta)
+        d.runtime.begin_drain()
+        await trio.sleep(60)
+        await d.mta.stream.send_all(b"Subject: late\r\n\r\nstill delivered\r\n.\r\n")
+        assert await d.mta.reply() == "250 2.0.0 ok"
+        assert (await d.mta.command("MAIL FROM:<a@sender.test>")).startswith("421 4.3.2")
+    assert d.remote.got_final_dot
