@@ -27,22 +27,23 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from egressd.access import destination_refusal
-from egressd.config import Config, IPAddress, SmtpTimeouts, Source
-from egressd.doors.smtp_remote import RemoteError, RemoteSession, converse, open_remote
-from egressd.egress import Egress, EgressFailure
+from egressd.config import SmtpTimeouts
+from egressd.doors.smtp_remote import (
+    RemoteError,
+    RemoteSession,
+    converse,
+    next_hop,
+    open_remote,
+)
+from egressd.egress import Egress
 from egressd.log import get_logger
-from egressd.net.egress import through_pool
-from egressd.net.mx import NextHop, NextHopError, resolve_next_hop
 from egressd.proto.smtp_common import Data, DataChunk, EndOfData, Reply
-from egressd.relay import replies
 from egressd.relay.core import RelayCore
 from egressd.relay.events import (
     CloseRemote,
     Command,
     Event,
     NextHopResolved,
-    NextHops,
     OpenFailed,
     OpenRemote,
     RemoteOpened,
@@ -55,15 +56,9 @@ from egressd.relay.events import (
 )
 from egressd.runtime import Runtime, SessionRecord
 
-__all__ = ["Relay", "denied_addresses"]
+__all__ = ["Relay"]
 
 log = get_logger("smtp")
-
-
-class _OpenFailed(Exception):
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(reply.text)
-        self.reply = reply
 
 
 class Relay:
@@ -108,7 +103,8 @@ class Relay:
             return await self.send(command)
         elif isinstance(command, ResolveNextHop):
             assert command.config is not None
-            return NextHopResolved(await next_hop(command.domain, command.version, command.config))
+            found = await next_hop(command.domain, command.version, command.config)
+            return NextHopResolved(found)
         elif isinstance(command, OpenRemote):
             return await self.open(command)
         elif isinstance(command, CloseRemote):
@@ -138,35 +134,21 @@ class Relay:
             await remote.abort()
 
     async def open(self, command: OpenRemote) -> Event:
-        """A remote session through the pool's next source (retried once on a source fault).
-
-        Until the egress has one executor for every door, this is the one place the SMTP
-        door calls the egress, the next hop resolver and the remote opener.
-        """
+        """A remote session for the command's domain through its pool (the egress plan and
+        its executor, with the SMTP greeting as the per-address step)."""
         egress = command.egress
         assert isinstance(egress, Egress)
-        config = egress.config
-        domain = command.domain
-
-        async def attempt(source: Source) -> RemoteSession:
-            found = await cached_next_hop(command.next_hops, domain, source.egress_version, config)
-            if isinstance(found, Reply):
-                raise _OpenFailed(found)
-            denied = denied_addresses(found, config)
-            if all(a in denied for h in found.hosts for a in h.addresses):
-                raise _OpenFailed(replies.denied_next_hop(domain))
-            ehlo_name = source.ehlo_domain or self.hostname
-            try:
-                return await open_remote(egress, self.runtime, source, found, ehlo_name, denied)
-            except RemoteError as exc:
-                raise _OpenFailed(exc.reply) from exc
-
         try:
-            remote = await through_pool(egress, command.pool, attempt)
-        except _OpenFailed as exc:
+            remote = await open_remote(
+                egress,
+                self.runtime,
+                command.pool,
+                command.domain,
+                command.next_hops,
+                self.hostname,
+            )
+        except RemoteError as exc:
             return OpenFailed(exc.reply)
-        except EgressFailure as exc:
-            return OpenFailed(replies.egress_failure(command.pool, exc))
         self.remote = remote
         self.record.source = remote.source.name
         self.record.local_address = remote.local_address
@@ -200,39 +182,3 @@ def _deadline(timeouts: SmtpTimeouts, command: SendRemote) -> float:
     if kinds == {DataChunk}:
         return timeouts.data_block
     return timeouts.command
-
-
-async def next_hop(domain: str, version: int | None, config: Config) -> NextHop | Reply:
-    """The next hop of ``domain``, or the reply for the MTA when it cannot be found."""
-    try:
-        return await resolve_next_hop(domain, config, version)
-    except NextHopError as exc:
-        return replies.next_hop_failure(exc.code, exc.enhanced, exc.text)
-
-
-async def cached_next_hop(
-    cache: NextHops, domain: str, version: int | None, config: Config
-) -> NextHop | Reply:
-    key = (domain, version)
-    found = cache.get(key)
-    if found is None:
-        found = cache[key] = await next_hop(domain, version, config)
-    assert isinstance(found, (NextHop, Reply))
-    return found
-
-
-def denied_addresses(hop: NextHop, config: Config) -> frozenset[IPAddress]:
-    """Addresses of a DNS-derived next hop that ``[access] deny_destinations`` forbids.
-
-    Routes are the operator's own choice and are not filtered; an MX or a domain literal
-    pointing into loopback or a private network is (an open door into the LAN otherwise).
-    """
-    if hop.kind == "route":
-        return frozenset()
-    denied: set[IPAddress] = set()
-    for host in hop.hosts:
-        for address in host.addresses:
-            refusal = destination_refusal(config.access, address, host.port)
-            if refusal is not None and "deny_destinations" in refusal:
-                denied.add(address)
-    return frozenset(denied)

@@ -2,11 +2,18 @@
 
 Theory of operation
 -------------------
-:func:`open_remote` turns a :class:`~egressd.net.mx.NextHop` and a chosen source into a
-:class:`RemoteSession` that is ready for MAIL: it dials the hop's addresses in order
-(lowest MX preference first) through :meth:`Egress.connect <egressd.net.egress.Egress.connect>`
-with the IP literal, reads the banner, sends ``EHLO <the source's ehlo_domain>`` (egressd's
-hostname when the source has none), does STARTTLS as ``[smtp.tls]`` says, and EHLOs again.
+:func:`open_remote` turns a pool and a recipient domain into a :class:`RemoteSession` that
+is ready for MAIL. It runs the egress plan (:class:`~egressd.egress.Plan`: which source,
+the one retry on the pool's next source, health and the destination breaker) with its
+executor (:func:`egressd.net.egress.execute`), supplying the two SMTP parts:
+
+* the resolver: the domain's next hop (:mod:`egressd.net.mx`) for the picked source's IP
+  version, its addresses in order (lowest MX preference first), minus those
+  ``[access] deny_destinations`` forbids;
+* the per-address step: connect from the source (within ``[dial] timeout``), read the
+  banner, send ``EHLO <the source's ehlo_domain>`` (egressd's hostname when the source has
+  none), STARTTLS as ``[smtp.tls]`` says, and EHLO again. A failure there is the
+  destination's (kind ``rejected``), so the plan tries the next address.
 
 STARTTLS policy (RFC 3207, RFC 7435):
 
@@ -46,11 +53,24 @@ from dataclasses import dataclass, field
 
 import trio
 
+from egressd.access import destination_refusal
 from egressd.config import Config, IPAddress, SmtpTimeouts, Source, format_hostport
-from egressd.egress import Egress, EgressFailure, Party, destination_port
-from egressd.net.dialer import Dialed
-from egressd.net.egress import dial_one
-from egressd.net.mx import MxHost, NextHop
+from egressd.egress import (
+    Attempt,
+    Destination,
+    Egress,
+    EgressFailure,
+    Failure,
+    Party,
+    Plan,
+    Progress,
+    Resolve,
+    Stage,
+)
+from egressd.egress.failures import timeout_kind
+from egressd.net.dialer import Dialed, connect
+from egressd.net.egress import execute
+from egressd.net.mx import NextHop, NextHopError, resolve_next_hop
 from egressd.net.tls import client_context
 from egressd.proto.smtp_client import ClientCommand, SmtpClient
 from egressd.proto.smtp_common import (
@@ -65,10 +85,18 @@ from egressd.proto.smtp_common import (
     StartTls,
 )
 from egressd.relay import replies
-from egressd.relay.events import Remote, RemoteLost, RemoteReplied, RemoteTimedOut
+from egressd.relay.events import NextHops, Remote, RemoteLost, RemoteReplied, RemoteTimedOut
 from egressd.runtime import Runtime
 
-__all__ = ["RemoteBroken", "RemoteError", "RemoteSession", "converse", "open_remote"]
+__all__ = [
+    "RemoteBroken",
+    "RemoteError",
+    "RemoteSession",
+    "converse",
+    "denied_addresses",
+    "next_hop",
+    "open_remote",
+]
 
 _RECEIVE_SIZE = 65536
 _QUIT_WAIT = 2.0
@@ -106,7 +134,7 @@ class RemoteSession:
     dialed: Dialed
     mx_name: str
     mx_port: int
-    hop: NextHop
+    next_hop: NextHop
     timeouts: SmtpTimeouts
     stream: trio.abc.Stream
     client: SmtpClient = field(default_factory=SmtpClient)
@@ -138,7 +166,7 @@ class RemoteSession:
         return f"{_source_text(self.source, self.dialed.local_address[0])} to {self.remote_text}"
 
     @property
-    def hop_address(self) -> tuple[IPAddress, int]:
+    def next_hop_address(self) -> tuple[IPAddress, int]:
         """The address and the next hop's port (before a source's ``remote_port``)."""
         return self.address[0], self.mx_port
 
@@ -146,8 +174,8 @@ class RemoteSession:
         """What the relay core knows of this connection."""
         return Remote(
             source=self.source,
-            next_hop=self.hop,
-            hop_address=self.hop_address,
+            next_hop=self.next_hop,
+            next_hop_address=self.next_hop_address,
             remote_text=self.remote_text,
             describe=self.describe(),
             mx_name=self.mx_name,
@@ -234,100 +262,201 @@ async def _command(
 
 
 @dataclass
-class _Attempt:
-    """Shared facts for dialing one next hop from one source."""
+class _Greeting:
+    """What a remote is greeted with: the STARTTLS policy and the source's EHLO name."""
+
+    config: Config
+    ehlo_name: str
+
+
+@dataclass
+class _Opening:
+    """One :func:`open_remote`: the resolver and the per-address step of the egress plan."""
 
     egress: Egress
     runtime: Runtime
-    config: Config
-    source: Source
-    hop: NextHop
-    ehlo_name: str
+    pool: str
+    domain: str
+    next_hops: NextHops
+    hostname: str
     failures: list[str] = field(default_factory=list)
-    last_remote_reply: Reply | None = None
+    source: Source | None = None
+
+    @property
+    def config(self) -> Config:
+        return self.egress.config
+
+    async def next_hop(self, version: int | None) -> NextHop:
+        """The next hop for a source of IP ``version`` (resolved once per transaction);
+        raises :class:`RemoteError` with the reply when it cannot be found."""
+        key = (self.domain, version)
+        found = self.next_hops.get(key)
+        if found is None:
+            found = self.next_hops[key] = await next_hop(self.domain, version, self.config)
+        if isinstance(found, Reply):
+            raise RemoteError(found)
+        assert isinstance(found, NextHop)
+        return found
+
+    async def resolve(self, step: Resolve) -> list[Destination]:
+        """The plan's Resolve: the next hop's addresses, in order, without denied ones."""
+        self.source = step.source
+        self.failures = []
+        next_hop = await self.next_hop(step.version)
+        denied = denied_addresses(next_hop, self.config)
+        destinations = [
+            Destination(address, host.port, host.name)
+            for host in next_hop.hosts
+            for address in host.addresses
+            if address not in denied
+        ]
+        if not destinations:
+            raise RemoteError(replies.denied_next_hop(self.domain))
+        return destinations
+
+    async def attempt(self, attempt: Attempt, progress: Progress) -> RemoteSession:
+        """The plan's per-address step: connect, greet, EHLO, STARTTLS per policy.
+
+        Raises :class:`EgressFailure` (the destination's fault unless the dial blames the
+        source) so the plan moves on; each failure is noted for the MTA's reply.
+        """
+        source = attempt.source
+        next_hop = await self.next_hop(source.egress_version)
+        greeting = _Greeting(self.config, source.ehlo_domain or self.hostname)
+        tls = self.config.smtp.tls
+        use_tls = tls.mode != "disabled"
+        for _ in range(2):
+            session = await self._dial(attempt, progress, next_hop)
+            try:
+                await _greet(greeting, session, use_tls=use_tls)
+                return session
+            except _TlsFailed as exc:
+                await session.abort()
+                if tls.mode == "required" or tls.verify:
+                    raise self._rejected(attempt, f"{session.remote_text}: {exc}") from exc
+                use_tls = False  # opportunistic: reconnect and go on in plaintext
+            except RemoteError as exc:
+                await session.abort()
+                raise self._rejected(attempt, exc.detail) from exc
+        raise AssertionError("unreachable: the plaintext attempt returns or raises")
+
+    async def _dial(self, attempt: Attempt, progress: Progress, next_hop: NextHop) -> RemoteSession:
+        """Connect within ``[dial] timeout``; the session holds a source slot for its life."""
+        destination = attempt.destination
+        name = destination.name or str(destination.address)
+        try:
+            with trio.fail_after(self.config.dial.timeout):
+                dialed = await connect(attempt, progress)
+        except trio.TooSlowError:
+            failure = self._timed_out(attempt, progress)
+            self._note(failure, f"{name}[{destination.address}]:{attempt.port}: {failure}")
+            raise failure from None
+        except EgressFailure as exc:
+            self._note(exc, f"{name}[{destination.address}]:{attempt.port}: {_dial_reason(exc)}")
+            raise
+        stack = AsyncExitStack()
+        try:
+            await stack.enter_async_context(self.runtime.source_in_use(attempt.source.name))
+        except BaseException:
+            await trio.aclose_forcefully(dialed.stream)
+            raise
+        session = RemoteSession(
+            dialed=dialed,
+            mx_name=name,
+            mx_port=destination.port if destination.port is not None else attempt.port,
+            next_hop=next_hop,
+            timeouts=self.config.smtp.timeouts,
+            stream=dialed.stream,
+            _exit=stack,
+        )
+        if dialed.initial_data:
+            session.client.receive_data(dialed.initial_data)
+        return session
+
+    def _note(self, failure: EgressFailure, text: str) -> None:
+        if failure.party is Party.DESTINATION:
+            self.failures.append(text)
+
+    def _rejected(self, attempt: Attempt, detail: str) -> EgressFailure:
+        self.failures.append(detail)
+        return EgressFailure(
+            Failure.REJECTED,
+            detail,
+            source=attempt.source.name,
+            stage=Stage.CONNECT,
+            address=attempt.address,
+        )
+
+    def _timed_out(self, attempt: Attempt, progress: Progress) -> EgressFailure:
+        timeout = self.config.dial.timeout
+        return EgressFailure(
+            timeout_kind(progress.stage),
+            f"no connection within {timeout:g}s",
+            source=attempt.source.name,
+            stage=progress.stage,
+            address=progress.address,
+        )
+
+    def failed(self, failure: EgressFailure) -> Reply:
+        """The MTA's reply when the plan gave up with ``failure``."""
+        source = self.source
+        if failure.party is not Party.DESTINATION or source is None:
+            return replies.egress_failure(self.pool, failure)
+        who = _source_text(source, source.egress_address)
+        return replies.no_mail_server(who, self.domain, self.failures or [failure.detail])
+
+
+async def next_hop(domain: str, version: int | None, config: Config) -> NextHop | Reply:
+    """The next hop of ``domain`` for a source of IP ``version``, or the reply for the MTA
+    when it cannot be found."""
+    try:
+        return await resolve_next_hop(domain, config, version)
+    except NextHopError as exc:
+        return replies.next_hop_failure(exc.code, exc.enhanced, exc.text)
 
 
 async def open_remote(
     egress: Egress,
     runtime: Runtime,
-    source: Source,
-    hop: NextHop,
-    ehlo_name: str,
-    denied: frozenset[IPAddress] = frozenset(),
+    pool: str,
+    domain: str,
+    next_hops: NextHops,
+    hostname: str,
 ) -> RemoteSession:
-    """A session to the first host of ``hop`` that answers and greets, ready for MAIL.
+    """A session to the first address of ``domain``'s next hop that answers and greets,
+    from ``pool``'s next source, ready for MAIL: the egress plan, run by its executor with
+    the SMTP greeting as its per-address step (retried once on the pool's next source when
+    the first fails through its own fault).
 
-    Raises :class:`RemoteError` (with a 4xx naming the source, each address tried and its
-    error) when no host works; :class:`~egressd.egress.EgressFailure` is raised as is when
-    it is the source's fault, so the caller can try another source.
+    ``next_hops`` caches the transaction's next hops. Raises :class:`RemoteError` with
+    the reply for the MTA (a 4xx naming the source, each address tried and its error).
     """
-    attempt = _Attempt(egress, runtime, egress.config, source, hop, ehlo_name)
-    for host in hop.hosts:
-        for address in host.addresses:
-            if address in denied:
-                continue
-            session = await _try_address(attempt, host, address)
-            if session is not None:
-                return session
-    who = _source_text(source, source.egress_address)
-    if not attempt.failures:
-        raise RemoteError(replies.no_usable_address(hop.domain))
-    raise RemoteError(replies.no_mail_server(who, hop.domain, attempt.failures))
-
-
-async def _try_address(attempt: _Attempt, host: MxHost, address: IPAddress) -> RemoteSession | None:
-    """A ready session to ``address``, or None (the failure is noted in ``attempt``)."""
-    mode = attempt.config.smtp.tls.mode
-    verify = attempt.config.smtp.tls.verify
-    use_tls = mode != "disabled"
-    for _ in range(2):
-        try:
-            session = await _dial(attempt, host, address)
-        except EgressFailure as exc:
-            if exc.party is Party.SOURCE:
-                raise
-            port = destination_port(attempt.source, host.port)
-            attempt.failures.append(f"{host.name}[{address}]:{port}: {_dial_reason(exc)}")
-            return None
-        try:
-            await _greet(attempt, session, use_tls=use_tls)
-            return session
-        except _TlsFailed as exc:
-            await session.abort()
-            if mode == "required" or verify:
-                attempt.failures.append(f"{session.remote_text}: {exc}")
-                return None
-            use_tls = False  # opportunistic: reconnect and go on in plaintext
-        except RemoteError as exc:
-            await session.abort()
-            attempt.failures.append(exc.detail)
-            return None
-    return None
-
-
-async def _dial(attempt: _Attempt, host: MxHost, address: IPAddress) -> RemoteSession:
-    dialed = await dial_one(attempt.egress, attempt.source, address, host.port)
-    stack = AsyncExitStack()
+    opening = _Opening(egress, runtime, pool, domain, next_hops, hostname)
+    plan = Plan(egress, pool=pool)
     try:
-        await stack.enter_async_context(attempt.runtime.source_in_use(attempt.source.name))
-    except BaseException:
-        await trio.aclose_forcefully(dialed.stream)
-        raise
-    session = RemoteSession(
-        dialed=dialed,
-        mx_name=host.name,
-        mx_port=host.port,
-        hop=attempt.hop,
-        timeouts=attempt.config.smtp.timeouts,
-        stream=dialed.stream,
-        _exit=stack,
-    )
-    if dialed.initial_data:
-        session.client.receive_data(dialed.initial_data)
-    return session
+        return await execute(plan, opening.attempt, opening.resolve)
+    except EgressFailure as exc:
+        raise RemoteError(opening.failed(exc)) from exc
 
 
-async def _greet(attempt: _Attempt, session: RemoteSession, *, use_tls: bool) -> None:
+def denied_addresses(next_hop: NextHop, config: Config) -> frozenset[IPAddress]:
+    """Addresses of a DNS-derived next hop that ``[access] deny_destinations`` forbids.
+
+    Routes are the operator's own choice and are not filtered; an MX or a domain literal
+    pointing into loopback or a private network is (an open door into the LAN otherwise).
+    """
+    if next_hop.kind == "route":
+        return frozenset()
+    denied: set[IPAddress] = set()
+    for host in next_hop.hosts:
+        for address in host.addresses:
+            refusal = destination_refusal(config.access, address, host.port)
+            if refusal is not None and "deny_destinations" in refusal:
+                denied.add(address)
+    return frozenset(denied)
+
+
+async def _greet(attempt: _Greeting, session: RemoteSession, *, use_tls: bool) -> None:
     """Banner, EHLO, STARTTLS (per policy), EHLO again. Raises RemoteError or _TlsFailed."""
     timeouts = session.timeouts
     banner = await _command(session, None, timeouts.banner, "the connection (banner)")
@@ -350,7 +479,7 @@ async def _greet(attempt: _Attempt, session: RemoteSession, *, use_tls: bool) ->
     await _hello(attempt, session)
 
 
-async def _hello(attempt: _Attempt, session: RemoteSession) -> None:
+async def _hello(attempt: _Greeting, session: RemoteSession) -> None:
     reply = await _command(session, Ehlo(attempt.ehlo_name), session.timeouts.command, "EHLO")
     if reply.is_success:
         return

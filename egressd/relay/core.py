@@ -290,7 +290,7 @@ class RelayCore:
         remote = self.remote
         if tx.remote_open and remote is not None:
             next_hop = yield from self._next_hop(tx, domain, remote.source.egress_version)
-            if not remote.next_hop.same_destination(next_hop, remote.hop_address):
+            if not remote.next_hop.same_destination(next_hop, remote.next_hop_address):
                 return replies.another_next_hop(domain, remote.next_hop.domain, remote.remote_text)
             return (yield from self._remote_rcpt(tx, rcpt))
         return (yield from self._begin_remote(tx, domain, rcpt))
@@ -361,7 +361,7 @@ class RelayCore:
         if kept is not None:
             if self.remote_alive and self._source_fits(tx, kept.source):
                 next_hop = yield from self._next_hop(tx, domain, kept.source.egress_version)
-                if kept.next_hop.same_destination(next_hop, kept.hop_address):
+                if kept.next_hop.same_destination(next_hop, kept.next_hop_address):
                     return kept, False
             yield from self._drop_remote(polite=True)
         result = yield OpenRemote(tx.pool, domain, tx.egress, tx.next_hops)

@@ -4,7 +4,7 @@ Events tell :class:`~egressd.relay.core.RelayCore` what happened: the MTA sent a
 a piece of the body, went away or went silent; a remote connection was opened (or could
 not be); a next hop was resolved; the remote replied, went silent, or broke. Commands tell
 the shell what to do: reply to the MTA, open a remote through the egress, resolve a next
-hop, send to the remote, close the remote, account for a transaction.
+next hop, send to the remote, close the remote, account for a transaction.
 
 Three commands wait for a result, which the shell feeds back as the next event:
 
@@ -119,7 +119,7 @@ class Remote:
     source: Source
     next_hop: NextHopView
     #: The connected address and the next hop's port (before a source's ``remote_port``).
-    hop_address: tuple[IPAddress, int]
+    next_hop_address: tuple[IPAddress, int]
     #: ``mx.example[192.0.2.1]:25``
     remote_text: str
     #: ``source "a" (127.0.0.3) to mx.example[192.0.2.1]:25``, for replies

@@ -135,7 +135,7 @@ class MemoryRelay(Relay):
             dialed=dialed,
             mx_name="mx.good.test",
             mx_port=25,
-            hop=NEXT_HOP,
+            next_hop=NEXT_HOP,
             timeouts=self.runtime.config.smtp.timeouts,
             stream=ours,
             client=client,

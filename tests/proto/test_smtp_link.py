@@ -165,7 +165,7 @@ class Link:
         return Remote(
             source=SOURCE,
             next_hop=NEXT_HOP,
-            hop_address=(ipaddress.ip_address("192.0.2.1"), 25),
+            next_hop_address=(ipaddress.ip_address("192.0.2.1"), 25),
             remote_text="mx.example.net[192.0.2.1]:25",
             describe='source "out1" (127.0.0.3) to mx.example.net[192.0.2.1]:25',
             extensions=dict(self.client.extensions),

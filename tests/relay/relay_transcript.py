@@ -114,7 +114,7 @@ def remote(
     return Remote(
         source=source,
         next_hop=next_hop,
-        hop_address=(ipaddress.ip_address(address), 25),
+        next_hop_address=(ipaddress.ip_address(address), 25),
         remote_text=text,
         describe=f'source "{source.name}" ({source.source_address}) to {text}',
         mx_name=host,
