@@ -151,11 +151,6 @@ MTA_KEYS = frozenset(
 """``make_egress_path`` keys that only the MTA acts on: accepted, reported once, ignored."""
 
 
-def is_path_key(key: str) -> bool:
-    """True for any ``make_egress_path`` key (enforced or the MTA's)."""
-    return key in ENFORCED or key in TABLES or key in MTA_KEYS
-
-
 @dataclass
 class Params:
     """The enforced keys of one section (or of a merge of sections), each with its origin."""

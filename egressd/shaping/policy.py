@@ -24,7 +24,7 @@ site, domain. A provider's rules act on (source, provider); the others on (sourc
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +41,7 @@ from egressd.shaping.rules import Rule
 from egressd.shaping.sites import Destination, normalize_name, provider_matches
 from egressd.shaping.throttle import LimitSpec, ThrottleSpec
 
+_CACHE_SIZE = 4096
 BudgetKind = Literal["connections", "connection rate", "message rate", "selection rate"]
 ScopeKind = Literal["site", "provider", "domain"]
 
@@ -114,14 +115,15 @@ class BoundRule:
 
 
 class ShapingPolicy:
-    """Lookups over bound shaping sections; pure and without state of its own."""
+    """Lookups over bound shaping sections; pure (its only state is a cache of matches)."""
 
     def __init__(self, sections: BoundSections) -> None:
         self.sections = sections
         self.findings: list[Finding] = list(sections.findings)
+        self._providers: dict[Destination, list[tuple[Section, str]]] = {}
 
     @classmethod
-    def from_files(cls, files: ShapingFiles, sites: dict[str, str]) -> ShapingPolicy:
+    def from_files(cls, files: ShapingFiles, sites: Mapping[str, str]) -> ShapingPolicy:
         policy = cls(files.bind(sites))
         policy.findings[:0] = files.findings
         return policy
@@ -130,11 +132,16 @@ class ShapingPolicy:
 
     def providers_for(self, destination: Destination) -> list[tuple[Section, str]]:
         """Every provider that matches, in definition order, with why it matched."""
-        found = []
-        for provider in self.sections.providers.values():
-            reason = provider_matches(provider.matches, destination)
-            if reason is not None:
-                found.append((provider, reason))
+        found = self._providers.get(destination)
+        if found is None:
+            if len(self._providers) >= _CACHE_SIZE:
+                self._providers.clear()
+            found = []
+            for provider in self.sections.providers.values():
+                reason = provider_matches(provider.matches, destination)
+                if reason is not None:
+                    found.append((provider, reason))
+            self._providers[destination] = found
         return found
 
     def provider_of(self, destination: Destination) -> tuple[str, str] | None:

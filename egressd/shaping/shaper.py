@@ -23,6 +23,7 @@ reply a door gives when no source of a pool may go.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,12 +133,25 @@ class Shaper:
         self.failures: dict[tuple[str, str], _FailureState] = {}
         self._limits_cache: dict[tuple[str, Destination], Limits] = {}
         self._rules_cache: dict[Destination, list[BoundRule]] = {}
+        self._overrides_change_at = math.inf
+
+    def replace_policy(self, policy: ShapingPolicy) -> None:
+        """Use reloaded shaping files; leases, buckets, suspensions and overrides stay.
+
+        Open leases keep the budgets they were taken with, so they are given back exactly.
+        Threshold counts start again: the rules they counted for may have changed.
+        """
+        self.policy = policy
+        self.windows.clear()
+        self._limits_cache.clear()
+        self._rules_cache.clear()
 
     # ------------------------------------------------------------------ queries
 
     def limits(self, source: str, destination: Destination) -> Limits:
         """The effective limits now, with any active overrides."""
-        self.expire()
+        if self.clock() >= self._overrides_change_at:
+            self._drop_expired_overrides()
         key = (source, destination)
         limits = self._limits_cache.get(key)
         if limits is None:
@@ -226,15 +240,15 @@ class Shaper:
         return sorted(effects, key=lambda effect: (effect.until, effect.scope))
 
     def expire(self) -> None:
-        """Forget what has expired: suspensions, overrides, full buckets, empty windows."""
+        """Forget what has expired: suspensions, overrides, full buckets, empty windows.
+
+        Checks never depend on this (each compares expiry times itself); the caller runs it
+        every few seconds to keep memory bounded by what is active.
+        """
         now = self.clock()
         for scope in [s for s, item in self.suspensions.items() if item.until <= now]:
             del self.suspensions[scope]
-        expired = [key for key, item in self.overrides.items() if item.until <= now]
-        for override_key in expired:
-            del self.overrides[override_key]
-        if expired:
-            self._limits_cache.clear()
+        self._drop_expired_overrides()
         now_ns = round(now * NANOS)
         for bucket_key in [k for k, bucket in self.buckets.items() if bucket.idle(now_ns)]:
             del self.buckets[bucket_key]
@@ -242,6 +256,35 @@ class Shaper:
             window.forget_before(now)
         for window_key in [k for k, window in self.windows.items() if not window.times]:
             del self.windows[window_key]
+
+    def usage(self, source: str, destination: Destination) -> list[str]:
+        """What is used of each budget now, and any suspension (for ``egressd explain``)."""
+        limits = self.limits(source, destination)
+        now = self._now_ns()
+        lines = []
+        for budget in limits.budgets:
+            if budget.kind == "connections":
+                used = f"{self.leases.get(budget.key, 0)} open"
+            else:
+                bucket = self.buckets.get(budget.key)
+                wait = bucket.wait_ns(now) if bucket is not None else 0
+                used = f"next in {wait / NANOS:.3g}s" if wait else "available"
+            lines.append(f"{budget.describe()}: {used}")
+        refusal = self._suspension_refusal(source, destination) or self._failure_refusal(limits)
+        if refusal is not None:
+            lines.append(refusal.reason)
+        return lines
+
+    def _drop_expired_overrides(self) -> None:
+        now = self.clock()
+        expired = [key for key, item in self.overrides.items() if item.until <= now]
+        for key in expired:
+            del self.overrides[key]
+        if expired:
+            self._limits_cache.clear()
+        self._overrides_change_at = min(
+            (o.until for o in self.overrides.values()), default=math.inf
+        )
 
     # ------------------------------------------------------------------ checks
 
@@ -383,6 +426,7 @@ class Shaper:
         self.overrides.pop(key, None)  # re-inserted last: the newest override wins
         self.overrides[key] = override
         self._limits_cache.clear()
+        self._overrides_change_at = min(self._overrides_change_at, until)
         return override
 
     def _overrides_for(self, source: str, destination: Destination) -> list[Override]:
@@ -439,6 +483,8 @@ def refusal_summary(pool: str, target: str, refusals: Sequence[Refusal]) -> str:
     budgets = {refusal.budget for refusal in refusals}
     if len(budgets) == 1 and len(refusals) > 1:
         budget = next(iter(budgets))
+        if budget == "suspended":
+            return f"{head} (all {len(refusals)} sources are suspended)"
         value = _budget_value(refusals[0])
         return f"{head} ({budget}{value} reached for all {len(refusals)} sources)"
     parts = "; ".join(f"{r.source}: {r.reason}" for r in refusals)
@@ -447,9 +493,7 @@ def refusal_summary(pool: str, target: str, refusals: Sequence[Refusal]) -> str:
 
 def _budget_value(refusal: Refusal) -> str:
     words = refusal.reason.split(" ")
-    if len(words) > 1 and words[0] == refusal.budget and refusal.budget != "suspended":
-        return f" {words[1]}"
-    return ""
+    return f" {words[1]}" if len(words) > 1 and words[0] == refusal.budget else ""
 
 
 __all__: Sequence[Any] = (

@@ -337,3 +337,69 @@ def test_expire_forgets_idle_state() -> None:
     clock.advance(3601)
     shaper.expire()
     assert shaper.buckets == {} and shaper.windows == {}
+
+
+def test_usage_shows_what_is_used_of_each_budget() -> None:
+    shaper, _ = make()
+    held = lease(shaper.open("ip-1", YAHOO))
+    assert held.send() is None
+    assert shaper.usage("ip-1", YAHOO) == [
+        "connection_limit 2: 1 open",
+        "max_message_rate 10/s: available",
+        "max_connection_rate 2/m: available",
+    ]
+    lease(shaper.open("ip-1", YAHOO)).release()
+    shaper.reply("ip-1", YAHOO, "421 [TSS04] deferred")
+    lines = shaper.usage("ip-1", YAHOO)
+    assert lines[2] == "max_connection_rate 2/m: next in 30s"
+    assert lines[3].startswith("source 'ip-1' is suspended for provider 'yahoo'")
+
+
+def test_a_reloaded_policy_keeps_leases_and_suspensions() -> None:
+    shaper, _ = make()
+    held = lease(shaper.open("ip-1", OTHER))
+    shaper.reply("ip-1", YAHOO, "421 [TSS04] deferred")
+    shaper.reply("ip-1", YAHOO, "421 [TS02] x")
+    reloaded = (
+        '["default"]\nconnection_limit = 1\n[provider.yahoo]\nmatch = [{MXSuffix=".yahoodns.net"}]'
+    )
+    shaper.replace_policy(policy_from(reloaded))
+    assert refused(shaper.open("ip-1", OTHER)).reason.startswith("connection_limit 1 reached")
+    assert refused(shaper.open("ip-1", YAHOO)).budget == "suspended"
+    assert shaper.windows == {}
+    held.release()
+    lease(shaper.open("ip-1", OTHER)).release()
+
+
+def test_rules_of_a_domain_without_rollup_act_on_that_domain_or_its_site() -> None:
+    text = """
+["solo.example"]
+mx_rollup = false
+
+[["solo.example".automation]]
+regex = "slow down"
+action = [{ SetConfig = { name = "max_deliveries_per_connection", value = 1 } }, "Suspend"]
+duration = "5m"
+"""
+    shaper, _ = make(text)
+    solo = Destination("mx.shared.example", "solo.example", ("mx.shared.example",))
+    override, suspension = shaper.reply("ip-1", solo, "452 slow down")
+    assert override.scope == ("ip-1", "domain", "solo.example")
+    assert suspension.scope == ("ip-1", "site", "mx.shared.example")
+
+
+def test_named_budgets_are_shared_by_every_path_naming_them() -> None:
+    shaper, _ = make('["default"]\nadditional_connection_limits = { "global" = 1 }\n')
+    held = lease(shaper.open("ip-1", OTHER))
+    refusal = refused(shaper.open("ip-2", YAHOO))
+    assert refusal.budget == "additional_connection_limits.'global'"
+    assert "(shared by every path that names it)" in refusal.reason
+    held.release()
+    assert shaper.check_open("ip-2", YAHOO) is None
+
+
+def test_summary_of_sources_all_suspended_lists_each() -> None:
+    refusals = [Refusal(f"ip-{n}", "suspended", f"source 'ip-{n}' is suspended") for n in (1, 2)]
+    assert refusal_summary("p", "site 'x'", refusals) == (
+        "no source of pool 'p' may connect to site 'x' now (all 2 sources are suspended)"
+    )
