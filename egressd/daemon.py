@@ -251,7 +251,7 @@ class Daemon:
             return
         try:
             listener = str(running.listener.address)
-            async with self.runtime.session(door.name, client, listener) as record:
+            async with self.runtime.session(door.name, client, listener, host=host) as record:
                 record.pool = running.listener.pool
                 await door.handle(connection, self.runtime, running.listener, record)
         except Overloaded as exc:

@@ -33,6 +33,7 @@ from typing import Any
 
 import trio
 
+from egressd.admission import Admission
 from egressd.config import Config
 from egressd.egress import DestinationBreaker, Egress, EgressObserver
 from egressd.health import SourceHealth
@@ -85,8 +86,18 @@ class SessionRecord:
         return values
 
 
+def doors_with_listeners(config: Config) -> frozenset[str]:
+    """The front doors that have at least one listener (each keeps a reserve)."""
+    listeners = {
+        "socks5": config.socks5_listeners,
+        "proxy": config.proxy_listeners,
+        "smtp": config.smtp.listeners,
+    }
+    return frozenset(door for door, items in listeners.items() if items)
+
+
 class Overloaded(Exception):
-    """``max_connections`` is reached: the door refuses the new connection at once."""
+    """A limit (:mod:`egressd.admission`) refuses the connection: the door refuses it at once."""
 
 
 SessionHook = Callable[[SessionRecord], None]
@@ -103,6 +114,8 @@ class Runtime:
         self.egress = Egress(
             config, PoolSet.from_config(config), self.health, self.observer, self.breaker
         )
+        self.admission = Admission()
+        self.doors = doors_with_listeners(config)
         self.active_sessions = 0
         self.draining = False
         self.drain_started = trio.Event()
@@ -120,6 +133,7 @@ class Runtime:
         """Adopt a new, validated configuration for every session that starts from now on."""
         pools = PoolSet.from_config(config, previous=self.egress.pools)
         self.health.update_sources(config.sources)
+        self.doors = doors_with_listeners(config)
         self.egress = Egress(config, pools, self.health, self.observer, self.breaker)
 
     def smtp_transaction(self, pool: str, code: int, source: str = "") -> None:
@@ -135,24 +149,27 @@ class Runtime:
         await self._idle.wait()
 
     def session(
-        self, door: str, client: str, listener: str | None = None
+        self, door: str, client: str, listener: str | None = None, *, host: str | None = None
     ) -> AbstractAsyncContextManager[SessionRecord]:
-        """Account for one connection; raise :class:`Overloaded` beyond max_connections.
+        """Account for one connection; raise :class:`Overloaded` when the limits refuse it.
 
-        ``async with runtime.session(door, client) as record:``; entering raises
-        :class:`Overloaded`, leaving logs the connection line and runs the session hooks.
+        ``async with runtime.session(door, client, host=address) as record:``; entering
+        raises :class:`Overloaded` (:mod:`egressd.admission`: max_connections, the client
+        address's cap, the other doors' reserves), leaving logs the connection line and runs
+        the session hooks. ``host`` is the client's address (default: ``client``).
         """
-        return _Session(self, door, client, listener)
+        return _Session(self, door, client, listener, client if host is None else host)
 
     def source_in_use(self, source_name: str) -> AbstractAsyncContextManager[None]:
         """Count an outbound connection against its source (per-source cap, status)."""
         return _SourceInUse(self.health, source_name)
 
-    def _open(self, door: str, client: str, listener: str | None = None) -> SessionRecord:
-        max_connections = self.egress.config.limits.max_connections
-        if self.active_sessions >= max_connections:
-            raise Overloaded(f"egressd is at max_connections ({max_connections})")
+    def _open(self, door: str, client: str, listener: str | None, host: str) -> SessionRecord:
+        refusal = self.admission.refusal(self.egress.config.limits, self.doors, door, host)
+        if refusal is not None:
+            raise Overloaded(refusal)
         record = SessionRecord(door=door, client=client, listener=listener)
+        self.admission.opened(door, host)
         self.active_sessions += 1
         if self.active_sessions == 1:
             self._idle = trio.Event()
@@ -160,7 +177,8 @@ class Runtime:
             opened(record)
         return record
 
-    def _close(self, record: SessionRecord, exc: BaseException | None) -> None:
+    def _close(self, record: SessionRecord, host: str, exc: BaseException | None) -> None:
+        self.admission.closed(record.door, host)
         if exc is not None and record.outcome == "closed":
             record.outcome = "cancelled" if isinstance(exc, trio.Cancelled) else "error"
             record.detail = record.detail or f"{type(exc).__name__}: {exc}"
@@ -179,17 +197,20 @@ class Runtime:
 class _Session:
     """:meth:`Runtime.session`: one connection's record, its accounting and its log line."""
 
-    __slots__ = ("_client", "_door", "_listener", "_record", "_runtime")
+    __slots__ = ("_client", "_door", "_host", "_listener", "_record", "_runtime")
 
-    def __init__(self, runtime: Runtime, door: str, client: str, listener: str | None) -> None:
+    def __init__(
+        self, runtime: Runtime, door: str, client: str, listener: str | None, host: str
+    ) -> None:
         self._runtime = runtime
         self._door = door
         self._client = client
         self._listener = listener
+        self._host = host
         self._record: SessionRecord | None = None
 
     async def __aenter__(self) -> SessionRecord:
-        self._record = self._runtime._open(self._door, self._client, self._listener)
+        self._record = self._runtime._open(self._door, self._client, self._listener, self._host)
         return self._record
 
     async def __aexit__(
@@ -199,7 +220,7 @@ class _Session:
         traceback: TracebackType | None,
     ) -> None:
         assert self._record is not None
-        self._runtime._close(self._record, exc)
+        self._runtime._close(self._record, self._host, exc)
 
 
 class _SourceInUse:

@@ -239,11 +239,16 @@ class SocksConnection:
         return bytes(self.received)
 
 
-async def socks_connect(port: int, host: str, dest_port: int) -> SocksConnection:
-    """CONNECT through the SOCKS5 door on 127.0.0.1:``port`` (no authentication)."""
+async def socks_connect(
+    port: int, host: str, dest_port: int, *, local_address: str | None = None
+) -> SocksConnection:
+    """CONNECT through the SOCKS5 door on 127.0.0.1:``port`` (no authentication).
+
+    ``local_address``: the loopback address the client connects from.
+    """
     from egressd.proto.socks5 import Socks5ClientError
 
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=local_address)
     client = Socks5Client(host, dest_port)
     try:
         await stream.send_all(client.initial_bytes())

@@ -299,6 +299,10 @@ class AccessSettings:
 class LimitSettings:
     max_connections: int = setting(Integer(1, 10_000_000), 10000)
     max_connections_per_source: int = setting(Integer(1, 10_000_000), 2000)
+    max_connections_per_client: int | None = setting(Integer(1, 10_000_000), None)
+    """Connections one client address may hold (None: half of max_connections)."""
+    reserved_per_door: int | None = setting(Integer(0, 10_000_000), None)
+    """Connections kept for each door that has listeners (None: a tenth of max_connections)."""
     handshake_timeout: float = setting(Duration, 30.0)
     idle_timeout: float = setting(Duration, 600.0)
     shutdown_grace: float = setting(Duration, 30.0)
