@@ -426,7 +426,7 @@ def command_probe(config: Config, args: argparse.Namespace) -> int:
 
 
 def command_status(config: Config, args: argparse.Namespace) -> int:
-    from egressd.control import command_status as status
+    from egressd.status import command_status as status
 
     return status(config, sys.stdout)
 
@@ -460,7 +460,7 @@ def command_resume(config: Config, args: argparse.Namespace) -> int:
 
 def _ask_daemon(config: Config, request: dict[str, Any]) -> dict[str, Any] | None:
     """The daemon's reply when it accepted ``request``; else None, the reason on stderr."""
-    from egressd.control import ControlError, ask
+    from egressd.status import ControlError, ask
 
     if config.control.socket is None:
         print(

@@ -96,7 +96,7 @@ from egressd.health import FailureKind, SourceStatus
 
 log = logging.getLogger(__name__)
 
-Door = Literal["smtp", "socks5", "proxy"]
+DoorName = Literal["smtp", "socks5", "proxy"]
 Direction = Literal["upstream", "downstream"]
 ReplyClass = Literal["2xx", "4xx", "5xx", "other"]
 
@@ -222,11 +222,11 @@ class Metrics:
 
     # ------------------------------------------------------------------ conveniences
 
-    def count_connection(self, door: Door, pool: str, source: str, outcome: str) -> None:
+    def count_connection(self, door: DoorName, pool: str, source: str, outcome: str) -> None:
         self.connections.labels(door, pool, source, outcome).inc()
 
     def count_bytes(
-        self, door: Door, pool: str, source: str, direction: Direction, amount: int
+        self, door: DoorName, pool: str, source: str, direction: Direction, amount: int
     ) -> None:
         self.bytes.labels(door, pool, source, direction).inc(amount)
 

@@ -29,32 +29,75 @@ each in a cancel scope of its own inside the daemon's nursery: :meth:`Extras.app
 stops or moves them to match a configuration, at startup (where a failure to bind stops the
 daemon) and after each reload (where it is logged and the old endpoint is gone). Before
 every scrape the ``egressd_source_*`` gauges are rewritten from the health snapshot.
+
+The daemon is seen only through :class:`Observed`, a narrow Protocol, and the control
+socket sees it only through :class:`DaemonControls`: dependencies go one way, daemon ->
+observe -> control, with no import back.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 from prometheus_client import Counter, Gauge
 
-from egressd.config import Config, Endpoint
+from egressd import __version__
+from egressd.config import Config, Endpoint, Listener
+from egressd.control import serve_control
 from egressd.egress import EgressObserver
 from egressd.log import get_logger
 from egressd.metrics import Metrics, serve_metrics
-from egressd.runtime import SessionRecord
-
-if TYPE_CHECKING:
-    from egressd.daemon import Daemon
+from egressd.runtime import Runtime, SessionRecord
 
 log = get_logger("observe")
 
 DOORS = ("smtp", "socks5", "proxy")
 _OUTCOME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+class RunningListener(Protocol):
+    """A bound listener as the observers see it."""
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def listener(self) -> Listener: ...
+
+
+class Observed(Protocol):
+    """The daemon as the observers see it: :class:`egressd.daemon.Daemon` provides it.
+
+    This narrow view is what keeps the dependencies one-way: the daemon imports this
+    module, and this module (and :mod:`egressd.control` below it) never imports the daemon.
+    """
+
+    @property
+    def runtime(self) -> Runtime: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def on_reload(self) -> list[Callable[[bool], None]]: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def reloads(self) -> int: ...
+
+    @property
+    def reload_failures(self) -> int: ...
+
+    @property
+    def listeners(self) -> Mapping[tuple[str, Endpoint], RunningListener]: ...
 
 
 def egress_observer(metrics: Metrics) -> EgressObserver:
@@ -150,7 +193,7 @@ class SessionCounters:
             self.proxy_finished(record)
 
 
-def count_into_metrics(daemon: Daemon) -> None:
+def count_into_metrics(daemon: Observed) -> None:
     """Attach ``daemon.metrics`` to the runtime's session, transaction and reload hooks."""
     metrics, runtime = daemon.metrics, daemon.runtime
     names = KnownNames()
@@ -178,13 +221,71 @@ def count_into_metrics(daemon: Daemon) -> None:
     daemon.on_reload.append(reloaded)
 
 
+class DaemonControls:
+    """The daemon as the control socket sees it (:class:`~egressd.control.Controlled`)."""
+
+    def __init__(self, daemon: Observed) -> None:
+        self._daemon = daemon
+
+    def has_source(self, name: str) -> bool:
+        return name in self._daemon.runtime.config.sources
+
+    def suspend(self, source: str, seconds: float, reason: str) -> None:
+        self._daemon.runtime.health.suspend(source, seconds, reason)
+        self._daemon.metrics.count_suspension(source, None)
+
+    def resume(self, source: str) -> bool:
+        return self._daemon.runtime.health.resume(source)
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's pid, version, configuration, generation, listeners, pools and sources."""
+        daemon = self._daemon
+        runtime = daemon.runtime
+        config = runtime.config
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "config": str(config.path),
+            "started": round(daemon.started_at, 3),
+            "generation": daemon.reloads + 1,
+            "reload_failures": daemon.reload_failures,
+            "draining": runtime.draining,
+            "active_sessions": runtime.active_sessions,
+            "listeners": [
+                {
+                    "door": door,
+                    "address": str(address),
+                    "port": running.port,
+                    "pool": running.listener.pool,
+                }
+                for (door, address), running in daemon.listeners.items()
+            ],
+            "pools": {
+                name: {entry.source: entry.weight for entry in pool.entries}
+                for name, pool in config.pools.items()
+            },
+            "sources": self._sources(),
+        }
+
+    def _sources(self) -> list[dict[str, Any]]:
+        """Every source's health, with ``suspended_until`` as a Unix time."""
+        now = time.time()
+        sources = []
+        for status in self._daemon.runtime.health.snapshot():
+            item = status.to_dict()
+            left = status.suspended_for
+            item["suspended_until"] = round(now + left, 3) if left is not None else None
+            sources.append(item)
+        return sources
+
+
 ServiceStarter = Callable[..., Awaitable[None]]
 
 
 class Extras:
     """The metrics endpoint and the control socket, matched to the current configuration."""
 
-    def __init__(self, daemon: Daemon, nursery: trio.Nursery) -> None:
+    def __init__(self, daemon: Observed, nursery: trio.Nursery) -> None:
         self._daemon = daemon
         self._nursery = nursery
         self._metrics_at: Endpoint | None = None
@@ -235,8 +336,6 @@ class Extras:
         )
 
     async def _apply_control(self, path: str | None) -> None:
-        from egressd.control import serve_control
-
         if path == self._control_at:
             return
         if self._control_scope is not None:
@@ -244,7 +343,9 @@ class Extras:
             self._control_scope, self._control_at = None, None
         if path is None:
             return
-        self._control_scope, _ = await self._start(partial(serve_control, path, self._daemon))
+        self._control_scope, _ = await self._start(
+            partial(serve_control, path, DaemonControls(self._daemon))
+        )
         self._control_at = path
         log.info("control socket listening", extra={"fields": {"path": path}})
 

@@ -1,7 +1,7 @@
 """The control socket and ``egressd status``, against an in-process daemon on a real socket.
 
 The daemon runs without front doors (no listeners configured), so these tests need nothing
-but a unix socket; the client side (:func:`egressd.control.ask`, ``command_status``) is the
+but a unix socket; the client side (:func:`egressd.status.ask`, ``command_status``) is the
 blocking one the CLI uses, run in a thread so the daemon keeps answering.
 """
 
@@ -23,8 +23,10 @@ import trio
 from harness import free_port
 
 from egressd.config import Config, load_config
-from egressd.control import ask, command_status, format_status, handle_request
+from egressd.control import handle_request
 from egressd.daemon import Daemon, serve
+from egressd.observe import DaemonControls
+from egressd.status import ask, command_status, format_status
 
 
 @pytest.fixture
@@ -132,8 +134,11 @@ async def test_bad_requests_get_errors_and_the_connection_stays_usable(short_dir
 async def test_suspend_rejects_unknown_sources_and_bad_durations(short_dir: Path) -> None:
     config = write_config(short_dir)
     async with daemon_on(config) as daemon:
-        unknown = handle_request(daemon, b'{"command": "suspend", "source": "x", "seconds": 5}')
-        negative = handle_request(daemon, b'{"command": "suspend", "source": "bad", "seconds": -1}')
+        controls = DaemonControls(daemon)
+        unknown = handle_request(controls, b'{"command": "suspend", "source": "x", "seconds": 5}')
+        negative = handle_request(
+            controls, b'{"command": "suspend", "source": "bad", "seconds": -1}'
+        )
     assert unknown == {"ok": False, "error": "unknown source 'x'"}
     assert negative["ok"] is False and "seconds" in negative["error"]
 

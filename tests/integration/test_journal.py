@@ -16,7 +16,7 @@ import pytest
 import trio
 from service_harness import daemon_process
 
-from egressd.control import ask
+from egressd.status import ask
 
 
 @pytest.fixture

@@ -1,0 +1,225 @@
+"""``egressd status`` and the other control-socket clients: ask, then print.
+
+Theory of operation
+-------------------
+:func:`ask` sends one request line to the daemon's control socket (:mod:`egressd.control`)
+and reads one JSON reply line, with blocking sockets and a timeout: the command line needs
+no event loop. :func:`command_status` prints the daemon's status as a header and one table
+row per source.
+
+Without ``[control] socket`` it falls back to scraping ``[metrics] listen``, which knows
+each source's state, active connections and recent failures but not when a suspension
+ends nor why. Without either it says what to configure. Exit status 1 when the daemon
+cannot be reached.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from egressd.config import Config, Endpoint
+
+CLIENT_TIMEOUT = 5.0
+
+Reply = dict[str, Any]
+
+
+class ControlError(Exception):
+    """The daemon could not be asked; the message says why and what to check."""
+
+
+def ask(path: str, request: Mapping[str, Any], timeout: float = CLIENT_TIMEOUT) -> Reply:
+    """Send one request to the control socket at ``path``; raises :class:`ControlError`."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            data = _receive_line(sock)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise ControlError(
+            f"cannot reach egressd at {path}: {exc.strerror} (is it running?)"
+        ) from exc
+    except PermissionError as exc:
+        raise ControlError(
+            f"cannot reach egressd at {path}: permission denied "
+            "(run as root or as a member of the egressd group)"
+        ) from exc
+    except OSError as exc:
+        raise ControlError(f"cannot reach egressd at {path}: {exc.strerror or exc}") from exc
+    try:
+        reply: Reply = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ControlError(f"egressd at {path} answered something that is not JSON") from exc
+    return reply
+
+
+def _receive_line(sock: socket.socket) -> bytes:
+    data = bytearray()
+    while b"\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError(errno.ECONNRESET, "the daemon closed the connection")
+        data += chunk
+    return bytes(data[: data.index(b"\n")])
+
+
+# --------------------------------------------------------------------------- egressd status
+
+
+def command_status(config: Config, out: TextIO) -> int:
+    """``egressd status``: ask the running daemon, print a table; 1 when unreachable."""
+    try:
+        if config.control.socket is not None:
+            reply = ask(config.control.socket, {"command": "status"})
+            if not reply.get("ok"):
+                raise ControlError(f"egressd refused the request: {reply.get('error')}")
+            print(format_status(reply["status"], time.time()), file=out, end="")
+        elif config.metrics.listen is not None:
+            sources = sources_from_metrics(scrape(config.metrics.listen))
+            print(format_sources(sources, time.time()), file=out, end="")
+            print(
+                "\n(from the metrics endpoint: set [control] socket for when suspensions end "
+                "and why)",
+                file=out,
+            )
+        else:
+            raise ControlError(
+                "neither [control] socket nor [metrics] listen is set in "
+                f"{config.path}; set [control] socket to use egressd status"
+            )
+    except ControlError as exc:
+        print(f"egressd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def format_status(status: Mapping[str, Any], now: float) -> str:
+    """The status reply as a readable header and one table row per source."""
+    uptime = _duration(now - float(status["started"]))
+    header = (
+        f"egressd {status['version']}, pid {status['pid']}, up {uptime}, "
+        f"config {status['config']}\n"
+        f"generation {status['generation']} ({status['reload_failures']} failed reloads), "
+        f"{status['active_sessions']} active sessions"
+        + (", DRAINING" if status.get("draining") else "")
+        + "\n"
+    )
+    pools = "".join(
+        f"pool {name}: "
+        + (", ".join(f"{source} ({weight})" for source, weight in entries.items()) or "empty")
+        + "\n"
+        for name, entries in status["pools"].items()
+    )
+    return header + pools + "\n" + format_sources(status["sources"], now)
+
+
+def format_sources(sources: Sequence[Mapping[str, Any]], now: float) -> str:
+    """One row per source: name, state, until, active, recent failures, last reason."""
+    rows = [("SOURCE", "STATE", "UNTIL", "ACTIVE", "FAILURES", "LAST FAILURE")]
+    for source in sources:
+        name = str(source["name"]) + ("" if source.get("configured", True) else " (removed)")
+        rows.append(
+            (
+                name,
+                str(source["state"]),
+                _until(source.get("suspended_until"), now),
+                str(source["active_connections"]),
+                str(source["recent_failures"]),
+                _last_failure(source),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
+        + "  "
+        + row[-1]
+        + "\n"
+        for row in rows
+    )
+
+
+def _until(until: object, now: float) -> str:
+    if not isinstance(until, (int, float)):
+        return "-"
+    wall = time.strftime("%H:%M:%S", time.localtime(until))
+    return f"{max(until - now, 0.0):.1f}s ({wall})"
+
+
+def _last_failure(source: Mapping[str, Any]) -> str:
+    kind, reason = source.get("last_failure_kind"), source.get("last_failure_reason")
+    if kind is None and reason is None:
+        return "-"
+    return f"{kind}: {reason}" if kind else str(reason)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+# --------------------------------------------------------------------------- metrics fallback
+
+SOURCE_GAUGES = (
+    "egressd_source_suspended",
+    "egressd_source_active_connections",
+    "egressd_source_recent_failures",
+)
+
+
+def scrape(endpoint: Endpoint, timeout: float = CLIENT_TIMEOUT) -> str:
+    """``GET /metrics`` from ``endpoint`` (urllib); raises :class:`ControlError`."""
+    url = f"http://{endpoint}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body: bytes = response.read()
+    except urllib.error.HTTPError as exc:
+        raise ControlError(f"egressd's metrics at {endpoint} answered {exc.code}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ControlError(
+            f"cannot reach egressd's metrics at {endpoint}: {reason} (is it running?)"
+        ) from exc
+    return body.decode("utf-8", errors="replace")
+
+
+def sources_from_metrics(exposition: str) -> list[dict[str, Any]]:
+    """Rows for :func:`format_sources` from the ``egressd_source_*`` gauges, read with
+    prometheus_client's own parser (labels in any order, escapes, new labels)."""
+    values: dict[str, dict[str, float]] = {}
+    try:
+        families = list(text_string_to_metric_families(exposition))
+    except ValueError as exc:
+        raise ControlError(f"egressd's metrics could not be parsed: {exc}") from exc
+    for family in families:
+        for sample in family.samples:
+            if sample.name in SOURCE_GAUGES and "source" in sample.labels:
+                gauges = values.setdefault(sample.labels["source"], {})
+                gauges[sample.name] = gauges.get(sample.name, 0.0) + sample.value
+    return [
+        {
+            "name": name,
+            "state": "suspended" if gauges.get("egressd_source_suspended") else "healthy",
+            "suspended_until": None,
+            "active_connections": int(gauges.get("egressd_source_active_connections", 0)),
+            "recent_failures": int(gauges.get("egressd_source_recent_failures", 0)),
+        }
+        for name, gauges in sorted(values.items())
+    ]
