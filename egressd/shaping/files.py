@@ -47,7 +47,7 @@ from egressd.shaping.params import (
     Setting,
 )
 from egressd.shaping.rules import Action, Rule, SetConfig, Suspend
-from egressd.shaping.sites import MATCH_KINDS, ProviderMatch
+from egressd.shaping.sites import MATCH_KINDS, ProviderMatch, normalize_name
 from egressd.shaping.throttle import ThrottleSpec
 
 if sys.version_info >= (3, 11):
@@ -155,7 +155,7 @@ class ShapingFiles:
         by_domain: dict[str, Section] = {}
         findings: list[Finding] = []
         for section in self.domains:
-            target, key = by_domain, section.name
+            target, key = by_domain, normalize_name(section.name)
             if section.mx_rollup:
                 site = sites.get(section.name)
                 problem = _unbound_reason(site)

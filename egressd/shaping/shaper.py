@@ -19,6 +19,16 @@ its own (``clock()`` returns seconds; trio's ``current_time`` in the daemon, a f
 Every "no" is a :class:`Refusal` naming the budget and its value, e.g. ``connection_limit 5
 reached for source "ip-1" to site "mx.example"``; :func:`refusal_summary` phrases the
 reply a door gives when no source of a pool may go.
+
+Wiring (not done yet)
+---------------------
+The daemon loads ``load_shaping_files``, resolves the MX of ``rollup_domains()`` and builds
+``ShapingPolicy.from_files(files, sites)`` and one ``Shaper(policy, trio.current_time)``;
+``replace_policy`` on reload, ``expire()`` every few seconds. The outbound plan tries the
+pool's sources in order and keeps the first :class:`Lease` from :meth:`Shaper.open`
+(``lease.failed()`` / ``lease.connected()`` after the dial, ``lease.release()`` in a
+``finally``); when every source is refused, :func:`refusal_summary` is the 451 text. The SMTP
+door calls ``lease.send()`` before each MAIL and ``reply()`` with every remote reply.
 """
 
 from __future__ import annotations

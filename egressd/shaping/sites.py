@@ -5,7 +5,7 @@ the MX host names (crates/mailexchanger ``factor_names``): hosts ordered by pref
 by name within one preference; labels compared right to left; a position where the hosts
 differ becomes an alternation, and a position some hosts lack gets a ``?``:
 ``["alt1.gmail-smtp-in.l.google.com", "gmail-smtp-in.l.google.com"]`` ->
-``"(alt1)?.gmail-smtp-in.l.google.com"``. A domain with no MX record uses itself as the
+``"alt1?.gmail-smtp-in.l.google.com"``. A domain with no MX record uses itself as the
 implicit MX; a null MX (``0 .``) has the empty site name.
 
 A *provider* matches a destination (crates/kumo-api-types ``ProviderEntry::domain_matches``):
@@ -131,3 +131,22 @@ def provider_matches(matches: Sequence[ProviderMatch], destination: Destination)
             return None
     names = ", ".join(f"{m.kind}={m.value!r}" for m in host_rules)
     return f"every MX host ({', '.join(destination.mx_hosts)}) matches one of {names}"
+
+
+def smtp_destination(
+    domain: str, records: Iterable[tuple[int, str]], address: IPAddress | None = None
+) -> Destination:
+    """The SMTP door's destination: the recipient domain and its MX ``(preference, host)``.
+
+    A domain without MX records passes ``[(0, domain)]`` (the implicit MX), as KumoMTA does.
+    """
+    hosts = order_mx(records)
+    return Destination(factor_names(hosts), normalize_name(domain), hosts, address)
+
+
+def proxy_destination(address: IPAddress, name: str | None = None) -> Destination:
+    """The SOCKS5 / PROXY doors' destination: the name the client gave, else the address."""
+    if name:
+        host = normalize_name(name)
+        return Destination(host, None, (host,), address)
+    return Destination(str(address), None, (), address)

@@ -131,7 +131,7 @@ def test_kumomta_defaults_fill_what_no_file_sets() -> None:
 
 def test_rolled_up_domains_apply_to_every_domain_of_their_site() -> None:
     text = '["gmail.com"]\nconnection_limit = 3\n'
-    site = "(alt1)?.gmail-smtp-in.l.google.com"
+    site = "alt1?.gmail-smtp-in.l.google.com"
     policy = policy_from(text, {"gmail.com": site})
     vanity = Destination(site, "vanity.example")
     assert policy.limits("ip-1", vanity).budgets[0].value == LimitSpec(3)
@@ -212,3 +212,9 @@ duration = 1
         "domain mail.p.example ends with '.p.example' (DomainSuffix)",
     )
     assert policy.provider_of(Destination("x", "mail.q.example")) is None
+
+
+def test_domain_sections_match_whatever_case_they_were_written_in() -> None:
+    policy = policy_from('["Solo.Example"]\nmx_rollup = false\nconnection_limit = 3\n')
+    limits = policy.limits("ip-1", Destination("mx.solo.example", "solo.example"))
+    assert limits.budgets[0].value == LimitSpec(3)

@@ -9,7 +9,7 @@ from egressd.shaping.rules import reply_line
 from egressd.shaping.shaper import Lease, Override, Refusal, Shaper, Suspension, refusal_summary
 from egressd.shaping.sites import Destination
 
-GOOGLE_SITE = "(alt1)?.gmail-smtp-in.l.google.com"
+GOOGLE_SITE = "alt1?.gmail-smtp-in.l.google.com"
 GMAIL = Destination(
     GOOGLE_SITE, "gmail.com", ("gmail-smtp-in.l.google.com", "alt1.gmail-smtp-in.l.google.com")
 )

@@ -12,7 +12,9 @@ from egressd.shaping.sites import (
     factor_names,
     order_mx,
     provider_matches,
+    proxy_destination,
     site_name,
+    smtp_destination,
 )
 
 
@@ -134,3 +136,19 @@ def test_a_trailing_dot_suffix_really_never_matches() -> None:
     dotted = [ProviderMatch("MXSuffix", ".kpnmail.nl.")]
     for host in ("mx1.kpnmail.nl", "mx1.kpnmail.nl."):
         assert provider_matches(dotted, Destination("s", "kpn.com", (host,))) is None
+
+
+def test_door_destinations() -> None:
+    smtp = smtp_destination(
+        "Gmail.COM", [(10, "alt1.gmail-smtp-in.l.google.com."), (5, "gmail-smtp-in.l.google.com")]
+    )
+    assert smtp == Destination(
+        "alt1?.gmail-smtp-in.l.google.com",
+        "gmail.com",
+        ("gmail-smtp-in.l.google.com", "alt1.gmail-smtp-in.l.google.com"),
+    )
+    address = ipaddress.ip_address("192.0.2.25")
+    named = proxy_destination(address, "MX1.Example.NET.")
+    assert named == Destination("mx1.example.net", None, ("mx1.example.net",), address)
+    assert provider_matches([ProviderMatch("HostName", "mx1.example.net")], named)
+    assert proxy_destination(address) == Destination("192.0.2.25", None, (), address)
