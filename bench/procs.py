@@ -47,13 +47,17 @@ def binary(name: str) -> str:
     return path
 
 
-def python_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+def python_env(root: Path = ROOT) -> dict[str, str]:
+    """The environment for Python children: egressd imported from ``root``."""
+    return {**os.environ, "PYTHONPATH": str(root)}
 
 
 @contextlib.contextmanager
-def running(argv: Sequence[str], port: int, workdir: Path, name: str) -> Iterator[int]:
-    """Start ``argv``, wait until ``port`` listens, yield its PID; stop it by PID."""
+def running(
+    argv: Sequence[str], port: int, workdir: Path, name: str, root: Path = ROOT
+) -> Iterator[int]:
+    """Start ``argv``, wait until ``port`` listens, yield its PID; stop it by PID.
+    A Python child imports egressd from ``root``."""
     log = (workdir / f"{name}.log").open("wb")
     process = subprocess.Popen(
         list(argv),
@@ -62,7 +66,7 @@ def running(argv: Sequence[str], port: int, workdir: Path, name: str) -> Iterato
         stderr=subprocess.STDOUT,
         cwd=workdir,
         start_new_session=True,
-        env=python_env(),
+        env=python_env(root),
     )
     try:
         deadline = time.monotonic() + 15

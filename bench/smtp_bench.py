@@ -5,6 +5,7 @@ Run it through ``scripts/bench smtp`` (``--help`` for the knobs)::
     scripts/bench smtp            # quick: 10 KiB, 50 sessions, sink with and without PIPELINING
     scripts/bench smtp --full     # the matrix: 1, 10, 100 KiB x 1, 50 sessions x PIPELINING on/off
     scripts/bench smtp --client python   # second opinion: the Python client as the generator
+    scripts/bench smtp --baseline DIR    # also an egressd from checkout DIR (before/after)
 
 The load generator and the sink are Postfix's own C test tools, so that the figure is
 egressd's cost and not the generator's: ``smtp-source`` (``-d``: one session sends its
@@ -23,6 +24,10 @@ What it does, all on loopback, every process started here and stopped by its PID
 2. per case, a warm-up run through each contender sizes the runs to about ``--seconds``;
 3. ``--rounds`` rounds, each running every case once straight into the sink and once through
    egressd, alternating which goes first (this shared machine drifts by tens of percent);
+With ``--baseline DIR`` a third contender, egressd imported from the checkout ``DIR`` (say
+``git archive main | tar -x -C DIR``), sits in front of the same sink and is measured in the
+same rounds, so a before/after comparison does not depend on how busy the machine was.
+
 4. prints the medians: messages/s direct and through egressd, the ratio, and the CPU per
    message of egressd, the generator and the sink (user + system, from ``/proc/PID/stat``
    for the servers and ``getrusage`` for the generator), and egressd's share of one core.
@@ -45,6 +50,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import procs
 from procs import (
     binary,
     children_cpu_seconds,
@@ -143,20 +149,31 @@ ehlo_domain = "out.bench"
 
 
 @contextlib.contextmanager
-def contenders(workdir: Path, pipelining: bool) -> Iterator[tuple[Contender, Contender]]:
-    """A sink and an egressd in front of it: (direct, through egressd)."""
-    sink_port, relay_port = free_port(), free_port()
+def contenders(workdir: Path, pipelining: bool, baseline: Path | None) -> Iterator[list[Contender]]:
+    """A sink and an egressd in front of it, and the baseline egressd if asked for:
+    [direct, through egressd, (through the baseline)]."""
     name = "pipelining" if pipelining else "plain"
-    config = workdir / f"egressd-{name}.toml"
-    config.write_text(
-        EGRESSD_CONFIG.format(sink_port=sink_port, relay_port=relay_port, source=SOURCE_ADDRESS)
-    )
-    argv = [*EGRESSD, "run", "-c", str(config)]
-    with (
-        running(sink_argv(sink_port, pipelining), sink_port, workdir, f"sink-{name}") as sink,
-        running(argv, relay_port, workdir, f"egressd-{name}") as egressd,
-    ):
-        yield Contender(sink_port, sink), Contender(relay_port, sink, egressd)
+    sink_port = free_port()
+    with contextlib.ExitStack() as stack:
+        sink_log = f"sink-{name}"
+        sink = stack.enter_context(
+            running(sink_argv(sink_port, pipelining), sink_port, workdir, sink_log)
+        )
+        found = [Contender(sink_port, sink)]
+        roots = [procs.ROOT] if baseline is None else [procs.ROOT, baseline]
+        for number, root in enumerate(roots):
+            relay_port = free_port()
+            config = workdir / f"egressd-{name}-{number}.toml"
+            config.write_text(
+                EGRESSD_CONFIG.format(
+                    sink_port=sink_port, relay_port=relay_port, source=SOURCE_ADDRESS
+                )
+            )
+            argv = [*EGRESSD, "run", "-c", str(config)]
+            log = f"egressd-{name}-{number}"
+            pid = stack.enter_context(running(argv, relay_port, workdir, log, root=root))
+            found.append(Contender(relay_port, sink, pid))
+        yield found
 
 
 # --------------------------------------------------------------------------- generators
@@ -220,9 +237,22 @@ def median_ms(runs: Sequence[Run], cpu: str) -> float:
     return statistics.median(run.per_message_ms(getattr(run, cpu)) for run in runs)
 
 
-def figures(case: Case, direct: Contender, relayed: Contender) -> dict[str, object]:
+def figures(case: Case, contenders: Sequence[Contender]) -> dict[str, object]:
+    direct, relayed = contenders[:2]
     d, r = direct.runs[case], relayed.runs[case]
-    return {
+    baseline: dict[str, object] = {}
+    if len(contenders) > 2:
+        b = contenders[2].runs[case]
+        baseline = {
+            "baseline_msgs_per_s": round(median(b, "rate"), 1),
+            "baseline_ratio": round(median(b, "rate") / median(d, "rate"), 3),
+            "baseline_cpu_ms_per_msg": round(median_ms(b, "egressd_cpu"), 3),
+            "baseline_core_share": round(
+                statistics.median(run.egressd_cpu / run.seconds for run in b), 2
+            ),
+            "baseline_rounds": [round(run.rate, 1) for run in b],
+        }
+    return baseline | {
         "case": case.name,
         "size": case.size,
         "sessions": case.sessions,
@@ -270,6 +300,28 @@ def print_table(rows: Sequence[dict[str, object]], client: str, rounds: int) -> 
             f" {gen['direct']:>6.3f}/{gen['egressd']:<6.3f}"
             f" {sink['direct']:>6.3f}/{sink['egressd']:<6.3f}"
         )
+    if rows and "baseline_msgs_per_s" in rows[0]:
+        print_baseline(rows)
+
+
+def print_baseline(rows: Sequence[dict[str, object]]) -> None:
+    """egressd against the baseline checkout, measured in the same rounds."""
+    print("\negressd (this checkout) against the --baseline checkout, same rounds:")
+    header = (
+        f"{'case':<34} {'base/s':>9} {'ratio':>6} {'base':>8} {'core':>5}"
+        f" {'egressd/s':>9} {'ratio':>6} {'egressd':>8} {'CPU/msg':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        before, after = row["baseline_cpu_ms_per_msg"], row["egressd_cpu_ms_per_msg"]
+        assert isinstance(before, float) and isinstance(after, float)
+        print(
+            f"{row['case']:<34} {row['baseline_msgs_per_s']:>9.0f}"
+            f" {row['baseline_ratio']:>5.3f}x {before:>6.3f}ms {row['baseline_core_share']:>4.0%}"
+            f" {row['egressd_msgs_per_s']:>9.0f} {row['ratio']:>5.3f}x {after:>6.3f}ms"
+            f" {after / before - 1:>+7.0%}"
+        )
 
 
 # --------------------------------------------------------------------------- main
@@ -279,25 +331,26 @@ def run(args: argparse.Namespace) -> int:
     cases = FULL if args.full else QUICK
     if args.case:
         cases = [c for c in FULL if c.name in args.case] or sys.exit("bench: no such case")
-    pairs: dict[bool, tuple[Contender, Contender]] = {}
+    sets: dict[bool, list[Contender]] = {}
+    baseline = Path(args.baseline).resolve() if args.baseline else None
     with (
         tempfile.TemporaryDirectory(prefix="egressd-smtp-bench-") as tmp,
         contextlib.ExitStack() as servers,
     ):
         for pipelining in sorted({case.pipelining for case in cases}, reverse=True):
-            pairs[pipelining] = servers.enter_context(contenders(Path(tmp), pipelining))
+            sets[pipelining] = servers.enter_context(contenders(Path(tmp), pipelining, baseline))
         for case in cases:
-            for contender in pairs[case.pipelining]:
+            for contender in sets[case.pipelining]:
                 calibrate(args.client, contender, case, args.seconds)
         for number in range(args.rounds):
             print(f"round {number + 1} of {args.rounds}", file=sys.stderr, flush=True)
             for case in cases:
-                order = pairs[case.pipelining]
+                order = sets[case.pipelining]
                 for contender in order if number % 2 == 0 else reversed(order):
                     messages = contender.size_for[case]
                     result = run_once(args.client, contender, case, messages)
                     contender.runs.setdefault(case, []).append(result)
-    rows = [figures(case, *pairs[case.pipelining]) for case in cases]
+    rows = [figures(case, sets[case.pipelining]) for case in cases]
     if args.json:
         print(json.dumps({"client": args.client, "cpus": os.cpu_count(), "cases": rows}))
     else:
@@ -319,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=("smtp-source", "python"),
         default="smtp-source",
         help="the load generator (python: the second opinion, pipelining towards egressd)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also measure an egressd imported from the checkout DIR, in the same rounds",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--python-load", type=int, help=argparse.SUPPRESS)
