@@ -816,7 +816,61 @@ class SmtpServer:
         ``self._line_start`` says whether ``data[start]`` begins a line. A lone CR at the
         end of what arrived, or a line-initial ``.`` / ``.\\r`` that may still become the
         terminator, is held back until the next bytes show what it is.
+
+        The common case -- a read's worth of CRLF lines -- is settled by a few C-level
+        scans of the whole window (:meth:`_clean_end`): ``find`` for line-initial dots and
+        ``count`` of CR, LF and CRLF, equal exactly when no CR or LF is bare. Only a window
+        that holds a bare CR or LF goes through the line-by-line walk
+        (:meth:`_next_data_event_by_line`), which finds where it is. Measured with
+        smtp-source, 10 KiB messages: the per-line walk was a fifth of egressd's CPU.
         """
+        buf = self._buf
+        start = buf.start
+        end = self._clean_end(buf.data, start)
+        if end is None:
+            return self._next_data_event_by_line()
+        if end < 0:
+            buf.skip(3)
+            return self._end_of_data(EndOfData())
+        if end == start:
+            return NEED_DATA
+        data = buf.data
+        self._line_start = end - start >= 2 and data[end - 2] == _CR and data[end - 1] == _LF
+        return self._chunk(end)
+
+    def _clean_end(self, data: bytearray, start: int) -> int | None:
+        """Where the next clean chunk ends: an index (``start`` if nothing can go yet), -1
+        for the terminator at ``start``, or None when the window holds a bare CR or LF."""
+        size = len(data)
+        limit = min(size, start + self._max_chunk)
+        if start >= limit:
+            return start
+        if self._line_start and data[start] == _DOT:
+            tail = bytes(data[start : start + 3])
+            if tail == b".\r\n":
+                return -1
+            if len(tail) < 3 and b".\r\n".startswith(tail):
+                return start
+        end = limit
+        dot = data.find(b"\r\n.", start, limit)
+        while dot >= 0:
+            after = bytes(data[dot + 3 : dot + 5])
+            if after == b"\r\n" or (len(after) < 2 and b"\r\n".startswith(after)):
+                end = dot + 2  # the terminator (or what may become it) starts a chunk
+                break
+            dot = data.find(b"\r\n.", dot + 3, limit)
+        else:
+            if data[end - 1] == _CR:  # is it CRLF? the next byte will tell
+                end -= 1
+        if end <= start:
+            return start
+        crlf = data.count(b"\r\n", start, end)
+        if data.count(b"\r", start, end) != crlf or data.count(b"\n", start, end) != crlf:
+            return None
+        return end
+
+    def _next_data_event_by_line(self) -> ServerEvent | Sentinel:
+        """:meth:`_next_data_event` line by line: for a window with a bare CR or LF."""
         buf = self._buf
         data = buf.data
         start = buf.start

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -628,6 +629,48 @@ def test_big_body_streams_in_bounded_chunks() -> None:
     assert max(sizes) <= 8192
     server.receive_data(b".\r\n")
     assert server.next_event() == EndOfData()
+
+
+class LineByLineServer(SmtpServer):
+    """The reference: every body window walked line by line, as before the whole-window
+    scan (``_clean_end`` is the fast path; None sends every window to the walk)."""
+
+    def _clean_end(self, data: bytearray, start: int) -> int | None:
+        return None
+
+
+BODY_TOKENS = [b"a", b"xyz", b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.", b"\r\n.\r\n", b".\r"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.sampled_from(BODY_TOKENS), max_size=60),
+    st.lists(st.integers(min_value=1, max_value=30), min_size=1, max_size=20),
+    st.integers(min_value=64, max_value=130),
+    st.booleans(),
+)
+def test_body_scan_gives_the_events_of_the_line_by_line_walk(
+    tokens: list[bytes], steps: list[int], max_chunk: int, eof: bool
+) -> None:
+    """The whole-window scan and the per-line walk agree on every body, split anywhere:
+    the same octets let out, the same place for a bare CR or LF, the same end of data."""
+    wire = b"Subject: x\r\n" + b"".join(tokens) + b"\r\n.\r\nNOOP\r\n"
+    pieces, pos = [], 0
+    for step in itertools.cycle(steps):
+        if pos >= len(wire):
+            break
+        pieces.append(wire[pos : pos + step])
+        pos += step
+    results = []
+    for machine in (SmtpServer, LineByLineServer):
+        server = machine(extensions=EXTENSIONS, max_chunk=max_chunk)
+        server.send(GREETING)
+        run(server, [b"EHLO mta\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n"])
+        events, out = run(server, pieces, eof=eof)
+        sizes = [len(e.data) for e in events if isinstance(e, DataChunk)]
+        assert all(0 < size <= max_chunk for size in sizes)
+        results.append((merge_chunks(events), out))
+    assert results[0] == results[1]
 
 
 def test_body_fed_whole_still_comes_out_in_chunks() -> None:
