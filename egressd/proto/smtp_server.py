@@ -91,8 +91,8 @@ import enum
 import re
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Final
+from dataclasses import dataclass, field
+from typing import Final, NamedTuple
 
 from egressd.proto.smtp_common import (
     DATA_CHUNK_SIZE,
@@ -251,8 +251,11 @@ _PAUSING: Final = frozenset({_Kind.DATA, _Kind.STARTTLS, _Kind.QUIT})
 _ASSUMED_CODE: Final = {_Kind.AUTH: 235}
 
 
-@dataclass(frozen=True)
-class _Session:
+class _Session(NamedTuple):
+    """The session as replies made it. A tuple: it is rebuilt two or three times per reply
+    sent, and ``dataclasses.replace`` on a frozen dataclass cost six times as much (4 us
+    against 0.7 us on the development machine)."""
+
     hello: str = ""  # "", "HELO" or "EHLO"
     mail: bool = False
     rcpts: int = 0
@@ -261,16 +264,18 @@ class _Session:
 
 def _after_reply(session: _Session, kind: _Kind, code: int) -> _Session:
     ok = 200 <= code < 300
-    if kind in (_Kind.HELO, _Kind.EHLO):
-        return replace(session, hello=kind.value, mail=False, rcpts=0) if ok else session
     if kind is _Kind.MAIL:
-        return replace(session, mail=True, rcpts=0) if ok else session
+        return _Session(session.hello, True, 0, session.authenticated) if ok else session
     if kind is _Kind.RCPT:
-        return replace(session, rcpts=session.rcpts + 1) if ok else session
-    if kind in (_Kind.RSET, _Kind.END):
-        return replace(session, mail=False, rcpts=0)
+        if not ok:
+            return session
+        return _Session(session.hello, session.mail, session.rcpts + 1, session.authenticated)
+    if kind is _Kind.RSET or kind is _Kind.END:
+        return _Session(session.hello, False, 0, session.authenticated)
+    if kind is _Kind.HELO or kind is _Kind.EHLO:
+        return _Session(kind.value, False, 0, session.authenticated) if ok else session
     if kind is _Kind.AUTH and code == 235:
-        return replace(session, authenticated=True)
+        return _Session(session.hello, session.mail, session.rcpts, True)
     return session
 
 

@@ -24,6 +24,7 @@ from egressd.proto.smtp_common import (
     LocalProtocolError,
     Mail,
     Noop,
+    PathSyntaxError,
     ProtocolViolation,
     Quit,
     Rcpt,
@@ -32,6 +33,8 @@ from egressd.proto.smtp_common import (
     Rset,
     StartTls,
     Vrfy,
+    _parse_path_by_char,
+    parse_path,
 )
 from egressd.proto.smtp_server import (
     AuthChallenge,
@@ -629,6 +632,27 @@ def test_big_body_streams_in_bounded_chunks() -> None:
     assert max(sizes) <= 8192
     server.receive_data(b".\r\n")
     assert server.next_event() == EndOfData()
+
+
+PATH_TOKENS = ["<", ">", "@", ":", '"', "\\", " ", "\x00", "\x7f", "a", "b.c", "ü", ".", ","]
+
+
+def _parse_or_error(parse: Callable[[str, int], tuple[str, int]], text: str) -> object:
+    try:
+        return parse(text, 0)
+    except PathSyntaxError as exc:
+        return str(exc)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(PATH_TOKENS), max_size=20))
+def test_path_fast_match_agrees_with_the_character_loop(tokens: list[str]) -> None:
+    """parse_path's one-regex shortcut gives what the character loop gives, errors included."""
+    text = "".join(tokens)
+    assert _parse_or_error(parse_path, text) == _parse_or_error(_parse_path_by_char, text)
+    assert _parse_or_error(parse_path, "<" + text) == _parse_or_error(
+        _parse_path_by_char, "<" + text
+    )
 
 
 class LineByLineServer(SmtpServer):
