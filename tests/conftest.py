@@ -6,7 +6,10 @@ until the test ends; the daemon fixtures are synchronous and stop their process 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -44,3 +47,13 @@ def dante_auth() -> Iterator[Dante]:
     """Dante requiring RFC 1929 username/password, connecting out from 127.0.0.3."""
     with dante(external="127.0.0.3", auth=True) as server:
         yield server
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: a unix socket path holds at most 107 bytes."""
+    directory = tempfile.mkdtemp(prefix="eg-")
+    try:
+        yield Path(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

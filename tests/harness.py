@@ -15,7 +15,8 @@ is *expected* to fail at bind (EADDRNOTAVAIL), before any packet is sent.
 Helpers (import them with ``from harness import ...``; fixtures are in ``conftest.py``):
 
 * :func:`free_port` - a TCP port nobody listens on right now.
-* :func:`receive_exactly`, :func:`receive_until`, :func:`read_to_eof` - reading a stream.
+* :func:`receive_exactly`, :func:`receive_until`, :func:`read_to_eof`,
+  :func:`read_until_closed` - reading a stream.
 * :func:`start_sink` / :class:`Sink` - a trio TCP server recording each connection's peer
   and local address, sending a banner and echoing what it receives.
 * :func:`start_process` - run a daemon, wait until it listens, dump its output on failure.
@@ -181,6 +182,22 @@ async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
     data = bytearray()
     while chunk := await stream.receive_some(1 << 20):
         data += chunk
+    return bytes(data)
+
+
+async def read_until_closed(stream: trio.abc.ReceiveStream) -> bytes:
+    """Everything until the peer closed, by EOF or by a reset (then: what came before it).
+
+    A server that closes with bytes of ours unread resets the connection; use this where
+    only what it said before closing matters, :func:`read_to_eof` where the way it closed
+    matters too.
+    """
+    data = bytearray()
+    try:
+        while chunk := await stream.receive_some(1 << 20):
+            data += chunk
+    except trio.BrokenResourceError:
+        pass
     return bytes(data)
 
 

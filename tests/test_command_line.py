@@ -7,10 +7,8 @@ to an in-process daemon over its real control socket.
 from __future__ import annotations
 
 import argparse
-import shutil
 import socket
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -191,16 +189,6 @@ def test_check_skips_ehlo_names_when_dns_does_not_answer(tmp_path: Path, capsys:
 
 
 # --------------------------------------------------------------------------- suspend, resume
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path: a unix socket path holds at most 107 bytes."""
-    directory = tempfile.mkdtemp(prefix="egc-")
-    try:
-        yield Path(directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @asynccontextmanager

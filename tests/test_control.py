@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import socket
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -27,16 +25,6 @@ from egressd.control import handle_request
 from egressd.daemon import Daemon, serve
 from egressd.observe import DaemonControls
 from egressd.status import ask, command_status, format_status
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path: a unix socket path holds at most 107 bytes."""
-    directory = tempfile.mkdtemp(prefix="egc-")
-    try:
-        yield Path(directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def write_config(directory: Path, extra: str = "") -> Config:

@@ -7,26 +7,12 @@
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
 from service_harness import daemon_process
 
 from egressd.status import ask
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path: a unix socket path holds at most 107 bytes."""
-    directory = tempfile.mkdtemp(prefix="egj-")
-    try:
-        yield Path(directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def warnings_and_worse(log: str) -> list[str]:

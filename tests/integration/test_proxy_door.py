@@ -23,6 +23,7 @@ from daemon_helpers import RecordingDaemon, recording_daemon
 from harness import (
     Sink,
     free_port,
+    read_until_closed,
     receive_exactly,
     receive_until,
     start_process,
@@ -87,16 +88,6 @@ def v1_header(src: str, dst: str, dst_port: int) -> bytes:
     return header
 
 
-async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
-    data = bytearray()
-    try:
-        while chunk := await stream.receive_some(1 << 20):
-            data += chunk
-    except trio.BrokenResourceError:
-        pass
-    return bytes(data)
-
-
 @pytest.mark.parametrize(
     ("build", "src", "sink_host"),
     [
@@ -157,7 +148,7 @@ async def test_unknown_src_is_closed_with_a_log_line(
         stream = await trio.open_tcp_stream("127.0.0.1", e.port)
         await stream.send_all(v2_header("127.0.0.99", "127.0.0.1", sink.port) + b"EHLO x\r\n")
         with trio.fail_after(5):
-            assert await read_to_eof(stream) == b""
+            assert await read_until_closed(stream) == b""
         record = await e.record()
     assert sink.connections == []
     assert record.outcome == "denied"
@@ -178,7 +169,7 @@ async def test_bad_headers_are_closed_and_others_still_served(sink: Sink, tmp_pa
             stream = await trio.open_tcp_stream("127.0.0.1", e.port)
             await stream.send_all(data)
             with trio.fail_after(5):
-                assert await read_to_eof(stream) == b""
+                assert await read_until_closed(stream) == b""
         stream = await trio.open_tcp_stream("127.0.0.1", e.port)
         await stream.send_all(v1_header("127.0.0.2", "127.0.0.1", sink.port))
         with trio.fail_after(5):
@@ -202,7 +193,7 @@ async def test_a_client_that_never_finishes_its_header_is_closed(
         stream = await trio.open_tcp_stream("127.0.0.1", e.port)
         await stream.send_all(b"PROXY TCP4 127.0.0.2")
         with trio.fail_after(5):
-            assert await read_to_eof(stream) == b""
+            assert await read_until_closed(stream) == b""
         record = await e.record()
     assert (record.outcome, record.detail) == ("timeout", "no complete PROXY header within 1s")
 
@@ -241,7 +232,7 @@ async def test_haproxy_send_proxy_v2_reaches_the_destination(sink: Sink, tmp_pat
                     assert await receive_until(stream, b"\r\n") == BANNER
                     await stream.send_all(b"QUIT\r\n")
                     await stream.send_eof()
-                    assert await read_to_eof(stream) == b"QUIT\r\n"  # the sink's echo
+                    assert await read_until_closed(stream) == b"QUIT\r\n"  # the sink's echo
                 await stream.aclose()
                 record = await e.record()
     assert sink.peers == ["127.0.0.3"]

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import socket
 import sys
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,18 +129,8 @@ socket = "{self.control}"
 
 
 @pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A short directory (the control socket's path must fit in 107 bytes)."""
-    directory = tempfile.mkdtemp(prefix="egs-")
-    try:
-        yield Path(directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def setup(workdir: Path, sink: Sink) -> Setup:
-    return Setup(workdir, sink, free_port(), free_port())
+def setup(short_dir: Path, sink: Sink) -> Setup:
+    return Setup(short_dir, sink, free_port(), free_port())
 
 
 async def egressd_status(config: Path) -> tuple[int, str, str]:

@@ -23,7 +23,14 @@ from pathlib import Path
 import pytest
 import trio
 from daemon_helpers import RecordingDaemon, recording_daemon
-from harness import Sink, free_port, receive_exactly, receive_until, require_binary
+from harness import (
+    Sink,
+    free_port,
+    read_until_closed,
+    receive_exactly,
+    receive_until,
+    require_binary,
+)
 
 from egressd.config import Endpoint, Source
 from egressd.log import TextFormatter
@@ -199,16 +206,6 @@ async def socks_client(
     return stream
 
 
-async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
-    data = bytearray()
-    try:
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    except trio.BrokenResourceError:
-        pass
-    return bytes(data)
-
-
 async def connect(
     port: int, host: str, dest_port: int, user: str | None = None, password: str = ""
 ) -> tuple[trio.SocketStream, SocksReply]:
@@ -292,15 +289,15 @@ async def test_wrong_password_gets_rfc1929_failure_then_close(sink: Sink, tmp_pa
     async with egressd(tmp_path, [sink.port], users={"main": "pw"}) as e:
         stream = await socks_client(e.port, "main", "nope", expect_auth=1)
         with trio.fail_after(5):
-            assert await read_to_eof(stream) == b""
+            assert await read_until_closed(stream) == b""
         unknown = await socks_client(e.port, "nobody", "pw", expect_auth=1)
         with trio.fail_after(5):
-            assert await read_to_eof(unknown) == b""
+            assert await read_until_closed(unknown) == b""
         # Offering only "no authentication" when passwords are configured: 05 FF.
         bare = await trio.open_tcp_stream("127.0.0.1", e.port)
         await bare.send_all(b"\x05\x01\x00")
         with trio.fail_after(5):
-            assert await read_to_eof(bare) == b"\x05\xff"
+            assert await read_until_closed(bare) == b"\x05\xff"
     assert sink.connections == []
 
 
@@ -346,7 +343,7 @@ async def test_bind_to_an_address_of_no_source_is_refused_02(sink: Sink, tmp_pat
         await stream.send_all(request_bytes(BIND, "127.0.0.99", 0))
         reply = await read_reply(stream)
         with trio.fail_after(5):
-            assert await read_to_eof(stream) == b""
+            assert await read_until_closed(stream) == b""
         record = await e.record()
     assert reply.code == 2
     assert sink.connections == []
@@ -443,7 +440,7 @@ async def test_garbage_is_refused_and_others_are_still_served(sink: Sink, tmp_pa
         garbage = await trio.open_tcp_stream("127.0.0.1", e.port)
         await garbage.send_all(b"GET / HTTP/1.1\r\n\r\n")
         with trio.fail_after(5):
-            assert await read_to_eof(garbage) == b""
+            assert await read_until_closed(garbage) == b""
         stream, reply = await connect(e.port, "127.0.0.1", sink.port)
         assert reply.code == 0
         await stream.aclose()
@@ -464,7 +461,7 @@ async def test_half_close_still_delivers_the_last_reply(
         await stream.send_all(b"QUIT\r\n")
         await stream.send_eof()
         with trio.fail_after(5):
-            assert await read_to_eof(stream) == b"221 bye\r\n"
+            assert await read_until_closed(stream) == b"221 bye\r\n"
         record = await e.record()
     assert (record.outcome, record.bytes_up, record.bytes_down) == ("ok", 6, 9)
 
@@ -489,7 +486,7 @@ async def test_idle_timeout_closes_a_silent_session(sink: Sink, tmp_path: Path) 
         stream, reply = await connect(e.port, "127.0.0.1", sink.port)
         assert reply.code == 0
         with trio.fail_after(5):
-            assert await read_to_eof(stream) == b"220 sink.test ESMTP\r\n"
+            assert await read_until_closed(stream) == b"220 sink.test ESMTP\r\n"
             (connection,) = await sink.wait_for_connections()
             await connection.closed.wait()
         record = await e.record()
@@ -501,7 +498,7 @@ async def test_handshake_timeout_closes_a_slow_client(sink: Sink, tmp_path: Path
         stream = await trio.open_tcp_stream("127.0.0.1", e.port)
         await stream.send_all(b"\x05")  # half a greeting, then nothing
         with trio.fail_after(5):
-            assert await read_to_eof(stream) == b""
+            assert await read_until_closed(stream) == b""
         record = await e.record()
     assert (record.outcome, record.detail) == (
         "timeout",
@@ -564,7 +561,7 @@ async def test_each_session_logs_one_line_and_counts_its_metrics(
             await stream.send_all(b"QUIT\r\n")
             await stream.send_eof()
             with trio.fail_after(5):
-                assert await read_to_eof(stream) == b"221 bye\r\n"
+                assert await read_until_closed(stream) == b"221 bye\r\n"
             await stream.aclose()
         await e.record(2)
         scrape = e.daemon.metrics.exposition().decode()

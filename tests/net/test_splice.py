@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 import trio.testing
+from harness import read_to_eof
 
 from egressd.net.splice import RelayResult, Traffic, can_splice, relay
 
@@ -80,13 +81,6 @@ async def relayed(
         # Outside the nursery: a checkpoint in a cancelled scope would swallow the error.
         await trio.aclose_forcefully(client_app)
         await trio.aclose_forcefully(remote_app)
-
-
-async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
-    data = bytearray()
-    while chunk := await stream.receive_some(1 << 20):
-        data += chunk
-    return bytes(data)
 
 
 @pytest.mark.parametrize("zero_copy", PATHS)
