@@ -193,10 +193,16 @@ class RelayCore:
     # ----------------------------------------------------------------------- driving
 
     def handle(self, event: Event) -> list[Command]:
-        """Feed one event; return the commands to execute, in order."""
+        """Feed one event; return the commands to execute, in order.
+
+        While a command's result is awaited, the event must be that result; only the
+        session's end may interrupt (the shell was cancelled): what was awaited is dropped.
+        """
         if self._step is not None:
             step, self._step = self._step, None
-            return self._run(step, event)
+            if not isinstance(event, SessionEnded):
+                return self._run(step, event)
+            step.close()
         return self._run(self._start(event), None)
 
     def _run(self, step: Step[None], value: Event | None) -> list[Command]:

@@ -866,6 +866,23 @@ def test_a_non_ascii_recipient_needs_smtputf8_at_the_remote() -> None:
     )  # fmt: skip
 
 
+def test_a_session_ending_while_the_remote_owes_a_reply_cuts_it_off() -> None:
+    """The shell was cancelled mid-exchange (shutdown after the grace period)."""
+    relay = core()
+    opened(relay)
+    play(
+        relay,
+        MtaCommand(Data()),
+            SendRemote((Data(),), "DATA"),
+        SessionEnded(clean=False),
+            CloseRemote(polite=False),
+            ended("abandoned", None),
+        MtaCommand(Mail("b@sender.test")),
+            TransactionStarted("main"),
+            ReplyMta(MAIL_OK),
+    )  # fmt: skip
+
+
 def test_an_event_that_is_not_a_result_while_one_is_awaited_is_a_bug() -> None:
     relay = core()
     relay.handle(MtaCommand(MAIL))

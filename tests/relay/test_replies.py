@@ -1,0 +1,43 @@
+"""egressd's own replies to an MTA: a failure that may pass is a 4xx saying what and where."""
+
+from __future__ import annotations
+
+import pytest
+
+from egressd.egress import EgressFailure, Failure
+from egressd.relay import replies
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        (Failure.UNKNOWN_POOL, "451 4.3.5 pool bulk: no such pool"),
+        (Failure.NO_SOURCES, "451 4.4.5 pool bulk: no such pool"),
+        (Failure.SOURCE_LIMIT, "451 4.4.5 pool bulk: no such pool"),
+        (Failure.UNPLUMBED, "451 4.3.0 no such pool"),
+        (Failure.PROXY_TIMEOUT, "451 4.3.0 no such pool"),
+    ],
+)
+def test_an_egress_failure_is_a_4xx_that_says_whether_the_pool_or_the_source_failed(
+    kind: Failure, expected: str
+) -> None:
+    reply = replies.egress_failure("bulk", EgressFailure(kind, "no such pool"))
+    assert reply.to_bytes() == expected.encode() + b"\r\n"
+
+
+def test_a_made_up_reply_never_holds_a_line_break() -> None:
+    reply = replies.no_mail_server('source "a" (192.0.2.1)', "x.test", ["one\r\nRCPT", "two\n"])
+    assert reply.to_bytes().count(b"\r\n") == 1
+    assert reply.code == 451
+    assert reply.enhanced == "4.4.1"
+
+
+def test_next_hop_failures_keep_the_resolvers_code() -> None:
+    reply = replies.next_hop_failure(556, "5.1.10", "x.test accepts no mail")
+    assert reply.to_bytes() == b"556 5.1.10 x.test accepts no mail\r\n"
+
+
+@pytest.mark.parametrize(("in_data", "text"), [(True, "the message body"), (False, "a command")])
+def test_an_mta_timeout_is_a_421_naming_what_was_awaited(in_data: bool, text: str) -> None:
+    reply = replies.mta_timeout("relay.test", in_data)
+    assert reply.to_bytes() == f"421 4.4.2 relay.test timeout waiting for {text}\r\n".encode()
