@@ -401,7 +401,7 @@ class _Opening:
         """The MTA's reply when the plan gave up with ``failure``."""
         source = self.source
         if failure.party is not Party.DESTINATION or source is None:
-            return replies.egress_failure(self.pool, failure)
+            return replies.egress_failure(self.pool, failure.kind.value, str(failure))
         who = _source_text(source, source.egress_address)
         return replies.no_mail_server(who, self.domain, self.failures or [failure.detail])
 

@@ -27,7 +27,6 @@ refusals (pool, source, addresses).
 
 from __future__ import annotations
 
-from egressd.egress.failures import EgressFailure, Failure
 from egressd.proto.smtp_common import Reply
 from egressd.relay.events import RemoteLost, RemoteTimedOut
 
@@ -132,17 +131,19 @@ def next_hop_failure(code: int, enhanced: str, text: str) -> Reply:
 # --------------------------------------------------------------------------- opening
 
 
-_NO_SOURCE = frozenset({Failure.UNKNOWN_POOL, Failure.NO_SOURCES, Failure.SOURCE_LIMIT})
+#: The egress's failure kinds (:class:`egressd.egress.Failure`) that mean "no source".
+_NO_SOURCE = frozenset({"unknown_pool", "no_sources", "source_limit"})
 
 
-def egress_failure(pool: str, failure: EgressFailure) -> Reply:
-    """The egress gave no connection: the pool gave no source (unknown pool ``4.3.5``,
-    every source suspended or at its cap ``4.4.5``), or the source's own fault (unplumbed
-    address, proxy down) on every source tried (``4.3.0``)."""
-    if failure.kind in _NO_SOURCE:
-        enhanced = "4.3.5" if failure.kind is Failure.UNKNOWN_POOL else "4.4.5"
-        return temporary(enhanced, f"pool {pool}: {failure}")
-    return temporary("4.3.0", str(failure))
+def egress_failure(pool: str, kind: str, detail: str) -> Reply:
+    """The egress gave no connection (``kind`` and ``detail`` of an
+    :class:`~egressd.egress.EgressFailure`): the pool gave no source (unknown pool
+    ``4.3.5``, every source suspended or at its cap ``4.4.5``), or the source's own fault
+    (unplumbed address, proxy down) on every source tried (``4.3.0``)."""
+    if kind in _NO_SOURCE:
+        enhanced = "4.3.5" if kind == "unknown_pool" else "4.4.5"
+        return temporary(enhanced, f"pool {pool}: {detail}")
+    return temporary("4.3.0", detail)
 
 
 def denied_next_hop(domain: str) -> Reply:

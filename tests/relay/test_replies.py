@@ -21,7 +21,8 @@ from egressd.relay import replies
 def test_an_egress_failure_is_a_4xx_that_says_whether_the_pool_or_the_source_failed(
     kind: Failure, expected: str
 ) -> None:
-    reply = replies.egress_failure("bulk", EgressFailure(kind, "no such pool"))
+    failure = EgressFailure(kind, "no such pool")
+    reply = replies.egress_failure("bulk", failure.kind.value, str(failure))
     assert reply.to_bytes() == expected.encode() + b"\r\n"
 
 
