@@ -12,6 +12,10 @@ line and reads one JSON object per line back, as many times as it likes, then cl
     {"command": "resume", "source": "ip-1"}              -> {"ok": true, "was_suspended": true}
     anything else                                        -> {"ok": false, "error": "..."}
 
+``seconds`` is a number above 0 and at most :data:`MAX_SUSPEND_SECONDS` (NaN, Infinity and
+1e300 are refused). Every request that cannot be parsed or carried out gets an error reply;
+nothing a client sends ends the connection but an oversized line.
+
 A bare command word works too (``echo status | socat - UNIX-CONNECT:/run/egressd/control.sock``).
 A request line is at most :data:`MAX_LINE` bytes; a longer one gets an error and the
 connection is closed. :func:`handle_request` holds the protocol and does no I/O;
@@ -37,7 +41,7 @@ import socket
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import trio
 
@@ -46,6 +50,9 @@ from egressd.log import get_logger
 log = get_logger("control")
 
 MAX_LINE = 4096
+MAX_SUSPEND_SECONDS = 366 * 86400
+"""The longest operator suspension: a year. A source out for longer belongs out of the
+configuration; the cap keeps every ``until`` a clock time that can be printed."""
 SOCKET_MODE = 0o660
 CONNECTION_IDLE_TIMEOUT = 60.0
 
@@ -72,25 +79,41 @@ class Controlled(Protocol):
 
 
 def parse_request(line: bytes) -> dict[str, Any]:
-    """A request line as an object with a string ``command``; ValueError when it is not."""
+    """A request line as an object with a string ``command``; ValueError when it is not.
+
+    Strict JSON: ``NaN`` and ``Infinity`` are refused, and so is nesting deeper than the
+    parser's recursion allows (a line of ``[`` would otherwise raise RecursionError).
+    """
     text = line.decode("utf-8", errors="replace").strip()
     if re.fullmatch(r"[a-z_]+", text):
         return {"command": text}
     try:
-        request = json.loads(text)
+        request = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON: {exc.msg}") from None
+    except RecursionError:
+        raise ValueError("not JSON: nested too deeply") from None
     if not isinstance(request, dict) or not isinstance(request.get("command"), str):
         raise ValueError('expected an object with a "command" string')
     return request
 
 
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"not JSON: {name} is not a JSON number")
+
+
 def handle_request(target: Controlled, line: bytes) -> Reply:
-    """The reply to one request line; never raises."""
+    """The reply to one request line; never raises (a failure is an error reply)."""
     try:
-        request = parse_request(line)
+        return _handle(target, parse_request(line))
     except ValueError as exc:
         return {"ok": False, "error": str(exc)}
+    except Exception as exc:
+        log.exception("control socket: request failed")
+        return {"ok": False, "error": f"request failed: {type(exc).__name__}"}
+
+
+def _handle(target: Controlled, request: Mapping[str, Any]) -> Reply:
     command = request["command"]
     if command == "status":
         return {"ok": True, "status": target.status()}
@@ -108,8 +131,11 @@ def _suspend_or_resume(target: Controlled, request: Mapping[str, Any]) -> Reply:
         log.info("source resumed by operator", extra={"fields": {"source": source}})
         return {"ok": True, "was_suspended": was_suspended}
     seconds = request.get("seconds")
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
-        return {"ok": False, "error": '"seconds" must be a positive number'}
+    if not _is_duration(seconds):
+        return {
+            "ok": False,
+            "error": f'"seconds" must be a number above 0 and at most {MAX_SUSPEND_SECONDS}',
+        }
     reason = request.get("reason")
     if reason is not None and (not isinstance(reason, str) or not 0 < len(reason) <= 200):
         return {"ok": False, "error": '"reason" must be a string of 1 to 200 characters'}
@@ -119,6 +145,13 @@ def _suspend_or_resume(target: Controlled, request: Mapping[str, Any]) -> Reply:
         extra={"fields": {"source": source, "seconds": seconds, "reason": reason or ""}},
     )
     return {"ok": True}
+
+
+def _is_duration(value: object) -> TypeGuard[float]:
+    """A number of seconds in (0, MAX_SUSPEND_SECONDS]; NaN and infinities fail the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 < value <= MAX_SUSPEND_SECONDS
 
 
 # --------------------------------------------------------------------------- server

@@ -150,9 +150,12 @@ def format_sources(sources: Sequence[Mapping[str, Any]], now: float) -> str:
 
 
 def _until(until: object, now: float) -> str:
-    if not isinstance(until, (int, float)):
+    if isinstance(until, bool) or not isinstance(until, (int, float)):
         return "-"
-    wall = time.strftime("%H:%M:%S", time.localtime(until))
+    try:  # a daemon that accepted an absurd suspension must not crash its status
+        wall = time.strftime("%H:%M:%S", time.localtime(until))
+    except (OverflowError, OSError, ValueError):
+        return f"{until!r} (not a clock time)"
     return f"{max(until - now, 0.0):.1f}s ({wall})"
 
 

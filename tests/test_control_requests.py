@@ -1,0 +1,90 @@
+"""The control protocol without a socket: every bad request is an error reply, never a raise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from egressd.control import MAX_SUSPEND_SECONDS, handle_request
+from egressd.status import format_sources
+
+
+class Target:
+    """A :class:`egressd.control.Controlled` that records what it was asked to do."""
+
+    def __init__(self, *, status_fails: bool = False) -> None:
+        self.suspended: list[tuple[str, float, str]] = []
+        self.status_fails = status_fails
+
+    def status(self) -> dict[str, Any]:
+        if self.status_fails:
+            raise RuntimeError("broken snapshot")
+        return {"sources": []}
+
+    def has_source(self, name: str) -> bool:
+        return name == "a"
+
+    def suspend(self, source: str, seconds: float, reason: str) -> None:
+        self.suspended.append((source, seconds, reason))
+
+    def resume(self, source: str) -> bool:
+        return False
+
+
+def suspend(seconds: str) -> bytes:
+    return b'{"command": "suspend", "source": "a", "seconds": ' + seconds.encode() + b"}"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        suspend("Infinity"),
+        suspend("-Infinity"),
+        suspend("NaN"),
+        suspend("1e300"),
+        suspend("1e999"),
+        suspend("9" * 400),
+        suspend(str(MAX_SUSPEND_SECONDS + 1)),
+        suspend("0"),
+        suspend("-5"),
+        suspend("true"),
+        suspend('"600"'),
+        suspend("null"),
+        b"[" * 3000,
+        b"{" * 3000,
+        b'{"command": {"command": ' * 200,
+        b"\xff\xfe",
+        b"[1, 2]",
+        b'{"command": 7}',
+    ],
+)
+def test_nonsense_gets_an_error_reply_and_changes_nothing(line: bytes) -> None:
+    target = Target()
+    reply = handle_request(target, line)
+    assert reply["ok"] is False and isinstance(reply["error"], str) and reply["error"]
+    assert target.suspended == []
+
+
+@pytest.mark.parametrize("seconds", ["0.5", "600", str(MAX_SUSPEND_SECONDS)])
+def test_sane_durations_suspend(seconds: str) -> None:
+    target = Target()
+    assert handle_request(target, suspend(seconds)) == {"ok": True}
+    assert target.suspended == [("a", float(seconds), "suspended by operator")]
+
+
+def test_a_failure_inside_a_command_is_an_error_reply() -> None:
+    reply = handle_request(Target(status_fails=True), b"status")
+    assert reply == {"ok": False, "error": "request failed: RuntimeError"}
+
+
+@pytest.mark.parametrize("until", [float("inf"), float("nan"), 1e300, 10**400])
+def test_status_prints_an_impossible_until_instead_of_crashing(until: float) -> None:
+    row = {
+        "name": "a",
+        "state": "suspended",
+        "suspended_until": until,
+        "active_connections": 0,
+        "recent_failures": 0,
+    }
+    assert "not a clock time" in format_sources([row], now=0.0)
