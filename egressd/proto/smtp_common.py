@@ -26,9 +26,11 @@ This module holds what both sides agree on:
 * :class:`ReceiveBuffer`, a byte buffer that consumes from the front without copying and
   remembers how far a search for a line end already looked, so a trickle of single bytes costs
   linear, not quadratic, time;
-* the error types. :class:`LocalProtocolError` means *we* misused a machine (a programming
-  error); :class:`RemoteProtocolError` means the peer broke the protocol, and is raised only by
-  ``start_tls()``; everything the peer sends otherwise comes out of ``next_event()`` as an event.
+* the error types, those of every machine (:mod:`egressd.proto.machine`, which also defines
+  ``NEED_DATA`` and ``PAUSED``). :class:`LocalProtocolError` means *we* misused a machine (a
+  programming error); :class:`RemoteProtocolError` means the peer broke the protocol, and is
+  raised only by ``start_tls()``; everything the peer sends otherwise comes out of
+  ``next_event()`` as an event (:class:`ProtocolViolation` when it broke the protocol).
 
 Limits (RFC 5321 section 4.5.3.1): command lines 512 octets, text lines 1000, reply lines 512.
 Real MTAs exceed the first two (ESMTP parameters, long header lines), so the machines take
@@ -38,13 +40,19 @@ not limited at all because the body is streamed in bounded chunks, never held wh
 
 from __future__ import annotations
 
-import enum
 import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
+
+from egressd.proto import machine
+from egressd.proto.machine import NEED_DATA as NEED_DATA
+from egressd.proto.machine import PAUSED as PAUSED
+from egressd.proto.machine import LocalProtocolError as LocalProtocolError
+from egressd.proto.machine import ProtocolError
+from egressd.proto.machine import Sentinel as Sentinel
 
 # RFC 5321 section 4.5.3.1 limits, and the caps egressd actually enforces.
 RFC5321_COMMAND_LINE: Final = 512
@@ -60,40 +68,16 @@ MAX_REPLY_LINES: Final = 128
 DATA_CHUNK_SIZE: Final = 64 * 1024
 
 
-class Sentinel(enum.Enum):
-    """Values ``next_event()`` returns when it has no event."""
-
-    NEED_DATA = "NEED_DATA"
-    PAUSED = "PAUSED"
-
-    def __repr__(self) -> str:
-        return self.value
+#: Base of the errors the SMTP machines raise: the one base of every machine in egressd.proto.
+SmtpError = ProtocolError
 
 
-#: Feed more bytes with ``receive_data()``.
-NEED_DATA: Final = Sentinel.NEED_DATA
-#: The machine will not parse further until the driver sends the reply it owes.
-PAUSED: Final = Sentinel.PAUSED
-
-
-class SmtpError(Exception):
-    """Base of the errors the SMTP machines raise."""
-
-
-class LocalProtocolError(SmtpError):
-    """The caller misused a machine or built an invalid event: a bug in egressd."""
-
-
-class RemoteProtocolError(SmtpError):
+class RemoteProtocolError(machine.RemoteProtocolError["Reply"]):
     """The peer broke the protocol in a way that cannot be reported as an event.
 
     Only ``start_tls()`` raises it (plaintext bytes pipelined after STARTTLS). ``reply`` is
     a hint for what to say before closing, or None if the connection should just be closed.
     """
-
-    def __init__(self, message: str, reply: Reply | None = None) -> None:
-        super().__init__(message)
-        self.reply = reply
 
 
 # --------------------------------------------------------------------------------------------
