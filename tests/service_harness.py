@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from egressd.proto.socks5 import Socks5Client
+from egressd.proto import socks5
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -246,17 +246,15 @@ async def socks_connect(
 
     ``local_address``: the loopback address the client connects from.
     """
-    from egressd.proto.socks5 import Socks5ClientError
-
     stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=local_address)
-    client = Socks5Client(host, dest_port)
+    client = socks5.Socks5Handshake(host, dest_port)
     try:
         await stream.send_all(client.initial_bytes())
         while not client.done:
             reply = client.receive_data(await stream.receive_some(65536))
             if reply:
                 await stream.send_all(reply)
-    except Socks5ClientError as exc:
+    except socks5.HandshakeError as exc:
         await stream.aclose()
         raise SocksRefused(int(exc.reply) if exc.reply is not None else None, str(exc)) from exc
     return SocksConnection(stream, client.bound_address, bytearray(client.trailing))

@@ -11,8 +11,8 @@ header's src only *names* a configured source (:meth:`Config.source_for_address`
 everything it defines (hop, ``remote_port``). v1 headers are accepted as well, as
 HAProxy's ``accept-proxy`` does.
 
-The header is read with :class:`ProxyHeaderReader`, never asking for more than its
-``max_read()``, so no byte past the header is consumed; bytes the client sends right
+The header is read with :class:`~egressd.proto.proxy.ProxyHeaderReader`, never asking for
+more than its ``max_read()``, so no byte past the header is consumed; bytes the client sends right
 after it (a pipelined EHLO) reach the destination intact. Reading the header is bounded
 by ``[limits] handshake_timeout``.
 
@@ -39,12 +39,8 @@ from egressd.doors.common import (
 )
 from egressd.egress import EgressFailure
 from egressd.net.connection import Connection
-from egressd.proto.proxy_header import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
+from egressd.proto import NEED_DATA, proxy
 from egressd.runtime import Runtime, SessionRecord
-
-
-class _NoHeader(Exception):
-    """The client closed (or reset) before a complete header."""
 
 
 class ProxyDoor:
@@ -93,40 +89,39 @@ class ProxyDoor:
 
 async def _header_or_none(
     stream: Connection, record: SessionRecord, timeout: float
-) -> ProxyHeader | None:
+) -> proxy.ProxyHeader | None:
     """The header, or None with the record's outcome set (timeout, EOF, malformed)."""
+    reader = proxy.ProxyHeaderReader()
     try:
         with trio.fail_after(timeout):
-            return await read_header(stream)
+            return await read_header(stream, reader)
     except trio.TooSlowError:
         record.outcome = "timeout"
         record.detail = f"no complete PROXY header within {timeout:g}s"
-    except _NoHeader as exc:
-        record.outcome = "closed"
-        record.detail = str(exc)
-    except ProxyHeaderError as exc:
-        record.outcome = "protocol_error"
+    except proxy.ProxyHeaderError as exc:
+        record.outcome = "closed" if reader.eof else "protocol_error"
         record.detail = str(exc)
     return None
 
 
-async def read_header(stream: trio.abc.ReceiveStream) -> ProxyHeader:
-    """Read one PROXY v1/v2 header and not a byte more (the reader's ``max_read``)."""
-    reader = ProxyHeaderReader()
-    while True:
+async def read_header(
+    stream: trio.abc.ReceiveStream, reader: proxy.ProxyHeaderReader
+) -> proxy.ProxyHeader:
+    """Read one PROXY v1/v2 header and not a byte more (the reader's ``max_read``).
+
+    A reset counts as EOF: the reader then raises ProxyHeaderError, with ``eof`` set.
+    """
+    while (header := reader.next_event()) is NEED_DATA:
         try:
             data = await stream.receive_some(reader.max_read())
-        except trio.BrokenResourceError as exc:
-            raise _NoHeader(f"client went away before a complete PROXY header: {exc}") from exc
-        if not data:
-            raise _NoHeader("client closed before a complete PROXY header")
-        header = reader.feed(bytes(data))
-        if header is not None:
-            assert not reader.leftover  # max_read never reaches past the header
-            return header
+        except trio.BrokenResourceError:
+            data = b""
+        reader.receive_data(bytes(data))
+    assert not reader.trailing_data  # max_read never reaches past the header
+    return header
 
 
-def _usable(header: ProxyHeader, record: SessionRecord) -> bool:
+def _usable(header: proxy.ProxyHeader, record: SessionRecord) -> bool:
     """True when the header has the src and dst this door needs; else fill the record."""
     if header.local:
         record.outcome = "closed"

@@ -2,8 +2,10 @@
 
 Theory of operation
 -------------------
-One accepted connection is driven through the sans-IO :class:`Socks5Server`; this module
-only reads, writes, decides and dials.
+One accepted connection is driven through the sans-IO
+:class:`~egressd.proto.socks5_server.Socks5Server`; this module only reads, writes, decides
+and dials: it answers each message the machine parses, and a client that breaks the
+protocol gets the reply the machine's error names (outcome ``protocol_error``).
 
 Handshake (bounded by ``[limits] handshake_timeout``; on expiry the connection is closed
 with outcome ``timeout``):
@@ -31,7 +33,8 @@ unreachable, 05 refused, 06 timeout; a destination whose circuit breaker is open
 the reply of the failure that opened it. The success reply carries the outbound connection's
 real local address (``Dialed.local_address``), in the request's address family, because
 Exim reads a reply as long as its request. UDP ASSOCIATE gets 07, unknown address types
-08 (the machine does both).
+08, a name that is no valid DNS name 04 (the machine does all three), and so does a name
+the resolver cannot handle: every resolver failure is reply 04, never a crash.
 
 Then the client and the destination are spliced (:mod:`egressd.net.splice`); bytes the
 client pipelined after its CONNECT are delivered first.
@@ -61,21 +64,10 @@ from egressd.doors.common import (
 from egressd.egress import Egress, EgressFailure, Failure
 from egressd.net.connection import Connection
 from egressd.net.dialer import Dialed
-from egressd.proto.socks5 import (
-    METHOD_NO_ACCEPTABLE,
-    NEED_DATA,
-    SOCKS_VERSION,
-    AuthRequest,
-    BindRequest,
-    Closed,
-    ConnectRequest,
-    Reply,
-    Socks5Server,
-)
+from egressd.proto import NEED_DATA, socks5
 from egressd.runtime import Runtime, SessionRecord
 
 _RECEIVE_SIZE = 4096
-_NO_ACCEPTABLE_METHOD = bytes([SOCKS_VERSION, METHOD_NO_ACCEPTABLE])
 
 
 class Socks5Door:
@@ -90,28 +82,39 @@ class Socks5Door:
         listener: Listener,
         record: SessionRecord,
     ) -> None:
-        session = _Session(stream, runtime, listener, record)
-        await session.run()
+        connection = _AcceptedConnection(stream, runtime, listener, record)
+        await connection.run()
 
     async def refuse(self, stream: Connection, reason: str) -> None:
         """Answer the greeting, then reply 01 (general failure) to the first request."""
-        server = Socks5Server()
+        server = socks5.Socks5Server()
         try:
-            while True:
-                event = server.next_event()
-                if event is NEED_DATA:
-                    await _send(stream, server.data_to_send())
-                    server.receive_data(await _receive(stream))
-                    continue
-                if isinstance(event, AuthRequest):
-                    server.accept_auth()
-                elif isinstance(event, BindRequest | ConnectRequest):
-                    server.reply_failure(Reply.GENERAL_FAILURE)
-                await _send(stream, server.data_to_send())
-                if isinstance(event, Closed) or server.closed:
+            while not server.closed:
+                try:
+                    event = server.next_event()
+                except socks5.Socks5ProtocolError as exc:
+                    if exc.reply is not None:
+                        await _send(stream, server.send(exc.reply))
                     return
+                if event is NEED_DATA:
+                    server.receive_data(await _receive(stream))
+                elif isinstance(event, socks5.ConnectionClosed):
+                    return
+                else:
+                    await _send(stream, server.send(_refusal_answer(event)))
         except trio.BrokenResourceError:
             return
+
+
+def _refusal_answer(
+    event: socks5.Greeting | socks5.AuthRequest | socks5.BindRequest | socks5.ConnectRequest,
+) -> socks5.ServerAnswer:
+    """Just enough SOCKS5 to refuse: any method, any credentials, then 01."""
+    if isinstance(event, socks5.Greeting):
+        return socks5.MethodChoice(socks5.choose_method(event.methods, require_auth=False))
+    if isinstance(event, socks5.AuthRequest):
+        return socks5.AuthResult(accepted=True)
+    return socks5.Refused(socks5.ReplyCode.GENERAL_FAILURE)
 
 
 async def _receive(stream: Connection) -> bytes:
@@ -127,8 +130,8 @@ async def _send(stream: Connection, data: bytes) -> None:
         await stream.send_all(data)
 
 
-class _Session:
-    """One SOCKS5 connection: handshake, dial, reply, relay."""
+class _AcceptedConnection:
+    """One accepted SOCKS5 client connection: handshake, dial, reply, relay."""
 
     def __init__(
         self,
@@ -143,7 +146,7 @@ class _Session:
         self.config = self.egress.config
         self.record = record
         self.users: Mapping[str, str] = self.config.auth
-        self.server = Socks5Server(require_auth=bool(self.users))
+        self.server = socks5.Socks5Server()
         self.pool: str | None = listener.pool
         self.source: Source | None = None
         self.client_eof = False
@@ -183,66 +186,79 @@ class _Session:
 
     # ------------------------------------------------------------------ handshake
 
-    async def negotiate(self) -> ConnectRequest | None:
+    async def negotiate(self) -> socks5.ConnectRequest | None:
         """Run the machine up to a CONNECT; None when it closed (reply already sent)."""
-        while True:
-            event = self.server.next_event()
+        while not self.server.closed:
+            stage = self.server.state.value
+            try:
+                event = self.server.next_event()
+            except socks5.Socks5ProtocolError as exc:
+                await self.broken(exc)
+                return None
             if event is NEED_DATA:
-                await _send(self.stream, self.server.data_to_send())  # e.g. the method choice
                 data = await _receive(self.stream)
                 self.client_eof = not data
                 self.server.receive_data(data)
-                continue
-            if isinstance(event, ConnectRequest):
+            elif isinstance(event, socks5.ConnectRequest):
                 return event
-            if isinstance(event, AuthRequest):
-                self.authenticate(event)
-            elif isinstance(event, BindRequest):
-                self.bind(event)
-            last_words = self.server.data_to_send()
-            await _send(self.stream, last_words)
-            if isinstance(event, Closed):
-                self.closed(event, last_words)
-                return None
+            elif isinstance(event, socks5.ConnectionClosed):
+                self.record.detail = f"client closed during the {stage}"
+            else:
+                await _send(self.stream, self.server.send(self.answer(event)))
+        return None
 
-    def authenticate(self, request: AuthRequest) -> None:
+    def answer(
+        self, event: socks5.Greeting | socks5.AuthRequest | socks5.BindRequest
+    ) -> socks5.ServerAnswer:
+        if isinstance(event, socks5.Greeting):
+            return self.choose_method(event)
+        if isinstance(event, socks5.AuthRequest):
+            return socks5.AuthResult(self.authenticate(event))
+        return self.bind(event)
+
+    def choose_method(self, greeting: socks5.Greeting) -> socks5.MethodChoice:
+        """02 whenever offered; without it, 00 unless ``[auth.users]`` is set, else FF."""
+        method = socks5.choose_method(greeting.methods, require_auth=bool(self.users))
+        if method == socks5.METHOD_NO_ACCEPTABLE:
+            self.record.outcome = "denied"
+            self.record.detail = "client offers no acceptable authentication method"
+        return socks5.MethodChoice(method)
+
+    def authenticate(self, request: socks5.AuthRequest) -> bool:
         username = request.username
         if self.users and not _password_matches(self.users.get(username), request.password):
-            self.server.deny_auth()
             self.record.outcome = "denied"
             self.record.detail = f"RFC 1929 credentials refused for user {username!r}"
-            return
-        self.server.accept_auth()
+            return False
         if username:
             self.pool = username
             self.record.pool = username
+        return True
 
-    def bind(self, request: BindRequest) -> None:
+    def bind(self, request: socks5.BindRequest) -> socks5.Succeeded | socks5.Refused:
         """KumoMTA's ``BIND source:0``: pick the source with that address, bind nothing yet."""
         address = request.address
         source = None if isinstance(address, str) else self.config.source_for_address(address)
         if source is None or isinstance(address, str):
-            self.server.reply_failure(Reply.NOT_ALLOWED)
             self.record.outcome = "denied"
             self.record.detail = f"BIND {address}: no configured source has this address"
-            return
+            return socks5.Refused(socks5.ReplyCode.NOT_ALLOWED)
         self.source = source
         self.record.source = source.name
         self.record.pool = None  # the exact source, not a pool, decides
-        self.server.reply_success(address, 0)
+        return socks5.Succeeded(address, 0)
 
-    def closed(self, event: Closed, last_words: bytes) -> None:
-        if self.record.outcome != "closed":
-            return  # denied: the reason is already recorded
-        if last_words == _NO_ACCEPTABLE_METHOD:
-            self.record.outcome = "denied"  # [auth.users] is set and no credentials offered
-        elif not self.client_eof:
+    async def broken(self, error: socks5.Socks5ProtocolError) -> None:
+        """The client broke the protocol: send the reply owed, if any, and say why."""
+        if error.reply is not None:
+            await _send(self.stream, self.server.send(error.reply))
+        if not self.client_eof:
             self.record.outcome = "protocol_error"
-        self.record.detail = event.reason
+        self.record.detail = str(error)
 
     # ------------------------------------------------------------------ connect
 
-    async def connect(self, request: ConnectRequest) -> Dialed | None:
+    async def connect(self, request: socks5.ConnectRequest) -> Dialed | None:
         """Dial the request's destination; on failure send the reply and return None."""
         note_destination(self.record, request.host, request.port)
         try:
@@ -251,16 +267,14 @@ class _Session:
             )
         except EgressFailure as exc:
             note_refusal(self.record, exc)
-            self.server.reply_failure(_reply_for(exc))
-            await _send(self.stream, self.server.data_to_send())
+            await _send(self.stream, self.server.send(socks5.Refused(_reply_for(exc))))
             return None
         note_dialed(self.record, dialed, request.host)
         return dialed
 
     async def reply_success(self, dialed: Dialed) -> None:
         bound, port = dialed.local_address
-        self.server.reply_success(bound, port)
-        await _send(self.stream, self.server.data_to_send())
+        await _send(self.stream, self.server.send(socks5.Succeeded(bound, port)))
 
 
 def _password_matches(expected: str | None, given: str) -> bool:
@@ -271,13 +285,13 @@ def _password_matches(expected: str | None, given: str) -> bool:
     )
 
 
-_REPLIES: dict[Failure, Reply] = {
-    Failure.DENIED: Reply.NOT_ALLOWED,
-    Failure.UNKNOWN_POOL: Reply.NOT_ALLOWED,
-    Failure.REFUSED: Reply.CONNECTION_REFUSED,
-    Failure.HOST_UNREACHABLE: Reply.HOST_UNREACHABLE,
-    Failure.NETWORK_UNREACHABLE: Reply.NETWORK_UNREACHABLE,
-    Failure.TIMEOUT: Reply.TTL_EXPIRED,
+_REPLIES: dict[Failure, socks5.ReplyCode] = {
+    Failure.DENIED: socks5.ReplyCode.NOT_ALLOWED,
+    Failure.UNKNOWN_POOL: socks5.ReplyCode.NOT_ALLOWED,
+    Failure.REFUSED: socks5.ReplyCode.CONNECTION_REFUSED,
+    Failure.HOST_UNREACHABLE: socks5.ReplyCode.HOST_UNREACHABLE,
+    Failure.NETWORK_UNREACHABLE: socks5.ReplyCode.NETWORK_UNREACHABLE,
+    Failure.TIMEOUT: socks5.ReplyCode.TTL_EXPIRED,
 }
 
 
@@ -288,5 +302,5 @@ def _reply_for(exc: EgressFailure) -> int:
     when that was not a connect failure)."""
     if exc.kind is Failure.DESTINATION_FAILING:
         opened_by = exc.cause if exc.cause is not None else exc.kind
-        return int(_REPLIES.get(opened_by, Reply.HOST_UNREACHABLE))
-    return int(_REPLIES.get(exc.kind, Reply.GENERAL_FAILURE))
+        return int(_REPLIES.get(opened_by, socks5.ReplyCode.HOST_UNREACHABLE))
+    return int(_REPLIES.get(exc.kind, socks5.ReplyCode.GENERAL_FAILURE))

@@ -25,7 +25,7 @@ The outbound plan (:mod:`egressd.egress.plan`) decides which source and which ad
 ``socks5``
     A socket (bound to ``source_address`` when set) connects to the proxy
     ``socks5_proxy_server`` and runs RFC 1928 (with RFC 1929 username/password when both
-    are configured) through the sans-IO :class:`~egressd.proto.socks5.Socks5Client`. With
+    are configured) through the sans-IO :class:`~egressd.proto.socks5.Socks5Handshake`. With
     ``socks5_proxy_source_address`` it follows KumoMTA's convention (``BIND source:0``,
     then ``CONNECT destination`` on the same connection); without it, a plain CONNECT and
     the proxy's own configuration picks the address (Dante's ``external:``). The CONNECT
@@ -61,8 +61,8 @@ from egressd.egress.failures import EgressFailure, Failure, Stage
 from egressd.egress.plan import Attempt, Destination, Progress
 from egressd.net.connection import Connection
 from egressd.net.oserrors import cause_text, errno_text
-from egressd.proto.proxy_header import build_v2
-from egressd.proto.socks5 import Reply, Socks5Client, Socks5ClientError
+from egressd.proto import socks5
+from egressd.proto.proxy import build_v2
 
 __all__ = ["Dialed", "connect", "dial", "resolve_name"]
 
@@ -77,10 +77,10 @@ _NET_UNREACHABLE_ERRNOS = frozenset({errno.ENETUNREACH, errno.ENETDOWN})
 
 # What a SOCKS5 proxy's refusal of CONNECT says about the destination (RFC 1928 6).
 _SOCKS_DESTINATION_KINDS = {
-    Reply.NETWORK_UNREACHABLE: Failure.NETWORK_UNREACHABLE,
-    Reply.HOST_UNREACHABLE: Failure.HOST_UNREACHABLE,
-    Reply.CONNECTION_REFUSED: Failure.REFUSED,
-    Reply.TTL_EXPIRED: Failure.TIMEOUT,
+    socks5.ReplyCode.NETWORK_UNREACHABLE: Failure.NETWORK_UNREACHABLE,
+    socks5.ReplyCode.HOST_UNREACHABLE: Failure.HOST_UNREACHABLE,
+    socks5.ReplyCode.CONNECTION_REFUSED: Failure.REFUSED,
+    socks5.ReplyCode.TTL_EXPIRED: Failure.TIMEOUT,
 }
 
 
@@ -229,7 +229,7 @@ class _Dial:
         sock, proxy_address = await self._open_proxy(proxy)
         try:
             stream = Connection(sock, _text(proxy_address))
-            client = Socks5Client(
+            client = socks5.Socks5Handshake(
                 str(address),
                 port,
                 username=source.socks5_proxy_username,
@@ -243,7 +243,7 @@ class _Dial:
                 data = await self._receive(stream, proxy_address, during)  # b"": EOF, an error
                 try:
                     reply = client.receive_data(data)
-                except Socks5ClientError as exc:
+                except socks5.HandshakeError as exc:
                     raise self._socks_error(exc, proxy_address, target) from exc
                 if reply:
                     await self._send(stream, reply, proxy_address, f"answering {client.stage}")
@@ -438,10 +438,13 @@ class _Dial:
         )
 
     def _socks_error(
-        self, exc: Socks5ClientError, proxy: tuple[IPAddress, int], target: tuple[IPAddress, int]
+        self,
+        exc: socks5.HandshakeError,
+        proxy: tuple[IPAddress, int],
+        target: tuple[IPAddress, int],
     ) -> EgressFailure:
         """A SOCKS5 refusal: 03-06 to a CONNECT describe the destination, the rest the proxy."""
-        reply = Reply(exc.reply) if exc.reply in set(Reply) else None
+        reply = socks5.ReplyCode(exc.reply) if exc.reply in set(socks5.ReplyCode) else None
         kind = _SOCKS_DESTINATION_KINDS.get(reply) if reply is not None else None
         if exc.stage == "connect" and kind is not None:
             return EgressFailure(

@@ -1,4 +1,4 @@
-"""Tests for egressd.proto.proxy_header: building v2 and reading v1/v2 incrementally."""
+"""Tests for egressd.proto.proxy: building v2 and reading v1/v2 incrementally."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from proxyprotocol.result import ProxyResultIPv4, ProxyResultIPv6, ProxyResultLo
 from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
 
-from egressd.proto.proxy_header import (
+from egressd.proto import NEED_DATA, RemoteProtocolError
+from egressd.proto.proxy import (
     SHORTEST_HEADER,
     V2_MAX_PAYLOAD,
     V2_SIGNATURE,
@@ -31,10 +32,26 @@ IPv6 = ipaddress.IPv6Address
 H = bytes.fromhex
 
 
+def feed(reader: ProxyHeaderReader, data: bytes) -> ProxyHeader | None:
+    """Feed ``data``; the header once complete, else None (errors propagate)."""
+    reader.receive_data(data)
+    event = reader.next_event()
+    return None if event is NEED_DATA else event
+
+
+def result(reader: ProxyHeaderReader) -> ProxyHeader | None:
+    """The header the reader has, or None (incomplete or broken)."""
+    try:
+        event = reader.next_event()
+    except ProxyHeaderError:
+        return None
+    return None if event is NEED_DATA else event
+
+
 def read_all(data: bytes, chunks: Chunker) -> ProxyHeaderReader:
     reader = ProxyHeaderReader()
     for chunk in chunks(data):
-        reader.feed(chunk)
+        feed(reader, chunk)
     return reader
 
 
@@ -42,16 +59,17 @@ def read_honouring_max_read(stream: bytes) -> tuple[ProxyHeader, bytes, list[int
     """Act as a driver that reads exactly max_read() bytes at a time from ``stream``."""
     reader = ProxyHeaderReader()
     reads: list[int] = []
-    while reader.result is None:
+    header = None
+    while header is None:
         n = reader.max_read()
         assert n > 0
         reads.append(n)
         chunk, stream = stream[:n], stream[n:]
         assert chunk, "the driver ran out of stream before the header ended"
-        reader.feed(chunk)
-    assert reader.leftover == b""
+        header = feed(reader, chunk)
+    assert reader.trailing_data == b""
     assert reader.max_read() == 0
-    return reader.result, stream, reads
+    return header, stream, reads
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,9 +186,10 @@ VALID_IDS = [
 @pytest.mark.parametrize(("wire", "expected"), VALID, ids=VALID_IDS)
 def test_reader_parses_valid_headers(chunks: Chunker, wire: bytes, expected: ProxyHeader) -> None:
     reader = read_all(wire + b"220 smtp\r\n", chunks)
-    assert reader.result == expected
-    assert reader.result.has_addresses == (expected.src_ip is not None)
-    assert reader.leftover == b"220 smtp\r\n"
+    header = result(reader)
+    assert header == expected
+    assert header.has_addresses == (expected.src_ip is not None)
+    assert reader.trailing_data == b"220 smtp\r\n"
 
 
 @pytest.mark.parametrize(("wire", "expected"), VALID, ids=VALID_IDS)
@@ -194,17 +213,17 @@ def test_max_read_for_v1_uses_the_shortest_line_of_the_protocol() -> None:
 def test_max_read_before_and_after() -> None:
     reader = ProxyHeaderReader()
     assert reader.max_read() == SHORTEST_HEADER
-    reader.feed(b"PROXY TCP4 1.2.3.4 5.6.7.8 10 20\r")
+    feed(reader, b"PROXY TCP4 1.2.3.4 5.6.7.8 10 20\r")
     assert reader.max_read() == 1
-    reader.feed(b"\n")
+    feed(reader, b"\n")
     assert reader.max_read() == 0
 
 
 def test_feed_after_done_goes_to_leftover() -> None:
     reader = ProxyHeaderReader()
-    reader.feed(b"PROXY UNKNOWN\r\nab")
-    assert reader.feed(b"cd") == ProxyHeader(1, False)
-    assert reader.leftover == b"abcd"
+    feed(reader, b"PROXY UNKNOWN\r\nab")
+    assert feed(reader, b"cd") == ProxyHeader(1, False)
+    assert reader.trailing_data == b"abcd"
 
 
 def test_reader_parses_proxyprotocol_built_headers_with_crc_tlv() -> None:
@@ -214,9 +233,9 @@ def test_reader_parses_proxyprotocol_built_headers_with_crc_tlv() -> None:
         )
     )
     reader = read_all(built, bytewise)
-    assert reader.result == ProxyHeader(2, False, IPv6("2001:db8::1"), 1, IPv6("2001:db8::2"), 2)
+    assert result(reader) == ProxyHeader(2, False, IPv6("2001:db8::1"), 1, IPv6("2001:db8::2"), 2)
     local = ProxyProtocolV2().pack(ProxyResultLocal())
-    assert read_all(local, whole).result == ProxyHeader(2, True)
+    assert result(read_all(local, whole)) == ProxyHeader(2, True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,9 +282,9 @@ def test_reader_rejects_malformed_headers(chunks: Chunker, wire: bytes, message:
 def test_reader_error_is_sticky() -> None:
     reader = ProxyHeaderReader()
     with pytest.raises(ProxyHeaderError) as first:
-        reader.feed(b"GET / HTTP/1.1\r\n")
+        feed(reader, b"GET / HTTP/1.1\r\n")
     with pytest.raises(ProxyHeaderError) as second:
-        reader.feed(b"PROXY UNKNOWN\r\n")
+        feed(reader, b"PROXY UNKNOWN\r\n")
     assert second.value is first.value
     assert reader.max_read() == 0
 
@@ -273,7 +292,7 @@ def test_reader_error_is_sticky() -> None:
 def test_reader_fails_fast_on_a_non_proxy_first_byte() -> None:
     reader = ProxyHeaderReader()
     with pytest.raises(ProxyHeaderError):
-        reader.feed(b"E")
+        feed(reader, b"E")
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,13 +319,13 @@ def test_reader_raises_only_proxy_header_error(
     try:
         for piece in data.draw(split_points(prefix + tail)):
             fed += piece
-            if reader.feed(piece) is not None:
+            if feed(reader, piece) is not None:
                 break
     except ProxyHeaderError:
-        assert reader.result is None
+        assert result(reader) is None
         return
-    if reader.result is not None:
-        header_length = len(fed) - len(reader.leftover)
+    if result(reader) is not None:
+        header_length = len(fed) - len(reader.trailing_data)
         assert 0 < header_length <= max(16 + V2_MAX_PAYLOAD, 107)
     else:
         assert reader.max_read() > 0
@@ -320,20 +339,20 @@ def test_max_read_never_overshoots_on_any_input(prefix: bytes, tail: bytes, afte
     reader = ProxyHeaderReader()
     consumed = 0
     try:
-        while reader.result is None and consumed < len(stream):
+        while result(reader) is None and consumed < len(stream):
             n = reader.max_read()
             assert n > 0
-            reader.feed(stream[consumed : consumed + n])
+            feed(reader, stream[consumed : consumed + n])
             consumed += n
     except ProxyHeaderError:
         return
-    assert reader.leftover == b""
-    if reader.result is not None:
+    assert reader.trailing_data == b""
+    if result(reader) is not None:
         # The same bytes fed in one go must end the header at exactly the same place.
         again = ProxyHeaderReader()
-        again.feed(stream[:consumed] + after)
-        assert again.leftover == after
-        assert again.result == reader.result
+        feed(again, stream[:consumed] + after)
+        assert again.trailing_data == after
+        assert result(again) == result(reader)
 
 
 @settings(max_examples=300, deadline=None)
@@ -360,3 +379,21 @@ def test_build_v2_round_trips_through_the_reader(
             dst_port,
         )
         assert rest == b"MAIL"
+
+
+@pytest.mark.parametrize("before", [b"", b"PROXY TCP4 1.2.3.4", V2_SIGNATURE[:5]])
+def test_eof_before_the_header_is_the_peers_protocol_error(before: bytes) -> None:
+    reader = ProxyHeaderReader()
+    if before:
+        reader.receive_data(before)
+    assert reader.next_event() is NEED_DATA
+    assert not reader.eof
+    reader.receive_data(b"")
+    with pytest.raises(ProxyHeaderError, match="closed before a complete") as first:
+        reader.next_event()
+    assert isinstance(first.value, RemoteProtocolError)
+    assert first.value.reply is None
+    assert reader.eof
+    with pytest.raises(ProxyHeaderError) as again:
+        reader.next_event()
+    assert again.value is first.value

@@ -9,7 +9,10 @@ the original endpoints. egressd uses it in both directions:
 * Outbound, towards HAProxy: :func:`build_v2` makes the header KumoMTA sends -- v2, command
   PROXY, TCP over IPv4 (``0x11``) or IPv6 (``0x21``), no TLVs. It goes out in one write.
 * Inbound, on the PROXY-protocol front door: :class:`ProxyHeaderReader` reads a v1 or v2
-  header from a stream fed in arbitrary chunks.
+  header from a stream fed in arbitrary chunks. It has h11's shape
+  (:mod:`egressd.proto.machine`): ``receive_data(data)`` (``b""`` is EOF), ``next_event()``
+  returns the :class:`ProxyHeader` or :data:`NEED_DATA`; the protocol has no answer, so
+  the only ``send`` is :func:`build_v2` / :func:`build_v1`, used by the dialer.
 
 Wire layout (spec sections 2.1 and 2.2)::
 
@@ -33,10 +36,12 @@ number never reaches past the end of the header, so a driver that honours it nee
   ``PROXY TCP4 0.0.0.0 0.0.0.0 0 0\\r\\n``) minus what is buffered, and at least 2 (the CRLF)
   or 1 when the buffer ends in CR.
 
-A driver that feeds more than that anyway finds the surplus in ``leftover``. Headers that
-carry no usable addresses (v1 ``UNKNOWN``, v2 ``LOCAL``, v2 ``UNSPEC`` or ``UNIX``) give a
-:class:`ProxyHeader` whose addresses are None: the receiver then uses the real endpoints.
-Malformed input raises :class:`ProxyHeaderError` and nothing else.
+A driver that feeds more than that anyway finds the surplus in ``trailing_data``. Headers
+that carry no usable addresses (v1 ``UNKNOWN``, v2 ``LOCAL``, v2 ``UNSPEC`` or ``UNIX``)
+give a :class:`ProxyHeader` whose addresses are None: the receiver then uses the real
+endpoints. Malformed input, or EOF before the header is complete, makes ``next_event()``
+raise :class:`ProxyHeaderError` (the peer's protocol error; the protocol has no reply, so
+its ``reply`` hint is always None) and nothing else, again on every later call.
 """
 
 from __future__ import annotations
@@ -47,6 +52,20 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from egressd.addresses import IPAddress
+from egressd.proto.machine import NEED_DATA, NeedData, RemoteProtocolError
+
+__all__ = [
+    "SHORTEST_HEADER",
+    "V1_MAX_LENGTH",
+    "V2_MAX_PAYLOAD",
+    "V2_SIGNATURE",
+    "ProxyHeader",
+    "ProxyHeaderError",
+    "ProxyHeaderReader",
+    "build_v1",
+    "build_v2",
+]
+
 
 V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX: Final = b"PROXY "
@@ -74,8 +93,8 @@ _V1_SHORTEST: Final = {
 }
 
 
-class ProxyHeaderError(Exception):
-    """The bytes are not a valid PROXY protocol header."""
+class ProxyHeaderError(RemoteProtocolError[None]):
+    """The bytes are not a valid PROXY protocol header (or ended before one was complete)."""
 
 
 @dataclass(frozen=True)
@@ -131,22 +150,22 @@ def _check_port(port: int) -> None:
 class ProxyHeaderReader:
     """Incremental reader for one v1 or v2 header; see the module docstring.
 
-    ``feed(data)`` returns the header once complete (also in ``result``), else None.
-    Bytes fed past the header end up in ``leftover``; after the header is complete,
-    ``feed`` only appends to ``leftover``. An error is sticky: every later ``feed``
-    raises it again.
+    ``next_event()`` returns the header once complete (and again on later calls), else
+    :data:`NEED_DATA`. Bytes fed past the header end up in ``trailing_data``. An error is
+    sticky: every later ``next_event()`` raises it again.
     """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._scanned = 0  # v1: bytes already searched for CRLF
+        self._eof = False
         self._error: ProxyHeaderError | None = None
-        self.result: ProxyHeader | None = None
-        self.leftover: bytes = b""
+        self._header: ProxyHeader | None = None
+        self.trailing_data: bytes = b""
 
     def max_read(self) -> int:
         """The most bytes the driver may read next without reading past the header."""
-        if self.result is not None or self._error is not None:
+        if self._header is not None or self._error is not None:
             return 0
         if not self._buffer:
             return SHORTEST_HEADER
@@ -154,20 +173,32 @@ class ProxyHeaderReader:
             return self._v2_remaining()
         return self._v1_lower_bound()
 
-    def feed(self, data: bytes) -> ProxyHeader | None:
-        """Feed bytes from the stream; the header once it is complete, else None."""
+    @property
+    def eof(self) -> bool:
+        """True once ``receive_data(b"")`` said the peer closed before the header's end."""
+        return self._eof
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the stream; ``b""`` means the peer closed its side."""
+        if self._header is not None:
+            self.trailing_data += data
+            return
+        self._eof = self._eof or not data
+        self._buffer += data
+
+    def next_event(self) -> ProxyHeader | NeedData:
+        """The header once it is complete, else :data:`NEED_DATA`; ProxyHeaderError if not."""
         if self._error is not None:
             raise self._error
-        if self.result is not None:
-            self.leftover += data
-            return self.result
-        self._buffer += data
-        try:
-            self._parse()
-        except ProxyHeaderError as exc:
-            self._error = exc
-            raise
-        return self.result
+        if self._header is None:
+            try:
+                self._parse()
+                if self._header is None and self._eof:
+                    raise ProxyHeaderError("client closed before a complete PROXY header")
+            except ProxyHeaderError as exc:
+                self._error = exc
+                raise
+        return NEED_DATA if self._header is None else self._header
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -184,8 +215,8 @@ class ProxyHeaderReader:
             )
 
     def _finish(self, header: ProxyHeader, length: int) -> None:
-        self.result = header
-        self.leftover = bytes(self._buffer[length:])
+        self._header = header
+        self.trailing_data = bytes(self._buffer[length:])
         self._buffer.clear()
 
     # -- v2 ----------------------------------------------------------------------------------
