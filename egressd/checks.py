@@ -39,9 +39,7 @@ import dns.exception
 import dns.nameserver
 import dns.resolver
 
-from egressd.config import Config, DnsSettings, Endpoint, Source
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from egressd.config import Config, DnsSettings, Endpoint, IPAddress, Source
 
 DNS_LIFETIME = 3.0
 LOCAL_NAMES = ("localhost", ".localhost", ".invalid")
@@ -54,6 +52,7 @@ def config_warnings(config: Config) -> list[str]:
     return [
         *unplumbed_addresses(config),
         *shared_addresses(config),
+        *socks5_going_direct(config),
         *ehlo_mismatches(config, ehlo_resolver(config.dns)),
     ]
 
@@ -106,6 +105,18 @@ def shared_addresses(config: Config) -> Iterator[str]:
             f"sources {listed} share the address {address}: a SOCKS5 BIND to it and a PROXY "
             f'header from it always mean "{winner.name if winner else names[0]}"'
         )
+
+
+def socks5_going_direct(config: Config) -> Iterator[str]:
+    """Sources whose socks5_proxy_server KumoMTA (and so egressd) ignores: they go direct."""
+    for source in config.sources.values():
+        if source.socks5_ignored:
+            yield (
+                f'source "{source.name}": socks5_proxy_server {source.socks5_proxy_server} is '
+                "not used: without socks5_proxy_source_address KumoMTA (and egressd) connect "
+                "directly; set socks5_proxy_source_address for KumoMTA's BIND, or "
+                "egressd_socks5_plain_connect = true for a plain CONNECT (Dante, 3proxy)"
+            )
 
 
 # --------------------------------------------------------------------------- EHLO names

@@ -365,7 +365,7 @@ def file_fingerprint(paths: list[Path]) -> Fingerprint:
 
 
 def watched_files(config: Config) -> list[Path]:
-    return [config.path, *config.source_files]
+    return [config.path, *config.source_files, *config.key_files]
 
 
 class SettledChange:

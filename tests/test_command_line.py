@@ -120,7 +120,7 @@ def test_check_effective_prints_every_setting_and_differing_defaults(
         tmp_path,
         VALID
         + '[source.s]\nsocks5_proxy_server = "127.0.0.1:1080"\n'
-        + 'socks5_proxy_username = "u"\nsocks5_proxy_password = "hunter2"\n'
+        + 'socks5_proxy_username = "u"\nsocks5_proxy_password = { key_data = "hunter2" }\n'
         + '[limits]\nmax_connections = 500\n[auth.users]\np = "sesame"\n',
     )
     code, out, _ = run(capsys, "check", "--effective", "-c", path)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from egressd.config.jsonc import strip_json_comments
 from egressd.config.model import (
     DEFAULT_CONFIG_PATH,
     Config,
@@ -17,7 +19,7 @@ from egressd.config.model import (
 from egressd.config.problems import ConfigError, Problems, Where
 from egressd.config.reader import ListOf, Reported, Table, Text, failed, read_table, read_value
 from egressd.config.sources import SourcesDraft
-from egressd.config.values import Endpoint
+from egressd.config.values import Endpoint, type_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,9 +29,15 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 _SOURCES_FILE_KEYS = ("source", "pool")
 
 
-def read_file(path: Path, where: Where) -> dict[str, Any] | None:
-    """The tables of one file, or None (the problem recorded) when it cannot be read."""
+def read_file(path: Path, where: Where, *, kumomta: bool = False) -> dict[str, Any] | None:
+    """The tables of one file, or None (the problem recorded) when it cannot be read.
+
+    With ``kumomta`` (a sources file), a name that does not end in ``.toml`` is JSON with
+    comments, as KumoMTA's sources.lua reads it.
+    """
     try:
+        if kumomta and not path.name.endswith(".toml"):
+            return _read_json(path, where)
         with path.open("rb") as handle:
             data: dict[str, Any] = tomllib.load(handle)
             return data
@@ -44,6 +52,21 @@ def read_file(path: Path, where: Where) -> dict[str, Any] | None:
     except OSError as exc:
         where.error(f"cannot be read: {exc.strerror}")
     return None
+
+
+def _read_json(path: Path, where: Where) -> dict[str, Any] | None:
+    try:
+        data = json.loads(strip_json_comments(path.read_text(encoding="utf-8")))
+    except UnicodeDecodeError:
+        where.error("not valid JSON: not UTF-8 text")
+        return None
+    except json.JSONDecodeError as exc:
+        where.error(f"not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})")
+        return None
+    if not isinstance(data, dict):
+        where.error(f"not a sources file: expected a JSON object, got {type_name(data)}")
+        return None
+    return data
 
 
 def load_config(path: str | Path) -> Config:
@@ -65,6 +88,7 @@ def load_config(path: str | Path) -> Config:
         "sources": MappingProxyType(draft.build_sources()),
         "pools": MappingProxyType(pools),
         "source_files": source_files,
+        "key_files": draft.key_files(),
     }
     try:
         config = read_table(Config, data, main, **given)
@@ -86,7 +110,7 @@ def _sources_files(data: Mapping[str, Any], main: Where, main_path: Path) -> tup
 
 
 def _add_sources_file(draft: SourcesDraft, path: Path, where: Where) -> None:
-    data = read_file(path, where)
+    data = read_file(path, where, kumomta=True)
     if data is None:
         return
     for key in data:

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from egressd.addresses import IPAddress, IPNetwork
+from egressd.config.keysource import Password
 from egressd.config.problems import Where
 from egressd.config.reader import (
     Choice,
@@ -38,6 +39,9 @@ from egressd.config.values import (
     parse_hostport,
     parse_ip,
     parse_network,
+    parse_throttle,
+    quote,
+    type_name,
 )
 
 HopKind = Literal["direct", "haproxy", "socks5"]
@@ -78,7 +82,24 @@ DEFAULT_DENY_DESTINATIONS: tuple[str, ...] = (
     "ff00::/8",
 )
 
-Duration = Parsed(parse_duration)
+
+class _Duration:
+    """KumoMTA's duration: a number of seconds, or a humantime string such as ``"5m"``."""
+
+    def read(self, value: object, where: Where) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(
+                f'expected a duration (seconds, or a string such as "5m"), got {type_name(value)}'
+            )
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"{quote(value)} {exc}" if isinstance(value, str) else str(exc)
+            ) from None
+
+
+Duration = _Duration()
 IP = Parsed(parse_ip)
 EhloDomain = Parsed(parse_ehlo_domain)
 Network = Parsed(parse_network)
@@ -114,17 +135,25 @@ DEFAULT_CONNECT_FAILURE_POLICY = SuspendPolicy(duration=60.0, count=3, window=60
 
 
 class Trigger:
-    """``"Immediate"`` or ``{ Threshold = "N/duration" }`` -> ``(count, window)``."""
+    """``"Immediate"`` or ``{ Threshold = "N/period" }`` (a ThrottleSpec) -> ``(count, window)``.
+
+    As in KumoMTA, a threshold fires once ``limit`` failures fell within ``period``; its
+    ``local:`` prefix and ``max_burst`` are read and have no further meaning here.
+    """
 
     def read(self, value: object, where: Where) -> tuple[int, float]:
         if value == "Immediate":
             return 1, 0.0
         if isinstance(value, dict) and set(value) == {"Threshold"}:
+            spec = value["Threshold"]
+            if not isinstance(spec, str):
+                raise ValueError(f"Threshold: expected a string, got {type_name(spec)}")
             try:
-                return _parse_threshold(value["Threshold"])
+                throttle = parse_throttle(spec)
             except ValueError as exc:
-                raise ValueError(f"{value['Threshold']!r} {exc}") from None
-        raise ValueError('expected "Immediate" or { Threshold = "N/duration" }')
+                raise ValueError(f"Threshold {quote(spec)} {exc}") from None
+            return throttle.limit, float(throttle.period)
+        raise ValueError('expected "Immediate" or { Threshold = "N/period" } such as "3/5m"')
 
 
 @dataclass(frozen=True)
@@ -142,23 +171,21 @@ class Suspend:
         return SuspendPolicy(duration=table.duration, count=count, window=window)
 
 
-def _parse_threshold(value: object) -> tuple[int, float]:
-    if not isinstance(value, str) or "/" not in value:
-        raise ValueError('has a Threshold that is not "N/duration" such as "3/5m"')
-    count_text, _, window_text = value.partition("/")
-    if not count_text.strip().isdigit() or int(count_text) < 1:
-        raise ValueError(f"has a Threshold count {count_text!r} that is not a positive integer")
-    return int(count_text), parse_duration(window_text)
-
-
 # --------------------------------------------------------------------------- sources and pools
 
 
 @dataclass(frozen=True)
 class Source:
-    """An egress identity, with KumoMTA's ``make_egress_source`` keys."""
+    """An egress identity, with KumoMTA's ``make_egress_source`` keys.
 
-    name: str
+    ``name`` is the table's name; a ``name`` key in the table is accepted when it says the
+    same. As in KumoMTA, a proxy is used only when both of its keys are set: a
+    ``socks5_proxy_server`` without ``socks5_proxy_source_address`` goes direct (``check``
+    says so) unless ``egressd_socks5_plain_connect = true`` asks for a plain CONNECT
+    through it, for a standard SOCKS5 server (Dante, 3proxy) that picks the address itself.
+    """
+
+    name: str = setting(None)
     source_address: IPAddress | None = setting(IP, None)
     ehlo_domain: str | None = setting(EhloDomain, None)
     remote_port: int | None = setting(Port, None)
@@ -167,19 +194,28 @@ class Source:
     socks5_proxy_server: Endpoint | None = setting(HostPort, None)
     socks5_proxy_source_address: IPAddress | None = setting(IP, None)
     socks5_proxy_username: str | None = setting(Text(), None)
-    socks5_proxy_password: str | None = setting(Text(), None)
+    socks5_proxy_password: str | None = setting(Password(), None)
     ttl: float = setting(Duration, DEFAULT_TTL)
     suspend_when_unplumbed: SuspendPolicy | None = setting(Suspend(), None)
     suspend_when_proxy_unhealthy: SuspendPolicy | None = setting(Suspend(), None)
+    egressd_socks5_plain_connect: bool = setting(Flag(), False)
+    """egressd's own key: CONNECT through ``socks5_proxy_server`` without KumoMTA's BIND."""
 
     @property
     def hop(self) -> HopKind:
         """How connections of this source leave: directly, via HAProxy or via SOCKS5."""
-        if self.ha_proxy_server is not None:
+        if self.ha_proxy_server is not None and self.ha_proxy_source_address is not None:
             return "haproxy"
-        if self.socks5_proxy_server is not None:
+        if self.socks5_proxy_server is not None and (
+            self.socks5_proxy_source_address is not None or self.egressd_socks5_plain_connect
+        ):
             return "socks5"
         return "direct"
+
+    @property
+    def socks5_ignored(self) -> bool:
+        """A ``socks5_proxy_server`` that KumoMTA ignores (no source address): it goes direct."""
+        return self.socks5_proxy_server is not None and self.hop == "direct"
 
     @property
     def egress_address(self) -> IPAddress | None:
@@ -219,28 +255,45 @@ class Source:
             for key in ("socks5_proxy_source_address", "socks5_proxy_username"):
                 if getattr(self, key) is not None:
                     at(key).error("is set without socks5_proxy_server")
-        if self.ha_proxy_server is not None and self.socks5_proxy_server is not None:
+            if self.egressd_socks5_plain_connect:
+                at("egressd_socks5_plain_connect").error("is set without socks5_proxy_server")
+        elif self.egressd_socks5_plain_connect and self.socks5_proxy_source_address is not None:
+            at("egressd_socks5_plain_connect").error(
+                "is set together with socks5_proxy_source_address, which asks for KumoMTA's "
+                "BIND; set one or the other"
+            )
+        if self.hop == "haproxy" and self.socks5_hop_set:
             at("socks5_proxy_server").error(
                 "is set together with ha_proxy_server; a source has one hop"
             )
         self._check_families(at)
 
+    @property
+    def socks5_hop_set(self) -> bool:
+        """Whether the SOCKS5 keys alone would make a SOCKS5 hop."""
+        return self.socks5_proxy_server is not None and (
+            self.socks5_proxy_source_address is not None or self.egressd_socks5_plain_connect
+        )
+
     def _check_families(self, at: KeyAt) -> None:
         address = self.source_address
-        for hop_key in ("ha_proxy_server", "socks5_proxy_server"):
-            hop: Endpoint | None = getattr(self, hop_key)
-            hop_ip = hop.ip if hop is not None else None
-            if address is not None and hop_ip is not None and address.version != hop_ip.version:
-                at("source_address").error(
-                    f"IPv{address.version} address {address} "
-                    f"can never connect to the IPv{hop_ip.version} {hop_key} {hop}"
-                )
+        hop = {"haproxy": self.ha_proxy_server, "socks5": self.socks5_proxy_server}.get(self.hop)
+        hop_ip = hop.ip if hop is not None else None
+        if address is not None and hop_ip is not None and address.version != hop_ip.version:
+            at("source_address").error(
+                f"IPv{address.version} address {address} "
+                f"can never connect to the IPv{hop_ip.version} {self.hop_key} {hop}"
+            )
+
+    @property
+    def hop_key(self) -> str:
+        return "ha_proxy_server" if self.hop == "haproxy" else "socks5_proxy_server"
 
 
 @dataclass(frozen=True)
 class PoolEntry:
     source: str
-    weight: int = setting(Integer(0, 1_000_000), 1)
+    weight: int = setting(Integer(0, 2**32 - 1), 1)
 
 
 @dataclass(frozen=True)
@@ -409,6 +462,8 @@ class Config:
     sources: Mapping[str, Source] = setting(None, key="source")
     pools: Mapping[str, Pool] = setting(None, key="pool")
     source_files: tuple[Path, ...] = setting(None, (), key="sources_files")
+    key_files: tuple[Path, ...] = ()
+    """Files that hold secrets (``socks5_proxy_password``): watched like the others."""
     hostname: str | None = setting(EhloDomain, None)
     dial: DialSettings = setting(Table(DialSettings), DialSettings())
     dns: DnsSettings = setting(Table(DnsSettings), DnsSettings())

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from egressd.config.keysource import key_file
 from egressd.config.model import Pool, PoolEntry, Source
 from egressd.config.problems import Where
 from egressd.config.reader import Reported, read_keys, read_table
-from egressd.config.values import type_name
+from egressd.config.values import quote, type_name
 
 
 @dataclass
@@ -81,11 +83,23 @@ class SourcesDraft:
         """Every source whose merged keys are valid."""
         built: dict[str, Source] = {}
         for name, entries in self.sources.items():
+            if not _same_name(name, entries):
+                continue
             try:
                 built[name] = read_keys(Source, entries, self.first_seen[name], {"name": name})
             except Reported:
                 continue
         return built
+
+    def key_files(self) -> tuple[Path, ...]:
+        """The files named by ``socks5_proxy_password`` (KeySource's plain-string form)."""
+        found = []
+        for entries in self.sources.values():
+            value, where = entries.get("socks5_proxy_password", (None, None))
+            path = key_file(value, where) if where is not None else None
+            if path is not None:
+                found.append(path)
+        return tuple(found)
 
     def build_pools(self) -> dict[str, Pool]:
         """Every pool, with the entries that are valid and name a defined source."""
@@ -99,3 +113,15 @@ class SourcesDraft:
                     kept.append(entry)
             pools[pool_name] = Pool(name=pool_name, entries=tuple(kept))
         return pools
+
+
+def _same_name(name: str, entries: Mapping[str, tuple[object, Where]]) -> bool:
+    """A ``name`` key must say the table's name: KumoMTA would rename the source otherwise."""
+    if "name" not in entries:
+        return True
+    value, where = entries["name"]
+    if value == name:
+        return True
+    shown = quote(value) if isinstance(value, str) else type_name(value)
+    where.error(f"{shown} differs from the table's name {quote(name)}; drop it or make them equal")
+    return False

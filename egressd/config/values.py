@@ -60,35 +60,113 @@ def type_name(value: object) -> str:
 
 _DURATION_UNITS: dict[str, float] = {}
 for _names, _seconds in (
-    (("ms", "msec", "msecs", "millisecond", "milliseconds"), 0.001),
-    (("s", "sec", "secs", "second", "seconds"), 1.0),
-    (("m", "min", "mins", "minute", "minutes"), 60.0),
-    (("h", "hr", "hrs", "hour", "hours"), 3600.0),
-    (("d", "day", "days"), 86400.0),
+    (("nanos", "nsec", "ns"), 1e-9),
+    (("usec", "us"), 1e-6),
+    (("millis", "msec", "ms"), 1e-3),
+    (("seconds", "second", "secs", "sec", "s"), 1.0),
+    (("minutes", "minute", "min", "mins", "m"), 60.0),
+    (("hours", "hour", "hr", "hrs", "h"), 3600.0),
+    (("days", "day", "d"), 86400.0),
+    (("weeks", "week", "w"), 604800.0),
+    (("months", "month", "M"), 2_630_016.0),
+    (("years", "year", "y"), 31_557_600.0),
 ):
     for _name in _names:
         _DURATION_UNITS[_name] = _seconds
 
-_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*")
+_DURATION_PART = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*")
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in a humantime duration: "60s", "5 mins", "5 minutes", "1h 30m", "250ms"."""
-    lowered = text.strip().lower()
-    if not lowered:
+def parse_duration(value: object) -> float:
+    """Seconds in a duration as KumoMTA reads it (crates/duration-serde).
+
+    A number is seconds (``ttl = 60``); a string is humantime's grammar: ``"60s"``,
+    ``"5 mins"``, ``"1h 30m"``, ``"2weeks"``, ``"250ms"``, ``"0s"``. Units are
+    case-sensitive as in humantime (``M`` is a month of 30.44 days, ``m`` a minute).
+    egressd also takes a decimal count (``"0.5s"``), which humantime does not.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f'is {type_name(value)}, not a duration (seconds, or a string like "5m")')
+    if isinstance(value, str):
+        return parse_duration_text(value)
+    if value < 0:
+        raise ValueError(f"{value} is negative; a duration is 0 or more seconds")
+    return float(value)
+
+
+def parse_duration_text(text: str) -> float:
+    """Seconds in a humantime string; ValueError completes a sentence about ``text``."""
+    if not text.strip():
         raise ValueError("is empty")
     total = 0.0
     position = 0
-    while position < len(lowered):
-        match = _DURATION_PART.match(lowered, position)
-        if match is None or match.end() == position:
+    while position < len(text):
+        match = _DURATION_PART.match(text, position)
+        if match is None:
             raise ValueError('is not a duration (use e.g. "60s", "5 mins", "1h")')
         unit = _DURATION_UNITS.get(match.group(2))
         if unit is None:
-            raise ValueError(f'has an unknown unit "{match.group(2)}"')
+            raise ValueError(f"has an unknown unit {quote(match.group(2))}")
         total += float(match.group(1)) * unit
         position = match.end()
     return total
+
+
+# --------------------------------------------------------------------------- throttles
+
+_PERIOD_UNITS = {
+    **dict.fromkeys(("s", "sec", "second"), 1),
+    **dict.fromkeys(("m", "min", "minute"), 60),
+    **dict.fromkeys(("h", "hr", "hour"), 3600),
+    **dict.fromkeys(("d", "day"), 86400),
+}
+_PERIOD = re.compile(r"([0-9]*)(.*)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """KumoMTA's ThrottleSpec (crates/throttle): ``limit`` events per ``period`` seconds."""
+
+    limit: int
+    period: int
+    max_burst: int | None = None
+    local: bool = False
+
+
+def parse_throttle(text: str) -> Throttle:
+    """``[local:]quantity/period[,max_burst=N]``: ``"3/hr"``, ``"10/day"``, ``"3/5m"``,
+    ``"1,000/h"``, ``"local:1_000/d,max_burst=5"``, exactly as KumoMTA reads it."""
+    local = text.startswith("local:")
+    rest = text.removeprefix("local:")
+    max_burst = None
+    if ",max_burst=" in rest:
+        rest, burst = rest.split(",max_burst=", 1)
+        max_burst = _separated_number(burst)
+    if "/" not in rest:
+        raise ValueError('is not quantity/period (such as "3/5m" or "10/day")')
+    quantity, period = rest.split("/", 1)
+    limit = _separated_number(quantity)
+    if limit == 0:
+        raise ValueError("has a quantity of 0; it must be at least 1")
+    return Throttle(limit, _period_seconds(period), max_burst, local)
+
+
+def _separated_number(text: str) -> int:
+    """``"1,000"`` and ``"1_000"`` -> 1000, as KumoMTA's parse_separated_number."""
+    digits = text.replace("_", "").replace(",", "")
+    if not digits.isascii() or not digits.isdigit():
+        raise ValueError(f"has {quote(text)} where a number belongs")
+    return int(digits)
+
+
+def _period_seconds(text: str) -> int:
+    """``"hr"`` -> 3600, ``"5m"`` -> 300: an optional count, then a unit."""
+    match = _PERIOD.fullmatch(text)
+    assert match is not None  # the pattern matches any text
+    count, unit = match.groups()
+    if unit not in _PERIOD_UNITS:
+        raise ValueError(f'has an unknown period {quote(unit)} (use s, m, h or d, as in "3/5m")')
+    return (int(count) if count else 1) * _PERIOD_UNITS[unit]
 
 
 # --------------------------------------------------------------------------- names and addresses
@@ -103,10 +181,37 @@ def is_hostname(text: str) -> bool:
     return bool(_HOSTNAME.match(text))
 
 
+_EHLO_NAME = re.compile(r"[^\x00-\x20\x7f]{1,255}")
+
+
 def parse_ehlo_domain(text: str) -> str:
-    if not is_hostname(text):
-        raise ValueError("is not a host name")
+    """An EHLO name: anything KumoMTA would send (a host name, an address literal such as
+    ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``), as long as it fits on one SMTP command line."""
+    if not _EHLO_NAME.fullmatch(text):
+        raise ValueError("is not an EHLO name (no spaces or control characters, 1-255 long)")
+    if text.startswith("[") and not _is_address_literal(text):
+        raise ValueError('is not an address literal such as "[192.0.2.1]" or "[IPv6:2001:db8::1]"')
     return text
+
+
+def _is_address_literal(text: str) -> bool:
+    """RFC 5321 section 4.1.3: ``[IPv4]``, ``[IPv6:address]`` or ``[tag:content]``."""
+    if not text.endswith("]"):
+        return False
+    inner = text[1:-1]
+    tag, colon, content = inner.partition(":")
+    if not colon:
+        return _is_ip(inner, 4)
+    if tag.lower() == "ipv6":
+        return _is_ip(content, 6)
+    return bool(re.fullmatch(r"[A-Za-z0-9-]*[A-Za-z0-9]", tag)) and bool(content)
+
+
+def _is_ip(text: str, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
 
 
 def parse_ip(text: str) -> IPAddress:

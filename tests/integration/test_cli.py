@@ -135,8 +135,9 @@ async def test_probe_through_dante(tmp_path: Path, sink: Sink, dante_auth: Dante
     path = write_config(
         tmp_path,
         f'[source.d]\nsocks5_proxy_server = "{dante_auth.endpoint}"\n'
+        "egressd_socks5_plain_connect = true\n"
         f'socks5_proxy_username = "{dante_auth.username}"\n'
-        f'socks5_proxy_password = "{dante_auth.password}"\n',
+        f'socks5_proxy_password = {{ key_data = "{dante_auth.password}" }}\n',
     )
     result = await egressd_async(
         "probe", "-c", path, "--source", "d", f"127.0.0.1:{sink.port}", "--json"

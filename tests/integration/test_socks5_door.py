@@ -383,6 +383,7 @@ async def test_egressds_own_dialer_through_the_socks5_door(sink: Sink, tmp_path:
         plain = Source(
             name="plain",
             socks5_proxy_server=hop,
+            egressd_socks5_plain_connect=True,
             socks5_proxy_username="main",
             socks5_proxy_password="pw",
         )

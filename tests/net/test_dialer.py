@@ -200,6 +200,7 @@ def dante_source(server: Dante, **keys: object) -> Source:
     return Source(
         name="dante",
         socks5_proxy_server=Endpoint(server.host, server.port),
+        egressd_socks5_plain_connect=True,
         **keys,  # type: ignore[arg-type]
     )
 
@@ -274,7 +275,11 @@ async def test_proxy_name_resolves_and_every_address_is_tried(
     trio.socket.set_custom_hostname_resolver(
         StaticResolver({"proxy.test": ["127.0.0.9", dante_open.host]})
     )
-    source = Source(name="n", socks5_proxy_server=Endpoint("proxy.test", dante_open.port))
+    source = Source(
+        name="n",
+        socks5_proxy_server=Endpoint("proxy.test", dante_open.port),
+        egressd_socks5_plain_connect=True,
+    )
     with trio.fail_after(10):
         dialed = await dial(source, "127.0.0.1", sink.port)
         async with dialed.stream:
@@ -425,7 +430,7 @@ async def test_unplumbed_source_in_front_of_a_proxy(dante_open: Dante) -> None:
 async def test_proxy_down(proxy: str) -> None:
     down = Endpoint("127.0.0.1", free_port())
     if proxy == "socks5":
-        source = Source(name="h", socks5_proxy_server=down)
+        source = Source(name="h", socks5_proxy_server=down, egressd_socks5_plain_connect=True)
     else:
         source = Source(name="h", ha_proxy_server=down, ha_proxy_source_address=ip("127.0.0.5"))
     with pytest.raises(EgressFailure) as caught:
@@ -454,7 +459,11 @@ async def test_deadline_expires_in_socks_greeting() -> None:
         await silent.bind(("127.0.0.1", 0))
         silent.listen(5)  # the kernel accepts; nobody ever answers the greeting
         port = silent.getsockname()[1]
-        source = Source(name="slow", socks5_proxy_server=Endpoint("127.0.0.1", port))
+        source = Source(
+            name="slow",
+            socks5_proxy_server=Endpoint("127.0.0.1", port),
+            egressd_socks5_plain_connect=True,
+        )
         with pytest.raises(EgressFailure) as caught:
             await dial_within(0.3, source, "127.0.0.1", 25)
     error = caught.value
@@ -493,7 +502,9 @@ async def test_proxy_closing_during_greeting_is_proxy_refused(nursery: trio.Nurs
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     nursery.start_soon(trio.serve_listeners, close_at_once, listeners)
     source = Source(
-        name="rude", socks5_proxy_server=Endpoint("127.0.0.1", listeners[0].socket.getsockname()[1])
+        name="rude",
+        socks5_proxy_server=Endpoint("127.0.0.1", listeners[0].socket.getsockname()[1]),
+        egressd_socks5_plain_connect=True,
     )
     with pytest.raises(EgressFailure) as caught:
         await dial_within(10, source, "127.0.0.1", 25)
@@ -509,7 +520,11 @@ async def test_failures_close_their_sockets(nursery: trio.Nursery) -> None:
     silent = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     await silent.bind(("127.0.0.1", 0))
     silent.listen(100)
-    slow = Source(name="slow", socks5_proxy_server=Endpoint("127.0.0.1", silent.getsockname()[1]))
+    slow = Source(
+        name="slow",
+        socks5_proxy_server=Endpoint("127.0.0.1", silent.getsockname()[1]),
+        egressd_socks5_plain_connect=True,
+    )
     closed = free_port()
     before = open_fds()
     for _ in range(20):
@@ -519,7 +534,13 @@ async def test_failures_close_their_sockets(nursery: trio.Nursery) -> None:
             await dial(Source(name="b", source_address=ip(UNPLUMBED)), "127.0.0.1", closed)
         with pytest.raises(EgressFailure):
             await dial(
-                Source(name="c", socks5_proxy_server=Endpoint("127.0.0.1", closed)), "::1", 25
+                Source(
+                    name="c",
+                    socks5_proxy_server=Endpoint("127.0.0.1", closed),
+                    egressd_socks5_plain_connect=True,
+                ),
+                "::1",
+                25,
             )
         with pytest.raises(EgressFailure):
             await dial_within(0.01, slow, "127.0.0.1", 25)
