@@ -347,7 +347,11 @@ def test_no_address_of_the_sources_family(clock: FakeClock) -> None:
 
 
 def test_a_deadline_in_a_proxy_stage_blames_the_source(clock: FakeClock) -> None:
-    proxy = Source(name="px", socks5_proxy_server=Endpoint("127.0.0.1", 1080))
+    proxy = Source(
+        name="px",
+        socks5_proxy_server=Endpoint("127.0.0.1", 1080),
+        egressd_socks5_plain_connect=True,
+    )
     egress = make_egress(clock, proxy)
     plan = Plan(egress, pool="p", host="192.0.2.1", port=25)
     attempt(plan.next_step())

@@ -53,7 +53,8 @@ async def test_dials_in_flight_count_against_the_per_source_cap(nursery: trio.Nu
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     nursery.start_soon(trio.serve_listeners, silent_proxy, listeners)
     proxy = Endpoint("127.0.0.1", listeners[0].socket.getsockname()[1])
-    egress = make_egress({"slow": Source(name="slow", socks5_proxy_server=proxy)}, cap=1)
+    slow = Source(name="slow", socks5_proxy_server=proxy, egressd_socks5_plain_connect=True)
+    egress = make_egress({"slow": slow}, cap=1)
     refusals: list[Failure] = []
 
     async def first_dial() -> None:
