@@ -24,3 +24,16 @@ def test_import_contracts_are_kept() -> None:
         [lint_imports, "--no-cache"], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_directory_of_the_package_is_a_regular_package() -> None:
+    """A directory without __init__.py is left out of the wheel (find_packages) and out of
+    the layer contracts (lint-imports sees no module there), silently."""
+    package = ROOT / "egressd"
+    directories = [
+        path
+        for path in [package, *package.rglob("*")]
+        if path.is_dir() and path.name != "__pycache__" and any(path.glob("*.py"))
+    ]
+    assert directories
+    assert [d for d in directories if not (d / "__init__.py").exists()] == []
