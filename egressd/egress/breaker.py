@@ -48,6 +48,14 @@ __all__ = ["BreakerSettings", "DestinationBreaker", "Open"]
 
 Destination = tuple[IPAddress, int]
 Clock = Callable[[], float]
+_Key = tuple[int, int, int]
+
+
+def _key(destination: Destination) -> _Key:
+    """A dict key for a destination: ``IPv4Address.__hash__`` formats a hex string, and
+    :meth:`DestinationBreaker.success` runs for every connection."""
+    address, port = destination
+    return address.version, int(address), port
 
 
 @dataclass(frozen=True)
@@ -86,8 +94,6 @@ class _State:
     opened_after: int = 0
     last_kind: str = ""
     last_reason: str = ""
-    reached: dict[str, float] = field(default_factory=dict)
-    """Source name -> when it last reached this destination."""
     failed_from: dict[str, float] = field(default_factory=dict)
     """Source name -> when it last failed here although another source had reached it."""
 
@@ -100,11 +106,13 @@ class DestinationBreaker:
     ) -> None:
         self.settings = settings or BreakerSettings()
         self._now = now
-        self._states: OrderedDict[Destination, _State] = OrderedDict()
+        self._states: OrderedDict[_Key, _State] = OrderedDict()
+        self._reached: dict[_Key, tuple[str, float]] = {}
+        """Destination -> the source that last reached it, and when (oldest first)."""
 
     def check(self, destination: Destination) -> Open | None:
         """None when ``destination`` may be dialed now (maybe as the half-open trial)."""
-        state = self._states.get(destination)
+        state = self._states.get(_key(destination))
         if state is None or state.open_until is None:
             return None
         now = self._now()
@@ -135,30 +143,39 @@ class DestinationBreaker:
         return self._trip(state, now, len(state.failures))
 
     def success(self, destination: Destination, source: str) -> None:
-        """A dial from ``source`` reached ``destination``: close its breaker."""
-        state = self._state(destination)
-        state.failures.clear()
-        state.open_until = state.trial_started = None
-        state.reached[source] = self._now()
-        state.failed_from.pop(source, None)
+        """A dial from ``source`` reached ``destination``: close its breaker.
+
+        Runs for every connection, so it is one clock read and two dict operations unless
+        the destination has a breaker state.
+        """
+        key = _key(destination)
+        reached = self._reached
+        reached.pop(key, None)
+        reached[key] = (source, self._now())
+        if len(reached) > self.settings.capacity:
+            del reached[next(iter(reached))]
+        state = self._states.get(key)
+        if state is not None:
+            state.failures.clear()
+            state.open_until = state.trial_started = None
+            state.failed_from.pop(source, None)
 
     def source_evidence(self, destination: Destination, source: str) -> bool:
         """True when ``destination`` just failed from ``source`` although another source
-        reached it within ``window`` seconds, and this is the first such failure of
-        ``source`` there within the window (each destination counts once)."""
-        state = self._states.get(destination)
-        if state is None:
-            return False
+        was the last to reach it, within ``window`` seconds, and this is the first such
+        failure of ``source`` there within the window (each destination counts once)."""
+        last = self._reached.get(_key(destination))
         now = self._now()
         horizon = now - self.settings.window
-        if not any(name != source and at >= horizon for name, at in state.reached.items()):
+        if last is None or last[0] == source or last[1] < horizon:
             return False
+        state = self._state(destination)
         previous = state.failed_from.get(source)
         state.failed_from[source] = now
         return previous is None or previous < horizon
 
     def is_open(self, destination: Destination) -> bool:
-        state = self._states.get(destination)
+        state = self._states.get(_key(destination))
         return state is not None and state.open_until is not None
 
     # ------------------------------------------------------------------ helpers
@@ -174,11 +191,12 @@ class DestinationBreaker:
         return Open(destination, state.opened_after, left, state.last_kind, state.last_reason)
 
     def _state(self, destination: Destination) -> _State:
-        state = self._states.get(destination)
+        key = _key(destination)
+        state = self._states.get(key)
         if state is None:
-            state = self._states[destination] = _State()
+            state = self._states[key] = _State()
             if len(self._states) > self.settings.capacity:
                 self._states.popitem(last=False)
         else:
-            self._states.move_to_end(destination)
+            self._states.move_to_end(key)
         return state

@@ -190,8 +190,8 @@ class Plan:
                 continue
             source = self._current
             if self._queue is None:
-                if self._literal is not None:
-                    self._take_destinations(source, [Destination(self._literal, self.port)])
+                if self._literal is not None:  # the access rules saw it already
+                    self._take_literal(source, Destination(self._literal, self.port))
                     continue
                 self.progress.at(Stage.RESOLVE)
                 host = None if self.host is None else str(self.host)
@@ -310,6 +310,13 @@ class Plan:
 
     # ------------------------------------------------------------------ destinations
 
+    def _take_literal(self, source: Source, destination: Destination) -> None:
+        version = source.egress_version
+        if version is not None and destination.address.version != version:
+            self._final = self._no_address(source, [destination])
+        else:
+            self._queue = [destination]
+
     def _take_destinations(self, source: Source, destinations: Sequence[Destination]) -> None:
         version = source.egress_version
         usable = [d for d in destinations if version is None or d.address.version == version]
@@ -375,10 +382,11 @@ class Plan:
 
     def _refusal(self) -> EgressFailure | None:
         """The access rules' verdict on the port and a literal host, before anything."""
-        if self.access is None or self.port is None:
+        if self.access is None:
             return None
         host = self._literal if self._literal is not None else str(self.host)
-        refusal = destination_refusal(self.access, host, self.port)
+        port = self.port if self.port is not None else DEFAULT_PORT
+        refusal = destination_refusal(self.access, host, port)
         return EgressFailure(Failure.DENIED, refusal) if refusal is not None else None
 
     def _address_refusal(self, destination: Destination) -> str | None:

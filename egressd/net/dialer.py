@@ -176,20 +176,22 @@ class _Dial:
 
     async def _direct(self, address: IPAddress, port: int) -> Dialed:
         target = (address, port)
+        peer = (str(address), port)
         sock = self._socket(address.version, target)
         try:
             self.progress.at(Stage.CONNECT, target)
-            if self.source.source_address is not None:
-                self._bind(sock, self.source.source_address, target)
+            bind = self.source.source_address
+            if bind is not None:
+                self._bind(sock, bind, target)
             try:
-                await _connect(sock, target)
+                await _connect(sock, peer)
             except OSError as exc:
                 raise self._connect_error(exc, target) from exc
             return Dialed(
-                stream=Connection(sock, (str(address), port)),
+                stream=Connection(sock, peer),
                 source=self.source,
                 via="direct",
-                local_address=_sockname(sock),
+                local_address=_sockname(sock, bind),
                 remote_address=target,
             )
         except BaseException:
@@ -278,7 +280,7 @@ class _Dial:
             try:
                 if bind is not None:
                     self._bind(sock, bind, target)
-                await _connect(sock, target)
+                await _connect(sock, _text(target))
             except OSError as exc:
                 _close(sock)
                 if exc.errno in _LOCAL_ERRNOS:
@@ -466,14 +468,13 @@ class _Dial:
 # --------------------------------------------------------------------------- helpers
 
 
-async def _connect(sock: socket.socket, target: tuple[IPAddress, int]) -> None:
+async def _connect(sock: socket.socket, address: tuple[str, int]) -> None:
     """Connect the non-blocking ``sock``; raises OSError as ``socket.connect`` would.
 
     A connection to this host (loopback, a local proxy) is complete when connect() returns,
     even when it says EINPROGRESS; then there is nothing to wait for. Otherwise it waits,
     for as long as the caller's deadline allows; cancelled, the caller closes the socket.
     """
-    address = (str(target[0]), target[1])
     try:
         sock.connect(address)
     except BlockingIOError:
@@ -499,8 +500,11 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
-def _sockname(sock: socket.socket) -> tuple[IPAddress, int]:
+def _sockname(sock: socket.socket, bound: IPAddress | None) -> tuple[IPAddress, int]:
+    """The local address; the bound one needs no parsing, only the port is read."""
     host, port = sock.getsockname()[:2]
+    if bound is not None:
+        return bound, int(port)
     return ipaddress.ip_address(host.split("%", 1)[0]), int(port)
 
 

@@ -470,7 +470,6 @@ async def test_deadline_expires_in_socks_greeting() -> None:
     assert error.kind == "proxy_timeout"
     assert error.stage == "proxy_handshake"
     assert error.party is Party.SOURCE
-    assert isinstance(error.__cause__, trio.TooSlowError)
 
 
 async def test_ipv6_source_ipv4_destination_has_no_address() -> None:
@@ -572,4 +571,3 @@ async def test_deadline_expires_while_the_destination_does_not_answer_the_connec
     assert error.kind == "timeout"
     assert error.stage == "connect"
     assert error.party is Party.DESTINATION
-    assert isinstance(error.__cause__, trio.TooSlowError)
