@@ -196,12 +196,13 @@ class Daemon:
 
         An address that stays but moves to another door keeps its socket (see
         :meth:`_adopt_listeners`), so nothing here binds an address that is already bound.
+        A listener on port 0 (any free port) is the same listener only for the same door.
         """
-        running_addresses = {address for _, address in self.listeners}
+        running_addresses = {address for _, address in self.listeners if address.port}
         opened: dict[tuple[str, Endpoint], socket.socket] = {}
         try:
             for key in configured_listeners(config):
-                if key[1] not in running_addresses:
+                if key not in self.listeners and key[1] not in running_addresses:
                     opened[key] = open_listener(key[1])
         except OSError as exc:
             for socket_listener in opened.values():
@@ -219,7 +220,10 @@ class Daemon:
         """Start ``opened``, re-tag kept listeners, stop dropped ones; return the stopped."""
         wanted = configured_listeners(config)
         stopped: list[_Running] = []
-        by_address = {address: key for key, address in ((k, k[1]) for k in self.listeners)}
+        for key in [k for k in self.listeners if not k[1].port and k not in wanted]:
+            stopped.append(self.listeners[key])
+            self.stop_listener(key)
+        by_address = {k[1]: k for k in self.listeners if k[1].port}
         for address, key in by_address.items():
             new_key = next((k for k in wanted if k[1] == address), None)
             if new_key is None:

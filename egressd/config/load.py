@@ -126,17 +126,19 @@ def _check_references(main: Where, config: Config) -> None:
         ("proxy.listener", config.proxy_listeners),
         ("smtp.listener", config.smtp.listeners),
     )
-    seen: dict[Endpoint, str] = {}
+    seen: dict[tuple[str, Endpoint], str] = {}
     for door, listeners in doors:
         for index, listener in enumerate(listeners):
             path = f"{door}[{index}]"
             if listener.pool is not None and listener.pool not in config.pools:
                 main.at(path).at("pool").error(f'"{listener.pool}" is not a defined pool')
-            if listener.address in seen:
+            # Port 0 (any free port) may stand once per door: each gets a port of its own.
+            mark = (door if not listener.address.port else "", listener.address)
+            if mark in seen:
                 main.at(path).at("address").error(
-                    f"{listener.address} is already used by {seen[listener.address]}"
+                    f"{listener.address} is already used by {seen[mark]}"
                 )
-            seen[listener.address] = path
+            seen[mark] = path
     for key, pool in config.smtp.sender_pools.items():
         if pool not in config.pools:
             main.at(f'smtp.sender_pools: "{key}"').error(f'"{pool}" is not a defined pool')

@@ -104,7 +104,8 @@ IP = Parsed(parse_ip)
 EhloDomain = Parsed(parse_ehlo_domain)
 Network = Parsed(parse_network)
 HostPort = Parsed(parse_hostport)
-IPPort = Parsed(lambda text: parse_hostport(text, allow_names=False))
+ListenAddress = Parsed(lambda text: parse_hostport(text, allow_names=False, allow_zero=True))
+"""An address to listen on; port 0 takes any free port (what tests want)."""
 Port = Integer(1, 65535)
 
 KeyAt = Callable[[str], Where]
@@ -309,7 +310,7 @@ class Pool:
 class Listener:
     """One listening socket of a front door, optionally tagged with a default pool."""
 
-    address: Endpoint = setting(IPPort)
+    address: Endpoint = setting(ListenAddress)
     pool: str | None = setting(Text(), None)
 
 
@@ -374,7 +375,7 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    listen: Endpoint | None = setting(IPPort, None)
+    listen: Endpoint | None = setting(ListenAddress, None)
     clients: tuple[IPNetwork, ...] = setting(ListOf(Network), LOOPBACK)
     """Who may scrape; anyone else is closed at once (the front doors' clients are apart)."""
     max_connections: int = setting(Integer(1, 10_000), 16)

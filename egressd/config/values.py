@@ -229,9 +229,16 @@ def parse_network(text: str) -> IPNetwork:
 
 
 def parse_hostport(
-    text: str, *, allow_names: bool = True, default_port: int | None = None
+    text: str,
+    *,
+    allow_names: bool = True,
+    default_port: int | None = None,
+    allow_zero: bool = False,
 ) -> Endpoint:
-    """``ip:port``, ``[ipv6]:port`` or ``host:port`` -> :class:`Endpoint`."""
+    """``ip:port``, ``[ipv6]:port`` or ``host:port`` -> :class:`Endpoint`.
+
+    ``allow_zero``: port 0 is allowed (a listening address: any free port).
+    """
     host, port_text = _split_hostport(text)
     if port_text is None:
         if default_port is None:
@@ -241,8 +248,8 @@ def parse_hostport(
         if not port_text.isdigit():
             raise ValueError(f"has a port {port_text!r} that is not a number")
         port = int(port_text)
-        if not 1 <= port <= 65535:
-            raise ValueError(f"has a port {port} outside 1-65535")
+        if not (0 if allow_zero else 1) <= port <= 65535:
+            raise ValueError(f"has a port {port} outside {0 if allow_zero else 1}-65535")
     try:
         ipaddress.ip_address(host)
     except ValueError:

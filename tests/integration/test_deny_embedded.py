@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 from daemon_helpers import RecordingDaemon, port_of, running_daemon
-from harness import free_port, read_to_eof
+from harness import read_to_eof
 from proxyprotocol.result import ProxyResultIPv4, ProxyResultIPv6
 from proxyprotocol.v2 import ProxyProtocolV2
 from service_harness import SocksRefused, socks_connect
@@ -43,7 +43,7 @@ NON_GLOBAL_V4 = [
 
 
 def config() -> str:
-    return f"""
+    return """
 [source.four]
 source_address = "127.0.0.2"
 [source.six]
@@ -55,14 +55,14 @@ source_address = "::1"
 timeout = "2s"
 
 [[socks5.listener]]
-address = "127.0.0.1:{free_port()}"
+address = "127.0.0.1:0"
 pool = "six"
 
 [[proxy.listener]]
-address = "127.0.0.1:{free_port()}"
+address = "127.0.0.1:0"
 
 [[smtp.listener]]
-address = "127.0.0.1:{free_port()}"
+address = "127.0.0.1:0"
 pool = "six"
 """
 

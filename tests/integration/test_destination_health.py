@@ -96,7 +96,7 @@ async def test_socks5_tenant_a_dead_destination_leaves_tenant_b_served(
         text = (
             sources_text()
             + f"[access]\ndestination_ports = [{dead}, {sink.port}]\ndeny_destinations = []\n"
-            + f'[[socks5.listener]]\naddress = "127.0.0.1:{free_port()}"\npool = "shared"\n'
+            + '[[socks5.listener]]\naddress = "127.0.0.1:0"\npool = "shared"\n'
         )
         records: list[str] = []
         async with running_daemon(text, tmp_path) as daemon:
@@ -191,7 +191,7 @@ async def test_smtp_tenant_a_dead_mx_leaves_tenant_b_served(
             + sources_text(remote_port=port)
             + "[access]\ndeny_destinations = []\n"
             + f'[dns]\nnameservers = ["{dns.nameserver}"]\ntimeout = "2s"\n'
-            + f'[[smtp.listener]]\naddress = "127.0.0.1:{free_port()}"\npool = "shared"\n'
+            + '[[smtp.listener]]\naddress = "127.0.0.1:0"\npool = "shared"\n'
         )
         async with running_daemon(text, tmp_path, doors={"smtp": SmtpDoor()}) as daemon:
             relay = port_of(daemon, "smtp")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 from daemon_helpers import running_daemon
-from harness import free_port, read_to_eof
+from harness import read_to_eof
 from service_harness import scrape
 
 from egressd.daemon import Daemon
@@ -32,7 +32,7 @@ source_address = "127.0.0.2"
 [pool.main.a]
 
 [metrics]
-listen = "127.0.0.1:{free_port()}"
+listen = "127.0.0.1:0"
 clients = ["127.0.0.1/32"]
 max_connections = {CAP}
 """

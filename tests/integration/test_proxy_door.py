@@ -56,7 +56,7 @@ deny_destinations = []
 handshake_timeout = "1s"
 
 [[proxy.listener]]
-address = "127.0.0.1:{free_port()}"
+address = "127.0.0.1:0"
 """
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 from daemon_helpers import port_of, running_daemon
-from harness import free_port, read_to_eof, receive_exactly
+from harness import read_to_eof, receive_exactly
 from service_harness import socks_connect
 
 pytestmark = pytest.mark.integration
@@ -49,11 +49,11 @@ destination_ports = [{destination_port}]
 deny_destinations = []
 
 [[socks5.listener]]
-address = "127.0.0.1:{free_port()}"
+address = "127.0.0.1:0"
 pool = "main"
 
 [[proxy.listener]]
-address = "127.0.0.1:{free_port()}"
+address = "127.0.0.1:0"
 """
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 from daemon_helpers import port_of, running_daemon
-from harness import DEFAULT_BANNER, Sink, free_port, read_to_eof, receive_until
+from harness import DEFAULT_BANNER, Sink, read_to_eof, receive_until
 from service_harness import socks_connect
 
 from egressd.daemon import Daemon
@@ -45,11 +45,11 @@ deny_destinations = []
 max_connections = {FLOOD}
 
 [[smtp.listener]]
-address = "127.0.0.1:{free_port()}"
+address = "127.0.0.1:0"
 pool = "main"
 
 [[socks5.listener]]
-address = "127.0.0.1:{free_port()}"
+address = "127.0.0.1:0"
 pool = "main"
 """
 

@@ -119,7 +119,7 @@ timeout = "2s"
 [dial]
 timeout = "3s"
 [[smtp.listener]]
-address = "127.0.0.1:{free_port()}"
+address = "127.0.0.1:0"
 {f'pool = "{listener_pool}"' if listener_pool else ""}
 [source."a"]
 source_address = "127.0.0.3"

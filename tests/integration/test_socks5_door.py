@@ -121,7 +121,7 @@ destination_ports = [{", ".join(str(p) for p in ports)}]
 {limits}
 
 [[socks5.listener]]
-address = "127.0.0.1:{free_port()}"
+address = "127.0.0.1:0"
 pool = "main"
 """
     if users:
