@@ -1,4 +1,4 @@
-"""A destination that aborts a spliced session: the client sees a reset, not a clean EOF.
+"""An aborted spliced session: the other side sees a reset, not a clean EOF, both ways.
 
 Through the real daemon's SOCKS5 and PROXY doors, on loopback: the destination sends part
 of a transfer and then resets the connection (SO_LINGER 0). A client that got an EOF would
@@ -78,3 +78,35 @@ async def test_a_destination_reset_reaches_socks5_and_proxy_clients_as_a_reset(
                     with pytest.raises(trio.BrokenResourceError) as raised:
                         await read_to_eof(stream)
                 assert isinstance(raised.value.__cause__, ConnectionResetError)
+
+
+async def test_a_client_reset_reaches_the_destination_as_a_reset(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    outcome: list[BaseException | bytes] = []
+    got_it = trio.Event()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def destination(stream: trio.SocketStream) -> None:
+        try:
+            await receive_exactly(stream, 5)
+            got_it.set()
+            outcome.append(await read_to_eof(stream))
+        except trio.BrokenResourceError as exc:
+            outcome.append(exc)
+
+    nursery.start_soon(trio.serve_listeners, destination, listeners)
+    async with running_daemon(config(port), tmp_path) as daemon:
+        socks = await socks_connect(port_of(daemon, "socks5"), "127.0.0.1", port)
+        with trio.fail_after(5):
+            await socks.stream.send_all(b"half ")
+            await got_it.wait()
+            sock = socks.stream.socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await socks.stream.aclose()
+            while not outcome:
+                await trio.sleep(0.01)
+    (result,) = outcome
+    assert isinstance(result, trio.BrokenResourceError), result
+    assert isinstance(result.__cause__, ConnectionResetError)
