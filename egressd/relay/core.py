@@ -176,7 +176,6 @@ class RelayCore:
         self.auth_user: str | None = None
         self.tx: Transaction | None = None
         self.remote: Remote | None = None
-        self.remote_alive = False
         #: The last remote opened in this session (the log line's fallback).
         self.last_remote: Remote | None = None
         self._step: Step[None] | None = None
@@ -337,8 +336,7 @@ class RelayCore:
             if not together:
                 return (yield from self._remote_rcpt(tx, rcpt))
             if rcpt_reply.code == 421:
-                tx.broken = rcpt_reply
-                yield from self._drop_remote()
+                yield from self._break(tx, rcpt_reply)
             return rcpt_reply
         raise AssertionError("unreachable: a fresh connection ends the loop")
 
@@ -348,15 +346,26 @@ class RelayCore:
         if not rcpt.address.isascii() and not remote.supports("SMTPUTF8"):
             return replies.no_smtputf8()
         try:
-            [reply] = yield from self._exchange((rcpt,), "RCPT TO")
+            return (yield from self._ask(tx, rcpt, "RCPT TO"))
         except _RemoteFailed as exc:
-            tx.broken = exc.reply
-            yield from self._drop_remote()
             return exc.reply
+
+    def _ask(self, tx: Transaction, command: ClientCommand, what: str) -> Step[Reply]:
+        """One command inside the remote transaction. A failure (raised) or a 421 breaks
+        the transaction: the connection is dropped, and every later command of the
+        transaction gets the same reply."""
+        try:
+            [reply] = yield from self._exchange((command,), what)
+        except _RemoteFailed as exc:
+            yield from self._break(tx, exc.reply)
+            raise
         if reply.code == 421:
-            tx.broken = reply
-            yield from self._drop_remote()
+            yield from self._break(tx, reply)
         return reply
+
+    def _break(self, tx: Transaction, reply: Reply) -> Step[None]:
+        tx.broken = reply
+        yield from self._drop_remote()
 
     # ----------------------------------------------------------------------- choosing
 
@@ -365,7 +374,7 @@ class RelayCore:
         one; and whether it is new."""
         kept = self.remote
         if kept is not None:
-            if self.remote_alive and self._source_fits(tx, kept.source):
+            if self._source_fits(tx, kept.source):
                 next_hop = yield from self._next_hop(tx, domain, kept.source.egress_version)
                 if kept.next_hop.same_destination(next_hop, kept.next_hop_address):
                     return kept, False
@@ -375,7 +384,6 @@ class RelayCore:
             raise _Refusal(result.reply)
         assert isinstance(result, RemoteOpened), result
         self.remote = self.last_remote = result.remote
-        self.remote_alive = True
         return result.remote, True
 
     @staticmethod
@@ -412,13 +420,11 @@ class RelayCore:
         send = SendRemote(commands, what)
         result = yield send
         if isinstance(result, (RemoteTimedOut, RemoteLost)):
-            self.remote_alive = False
             detail = replies.remote_failure_detail(what, result)
             raise _RemoteFailed(replies.remote_failure(remote.describe, detail))
         assert isinstance(result, RemoteReplied), result
         got = list(result.replies)
         if got and got[-1].code == 421:
-            self.remote_alive = False
             got += [got[-1]] * (send.replies_owed - len(got))
         assert len(got) == send.replies_owed, (got, send)
         return got
@@ -426,8 +432,7 @@ class RelayCore:
     def _drop_remote(self, *, polite: bool = False) -> Step[None]:
         remote, self.remote = self.remote, None
         if remote is not None:
-            yield CloseRemote(polite=polite and self.remote_alive)
-        self.remote_alive = False
+            yield CloseRemote(polite=polite)
 
     # ----------------------------------------------------------------------- DATA
 
@@ -445,14 +450,9 @@ class RelayCore:
         if self.remote is None or not tx.remote_open:
             return replies.no_remote_transaction()
         try:
-            [reply] = yield from self._exchange((Data(),), "DATA")
+            reply = yield from self._ask(tx, Data(), "DATA")
         except _RemoteFailed as exc:
-            tx.broken = exc.reply
-            yield from self._drop_remote()
-            return exc.reply
-        if reply.code == 421:
-            tx.broken = reply
-            yield from self._drop_remote()
+            return exc.reply  # egressd's own reply: no final reply from the remote
         if reply.code != 354:
             tx.final_reply = reply
         return reply
@@ -534,16 +534,13 @@ class RelayCore:
             return
         remote = self.remote
         if remote is not None and (tx.remote_open or tx.final_reply is not None):
-            if self.remote_alive:
-                try:
-                    [reply] = yield from self._exchange((Rset(),), "RSET")
-                except _RemoteFailed:
-                    yield from self._drop_remote()
-                else:
-                    if not reply.is_success:
-                        yield from self._drop_remote(polite=reply.code != 421)
-            else:
+            try:
+                [reply] = yield from self._exchange((Rset(),), "RSET")
+            except _RemoteFailed:
                 yield from self._drop_remote()
+            else:
+                if not reply.is_success:
+                    yield from self._drop_remote(polite=reply.code != 421)
         tx.remote_open = False
         yield from self._finish(outcome)
 
