@@ -69,14 +69,20 @@ def _read_json(path: Path, where: Where) -> dict[str, Any] | None:
     return data
 
 
+def _read_main(path: Path) -> tuple[Where, dict[str, Any]]:
+    """The main file's place (for problems) and its tables; ConfigError when unreadable."""
+    main = Where(Problems(), str(path))
+    data = read_file(path, main)
+    if data is None:
+        raise ConfigError(main.problems.items)
+    return main, data
+
+
 def load_config(path: str | Path) -> Config:
     """Read, merge and validate a configuration; raise :class:`ConfigError` listing all errors."""
     main_path = Path(path)
-    problems = Problems()
-    main = Where(problems, str(main_path))
-    data = read_file(main_path, main)
-    if data is None:
-        raise ConfigError(problems.items)
+    main, data = _read_main(main_path)
+    problems = main.problems
     draft = SourcesDraft()
     draft.add_file(data, main)
     source_files = _sources_files(data, main, main_path)
@@ -161,13 +167,9 @@ def load_status_endpoints(path: str | Path) -> Config:
     daemon still answers on the addresses it was started with.
     """
     main_path = Path(path)
-    problems = Problems()
-    main = Where(problems, str(main_path))
-    data = read_file(main_path, main)
-    if data is None:
-        raise ConfigError(problems.items)
+    main, data = _read_main(main_path)
     control = read_value(Table(ControlSettings), data.get("control", {}), main.at("control"))
     metrics = read_value(Table(MetricsSettings), data.get("metrics", {}), main.at("metrics"))
-    problems.raise_if_any()
+    main.problems.raise_if_any()
     empty: Mapping[str, Any] = MappingProxyType({})
     return Config(path=main_path, sources=empty, pools=empty, control=control, metrics=metrics)
