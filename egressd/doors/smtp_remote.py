@@ -412,7 +412,7 @@ async def next_hop(domain: str, version: int | None, config: Config) -> NextHop 
     try:
         return await resolve_next_hop(domain, config, version)
     except NextHopError as exc:
-        return replies.next_hop_failure(exc.code, exc.enhanced, exc.text)
+        return replies.next_hop_failure(str(exc.kind), exc.text)
 
 
 async def open_remote(

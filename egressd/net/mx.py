@@ -12,7 +12,7 @@ addresses and port.
 2. A domain literal (``user@[192.0.2.1]``, ``user@[IPv6:2001:db8::1]``) is its own host.
 3. Otherwise the MX records, lowest preference first (equal preferences keep the DNS
    answer's order). RFC 7505: a null MX (one record ``0 .``) means the domain takes no
-   mail, ``556 5.1.10``. No MX records at all: the domain's own A/AAAA records are an
+   mail. No MX records at all: the domain's own A/AAAA records are an
    implicit MX of preference 0.
 
 Only addresses of the source's IP version are looked up (``A`` for 4, ``AAAA`` for 6,
@@ -20,14 +20,16 @@ both when the source leaves it to the kernel). Lookups go to ``[dns] nameservers
 (default: the system resolver) through dnspython's ``dns.asyncresolver``, which runs under
 trio (it detects trio through sniffio), each lookup bounded by ``[dns] timeout``.
 
-Every failure is a :class:`NextHopError` carrying the SMTP reply an MTA should get:
-NXDOMAIN ``550 5.1.2``; null MX ``556 5.1.10``; no MX and no address ``550 5.4.4``;
-DNS timeout, SERVFAIL or REFUSED ``451 4.4.3``; MX hosts without an address of the
-source's version ``451 4.4.4`` (another source, or a fixed DNS, may do better).
+Every failure is a :class:`NextHopError` with a :class:`NextHopProblem` kind and a text:
+NXDOMAIN, a null MX, no MX and no address, a bad address literal (the domain itself says
+no: permanent); a DNS timeout, SERVFAIL or REFUSED, or hosts without an address of the
+source's version (another source, or a fixed DNS, may do better). No SMTP code is chosen
+here: the SMTP door maps the kinds to replies (:mod:`egressd.relay.replies`).
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,24 +44,55 @@ import dns.resolver
 
 from egressd.config import Config, DnsSettings, Endpoint, IPAddress
 
-__all__ = ["MxHost", "NextHop", "NextHopError", "resolve_next_hop", "route_for"]
+__all__ = ["MxHost", "NextHop", "NextHopError", "NextHopProblem", "resolve_next_hop", "route_for"]
 
 SMTP_PORT = 25
 NextHopKind = Literal["route", "literal", "mx", "implicit"]
 
 
-class NextHopError(Exception):
-    """The domain's next hop cannot be found; ``reply`` is what the MTA should be told."""
+class NextHopProblem(str, enum.Enum):
+    """Why a domain's next hop cannot be found: facts about DNS, not replies (the SMTP door
+    turns them into replies, :func:`egressd.relay.replies.next_hop_failure`)."""
 
-    def __init__(self, code: int, enhanced: str, text: str) -> None:
-        super().__init__(f"{code} {enhanced} {text}")
-        self.code = code
-        self.enhanced = enhanced
-        self.text = text
+    NO_SUCH_DOMAIN = "no_such_domain"
+    """The domain does not exist (NXDOMAIN)."""
+    NULL_MX = "null_mx"
+    """The domain publishes a null MX (RFC 7505): it accepts no mail."""
+    NO_MAIL_HOST = "no_mail_host"
+    """No MX record and no address record."""
+    BAD_LITERAL = "bad_literal"
+    """A domain literal that is not an IP address."""
+    DNS_FAILURE = "dns_failure"
+    """A lookup timed out or failed (SERVFAIL, REFUSED); it may work later."""
+    NO_ADDRESS = "no_address"
+    """No host of the next hop has an address of the source's IP version."""
+
+    def __str__(self) -> str:
+        return self.value
 
     @property
-    def temporary(self) -> bool:
-        return 400 <= self.code < 500
+    def permanent(self) -> bool:
+        """True when asking again later cannot help (the domain itself says no)."""
+        return self in _PERMANENT
+
+
+_PERMANENT = frozenset(
+    {
+        NextHopProblem.NO_SUCH_DOMAIN,
+        NextHopProblem.NULL_MX,
+        NextHopProblem.NO_MAIL_HOST,
+        NextHopProblem.BAD_LITERAL,
+    }
+)
+
+
+class NextHopError(Exception):
+    """The domain's next hop cannot be found: ``kind`` (:class:`NextHopProblem`) and ``text``."""
+
+    def __init__(self, kind: NextHopProblem, text: str) -> None:
+        super().__init__(text)
+        self.kind = kind
+        self.text = text
 
 
 @dataclass(frozen=True)
@@ -142,7 +175,9 @@ def domain_literal(domain: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(inner)
     except ValueError:
-        raise NextHopError(501, "5.1.3", f"{domain} is not a valid address literal") from None
+        raise NextHopError(
+            NextHopProblem.BAD_LITERAL, f"{domain} is not a valid address literal"
+        ) from None
 
 
 # --------------------------------------------------------------------------- the three kinds
@@ -155,8 +190,7 @@ async def _route_next_hop(
     if literal is not None:
         if version is not None and literal.version != version:
             raise NextHopError(
-                451,
-                "4.4.4",
+                NextHopProblem.NO_ADDRESS,
                 f"the route of {domain} is {route}, but the source egresses over IPv{version}",
             )
         return NextHop(domain, "route", (MxHost(route.host, 0, (literal,), route.port),))
@@ -171,7 +205,8 @@ async def _route_next_hop(
 def _literal_next_hop(domain: str, address: IPAddress, version: int | None) -> NextHop:
     if version is not None and address.version != version:
         raise NextHopError(
-            451, "4.4.4", f"{domain} is an IPv{address.version} literal, the source is IPv{version}"
+            NextHopProblem.NO_ADDRESS,
+            f"{domain} is an IPv{address.version} literal, the source is IPv{version}",
         )
     return NextHop(domain, "literal", (MxHost(str(address), 0, (address,)),))
 
@@ -186,7 +221,8 @@ async def _mx_next_hop(
             return NextHop(domain, "implicit", (MxHost(domain, 0, lookup.addresses),))
         if lookup.temporary is None and not lookup.other_version:
             raise NextHopError(
-                550, "5.4.4", f"{domain} has no MX record and no address record ({lookup.why})"
+                NextHopProblem.NO_MAIL_HOST,
+                f"{domain} has no MX record and no address record ({lookup.why})",
             )
         raise _no_address_error(domain, [(domain, lookup)], version)
     hosts: list[MxHost] = []
@@ -209,12 +245,15 @@ async def _mx_records(
     try:
         answer = await resolver.resolve(domain, "MX", search=False)
     except dns.resolver.NXDOMAIN:
-        raise NextHopError(550, "5.1.2", f"domain {domain} does not exist (NXDOMAIN)") from None
+        raise NextHopError(
+            NextHopProblem.NO_SUCH_DOMAIN, f"domain {domain} does not exist (NXDOMAIN)"
+        ) from None
     except dns.resolver.NoAnswer:
         return None
     except dns.exception.DNSException as exc:
         raise NextHopError(
-            451, "4.4.3", f"DNS lookup of the MX of {domain} failed: {_dns_error_text(exc)}"
+            NextHopProblem.DNS_FAILURE,
+            f"DNS lookup of the MX of {domain} failed: {_dns_error_text(exc)}",
         ) from exc
     records = [
         (int(rdata.preference), rdata.exchange.to_text(omit_final_dot=True).lower())
@@ -223,7 +262,7 @@ async def _mx_records(
     real = [(p, name) for p, name in records if name not in ("", ".")]
     if not real:  # RFC 7505: "0 ." alone (a null MX among real ones is ignored)
         raise NextHopError(
-            556, "5.1.10", f"{domain} accepts no mail: it publishes a null MX (RFC 7505)"
+            NextHopProblem.NULL_MX, f"{domain} accepts no mail: it publishes a null MX (RFC 7505)"
         )
     real.sort(key=lambda record: record[0])  # stable: equal preferences keep DNS order
     return real
@@ -279,10 +318,12 @@ async def _has_other_version(resolver: dns.asyncresolver.Resolver, host: str, ve
 def _no_address_error(
     domain: str, failures: list[tuple[str, _Lookup]], version: int | None
 ) -> NextHopError:
-    """The reply when no host of ``domain``'s next hop has a usable address."""
+    """The failure when no host of ``domain``'s next hop has a usable address."""
     for _host, lookup in failures:
         if lookup.temporary is not None:
-            return NextHopError(451, "4.4.3", f"next hop of {domain}: {lookup.temporary}")
+            return NextHopError(
+                NextHopProblem.DNS_FAILURE, f"next hop of {domain}: {lookup.temporary}"
+            )
     family = f"IPv{version} " if version is not None else ""
     names = ", ".join(host for host, _ in failures)
     details = "; ".join(
@@ -290,7 +331,8 @@ def _no_address_error(
         for _, lookup in failures
     )
     return NextHopError(
-        451, "4.4.4", f"no {family}address for the next hop of {domain} ({names}): {details}"
+        NextHopProblem.NO_ADDRESS,
+        f"no {family}address for the next hop of {domain} ({names}): {details}",
     )
 
 

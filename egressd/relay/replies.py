@@ -21,7 +21,7 @@ Rules every failure here follows (RFC 5321 section 4.2.5, RFC 3463):
 Typed failures from below are mapped here, not where they are raised:
 :class:`~egressd.relay.events.RemoteTimedOut` and :class:`~egressd.relay.events.RemoteLost`
 (the remote connection), the next hop's DNS failures (:func:`next_hop_failure`, from the
-code, enhanced code and text that :mod:`egressd.net.mx` reports), and the open path's
+kind and text that :mod:`egressd.net.mx` reports), and the open path's
 refusals (pool, source, addresses).
 """
 
@@ -122,10 +122,23 @@ def no_smtputf8() -> Reply:
     return Reply.make(553, "Remote server does not support SMTPUTF8", enhanced="5.6.7")
 
 
-def next_hop_failure(code: int, enhanced: str, text: str) -> Reply:
-    """The next hop cannot be found (NXDOMAIN 550 5.1.2, null MX 556 5.1.10, DNS 451 4.4.3,
-    no address of the source's family 451 4.4.4 ...): the code comes from the resolver."""
-    return Reply.make(code, text, enhanced=enhanced)
+#: The next hop's problems (:class:`egressd.net.mx.NextHopProblem`) as replies.
+_NEXT_HOP_CODES: dict[str, tuple[int, str]] = {
+    "no_such_domain": (550, "5.1.2"),  # NXDOMAIN
+    "null_mx": (556, "5.1.10"),  # RFC 7505
+    "no_mail_host": (550, "5.4.4"),  # no MX and no address record
+    "bad_literal": (501, "5.1.3"),
+    "dns_failure": (451, "4.4.3"),  # a timeout, SERVFAIL or REFUSED may clear up
+    "no_address": (451, "4.4.4"),  # another source, or a fixed DNS, may do better
+}
+
+
+def next_hop_failure(kind: str, text: str) -> Reply:
+    """The next hop cannot be found: NXDOMAIN 550 5.1.2, null MX 556 5.1.10, no MX and no
+    address 550 5.4.4, a bad literal 501 5.1.3, DNS trouble 451 4.4.3, no address of the
+    source's family 451 4.4.4."""
+    code, enhanced = _NEXT_HOP_CODES.get(kind, (451, "4.4.3"))
+    return temporary(enhanced, text, code)
 
 
 # --------------------------------------------------------------------------- opening

@@ -33,9 +33,20 @@ def test_a_made_up_reply_never_holds_a_line_break() -> None:
     assert reply.enhanced == "4.4.1"
 
 
-def test_next_hop_failures_keep_the_resolvers_code() -> None:
-    reply = replies.next_hop_failure(556, "5.1.10", "x.test accepts no mail")
-    assert reply.to_bytes() == b"556 5.1.10 x.test accepts no mail\r\n"
+@pytest.mark.parametrize(
+    ("kind", "code"),
+    [
+        ("no_such_domain", b"550 5.1.2"),
+        ("null_mx", b"556 5.1.10"),
+        ("no_mail_host", b"550 5.4.4"),
+        ("bad_literal", b"501 5.1.3"),
+        ("dns_failure", b"451 4.4.3"),
+        ("no_address", b"451 4.4.4"),
+    ],
+)
+def test_next_hop_failures_by_kind(kind: str, code: bytes) -> None:
+    reply = replies.next_hop_failure(kind, "x.test: why")
+    assert reply.to_bytes() == code + b" x.test: why\r\n"
 
 
 @pytest.mark.parametrize(("in_data", "text"), [(True, "the message body"), (False, "a command")])
