@@ -123,8 +123,12 @@ async def daemon_process(
     args: tuple[str, ...] = (),
     ready_timeout: float = 15.0,
     journal: bool = False,
+    open_files: int | None = None,
 ) -> AsyncIterator[DaemonProcess]:
     """Start ``python -m egressd run -c config``; yield after READY=1; stop it by PID.
+
+    ``open_files`` sets the daemon's RLIMIT_NOFILE (soft and hard, with ``prlimit``), to
+    run it out of descriptors without touching the rest of the machine.
 
     ``journal`` sets ``JOURNAL_STREAM`` to the log file's device and inode, as systemd does
     when stderr is its journal stream.
@@ -149,6 +153,8 @@ async def daemon_process(
                 stat = os.fstat(log_file.fileno())
                 env["JOURNAL_STREAM"] = f"{stat.st_dev}:{stat.st_ino}"
             argv = [sys.executable, "-m", "egressd", "run", "-c", str(config), *args]
+            if open_files is not None:  # util-linux's prlimit execs the daemon: same PID
+                argv = ["prlimit", f"--nofile={open_files}:{open_files}", "--", *argv]
             if watchdog_pid_self:
                 argv = [
                     "/bin/sh",
