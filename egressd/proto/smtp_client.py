@@ -399,9 +399,12 @@ class SmtpClient:
                 if len(buf) > self._max_line + 1:
                     return self._fail(f"reply line longer than {self._max_line} octets")
                 return NEED_DATA
-            line = buf.take(end + 1)[:-1]
-            if line.endswith(b"\r"):
-                line = line[:-1]
+            first = buf.start
+            last = first + end  # the LF
+            if last > first and buf.data[last - 1] == 0x0D:
+                last -= 1
+            line = bytes(buf.data[first:last])  # one copy, without the line end
+            buf.skip(end + 1)
             if len(line) > self._max_line:
                 return self._fail(f"reply line longer than {self._max_line} octets")
             if b"\r" in line:
