@@ -292,12 +292,15 @@ _REPLIES: dict[Failure, socks5.ReplyCode] = {
     Failure.HOST_UNREACHABLE: socks5.ReplyCode.HOST_UNREACHABLE,
     Failure.NETWORK_UNREACHABLE: socks5.ReplyCode.NETWORK_UNREACHABLE,
     Failure.TIMEOUT: socks5.ReplyCode.TTL_EXPIRED,
+    Failure.RESOLVE: socks5.ReplyCode.HOST_UNREACHABLE,
+    Failure.NO_ADDRESS: socks5.ReplyCode.HOST_UNREACHABLE,
 }
 
 
 def _reply_for(exc: EgressFailure) -> int:
     """The RFC 1928 reply for a failure: 02 denied or no such pool, 05 refused, 04/03
-    unreachable, 06 timeout, 01 for the rest (no source, unplumbed, proxy failures). A
+    unreachable, 04 a name that does not resolve (or not in the source's family), 06
+    timeout, 01 for the rest (no source, unplumbed, proxy failures). A
     destination whose breaker is open gets the reply of the failure that opened it (04
     when that was not a connect failure)."""
     if exc.kind is Failure.DESTINATION_FAILING:

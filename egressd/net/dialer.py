@@ -129,9 +129,10 @@ async def resolve_name(host: str, port: int | None, version: int | None) -> list
     """
     try:
         infos = await trio.socket.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
+    except (OSError, UnicodeError, ValueError) as exc:  # any resolver failure, never a crash
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise EgressFailure(
-            Failure.RESOLVE, f"cannot resolve {host}: {exc.strerror}", stage=Stage.RESOLVE
+            Failure.RESOLVE, f"cannot resolve {host}: {why}", stage=Stage.RESOLVE
         ) from exc
     found = _unique(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos)
     matching = [a for a in found if version is None or a.version == version]
