@@ -1,0 +1,142 @@
+"""The PROXY-protocol door's trio shell over memory streams, on a fake clock.
+
+The client is the test, on one end of a ``memory_stream_pair``; the door runs on the other
+with a :class:`~egressd.runtime.Runtime` built from a config in memory. The protocol has
+no answer, so every refusal is a close and the session record says why; the header's
+timeout is the door's own and takes no real time under ``autojump_clock``. Dialing and
+relaying need real sockets: tests/integration/test_proxy_door.py covers them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from egressd.config import (
+    AccessSettings,
+    Config,
+    Endpoint,
+    LimitSettings,
+    Listener,
+    Pool,
+    PoolEntry,
+    Source,
+)
+from egressd.doors.proxy import ProxyDoor
+from egressd.proto.proxy import V2_SIGNATURE, build_v1, build_v2
+from egressd.runtime import Runtime, SessionRecord
+
+HANDSHAKE_TIMEOUT = 30.0
+IPv4 = ipaddress.IPv4Address
+
+
+def config() -> Config:
+    source = Source("a", source_address=ipaddress.ip_address("127.0.0.2"))
+    return Config(
+        path=Path("egressd.toml"),
+        sources={"a": source},
+        pools={"main": Pool("main", (PoolEntry("a"),))},
+        limits=LimitSettings(handshake_timeout=HANDSHAKE_TIMEOUT),
+        access=AccessSettings(deny_destinations=()),  # no test here gets as far as a dial
+    )
+
+
+@dataclass
+class Shell:
+    client: trio.abc.HalfCloseableStream
+    record: SessionRecord
+    done: trio.Event
+
+    async def closed(self) -> bool:
+        """True when the door closed its side (EOF) without a byte."""
+        return await self.client.receive_some(1) == b""
+
+
+@asynccontextmanager
+async def proxy_door() -> AsyncIterator[Shell]:
+    runtime = Runtime(config())
+    record = SessionRecord(door="proxy", client="127.0.0.1")
+    listener = Listener(Endpoint("127.0.0.1", 4480))
+    client_end, door_end = trio.testing.memory_stream_pair()
+    done = trio.Event()
+
+    async def run() -> None:
+        await ProxyDoor().handle(door_end, runtime, listener, record)  # type: ignore[arg-type]
+        await door_end.aclose()
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        yield Shell(client_end, record, done)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [b"", b"PROXY TCP4 127.0.0.2 ", V2_SIGNATURE[:10]],
+    ids=["silent", "half-v1", "half-v2"],
+)
+async def test_a_header_not_finished_in_time_is_closed_at_the_handshake_timeout(
+    partial: bytes, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with proxy_door() as shell:
+        started = trio.current_time()
+        await shell.client.send_all(partial)
+        assert await shell.closed()
+        assert trio.current_time() - started == pytest.approx(HANDSHAKE_TIMEOUT)
+        await shell.done.wait()
+    assert (shell.record.outcome, shell.record.detail) == (
+        "timeout",
+        "no complete PROXY header within 30s",
+    )
+
+
+async def test_eof_inside_the_header_is_a_close_not_a_protocol_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with proxy_door() as shell:
+        await shell.client.send_all(b"PROXY TCP4 127.0.0.2")
+        await shell.client.send_eof()
+        await shell.done.wait()
+    assert (shell.record.outcome, shell.record.detail) == (
+        "closed",
+        "client closed before a complete PROXY header",
+    )
+
+
+@pytest.mark.parametrize(
+    ("wire", "outcome", "detail"),
+    [
+        (b"GET / HTTP/1.1\r\n", "protocol_error", "not a PROXY protocol header"),
+        (b"PROXY TCP4 1.2.3.4\n", "protocol_error", "malformed PROXY v1 line"),
+        (V2_SIGNATURE + b"\x20\x00\x00\x00", "closed", "LOCAL header (a health check)"),
+        (b"PROXY UNKNOWN\r\n", "denied", "carries no addresses"),
+        (
+            build_v1(IPv4("127.0.0.99"), 0, IPv4("127.0.0.1"), 25),
+            "denied",
+            "PROXY header src 127.0.0.99 is no configured source's address",
+        ),
+        (
+            build_v2(IPv4("127.0.0.2"), 0, IPv4("127.0.0.1"), 22),
+            "denied",
+            "port 22 is not in access.destination_ports",
+        ),
+    ],
+    ids=["http", "bare-lf", "local", "unknown", "unknown-src", "denied-port"],
+)
+async def test_each_refusal_is_a_close_with_its_reason(
+    wire: bytes, outcome: str, detail: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with proxy_door() as shell:
+        await shell.client.send_all(wire + b"EHLO x\r\n")
+        assert await shell.closed()
+        await shell.done.wait()
+    assert shell.record.outcome == outcome
+    assert detail in (shell.record.detail or "")
