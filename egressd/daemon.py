@@ -107,6 +107,11 @@ class _Running:
     closed: trio.Event = field(default_factory=trio.Event)
 
 
+REFUSALS_AT_ONCE = 256
+"""Refusals spoken at once (see :meth:`Daemon._refuse`); beyond, a plain close."""
+REFUSAL_TIMEOUT = 5.0
+
+
 class ReloadRefused(Exception):
     """A reload that cannot take effect; each item of ``errors`` is one log line."""
 
@@ -134,6 +139,8 @@ class Daemon:
     files_seen: Fingerprint = field(default_factory=list)
     """Fingerprints of the watched files as of the last (attempted) load."""
     extras: Extras | None = None
+    refusing: int = 0
+    """Connections being refused right now (the door's refusal takes a few round trips)."""
     _lock: trio.Lock = field(default_factory=trio.Lock)
 
     def bound_ports(self) -> dict[tuple[str, Endpoint], int]:
@@ -263,8 +270,23 @@ class Daemon:
                 "connection refused", extra={"fields": {"client": client, "reason": str(exc)}}
             )
             self.metrics.connections.labels(door.name, "", "", "overloaded").inc()
-            with trio.move_on_after(5):
-                await door.refuse(connection, str(exc))
+            await self._refuse(door, connection, str(exc))
+
+    async def _refuse(self, door: Door, connection: Connection, reason: str) -> None:
+        """The door's protocol-correct refusal, within a few seconds, for a bounded number.
+
+        A refused connection is outside every session cap, so the refusals in progress have
+        a cap of their own (:data:`REFUSALS_AT_ONCE`): beyond it a connection is closed
+        without a word, and a flood of connections cannot hold descriptors by being refused.
+        """
+        if self.refusing >= REFUSALS_AT_ONCE:
+            return
+        self.refusing += 1
+        try:
+            with trio.move_on_after(REFUSAL_TIMEOUT):
+                await door.refuse(connection, reason)
+        finally:
+            self.refusing -= 1
 
     async def reload(self, reason: str) -> bool:
         """Load, validate and swap in the configuration; True when it was swapped.

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import trio
 from daemon_helpers import port_of, running_daemon
-from harness import DEFAULT_BANNER, Sink, read_to_eof, receive_until
+from harness import DEFAULT_BANNER, Sink, read_to_eof, receive_exactly, receive_until
 from service_harness import socks_connect
 
-from egressd.daemon import Daemon
+from egressd.daemon import REFUSALS_AT_ONCE, Daemon
 
 pytestmark = pytest.mark.integration
 
@@ -144,3 +144,33 @@ async def test_a_flood_from_many_addresses_leaves_the_other_door_its_reserve(
         assert all(b"reserved for the other doors" in r for r in flood.refused)
         banner = await socks_session(port_of(daemon, "socks5"), sink, "127.0.0.4")
         assert banner == DEFAULT_BANNER
+
+
+async def test_refusals_in_progress_are_capped_beyond_which_a_connection_is_closed_at_once(
+    tmp_path: Path, sink: Sink
+) -> None:
+    text = config(sink.port).replace(f"max_connections = {FLOOD}", "max_connections = 1")
+    async with running_daemon(text, tmp_path) as daemon:
+        port = port_of(daemon, "socks5")
+        streams = [await trio.open_tcp_stream("127.0.0.1", port)]  # the one session, silent
+        try:
+            with trio.fail_after(10):
+                while daemon.runtime.active_sessions < 1:
+                    await trio.sleep(0.01)
+                for _ in range(REFUSALS_AT_ONCE):  # refused, but silent: no greeting yet
+                    streams.append(await trio.open_tcp_stream("127.0.0.1", port))
+                while daemon.refusing < REFUSALS_AT_ONCE:
+                    await trio.sleep(0.01)
+            with trio.fail_after(2):  # the daemon's refusal would wait 5 s for a greeting
+                one_more = await trio.open_tcp_stream("127.0.0.1", port)
+                async with one_more:
+                    assert await read_to_eof(one_more) == b""
+            refused = streams[1]  # still gets a proper SOCKS5 refusal
+            with trio.fail_after(5):
+                await refused.send_all(b"\x05\x01\x00")
+                assert await receive_exactly(refused, 2) == b"\x05\x00"
+                await refused.send_all(b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x19")
+                assert (await receive_exactly(refused, 2)) == b"\x05\x01"
+        finally:
+            for stream in streams:
+                await trio.aclose_forcefully(stream)
