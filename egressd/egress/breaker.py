@@ -174,10 +174,6 @@ class DestinationBreaker:
         state.failed_from[source] = now
         return previous is None or previous < horizon
 
-    def is_open(self, destination: Destination) -> bool:
-        state = self._states.get(_key(destination))
-        return state is not None and state.open_until is not None
-
     # ------------------------------------------------------------------ helpers
 
     def _trip(self, state: _State, now: float, failures: int) -> bool:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 
-from egressd.config import IPAddress, format_hostport
+from egressd.config import IPAddress
 
 __all__ = ["EgressFailure", "Failure", "Party", "Stage", "blame"]
 
@@ -174,10 +174,6 @@ class EgressFailure(Exception):
     @property
     def party(self) -> Party:
         return blame(self.kind)
-
-    @property
-    def address_text(self) -> str:
-        return format_hostport(*self.address) if self.address is not None else "-"
 
 
 def _destination(
