@@ -361,6 +361,15 @@ class LimitSettings:
     idle_timeout: float = setting(Duration, 600.0)
     shutdown_grace: float = setting(Duration, 30.0)
 
+    def __post_init__(self) -> None:
+        """Resolve the defaults that derive from ``max_connections``, so they show as values."""
+        if self.max_connections_per_client is None:
+            object.__setattr__(
+                self, "max_connections_per_client", max(1, self.max_connections // 2)
+            )
+        if self.reserved_per_door is None:
+            object.__setattr__(self, "reserved_per_door", self.max_connections // 10)
+
 
 @dataclass(frozen=True)
 class _AuthTable:
