@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from fake_clock import FakeClock
 
 from egressd.config import HealthSettings, Source, SuspendPolicy
 from egressd.health import SourceHealth, policy_for
 
 IMMEDIATE_5M = SuspendPolicy(duration=300.0, count=1, window=0.0)
 THRESHOLD_3_5M = SuspendPolicy(duration=600.0, count=3, window=300.0)
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

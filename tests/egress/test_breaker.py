@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from fake_clock import FakeClock
 
 from egressd.config import IPAddress
 from egressd.egress import BreakerSettings, DestinationBreaker
@@ -12,14 +13,6 @@ from egressd.egress import BreakerSettings, DestinationBreaker
 ip = ipaddress.ip_address
 DEAD: tuple[IPAddress, int] = (ip("192.0.2.66"), 25)
 OTHER: tuple[IPAddress, int] = (ip("192.0.2.66"), 587)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 
 import pytest
+from fake_clock import FakeClock
 
 from egressd.config import (
     AccessSettings,
@@ -42,14 +43,6 @@ from egressd.pools import PoolSet
 ip = ipaddress.ip_address
 DEAD = (ip("192.0.2.66"), 25)
 LIVE = (ip("192.0.2.1"), 25)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
