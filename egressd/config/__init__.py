@@ -45,6 +45,7 @@ from egressd.config.model import (
     SmtpTls,
     Source,
     SuspendPolicy,
+    User,
 )
 from egressd.config.problems import ConfigError, Problem
 from egressd.config.values import (
@@ -84,6 +85,7 @@ __all__ = [
     "SmtpTls",
     "Source",
     "SuspendPolicy",
+    "User",
     "config_path_from",
     "format_hostport",
     "is_hostname",

@@ -148,11 +148,15 @@ def _check_references(main: Where, config: Config) -> None:
     for key, pool in config.smtp.sender_pools.items():
         if pool not in config.pools:
             main.at(f'smtp.sender_pools: "{key}"').error(f'"{pool}" is not a defined pool')
-    for user in config.auth:
-        if user not in config.pools:
-            main.at(f'auth.users: "{user}"').error(
+    for name, user in config.auth.items():
+        if user.pools is None and name not in config.pools:
+            main.at(f'auth.users: "{name}"').error(
                 "names no defined pool (the username is the pool)"
             )
+        for index, pool in enumerate(user.pools or ()):
+            if pool not in config.pools:
+                at = main.at(f'auth.users: "{name}"').at("pools").item(index)
+                at.error(f'"{pool}" is not a defined pool')
 
 
 def config_path_from(cli_value: str | None, environ: Mapping[str, str]) -> str:

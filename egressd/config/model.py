@@ -372,8 +372,33 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class User:
+    """One ``[auth.users]`` entry: ``name = "password"``, or ``name = { password = "...",
+    pools = ["a", "b"] }`` for a user that may use several pools (KumoMTA sends one
+    credential for all its sources). Without ``pools`` the username is the one pool."""
+
+    password: str = setting(Text())
+    pools: tuple[str, ...] | None = setting(ListOf(Text()), None)
+
+    def pools_for(self, name: str) -> tuple[str, ...]:
+        """The pools user ``name`` may use: ``pools``, else the pool named like the user."""
+        return self.pools if self.pools is not None else (name,)
+
+
+class _UserEntry:
+    """A password string, or a table read as :class:`User`."""
+
+    def read(self, value: object, where: Where) -> User:
+        if isinstance(value, str):
+            return User(password=value)
+        if isinstance(value, dict):
+            return Table(User).read(value, where)
+        raise ValueError(f"expected a password string or a table, got {type_name(value)}")
+
+
+@dataclass(frozen=True)
 class _AuthTable:
-    users: Mapping[str, str] = setting(MapOf(Text()), factory=_empty)
+    users: Mapping[str, User] = setting(MapOf(_UserEntry()), factory=_empty)
 
 
 @dataclass(frozen=True)
@@ -479,7 +504,7 @@ class Config:
     dns: DnsSettings = setting(Table(DnsSettings), DnsSettings())
     access: AccessSettings = setting(Table(AccessSettings), AccessSettings())
     limits: LimitSettings = setting(Table(LimitSettings), LimitSettings())
-    auth: Mapping[str, str] = setting(Section(_AuthTable, "users"), factory=_empty)
+    auth: Mapping[str, User] = setting(Section(_AuthTable, "users"), factory=_empty)
     log: LogSettings = setting(Table(LogSettings), LogSettings())
     metrics: MetricsSettings = setting(Table(MetricsSettings), MetricsSettings())
     control: ControlSettings = setting(Table(ControlSettings), ControlSettings())

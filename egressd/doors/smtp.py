@@ -426,9 +426,9 @@ class MtaSession:
     def _auth(self, credentials: AuthCredentials) -> None:
         users = self.config.auth
         if users:
-            expected = users.get(credentials.username)
-            ok = expected is not None and hmac.compare_digest(
-                expected.encode(), credentials.password.encode()
+            user = users.get(credentials.username)
+            ok = user is not None and hmac.compare_digest(
+                user.password.encode(), credentials.password.encode()
             )
         else:
             ok = credentials.username in self.config.pools

@@ -15,12 +15,19 @@ with outcome ``timeout``):
   offered, only tags the pool.
 * RFC 1929: the username names the pool (Exim's ``name=POOL``; KumoMTA's
   ``socks5_proxy_username``). With users configured the password must match
-  (constant-time compare), otherwise ``01 01`` and close, outcome ``denied``.
+  (constant-time compare), otherwise ``01 01`` and close, outcome ``denied``; a user
+  written ``name = { password = "...", pools = ["a", "b"] }`` may use those pools (KumoMTA
+  sends one credential for all its sources), one written ``name = "password"`` the pool
+  ``name``. Such a user's CONNECT without BIND goes through the listener's pool when the
+  user may use it, else the user's first pool.
 * ``BIND addr:0`` (KumoMTA's convention) selects the configured source whose address is
   ``addr`` (:meth:`Config.source_for_address`: its ``source_address`` or its hop's
-  address) with all it defines (hop, ``remote_port``). Nothing is bound yet: the dial binds
-  at CONNECT time (``IP_BIND_ADDRESS_NO_PORT``). An address of no configured source, or a
-  name, gets reply 02. BIND without a following CONNECT gets 07 (the machine does that).
+  address) with all it defines (hop, ``remote_port``). An address of no configured source,
+  a name, or (with users configured) a source in none of the user's pools gets reply 02.
+  A suspended source gets 01, and so does a direct source whose address this host cannot
+  bind (tried at once, with ``IP_BIND_ADDRESS_NO_PORT``, and released): that is how
+  KumoProxy fails, and kumod then suspends the source on its side. The dial binds again at
+  CONNECT time. BIND without a following CONNECT gets 07 (the machine does that).
 * ``CONNECT``: IPv4, IPv6 or a name. Source: the BIND's, else the pool named by the
   username, else the listener's ``pool``. Access checks and dialing are
   :func:`egressd.doors.common.open_outbound` (a name is resolved here, in the source's
@@ -49,11 +56,12 @@ to a few seconds.
 from __future__ import annotations
 
 import hmac
+import socket
 from collections.abc import Mapping
 
 import trio
 
-from egressd.config import Listener, Source
+from egressd.config import Config, Listener, Source, User
 from egressd.doors.common import (
     note_destination,
     note_dialed,
@@ -68,6 +76,8 @@ from egressd.proto import NEED_DATA, socks5
 from egressd.runtime import Runtime, SessionRecord
 
 _RECEIVE_SIZE = 4096
+# Linux's value; the socket module names it only on Linux builds (and typeshed not at all).
+_IP_BIND_ADDRESS_NO_PORT: int = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 class Socks5Door:
@@ -145,7 +155,9 @@ class _AcceptedConnection:
         self.egress: Egress = runtime.egress  # this session's generation, taken once
         self.config = self.egress.config
         self.record = record
-        self.users: Mapping[str, str] = self.config.auth
+        self.users: Mapping[str, User] = self.config.auth
+        self.allowed: tuple[str, ...] | None = None  # with users: the pools this one may use
+        self.username = ""
         self.server = socks5.Socks5Server()
         self.pool: str | None = listener.pool
         self.source: Source | None = None
@@ -226,27 +238,55 @@ class _AcceptedConnection:
 
     def authenticate(self, request: socks5.AuthRequest) -> bool:
         username = request.username
-        if self.users and not _password_matches(self.users.get(username), request.password):
+        user = self.users.get(username)
+        if self.users and (user is None or not _password_matches(user.password, request.password)):
             self.record.outcome = "denied"
             self.record.detail = f"RFC 1929 credentials refused for user {username!r}"
             return False
-        if username:
+        self.username = username
+        if user is not None:
+            self.allowed = user.pools_for(username)
+            self.pool = self.pool if self.pool in self.allowed else self.allowed[0]
+            self.record.pool = self.pool
+        elif username:
             self.pool = username
             self.record.pool = username
         return True
 
     def bind(self, request: socks5.BindRequest) -> socks5.Succeeded | socks5.Refused:
-        """KumoMTA's ``BIND source:0``: pick the source with that address, bind nothing yet."""
+        """KumoMTA's ``BIND source:0``: pick the source with that address, if this user may
+        use it, it is not suspended and its address can be bound here; connect nothing yet."""
         address = request.address
         source = None if isinstance(address, str) else self.config.source_for_address(address)
         if source is None or isinstance(address, str):
-            self.record.outcome = "denied"
-            self.record.detail = f"BIND {address}: no configured source has this address"
-            return socks5.Refused(socks5.ReplyCode.NOT_ALLOWED)
-        self.source = source
+            return self.refuse_bind(
+                "denied", f"BIND {address}: no configured source has this address"
+            )
+        if self.allowed is not None and not _in_pools(self.config, source, self.allowed):
+            return self.refuse_bind(
+                "denied",
+                f"BIND {address}: source {source.name!r} is in none of the pools user"
+                f" {self.username!r} may use ({', '.join(self.allowed)})",
+            )
         self.record.source = source.name
         self.record.pool = None  # the exact source, not a pool, decides
+        if self.egress.health.is_suspended(source.name):
+            return self.refuse_bind(
+                "refused", f"BIND {address}: source {source.name!r} is suspended", failure=True
+            )
+        unbindable = _bind_problem(source)
+        if unbindable is not None:
+            return self.refuse_bind("dial_failed", f"BIND {address}: {unbindable}", failure=True)
+        self.source = source
         return socks5.Succeeded(address, 0)
+
+    def refuse_bind(self, outcome: str, detail: str, *, failure: bool = False) -> socks5.Refused:
+        """02 (not allowed) for a source the client may not use; 01 (general failure) for
+        one that cannot send now, as KumoProxy answers an unplumbed address."""
+        self.record.outcome = outcome
+        self.record.detail = detail
+        code = socks5.ReplyCode.GENERAL_FAILURE if failure else socks5.ReplyCode.NOT_ALLOWED
+        return socks5.Refused(code)
 
     async def broken(self, error: socks5.Socks5ProtocolError) -> None:
         """The client broke the protocol: send the reply owed, if any, and say why."""
@@ -275,6 +315,35 @@ class _AcceptedConnection:
     async def reply_success(self, dialed: Dialed) -> None:
         bound, port = dialed.local_address
         await _send(self.stream, self.server.send(socks5.Succeeded(bound, port)))
+
+
+def _in_pools(config: Config, source: Source, pools: tuple[str, ...]) -> bool:
+    """True when ``source`` is in one of ``pools`` with a weight above 0."""
+    return any(
+        entry.source == source.name and entry.weight > 0
+        for name in pools
+        if name in config.pools
+        for entry in config.pools[name].entries
+    )
+
+
+def _bind_problem(source: Source) -> str | None:
+    """Why this host cannot send from ``source``'s address, or None (a direct source's
+    address is bound for a moment, without a port, as the dialer will bind it)."""
+    address = source.source_address
+    if source.hop != "direct" or address is None:
+        return None
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+        try:
+            sock.bind((str(address), 0))
+        except OSError as exc:
+            return (
+                f"source {source.name!r} address {address} cannot be bound on this host:"
+                f" {exc.strerror or exc}"
+            )
+    return None
 
 
 def _password_matches(expected: str | None, given: str) -> bool:

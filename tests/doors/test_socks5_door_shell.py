@@ -29,6 +29,7 @@ from egressd.config import (
     Pool,
     PoolEntry,
     Source,
+    User,
 )
 from egressd.doors.socks5 import Socks5Door
 from egressd.runtime import Runtime, SessionRecord
@@ -47,7 +48,7 @@ def config(users: Mapping[str, str] | None = None) -> Config:
         pools={"main": Pool("main", (PoolEntry("a"),))},
         limits=LimitSettings(handshake_timeout=HANDSHAKE_TIMEOUT),
         access=AccessSettings(deny_destinations=()),  # no test here gets as far as a dial
-        auth=dict(users or {}),
+        auth={name: User(password) for name, password in (users or {}).items()},
     )
 
 

@@ -125,7 +125,9 @@ address = "127.0.0.1:0"
 pool = "main"
 """
     if users:
-        text += "\n[auth.users]\n" + "".join(f'{u} = "{p}"\n' for u, p in users.items())
+        text += "\n[auth.users]\n" + "".join(
+            f"{u} = {p}\n" if p.startswith("{") else f'{u} = "{p}"\n' for u, p in users.items()
+        )
     return text
 
 
@@ -371,7 +373,9 @@ async def test_udp_associate_gets_07(sink: Sink, tmp_path: Path) -> None:
 
 async def test_egressds_own_dialer_through_the_socks5_door(sink: Sink, tmp_path: Path) -> None:
     """A source with socks5_proxy_server = this door, as KumoMTA would configure it."""
-    async with egressd(tmp_path, [sink.port], users={"main": "pw"}) as e:
+    # One credential for all the sources KumoMTA uses (issue 10, finding 3).
+    users = {"main": '{ password = "pw", pools = ["main", "other"] }'}
+    async with egressd(tmp_path, [sink.port], users=users) as e:
         hop = Endpoint("127.0.0.1", e.port)
         kumo = Source(
             name="kumo",
@@ -427,12 +431,13 @@ async def test_dial_failures_map_to_reply_codes(tmp_path: Path) -> None:
         _, unplumbed = await connect(e.port, "127.0.0.1", closed_port, "broken")
         stream = await socks_client(e.port)
         await stream.send_all(request_bytes(BIND, "203.0.113.7", 0))
-        assert (await read_reply(stream)).code == 0
-        await stream.send_all(request_bytes(CONNECT, "127.0.0.1", closed_port))
+        # Refused at BIND now, as KumoProxy does (issue 10, finding 2), no longer at CONNECT.
         bound_unplumbed = await read_reply(stream)
         records = [await e.record(n) for n in (1, 2, 3)]
     assert (refused.code, unplumbed.code, bound_unplumbed.code) == (5, 1, 1)
-    assert [r.outcome for r in records] == ["dial_failed", "dial_failed", "dial_failed"]
+    # The unplumbed dial suspended "gone" at once, so its BIND is refused as suspended.
+    assert [r.outcome for r in records] == ["dial_failed", "dial_failed", "refused"]
+    assert records[2].detail == "BIND 203.0.113.7: source 'gone' is suspended"
     assert "not configured on this host" in (records[1].detail or "")
 
 
