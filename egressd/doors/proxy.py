@@ -19,13 +19,20 @@ by ``[limits] handshake_timeout``.
 The protocol has no way to answer, so every refusal is a close and the session's log
 line says why: a malformed header (``protocol_error``), a LOCAL header (a health check:
 ``closed``), a header without addresses, or a src that is no configured source's address,
-or a destination the ``[access]`` rules deny (``denied``), no source available
-(``refused``), a failed dial (``dial_failed``). Overload (``max_connections``) closes at
-once, like HAProxy's own refusal: the client sees EOF, as it would from HAProxy when the
-outbound connection fails.
+or a destination the ``[access]`` rules deny (``denied``), a suspended source (an
+operator's or the health checks': ``refused``, never dialed), no source available
+(``refused``), a failed dial (``dial_failed``). When the header's destination port is an
+SMTP port where the server speaks first in plain text (25, 587, 2525), a refusal after
+the header also writes ``421 4.4.0 egressd: <reason>`` before closing: the MTA reads it
+as the remote's greeting, so the reason reaches its log instead of looking like a timeout
+(port 465 expects TLS from the first byte, so nothing is written there). Overload
+(``max_connections``) closes at once, like HAProxy's own refusal: the client sees EOF, as
+it would from HAProxy when the outbound connection fails.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import trio
 
@@ -70,12 +77,21 @@ class ProxyDoor:
         if source is None:
             record.outcome = "denied"
             record.detail = f"PROXY header src {header.src_ip} is no configured source's address"
+            await _say_why(stream, record, header.dst_port)
             return
         record.source = source.name
+        if egress.health.is_suspended(source.name):
+            record.outcome = "refused"
+            record.detail = (
+                f"source {source.name!r} (PROXY header src {header.src_ip}) is suspended"
+            )
+            await _say_why(stream, record, header.dst_port)
+            return
         try:
             dialed = await open_outbound(egress, header.dst_ip, header.dst_port, source=source)
         except EgressFailure as exc:
             note_refusal(record, exc)
+            await _say_why(stream, record, header.dst_port)
             return
         note_dialed(record, dialed, header.dst_ip)
         try:
@@ -85,6 +101,21 @@ class ProxyDoor:
 
     async def refuse(self, stream: Connection, reason: str) -> None:
         """Nothing can be said in the PROXY protocol: the daemon closes the connection."""
+
+
+# Ports where the SMTP server speaks first, in plain text (465 is TLS from the first byte).
+_SMTP_PORTS = frozenset({25, 587, 2525})
+_MAX_REASON = 400  # a reply line stays well under RFC 5321's 512 octets
+
+
+async def _say_why(stream: Connection, record: SessionRecord, port: int) -> None:
+    """For an SMTP port, ``421 4.4.0 egressd: <reason>`` so the MTA logs why; else nothing."""
+    if port not in _SMTP_PORTS:
+        return
+    reason = " ".join((record.detail or record.outcome).split())[:_MAX_REASON]
+    line = f"421 4.4.0 egressd: {reason}\r\n".encode("ascii", "replace")
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_all(line)  # a client already gone has only the log line
 
 
 async def _header_or_none(

@@ -44,7 +44,7 @@ def config() -> Config:
         sources={"a": source},
         pools={"main": Pool("main", (PoolEntry("a"),))},
         limits=LimitSettings(handshake_timeout=HANDSHAKE_TIMEOUT),
-        access=AccessSettings(deny_destinations=()),  # no test here gets as far as a dial
+        access=AccessSettings(destination_ports=(25, 2626), deny_destinations=()),  # no dial here
     )
 
 
@@ -53,6 +53,7 @@ class Shell:
     client: trio.abc.HalfCloseableStream
     record: SessionRecord
     done: trio.Event
+    runtime: Runtime
 
     async def closed(self) -> bool:
         """True when the door closed its side (EOF) without a byte."""
@@ -74,7 +75,7 @@ async def proxy_door() -> AsyncIterator[Shell]:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run)
-        yield Shell(client_end, record, done)
+        yield Shell(client_end, record, done, runtime)
         nursery.cancel_scope.cancel()
 
 
@@ -119,7 +120,7 @@ async def test_eof_inside_the_header_is_a_close_not_a_protocol_error(
         (V2_SIGNATURE + b"\x20\x00\x00\x00", "closed", "LOCAL header (a health check)"),
         (b"PROXY UNKNOWN\r\n", "denied", "carries no addresses"),
         (
-            build_v1(IPv4("127.0.0.99"), 0, IPv4("127.0.0.1"), 25),
+            build_v1(IPv4("127.0.0.99"), 0, IPv4("127.0.0.1"), 2626),
             "denied",
             "PROXY header src 127.0.0.99 is no configured source's address",
         ),
@@ -140,3 +141,19 @@ async def test_each_refusal_is_a_close_with_its_reason(
         await shell.done.wait()
     assert shell.record.outcome == outcome
     assert detail in (shell.record.detail or "")
+
+
+@pytest.mark.parametrize(("port", "said"), [(25, True), (587, True), (465, False), (2626, False)])
+async def test_a_suspended_source_is_refused_with_421_on_a_plain_smtp_port(
+    port: int, said: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with proxy_door() as shell:
+        shell.runtime.health.suspend("a", 3600)
+        await shell.client.send_all(build_v2(IPv4("127.0.0.2"), 0, IPv4("127.0.0.1"), port))
+        reply = b""
+        while chunk := await shell.client.receive_some(1024):
+            reply += chunk
+        await shell.done.wait()
+    reason = "source 'a' (PROXY header src 127.0.0.2) is suspended"
+    assert reply == (f"421 4.4.0 egressd: {reason}\r\n".encode() if said else b"")
+    assert (shell.record.outcome, shell.record.detail) == ("refused", reason)
