@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from egressd.config import IPAddress, format_hostport
+from egressd.egress.failures import Failure
 
 __all__ = ["BreakerSettings", "DestinationBreaker", "Open"]
 
@@ -74,7 +75,7 @@ class Open:
     destination: Destination
     failures: int
     seconds_left: float
-    last_kind: str
+    last_kind: Failure
     last_reason: str
 
     def describe(self) -> str:
@@ -92,7 +93,7 @@ class _State:
     open_for: float = 0.0
     trial_started: float | None = None
     opened_after: int = 0
-    last_kind: str = ""
+    last_kind: Failure = Failure.TIMEOUT
     last_reason: str = ""
     failed_from: dict[str, float] = field(default_factory=dict)
     """Source name -> when it last failed here although another source had reached it."""
@@ -124,7 +125,7 @@ class DestinationBreaker:
         state.trial_started = now
         return None
 
-    def failure(self, destination: Destination, kind: str, reason: str) -> bool:
+    def failure(self, destination: Destination, kind: Failure, reason: str) -> bool:
         """Count a destination failure; True when it opens the breaker."""
         now = self._now()
         state = self._state(destination)

@@ -344,7 +344,7 @@ class Plan:
                 source=step.source.name,
                 stage=Stage.CONNECT,
                 address=step.address,
-                cause=_failure_or_none(refusal.last_kind),
+                cause=refusal.last_kind,
             )
         )
         return True
@@ -413,7 +413,7 @@ class Plan:
         self, source: Source, destination: tuple[IPAddress, int], failure: EgressFailure
     ) -> None:
         breaker = self.egress.breaker
-        if breaker.failure(destination, str(failure.kind), failure.detail):
+        if breaker.failure(destination, failure.kind, failure.detail):
             log.warning(
                 "destination failing: dials to it fail fast for a while",
                 extra={
@@ -467,12 +467,5 @@ def _who(source: Source | None) -> str:
 def _parse_address(host: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
-def _failure_or_none(value: str) -> Failure | None:
-    try:
-        return Failure(value)
     except ValueError:
         return None

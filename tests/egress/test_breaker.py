@@ -8,7 +8,7 @@ import pytest
 from fake_clock import FakeClock
 
 from egressd.config import IPAddress
-from egressd.egress import BreakerSettings, DestinationBreaker
+from egressd.egress import BreakerSettings, DestinationBreaker, Failure
 
 ip = ipaddress.ip_address
 DEAD: tuple[IPAddress, int] = (ip("192.0.2.66"), 25)
@@ -28,7 +28,9 @@ def breaker(clock: FakeClock) -> DestinationBreaker:
 def fail(
     breaker: DestinationBreaker, times: int = 1, destination: tuple[IPAddress, int] = DEAD
 ) -> list[bool]:
-    return [breaker.failure(destination, "refused", "Connection refused") for _ in range(times)]
+    return [
+        breaker.failure(destination, Failure.REFUSED, "Connection refused") for _ in range(times)
+    ]
 
 
 def test_the_defaults() -> None:
@@ -115,6 +117,11 @@ def test_memory_is_bounded(clock: FakeClock) -> None:
     fail(breaker, 1, (ip("192.0.2.1"), 25))
     fail(breaker, 1, (ip("192.0.2.2"), 25))
     assert breaker.check(DEAD) is None  # the least recently used was forgotten
+    for n in (1, 2, 3):
+        breaker.success((ip(f"192.0.2.{n}"), 25), "b")
+    fail(breaker, 1, (ip("192.0.2.1"), 25))
+    assert not breaker.source_evidence((ip("192.0.2.1"), 25), "a")  # who reached it: forgotten
+    assert breaker.source_evidence((ip("192.0.2.3"), 25), "a")
 
 
 def test_source_evidence_needs_another_source_that_reached_it_lately(

@@ -334,6 +334,12 @@ def test_no_address_of_the_sources_family(clock: FakeClock) -> None:
     assert failure.kind is Failure.NO_ADDRESS
     assert "egresses over IPv4 but 2001:db8::1 has no IPv4 address" in str(failure)
     assert failure.party is Party.DESTINATION
+    named = Plan(egress, pool="p", host="v6only.test", port=25)
+    assert isinstance(named.next_step(), Resolve)
+    named.resolved([Destination(ip("2001:db8::1"), 25), Destination(ip("2001:db8::2"), 25)])
+    failure = give_up(named.next_step())
+    assert failure.kind is Failure.NO_ADDRESS
+    assert "v6only.test has no IPv4 address (found 2001:db8::1, 2001:db8::2)" in str(failure)
 
 
 # --------------------------------------------------------------------------- one deadline
@@ -407,7 +413,7 @@ def test_a_dead_destination_never_suspends_a_source_and_fails_fast_once_open(
 def test_an_open_breaker_skips_to_the_next_address(clock: FakeClock) -> None:
     egress = make_egress(clock, v4("a"))
     for _ in range(3):
-        egress.breaker.failure(DEAD, "timeout", "silent")
+        egress.breaker.failure(DEAD, Failure.TIMEOUT, "silent")
     plan = Plan(egress, pool="p", host="mx.test", port=25)
     assert isinstance(plan.next_step(), Resolve)
     plan.resolved([Destination(DEAD[0], 25), Destination(LIVE[0], 25)])
