@@ -1,0 +1,117 @@
+"""The records the state layer keeps: small frozen dataclasses, no behaviour.
+
+Times are seconds since the epoch (``time.time()``); days are ISO dates (``"2026-11-30"``)
+in the warm-up's configured time zone, decided by the caller, never by the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Batch", "DayCount", "Event", "Override", "Progress", "Snapshot", "Suspension"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where one (source, provider) stands in its warm-up plan.
+
+    ``step`` counts from 0 (the plan's first day); ``hold`` is an operator's hold reason,
+    None when not held. ``day`` is the last day the engine looked at (the open day).
+    """
+
+    source: str
+    provider: str
+    plan: str
+    step: int
+    day: str
+    hold: str | None = None
+    updated: float = 0.0
+
+
+@dataclass(frozen=True)
+class DayCount:
+    """Messages of one (source, provider) on one day: sent (accepted), deferred, rejected.
+
+    In a :class:`Batch` these are increments, so several writers can add to one day.
+    """
+
+    source: str
+    provider: str
+    day: str
+    sent: int = 0
+    deferred: int = 0
+    rejected: int = 0
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change of a warm-up, with its reason: advanced, held, resumed, stepped back, set."""
+
+    at: float
+    source: str
+    provider: str
+    kind: str
+    step_from: int
+    step_to: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Suspension:
+    """``scope`` (a source, or ``source@provider``) is out of rotation until ``until``."""
+
+    scope: str
+    until: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Override:
+    """A setting ``key`` of ``scope`` holds ``value`` (JSON text) until ``until``."""
+
+    scope: str
+    key: str
+    value: str
+    until: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a starting daemon needs back: progress, recent days, live suspensions."""
+
+    progress: tuple[Progress, ...] = ()
+    counts: tuple[DayCount, ...] = ()
+    suspensions: tuple[Suspension, ...] = ()
+    overrides: tuple[Override, ...] = ()
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One flush, written all or nothing.
+
+    ``progress`` replaces each (source, provider)'s record; ``counts`` are added to the
+    day's counts; ``events`` are appended; ``suspensions`` and ``overrides`` replace theirs
+    by scope (and key); ``lifted`` and ``cleared`` remove them.
+    """
+
+    progress: tuple[Progress, ...] = ()
+    counts: tuple[DayCount, ...] = ()
+    events: tuple[Event, ...] = ()
+    suspensions: tuple[Suspension, ...] = ()
+    lifted: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = ()
+    cleared: tuple[tuple[str, str], ...] = field(default=())
+
+    def __bool__(self) -> bool:
+        return any(
+            (
+                self.progress,
+                self.counts,
+                self.events,
+                self.suspensions,
+                self.lifted,
+                self.overrides,
+                self.cleared,
+            )
+        )

@@ -1,0 +1,170 @@
+"""The embedded store: round trips, upgrades, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from egressd.state import (
+    DATABASE_NAME,
+    SCHEMA_VERSION,
+    Batch,
+    DayCount,
+    Event,
+    Override,
+    Progress,
+    StateError,
+    Store,
+    Suspension,
+    open_store,
+    state_directory,
+)
+from egressd.state.sqlite import UPGRADES
+
+
+def test_a_batch_survives_closing_and_reopening(tmp_path: Path) -> None:
+    store: Store = open_store(tmp_path)
+    store.write(
+        Batch(
+            progress=(Progress("ip-1", "google", "standard", 3, "2026-11-30", "abuse desk", 5.0),),
+            counts=(DayCount("ip-1", "google", "2026-11-30", sent=7, deferred=1),),
+            events=(Event(5.0, "ip-1", "google", "held", 3, 3, "operator: abuse desk"),),
+            suspensions=(Suspension("ip-1@yahoo", 7200.0, "TSS04"),),
+            overrides=(Override("ip-1", "max_message_rate", '"10/h"', 7200.0, "rule"),),
+        )
+    )
+    store.write(Batch(counts=(DayCount("ip-1", "google", "2026-11-30", sent=3, rejected=2),)))
+    store.close()
+
+    again = open_store(tmp_path)
+    snapshot = again.load(since_day="2026-11-30", now=100.0)
+    assert snapshot.progress == (
+        Progress("ip-1", "google", "standard", 3, "2026-11-30", "abuse desk", 5.0),
+    )
+    assert snapshot.counts == (DayCount("ip-1", "google", "2026-11-30", 10, 1, 2),)
+    assert snapshot.suspensions == (Suspension("ip-1@yahoo", 7200.0, "TSS04"),)
+    assert [o.key for o in snapshot.overrides] == ["max_message_rate"]
+    assert again.history("ip-1") == [
+        Event(5.0, "ip-1", "google", "held", 3, 3, "operator: abuse desk")
+    ]
+    assert again.history("ip-2") == []
+
+
+def test_load_leaves_out_older_days_and_ended_suspensions(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    store.write(
+        Batch(
+            counts=(
+                DayCount("ip-1", "other", "2026-11-28", sent=1),
+                DayCount("ip-1", "other", "2026-11-29", sent=2),
+            ),
+            suspensions=(Suspension("a", 50.0, "x"), Suspension("b", 500.0, "y")),
+        )
+    )
+    store.write(Batch(lifted=("b",)))
+    snapshot = store.load(since_day="2026-11-29", now=100.0)
+    assert [c.day for c in snapshot.counts] == ["2026-11-29"]
+    assert snapshot.suspensions == ()
+
+
+def test_history_is_newest_first_and_limited(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    events = tuple(Event(float(i), "s", "p", "advanced", i, i + 1, "day") for i in range(5))
+    store.write(Batch(events=events))
+    assert [e.step_to for e in store.history(limit=2)] == [5, 4]
+
+
+def test_the_database_is_in_wal_mode(tmp_path: Path) -> None:
+    open_store(tmp_path).close()
+    mode = sqlite3.connect(tmp_path / DATABASE_NAME).execute("PRAGMA journal_mode").fetchone()
+    assert mode == ("wal",)
+
+
+def test_a_version_1_database_is_upgraded_keeping_its_schedule(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DATABASE_NAME)
+    db.executescript(UPGRADES[0])
+    db.execute("INSERT INTO progress VALUES ('ip-1', 'google', 'standard', 4, '2026-11-29', 1.0)")
+    db.execute("INSERT INTO counts VALUES ('ip-1', 'google', '2026-11-29', 380)")
+    db.execute(
+        "INSERT INTO events (at, source, provider, kind, step_from, step_to, reason) "
+        "VALUES (1.0, 'ip-1', 'google', 'advanced', 3, 4, 'sending day')"
+    )
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+
+    store = open_store(tmp_path)
+    snapshot = store.load(since_day="2026-11-01", now=0.0)
+    assert snapshot.progress == (
+        Progress("ip-1", "google", "standard", 4, "2026-11-29", None, 1.0),
+    )
+    assert snapshot.counts == (DayCount("ip-1", "google", "2026-11-29", 380, 0, 0),)
+    assert store.history()[0].reason == "sending day"
+    store.write(Batch(suspensions=(Suspension("ip-1", 10.0, "new table works"),)))
+    version = sqlite3.connect(tmp_path / DATABASE_NAME).execute("PRAGMA user_version")
+    assert version.fetchone() == (SCHEMA_VERSION,)
+
+
+def test_a_corrupt_database_is_an_error_naming_the_file_and_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / DATABASE_NAME
+    garbage = b"this is no SQLite database, but it holds someone's schedule" * 100
+    path.write_bytes(garbage)
+    with pytest.raises(StateError) as caught:
+        open_store(tmp_path)
+    assert str(path) in str(caught.value)
+    assert "corrupt" in str(caught.value)
+    assert path.read_bytes() == garbage
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DATABASE_NAME)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError, match="newer egressd"):
+        open_store(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files anyway")
+def test_an_unwritable_database_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    open_store(tmp_path).close()
+    for name in os.listdir(tmp_path):
+        os.chmod(tmp_path / name, 0o444)
+    os.chmod(tmp_path, 0o555)
+    try:
+        with pytest.raises(StateError) as caught:
+            open_store(tmp_path)
+        assert str(tmp_path / DATABASE_NAME) in str(caught.value)
+    finally:
+        os.chmod(tmp_path, 0o755)
+
+
+def test_a_directory_that_cannot_be_created_is_an_error_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StateError, match=str(blocker / "state" / DATABASE_NAME)):
+        open_store(blocker / "state")
+
+
+def test_a_database_path_that_is_a_directory_is_an_error_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / DATABASE_NAME).mkdir()
+    with pytest.raises(StateError, match=str(tmp_path / DATABASE_NAME)):
+        open_store(tmp_path)
+
+
+def test_the_directory_is_the_configured_one_else_systemds_else_the_default() -> None:
+    assert state_directory("/srv/e", {"STATE_DIRECTORY": "/x"}) == Path("/srv/e")
+    assert state_directory(None, {"STATE_DIRECTORY": "/var/lib/egressd:/other"}) == Path(
+        "/var/lib/egressd"
+    )
+    assert state_directory(None, {"STATE_DIRECTORY": "/run/x"}) == Path("/run/x")
+    assert state_directory(None, {}) == Path("/var/lib/egressd")
