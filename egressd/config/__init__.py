@@ -55,11 +55,20 @@ from egressd.config.values import (
     parse_duration,
     parse_hostport,
 )
+from egressd.config.warmup import (
+    DEFAULT_PLAN,
+    DEFAULT_PLAN_DAYS,
+    StateSettings,
+    WarmupPlan,
+    WarmupSettings,
+)
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_CONNECT_FAILURE_POLICY",
     "DEFAULT_DENY_DESTINATIONS",
+    "DEFAULT_PLAN",
+    "DEFAULT_PLAN_DAYS",
     "DEFAULT_SUSPEND_POLICY",
     "DEFAULT_TTL",
     "AccessSettings",
@@ -84,8 +93,11 @@ __all__ = [
     "SmtpTimeouts",
     "SmtpTls",
     "Source",
+    "StateSettings",
     "SuspendPolicy",
     "User",
+    "WarmupPlan",
+    "WarmupSettings",
     "config_path_from",
     "format_hostport",
     "is_hostname",

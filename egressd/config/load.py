@@ -148,6 +148,7 @@ def _check_references(main: Where, config: Config) -> None:
     for key, pool in config.smtp.sender_pools.items():
         if pool not in config.pools:
             main.at(f'smtp.sender_pools: "{key}"').error(f'"{pool}" is not a defined pool')
+    _check_warmup_references(main, config)
     for name, user in config.auth.items():
         if user.pools is None and name not in config.pools:
             main.at(f'auth.users: "{name}"').error(
@@ -157,6 +158,24 @@ def _check_references(main: Where, config: Config) -> None:
             if pool not in config.pools:
                 at = main.at(f'auth.users: "{name}"').at("pools").item(index)
                 at.error(f'"{pool}" is not a defined pool')
+
+
+def _check_warmup_references(main: Where, config: Config) -> None:
+    """Warm-up plans named by sources exist; ``[warmup.sources]`` names defined sources."""
+    for name, source in config.sources.items():
+        if source.warmup is not None and source.warmup not in config.warmup.plans:
+            main.at(f'source "{name}"').at("warmup").error(
+                f'"{source.warmup}" is not a defined plan ([warmup.plan.NAME])'
+            )
+    for name, plan in config.warmup.source_plans.items():
+        at = main.at(f'warmup.sources: "{name}"')
+        if name not in config.sources:
+            at.error("names a source that is not defined in any file")
+        elif config.sources[name].warmup not in (None, plan):
+            at.error(
+                f'says "{plan}" but the source\'s own warmup key says '
+                f'"{config.sources[name].warmup}"; set one'
+            )
 
 
 def config_path_from(cli_value: str | None, environ: Mapping[str, str]) -> str:

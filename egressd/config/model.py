@@ -43,6 +43,7 @@ from egressd.config.values import (
     quote,
     type_name,
 )
+from egressd.config.warmup import StateSettings, WarmupSettings
 
 HopKind = Literal["direct", "haproxy", "socks5"]
 
@@ -201,6 +202,8 @@ class Source:
     suspend_when_proxy_unhealthy: SuspendPolicy | None = setting(Suspend(), None)
     egressd_socks5_plain_connect: bool = setting(Flag(), False)
     """egressd's own key: CONNECT through ``socks5_proxy_server`` without KumoMTA's BIND."""
+    warmup: str | None = setting(Text(), None)
+    """egressd's own key: the warm-up plan this source follows (``[warmup.plan.NAME]``)."""
 
     @property
     def hop(self) -> HopKind:
@@ -516,6 +519,19 @@ class Config:
         Section(_DoorTable, "listener"), (), key="proxy"
     )
     smtp: SmtpSettings = setting(Table(SmtpSettings), SmtpSettings())
+    state: StateSettings = setting(Table(StateSettings), StateSettings())
+    warmup: WarmupSettings = setting(Table(WarmupSettings), WarmupSettings())
+
+    def warmup_plan_of(self, source: str) -> str | None:
+        """The warm-up plan ``source`` follows: its ``warmup`` key, else ``[warmup.sources]``."""
+        own = self.sources[source].warmup if source in self.sources else None
+        return own or self.warmup.source_plans.get(source)
+
+    @property
+    def warming_sources(self) -> dict[str, str]:
+        """Every source that follows a warm-up plan, with the plan's name."""
+        found = {name: self.warmup_plan_of(name) for name in self.sources}
+        return {name: plan for name, plan in found.items() if plan is not None}
 
     @property
     def min_ttl(self) -> float:

@@ -1,0 +1,108 @@
+"""A fake clock and an in-memory store for the warm-up engine's tests."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from egressd.config import WarmupPlan, WarmupSettings
+from egressd.state import Batch, DayCount, Event, Progress, Snapshot, Store
+from egressd.warmup import Warmup
+
+DAY = 86400.0
+
+
+@dataclass
+class FakeClock:
+    now: float
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def at(text: str) -> float:
+    """Seconds since the epoch of an ISO time with its offset."""
+    return dt.datetime.fromisoformat(text).timestamp()
+
+
+@dataclass
+class MemoryStore:
+    """The Store interface in a few dictionaries: a second backend, as Redis will be."""
+
+    progress: dict[tuple[str, str], Progress] = field(default_factory=dict)
+    counts: dict[tuple[str, str, str], DayCount] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def location(self) -> str:
+        return "memory"
+
+    def load(self, since_day: str, now: float) -> Snapshot:
+        return Snapshot(
+            progress=tuple(self.progress.values()),
+            counts=tuple(c for c in self.counts.values() if c.day >= since_day),
+        )
+
+    def write(self, batch: Batch) -> None:
+        for item in batch.progress:
+            self.progress[(item.source, item.provider)] = item
+        for count in batch.counts:
+            key = (count.source, count.provider, count.day)
+            old = self.counts.get(key, DayCount(*key))
+            self.counts[key] = replace(
+                old,
+                sent=old.sent + count.sent,
+                deferred=old.deferred + count.deferred,
+                rejected=old.rejected + count.rejected,
+            )
+        self.events.extend(batch.events)
+
+    def history(self, source: str | None = None, limit: int = 50) -> list[Event]:
+        found = [e for e in self.events if source is None or e.source == source]
+        return found[::-1][:limit]
+
+    def close(self) -> None:
+        pass
+
+
+def _typed(store: MemoryStore) -> Store:
+    return store  # mypy checks that MemoryStore implements the Protocol
+
+
+def settings(**overrides: Any) -> WarmupSettings:
+    plans = {
+        "standard": WarmupPlan(days=(10, 20, 40), providers={"google": (5, 10)}),
+    }
+    values: dict[str, Any] = {"plans": plans, "min_messages": 10, **overrides}
+    return WarmupSettings(**values)
+
+
+def engine(
+    clock: FakeClock,
+    store: MemoryStore | None = None,
+    events: list[Event] | None = None,
+    **overrides: Any,
+) -> Warmup:
+    snapshot = store.load("0000-00-00", clock()) if store is not None else None
+    sink = events if events is not None else []
+    return Warmup(
+        settings(**overrides),
+        {"ip-1": "standard"},
+        clock,
+        snapshot,
+        on_event=sink.append,
+    )
+
+
+def send(warmup: Warmup, count: int, provider: str = "other", outcome: str = "sent") -> None:
+    for _ in range(count):
+        warmup.record("ip-1", provider, outcome)
+
+
+def step(warmup: Warmup, provider: str = "other") -> int | None:
+    quota = warmup.quota("ip-1", provider)
+    return quota.step if quota is not None else None
