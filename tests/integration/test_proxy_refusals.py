@@ -93,13 +93,3 @@ async def test_a_suspended_source_is_never_dialed_and_is_served_again_once_resum
             with trio.fail_after(5):
                 assert await receive_until(stream, b"\r\n") == sink.banner
     assert sink.peers == ["127.0.0.3"]
-
-
-async def test_an_unknown_src_on_an_smtp_port_gets_421_too(sink: Sink, tmp_path: Path) -> None:
-    async with egressd(tmp_path, sink) as e:
-        said = await send_header(e.port, header("127.0.0.99", 25))
-        record = await e.record()
-    assert said == (
-        b"421 4.4.0 egressd: PROXY header src 127.0.0.99 is no configured source's address\r\n"
-    )
-    assert record.outcome == "denied"
