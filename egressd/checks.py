@@ -1,4 +1,4 @@
-"""What ``egressd check`` adds to validation: warnings, and ``--effective`` settings.
+"""What ``egressd check`` adds to validation: file errors, warnings, ``--effective``.
 
 Theory of operation
 -------------------
@@ -31,6 +31,7 @@ import errno
 import ipaddress
 import json
 import socket
+import ssl
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,28 @@ DNS_LIFETIME = 3.0
 LOCAL_NAMES = ("localhost", ".localhost", ".invalid")
 SECRET_WORDS = ("password", "auth")
 TABLE_NAMES = {"sources": "source", "pools": "pool"}
+
+
+def config_errors(config: Config) -> list[str]:
+    """What makes ``check`` fail beyond validation: files the daemon would fail to use.
+
+    The STARTTLS certificate and key are loaded as the SMTP door loads them (a reload
+    re-reads them), so ``systemctl reload`` (which runs ``check -q`` first) refuses a
+    renewal that left a certificate and a key that do not match.
+    """
+    tls = config.smtp.tls
+    if tls.certificate is None or tls.private_key is None:
+        return []
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls.certificate, tls.private_key)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return [
+            f"{config.path}: smtp.tls: cannot load certificate {tls.certificate} with "
+            f"private_key {tls.private_key}: {reason}"
+        ]
+    return []
 
 
 def config_warnings(config: Config) -> list[str]:

@@ -302,8 +302,14 @@ def _control_despite_errors(args: argparse.Namespace, path: str, error: ConfigEr
 
 def command_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``egressd check``: the summary (or ``--effective`` settings), warnings on stderr."""
-    from egressd.checks import config_warnings, effective_settings
+    from egressd.checks import config_errors, config_warnings, effective_settings
 
+    errors = config_errors(config)
+    for error in errors:
+        print(error, file=sys.stderr)
+    if errors:
+        print(f"egressd: {len(errors)} error(s) in the configuration", file=sys.stderr)
+        return EXIT_FAILED
     if args.quiet:
         return EXIT_OK
     if args.effective:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trustme
 from smtp_harness import dnsmasq
 
 from egressd.cli import EXIT_CONFIG, build_parser, main
@@ -237,3 +238,22 @@ async def test_suspend_needs_a_control_socket_and_a_running_daemon(
     stopped = write(short_dir, VALID + f'[control]\nsocket = "{short_dir}/none.sock"\n')
     code, _, err = run(capsys, "resume", "-c", stopped, "a")
     assert code == 1 and "cannot reach egressd" in err
+
+
+def test_check_fails_on_a_certificate_and_key_that_do_not_match(
+    tmp_path: Path, capsys: Capture
+) -> None:
+    ca = trustme.CA()
+    one, other = ca.issue_cert("one.test"), ca.issue_cert("other.test")
+    one.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    other.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    tls = f'[smtp.tls]\ncertificate = "{tmp_path}/cert.pem"\nprivate_key = "{tmp_path}/key.pem"\n'
+    path = write(tmp_path, VALID + tls)
+    code, out, err = run(capsys, "check", "-q", "-c", path)
+    assert (code, out) == (1, "")
+    assert f"{path}: smtp.tls: cannot load certificate {tmp_path}/cert.pem" in err
+    one.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    assert run(capsys, "check", "-q", "-c", path) == (0, "", "")
+    (tmp_path / "key.pem").unlink()
+    code, _, err = run(capsys, "check", "-q", "-c", path)
+    assert code == 1 and "No such file or directory" in err

@@ -13,12 +13,17 @@ Inbound (an MTA sending STARTTLS to egressd): :func:`server_context` loads the c
 certificate chain and key.
 
 Contexts are built once per setting and shared: an ``SSLContext`` is safe to use from
-many connections, and loading a certificate or the trust store is not free.
+many connections, and loading a certificate or the trust store is not free. The server
+context is keyed by the certificate and key files' identity (device, inode, size, mtime),
+not only by their paths: a renewed certificate (certbot swaps the files, then runs
+``systemctl reload``) is read at the next STARTTLS, where a cache by path would serve the
+old one until a restart. The two ``stat`` calls per STARTTLS cost microseconds.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import ssl
 
 __all__ = ["client_context", "server_context"]
@@ -37,12 +42,29 @@ def client_context(verify: bool) -> ssl.SSLContext:
     return context
 
 
-@functools.lru_cache(maxsize=4)
+FileIdentity = tuple[int, int, int, int]
+
+
+def file_identity(path: str) -> FileIdentity:
+    """What changes when a file is replaced or rewritten (raises OSError)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def server_context(certificate: str, private_key: str) -> ssl.SSLContext:
-    """The context for STARTTLS from an MTA, with egressd's certificate chain and key.
+    """The context for STARTTLS from an MTA, with egressd's certificate chain and key, as
+    the files are now.
 
     Raises ``OSError`` / ``ssl.SSLError`` when the files cannot be read or do not match.
     """
+    identity = (file_identity(certificate), file_identity(private_key))
+    return _load_server_context(certificate, private_key, identity)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_server_context(
+    certificate: str, private_key: str, identity: tuple[FileIdentity, FileIdentity]
+) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certificate, private_key)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
