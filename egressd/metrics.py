@@ -74,6 +74,7 @@ labels it takes well under a millisecond per hundred series.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Literal
 
@@ -117,6 +118,19 @@ def reply_class(code: int) -> ReplyClass:
     return "other"
 
 
+class PidOnlyProcessCollector(ProcessCollector):
+    """prometheus_client's ``process_*`` collector, working under ``ProcSubset=pid``.
+
+    The stock collector reads the boot time from ``/proc/stat`` and, when it cannot, reports
+    nothing at all. The systemd unit sets ``ProcSubset=pid``, which hides ``/proc/stat``
+    (only ``/proc/PID/...`` stays), so the boot time comes from ``CLOCK_BOOTTIME`` instead:
+    the clock ``/proc/PID/stat``'s start time counts from.
+    """
+
+    def _boot_time(self) -> float:
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def suspension_reason(kind: FailureKind | None) -> str:
     """The ``reason`` label of a suspension: its failure kind, else ``operator``."""
     return kind if kind is not None else OPERATOR
@@ -132,7 +146,7 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide; none wanted
         self.registry = CollectorRegistry()
         registry = self.registry
-        ProcessCollector(registry=registry)
+        PidOnlyProcessCollector(registry=registry)
         self.connections = Counter(
             "egressd_connections",
             "Connections handled, by front door, pool, source and outcome.",

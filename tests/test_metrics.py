@@ -6,17 +6,20 @@ import functools
 import ipaddress
 import os
 import re
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from egressd import metrics as metrics_module
 from egressd.config import Endpoint, MetricsSettings, SuspendPolicy
 from egressd.config.model import LOOPBACK
 from egressd.health import SourceHealth
-from egressd.metrics import Metrics, reply_class, serve_metrics
+from egressd.metrics import Metrics, PidOnlyProcessCollector, reply_class, serve_metrics
 
 SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
 
@@ -315,3 +318,17 @@ async def test_only_metrics_clients_are_served_and_at_most_max_connections(
     outsider = await trio.open_tcp_stream("127.0.0.1", port)
     async with outsider:
         assert await read_all(outsider) == b""  # closed at once, nothing said
+
+
+def test_process_metrics_survive_procsubset_pid(tmp_path: Path) -> None:
+    """Under systemd's ProcSubset=pid only /proc/PID exists: no /proc/stat for boot time."""
+    (tmp_path / "self").symlink_to("/proc/self")
+    registry = CollectorRegistry()
+    PidOnlyProcessCollector(proc=str(tmp_path), registry=registry)
+    text = generate_latest(registry).decode()
+    assert samples(text, "process_open_fds")[""] > 0
+    started = samples(text, "process_start_time_seconds")[""]
+    assert time.time() - 3600 < started <= time.time()
+    stock = CollectorRegistry()
+    ProcessCollector(proc=str(tmp_path), registry=stock)
+    assert "process_open_fds" not in generate_latest(stock).decode()  # what it fixes

@@ -8,6 +8,7 @@ from the configured package index) and runs the installed ``egressd --version``.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -87,6 +88,43 @@ def test_prefix_moves_the_link_and_the_units_exec_start(tmp_path: Path) -> None:
     assert (tmp_path / "usr" / "bin" / "egressd").is_symlink()
     unit = (tmp_path / "etc" / "systemd" / "system" / "egressd.service").read_text()
     assert "\nExecStart=/usr/bin/egressd run -c /etc/egressd/egressd.toml\n" in unit
+    assert "\nExecReload=/usr/bin/egressd check -q -c /etc/egressd/egressd.toml\n" in unit
+    assert "\nDocumentation=file:/usr/share/doc/egressd/README.md\n" in unit
+    assert (tmp_path / "usr" / "share" / "doc" / "egressd" / "README.md").is_file()
+    assert (tmp_path / "usr" / "lib" / "sysusers.d" / "egressd.conf").is_file()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("systemd-tmpfiles") is None,
+    reason="needs root and systemd-sysusers / systemd-tmpfiles",
+)
+def test_destdir_config_is_readable_by_the_egressd_group_once_applied(tmp_path: Path) -> None:
+    """A package build (DESTDIR) cannot chown to a group that does not exist yet; the
+    sysusers.d and tmpfiles.d snippets it ships do it on the target. Applied here with
+    --root, as the target's first boot (or the package's postinst) would."""
+    output = run_install(tmp_path)
+    assert "systemd-sysusers egressd.conf && systemd-tmpfiles --create egressd.conf" in output
+    lib = tmp_path / "usr" / "local" / "lib"
+    for tool, kind in (("systemd-sysusers", "sysusers"), ("systemd-tmpfiles", "tmpfiles")):
+        extra = ["--create"] if kind == "tmpfiles" else []
+        subprocess.run(
+            [tool, f"--root={tmp_path}", *extra, str(lib / f"{kind}.d" / "egressd.conf")],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    group = next(
+        line for line in (tmp_path / "etc" / "group").read_text().splitlines()
+        if line.startswith("egressd:")
+    )  # fmt: skip
+    gid = int(group.split(":")[2])
+    etc = tmp_path / "etc" / "egressd"
+    for path, wanted in (
+        (etc, 0o750),
+        (etc / "egressd.toml", 0o640),
+        (etc / "sources.toml", 0o640),
+    ):
+        assert (path.stat().st_uid, path.stat().st_gid, mode(path)) == (0, gid, wanted), path
 
 
 @pytest.mark.integration

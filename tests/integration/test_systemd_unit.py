@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from egressd.cli import EXIT_CONFIG
 from egressd.config import DEFAULT_CONFIG_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +49,7 @@ def test_unit_verifies_clean(tmp_path: Path) -> None:
     text = UNIT.read_text()
     assert f"ExecStart={INSTALLED_BINARY} " in text
     copy = tmp_path / "egressd.service"
-    copy.write_text(text.replace(f"ExecStart={INSTALLED_BINARY} ", f"ExecStart={local_egressd()} "))
+    copy.write_text(text.replace(f"{INSTALLED_BINARY} ", f"{local_egressd()} "))
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", str(copy)],
         capture_output=True,
@@ -64,7 +65,13 @@ def test_unit_verifies_clean(tmp_path: Path) -> None:
 def test_unit_directives() -> None:
     assert directive("Type") == ["notify"]
     assert directive("NotifyAccess") == ["main"]
-    assert directive("ExecReload") == ["/bin/kill -HUP $MAINPID"]
+    assert directive("ExecReload") == [
+        f"{INSTALLED_BINARY} check -q -c {DEFAULT_CONFIG_PATH}",
+        "/bin/kill -HUP $MAINPID",
+    ]
+    assert directive("RestartPreventExitStatus") == [str(EXIT_CONFIG)]
+    assert directive("ProcSubset") == ["pid"]
+    assert directive("Documentation") == ["file:/usr/local/share/doc/egressd/README.md"]
     assert directive("WatchdogSec") == ["30"]
     assert directive("User") == ["egressd"]
     assert directive("RuntimeDirectory") == ["egressd"]
@@ -75,3 +82,23 @@ def test_unit_directives() -> None:
 def test_exec_start_runs_the_installed_binary_on_the_default_config() -> None:
     """scripts/install links INSTALLED_BINARY and copies the config (see test_install.py)."""
     assert directive("ExecStart") == [f"{INSTALLED_BINARY} run -c {DEFAULT_CONFIG_PATH}"]
+
+
+def test_exec_reload_refuses_a_bad_file_before_signalling(tmp_path: Path) -> None:
+    """The first ExecReload line, as systemd runs it: non-zero (reload fails) on a bad
+    file, silent and zero on a good one."""
+    check_line = directive("ExecReload")[0]
+    good = tmp_path / "good.toml"
+    good.write_text('[source.a]\nsource_address = "127.0.0.2"\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[source.a]\nsource_address = "127.0.0.300"\n')
+
+    def run(config: Path) -> subprocess.CompletedProcess[str]:
+        argv = check_line.replace(INSTALLED_BINARY, str(local_egressd()))
+        argv = argv.replace(DEFAULT_CONFIG_PATH, str(config))
+        return subprocess.run(argv.split(), capture_output=True, text=True, timeout=60)
+
+    ok, refused = run(good), run(bad)
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "", "")
+    assert refused.returncode == 1
+    assert "source_address" in refused.stderr and str(bad) in refused.stderr
