@@ -347,12 +347,3 @@ def reply_address_for(request_atyp: int, bound: IPAddress | str | None) -> IPAdd
     if isinstance(bound, ipaddress.IPv6Address) and request_atyp == ATYP_IPV4:
         return bound.ipv4_mapped or ipaddress.IPv4Address(0)
     return bound
-
-
-def atyp_of(host: IPAddress | str) -> int:
-    """The ATYP that encodes ``host``."""
-    if isinstance(host, ipaddress.IPv4Address):
-        return ATYP_IPV4
-    if isinstance(host, ipaddress.IPv6Address):
-        return ATYP_IPV6
-    return ATYP_DOMAIN

@@ -10,14 +10,13 @@ relaying need real sockets: tests/integration/test_proxy_door.py covers them.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from door_shell import Shell, door_shell
 
 from egressd.config import (
     AccessSettings,
@@ -31,7 +30,6 @@ from egressd.config import (
 )
 from egressd.doors.proxy import ProxyDoor
 from egressd.proto.proxy import V2_SIGNATURE, build_v1, build_v2
-from egressd.runtime import Runtime, SessionRecord
 
 HANDSHAKE_TIMEOUT = 30.0
 IPv4 = ipaddress.IPv4Address
@@ -48,35 +46,8 @@ def config() -> Config:
     )
 
 
-@dataclass
-class Shell:
-    client: trio.abc.HalfCloseableStream
-    record: SessionRecord
-    done: trio.Event
-    runtime: Runtime
-
-    async def closed(self) -> bool:
-        """True when the door closed its side (EOF) without a byte."""
-        return await self.client.receive_some(1) == b""
-
-
-@asynccontextmanager
-async def proxy_door() -> AsyncIterator[Shell]:
-    runtime = Runtime(config())
-    record = SessionRecord(door="proxy", client="127.0.0.1")
-    listener = Listener(Endpoint("127.0.0.1", 4480))
-    client_end, door_end = trio.testing.memory_stream_pair()
-    done = trio.Event()
-
-    async def run() -> None:
-        await ProxyDoor().handle(door_end, runtime, listener, record)  # type: ignore[arg-type]
-        await door_end.aclose()
-        done.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run)
-        yield Shell(client_end, record, done, runtime)
-        nursery.cancel_scope.cancel()
+def proxy_door() -> AbstractAsyncContextManager[Shell]:
+    return door_shell(ProxyDoor(), config(), Listener(Endpoint("127.0.0.1", 4480)))
 
 
 @pytest.mark.parametrize(

@@ -11,14 +11,14 @@ sockets: tests/integration/test_socks5_door.py covers them.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from door_shell import Shell, door_shell
 
 from egressd.config import (
     AccessSettings,
@@ -32,7 +32,6 @@ from egressd.config import (
     User,
 )
 from egressd.doors.socks5 import Socks5Door
-from egressd.runtime import Runtime, SessionRecord
 
 H = bytes.fromhex
 HANDSHAKE_TIMEOUT = 30.0
@@ -52,47 +51,10 @@ def config(users: Mapping[str, str] | None = None) -> Config:
     )
 
 
-@dataclass
-class Shell:
-    client: trio.abc.HalfCloseableStream
-    record: SessionRecord
-    done: trio.Event
-
-    async def send(self, data: bytes) -> None:
-        await self.client.send_all(data)
-
-    async def receive(self, count: int) -> bytes:
-        """Exactly ``count`` bytes, or fewer if the door closed first."""
-        data = bytearray()
-        while len(data) < count:
-            chunk = await self.client.receive_some(count - len(data))
-            if not chunk:
-                break
-            data += chunk
-        return bytes(data)
-
-    async def closed(self) -> bool:
-        """True when the door closed its side (EOF) with nothing more to say."""
-        return await self.client.receive_some(1) == b""
-
-
-@asynccontextmanager
-async def socks5_door(users: Mapping[str, str] | None = None) -> AsyncIterator[Shell]:
-    runtime = Runtime(config(users))
-    record = SessionRecord(door="socks5", client="127.0.0.1")
-    listener = Listener(Endpoint("127.0.0.1", 1080), pool="main")
-    client_end, door_end = trio.testing.memory_stream_pair()
-    done = trio.Event()
-
-    async def run() -> None:
-        await Socks5Door().handle(door_end, runtime, listener, record)  # type: ignore[arg-type]
-        await door_end.aclose()
-        done.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run)
-        yield Shell(client_end, record, done)
-        nursery.cancel_scope.cancel()
+def socks5_door(users: Mapping[str, str] | None = None) -> AbstractAsyncContextManager[Shell]:
+    return door_shell(
+        Socks5Door(), config(users), Listener(Endpoint("127.0.0.1", 1080), pool="main")
+    )
 
 
 async def test_a_silent_client_is_closed_at_the_handshake_timeout(
