@@ -192,6 +192,12 @@ class Metrics:
             ("pool", "source", "reply_class"),
             registry=registry,
         )
+        self.login_failures = Counter(
+            "egressd_login_failures",
+            "Logins refused for a wrong username or password, by front door.",
+            ("door",),
+            registry=registry,
+        )
         self.source_suspended = Gauge(
             "egressd_source_suspended",
             "1 while the source is suspended (reason: failure kind or operator), else 0.",

@@ -208,6 +208,7 @@ def count_into_metrics(daemon: Observed) -> None:
             names.pool(pool), code, names.source(source)
         )
     )
+    runtime.login_failure_hooks.append(lambda door: metrics.login_failures.labels(door).inc())
     metrics.config_loaded(True, time.time())
 
     def reloaded(ok: bool) -> None:

@@ -17,7 +17,9 @@ Observers (the metrics) attach through plain hook lists rather than through the 
 ``session_opened_hooks`` get the new :class:`SessionRecord` when a session starts,
 ``session_hooks`` the finished one, ``transaction_hooks`` get ``(pool, final reply code,
 source)``
-for each SMTP transaction a door relayed (:meth:`Runtime.smtp_transaction`), and the
+for each SMTP transaction a door relayed (:meth:`Runtime.smtp_transaction`),
+``login_failure_hooks`` the door of each wrong password (:meth:`Runtime.login_failed`,
+which also keeps the per-address brake of :mod:`egressd.login`), and the
 :class:`~egressd.egress.EgressObserver` hears about dials and suspensions. A hook must
 be quick and must not raise; the doors never see who listens.
 """
@@ -38,9 +40,11 @@ from egressd.config import Config
 from egressd.egress import DestinationBreaker, Egress, EgressObserver
 from egressd.health import SourceHealth
 from egressd.log import get_logger
+from egressd.login import LoginThrottle
 from egressd.pools import PoolSet
 
 log = get_logger("session")
+auth_log = get_logger("auth")
 
 
 @dataclass
@@ -102,6 +106,12 @@ class Overloaded(Exception):
 
 SessionHook = Callable[[SessionRecord], None]
 TransactionHook = Callable[[str, int, str], None]
+LoginFailureHook = Callable[[str], None]
+
+
+def printable(text: str, limit: int = 64) -> str:
+    """``text`` cut to ``limit`` characters, control characters escaped, for a log line."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text[:limit])
 
 
 class Runtime:
@@ -124,6 +134,8 @@ class Runtime:
         self.session_hooks: list[SessionHook] = []
         self.session_opened_hooks: list[SessionHook] = []
         self.transaction_hooks: list[TransactionHook] = []
+        self.logins = LoginThrottle(trio.current_time)
+        self.login_failure_hooks: list[LoginFailureHook] = []
 
     @property
     def config(self) -> Config:
@@ -140,6 +152,16 @@ class Runtime:
         """An SMTP door relayed one transaction whose final reply (to the dot) was ``code``."""
         for hook in self.transaction_hooks:
             hook(pool, code, source)
+
+    def login_failed(self, door: str, client: str, host: str, username: str) -> float:
+        """A wrong password from ``host``: log it, count it; the seconds to wait before the
+        refusal (:class:`~egressd.login.LoginThrottle`, shared by every door)."""
+        delay = self.logins.failed(host)
+        fields = {"door": door, "client": client, "username": printable(username), "delay": delay}
+        auth_log.warning("login failed", extra={"fields": fields})
+        for hook in self.login_failure_hooks:
+            hook(door)
+        return delay
 
     def begin_drain(self) -> None:
         self.draining = True

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hmac
+import ipaddress
 import socket
 import ssl
 from typing import NoReturn
@@ -46,6 +46,7 @@ import trio
 from egressd.config import Config, Listener
 from egressd.doors.smtp_relay import Relay
 from egressd.log import get_logger
+from egressd.login import FAILURES_PER_CONNECTION, password_matches
 from egressd.net.connection import Connection
 from egressd.net.tls import server_context
 from egressd.proto.smtp_common import (
@@ -92,7 +93,7 @@ from egressd.relay.events import (
 )
 from egressd.runtime import Runtime, SessionRecord
 
-__all__ = ["SmtpDoor", "door_hostname", "mta_extensions"]
+__all__ = ["SmtpDoor", "client_host", "door_hostname", "is_loopback", "mta_extensions"]
 
 log = get_logger("smtp")
 
@@ -125,6 +126,35 @@ def mta_extensions(config: Config) -> tuple[str, ...]:
     if config.smtp.tls.certificate and config.smtp.tls.private_key:
         extensions.append("STARTTLS")
     return tuple(extensions)
+
+
+def client_host(client: str) -> str:
+    """The address part of a session record's ``client`` (``host:port``, ``[v6]:port``)."""
+    if client.startswith("["):
+        return client[1 : client.find("]")]
+    return client.rpartition(":")[0] if client.count(":") == 1 else client
+
+
+def is_loopback(host: str) -> bool:
+    """A client on this very host: 127.0.0.0/8, ::1, or ::ffff:127.0.0.0/104."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def auth_requires_tls(config: Config, host: str) -> bool:
+    """AUTH only after STARTTLS: when there is a certificate, for every non-loopback client.
+
+    A loopback connection never crosses a wire: whoever could read it there can already
+    read egressd's configuration, and an MTA on the same host (Postfix with ``relayhost =
+    [127.0.0.1]:2525``) need not wrap it in TLS.
+    """
+    tls = config.smtp.tls
+    return bool(tls.certificate and tls.private_key) and not is_loopback(host)
 
 
 class SmtpDoor:
@@ -179,8 +209,13 @@ class MtaSession:
         self.listener = listener
         self.record = record
         self.config = runtime.config
+        self.host = client_host(record.client)
         self.hostname = ""
-        self.server = SmtpServer(extensions=mta_extensions(self.config))
+        self.server = SmtpServer(
+            extensions=mta_extensions(self.config),
+            auth_requires_tls=auth_requires_tls(self.config, self.host),
+        )
+        self.failed_logins = 0
         self.relay: Relay | None = None
         self.outbox = bytearray()
         self.idle_scope: trio.CancelScope | None = None
@@ -254,7 +289,7 @@ class MtaSession:
         elif isinstance(event, AuthChallenge):
             self.reply(event.reply)
         elif isinstance(event, AuthCredentials):
-            self._auth(event)
+            await self._auth(event)
         elif isinstance(event, CommandError):
             self.reply(event.reply)
         else:  # body events outside DATA cannot happen: the machine emits them only there
@@ -423,23 +458,32 @@ class MtaSession:
         self.stream = ssl_stream
         self._authenticated(None)
 
-    def _auth(self, credentials: AuthCredentials) -> None:
-        users = self.config.auth
-        if users:
-            user = users.get(credentials.username)
-            ok = user is not None and hmac.compare_digest(
-                user.password.encode(), credentials.password.encode()
-            )
-        else:
-            ok = credentials.username in self.config.pools
-        if not ok:
-            self.reply(replies.local(535, "5.7.8", "Authentication credentials invalid"))
+    async def _auth(self, credentials: AuthCredentials) -> None:
+        if not self._credentials_valid(credentials):
+            await self._auth_failed(credentials.username)
             return
         self._authenticated(credentials.username)
         self.record.pool = credentials.username
-        self.reply(
-            replies.local(235, "2.7.0", f"Authentication succeeded (pool {credentials.username})")
-        )
+        self.reply(replies.auth_succeeded())
+
+    def _credentials_valid(self, credentials: AuthCredentials) -> bool:
+        users = self.config.auth
+        if not users:  # no passwords configured: the username only names a pool
+            return credentials.username in self.config.pools
+        user = users.get(credentials.username)
+        return password_matches(user.password if user else None, credentials.password)
+
+    async def _auth_failed(self, username: str) -> None:
+        """535 after the client address's delay; after the connection's last allowed
+        failure, 421 and close (see :mod:`egressd.login`)."""
+        delay = self.runtime.login_failed(self.door.name, self.record.client, self.host, username)
+        self.failed_logins += 1
+        await trio.sleep(delay)
+        self.reply(replies.auth_failed())
+        if self.failed_logins >= FAILURES_PER_CONNECTION:
+            self.reply(replies.too_many_auth_failures(self.hostname))
+            await self.flush()
+            self._over("auth failures", f"{self.failed_logins} failed authentications")
 
     def _authenticated(self, user: str | None) -> None:
         assert self.relay is not None

@@ -32,6 +32,8 @@ from egressd.relay.events import RemoteLost, RemoteTimedOut
 
 __all__ = [
     "another_next_hop",
+    "auth_failed",
+    "auth_succeeded",
     "body_aborted",
     "closing",
     "denied_next_hop",
@@ -53,6 +55,7 @@ __all__ = [
     "remote_gone",
     "reset",
     "temporary",
+    "too_many_auth_failures",
 ]
 
 
@@ -94,6 +97,20 @@ def refused_at_capacity(hostname: str, reason: str) -> Reply:
 def mta_timeout(hostname: str, in_data: bool) -> Reply:
     what = "the message body" if in_data else "a command"
     return local(421, "4.4.2", f"{hostname} timeout waiting for {what}")
+
+
+def auth_succeeded() -> Reply:
+    return local(235, "2.7.0", "Authentication succeeded")
+
+
+def auth_failed() -> Reply:
+    return local(535, "5.7.8", "Authentication credentials invalid")
+
+
+def too_many_auth_failures(hostname: str) -> Reply:
+    """After the last allowed failed AUTH of a connection, then egressd closes it (as
+    Postfix does when a client reaches ``smtpd_hard_error_limit``)."""
+    return local(421, "4.7.0", f"{hostname} Error: too many failed authentications")
 
 
 def no_pool(sender: str) -> Reply:

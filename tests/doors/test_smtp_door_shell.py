@@ -9,17 +9,28 @@ no real time under ``autojump_clock``.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from egressd.config import Config, Endpoint, Listener, Pool, PoolEntry, SmtpSettings, Source
+from egressd.config import (
+    Config,
+    Endpoint,
+    Listener,
+    Pool,
+    PoolEntry,
+    SmtpSettings,
+    SmtpTls,
+    Source,
+    User,
+)
 from egressd.doors.smtp import MtaSession, SmtpDoor
 from egressd.doors.smtp_relay import Relay
 from egressd.doors.smtp_remote import RemoteSession
@@ -191,11 +202,15 @@ def config() -> Config:
 
 @asynccontextmanager
 async def door(
-    script: dict[str, str] | None = None, smtp_door: SmtpDoor | None = None
+    script: dict[str, str] | None = None,
+    smtp_door: SmtpDoor | None = None,
+    *,
+    runtime: Runtime | None = None,
+    client: str = "127.0.0.1:40000",
 ) -> AsyncIterator[Door]:
     """An MTA session on the door's shell, greeted; the remote follows ``script``."""
-    runtime = Runtime(config())
-    record = SessionRecord(door="smtp", client="127.0.0.1")
+    runtime = runtime or Runtime(config())
+    record = SessionRecord(door="smtp", client=client)
     remote = Remote(script or {})
     mta_end, door_end = trio.testing.memory_stream_pair()
     listener = Listener(Endpoint("127.0.0.1", 2525), pool="main")
@@ -335,3 +350,91 @@ async def test_drain_waits_for_the_transaction_in_flight(
         assert await d.mta.reply() == "250 2.0.0 ok"
         assert (await d.mta.command("MAIL FROM:<a@sender.test>")).startswith("421 4.3.2")
     assert d.remote.got_final_dot
+
+
+# --------------------------------------------------------------------------- AUTH
+
+
+def auth_config(*, certificate: bool = False) -> Config:
+    tls = SmtpTls(certificate="cert.pem", private_key="key.pem") if certificate else SmtpTls()
+    return replace(
+        config(),
+        auth={"main": User(password="right")},
+        smtp=SmtpSettings(max_message_size=0, tls=tls),
+    )
+
+
+def plain(username: str, password: str) -> str:
+    return "AUTH PLAIN " + base64.b64encode(f"\0{username}\0{password}".encode()).decode()
+
+
+async def test_wrong_passwords_wait_longer_each_time_and_the_third_closes_the_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    runtime = Runtime(auth_config())
+    failures: list[str] = []
+    runtime.login_failure_hooks.append(failures.append)
+    async with door(runtime=runtime, client="127.0.0.9:4000") as d:
+        assert (await d.mta.command("EHLO mta.test")).startswith("250-relay.test")
+        for attempt, wait in ((1, 1.0), (2, 2.0)):
+            started = trio.current_time()
+            reply = await d.mta.command(plain("main", f"guess{attempt}"))
+            assert reply == "535 5.7.8 Authentication credentials invalid"
+            assert trio.current_time() - started == pytest.approx(wait)
+        started = trio.current_time()
+        reply = await d.mta.command(plain("nobody", "guess3"))
+        assert trio.current_time() - started == pytest.approx(3.0)
+        assert reply == "535 5.7.8 Authentication credentials invalid"
+        assert await d.mta.reply() == (
+            "421 4.7.0 relay.test Error: too many failed authentications"
+        )
+        assert await d.mta.reply() == "EOF"
+        await d.done.wait()
+    assert d.record.outcome == "auth failures"
+    assert failures == ["smtp"] * 3
+    async with door(runtime=runtime, client="127.0.0.9:4001") as d:  # same address: slower
+        assert (await d.mta.command("EHLO mta.test")).startswith("250-relay.test")
+        started = trio.current_time()
+        assert (await d.mta.command(plain("main", "guess4"))).startswith("535 5.7.8")
+        assert trio.current_time() - started == pytest.approx(4.0)
+        started = trio.current_time()
+        assert await d.mta.command(plain("main", "right")) == "235 2.7.0 Authentication succeeded"
+        assert trio.current_time() - started == 0
+    async with door(runtime=runtime, client="127.0.0.10:4000") as d:  # another address
+        assert (await d.mta.command("EHLO mta.test")).startswith("250-relay.test")
+        started = trio.current_time()
+        assert (await d.mta.command(plain("main", "guess"))).startswith("535 5.7.8")
+        assert trio.current_time() - started == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("client", "before_tls"),
+    [
+        ("192.0.2.7:4000", False),
+        ("[2001:db8::7]:4000", False),
+        ("127.0.0.1:4000", True),
+        ("127.200.0.2:4000", True),
+        ("[::1]:4000", True),
+        ("[::ffff:127.0.0.5]:4000", True),
+    ],
+)
+async def test_with_a_certificate_auth_waits_for_starttls_except_for_loopback_clients(
+    autojump_clock: trio.testing.MockClock, client: str, before_tls: bool
+) -> None:
+    async with door(runtime=Runtime(auth_config(certificate=True)), client=client) as d:
+        ehlo = await d.mta.command("EHLO mta.test")
+        assert "250-STARTTLS" in ehlo or "250 STARTTLS" in ehlo
+        assert ("AUTH PLAIN LOGIN" in ehlo) == before_tls
+        reply = await d.mta.command(plain("main", "right"))
+        if before_tls:
+            assert reply == "235 2.7.0 Authentication succeeded"
+        else:
+            assert reply == "530 5.7.0 Must issue a STARTTLS command first"
+
+
+async def test_without_a_certificate_auth_is_offered_to_everyone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with door(runtime=Runtime(auth_config()), client="192.0.2.7:4000") as d:
+        assert "AUTH PLAIN LOGIN" in await d.mta.command("EHLO mta.test")
+        assert await d.mta.command(plain("main", "right")) == "235 2.7.0 Authentication succeeded"
