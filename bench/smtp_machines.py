@@ -1,0 +1,151 @@
+"""CPU per SMTP transaction in the sans-IO machines alone: no sockets, no trio, no noise.
+
+Run it through ``scripts/bench machines [--size BYTES] [--transactions N]``. The server
+machine parses MAIL, RCPT and DATA as smtp-source sends them, answers each, and takes an
+80-column body in 64 KiB reads up to the final dot; the client machine sends MAIL, RCPT and
+DATA (pipelined), the body and the dot, and parses the four replies. Each is timed with
+the process's CPU clock over ``--transactions`` transactions, the best of five runs, so it
+stays comparable on a busy machine where the end-to-end figures of ``scripts/bench smtp``
+drift. With ``--baseline DIR`` the same is measured for the egressd in checkout ``DIR``
+(in a child process) and printed alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from egressd.proto.smtp_client import SmtpClient
+from egressd.proto.smtp_common import (
+    NEED_DATA,
+    Data,
+    DataChunk,
+    Ehlo,
+    EndOfData,
+    Mail,
+    Rcpt,
+    Reply,
+)
+from egressd.proto.smtp_server import SmtpServer
+
+OK = Reply.make(250, "Ok", enhanced="2.1.0")
+GO_AHEAD = Reply(354, ("End data with <CR><LF>.<CR><LF>",))
+READ = 65536
+
+
+def body_of(size: int) -> bytes:
+    line = b"X" * 78 + b"\r\n"
+    return b"From: <a@b.c>\r\nTo: <d@e.f>\r\n\r\n" + line * (size // len(line))
+
+
+def ready_server() -> SmtpServer:
+    server = SmtpServer()
+    server.send(Reply(220, ("relay.bench",)))
+    server.receive_data(b"EHLO client.bench\r\n")
+    server.next_event()
+    server.send(server.ehlo_reply("relay.bench"))
+    return server
+
+
+def server_transaction(server: SmtpServer, wire: bytes) -> None:
+    for command in (b"MAIL FROM:<a@b.c>\r\n", b"RCPT TO:<d@e.f>\r\n", b"DATA\r\n"):
+        server.receive_data(command)
+        server.send(GO_AHEAD if isinstance(server.next_event(), Data) else OK)
+    for start in range(0, len(wire), READ):
+        server.receive_data(wire[start : start + READ])
+        while (event := server.next_event()) is not NEED_DATA:
+            if not isinstance(event, DataChunk):
+                server.send(OK)
+                return
+    raise AssertionError("the body did not end")
+
+
+def ready_client() -> SmtpClient:
+    client = SmtpClient()
+    client.receive_data(b"220 mx.bench\r\n")
+    client.next_event()
+    client.send(Ehlo("out.bench"))
+    client.receive_data(b"250-mx.bench\r\n250-PIPELINING\r\n250 SIZE 100000000\r\n")
+    client.next_event()
+    return client
+
+
+def client_transaction(client: SmtpClient, body: bytes) -> None:
+    client.send(Mail("a@b.c"))
+    client.send(Rcpt("d@e.f"))
+    client.receive_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+    client.next_event()
+    client.next_event()
+    client.send(Data())
+    client.receive_data(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    client.next_event()
+    client.send(DataChunk(body))
+    client.send(EndOfData())
+    client.receive_data(b"250 2.0.0 Ok: queued as 12345\r\n")
+    client.next_event()
+
+
+def best_microseconds(run: object, transactions: int) -> float:
+    assert callable(run)
+    best = float("inf")
+    for _ in range(5):
+        started = time.process_time()
+        for _ in range(transactions):
+            run()
+        best = min(best, time.process_time() - started)
+    return best / transactions * 1e6
+
+
+def measure(size: int, transactions: int) -> dict[str, float]:
+    body = body_of(size)
+    server, client = ready_server(), ready_client()
+    wire = body + b".\r\n"
+    return {
+        "server_us": best_microseconds(lambda: server_transaction(server, wire), transactions),
+        "client_us": best_microseconds(lambda: client_transaction(client, body), transactions),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench machines", description=__doc__)
+    parser.add_argument("--size", type=int, action="append", help="body bytes (1, 10, 100 KiB)")
+    parser.add_argument("--transactions", type=int, default=2000)
+    parser.add_argument("--baseline", metavar="DIR", help="also measure egressd from DIR")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sizes = args.size or [1024, 10240, 102400]
+    results = {size: measure(size, args.transactions) for size in sizes}
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    baseline: dict[str, dict[str, float]] = {}
+    if args.baseline:
+        argv = [sys.executable, str(Path(__file__).resolve()), "--json"]
+        argv += ["--transactions", str(args.transactions)]
+        argv += [item for size in sizes for item in ("--size", str(size))]
+        env = {**os.environ, "PYTHONPATH": str(Path(args.baseline).resolve())}
+        done = subprocess.run(argv, capture_output=True, check=True, env=env)
+        baseline = json.loads(done.stdout)
+    print("CPU per transaction in the SMTP machines (best of 5, process CPU clock)")
+    for size, figures in results.items():
+        line = (
+            f"{size:>7} B body: server {figures['server_us']:7.1f} us,"
+            f" client {figures['client_us']:6.1f} us"
+        )
+        before = baseline.get(str(size))
+        if before:
+            line += (
+                f"   baseline: server {before['server_us']:7.1f} us,"
+                f" client {before['client_us']:6.1f} us"
+            )
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
