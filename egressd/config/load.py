@@ -154,10 +154,12 @@ def _check_references(main: Where, config: Config) -> None:
             main.at(f'auth.users: "{name}"').error(
                 "names no defined pool (the username is the pool)"
             )
+        pools_at = main.at("auth").at("users").at(name).at("pools")
+        if user.pools == ():
+            pools_at.error("lists no pool")
         for index, pool in enumerate(user.pools or ()):
             if pool not in config.pools:
-                at = main.at(f'auth.users: "{name}"').at("pools").item(index)
-                at.error(f'"{pool}" is not a defined pool')
+                pools_at.item(index).error(f'"{pool}" is not a defined pool')
 
 
 def _check_warmup_references(main: Where, config: Config) -> None:

@@ -168,4 +168,33 @@ def test_a_user_table_naming_an_undefined_pool_is_a_config_error(tmp_path: Path)
     path.write_text(config_text(25, users))
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert str(info.value).endswith('auth.users: "kumo": pools[1]: "nope" is not a defined pool')
+    assert str(info.value).endswith('auth: users: kumo: pools[1]: "nope" is not a defined pool')
+
+
+def test_a_user_table_with_no_pools_is_a_config_error(tmp_path: Path) -> None:
+    from egressd.config import ConfigError, load_config
+
+    path = tmp_path / "egressd.toml"
+    path.write_text(config_text(25, '\n[auth.users]\nkumo = { password = "pw", pools = [] }\n'))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).endswith("auth: users: kumo: pools: lists no pool")
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("kumo = 5", "auth: users: kumo: expected a password string or a table, got an integer"),
+        ('kumo = { passwd = "pw" }', "auth: users: kumo: password: is required"),
+        ('kumo = { password = "pw", pool = ["main"] }', "auth: users: kumo: pool: unknown key"),
+    ],
+    ids=["number", "no-password", "typo"],
+)
+def test_a_bad_user_entry_names_its_key(entry: str, problem: str, tmp_path: Path) -> None:
+    from egressd.config import ConfigError, load_config
+
+    path = tmp_path / "egressd.toml"
+    path.write_text(config_text(25, f"\n[auth.users]\n{entry}\n"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert problem in str(info.value)
