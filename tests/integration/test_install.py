@@ -140,3 +140,27 @@ def test_full_install_with_virtualenv(tmp_path: Path) -> None:
         check=True,
     )
     assert egressd.__version__ in version.stdout + version.stderr
+    # The example configuration and the unit are package data: real files, not links.
+    shown = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import importlib.resources as r, sys; "
+            "d = r.files('egressd') / 'data'; "
+            "sys.stdout.write(''.join((d / n).read_text() for n in sys.argv[1:]))",
+            "egressd.toml",
+            "egressd.service",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    expected = (ROOT / "config" / "egressd.toml").read_text()
+    expected += (ROOT / "systemd" / "egressd.service").read_text()
+    assert shown == expected
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    assert not (site / "egressd" / "data" / "egressd.toml").is_symlink()
+    assert (site / "egressd" / "py.typed").exists()
+    licenses = list(site.glob("egressd-*.dist-info/**/LICENSE"))
+    assert licenses and "Apache License" in licenses[0].read_text()
