@@ -318,6 +318,15 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class SmtpListener(Listener):
+    """An ``[[smtp.listener]]``: also says whether AUTH is required when users exist."""
+
+    auth: Literal["required", "optional"] = setting(Choice(("required", "optional")), "required")
+    """``optional``: with ``[auth.users]``, a client that does not authenticate still relays,
+    through the listener's pool only (for loopback-only MTAs that tag by listener)."""
+
+
+@dataclass(frozen=True)
 class _DoorTable:
     """``[socks5]`` and ``[proxy]``: only their ``[[DOOR.listener]]`` array."""
 
@@ -477,7 +486,7 @@ class SmtpTls:
 
 @dataclass(frozen=True)
 class SmtpSettings:
-    listeners: tuple[Listener, ...] = setting(Tables(Listener), (), key="listener")
+    listeners: tuple[SmtpListener, ...] = setting(Tables(SmtpListener), (), key="listener")
     hostname: str | None = setting(EhloDomain, None)
     max_message_size: int = setting(Integer(0, 2**40), 52428800)
     sender_pools: Mapping[str, str] = setting(MapOf(Text(), fold=True), factory=_empty)

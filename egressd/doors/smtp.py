@@ -28,8 +28,11 @@ Three layers, each small:
 Towards the MTA egressd greets with its own hostname (``[smtp] hostname``, else the top
 level ``hostname``, else the machine's FQDN) and advertises PIPELINING, SIZE, 8BITMIME,
 SMTPUTF8, ENHANCEDSTATUSCODES, DSN, AUTH PLAIN LOGIN, and STARTTLS when ``[smtp.tls]``
-has a certificate. With ``[auth] users`` configured, AUTH checks the password; without,
-any password is taken and only the username (a pool name) matters.
+has a certificate (then, to non-loopback clients, AUTH only after STARTTLS). With
+``[auth.users]`` configured, AUTH checks the password (wrong ones are throttled, see
+:mod:`egressd.login`) and the relay refuses MAIL without AUTH unless the listener says
+``auth = "optional"``; without users, any password is taken and only the username (a
+pool name) matters.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from typing import NoReturn
 
 import trio
 
-from egressd.config import Config, Listener
+from egressd.config import Config, Listener, SmtpListener
 from egressd.doors.smtp_relay import Relay
 from egressd.log import get_logger
 from egressd.login import FAILURES_PER_CONNECTION, password_matches
@@ -157,6 +160,11 @@ def auth_requires_tls(config: Config, host: str) -> bool:
     return bool(tls.certificate and tls.private_key) and not is_loopback(host)
 
 
+def listener_requires_auth(listener: Listener) -> bool:
+    """With ``[auth.users]``, MAIL needs AUTH first unless the listener says ``optional``."""
+    return not (isinstance(listener, SmtpListener) and listener.auth == "optional")
+
+
 class SmtpDoor:
     """The ``smtp`` front door (see the module doc).
 
@@ -227,7 +235,12 @@ class MtaSession:
         if not self.hostname:
             self.hostname = await trio.to_thread.run_sync(_fqdn)
         self.relay = self.relay_type(
-            self.runtime, self.record, self.hostname, self.listener.pool, self.reply
+            self.runtime,
+            self.record,
+            self.hostname,
+            self.listener.pool,
+            self.reply,
+            auth_required=listener_requires_auth(self.listener),
         )
         clean = False
         try:
@@ -463,7 +476,6 @@ class MtaSession:
             await self._auth_failed(credentials.username)
             return
         self._authenticated(credentials.username)
-        self.record.pool = credentials.username
         self.reply(replies.auth_succeeded())
 
     def _credentials_valid(self, credentials: AuthCredentials) -> bool:

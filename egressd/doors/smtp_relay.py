@@ -74,12 +74,16 @@ class Relay:
         hostname: str,
         listener_pool: str | None,
         reply: Callable[[Reply], None],
+        *,
+        auth_required: bool = True,
     ) -> None:
         self.runtime = runtime
         self.record = record
         self.hostname = hostname
         self.reply = reply
-        self.core = RelayCore(hostname, listener_pool, lambda: runtime.egress)
+        self.core = RelayCore(
+            hostname, listener_pool, lambda: runtime.egress, auth_required=auth_required
+        )
         self.remote: RemoteSession | None = None
 
     @property

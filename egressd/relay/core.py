@@ -14,10 +14,13 @@ and receives results, so the logic reads top to bottom like the conversation it 
 It never queues and never says 250 for the remote: every answer about a recipient or the
 message is the remote server's own reply, or one of egressd's (:mod:`egressd.relay.replies`).
 
-* MAIL: the transaction's pool is chosen (:func:`pool_for`: the AUTH username, then
-  ``[smtp.sender_pools]`` by exact sender, then by ``@domain``, then the listener's pool).
-  egressd answers MAIL itself (250 when there is a pool, ``451 4.3.5`` when there is none):
-  where the message goes is not known before the first recipient.
+* MAIL: with ``[auth.users]``, a client that did not authenticate gets ``530 5.7.0``
+  unless its listener says ``auth = "optional"``. The transaction's pool is chosen
+  (:func:`pool_for`: without users the AUTH username, then ``[smtp.sender_pools]`` by
+  exact sender, then by ``@domain``, then the listener's pool; with users the same, but
+  only among the pools the authenticated user may use). egressd answers MAIL itself (250
+  when there is a pool, naming it only to an authenticated client; ``451 4.3.5`` when there
+  is none): where the message goes is not known before the first recipient.
 * First RCPT: a remote is opened for the recipient's domain through the pool
   (:class:`~egressd.relay.events.OpenRemote`), or the kept one is reused (below); then
   ``MAIL FROM`` and the RCPT go out, in one write when the remote pipelines (RFC 2920). If
@@ -44,7 +47,7 @@ fields of its log line.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -97,22 +100,54 @@ def pool_for(
     auth_user: str | None,
     sender_pools: Mapping[str, str],
     listener_pool: str | None,
+    user_pools: Sequence[str] | None = None,
 ) -> tuple[str | None, str]:
     """The transaction's pool and why: ``auth``, ``sender``, ``sender domain``, ``listener``.
 
-    ``sender_pools`` keys are lower-cased sender addresses or ``@domain``.
+    ``sender_pools`` keys are lower-cased sender addresses or ``@domain``. ``user_pools``
+    is None without ``[auth.users]``: then the AUTH username is the pool, and
+    ``sender_pools`` serve everyone. With users it holds the pools the authenticated user
+    may use (empty for a client that did not authenticate): ``sender_pools`` and the
+    listener's pool count only within them, then the user's first pool; a client that did
+    not authenticate gets the listener's pool, never one by its sender.
     """
+    if user_pools is not None:
+        return _pool_with_users(sender, auth_user, sender_pools, listener_pool, user_pools)
     if auth_user:
         return auth_user, "auth"
+    by_sender = _pool_by_sender(sender, sender_pools)
+    if by_sender is not None:
+        return by_sender
+    if listener_pool:
+        return listener_pool, "listener"
+    return None, "none"
+
+
+def _pool_with_users(
+    sender: str,
+    auth_user: str | None,
+    sender_pools: Mapping[str, str],
+    listener_pool: str | None,
+    user_pools: Sequence[str],
+) -> tuple[str | None, str]:
+    if auth_user is None:
+        return (listener_pool, "listener") if listener_pool else (None, "none")
+    by_sender = _pool_by_sender(sender, sender_pools)
+    if by_sender is not None and by_sender[0] in user_pools:
+        return by_sender
+    if listener_pool in user_pools:
+        return listener_pool, "listener"
+    return (user_pools[0], "auth") if user_pools else (None, "none")
+
+
+def _pool_by_sender(sender: str, sender_pools: Mapping[str, str]) -> tuple[str, str] | None:
     address = sender.lower()
     if address and address in sender_pools:
         return sender_pools[address], "sender"
     domain = address.rpartition("@")[2]
     if domain and f"@{domain}" in sender_pools:
         return sender_pools[f"@{domain}"], "sender domain"
-    if listener_pool:
-        return listener_pool, "listener"
-    return None, "none"
+    return None
 
 
 def recipient_domain(address: str) -> str:
@@ -168,9 +203,12 @@ class RelayCore:
         listener_pool: str | None,
         egress: Callable[[], EgressView],
         clock: Callable[[], float] = time.monotonic,
+        *,
+        auth_required: bool = True,
     ) -> None:
         self.hostname = hostname
         self.listener_pool = listener_pool
+        self.auth_required = auth_required
         self.egress = egress
         self.clock = clock
         self.auth_user: str | None = None
@@ -263,15 +301,31 @@ class RelayCore:
 
     def _mail(self, mail: Mail) -> Step[None]:
         egress = self.egress()
+        users = egress.config.auth
+        if users and self.auth_user is None and self.auth_required:
+            yield ReplyMta(replies.auth_required())
+            return
         pool, why = pool_for(
-            mail.address, self.auth_user, egress.config.smtp.sender_pools, self.listener_pool
+            mail.address,
+            self.auth_user,
+            egress.config.smtp.sender_pools,
+            self.listener_pool,
+            self._user_pools(egress),
         )
         if pool is None:
             yield ReplyMta(replies.no_pool(mail.address))
             return
         self.tx = Transaction(mail=mail, pool=pool, egress=egress, started=self.clock())
         yield TransactionStarted(pool)
-        yield ReplyMta(replies.local(250, "2.1.0", f"Sender OK (pool {pool} by {why})"))
+        yield ReplyMta(replies.sender_ok(pool, why, named=self.auth_user is not None))
+
+    def _user_pools(self, egress: EgressView) -> tuple[str, ...] | None:
+        """The pools the authenticated user may use; None without ``[auth.users]``."""
+        users = egress.config.auth
+        if not users:
+            return None
+        user = users.get(self.auth_user) if self.auth_user is not None else None
+        return user.pools_for(self.auth_user) if user and self.auth_user is not None else ()
 
     # ----------------------------------------------------------------------- RCPT
 

@@ -33,6 +33,7 @@ from egressd.relay.events import RemoteLost, RemoteTimedOut
 __all__ = [
     "another_next_hop",
     "auth_failed",
+    "auth_required",
     "auth_succeeded",
     "body_aborted",
     "closing",
@@ -54,6 +55,7 @@ __all__ = [
     "remote_failure_detail",
     "remote_gone",
     "reset",
+    "sender_ok",
     "temporary",
     "too_many_auth_failures",
 ]
@@ -111,6 +113,16 @@ def too_many_auth_failures(hostname: str) -> Reply:
     """After the last allowed failed AUTH of a connection, then egressd closes it (as
     Postfix does when a client reaches ``smtpd_hard_error_limit``)."""
     return local(421, "4.7.0", f"{hostname} Error: too many failed authentications")
+
+
+def auth_required() -> Reply:
+    """MAIL from a client that did not authenticate, where the listener requires it."""
+    return local(530, "5.7.0", "Authentication required")
+
+
+def sender_ok(pool: str, why: str, named: bool) -> Reply:
+    """250 to MAIL; the pool is named only to an authenticated client."""
+    return local(250, "2.1.0", f"Sender OK (pool {pool} by {why})" if named else "Sender OK")
 
 
 def no_pool(sender: str) -> Reply:

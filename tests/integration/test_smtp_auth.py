@@ -3,6 +3,9 @@
 * With a certificate, AUTH is offered and accepted only after STARTTLS, except for
   loopback clients. The non-loopback client lives in a network namespace the test creates
   (192.0.2.0/24 on its own ``lo``) and leaves when it ends, so nothing leaves this host.
+* With ``[auth.users]``, MAIL needs AUTH (``530 5.7.0``) unless the listener says
+  ``auth = "optional"``; ``[smtp.sender_pools]`` never leads out of the user's pools.
+  The aiosmtpd sink behind egressd must see nothing of a refused attempt.
 * Wrong passwords: three per connection, then ``421 4.7.0`` and a close; each is logged
   with the client address and the username, and counted in ``egressd_login_failures``.
 """
@@ -25,6 +28,8 @@ import pytest
 import trio
 import trustme
 from daemon_helpers import port_of, running_daemon
+from harness import require_binary
+from smtp_harness import smtp_sink
 
 from egressd.daemon import Daemon
 from egressd.doors.smtp import SmtpDoor
@@ -209,3 +214,95 @@ async def test_three_wrong_passwords_close_the_connection_and_each_is_logged(
         ("smtp", "127.0.0.2", "main"),
     ]
     assert failures == 3
+
+
+# --------------------------------------------------------------------------- AUTH required
+
+
+def tenants(sink_port: int) -> str:
+    """Pools alpha (127.0.0.3) and beta (127.0.0.4), mail routed to the sink; listener 0
+    (127.0.0.1) requires AUTH, listener 1 (127.0.0.2) is ``auth = "optional"``; both tag
+    pool alpha."""
+    return f"""
+hostname = "relay.test"
+[access]
+deny_destinations = []
+[[smtp.listener]]
+address = "127.0.0.1:0"
+pool = "alpha"
+[[smtp.listener]]
+address = "127.0.0.2:0"
+pool = "alpha"
+auth = "optional"
+[source."a"]
+source_address = "127.0.0.3"
+remote_port = {sink_port}
+[source."b"]
+source_address = "127.0.0.4"
+remote_port = {sink_port}
+[pool."alpha"."a"]
+[pool."beta"."b"]
+[smtp.routes]
+"*" = "127.0.0.1:{sink_port}"
+[smtp.sender_pools]
+"@beta.example" = "beta"
+[auth.users]
+beta = "beta-secret"
+tenant = {{ password = "tenant-secret", pools = ["alpha"] }}
+"""
+
+
+async def run_swaks(port: int, *args: str) -> str:
+    argv = [require_binary("swaks"), "--server", "127.0.0.1", "--port", str(port), *args]
+    result = await trio.run_process(argv, capture_stdout=True, check=False)
+    return result.stdout.decode(errors="replace")
+
+
+async def test_with_users_an_unauthenticated_relay_attempt_is_refused_530(
+    tmp_path: Path,
+) -> None:
+    with smtp_sink("127.0.0.1") as sink:
+        async with egressd(tmp_path, tenants(sink.port)) as daemon:
+            port = port_of(daemon, "smtp", 0)
+            transcript = await run_swaks(
+                port, "--from", "x@alpha.example", "--to", "r@good.test", "--ehlo", "mta.test"
+            )
+            async with mta("127.0.0.1", port) as client:  # the forged sender
+                assert (await client.command("EHLO mta.test")).startswith("250-")
+                reply = await client.command("MAIL FROM:<x@beta.example>")
+                assert reply == "530 5.7.0 Authentication required"
+                assert (await client.command("RCPT TO:<r@good.test>")).startswith("503 ")
+        assert "<** 530 5.7.0 Authentication required" in transcript
+        assert sink.connections == [] and sink.messages == []
+
+
+async def test_an_optional_listener_relays_the_unauthenticated_through_its_own_pool(
+    tmp_path: Path,
+) -> None:
+    with smtp_sink("127.0.0.1") as sink:
+        async with egressd(tmp_path, tenants(sink.port)) as daemon:
+            async with mta("127.0.0.2", port_of(daemon, "smtp", 1)) as client:
+                assert (await client.command("EHLO mta.test")).startswith("250-")
+                assert await client.command("MAIL FROM:<x@beta.example>") == (
+                    "250 2.1.0 Sender OK"  # names no pool
+                )
+                assert (await client.command("RCPT TO:<r@good.test>")).startswith("250 ")
+                assert (await client.command("DATA")).startswith("354 ")
+                assert (await client.command("Subject: t\r\n\r\nhi\r\n.")).startswith("250 ")
+            [message] = await sink.wait(1)
+    assert (message.mail_from, message.peer) == ("x@beta.example", "127.0.0.3")  # alpha's
+
+
+async def test_a_forged_sender_keeps_an_authenticated_user_in_its_own_pools(
+    tmp_path: Path,
+) -> None:
+    with smtp_sink("127.0.0.1") as sink:
+        async with egressd(tmp_path, tenants(sink.port)) as daemon:
+            transcript = await run_swaks(
+                port_of(daemon, "smtp", 0),
+                *("--from", "x@beta.example", "--to", "r@good.test", "--ehlo", "mta.test"),
+                *("--auth", "PLAIN", "--auth-user", "tenant", "--auth-password", "tenant-secret"),
+            )
+            [message] = await sink.wait(1)
+    assert "250 2.1.0 Sender OK (pool alpha by listener)" in transcript
+    assert (message.mail_from, message.peer) == ("x@beta.example", "127.0.0.3")  # not beta's

@@ -3,6 +3,8 @@ sockets (the integration tests in tests/integration/test_smtp_door.py prove the 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from relay_transcript import (
     ALIAS,
@@ -27,7 +29,7 @@ from relay_transcript import (
     temp,
 )
 
-from egressd.config import Source
+from egressd.config import Source, User
 from egressd.proto.smtp_common import (
     Data,
     DataChunk,
@@ -194,6 +196,69 @@ def test_the_pool_comes_from_auth_then_sender_then_listener() -> None:
         MtaCommand(MAIL),
             TransactionStarted("other"),
             ReplyMta(Reply.make(250, "Sender OK (pool other by auth)", enhanced="2.1.0")),
+    )  # fmt: skip
+
+
+def test_with_users_sender_pools_count_only_within_the_users_pools() -> None:
+    pools = {"@beta.test": "beta", "@alpha.test": "alpha"}
+    alpha_only = ("alpha",)
+    assert pool_for("x@beta.test", "tenant", pools, None, alpha_only) == ("alpha", "auth")
+    assert pool_for("x@alpha.test", "tenant", pools, None, ("gamma", "alpha")) == (
+        "alpha",
+        "sender domain",
+    )
+    assert pool_for("x@beta.test", "tenant", pools, "alpha", ("beta", "alpha")) == (
+        "beta",
+        "sender domain",
+    )
+    assert pool_for("x@other.test", "tenant", pools, "alpha", ("beta", "alpha")) == (
+        "alpha",
+        "listener",
+    )
+    # a client that did not authenticate: the listener's pool, never one by its sender
+    assert pool_for("x@beta.test", None, pools, "alpha", ()) == ("alpha", "listener")
+    assert pool_for("x@beta.test", None, pools, None, ()) == (None, "none")
+    assert pool_for("x@beta.test", "gone", pools, None, ()) == (None, "none")
+
+
+def users_world() -> World:
+    users = {
+        "main": User(password="pw"),  # the username is the pool
+        "tenant": User(password="pw", pools=("main",)),
+    }
+    base = config(sender_pools={"@beta.test": "other"})
+    return World(config=replace(base, auth=users))
+
+
+def test_with_users_mail_without_auth_is_refused_530() -> None:
+    relay = core(users_world())
+    play(
+        relay,
+        MtaCommand(Mail("x@beta.test")),
+            ReplyMta(Reply.make(530, "Authentication required", enhanced="5.7.0")),
+    )  # fmt: skip
+    assert not relay.in_transaction
+
+
+def test_an_optional_listener_gives_the_unauthenticated_its_pool_and_names_none() -> None:
+    world = users_world()
+    relay = RelayCore("relay.test", "main", lambda: world, auth_required=False)
+    play(
+        relay,
+        MtaCommand(Mail("x@beta.test")),  # sender_pools would say "other"
+            TransactionStarted("main"),
+            ReplyMta(MAIL_OK),
+    )  # fmt: skip
+
+
+def test_a_forged_sender_does_not_lead_an_authenticated_user_out_of_its_pools() -> None:
+    relay = core(users_world(), listener_pool=None)
+    play(
+        relay,
+        MtaAuthenticated("tenant"),
+        MtaCommand(Mail("x@beta.test")),
+            TransactionStarted("main"),
+            ReplyMta(Reply.make(250, "Sender OK (pool main by auth)", enhanced="2.1.0")),
     )  # fmt: skip
 
 
@@ -678,7 +743,7 @@ def test_transactions_of_a_session_reuse_the_connection_while_the_source_fits() 
         relay,
         MtaCommand(other_mail),
             TransactionStarted("other"),
-            ReplyMta(Reply.make(250, "Sender OK (pool other by sender)", enhanced="2.1.0")),
+            ReplyMta(MAIL_OK),  # unauthenticated: the pool is not named
         MtaCommand(RCPT),  # source a is not in pool other
             CloseRemote(polite=True),
             OpenRemote("other", "good.test"),
