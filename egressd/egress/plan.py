@@ -137,6 +137,9 @@ class Progress:
     stage: Stage = Stage.SELECT
     address: tuple[IPAddress, int] | None = None
     """What is being connected to: the destination, or the proxy in the proxy stages."""
+    connected_in: float | None = None
+    """How long the last connect took (the dialer says), in seconds: the dial latency,
+    without what the caller's step does with the connection afterwards (a greeting)."""
 
     def at(self, stage: Stage, address: tuple[IPAddress, int] | None = None) -> None:
         self.stage = stage
@@ -233,28 +236,6 @@ class Plan:
             self._current = None  # the pool's next source
             return
         self._final = failure
-
-    # ------------------------------------------------------------------ whole sources
-
-    def next_source(self) -> Source:
-        """For a caller whose step covers a whole source (it walks the addresses itself):
-        the source to try next. Raises the plan's final failure when there is none."""
-        if self._final is None and self._current is None:
-            self._choose_source()
-        if self._final is not None:
-            raise self._final
-        assert self._current is not None
-        return self._current
-
-    def source_failed(self, failure: EgressFailure) -> None:
-        """The whole-source step of :meth:`next_source` failed: the same rule as
-        :meth:`failed` (a source's fault moves a pool on, once), without the health
-        accounting, which the step's own per-address plans did."""
-        self.failures.append(failure)
-        if failure.party is Party.SOURCE and self._may_retry():
-            self._current = None
-        else:
-            self._final = failure
 
     def timed_out(self) -> EgressFailure:
         """The caller's deadline expired: the failure to report (health is told)."""

@@ -14,8 +14,9 @@ moves the plan on to the next address, and a step that succeeds ends the plan.
 
 While an attempt is in flight it holds one of its source's connection slots, so
 concurrent dials count against ``max_connections_per_source``; the caller takes a slot of
-its own for the connection's life. A successful attempt's time goes to the observer
-(dial latency by source).
+its own for the connection's life. A successful attempt's connect time (what
+:func:`~egressd.net.dialer.connect` measured, without the step's greeting) goes to the
+observer as the dial latency by source.
 
 No timeout is applied here. The caller applies the plan's one deadline, once, around
 :func:`execute` (:func:`open_within` does exactly that and turns expiry into the plan's
@@ -24,7 +25,6 @@ timeout failure).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -49,11 +49,9 @@ __all__ = [
     "AttemptStep",
     "Resolver",
     "connect_within",
-    "dial_one",
     "dial_source",
     "execute",
     "open_within",
-    "through_pool",
 ]
 
 T = TypeVar("T")
@@ -108,13 +106,18 @@ async def _attempt(plan: Plan, attempt: Attempt, step: AttemptStep[T]) -> T:
     """Run ``step`` holding one of the source's connection slots."""
     health = plan.egress.health
     name = attempt.source.name
-    started = time.perf_counter()
+    progress = plan.progress
+    progress.connected_in = None
+    started = trio.current_time()
     health.connection_opened(name)
     try:
-        result = await step(attempt, plan.progress)
+        result = await step(attempt, progress)
     finally:
         health.connection_closed(name)
-    plan.egress.observer.dialed(attempt.source, time.perf_counter() - started)
+    seconds = progress.connected_in
+    if seconds is None:  # a step that connects by other means: its whole time
+        seconds = trio.current_time() - started
+    plan.egress.observer.dialed(attempt.source, seconds)
     return result
 
 
@@ -142,28 +145,3 @@ async def dial_source(source: Source, host: str | IPAddress, port: int | None = 
     config = Config(path=None, sources={source.name: source}, pools={})  # type: ignore[arg-type]
     egress = Egress(config, PoolSet.from_config(config), SourceHealth([source.name]))
     return await execute(Plan(egress, source=source, host=host, port=port), connect)
-
-
-async def dial_one(egress: Egress, source: Source, address: IPAddress, port: int | None) -> Dialed:
-    """One address from one exact source: a plan of one attempt, under the plan's deadline.
-
-    Transitional: the SMTP door's open path (:func:`egressd.doors.smtp_remote.open_remote`)
-    still walks the next hop's addresses itself; once it runs its greeting as the
-    per-address step of :func:`execute`, this and :func:`through_pool` go away.
-    """
-    return await connect_within(Plan(egress, source=source, host=address, port=port))
-
-
-async def through_pool(egress: Egress, pool: str, attempt: Callable[[Source], Awaitable[T]]) -> T:
-    """Run ``attempt`` on the pool's next source, and on the following one when the plan
-    says so (:meth:`Plan.source_failed`: a source's fault, once).
-
-    Transitional, for the SMTP door: see :func:`dial_one`.
-    """
-    plan = Plan(egress, pool=pool)
-    while True:
-        source = plan.next_source()
-        try:
-            return await attempt(source)
-        except EgressFailure as failure:
-            plan.source_failed(failure)

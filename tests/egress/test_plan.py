@@ -505,31 +505,3 @@ def test_a_failure_knows_its_destination_only_past_the_proxy() -> None:
     assert at_proxy.destination is None
     assert at_destination.destination == LIVE
     assert EgressFailure(Failure.LOCAL, "x").destination is None
-
-
-# --------------------------------------------------------------------------- whole sources
-
-
-def test_whole_source_steps_follow_the_same_rule(clock: FakeClock) -> None:
-    """The SMTP door's open path until it runs per address: one source at a time."""
-    egress = make_egress(
-        clock, v4("gone", "203.0.113.7"), v4("b", "127.0.0.3"), v4("c", "127.0.0.4")
-    )
-    plan = Plan(egress, pool="p")
-    assert plan.next_source().name == "gone"
-    assert plan.next_source().name == "gone"  # still the current one
-    plan.source_failed(EgressFailure(Failure.UNPLUMBED, "not plumbed", source="gone"))
-    assert plan.next_source().name == "b"
-    last = EgressFailure(Failure.PROXY_REFUSED, "refused", source="b")
-    plan.source_failed(last)
-    with pytest.raises(EgressFailure) as caught:
-        plan.next_source()
-    assert caught.value is last
-    assert not egress.health.is_suspended("gone")  # the per-address plans account, not this
-    destination = Plan(egress, pool="p")
-    destination.next_source()
-    failure = EgressFailure(Failure.REJECTED, "421", source="c")
-    destination.source_failed(failure)
-    with pytest.raises(EgressFailure) as again:
-        destination.next_source()
-    assert again.value is failure

@@ -15,6 +15,7 @@ from egressd.egress import (
     Destination,
     Egress,
     EgressFailure,
+    EgressObserver,
     Failure,
     Plan,
     Progress,
@@ -125,6 +126,30 @@ async def test_a_per_address_step_moves_on_when_the_server_rejects(sink: Sink) -
     assert seen == ["mx1.test 220 s", "mx2.test 220 s"]
     assert [f.kind for f in plan.failures] == [Failure.REJECTED]
     assert not egress.health.is_suspended("a")
+
+
+async def test_the_dial_latency_is_the_connect_without_the_steps_greeting(
+    sink: Sink, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The SMTP door's step waits for a banner after connecting: that wait is the
+    remote's, not the dial's, and stays out of egressd_dial_duration_seconds."""
+    source = Source(name="a", source_address=ip("127.0.0.2"))
+    egress = make_egress({"a": source})
+    latencies: list[float] = []
+    egress.observer = EgressObserver(dialed=lambda source, seconds: latencies.append(seconds))
+
+    async def slow_greeting(attempt: Attempt, progress: Progress) -> float:
+        dialed = await connect(attempt, progress)
+        started = trio.current_time()
+        async with dialed.stream:
+            await trio.sleep(20)  # the remote takes its time to greet
+        return trio.current_time() - started
+
+    plan = Plan(egress, pool="p", host="127.0.0.1", port=sink.port)
+    greeting = await open_within(plan, slow_greeting)
+    assert greeting >= 20
+    assert len(latencies) == 1
+    assert latencies[0] < 1
 
 
 async def test_one_deadline_covers_every_attempt(autojump_clock: trio.testing.MockClock) -> None:
