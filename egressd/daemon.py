@@ -72,7 +72,7 @@ class Door(Protocol):
         record: SessionRecord,
     ) -> None: ...
 
-    async def refuse(self, stream: Connection, reason: str) -> None:
+    async def refuse(self, stream: Connection, runtime: Runtime, reason: str) -> None:
         """Answer a connection that cannot be served (overload) protocol-correctly."""
 
 
@@ -284,7 +284,7 @@ class Daemon:
         self.refusing += 1
         try:
             with trio.move_on_after(REFUSAL_TIMEOUT):
-                await door.refuse(connection, reason)
+                await door.refuse(connection, self.runtime, reason)
         finally:
             self.refusing -= 1
 

@@ -97,7 +97,7 @@ class ProxyDoor:
         finally:
             dialed.stream.close()  # synchronous: nothing to flush, no checkpoint
 
-    async def refuse(self, stream: Connection, reason: str) -> None:
+    async def refuse(self, stream: Connection, runtime: Runtime, reason: str) -> None:
         """Nothing can be said in the PROXY protocol: the daemon closes the connection."""
 
 

@@ -109,9 +109,14 @@ def _fqdn() -> str:
     return socket.getfqdn()
 
 
-def door_hostname(config: Config) -> str:
-    """egressd's name towards MTAs (and the EHLO name of sources without ``ehlo_domain``)."""
-    return config.smtp.hostname or config.hostname or _fqdn()
+async def door_hostname(config: Config) -> str:
+    """egressd's name towards MTAs: ``[smtp] hostname``, ``hostname``, else the host's FQDN
+    (looked up once, in a thread: it may wait on DNS)."""
+    configured = config.smtp.hostname or config.hostname
+    if configured:
+        return configured
+    fqdn: str = await trio.to_thread.run_sync(_fqdn)
+    return fqdn
 
 
 def mta_extensions(config: Config) -> tuple[str, ...]:
@@ -187,9 +192,8 @@ class SmtpDoor:
     ) -> None:
         await MtaSession(self, stream, runtime, listener, record).run()
 
-    async def refuse(self, stream: Connection, reason: str) -> None:
-        hostname = await trio.to_thread.run_sync(_fqdn)
-        reply = replies.refused_at_capacity(hostname, reason)
+    async def refuse(self, stream: Connection, runtime: Runtime, reason: str) -> None:
+        reply = replies.refused_at_capacity(await door_hostname(runtime.config), reason)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await stream.send_all(reply.to_bytes())
 
@@ -231,9 +235,7 @@ class MtaSession:
     # ----------------------------------------------------------------------- the loop
 
     async def run(self) -> None:
-        self.hostname = self.config.smtp.hostname or self.config.hostname or ""
-        if not self.hostname:
-            self.hostname = await trio.to_thread.run_sync(_fqdn)
+        self.hostname = await door_hostname(self.config)
         self.relay = self.relay_type(
             self.runtime,
             self.record,

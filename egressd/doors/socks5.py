@@ -95,7 +95,7 @@ class Socks5Door:
         connection = _AcceptedConnection(stream, runtime, listener, record)
         await connection.run()
 
-    async def refuse(self, stream: Connection, reason: str) -> None:
+    async def refuse(self, stream: Connection, runtime: Runtime, reason: str) -> None:
         """Answer the greeting, then reply 01 (general failure) to the first request."""
         server = socks5.Socks5Server()
         try:

@@ -20,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 
+import egressd.doors.smtp as smtp_door_module
 from egressd.config import (
     Config,
     Endpoint,
@@ -438,3 +439,16 @@ async def test_without_a_certificate_auth_is_offered_to_everyone(
     async with door(runtime=Runtime(auth_config()), client="192.0.2.7:4000") as d:
         assert "AUTH PLAIN LOGIN" in await d.mta.command("EHLO mta.test")
         assert await d.mta.command(plain("main", "right")) == "235 2.7.0 Authentication succeeded"
+
+
+async def test_an_overload_refusal_names_the_configured_host_without_a_lookup(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    def no_lookup() -> str:
+        raise AssertionError("the host's FQDN was looked up although hostname is configured")
+
+    monkeypatch.setattr(smtp_door_module, "_fqdn", no_lookup)
+    mta_end, door_end = trio.testing.memory_stream_pair()
+    await SmtpDoor().refuse(door_end, Runtime(config()), "too many connections")  # type: ignore[arg-type]
+    line = await mta_end.receive_some()
+    assert line == b"421 4.3.2 relay.test too many connections; try again later\r\n"
