@@ -151,8 +151,10 @@ def _pool_by_sender(sender: str, sender_pools: Mapping[str, str]) -> tuple[str, 
 
 
 def recipient_domain(address: str) -> str:
-    """The domain of a recipient (``Postmaster`` alone has none: RFC 5321 4.5.1)."""
-    return address.rpartition("@")[2].lower()
+    """The domain of a recipient, lower-cased; "" for ``Postmaster`` alone, which has none
+    (RFC 5321 4.5.1: it names the receiving host's own postmaster)."""
+    _, at, domain = address.rpartition("@")
+    return domain.lower() if at else ""
 
 
 class _Refusal(Exception):
@@ -346,6 +348,8 @@ class RelayCore:
         if tx.broken is not None:
             return tx.broken
         domain = recipient_domain(rcpt.address)
+        if not domain:
+            return replies.no_recipient_domain(rcpt.address)
         remote = self.remote
         if tx.remote_open and remote is not None:
             next_hop = yield from self._next_hop(tx, domain, remote.source.egress_version)

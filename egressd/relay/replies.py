@@ -147,6 +147,17 @@ def another_next_hop(domain: str, connected_domain: str, remote_text: str) -> Re
     )
 
 
+def no_recipient_domain(address: str) -> Reply:
+    """RCPT TO:<Postmaster> (RFC 5321 4.5.1): this host's own postmaster. egressd keeps
+    no mailbox and can relay only to a domain's next hop, so it is refused for good."""
+    return local(
+        550,
+        "5.1.1",
+        f"<{address}> is the relay's own postmaster: egressd delivers no mail itself;"
+        " address a domain (postmaster@domain)",
+    )
+
+
 def no_smtputf8() -> Reply:
     return Reply.make(553, "Remote server does not support SMTPUTF8", enhanced="5.6.7")
 

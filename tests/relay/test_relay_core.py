@@ -41,6 +41,7 @@ from egressd.proto.smtp_common import (
     Reply,
     Rset,
 )
+from egressd.relay import replies
 from egressd.relay.core import RelayCore, pool_for, recipient_domain
 from egressd.relay.events import (
     CloseRemote,
@@ -264,6 +265,27 @@ def test_a_forged_sender_does_not_lead_an_authenticated_user_out_of_its_pools() 
 
 def test_recipient_domain_is_lower_case() -> None:
     assert recipient_domain("A@Good.TEST") == "good.test"
+
+
+def test_a_bare_postmaster_has_no_domain() -> None:
+    assert recipient_domain("Postmaster") == ""
+    assert recipient_domain("postmaster@Good.TEST") == "good.test"
+
+
+def test_a_bare_postmaster_is_refused_for_good_without_a_remote() -> None:
+    """RFC 5321 4.5.1: <Postmaster> is this host's; egressd has no mailbox to deliver to."""
+    relay = core()
+    play(
+        relay,
+        MtaCommand(MAIL),
+            TransactionStarted("main"),
+            ReplyMta(MAIL_OK),
+        MtaCommand(Rcpt("Postmaster")),
+            ReplyMta(replies.no_recipient_domain("Postmaster")),
+        MtaCommand(RCPT),
+            OpenRemote("main", "good.test"),
+    )  # fmt: skip
+    assert replies.no_recipient_domain("Postmaster").code == 550
 
 
 # --------------------------------------------------------------------------- refusals
