@@ -52,6 +52,8 @@ from egressd.net.connection import Connection
 from egressd.net.listen import accept_loop, bound_port, close_listener, open_listener, peer_of
 from egressd.observe import Extras
 from egressd.runtime import Overloaded, Runtime, SessionRecord
+from egressd.state import StateError
+from egressd.warming import Warming, open_warming, outcome_of
 
 log = get_logger("daemon")
 
@@ -138,6 +140,8 @@ class Daemon:
     reload_failures: int = 0
     files_seen: Fingerprint = field(default_factory=list)
     """Fingerprints of the watched files as of the last (attempted) load."""
+    warming: Warming | None = None
+    """Warm-up state and its flusher (:mod:`egressd.warming`), when a source warms up."""
     extras: Extras | None = None
     refusing: int = 0
     """Connections being refused right now (the door's refusal takes a few round trips)."""
@@ -465,6 +469,9 @@ async def serve(
     """
     metrics = Metrics()
     runtime = Runtime(config, observe.egress_observer(metrics))
+    warming = open_warming(config)  # StateError: the daemon does not start
+    if warming is not None:
+        attach_warming(runtime, warming)
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as connections:
             daemon = Daemon(
@@ -474,6 +481,7 @@ async def serve(
                 metrics=metrics,
                 json_logs=json_logs,
                 files_seen=file_fingerprint(watched_files(config)),
+                warming=warming,
             )
             observe.count_into_metrics(daemon)
             daemon.extras = observe.Extras(daemon, connections)
@@ -481,6 +489,8 @@ async def serve(
             await daemon.reconcile_listeners(config)
             connections.start_soon(watch_config_files, daemon)
             connections.start_soon(announce_recoveries, daemon)
+            if warming is not None:
+                connections.start_soon(warming.run_flusher)
             await connections.start(sdnotify.watchdog_loop)
             sdnotify.ready(daemon.status_line())
             log.info("egressd ready", extra={"fields": {"listeners": len(daemon.listeners)}})
@@ -493,6 +503,24 @@ async def serve(
                 await daemon.drain()
                 connections.cancel_scope.cancel()
                 break
+    if warming is not None:
+        await warming.close()
+
+
+def attach_warming(runtime: Runtime, warming: Warming) -> None:
+    """Selection asks the engine; every relayed transaction counts into it (provider
+    ``other``: shaping's providers are not wired into the doors yet)."""
+    engine = warming.engine
+    runtime.warmup = engine
+
+    def count(pool: str, code: int, source: str) -> None:
+        engine.record(source, "other", outcome_of(code))
+
+    runtime.transaction_hooks.append(count)
+
+
+EX_CONFIG = 78
+"""A state database egressd cannot use will not heal by restarting (RestartPreventExitStatus)."""
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -518,6 +546,9 @@ def run_daemon(config: Config, *, json_logs: bool = False) -> int:
     tune_garbage_collector()
     try:
         trio.run(partial(serve, config, json_logs=json_logs))
+    except StateError as exc:
+        log.error("cannot start: %s", exc)
+        return EX_CONFIG
     except Exception as exc:
         startup_error = _startup_error(exc)
         if startup_error is None:

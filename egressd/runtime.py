@@ -42,6 +42,7 @@ from egressd.health import SourceHealth
 from egressd.log import get_logger
 from egressd.login import LoginThrottle
 from egressd.pools import PoolSet
+from egressd.warmup import Warmup
 
 log = get_logger("session")
 auth_log = get_logger("auth")
@@ -121,8 +122,15 @@ class Runtime:
         self.health = SourceHealth(config.sources)
         self.observer = observer or EgressObserver()
         self.breaker = DestinationBreaker()
+        self.warmup: Warmup | None = None
+        """The warm-up engine, when a source warms up (the daemon sets it at startup)."""
         self.egress = Egress(
-            config, PoolSet.from_config(config), self.health, self.observer, self.breaker
+            config,
+            PoolSet.from_config(config),
+            self.health,
+            self.observer,
+            self.breaker,
+            quota_refusal=self._quota_refusal,
         )
         self.admission = Admission()
         self.doors = doors_with_listeners(config)
@@ -146,7 +154,15 @@ class Runtime:
         pools = PoolSet.from_config(config, previous=self.egress.pools)
         self.health.update_sources(config.sources)
         self.doors = doors_with_listeners(config)
-        self.egress = Egress(config, pools, self.health, self.observer, self.breaker)
+        if self.warmup is not None:
+            self.warmup.reconfigure(config.warmup, config.warming_sources)
+        self.egress = Egress(
+            config, pools, self.health, self.observer, self.breaker, self._quota_refusal
+        )
+
+    def _quota_refusal(self, source: str, provider: str) -> str | None:
+        """Why ``source`` may not send to ``provider`` now (its warm-up quota is used)."""
+        return None if self.warmup is None else self.warmup.refusal(source, provider)
 
     def smtp_transaction(self, pool: str, code: int, source: str = "") -> None:
         """An SMTP door relayed one transaction whose final reply (to the dot) was ``code``."""

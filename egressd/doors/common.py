@@ -28,7 +28,9 @@ from egressd.runtime import Runtime, SessionRecord
 
 log = get_logger("doors")
 
-_NO_SOURCE_KINDS = frozenset({Failure.UNKNOWN_POOL, Failure.NO_SOURCES, Failure.SOURCE_LIMIT})
+_NO_SOURCE_KINDS = frozenset(
+    {Failure.UNKNOWN_POOL, Failure.NO_SOURCES, Failure.SOURCE_LIMIT, Failure.WARMUP_QUOTA}
+)
 
 
 async def open_outbound(

@@ -274,6 +274,9 @@ class _AcceptedConnection:
             return self.refuse_bind(
                 "refused", f"BIND {address}: source {source.name!r} is suspended", failure=True
             )
+        used = self.egress.quota_refusal(source.name, "other")
+        if used is not None:  # kumod then picks another source for this connection
+            return self.refuse_bind("refused", f"BIND {address}: {used}", failure=True)
         unbindable = _bind_problem(source)
         if unbindable is not None:
             return self.refuse_bind("dial_failed", f"BIND {address}: {unbindable}", failure=True)

@@ -79,6 +79,8 @@ class Failure(str, enum.Enum):
     """The pool has no source to give: empty, or every source is suspended."""
     SOURCE_LIMIT = "source_limit"
     """The source (every source of the pool) is at ``max_connections_per_source``."""
+    WARMUP_QUOTA = "warmup_quota"
+    """Every source the pool could give is warming up and has used today's quota."""
 
     def __str__(self) -> str:
         return self.value

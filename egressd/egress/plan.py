@@ -163,6 +163,8 @@ class Plan:
     host: str | IPAddress | None = None
     port: int | None = None
     access: AccessSettings | None = None
+    provider: str = "other"
+    """The destination's mailbox provider, for warm-up quotas (``other``: none known)."""
     progress: Progress = field(default_factory=Progress)
     tried: list[str] = field(default_factory=list)
     failures: list[EgressFailure] = field(default_factory=list)
@@ -284,7 +286,7 @@ class Plan:
             raise EgressFailure(
                 Failure.UNKNOWN_POOL, "the client named no pool and the listener has none"
             )
-        return self.egress.pick(self.pool, avoid=frozenset(self.tried))
+        return self.egress.pick(self.pool, avoid=frozenset(self.tried), provider=self.provider)
 
     def _may_retry(self) -> bool:
         return self.source is None and len(self.tried) < MAX_SOURCES

@@ -10,6 +10,12 @@ generation they started with.
 ``max_connections_per_source`` or in the caller's avoid list; :meth:`Egress.check_cap`
 guards an exact source (KumoMTA's BIND, a PROXY header). Both raise
 :class:`~egressd.egress.failures.EgressFailure` of a ``NOBODY`` kind. Pure: no trio.
+
+Warm-up (:mod:`egressd.warmup`) is heard through :attr:`Egress.quota_refusal`: a source
+that has used today's quota to the destination's provider is not eligible, so the pool's
+other sources share the traffic by smooth weighted round-robin; when no source is left
+for that reason, the failure is ``WARMUP_QUOTA`` and its detail names plan, step and
+reset time (overflow, never refusal, as long as a warm source is left).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class Egress:
     health: SourceHealth
     observer: EgressObserver = field(default_factory=EgressObserver)
     breaker: DestinationBreaker = field(default_factory=DestinationBreaker)
+    quota_refusal: Callable[[str, str], str | None] = lambda source, provider: None
+    """Why (source, provider) may not send now (a used warm-up quota), or None."""
 
     def source_named(self, name: str) -> Source:
         try:
@@ -51,20 +59,34 @@ class Egress:
         except KeyError:
             raise EgressFailure(Failure.UNKNOWN_SOURCE, f'unknown source "{name}"') from None
 
-    def pick(self, pool: str, avoid: frozenset[str] = frozenset()) -> Source:
-        """The pool's next source that is not suspended, not at its cap and not avoided."""
+    def pick(
+        self, pool: str, avoid: frozenset[str] = frozenset(), provider: str = "other"
+    ) -> Source:
+        """The pool's next source that is not suspended, not at its cap, not avoided and
+        not out of its warm-up quota to ``provider``."""
         cap = self.config.limits.max_connections_per_source
+        quota_used: list[str] = []
 
         def skip(name: str) -> bool:
-            return (
+            if (
                 name in avoid
                 or self.health.is_suspended(name)
                 or self.health.active_connections(name) >= cap
-            )
+            ):
+                return True
+            refusal = self.quota_refusal(name, provider)
+            if refusal is not None:
+                quota_used.append(refusal)
+            return refusal is not None
 
         try:
             return self.config.sources[self.pools.next(pool, skip)]
         except NoSourcesAvailable as exc:
+            if quota_used:
+                detail = "; ".join(quota_used)
+                raise EgressFailure(
+                    Failure.WARMUP_QUOTA, f"every source is out of its warm-up quota: {detail}"
+                ) from None
             if self._all_at_cap(pool):
                 message = f"every source of pool {pool} is at max_connections_per_source ({cap})"
                 raise EgressFailure(Failure.SOURCE_LIMIT, message) from None

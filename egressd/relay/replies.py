@@ -185,13 +185,14 @@ def next_hop_failure(kind: str, text: str) -> Reply:
 
 
 #: The egress's failure kinds (:class:`egressd.egress.Failure`) that mean "no source".
-_NO_SOURCE = frozenset({"unknown_pool", "no_sources", "source_limit"})
+_NO_SOURCE = frozenset({"unknown_pool", "no_sources", "source_limit", "warmup_quota"})
 
 
 def egress_failure(pool: str, kind: str, detail: str) -> Reply:
     """The egress gave no connection (``kind`` and ``detail`` of an
     :class:`~egressd.egress.EgressFailure`): the pool gave no source (unknown pool
-    ``4.3.5``, every source suspended or at its cap ``4.4.5``), or the source's own fault
+    ``4.3.5``, every source suspended, at its cap or out of its warm-up quota ``4.4.5``),
+    or the source's own fault
     (unplumbed address, proxy down) on every source tried (``4.3.0``)."""
     if kind in _NO_SOURCE:
         enhanced = "4.3.5" if kind == "unknown_pool" else "4.4.5"

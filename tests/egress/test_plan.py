@@ -480,6 +480,7 @@ def test_every_kind_blames_one_party() -> None:
         Failure.UNKNOWN_SOURCE,
         Failure.NO_SOURCES,
         Failure.SOURCE_LIMIT,
+        Failure.WARMUP_QUOTA,
     }
     for kind in Failure:
         expected = (
