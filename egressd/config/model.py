@@ -459,13 +459,18 @@ class PostfixTimeout:
 
 @dataclass(frozen=True)
 class SmtpTimeouts:
-    """Timeouts towards the remote server; each stays below Postfix's client timeouts."""
+    """Timeouts towards the remote server, each below Postfix's client timeouts; and two
+    limits on the MTA side, so that slow clients cannot hold connections for ever."""
 
     banner: float = setting(PostfixTimeout(290), 240.0)
     command: float = setting(PostfixTimeout(290), 240.0)
     data_init: float = setting(PostfixTimeout(110), 100.0)
     data_block: float = setting(PostfixTimeout(170), 150.0)
     final_dot: float = setting(PostfixTimeout(590), 540.0)
+    first_mail: float = setting(Duration, 60.0)
+    """MTA side: from the greeting to the first MAIL that starts a transaction."""
+    min_data_rate: int = setting(Integer(0, 2**40), 1024)
+    """MTA side: bytes per second an MTA must average while it sends a body (0: no floor)."""
 
 
 @dataclass(frozen=True)

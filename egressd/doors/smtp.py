@@ -15,10 +15,11 @@ Three layers, each small:
   keeps the session state; every reply is decided here.
 * :class:`MtaSession` (this module) is the trio shell facing the MTA: it reads and writes
   the socket (replies are collected and written before each read, so a pipelining MTA gets
-  them in one segment, RFC 2920), applies the timeouts towards the MTA (per command, and
-  the mid-DATA stall), does inbound STARTTLS and AUTH PLAIN/LOGIN, answers what needs no
-  remote (EHLO, NOOP, RSET, QUIT, HELP, VRFY), and turns the drain into ``421 4.3.2`` at a
-  command boundary outside any transaction.
+  them in one segment, RFC 2920), applies the timeouts towards the MTA (per command, the
+  mid-DATA stall, ``[smtp.timeouts] first_mail`` from the greeting to the first
+  transaction, and ``min_data_rate`` over a body), does inbound STARTTLS and AUTH
+  PLAIN/LOGIN, answers what needs no remote (EHLO, NOOP, RSET, QUIT, HELP, VRFY), and
+  turns the drain into ``421 4.3.2`` at a command boundary outside any transaction.
 * :class:`~egressd.relay.core.RelayCore` (sans-IO) makes every relay decision: pool, open
   or reuse a remote, 452 for another next hop, 421, oversize, abort without the dot; and
   :class:`~egressd.doors.smtp_relay.Relay` executes its commands (the remote session is
@@ -42,7 +43,8 @@ import functools
 import ipaddress
 import socket
 import ssl
-from typing import NoReturn
+from dataclasses import dataclass
+from typing import Literal, NoReturn
 
 import trio
 
@@ -93,6 +95,7 @@ from egressd.relay.events import (
     MtaDataDiscarded,
     MtaEndOfData,
     MtaTimedOut,
+    MtaTooSlow,
 )
 from egressd.runtime import Runtime, SessionRecord
 
@@ -102,6 +105,8 @@ log = get_logger("smtp")
 
 _RECEIVE_SIZE = 65536
 _TLS_HANDSHAKE_TIMEOUT = 30.0
+#: Seconds of credit an MTA starts a body with before ``min_data_rate`` bites.
+DATA_RATE_GRACE = 10.0
 
 
 @functools.lru_cache(maxsize=1)
@@ -198,6 +203,20 @@ class SmtpDoor:
             await stream.send_all(reply.to_bytes())
 
 
+@dataclass
+class _Pace:
+    """How fast the MTA sends a body: only the time spent waiting for it counts, not the
+    time spent writing to the remote."""
+
+    rate: int
+    waited: float = 0.0
+    received: int = 0
+
+    def allowance(self) -> float:
+        """Seconds the MTA may still take before its average falls below ``rate``."""
+        return DATA_RATE_GRACE + self.received / self.rate - self.waited
+
+
 class _SessionOver(Exception):
     """The MTA connection is finished (closed, timed out, broken, or told 421)."""
 
@@ -228,6 +247,10 @@ class MtaSession:
             auth_requires_tls=auth_requires_tls(self.config, self.host),
         )
         self.failed_logins = 0
+        self.timeouts = self.config.smtp.timeouts
+        self.first_mail_by = 0.0  # set at the greeting
+        self.mail_started = False
+        self.pace: _Pace | None = None
         self.relay: Relay | None = None
         self.outbox = bytearray()
         self.idle_scope: trio.CancelScope | None = None
@@ -249,6 +272,7 @@ class MtaSession:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_drain)
                 try:
+                    self.first_mail_by = trio.current_time() + self.timeouts.first_mail
                     self.reply(replies.greeting(self.hostname))
                     await self._converse()
                     clean = True
@@ -291,6 +315,7 @@ class MtaSession:
         elif isinstance(event, (Mail, Rcpt, Rset, Quit)):
             assert self.relay is not None
             await self.relay.feed(MtaCommand(event))
+            self.mail_started = self.mail_started or self.relay.in_transaction
         elif isinstance(event, Data):
             await self._data(event)
         elif isinstance(event, Noop):
@@ -344,15 +369,19 @@ class MtaSession:
     async def _feed(self) -> None:
         """Write the queued replies, then read from the MTA; one deadline covers both.
 
-        Outside a transaction a drain may cut the wait short, but never a write: a reply
-        to a final dot is always delivered whole.
+        The deadline is the command or data timeout, or sooner: the first MAIL's deadline
+        before the first transaction, the minimum data rate during a body. Outside a
+        transaction a drain may cut the wait short, but never a write: a reply to a final
+        dot is always delivered whole.
         """
         in_data = self.server.state in (ServerState.DATA, ServerState.DISCARD)
         seconds = self.door.data_timeout if in_data else self.door.command_timeout
+        wait, limit = self._deadline(in_data, seconds)
         idle = not in_data and (self.relay is None or not self.relay.in_transaction)
         data: bytes | bytearray | None = None
+        started = trio.current_time()
         try:
-            with trio.move_on_after(seconds) as scope:
+            with trio.move_on_after(wait) as scope:
                 if self.outbox:
                     out = bytes(self.outbox)
                     self.outbox.clear()
@@ -367,11 +396,50 @@ class MtaSession:
                     self.idle_scope = None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
+        if in_data and self.pace is not None:
+            self.pace.waited += trio.current_time() - started
+            self.pace.received += len(data or b"")
         if data is None:
-            if idle and self.runtime.draining:
-                await self._drained()
-            await self._timed_out(in_data, seconds)
+            await self._out_of_time(in_data, seconds, limit, idle)
         self.server.receive_data(bytes(data))
+
+    def _deadline(
+        self, in_data: bool, seconds: float
+    ) -> tuple[float, Literal["timeout", "first mail", "rate"]]:
+        """How long the next read may take, and which limit that is."""
+        if not in_data and not self.mail_started:
+            left = self.first_mail_by - trio.current_time()
+            if left < seconds:
+                return max(left, 0.0), "first mail"
+        if in_data and self.pace is not None:
+            left = self.pace.allowance()
+            if left < seconds:
+                return max(left, 0.0), "rate"
+        return seconds, "timeout"
+
+    async def _out_of_time(self, in_data: bool, seconds: float, limit: str, idle: bool) -> NoReturn:
+        if idle and self.runtime.draining:
+            await self._drained()
+        if limit == "first mail":
+            await self._say_421_and_close(
+                replies.no_first_mail(self.hostname, self.timeouts.first_mail),
+                f"no mail transaction within {self.timeouts.first_mail:g}s of the greeting",
+            )
+        if limit == "rate" and self.pace is not None:
+            assert self.relay is not None
+            await self.relay.feed(MtaTooSlow(self.pace.rate))
+            await self._say_421_and_close(
+                replies.mta_too_slow(self.hostname, self.pace.rate),
+                f"the MTA sent the body below {self.pace.rate} bytes/s",
+            )
+        await self._timed_out(in_data, seconds)
+
+    async def _say_421_and_close(self, reply: Reply, detail: str) -> NoReturn:
+        if self.server.state not in (ServerState.CLOSED, ServerState.ERROR):
+            self.reply(reply)
+            with trio.move_on_after(5):
+                await self.flush()
+        self._over("timeout", detail)
 
     async def _drained(self) -> NoReturn:
         self.reply(replies.draining(self.hostname))
@@ -423,6 +491,8 @@ class MtaSession:
     async def _relay_body(self, relay: Relay) -> None:
         """Stream the body to the remote: each read's worth of chunks in one write, and the
         last ones together with the final dot."""
+        rate = self.timeouts.min_data_rate
+        self.pace = _Pace(rate) if rate else None
         chunks: list[DataChunk] = []
         while True:
             event = self.server.next_event()

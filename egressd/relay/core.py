@@ -70,6 +70,7 @@ from egressd.relay.events import (
     MtaDataDiscarded,
     MtaEndOfData,
     MtaTimedOut,
+    MtaTooSlow,
     NextHopResolved,
     NextHops,
     NextHopView,
@@ -278,6 +279,10 @@ class RelayCore:
         if isinstance(event, MtaTimedOut):
             return self._mta_gone(
                 f"the MTA sent no data for {event.seconds:g}s", "mta timeout mid-DATA"
+            )
+        if isinstance(event, MtaTooSlow):
+            return self._mta_gone(
+                f"the MTA sent the body below {event.rate} bytes/s", "mta too slow mid-DATA"
             )
         if isinstance(event, SessionEnded):
             return self._close(clean=event.clean)

@@ -62,6 +62,7 @@ __all__ = [
     "MtaDataDiscarded",
     "MtaEndOfData",
     "MtaTimedOut",
+    "MtaTooSlow",
     "NextHopResolved",
     "NextHopView",
     "NextHops",
@@ -194,6 +195,13 @@ class MtaTimedOut:
 
 
 @dataclass(frozen=True)
+class MtaTooSlow:
+    """The MTA sent the body slower than ``rate`` bytes per second on average."""
+
+    rate: int
+
+
+@dataclass(frozen=True)
 class SessionEnded:
     """The MTA session is over; ``clean`` when it ended with QUIT."""
 
@@ -254,6 +262,7 @@ Event = (
     | MtaDataDiscarded
     | MtaClosed
     | MtaTimedOut
+    | MtaTooSlow
     | SessionEnded
     | RemoteOpened
     | OpenFailed

@@ -43,7 +43,9 @@ __all__ = [
     "greeting",
     "local",
     "mta_timeout",
+    "mta_too_slow",
     "next_hop_failure",
+    "no_first_mail",
     "no_mail_server",
     "no_pool",
     "no_remote_transaction",
@@ -123,6 +125,16 @@ def auth_required() -> Reply:
 def sender_ok(pool: str, why: str, named: bool) -> Reply:
     """250 to MAIL; the pool is named only to an authenticated client."""
     return local(250, "2.1.0", f"Sender OK (pool {pool} by {why})" if named else "Sender OK")
+
+
+def no_first_mail(hostname: str, seconds: float) -> Reply:
+    """``[smtp.timeouts] first_mail`` passed without a MAIL that started a transaction."""
+    return local(421, "4.4.2", f"{hostname} no mail transaction within {seconds:g}s")
+
+
+def mta_too_slow(hostname: str, rate: int) -> Reply:
+    """The body came slower than ``[smtp.timeouts] min_data_rate``."""
+    return local(421, "4.4.2", f"{hostname} message body slower than {rate} bytes/s")
 
 
 def no_pool(sender: str) -> Reply:

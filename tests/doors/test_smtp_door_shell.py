@@ -10,11 +10,13 @@ no real time under ``autojump_clock``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -201,6 +203,13 @@ def config() -> Config:
     )
 
 
+def runtime_with(**timeouts: Any) -> Runtime:
+    """A runtime whose ``[smtp.timeouts]`` differ from the defaults as given."""
+    base = config()
+    changed = replace(base.smtp.timeouts, **timeouts)
+    return Runtime(replace(base, smtp=replace(base.smtp, timeouts=changed)))
+
+
 @asynccontextmanager
 async def door(
     script: dict[str, str] | None = None,
@@ -264,7 +273,7 @@ async def test_a_message_goes_through_and_the_remote_reply_comes_back(
 async def test_an_mta_silent_between_commands_gets_421_after_the_command_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with door() as d:
+    async with door(runtime=runtime_with(first_mail=600)) as d:  # the first MAIL's is 60 s
         started = trio.current_time()
         assert await d.mta.reply() == "421 4.4.2 relay.test timeout waiting for a command"
         assert trio.current_time() - started == pytest.approx(300)
@@ -275,7 +284,8 @@ async def test_an_mta_silent_between_commands_gets_421_after_the_command_timeout
 async def test_an_mta_stalling_mid_data_is_cut_and_the_remote_gets_no_dot(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with door(smtp_door=SmtpDoor(data_timeout=180)) as d:
+    runtime = runtime_with(min_data_rate=0)  # only the data timeout applies
+    async with door(smtp_door=SmtpDoor(data_timeout=180), runtime=runtime) as d:
         await in_data(d.mta)
         await d.mta.stream.send_all(b"Subject: stall\r\n\r\nwaiting\r\n")
         started = trio.current_time()
@@ -346,7 +356,7 @@ async def test_drain_waits_for_the_transaction_in_flight(
     async with door() as d:
         await in_data(d.mta)
         d.runtime.begin_drain()
-        await trio.sleep(60)
+        await trio.sleep(5)
         await d.mta.stream.send_all(b"Subject: late\r\n\r\nstill delivered\r\n.\r\n")
         assert await d.mta.reply() == "250 2.0.0 ok"
         assert (await d.mta.command("MAIL FROM:<a@sender.test>")).startswith("421 4.3.2")
@@ -452,3 +462,80 @@ async def test_an_overload_refusal_names_the_configured_host_without_a_lookup(
     await SmtpDoor().refuse(door_end, Runtime(config()), "too many connections")  # type: ignore[arg-type]
     line = await mta_end.receive_some()
     assert line == b"421 4.3.2 relay.test too many connections; try again later\r\n"
+
+
+# --------------------------------------------------------------------------- slow MTAs
+
+
+async def test_no_mail_transaction_within_a_minute_of_the_greeting_gets_421(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with door() as d:
+        started = trio.current_time()
+        for _ in range(5):  # busy, but never a transaction
+            await trio.sleep(10)
+            assert await d.mta.command("NOOP") == "250 2.0.0 OK"
+        assert await d.mta.reply() == "421 4.4.2 relay.test no mail transaction within 60s"
+        assert trio.current_time() - started == pytest.approx(60)
+        assert await d.mta.reply() == "EOF"
+    assert d.record.outcome == "timeout"
+    assert d.record.detail == "no mail transaction within 60s of the greeting"
+
+
+async def test_the_first_mail_deadline_ends_with_the_first_transaction(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with door() as d:
+        await trio.sleep(59)
+        assert (await d.mta.command("EHLO mta.test")).startswith("250-relay.test")
+        assert (await d.mta.command("MAIL FROM:<a@sender.test>")).startswith("250 2.1.0")
+        assert await d.mta.command("RSET") == "250 2.0.0 Reset state"
+        await trio.sleep(200)  # only the command timeout (300 s) applies now
+        assert await d.mta.command("NOOP") == "250 2.0.0 OK"
+
+
+async def test_the_first_mail_deadline_comes_from_the_configuration(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with door(runtime=runtime_with(first_mail=5.0)) as d:
+        started = trio.current_time()
+        assert await d.mta.reply() == "421 4.4.2 relay.test no mail transaction within 5s"
+        assert trio.current_time() - started == pytest.approx(5)
+
+
+async def test_a_body_trickling_below_the_minimum_rate_is_cut_without_the_dot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with door() as d:  # min_data_rate 1024 bytes/s, 10 s of credit
+        await in_data(d.mta)
+        started = trio.current_time()
+
+        async def trickle() -> None:  # 100 bytes/s: far below, yet a read every second
+            with contextlib.suppress(trio.BrokenResourceError):
+                while True:
+                    await d.mta.stream.send_all(b"x" * 98 + b"\r\n")
+                    await trio.sleep(1)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            reply = await d.mta.reply()
+            nursery.cancel_scope.cancel()
+        assert reply == "421 4.4.2 relay.test message body slower than 1024 bytes/s"
+        # at 100 B/s, the credit of 10 s plus received/1024 runs out after about 11 s
+        assert 10 < trio.current_time() - started < 12
+        await d.remote.closed.wait()
+    assert not d.remote.got_final_dot
+    assert d.record.detail == "the MTA sent the body below 1024 bytes/s"
+
+
+async def test_a_body_at_the_minimum_rate_goes_through(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with door({"dot": "250 2.0.0 queued"}) as d:
+        await in_data(d.mta)
+        for _ in range(60):  # a minute at 2 KiB/s
+            await d.mta.stream.send_all(b"y" * 2046 + b"\r\n")
+            await trio.sleep(1)
+        await d.mta.stream.send_all(b".\r\n")
+        assert await d.mta.reply() == "250 2.0.0 queued"
+    assert d.remote.got_final_dot
