@@ -160,6 +160,10 @@ def _until(until: object, now: float) -> str:
 
 
 def _last_failure(source: Mapping[str, Any]) -> str:
+    operator_reason = source.get("suspension_reason")
+    operator = "suspension_kind" in source and source["suspension_kind"] is None
+    if source.get("state") == "suspended" and operator:  # egressd suspend, not a failure
+        return f"operator: {operator_reason}" if operator_reason else "operator"
     kind, reason = source.get("last_failure_kind"), source.get("last_failure_reason")
     if kind is None and reason is None:
         return "-"

@@ -217,6 +217,10 @@ async def test_suspend_and_resume_over_the_control_socket(short_dir: Path, capsy
         (status,) = health.snapshot()
         assert status.suspended and status.suspension_reason == "listed at Spamhaus"
         assert 599 < (status.suspended_for or 0) <= 600
+        code, table, _ = await run_async(capsys, "status", "-c", path)
+        row = next(line for line in table.splitlines() if line.startswith("a "))
+        assert row.split()[1] == "suspended"
+        assert row.endswith("operator: listed at Spamhaus")
         assert await run_async(capsys, "resume", "a", "-c", path) == (0, "a resumed\n", "")
         assert not health.is_suspended("a")
         assert await run_async(capsys, "resume", "-c", path, "a") == (
