@@ -56,7 +56,8 @@ configuration; the cap keeps every ``until`` a clock time that can be printed.""
 SOCKET_MODE = 0o660
 CONNECTION_IDLE_TIMEOUT = 60.0
 
-Reply = dict[str, Any]
+ControlReply = dict[str, Any]
+"""A control socket reply (one JSON object a line); ``egressd.status`` reads the same."""
 
 
 class Controlled(Protocol):
@@ -102,7 +103,7 @@ def _refuse_constant(name: str) -> object:
     raise ValueError(f"not JSON: {name} is not a JSON number")
 
 
-def handle_request(target: Controlled, line: bytes) -> Reply:
+def handle_request(target: Controlled, line: bytes) -> ControlReply:
     """The reply to one request line; never raises (a failure is an error reply)."""
     try:
         return _handle(target, parse_request(line))
@@ -113,7 +114,7 @@ def handle_request(target: Controlled, line: bytes) -> Reply:
         return {"ok": False, "error": f"request failed: {type(exc).__name__}"}
 
 
-def _handle(target: Controlled, request: Mapping[str, Any]) -> Reply:
+def _handle(target: Controlled, request: Mapping[str, Any]) -> ControlReply:
     command = request["command"]
     if command == "status":
         return {"ok": True, "status": target.status()}
@@ -122,7 +123,7 @@ def _handle(target: Controlled, request: Mapping[str, Any]) -> Reply:
     return {"ok": False, "error": f'unknown command "{command}" (try status, suspend, resume)'}
 
 
-def _suspend_or_resume(target: Controlled, request: Mapping[str, Any]) -> Reply:
+def _suspend_or_resume(target: Controlled, request: Mapping[str, Any]) -> ControlReply:
     source = request.get("source")
     if not isinstance(source, str) or not target.has_source(source):
         return {"ok": False, "error": f"unknown source {source!r}"}
@@ -235,5 +236,5 @@ async def _handle_connection(stream: trio.SocketStream, target: Controlled) -> N
         await trio.aclose_forcefully(stream)
 
 
-def _encode(reply: Reply) -> bytes:
+def _encode(reply: ControlReply) -> bytes:
     return json.dumps(reply, separators=(",", ":")).encode() + b"\n"

@@ -31,14 +31,12 @@ from egressd.config import Config, Endpoint
 
 CLIENT_TIMEOUT = 5.0
 
-Reply = dict[str, Any]
-
 
 class ControlError(Exception):
     """The daemon could not be asked; the message says why and what to check."""
 
 
-def ask(path: str, request: Mapping[str, Any], timeout: float = CLIENT_TIMEOUT) -> Reply:
+def ask(path: str, request: Mapping[str, Any], timeout: float = CLIENT_TIMEOUT) -> dict[str, Any]:
     """Send one request to the control socket at ``path``; raises :class:`ControlError`."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -58,7 +56,7 @@ def ask(path: str, request: Mapping[str, Any], timeout: float = CLIENT_TIMEOUT) 
     except OSError as exc:
         raise ControlError(f"cannot reach egressd at {path}: {exc.strerror or exc}") from exc
     try:
-        reply: Reply = json.loads(data)
+        reply: dict[str, Any] = json.loads(data)
     except json.JSONDecodeError as exc:
         raise ControlError(f"egressd at {path} answered something that is not JSON") from exc
     return reply
