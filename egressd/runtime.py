@@ -196,7 +196,7 @@ class Runtime:
         address's cap, the other doors' reserves), leaving logs the connection line and runs
         the session hooks. ``host`` is the client's address (default: ``client``).
         """
-        return _Session(self, door, client, listener, client if host is None else host)
+        return _SessionScope(self, door, client, listener, client if host is None else host)
 
     def source_in_use(self, source_name: str) -> AbstractAsyncContextManager[None]:
         """Count an outbound connection against its source (per-source cap, status)."""
@@ -232,7 +232,7 @@ class Runtime:
 # each connection enters both, and a generator-based manager costs several times more.
 
 
-class _Session:
+class _SessionScope:
     """:meth:`Runtime.session`: one connection's record, its accounting and its log line."""
 
     __slots__ = ("_client", "_door", "_host", "_listener", "_record", "_runtime")

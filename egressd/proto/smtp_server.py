@@ -251,7 +251,7 @@ _PAUSING: Final = frozenset({_Kind.DATA, _Kind.STARTTLS, _Kind.QUIT})
 _ASSUMED_CODE: Final = {_Kind.AUTH: 235}
 
 
-class _Session(NamedTuple):
+class _SessionState(NamedTuple):
     """The session as replies made it. A tuple: it is rebuilt two or three times per reply
     sent, and ``dataclasses.replace`` on a frozen dataclass cost six times as much (4 us
     against 0.7 us on the development machine)."""
@@ -262,20 +262,20 @@ class _Session(NamedTuple):
     authenticated: bool = False
 
 
-def _after_reply(session: _Session, kind: _Kind, code: int) -> _Session:
+def _after_reply(session: _SessionState, kind: _Kind, code: int) -> _SessionState:
     ok = 200 <= code < 300
     if kind is _Kind.MAIL:
-        return _Session(session.hello, True, 0, session.authenticated) if ok else session
+        return _SessionState(session.hello, True, 0, session.authenticated) if ok else session
     if kind is _Kind.RCPT:
         if not ok:
             return session
-        return _Session(session.hello, session.mail, session.rcpts + 1, session.authenticated)
+        return _SessionState(session.hello, session.mail, session.rcpts + 1, session.authenticated)
     if kind is _Kind.RSET or kind is _Kind.END:
-        return _Session(session.hello, False, 0, session.authenticated)
+        return _SessionState(session.hello, False, 0, session.authenticated)
     if kind is _Kind.HELO or kind is _Kind.EHLO:
-        return _Session(kind.value, False, 0, session.authenticated) if ok else session
+        return _SessionState(kind.value, False, 0, session.authenticated) if ok else session
     if kind is _Kind.AUTH and code == 235:
-        return _Session(session.hello, session.mail, session.rcpts, True)
+        return _SessionState(session.hello, session.mail, session.rcpts, True)
     return session
 
 
@@ -344,8 +344,8 @@ class SmtpServer:
         self._state = ServerState.GREETING
         self._refused = False  # greeted with 554
         self._tls_active = False
-        self._session = _Session()  # as the replies sent so far made it
-        self._projected = _Session()  # ... with owed replies assumed positive
+        self._session = _SessionState()  # as the replies sent so far made it
+        self._projected = _SessionState()  # ... with owed replies assumed positive
         self._owed: deque[_Kind] = deque()
         self._discarding_line = False
         self._line_start = True  # in DATA: the next byte starts a line
@@ -500,7 +500,7 @@ class SmtpServer:
             raise RemoteProtocolError("plaintext pipelined after STARTTLS")
         self._buf.reset_scan()
         self._tls_active = True
-        self._session = self._projected = _Session()
+        self._session = self._projected = _SessionState()
         self._state = ServerState.COMMAND
 
     # ---------------------------------------------------------------- commands
