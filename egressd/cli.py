@@ -161,7 +161,7 @@ def _add_probe(commands: Any) -> None:
         "Dial HOST[:PORT] through one source, or through a pool's next source, exactly as a\n"
         "front door would, and print the path, the local address the server sees, the remote\n"
         "address and the server's first line. A failure says which kind it was: unplumbed\n"
-        "source address, unreachable or refusing hop, destination refused or timed out.",
+        "source address, unreachable or refusing proxy, destination refused or timed out.",
         "a failed probe",
     )
     which = probe.add_mutually_exclusive_group(required=True)

@@ -167,7 +167,7 @@ class Metrics:
         )
         self.dial_duration = Histogram(
             "egressd_dial_duration_seconds",
-            "Time to connect to a destination (including the proxy hop), by source and hop.",
+            "Time to connect to a destination (including the proxy), by source and way out (via).",
             ("source", "via"),
             buckets=DIAL_BUCKETS,
             registry=registry,

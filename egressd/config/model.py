@@ -239,7 +239,7 @@ class Source:
         return address.version if address is not None else None
 
     def matches_address(self, address: IPAddress) -> bool:
-        """True when ``address`` is this source's own address or the one its hop uses."""
+        """True when ``address`` is this source's own address or the one its proxy uses."""
         return address in (
             self.source_address,
             self.ha_proxy_source_address,
@@ -266,31 +266,31 @@ class Source:
                 "is set together with socks5_proxy_source_address, which asks for KumoMTA's "
                 "BIND; set one or the other"
             )
-        if self.hop == "haproxy" and self.socks5_hop_set:
+        if self.hop == "haproxy" and self.socks5_proxy_set:
             at("socks5_proxy_server").error(
-                "is set together with ha_proxy_server; a source has one hop"
+                "is set together with ha_proxy_server; a source has one proxy"
             )
         self._check_families(at)
 
     @property
-    def socks5_hop_set(self) -> bool:
-        """Whether the SOCKS5 keys alone would make a SOCKS5 hop."""
+    def socks5_proxy_set(self) -> bool:
+        """Whether the SOCKS5 keys alone would make a SOCKS5 proxy."""
         return self.socks5_proxy_server is not None and (
             self.socks5_proxy_source_address is not None or self.egressd_socks5_plain_connect
         )
 
     def _check_families(self, at: KeyAt) -> None:
         address = self.source_address
-        hop = {"haproxy": self.ha_proxy_server, "socks5": self.socks5_proxy_server}.get(self.hop)
-        hop_ip = hop.ip if hop is not None else None
-        if address is not None and hop_ip is not None and address.version != hop_ip.version:
+        proxy = {"haproxy": self.ha_proxy_server, "socks5": self.socks5_proxy_server}.get(self.hop)
+        proxy_ip = proxy.ip if proxy is not None else None
+        if address is not None and proxy_ip is not None and address.version != proxy_ip.version:
             at("source_address").error(
                 f"IPv{address.version} address {address} "
-                f"can never connect to the IPv{hop_ip.version} {self.hop_key} {hop}"
+                f"can never connect to the IPv{proxy_ip.version} {self.proxy_key} {proxy}"
             )
 
     @property
-    def hop_key(self) -> str:
+    def proxy_key(self) -> str:
         return "ha_proxy_server" if self.hop == "haproxy" else "socks5_proxy_server"
 
 
@@ -553,7 +553,7 @@ class Config:
         return min((s.ttl for s in self.sources.values()), default=DEFAULT_TTL)
 
     def source_for_address(self, address: IPAddress) -> Source | None:
-        """The configured source whose own or hop address is ``address``."""
+        """The configured source whose own or proxy's address is ``address``."""
         for source in self.sources.values():
             if source.matches_address(address):
                 return source

@@ -7,8 +7,8 @@ write, a PROXY v2 header whose src is the source address it wants and whose dst 
 destination; every byte after it belongs to the destination. A transparent HAProxy needs
 ``usesrc clientip`` and root's IP_TRANSPARENT to honour that; this door needs neither: the
 header's src only *names* a configured source (:meth:`Config.source_for_address`: its
-``source_address`` or its hop's address), and egressd dials from that source with
-everything it defines (hop, ``remote_port``). v1 headers are accepted as well, as
+``source_address`` or its proxy's address), and egressd dials from that source with
+everything it defines (proxy, ``remote_port``). v1 headers are accepted as well, as
 HAProxy's ``accept-proxy`` does.
 
 The header is read with :class:`~egressd.proto.proxy.ProxyHeaderReader`, never asking for

@@ -21,8 +21,8 @@ with outcome ``timeout``):
   ``name``. Such a user's CONNECT without BIND goes through the listener's pool when the
   user may use it, else the user's first pool.
 * ``BIND addr:0`` (KumoMTA's convention) selects the configured source whose address is
-  ``addr`` (:meth:`Config.source_for_address`: its ``source_address`` or its hop's
-  address) with all it defines (hop, ``remote_port``). An address of no configured source,
+  ``addr`` (:meth:`Config.source_for_address`: its ``source_address`` or its proxy's
+  address) with all it defines (proxy, ``remote_port``). An address of no configured source,
   a name, or (with users configured) a source in none of the user's pools gets reply 02.
   A suspended source gets 01, and so does a direct source whose address this host cannot
   bind (tried at once, with ``IP_BIND_ADDRESS_NO_PORT``, and released): that is how
