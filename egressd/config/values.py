@@ -11,7 +11,9 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+import egressd.kumo_grammar as kumo_grammar
 from egressd.addresses import IPAddress, IPNetwork
+from egressd.kumo_grammar import GrammarError, Throttle
 
 
 @dataclass(frozen=True)
@@ -58,27 +60,9 @@ def type_name(value: object) -> str:
 
 # --------------------------------------------------------------------------- durations
 
-_DURATION_UNITS: dict[str, float] = {}
-for _names, _seconds in (
-    (("nanos", "nsec", "ns"), 1e-9),
-    (("usec", "us"), 1e-6),
-    (("millis", "msec", "ms"), 1e-3),
-    (("seconds", "second", "secs", "sec", "s"), 1.0),
-    (("minutes", "minute", "min", "mins", "m"), 60.0),
-    (("hours", "hour", "hr", "hrs", "h"), 3600.0),
-    (("days", "day", "d"), 86400.0),
-    (("weeks", "week", "w"), 604800.0),
-    (("months", "month", "M"), 2_630_016.0),
-    (("years", "year", "y"), 31_557_600.0),
-):
-    for _name in _names:
-        _DURATION_UNITS[_name] = _seconds
-
-_DURATION_PART = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*")
-
 
 def parse_duration(value: object) -> float:
-    """Seconds in a duration as KumoMTA reads it (crates/duration-serde).
+    """Seconds in a duration as KumoMTA reads it (:mod:`egressd.kumo_grammar`).
 
     A number is seconds (``ttl = 60``); a string is humantime's grammar: ``"60s"``,
     ``"5 mins"``, ``"1h 30m"``, ``"2weeks"``, ``"250ms"``, ``"0s"``. Units are
@@ -96,77 +80,38 @@ def parse_duration(value: object) -> float:
 
 def parse_duration_text(text: str) -> float:
     """Seconds in a humantime string; ValueError completes a sentence about ``text``."""
-    if not text.strip():
-        raise ValueError("is empty")
-    total = 0.0
-    position = 0
-    while position < len(text):
-        match = _DURATION_PART.match(text, position)
-        if match is None:
-            raise ValueError('is not a duration (use e.g. "60s", "5 mins", "1h")')
-        unit = _DURATION_UNITS.get(match.group(2))
-        if unit is None:
-            raise ValueError(f"has an unknown unit {quote(match.group(2))}")
-        total += float(match.group(1)) * unit
-        position = match.end()
-    return total
+    try:
+        return kumo_grammar.parse_duration_text(text, decimals=True)
+    except GrammarError as exc:
+        raise ValueError(_DURATION_PROBLEMS[exc.problem].format(quote(exc.word))) from None
+
+
+_DURATION_PROBLEMS = {
+    "empty": "is empty",
+    "syntax": 'is not a duration (use e.g. "60s", "5 mins", "1h")',
+    "unit": "has an unknown unit {}",
+}
 
 
 # --------------------------------------------------------------------------- throttles
-
-_PERIOD_UNITS = {
-    **dict.fromkeys(("s", "sec", "second"), 1),
-    **dict.fromkeys(("m", "min", "minute"), 60),
-    **dict.fromkeys(("h", "hr", "hour"), 3600),
-    **dict.fromkeys(("d", "day"), 86400),
-}
-_PERIOD = re.compile(r"([0-9]*)(.*)", re.DOTALL)
-
-
-@dataclass(frozen=True)
-class Throttle:
-    """KumoMTA's ThrottleSpec (crates/throttle): ``limit`` events per ``period`` seconds."""
-
-    limit: int
-    period: int
-    max_burst: int | None = None
-    local: bool = False
 
 
 def parse_throttle(text: str) -> Throttle:
     """``[local:]quantity/period[,max_burst=N]``: ``"3/hr"``, ``"10/day"``, ``"3/5m"``,
     ``"1,000/h"``, ``"local:1_000/d,max_burst=5"``, exactly as KumoMTA reads it."""
-    local = text.startswith("local:")
-    rest = text.removeprefix("local:")
-    max_burst = None
-    if ",max_burst=" in rest:
-        rest, burst = rest.split(",max_burst=", 1)
-        max_burst = _separated_number(burst)
-    if "/" not in rest:
-        raise ValueError('is not quantity/period (such as "3/5m" or "10/day")')
-    quantity, period = rest.split("/", 1)
-    limit = _separated_number(quantity)
-    if limit == 0:
-        raise ValueError("has a quantity of 0; it must be at least 1")
-    return Throttle(limit, _period_seconds(period), max_burst, local)
+    try:
+        return kumo_grammar.parse_throttle(text)
+    except GrammarError as exc:
+        raise ValueError(_THROTTLE_PROBLEMS[exc.problem].format(quote(exc.word))) from None
 
 
-def _separated_number(text: str) -> int:
-    """``"1,000"`` and ``"1_000"`` -> 1000, as KumoMTA's parse_separated_number."""
-    digits = text.replace("_", "").replace(",", "")
-    if not digits.isascii() or not digits.isdigit():
-        raise ValueError(f"has {quote(text)} where a number belongs")
-    return int(digits)
-
-
-def _period_seconds(text: str) -> int:
-    """``"hr"`` -> 3600, ``"5m"`` -> 300: an optional count, then a unit."""
-    match = _PERIOD.fullmatch(text)
-    assert match is not None  # the pattern matches any text
-    count, unit = match.groups()
-    if unit not in _PERIOD_UNITS:
-        raise ValueError(f'has an unknown period {quote(unit)} (use s, m, h or d, as in "3/5m")')
-    return (int(count) if count else 1) * _PERIOD_UNITS[unit]
+_THROTTLE_PROBLEMS = {
+    "no_slash": 'is not quantity/period (such as "3/5m" or "10/day")',
+    "number": "has {} where a number belongs",
+    "zero_quantity": "has a quantity of 0; it must be at least 1",
+    "period": 'has an unknown period {} (use s, m, h or d, as in "3/5m")',
+    "zero_period": "has a period of 0",
+}
 
 
 # --------------------------------------------------------------------------- names and addresses

@@ -7,43 +7,24 @@ month, ``m`` a minute); a month is 30.44 days and a year 365.25 days, as in huma
 
 from __future__ import annotations
 
-import re
-
-_UNITS: dict[str, float] = {}
-for _names, _seconds in (
-    (("nanos", "nsec", "ns"), 1e-9),
-    (("usec", "us"), 1e-6),
-    (("millis", "msec", "ms"), 1e-3),
-    (("seconds", "second", "secs", "sec", "s"), 1.0),
-    (("minutes", "minute", "min", "mins", "m"), 60.0),
-    (("hours", "hour", "hr", "hrs", "h"), 3600.0),
-    (("days", "day", "d"), 86400.0),
-    (("weeks", "week", "w"), 604800.0),
-    (("months", "month", "M"), 2_630_016.0),
-    (("years", "year", "y"), 31_557_600.0),
-):
-    for _name in _names:
-        _UNITS[_name] = _seconds
-
-_PART = re.compile(r"\s*([0-9]+)\s*([A-Za-z]+)\s*")
+import egressd.kumo_grammar as kumo_grammar
+from egressd.kumo_grammar import GrammarError
 
 
 def parse_duration_text(text: str) -> float:
-    """Seconds in a humantime string; ValueError names what is wrong."""
-    if not text.strip():
-        raise ValueError("is an empty duration")
-    total = 0.0
-    position = 0
-    while position < len(text):
-        match = _PART.match(text, position)
-        if match is None:
-            raise ValueError(f"{text!r} is not a duration (e.g. 90m, 2 hours, 1h 30m)")
-        unit = _UNITS.get(match.group(2))
-        if unit is None:
-            raise ValueError(f"{text!r} has an unknown unit {match.group(2)!r}")
-        total += int(match.group(1)) * unit
-        position = match.end()
-    return total
+    """Seconds in a humantime string (:mod:`egressd.kumo_grammar`, no decimal counts, as
+    KumoMTA); ValueError names what is wrong."""
+    try:
+        return kumo_grammar.parse_duration_text(text)
+    except GrammarError as exc:
+        raise ValueError(_PROBLEMS[exc.problem].format(text=text, word=exc.word)) from None
+
+
+_PROBLEMS = {
+    "empty": "is an empty duration",
+    "syntax": "{text!r} is not a duration (e.g. 90m, 2 hours, 1h 30m)",
+    "unit": "{text!r} has an unknown unit {word!r}",
+}
 
 
 def parse_duration(value: object) -> float:

@@ -24,37 +24,22 @@ Time is an integer count of nanoseconds given by the caller: this module has no 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+
+import egressd.kumo_grammar as kumo_grammar
+from egressd.kumo_grammar import BURST_SEPARATOR, LOCAL_PREFIX, GrammarError
 
 NANOS = 1_000_000_000
 
-_PERIOD_UNITS = {
-    "s": 1,
-    "sec": 1,
-    "second": 1,
-    "m": 60,
-    "min": 60,
-    "minute": 60,
-    "h": 3600,
-    "hr": 3600,
-    "hour": 3600,
-    "d": 86400,
-    "day": 86400,
-}
 _PERIOD_NAMES = {86400: "d", 3600: "h", 60: "m", 1: "s"}
-_DIGITS = re.compile(r"[0-9]+")
-_PERIOD = re.compile(r"([0-9]*)(.*)", re.DOTALL)
-LOCAL_PREFIX = "local:"
-BURST_SEPARATOR = ",max_burst="
 
 
 def parse_separated_number(text: str) -> int:
     """``"1,000"`` and ``"1_000"`` -> 1000 (KumoMTA allows both separators anywhere)."""
-    digits = text.replace("_", "").replace(",", "")
-    if not _DIGITS.fullmatch(digits):
-        raise ValueError(f"{text!r} is not a number")
-    return int(digits)
+    try:
+        return kumo_grammar.parse_separated_number(text)
+    except GrammarError:
+        raise ValueError(f"{text!r} is not a number") from None
 
 
 def _split_local(text: str) -> tuple[bool, str]:
@@ -63,17 +48,13 @@ def _split_local(text: str) -> tuple[bool, str]:
     return False, text
 
 
-def _parse_period(text: str) -> int:
-    """``"hr"`` -> 3600, ``"5m"`` -> 300: an optional count, then a unit."""
-    match = _PERIOD.fullmatch(text)
-    assert match is not None  # the pattern matches any text
-    count_text, unit = match.groups()
-    if unit not in _PERIOD_UNITS:
-        raise ValueError(f"has an unknown period {text!r} (use s, m, h or d, e.g. 5m)")
-    count = int(count_text) if count_text else 1
-    if count == 0:
-        raise ValueError("has a period of 0")
-    return count * _PERIOD_UNITS[unit]
+_PROBLEMS = {
+    "no_slash": "is not quantity/period (e.g. 100/hr, 3/5m)",
+    "number": "{word!r} is not a number",
+    "zero_quantity": "has a quantity of 0",
+    "period": "has an unknown period {word!r} (use s, m, h or d, e.g. 5m)",
+    "zero_period": "has a period of 0",
+}
 
 
 @dataclass(frozen=True)
@@ -95,18 +76,11 @@ class ThrottleSpec:
 
     @classmethod
     def _parse(cls, text: str) -> ThrottleSpec:
-        force_local, rest = _split_local(text)
-        max_burst: int | None = None
-        if BURST_SEPARATOR in rest:
-            rest, burst_text = rest.split(BURST_SEPARATOR, 1)
-            max_burst = parse_separated_number(burst_text)
-        if "/" not in rest:
-            raise ValueError("is not quantity/period (e.g. 100/hr, 3/5m)")
-        limit_text, period_text = rest.split("/", 1)
-        limit = parse_separated_number(limit_text)
-        if limit == 0:
-            raise ValueError("has a quantity of 0")
-        return cls(limit, _parse_period(period_text), max_burst, force_local)
+        try:
+            spec = kumo_grammar.parse_throttle(text)
+        except GrammarError as exc:
+            raise ValueError(_PROBLEMS[exc.problem].format(word=exc.word)) from None
+        return cls(spec.limit, spec.period, spec.max_burst, spec.local)
 
     @property
     def burst(self) -> int:

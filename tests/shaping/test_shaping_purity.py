@@ -8,7 +8,7 @@ from pathlib import Path
 import egressd.shaping
 
 PACKAGE = Path(egressd.shaping.__file__).parent
-ALLOWED_EGRESSD = ("egressd.shaping", "egressd.addresses")
+ALLOWED_EGRESSD = ("egressd.shaping", "egressd.addresses", "egressd.kumo_grammar")
 FORBIDDEN = {"trio", "socket", "asyncio", "time", "selectors", "threading", "dns"}
 
 
