@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from shaping_helpers import FakeClock
+from fake_clock import FakeClock
 
 from egressd.shaping.files import ShapingFiles, load_shaping_files
 from egressd.shaping.policy import ShapingPolicy

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from shaping_helpers import FakeClock, policy_from
+from fake_clock import FakeClock
+from shaping_helpers import policy_from
 
 from egressd.shaping.rules import reply_line
 from egressd.shaping.shaper import Lease, Override, Refusal, Shaper, Suspension, refusal_summary

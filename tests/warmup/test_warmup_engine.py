@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from warmup_helpers import DAY, FakeClock, MemoryStore, at, engine, send, step
+from fake_clock import FakeClock
+from warmup_helpers import DAY, MemoryStore, at, engine, send, step
 
 from egressd.state import Event
 from egressd.warmup import Calendar

@@ -6,22 +6,13 @@ import datetime as dt
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fake_clock import FakeClock
+
 from egressd.config import WarmupPlan, WarmupSettings
 from egressd.state import Batch, DayCount, Event, Progress, Snapshot, Store
 from egressd.warmup import Warmup
 
 DAY = 86400.0
-
-
-@dataclass
-class FakeClock:
-    now: float
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def at(text: str) -> float:
