@@ -9,7 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from warmup_helpers import DAY, FakeClock, at
+from fake_clock import FakeClock
+from warmup_helpers import DAY, at
 
 from egressd.config import load_config
 from egressd.egress import Egress, EgressFailure, Failure, GiveUp, Plan
