@@ -444,7 +444,8 @@ class RelayCore:
             yield from self._drop_remote(polite=True)
         result = yield OpenRemote(tx.pool, domain, tx.egress, tx.next_hops)
         if isinstance(result, OpenFailed):
-            raise _Refusal(result.reply)
+            named = self.auth_user is not None
+            raise _Refusal(result.reply if named else replies.pool_unnamed(result.reply, tx.pool))
         assert isinstance(result, RemoteOpened), result
         self.remote = self.last_remote = result.remote
         return result.remote, True

@@ -52,6 +52,7 @@ __all__ = [
     "no_smtputf8",
     "no_usable_address",
     "oversize",
+    "pool_unnamed",
     "refused_at_capacity",
     "remote_failure",
     "remote_failure_detail",
@@ -210,6 +211,16 @@ def egress_failure(pool: str, kind: str, detail: str) -> Reply:
         enhanced = "4.3.5" if kind == "unknown_pool" else "4.4.5"
         return temporary(enhanced, f"pool {pool}: {detail}")
     return temporary("4.3.0", detail)
+
+
+def pool_unnamed(reply: Reply, pool: str) -> Reply:
+    """``reply`` without the ``pool NAME:`` that :func:`egress_failure` puts first, for a
+    client that did not authenticate (it is told no pool's name)."""
+    prefix = f"{reply.enhanced} pool {pool}: " if reply.enhanced else f"pool {pool}: "
+    lines = tuple(line.removeprefix(prefix) for line in reply.lines)
+    if lines == reply.lines:
+        return reply
+    return temporary(reply.enhanced or "4.3.0", " ".join(lines), reply.code)
 
 
 def denied_next_hop(domain: str) -> Reply:

@@ -263,6 +263,22 @@ def test_a_forged_sender_does_not_lead_an_authenticated_user_out_of_its_pools() 
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("user", [None, "main"])
+def test_a_pool_failure_names_the_pool_only_to_an_authenticated_client(
+    user: str | None,
+) -> None:
+    failure = temp("4.4.5", "pool main: every source is suspended")
+    relay = core()
+    if user is not None:
+        relay.handle(MtaAuthenticated(user))
+    relay.handle(MtaCommand(MAIL))
+    commands = relay.handle(MtaCommand(RCPT))
+    assert commands == [OpenRemote("main", "good.test")]
+    [reply] = relay.handle(OpenFailed(failure))
+    expected = failure if user else temp("4.4.5", "every source is suspended")
+    assert reply == ReplyMta(expected)
+
+
 def test_recipient_domain_is_lower_case() -> None:
     assert recipient_domain("A@Good.TEST") == "good.test"
 

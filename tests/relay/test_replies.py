@@ -53,3 +53,12 @@ def test_next_hop_failures_by_kind(kind: str, code: bytes) -> None:
 def test_an_mta_timeout_is_a_421_naming_what_was_awaited(in_data: bool, text: str) -> None:
     reply = replies.mta_timeout("relay.test", in_data)
     assert reply.to_bytes() == f"421 4.4.2 relay.test timeout waiting for {text}\r\n".encode()
+
+
+def test_an_egress_failure_told_to_an_unauthenticated_client_names_no_pool() -> None:
+    reply = replies.egress_failure("bulk", "no_sources", "every source is suspended")
+    assert replies.pool_unnamed(reply, "bulk").to_bytes() == (
+        b"451 4.4.5 every source is suspended\r\n"
+    )
+    other = replies.egress_failure("bulk", "unplumbed", "127.0.0.9 is not plumbed")
+    assert replies.pool_unnamed(other, "bulk") == other
