@@ -1,4 +1,5 @@
-"""The ``egressd`` command line: check, select, probe, status, suspend, resume and run.
+"""The ``egressd`` command line: check, select, probe, status, suspend, resume, warmup
+and run.
 
 Exit codes, as ``haproxy -c`` and ``nginx -t`` use them, so a script can tell a bad file
 from a bad command line:
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(commands)
     _add_suspend(commands)
     _add_resume(commands)
+    _add_warmup(commands)
     return parser
 
 
@@ -240,6 +242,28 @@ def _add_resume(commands: Any) -> None:
         "a daemon that cannot be reached or refused (unknown source)",
     )
     resume.add_argument("source", metavar="SOURCE", help="the source's name")
+
+
+def _add_warmup(commands: Any) -> None:
+    warmup = _add_command(
+        commands,
+        "warmup",
+        "see and steer IP warm-up (needs [control] socket)",
+        "egressd warmup status [SOURCE]         plan, step, today's quota and use, holds, history\n"
+        "egressd warmup plan SOURCE             the projected schedule, day by day\n"
+        "egressd warmup hold SOURCE [--reason]  keep the step until resumed\n"
+        "egressd warmup resume SOURCE           end an operator's hold\n"
+        "egressd warmup set-step SOURCE STEP    put the source on STEP (1 is the first day)\n"
+        "--provider P limits plan, hold, resume and set-step to one provider.",
+        "a daemon that cannot be reached or refused (no such warming source)",
+    )
+    warmup.add_argument(
+        "action", choices=("status", "plan", "hold", "resume", "set-step"), help="what to do"
+    )
+    warmup.add_argument("source", metavar="SOURCE", nargs="?", help="the source's name")
+    warmup.add_argument("step", metavar="STEP", nargs="?", type=int, help="for set-step")
+    warmup.add_argument("--provider", metavar="P", help="one provider (default: all)")
+    warmup.add_argument("--reason", metavar="TEXT", type=_reason, help="logged with the change")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -485,8 +509,30 @@ def _ask_daemon(config: Config, request: dict[str, Any]) -> dict[str, Any] | Non
     return reply
 
 
+def command_warmup(config: Config, args: argparse.Namespace) -> int:
+    """``egressd warmup ACTION [SOURCE] [STEP] [--provider P] [--reason TEXT]``."""
+    from egressd.status import format_warmup
+
+    if args.action != "status" and args.source is None:
+        print(f"egressd: warmup {args.action} needs a SOURCE", file=sys.stderr)
+        return EXIT_USAGE
+    if (args.action == "set-step") != (args.step is not None):
+        print("egressd: STEP goes with set-step, and only with it", file=sys.stderr)
+        return EXIT_USAGE
+    request: dict[str, Any] = {"command": "warmup", "action": args.action}
+    for key in ("source", "step", "provider", "reason"):
+        if getattr(args, key) is not None:
+            request[key] = getattr(args, key)
+    reply = _ask_daemon(config, request)
+    if reply is None:
+        return EXIT_FAILED
+    print(format_warmup(reply["warmup"]), end="")
+    return EXIT_OK
+
+
 CONTROL_COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "status": command_status,
     "suspend": command_suspend,
     "resume": command_resume,
+    "warmup": command_warmup,
 }

@@ -10,6 +10,9 @@ line and reads one JSON object per line back, as many times as it likes, then cl
     {"command": "suspend", "source": "ip-1", "seconds": 600,
      "reason": "blocklisted at Spamhaus"}                -> {"ok": true}
     {"command": "resume", "source": "ip-1"}              -> {"ok": true, "was_suspended": true}
+    {"command": "warmup", "action": "status"|"plan"|"hold"|"resume"|"set-step",
+     "source": "ip-9", "provider": "other", "step": 3,
+     "reason": "..."}                                    -> {"ok": true, "warmup": {...}}
     anything else                                        -> {"ok": false, "error": "..."}
 
 ``seconds`` is a number above 0 and at most :data:`MAX_SUSPEND_SECONDS` (NaN, Infinity and
@@ -75,6 +78,9 @@ class Controlled(Protocol):
     def resume(self, source: str) -> bool:
         """Put ``source`` back in rotation; True when it was suspended."""
 
+    def warmup(self, action: str, source: str | None, options: Mapping[str, Any]) -> Reply:
+        """A warm-up action (status, plan, hold, resume, set-step); ValueError when refused."""
+
 
 # --------------------------------------------------------------------------- protocol
 
@@ -120,7 +126,22 @@ def _handle(target: Controlled, request: Mapping[str, Any]) -> ControlReply:
         return {"ok": True, "status": target.status()}
     if command in ("suspend", "resume"):
         return _suspend_or_resume(target, request)
-    return {"ok": False, "error": f'unknown command "{command}" (try status, suspend, resume)'}
+    if command == "warmup":
+        return _warmup(target, request)
+    return {
+        "ok": False,
+        "error": f'unknown command "{command}" (try status, suspend, resume, warmup)',
+    }
+
+
+def _warmup(target: Controlled, request: Mapping[str, Any]) -> Reply:
+    action, source = request.get("action", "status"), request.get("source")
+    if not isinstance(action, str) or not (source is None or isinstance(source, str)):
+        return {"ok": False, "error": '"action" and "source" must be strings'}
+    reason = request.get("reason")
+    if reason is not None and (not isinstance(reason, str) or not 0 < len(reason) <= 200):
+        return {"ok": False, "error": '"reason" must be a string of 1 to 200 characters'}
+    return {"ok": True, "warmup": target.warmup(action, source, request)}
 
 
 def _suspend_or_resume(target: Controlled, request: Mapping[str, Any]) -> ControlReply:

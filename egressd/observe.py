@@ -54,6 +54,7 @@ from egressd.egress import EgressObserver
 from egressd.log import get_logger
 from egressd.metrics import Metrics, serve_metrics
 from egressd.runtime import Runtime, SessionRecord
+from egressd.warming import Warming, warmup_command
 
 log = get_logger("observe")
 
@@ -98,6 +99,9 @@ class Observed(Protocol):
 
     @property
     def listeners(self) -> Mapping[tuple[str, Endpoint], RunningListener]: ...
+
+    @property
+    def warming(self) -> Warming | None: ...
 
 
 def egress_observer(metrics: Metrics) -> EgressObserver:
@@ -237,6 +241,9 @@ class DaemonControls:
 
     def resume(self, source: str) -> bool:
         return self._daemon.runtime.health.resume(source)
+
+    def warmup(self, action: str, source: str | None, options: Mapping[str, Any]) -> dict[str, Any]:
+        return warmup_command(self._daemon.warming, action, source, options)
 
     def status(self) -> dict[str, Any]:
         """The daemon's pid, version, configuration, generation, listeners, pools and sources."""

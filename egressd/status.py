@@ -228,3 +228,35 @@ def sources_from_metrics(exposition: str) -> list[dict[str, Any]]:
         }
         for name, gauges in sorted(values.items())
     ]
+
+
+# --------------------------------------------------------------------------- egressd warmup
+
+
+def format_warmup(reply: Mapping[str, Any]) -> str:
+    """A ``warmup`` reply: the schedule of ``plan``, or the status table and history."""
+    if "days" in reply:
+        head = f"{reply['source']} (plan {reply['plan']}, provider {reply['provider']})\n"
+        lines = [
+            f"  step {d['step']:>3}  {d['date']}  {d['quota']:>9} a day" for d in reply["days"]
+        ]
+        return head + "\n".join(lines or ["  warm: no step left"]) + "\n"
+    head = f"day {reply['today']} ({reply['timezone']}); quotas reset at {reply['resets_at']}\n"
+    rows = [
+        f"{'SOURCE':<16} {'PROVIDER':<12} {'PLAN':<12} {'STEP':>7} {'USED/QUOTA':>13}  "
+        f"{'WARM ON':<10}  HOLD"
+    ]
+    for row in reply["rows"]:
+        step = "warm" if row["warm"] else f"{row['step']}/{row['steps']}"
+        use = "" if row["warm"] else f"{row['used']}/{row['quota']}"
+        rows.append(
+            f"{row['source']:<16} {row['provider']:<12} {row['plan']:<12} {step:>7} "
+            f"{use:>13}  {row['warm_on']:<10}  {row['hold'] or ''}".rstrip()
+        )
+    history = [
+        f"  {time.strftime('%Y-%m-%d %H:%M', time.localtime(e['at']))} {e['source']} "
+        f"{e['provider']}: {e['change']} {e['step_from']} -> {e['step_to']}: {e['reason']}"
+        for e in reply["history"]
+    ]
+    tail = "\nrecent changes:\n" + "\n".join(history) + "\n" if history else ""
+    return head + "\n".join(rows) + "\n" + tail

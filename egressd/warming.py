@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -35,7 +36,7 @@ from egressd.log import get_logger
 from egressd.state import Event, StateError, Store, open_store, state_directory
 from egressd.warmup import Calendar, Warmup
 
-__all__ = ["Warming", "WarmupClock", "open_warming", "outcome_of"]
+__all__ = ["Warming", "WarmupClock", "open_warming", "outcome_of", "warmup_command"]
 
 log = get_logger("warmup")
 
@@ -125,3 +126,98 @@ def open_warming(
         extra={"fields": {"database": store.location, "sources": len(sources)}},
     )
     return Warming(store, engine, clock)
+
+
+# --------------------------------------------------------------------------- control socket
+
+
+def warmup_status(warming: Warming, source: str | None) -> dict[str, Any]:
+    """``egressd warmup status``: each warming source's plan, steps, quotas and holds."""
+    engine = warming.engine
+    names = [source] if source is not None else sorted(engine.sources)
+    rows = []
+    for name in names:
+        for provider in engine.providers_of(name):
+            quota = engine.quota(name, provider)
+            rows.append(
+                {
+                    "source": name,
+                    "plan": engine.sources[name],
+                    "provider": provider,
+                    "warm": quota is None,
+                    "step": None if quota is None else quota.step + 1,
+                    "steps": None if quota is None else quota.steps,
+                    "quota": None if quota is None else quota.limit,
+                    "used": None if quota is None else quota.used,
+                    "hold": None if quota is None else quota.hold,
+                    "warm_on": engine.warm_on(name, provider),
+                }
+            )
+    # One indexed read of a few rows from the WAL database: well under a millisecond, so
+    # it runs on the loop rather than in a thread (the write path never does).
+    history = warming.store.history(source, limit=10)
+    return {
+        "timezone": engine.settings.timezone,
+        "today": engine.calendar.day(warming.clock()),
+        "resets_at": engine.calendar.stamp(engine.calendar.next_midnight(warming.clock())),
+        "rows": rows,
+        "history": [
+            {
+                "at": event.at,
+                "source": event.source,
+                "provider": event.provider,
+                "change": event.kind,
+                "step_from": event.step_from + 1,
+                "step_to": event.step_to + 1,
+                "reason": event.reason,
+            }
+            for event in history
+        ],
+    }
+
+
+def warmup_plan(warming: Warming, source: str, provider: str) -> dict[str, Any]:
+    """``egressd warmup plan``: the projected schedule from today's step to the end."""
+    engine = warming.engine
+    return {
+        "source": source,
+        "plan": engine.sources[source],
+        "provider": provider,
+        "days": [
+            {"step": step + 1, "date": day, "quota": volume}
+            for step, day, volume in engine.projection(source, provider)
+        ],
+    }
+
+
+def warmup_command(
+    warming: Warming | None, action: str, source: str | None, options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Carry out one ``warmup`` request; ValueError (the error reply) when it cannot be."""
+    if warming is None:
+        raise ValueError("no source follows a warm-up plan in the running configuration")
+    engine = warming.engine
+    if source is not None and not engine.is_warming(source):
+        raise ValueError(f"source {source!r} follows no warm-up plan")
+    provider = options.get("provider")
+    if provider is not None and not isinstance(provider, str):
+        raise ValueError('"provider" must be a string')
+    if action == "status":
+        return warmup_status(warming, source)
+    if source is None:
+        raise ValueError(f'"warmup {action}" needs a source')
+    if action == "plan":
+        return warmup_plan(warming, source, provider or "other")
+    reason = str(options.get("reason") or f"{action} by operator")
+    if action == "hold":
+        engine.hold(source, provider, reason)
+    elif action == "resume":
+        engine.resume(source, provider)
+    elif action == "set-step":
+        step = options.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ValueError('"step" must be an integer from 1')
+        engine.set_step(source, provider, step - 1, reason)
+    else:
+        raise ValueError(f'unknown warmup action "{action}" (status, plan, hold, resume, set-step)')
+    return warmup_status(warming, source)

@@ -67,7 +67,16 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def test_every_command_has_a_description_argument_help_and_exit_codes(capsys: Capture) -> None:
     commands = subcommands(build_parser())
-    assert set(commands) == {"check", "select", "probe", "run", "status", "suspend", "resume"}
+    assert set(commands) == {
+        "check",
+        "select",
+        "probe",
+        "run",
+        "status",
+        "suspend",
+        "resume",
+        "warmup",
+    }
     for name, command in commands.items():
         assert command.description, name
         undocumented = [

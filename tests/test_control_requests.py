@@ -31,6 +31,9 @@ class Target:
     def resume(self, source: str) -> bool:
         return False
 
+    def warmup(self, action: str, source: str | None, options: Any) -> dict[str, Any]:
+        raise ValueError("no source follows a warm-up plan")
+
 
 def suspend(seconds: str) -> bytes:
     return b'{"command": "suspend", "source": "a", "seconds": ' + seconds.encode() + b"}"
