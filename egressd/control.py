@@ -78,7 +78,7 @@ class Controlled(Protocol):
     def resume(self, source: str) -> bool:
         """Put ``source`` back in rotation; True when it was suspended."""
 
-    def warmup(self, action: str, source: str | None, options: Mapping[str, Any]) -> Reply:
+    def warmup(self, action: str, source: str | None, options: Mapping[str, Any]) -> ControlReply:
         """A warm-up action (status, plan, hold, resume, set-step); ValueError when refused."""
 
 
@@ -134,7 +134,7 @@ def _handle(target: Controlled, request: Mapping[str, Any]) -> ControlReply:
     }
 
 
-def _warmup(target: Controlled, request: Mapping[str, Any]) -> Reply:
+def _warmup(target: Controlled, request: Mapping[str, Any]) -> ControlReply:
     action, source = request.get("action", "status"), request.get("source")
     if not isinstance(action, str) or not (source is None or isinstance(source, str)):
         return {"ok": False, "error": '"action" and "source" must be strings'}
