@@ -38,7 +38,9 @@ from egressd.config import (
     parse_duration,
     parse_hostport,
 )
+from egressd.net.shaping import findings_text, load_policy
 from egressd.pools import NoSourcesAvailable, PoolSelector
+from egressd.shaping import ShapingPolicy
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -271,14 +273,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = config_path_from(args.config, os.environ)
     try:
         config = load_config(path)
+        shaping = load_policy(config) if args.command in ("check", "run") else None
     except ConfigError as exc:
         return _invalid_configuration(args, path, exc)
-    return _run_command(args, config)
+    return _run_command(args, config, shaping)
 
 
-def _run_command(args: argparse.Namespace, config: Config) -> int:
+def _run_command(
+    args: argparse.Namespace, config: Config, shaping: ShapingPolicy | None = None
+) -> int:
     if args.command == "check":
-        return command_check(config, args, sys.stdout)
+        return command_check(config, args, sys.stdout, shaping)
     if args.command == "select":
         return command_select(config, args.pool, args.n, sys.stdout)
     if args.command == "probe":
@@ -324,8 +329,13 @@ def _control_despite_errors(args: argparse.Namespace, path: str, error: ConfigEr
 # --------------------------------------------------------------------------- check
 
 
-def command_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
-    """``egressd check``: the summary (or ``--effective`` settings), warnings on stderr."""
+def command_check(
+    config: Config, args: argparse.Namespace, out: TextIO, shaping: ShapingPolicy | None = None
+) -> int:
+    """``egressd check``: the summary (or ``--effective`` settings), warnings on stderr.
+
+    The shaping files' warnings (rules that can never apply) and notices (MTA-only keys and
+    actions, each once) are printed too; they never fail the check."""
     from egressd.checks import config_errors, config_warnings, effective_settings
 
     errors = config_errors(config)
@@ -343,6 +353,8 @@ def command_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         print_summary(config, out)
     for warning in config_warnings(config):
         print(f"egressd: warning: {warning}", file=sys.stderr)
+    for finding in findings_text(shaping):
+        print(f"egressd: shaping {finding}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -350,6 +362,8 @@ def print_summary(config: Config, out: TextIO) -> None:
     print(f"configuration {config.path} is valid", file=out)
     for extra in config.source_files:
         print(f"  sources file {extra}", file=out)
+    for extra in config.shaping_files:
+        print(f"  shaping file {extra}", file=out)
     print(f"\nsources ({len(config.sources)}):", file=out)
     for source in config.sources.values():
         print(f"  {source.name}: {describe_source(source)}", file=out)

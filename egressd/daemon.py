@@ -50,6 +50,7 @@ from egressd.metrics import Metrics
 from egressd.net import sdnotify
 from egressd.net.connection import Connection
 from egressd.net.listen import accept_loop, bound_port, close_listener, open_listener, peer_of
+from egressd.net.shaping import load_policy
 from egressd.observe import Extras
 from egressd.runtime import Overloaded, Runtime, SessionRecord
 from egressd.state import StateError
@@ -331,6 +332,7 @@ class Daemon:
         self.files_seen = file_fingerprint(watched_files(self.runtime.config))
         try:
             config = load_config(path)
+            shaping = await trio.to_thread.run_sync(load_policy, config)
         except ConfigError as exc:
             raise ReloadRefused(exc.errors) from exc
         self.files_seen = file_fingerprint(watched_files(config))
@@ -338,7 +340,7 @@ class Daemon:
             opened = await self._open_new_listeners(config)
         except OSError as exc:
             raise ReloadRefused([str(exc.strerror or exc)]) from exc
-        self.runtime.swap_config(config)
+        self.runtime.swap_config(config, shaping)
         for running in self._adopt_listeners(config, opened):
             await running.closed.wait()
         setup_logging("json" if self.json_logs else config.log.format, config.log.level)
@@ -395,7 +397,7 @@ def file_fingerprint(paths: list[Path]) -> Fingerprint:
 
 
 def watched_files(config: Config) -> list[Path]:
-    return [config.path, *config.source_files, *config.key_files]
+    return [config.path, *config.source_files, *config.shaping_files, *config.key_files]
 
 
 class SettledChange:
@@ -468,7 +470,8 @@ async def serve(
     then READY=1; a listener that cannot be bound ends ``serve`` with OSError before it.
     """
     metrics = Metrics()
-    runtime = Runtime(config, observe.egress_observer(metrics))
+    shaping = await trio.to_thread.run_sync(load_policy, config)
+    runtime = Runtime(config, observe.egress_observer(metrics), shaping)
     warming = open_warming(config)  # StateError: the daemon does not start
     if warming is not None:
         attach_warming(runtime, warming)

@@ -42,6 +42,7 @@ from egressd.health import SourceHealth
 from egressd.log import get_logger
 from egressd.login import LoginThrottle
 from egressd.pools import PoolSet
+from egressd.shaping import Shaper, ShapingPolicy
 from egressd.warmup import Warmup
 
 log = get_logger("session")
@@ -118,7 +119,15 @@ def printable(text: str, limit: int = 64) -> str:
 class Runtime:
     """Shared by all front doors of one daemon process."""
 
-    def __init__(self, config: Config, observer: EgressObserver | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        observer: EgressObserver | None = None,
+        shaping: ShapingPolicy | None = None,
+    ) -> None:
+        self.shaper: Shaper | None = None
+        """Per-destination budgets (:mod:`egressd.shaping`); None without shaping files."""
+        self._adopt_shaping(shaping)
         self.health = SourceHealth(config.sources)
         self.observer = observer or EgressObserver()
         self.breaker = DestinationBreaker()
@@ -149,8 +158,12 @@ class Runtime:
     def config(self) -> Config:
         return self.egress.config
 
-    def swap_config(self, config: Config) -> None:
-        """Adopt a new, validated configuration for every session that starts from now on."""
+    def swap_config(self, config: Config, shaping: ShapingPolicy | None = None) -> None:
+        """Adopt a new, validated configuration for every session that starts from now on.
+
+        ``shaping``: the policy of its shaping files; the shaper keeps its leases, buckets,
+        suspensions and overrides across the swap (:meth:`Shaper.replace_policy`)."""
+        self._adopt_shaping(shaping)
         pools = PoolSet.from_config(config, previous=self.egress.pools)
         self.health.update_sources(config.sources)
         self.doors = doors_with_listeners(config)
@@ -163,6 +176,14 @@ class Runtime:
     def _quota_refusal(self, source: str, provider: str) -> str | None:
         """Why ``source`` may not send to ``provider`` now (its warm-up quota is used)."""
         return None if self.warmup is None else self.warmup.refusal(source, provider)
+
+    def _adopt_shaping(self, policy: ShapingPolicy | None) -> None:
+        if policy is None:
+            self.shaper = None
+        elif self.shaper is None:
+            self.shaper = Shaper(policy, trio.current_time)
+        else:
+            self.shaper.replace_policy(policy)
 
     def smtp_transaction(self, pool: str, code: int, source: str = "") -> None:
         """An SMTP door relayed one transaction whose final reply (to the dot) was ``code``."""

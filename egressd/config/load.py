@@ -94,6 +94,7 @@ def load_config(path: str | Path) -> Config:
         "sources": MappingProxyType(draft.build_sources()),
         "pools": MappingProxyType(pools),
         "source_files": source_files,
+        "shaping_files": _listed_files(data, main, main_path, "shaping_files"),
         "key_files": draft.key_files(),
     }
     try:
@@ -107,9 +108,16 @@ def load_config(path: str | Path) -> Config:
 
 
 def _sources_files(data: Mapping[str, Any], main: Where, main_path: Path) -> tuple[Path, ...]:
-    if "sources_files" not in data:
+    return _listed_files(data, main, main_path, "sources_files")
+
+
+def _listed_files(
+    data: Mapping[str, Any], main: Where, main_path: Path, key: str
+) -> tuple[Path, ...]:
+    """The files a list key names, relative to the main file (absolute names stay)."""
+    if key not in data:
         return ()
-    names = read_value(ListOf(Text()), data["sources_files"], main.at("sources_files"))
+    names = read_value(ListOf(Text()), data[key], main.at(key))
     if failed(names):
         return ()
     return tuple(main_path.parent / name for name in names)

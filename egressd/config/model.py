@@ -514,6 +514,9 @@ class Config:
     sources: Mapping[str, Source] = setting(None, key="source")
     pools: Mapping[str, Pool] = setting(None, key="pool")
     source_files: tuple[Path, ...] = setting(None, (), key="sources_files")
+    shaping_files: tuple[Path, ...] = setting(None, (), key="shaping_files")
+    """KumoMTA shaping files, relative to the main file, in KumoMTA's precedence order
+    (read by :mod:`egressd.shaping` when the daemon or ``check`` builds its policy)."""
     key_files: tuple[Path, ...] = ()
     """Files that hold secrets (``socks5_proxy_password``): watched like the others."""
     hostname: str | None = setting(EhloDomain, None)
