@@ -50,7 +50,7 @@ from egressd.metrics import Metrics
 from egressd.net import sdnotify
 from egressd.net.connection import Connection
 from egressd.net.listen import accept_loop, bound_port, close_listener, open_listener, peer_of
-from egressd.net.shaping import load_policy
+from egressd.net.shaping import load_policy_in_thread
 from egressd.observe import Extras
 from egressd.runtime import Overloaded, Runtime, SessionRecord
 from egressd.state import StateError
@@ -332,7 +332,7 @@ class Daemon:
         self.files_seen = file_fingerprint(watched_files(self.runtime.config))
         try:
             config = load_config(path)
-            shaping = await trio.to_thread.run_sync(load_policy, config)
+            shaping = await load_policy_in_thread(config)
         except ConfigError as exc:
             raise ReloadRefused(exc.errors) from exc
         self.files_seen = file_fingerprint(watched_files(config))
@@ -470,7 +470,7 @@ async def serve(
     then READY=1; a listener that cannot be bound ends ``serve`` with OSError before it.
     """
     metrics = Metrics()
-    shaping = await trio.to_thread.run_sync(load_policy, config)
+    shaping = await load_policy_in_thread(config)
     runtime = Runtime(config, observe.egress_observer(metrics), shaping)
     warming = open_warming(config)  # StateError: the daemon does not start
     if warming is not None:

@@ -27,11 +27,12 @@ from collections.abc import Iterable
 import dns.exception
 import dns.nameserver
 import dns.resolver
+import trio
 
 from egressd.config import Config, ConfigError, DnsSettings, Problem
 from egressd.shaping import ShapingError, ShapingPolicy, load_shaping_files, site_name
 
-__all__ = ["DNS_LIFETIME", "findings_text", "load_policy", "resolve_sites"]
+__all__ = ["DNS_LIFETIME", "findings_text", "load_policy", "load_policy_in_thread", "resolve_sites"]
 
 DNS_LIFETIME = 3.0
 
@@ -98,3 +99,10 @@ def _mx_records(
     except dns.exception.DNSException:
         return None
     return [(int(r.preference), r.exchange.to_text()) for r in answer]
+
+
+async def load_policy_in_thread(config: Config) -> ShapingPolicy | None:
+    """:func:`load_policy` for the daemon: its DNS runs in a thread (none without files)."""
+    if not config.shaping_files:
+        return None
+    return await trio.to_thread.run_sync(load_policy, config)
