@@ -36,11 +36,12 @@ from typing import Any
 import trio
 
 from egressd.admission import Admission
-from egressd.config import Config
+from egressd.config import Config, IPAddress
 from egressd.egress import DestinationBreaker, Egress, EgressObserver
 from egressd.health import SourceHealth
 from egressd.log import get_logger
 from egressd.login import LoginThrottle
+from egressd.net.shaping import ShapedDestination, proxy_budget
 from egressd.pools import PoolSet
 from egressd.shaping import Shaper, ShapingPolicy
 from egressd.warmup import Warmup
@@ -140,6 +141,7 @@ class Runtime:
             self.observer,
             self.breaker,
             quota_refusal=self._quota_refusal,
+            budget_for=self._budget_for,
         )
         self.admission = Admission()
         self.doors = doors_with_listeners(config)
@@ -170,12 +172,22 @@ class Runtime:
         if self.warmup is not None:
             self.warmup.reconfigure(config.warmup, config.warming_sources)
         self.egress = Egress(
-            config, pools, self.health, self.observer, self.breaker, self._quota_refusal
+            config,
+            pools,
+            self.health,
+            self.observer,
+            self.breaker,
+            self._quota_refusal,
+            self._budget_for,
         )
 
     def _quota_refusal(self, source: str, provider: str) -> str | None:
         """Why ``source`` may not send to ``provider`` now (its warm-up quota is used)."""
         return None if self.warmup is None else self.warmup.refusal(source, provider)
+
+    def _budget_for(self, host: str | IPAddress) -> ShapedDestination | None:
+        """The shaping budgets towards a SOCKS5/PROXY destination (None: no shaping)."""
+        return proxy_budget(self.shaper, host)
 
     def _adopt_shaping(self, policy: ShapingPolicy | None) -> None:
         if policy is None:

@@ -17,6 +17,8 @@ until both are done and fills the :class:`~egressd.runtime.SessionRecord`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from egressd.config import IPAddress, Source, format_hostport
 from egressd.egress import Egress, EgressFailure, Failure, Plan
 from egressd.log import get_logger
@@ -29,7 +31,13 @@ from egressd.runtime import Runtime, SessionRecord
 log = get_logger("doors")
 
 _NO_SOURCE_KINDS = frozenset(
-    {Failure.UNKNOWN_POOL, Failure.NO_SOURCES, Failure.SOURCE_LIMIT, Failure.WARMUP_QUOTA}
+    {
+        Failure.UNKNOWN_POOL,
+        Failure.NO_SOURCES,
+        Failure.SOURCE_LIMIT,
+        Failure.WARMUP_QUOTA,
+        Failure.BUDGET,
+    }
 )
 
 
@@ -45,8 +53,17 @@ async def open_outbound(
 
     Raises :class:`EgressFailure`.
     """
-    plan = Plan(egress, pool=pool, source=source, host=host, port=port, access=egress.config.access)
-    return await connect_within(plan)
+    plan = Plan(
+        egress,
+        pool=pool,
+        source=source,
+        host=host,
+        port=port,
+        access=egress.config.access,
+        budget=egress.budget_for(host),
+    )
+    dialed = await connect_within(plan)
+    return dataclasses.replace(dialed, release=plan.release_budget)
 
 
 def note_destination(record: SessionRecord, host: str | IPAddress, port: int) -> None:

@@ -95,7 +95,7 @@ class ProxyDoor:
         try:
             await relay_session(runtime, record, stream, dialed, idle_timeout=limits.idle_timeout)
         finally:
-            dialed.stream.close()  # synchronous: nothing to flush, no checkpoint
+            dialed.close()  # the socket and the shaping lease; no checkpoint
 
     async def refuse(self, stream: Connection, runtime: Runtime, reason: str) -> None:
         """Nothing can be said in the PROXY protocol: the daemon closes the connection."""

@@ -71,6 +71,7 @@ from egressd.egress.failures import timeout_kind
 from egressd.net.dialer import Dialed, connect
 from egressd.net.egress import execute
 from egressd.net.mx import NextHop, NextHopError, resolve_next_hop
+from egressd.net.shaping import ShapedDestination, smtp_budget
 from egressd.net.tls import client_context
 from egressd.proto.smtp_client import ClientCommand, SmtpClient
 from egressd.proto.smtp_common import (
@@ -298,6 +299,14 @@ class _Opening:
         assert isinstance(found, NextHop)
         return found
 
+    async def budget(self) -> ShapedDestination | None:
+        """The shaping budgets towards the domain's site and provider (its MX hosts)."""
+        if self.runtime.shaper is None:
+            return None
+        next_hop = await self.next_hop(None)
+        mx = [(host.preference, host.name) for host in next_hop.hosts]
+        return smtp_budget(self.runtime.shaper, self.domain, mx)
+
     async def resolve(self, step: Resolve) -> list[Destination]:
         """The plan's Resolve: the next hop's addresses, in order, without denied ones."""
         self.source = step.source
@@ -432,11 +441,13 @@ async def open_remote(
     the reply for the MTA (a 4xx naming the source, each address tried and its error).
     """
     opening = _Opening(egress, runtime, pool, domain, next_hops, hostname)
-    plan = Plan(egress, pool=pool)
+    plan = Plan(egress, pool=pool, budget=await opening.budget())
     try:
-        return await execute(plan, opening.attempt, opening.resolve)
+        session = await execute(plan, opening.attempt, opening.resolve)
     except EgressFailure as exc:
         raise RemoteError(opening.failed(exc)) from exc
+    session._exit.callback(plan.release_budget)  # the shaping lease lives as long
+    return session
 
 
 def denied_addresses(next_hop: NextHop, config: Config) -> frozenset[IPAddress]:

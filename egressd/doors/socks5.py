@@ -190,7 +190,7 @@ class _AcceptedConnection:
                     client_data=self.server.trailing_data,
                 )
             finally:
-                dialed.stream.close()  # synchronous: nothing to flush, no checkpoint
+                dialed.close()  # the socket and the shaping lease; no checkpoint
         except trio.BrokenResourceError as exc:
             if self.record.outcome in ("closed", "ok"):
                 self.record.outcome = "closed"

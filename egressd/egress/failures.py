@@ -79,6 +79,9 @@ class Failure(str, enum.Enum):
     """The pool has no source to give: empty, or every source is suspended."""
     SOURCE_LIMIT = "source_limit"
     """The source (every source of the pool) is at ``max_connections_per_source``."""
+    BUDGET = "budget"
+    """No source of the pool may connect to this destination now: a shaping budget
+    (connection limit, connection rate) is used up, or each source is suspended there."""
     WARMUP_QUOTA = "warmup_quota"
     """Every source the pool could give is warming up and has used today's quota."""
 

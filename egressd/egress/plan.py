@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 
 from egressd.access import destination_refusal
 from egressd.config import AccessSettings, IPAddress, Source, format_hostport
+from egressd.egress.budgets import DestinationBudget
 from egressd.egress.failures import EgressFailure, Failure, Party, Stage, timeout_kind
 from egressd.egress.selection import Egress
 from egressd.health import FailureKind, policy_for
@@ -165,6 +166,10 @@ class Plan:
     access: AccessSettings | None = None
     provider: str = "other"
     """The destination's mailbox provider, for warm-up quotas (``other``: none known)."""
+    budget: DestinationBudget | None = None
+    """The destination's shaping budgets (:mod:`egressd.egress.budgets`): the picked
+    source's lease is held by the plan, given back when it moves on or gives up, and
+    left to the caller (:meth:`release_budget`) once a connection is made."""
     progress: Progress = field(default_factory=Progress)
     tried: list[str] = field(default_factory=list)
     failures: list[EgressFailure] = field(default_factory=list)
@@ -211,7 +216,13 @@ class Plan:
                 continue
             self.progress.at(Stage.CONNECT, step.address)
             return step
+        self.release_budget()
         return GiveUp(self._final)
+
+    def release_budget(self) -> None:
+        """Give the destination budget's lease back: the connection ended (or never was)."""
+        if self.budget is not None:
+            self.budget.release()
 
     def resolved(self, destinations: Sequence[Destination]) -> None:
         """The outcome of :class:`Resolve`: the addresses to try, in order."""
@@ -255,6 +266,7 @@ class Plan:
         self.failures.append(failure)
         self._account(failure, failure.party)
         self._final = failure
+        self.release_budget()
         return failure
 
     # ------------------------------------------------------------------ sources
@@ -262,6 +274,7 @@ class Plan:
     def _choose_source(self) -> None:
         try:
             source = self._pick()
+            self._take_budget(source)
         except EgressFailure as refusal:
             # A retry that finds no second source reports the first source's failure.
             self._final = self.failures[-1] if self.failures else refusal
@@ -281,12 +294,23 @@ class Plan:
     def _pick(self) -> Source:
         if self.source is not None:
             self.egress.check_cap(self.source)
+            self.egress.check_budget(self.source, self.budget)
             return self.source
         if self.pool is None:
             raise EgressFailure(
                 Failure.UNKNOWN_POOL, "the client named no pool and the listener has none"
             )
-        return self.egress.pick(self.pool, avoid=frozenset(self.tried), provider=self.provider)
+        return self.egress.pick(
+            self.pool, avoid=frozenset(self.tried), provider=self.provider, budget=self.budget
+        )
+
+    def _take_budget(self, source: Source) -> None:
+        """Hold ``source``'s lease in the destination's budgets (the previous one goes back)."""
+        if self.budget is None:
+            return
+        refusal = self.budget.take(source.name)
+        if refusal is not None:  # pragma: no cover - pick() has just checked it
+            raise EgressFailure(Failure.BUDGET, refusal, source=source.name)
 
     def _may_retry(self) -> bool:
         return self.source is None and len(self.tried) < MAX_SOURCES

@@ -23,8 +23,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from egressd.config import Config, Source
+from egressd.config import Config, IPAddress, Source
 from egressd.egress.breaker import DestinationBreaker
+from egressd.egress.budgets import DestinationBudget
 from egressd.egress.failures import EgressFailure, Failure
 from egressd.health import FailureKind, SourceHealth
 from egressd.pools import NoSourcesAvailable, PoolSet, SelectionError
@@ -52,6 +53,9 @@ class Egress:
     breaker: DestinationBreaker = field(default_factory=DestinationBreaker)
     quota_refusal: Callable[[str, str], str | None] = lambda source, provider: None
     """Why (source, provider) may not send now (a used warm-up quota), or None."""
+    budget_for: Callable[[str | IPAddress], DestinationBudget | None] = lambda host: None
+    """The shaping budgets towards a SOCKS5/PROXY destination (a name or an address);
+    None without shaping (:mod:`egressd.egress.budgets`)."""
 
     def source_named(self, name: str) -> Source:
         try:
@@ -60,12 +64,18 @@ class Egress:
             raise EgressFailure(Failure.UNKNOWN_SOURCE, f'unknown source "{name}"') from None
 
     def pick(
-        self, pool: str, avoid: frozenset[str] = frozenset(), provider: str = "other"
+        self,
+        pool: str,
+        avoid: frozenset[str] = frozenset(),
+        provider: str = "other",
+        budget: DestinationBudget | None = None,
     ) -> Source:
-        """The pool's next source that is not suspended, not at its cap, not avoided and
-        not out of its warm-up quota to ``provider``."""
+        """The pool's next source that is not suspended, not at its cap, not avoided,
+        not out of its warm-up quota to ``provider`` and within its ``budget`` for the
+        destination (:mod:`egressd.egress.budgets`)."""
         cap = self.config.limits.max_connections_per_source
         quota_used: list[str] = []
+        over_budget: list[str] = []
 
         def skip(name: str) -> bool:
             if (
@@ -77,11 +87,14 @@ class Egress:
             refusal = self.quota_refusal(name, provider)
             if refusal is not None:
                 quota_used.append(refusal)
-            return refusal is not None
+                return True
+            return _over_budget(budget, name, over_budget)
 
         try:
             return self.config.sources[self.pools.next(pool, skip)]
         except NoSourcesAvailable as exc:
+            if over_budget and budget is not None:
+                raise EgressFailure(Failure.BUDGET, budget.exhausted(pool)) from None
             if quota_used:
                 detail = "; ".join(quota_used)
                 raise EgressFailure(
@@ -93,6 +106,12 @@ class Egress:
             raise EgressFailure(Failure.NO_SOURCES, str(exc)) from None
         except SelectionError as exc:
             raise EgressFailure(Failure.UNKNOWN_POOL, str(exc)) from None
+
+    def check_budget(self, source: Source, budget: DestinationBudget | None) -> None:
+        """Raise ``BUDGET`` when an exact ``source`` may not connect to the destination."""
+        refusal = budget.refusal(source.name) if budget is not None else None
+        if refusal is not None:
+            raise EgressFailure(Failure.BUDGET, refusal, source=source.name)
 
     def check_cap(self, source: Source) -> None:
         """Raise ``SOURCE_LIMIT`` when ``source`` is at ``max_connections_per_source``."""
@@ -108,3 +127,12 @@ class Egress:
         cap = self.config.limits.max_connections_per_source
         names = [e.source for e in self.pools.selector(pool).pool.entries if e.weight > 0]
         return bool(names) and all(self.health.active_connections(n) >= cap for n in names)
+
+
+def _over_budget(budget: DestinationBudget | None, name: str, refusals: list[str]) -> bool:
+    """The budget check of :meth:`Egress.pick`: True (the reason noted) when ``name`` may
+    not connect to the plan's destination now."""
+    refusal = budget.refusal(name) if budget is not None else None
+    if refusal is not None:
+        refusals.append(refusal)
+    return refusal is not None

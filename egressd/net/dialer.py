@@ -51,7 +51,7 @@ import errno
 import ipaddress
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import trio
@@ -102,6 +102,15 @@ class Dialed:
     remote_address: tuple[IPAddress, int]
     proxy_address: tuple[IPAddress, int] | None = None
     initial_data: bytes = b""
+    release: Callable[[], None] = lambda: None
+    """Gives back what the connection holds beyond its socket (a shaping lease)."""
+
+    def close(self) -> None:
+        """Close the socket (synchronous: nothing to flush) and give back what it held."""
+        try:
+            self.stream.close()
+        finally:
+            self.release()
 
 
 async def connect(attempt: Attempt, progress: Progress) -> Dialed:

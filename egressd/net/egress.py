@@ -80,7 +80,18 @@ async def execute(
     step: AttemptStep[T],
     resolve: Resolver = resolve_host,
 ) -> T:
-    """Run ``plan`` to its end: ``step``'s result, or the plan's final failure raised."""
+    """Run ``plan`` to its end: ``step``'s result, or the plan's final failure raised.
+
+    On success the caller owns the plan's budget lease (:meth:`Plan.release_budget` when
+    the connection ends); on any failure or cancellation it is given back here."""
+    try:
+        return await _run(plan, step, resolve)
+    except BaseException:
+        plan.release_budget()
+        raise
+
+
+async def _run(plan: Plan, step: AttemptStep[T], resolve: Resolver) -> T:
     while True:
         command = plan.next_step()
         if isinstance(command, GiveUp):

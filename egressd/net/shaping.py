@@ -22,6 +22,7 @@ prints them without failing.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 
 import dns.exception
@@ -29,10 +30,30 @@ import dns.nameserver
 import dns.resolver
 import trio
 
-from egressd.config import Config, ConfigError, DnsSettings, Problem
-from egressd.shaping import ShapingError, ShapingPolicy, load_shaping_files, site_name
+from egressd.config import Config, ConfigError, DnsSettings, IPAddress, Problem
+from egressd.shaping import (
+    Destination,
+    Lease,
+    Refusal,
+    Shaper,
+    ShapingError,
+    ShapingPolicy,
+    load_shaping_files,
+    refusal_summary,
+    site_name,
+)
+from egressd.shaping.sites import proxy_destination, smtp_destination
 
-__all__ = ["DNS_LIFETIME", "findings_text", "load_policy", "load_policy_in_thread", "resolve_sites"]
+__all__ = [
+    "DNS_LIFETIME",
+    "ShapedDestination",
+    "findings_text",
+    "load_policy",
+    "load_policy_in_thread",
+    "proxy_budget",
+    "resolve_sites",
+    "smtp_budget",
+]
 
 DNS_LIFETIME = 3.0
 
@@ -106,3 +127,76 @@ async def load_policy_in_thread(config: Config) -> ShapingPolicy | None:
     if not config.shaping_files:
         return None
     return await trio.to_thread.run_sync(load_policy, config)
+
+
+class ShapedDestination:
+    """The shaper bound to one destination: an :class:`~egressd.egress.budgets.
+    DestinationBudget` for one plan, holding at most one :class:`~egressd.shaping.Lease`."""
+
+    def __init__(self, shaper: Shaper, destination: Destination) -> None:
+        self.shaper = shaper
+        self.destination = destination
+        self.lease: Lease | None = None
+        self.refusals: dict[str, Refusal] = {}
+
+    def refusal(self, source: str) -> str | None:
+        refusal = self.shaper.check_open(source, self.destination)
+        if refusal is None:
+            return None
+        self.refusals[source] = refusal
+        return refusal.reason
+
+    def take(self, source: str) -> str | None:
+        self.release()
+        taken = self.shaper.open(source, self.destination)
+        if isinstance(taken, Refusal):
+            self.refusals[source] = taken
+            return taken.reason
+        self.lease = taken
+        return None
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def exhausted(self, pool: str) -> str:
+        return refusal_summary(pool, self.target(), list(self.refusals.values()))
+
+    def target(self) -> str:
+        """``provider "google"`` when a provider matched, else ``site "..."``."""
+        provider = self.shaper.policy.provider_of(self.destination)
+        if provider is not None:
+            return f"provider {provider[0]!r}"
+        return f"site {self.destination.site!r}"
+
+
+def smtp_budget(
+    shaper: Shaper | None, domain: str, mx: Iterable[tuple[int, str]]
+) -> ShapedDestination | None:
+    """The SMTP door's budgets: the recipient domain's site and provider, from its next
+    hop's MX ``(preference, host)`` records."""
+    if shaper is None:
+        return None
+    return ShapedDestination(shaper, smtp_destination(domain, mx))
+
+
+def proxy_budget(shaper: Shaper | None, host: str | IPAddress) -> ShapedDestination | None:
+    """The SOCKS5 and PROXY doors' budgets: the name the client gave, else the address."""
+    if shaper is None:
+        return None
+    if isinstance(host, str):
+        try:
+            address: IPAddress | None = ipaddress.ip_address(host)
+        except ValueError:
+            address = None
+        if address is None:
+            return ShapedDestination(shaper, _named(host))
+        host = address
+    return ShapedDestination(shaper, proxy_destination(host))
+
+
+def _named(name: str) -> Destination:
+    """A name without its address (SOCKS5 ATYP 03): the site is the name."""
+    host = name.lower().removesuffix(".")
+    return Destination(host, None, (host,), None)

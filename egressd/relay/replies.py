@@ -207,6 +207,8 @@ def egress_failure(pool: str, kind: str, detail: str) -> Reply:
     ``4.3.5``, every source suspended, at its cap or out of its warm-up quota ``4.4.5``),
     or the source's own fault
     (unplumbed address, proxy down) on every source tried (``4.3.0``)."""
+    if kind == "budget":  # shaping: every source's budget towards this destination is used
+        return temporary("4.7.0", detail)
     if kind in _NO_SOURCE:
         enhanced = "4.3.5" if kind == "unknown_pool" else "4.4.5"
         return temporary(enhanced, f"pool {pool}: {detail}")

@@ -1,0 +1,40 @@
+"""Per-destination budgets, as the egress plan sees them: may this source connect there now?
+
+The plan does not know shaping (:mod:`egressd.shaping` sits beside it, not below): it is
+handed one :class:`DestinationBudget` per plan, already bound to the plan's destination
+(the SMTP door's site and provider from the MX next hop; the SOCKS5 and PROXY doors' name
+or address). :meth:`Egress.pick <egressd.egress.selection.Egress.pick>` skips a source
+whose :meth:`~DestinationBudget.refusal` says no (its connection limit or connection rate
+for that destination is used up, or it is suspended there), so smooth weighted
+round-robin shares stay exact among the eligible sources; the plan then
+:meth:`~DestinationBudget.take` s the picked source's connection lease, gives it back
+when it moves to another source or gives up, and otherwise leaves it to the caller, who
+:meth:`~DestinationBudget.release` s it when the connection ends, however it ends.
+
+When no source of the pool is eligible for this reason, the failure is ``BUDGET`` and its
+detail, from :meth:`~DestinationBudget.exhausted`, names the budget. Pure: no trio.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+__all__ = ["DestinationBudget"]
+
+
+class DestinationBudget(Protocol):
+    """One plan's destination budgets (implemented over the shaper by :mod:`egressd.net`)."""
+
+    def refusal(self, source: str) -> str | None:
+        """Why ``source`` may not open a connection to the destination now, or None."""
+
+    def take(self, source: str) -> str | None:
+        """Take ``source``'s connection lease (and rate cells); the refusal when it cannot.
+
+        At most one lease is held: taking another gives the previous one back."""
+
+    def release(self) -> None:
+        """Give the lease back (idempotent); the connection has ended or never began."""
+
+    def exhausted(self, pool: str) -> str:
+        """The failure's detail when no source of ``pool`` may connect (after refusals)."""
