@@ -173,7 +173,8 @@ def send_one(port: int, recipient: str) -> str:
         code, text = exc.recipients[recipient]
         return f"{code} {text.decode()}"
     except smtplib.SMTPResponseException as exc:
-        return f"{exc.smtp_code} {exc.smtp_error.decode()}"
+        error = exc.smtp_error
+        return f"{exc.smtp_code} {error.decode() if isinstance(error, bytes) else error}"
 
 
 async def test_connection_limit_holds_through_the_smtp_door(tmp_path: Path) -> None:

@@ -1,0 +1,88 @@
+"""The plan and per-destination budgets: skipping, exact WRR among the rest, leases, BUDGET.
+
+The real shaper (:mod:`egressd.shaping`) on a fake clock, bound to the plan's destination
+by :class:`egressd.net.shaping.ShapedDestination`, as the doors bind it.
+"""
+
+from __future__ import annotations
+
+from fake_clock import FakeClock
+from test_plan import attempt, give_up, make_egress, unplumbed, v4
+
+from egressd.egress import Failure, Plan
+from egressd.net.shaping import ShapedDestination, proxy_budget
+from egressd.shaping import Shaper, ShapingPolicy
+from egressd.shaping.files import load_shaping_data
+
+HOST = "192.0.2.1"
+
+
+def shaper(clock: FakeClock, limit: int) -> Shaper:
+    files = load_shaping_data("shaping.toml", {"default": {"connection_limit": limit}})
+    return Shaper(ShapingPolicy.from_files(files, {}), clock)
+
+
+def budget(s: Shaper) -> ShapedDestination:
+    found = proxy_budget(s, HOST)
+    assert found is not None
+    return found
+
+
+def test_a_suspended_source_is_skipped_and_wrr_stays_exact_among_the_rest() -> None:
+    clock = FakeClock()
+    egress = make_egress(clock, v4("a"), v4("b", "127.0.0.3"), v4("c", "127.0.0.4"))
+    s = shaper(clock, 100)
+    s.suspend(("b", "site", HOST), 60, "test")
+    picked = []
+    for _ in range(6):
+        plan = Plan(egress, pool="p", host=HOST, port=25, budget=budget(s))
+        picked.append(attempt(plan.next_step()).source.name)
+        plan.release_budget()
+    assert picked == ["a", "c", "a", "c", "a", "c"]
+
+
+def test_connection_limit_leases_are_held_until_released() -> None:
+    clock = FakeClock()
+    egress = make_egress(clock, v4("a"), v4("b", "127.0.0.3"))
+    s = shaper(clock, 1)
+    first = Plan(egress, pool="p", host=HOST, port=25, budget=budget(s))
+    second = Plan(egress, pool="p", host=HOST, port=25, budget=budget(s))
+    assert attempt(first.next_step()).source.name == "a"
+    assert attempt(second.next_step()).source.name == "b"
+    third = Plan(egress, pool="p", host=HOST, port=25, budget=budget(s))
+    failure = give_up(third.next_step())
+    assert failure.kind is Failure.BUDGET
+    assert str(failure) == (
+        "no source of pool 'p' may connect to site '192.0.2.1' now "
+        "(connection_limit 1 reached for all 2 sources)"
+    )
+    first.release_budget()
+    first.release_budget()  # idempotent
+    fourth = Plan(egress, pool="p", host=HOST, port=25, budget=budget(s))
+    assert attempt(fourth.next_step()).source.name == "a"
+
+
+def test_a_retry_on_the_next_source_moves_the_lease_and_giving_up_returns_it() -> None:
+    clock = FakeClock()
+    egress = make_egress(clock, v4("a"), v4("b", "127.0.0.3"))
+    s = shaper(clock, 1)
+    plan = Plan(egress, pool="p", host=HOST, port=25, budget=budget(s))
+    step = attempt(plan.next_step())
+    plan.failed(unplumbed(step))  # the source's fault: the pool's next source
+    step = attempt(plan.next_step())
+    assert step.source.name == "b"
+    assert s.check_open("a", budget(s).destination) is None  # a's lease went back
+    plan.failed(unplumbed(step))
+    give_up(plan.next_step())
+    assert s.check_open("b", budget(s).destination) is None
+
+
+def test_an_exact_source_over_its_budget_is_refused() -> None:
+    clock = FakeClock()
+    a = v4("a")
+    egress = make_egress(clock, a)
+    s = shaper(clock, 1)
+    assert attempt(Plan(egress, source=a, host=HOST, budget=budget(s)).next_step())
+    failure = give_up(Plan(egress, source=a, host=HOST, budget=budget(s)).next_step())
+    assert failure.kind is Failure.BUDGET
+    assert "connection_limit 1 reached for source 'a'" in str(failure)
