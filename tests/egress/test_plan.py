@@ -481,6 +481,7 @@ def test_every_kind_blames_one_party() -> None:
         Failure.NO_SOURCES,
         Failure.SOURCE_LIMIT,
         Failure.WARMUP_QUOTA,
+        Failure.BUDGET,
     }
     for kind in Failure:
         expected = (
