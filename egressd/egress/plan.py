@@ -47,6 +47,7 @@ Pure: no trio, no sockets.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -56,7 +57,6 @@ from egressd.egress.budgets import DestinationBudget
 from egressd.egress.failures import EgressFailure, Failure, Party, Stage, timeout_kind
 from egressd.egress.selection import Egress
 from egressd.health import FailureKind, policy_for
-from egressd.log import get_logger
 
 __all__ = [
     "DEFAULT_PORT",
@@ -71,7 +71,9 @@ __all__ = [
     "destination_port",
 ]
 
-log = get_logger("egress")
+# The stdlib logger by name, not egressd.log (which imports socket for journald): the
+# plan stays pure, and egressd.log configures the "egressd" hierarchy it logs into.
+log = logging.getLogger("egressd.egress")
 
 DEFAULT_PORT = 25
 MAX_SOURCES = 2
