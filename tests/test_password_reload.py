@@ -20,7 +20,7 @@ import trio
 from egressd.config import load_config
 from egressd.daemon import Daemon, serve
 from egressd.egress import EgressFailure
-from egressd.net.dialer import dial
+from egressd.net.egress import dial
 
 
 class RecordingSocks5:

@@ -64,7 +64,7 @@ from egressd.net.oserrors import cause_text, errno_text
 from egressd.proto import socks5
 from egressd.proto.proxy import build_v2
 
-__all__ = ["Dialed", "connect", "dial", "resolve_name"]
+__all__ = ["Dialed", "connect", "resolve_name"]
 
 # Linux's value; the socket module names it only on Linux builds (and typeshed not at all).
 _IP_BIND_ADDRESS_NO_PORT: int = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -124,17 +124,6 @@ async def connect(attempt: Attempt, progress: Progress) -> Dialed:
     dialed = await _Dial(attempt.source, progress).run(*attempt.address)
     progress.connected_in = trio.current_time() - started
     return dialed
-
-
-async def dial(source: Source, host: str | IPAddress, port: int | None = None) -> Dialed:
-    """Connect to ``host`` (a name or an IP address) from ``source``, with no access rules,
-    limits or health: for tools and tests that hold a source and nothing else.
-
-    The plan and its executor do the work, so the retry policy is the doors' own.
-    """
-    from egressd.net.egress import dial_source  # the executor imports this module
-
-    return await dial_source(source, host, port)
 
 
 async def resolve_name(host: str, port: int | None, version: int | None) -> list[Destination]:

@@ -49,7 +49,7 @@ __all__ = [
     "AttemptStep",
     "Resolver",
     "connect_within",
-    "dial_source",
+    "dial",
     "execute",
     "open_within",
 ]
@@ -150,9 +150,10 @@ async def connect_within(plan: Plan) -> Dialed:
     return await open_within(plan, connect)
 
 
-async def dial_source(source: Source, host: str | IPAddress, port: int | None = None) -> Dialed:
-    """Dial ``host`` from ``source`` alone, with no access rules, limits, health or
-    deadline (:func:`egressd.net.dialer.dial`)."""
+async def dial(source: Source, host: str | IPAddress, port: int | None = None) -> Dialed:
+    """Connect to ``host`` (a name or an IP address) from ``source`` alone, with no access
+    rules, limits, health or deadline: for tools and tests that hold a source and nothing
+    else. The plan and this executor do the work, so the retry policy is the doors' own."""
     config = Config(path=None, sources={source.name: source}, pools={})  # type: ignore[arg-type]
     egress = Egress(config, PoolSet.from_config(config), SourceHealth([source.name]))
     return await execute(Plan(egress, source=source, host=host, port=port), connect)

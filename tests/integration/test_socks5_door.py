@@ -34,7 +34,7 @@ from harness import (
 
 from egressd.config import Endpoint, Source
 from egressd.log import TextFormatter
-from egressd.net.dialer import dial
+from egressd.net.egress import dial
 
 pytestmark = pytest.mark.integration
 

@@ -28,8 +28,8 @@ from harness import (
 from egressd.config import Config, DialSettings, Endpoint, IPAddress, Source
 from egressd.egress import Egress, EgressFailure, Party, Plan, Stage, destination_port
 from egressd.health import SourceHealth
-from egressd.net.dialer import Dialed, dial
-from egressd.net.egress import connect_within
+from egressd.net.dialer import Dialed
+from egressd.net.egress import connect_within, dial
 from egressd.pools import PoolSet
 
 ip = ipaddress.ip_address
