@@ -35,7 +35,7 @@ import socket
 
 import trio
 
-__all__ = ["YIELD_EVERY", "Connection"]
+__all__ = ["YIELD_EVERY", "Connection", "close_socket", "wait_readable", "wait_writable"]
 
 YIELD_EVERY = 16
 """Calls that completed without waiting after which a Connection yields anyway."""
@@ -145,3 +145,17 @@ def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourc
 
 def _cause(exc: OSError) -> OSError | None:
     return None if exc.errno in _CLOSED_ERRNOS else exc
+
+
+# --------------------------------------------------------------------------- bare sockets
+# The dialer's non-blocking connect and the listeners' accept wait on a socket before there
+# is a Connection; trio.lowlevel stays in this module and the splice reactor (ruff TID251).
+
+wait_readable = trio.lowlevel.wait_readable
+wait_writable = trio.lowlevel.wait_writable
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Close a socket trio may be waiting on (trio must hear of it first)."""
+    trio.lowlevel.notify_closing(sock)
+    sock.close()

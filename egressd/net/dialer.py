@@ -59,7 +59,7 @@ import trio
 from egressd.config import Endpoint, HopKind, IPAddress, Source, format_hostport
 from egressd.egress.failures import EgressFailure, Failure, Stage
 from egressd.egress.plan import Attempt, Destination, Progress
-from egressd.net.connection import Connection
+from egressd.net.connection import Connection, close_socket, wait_writable
 from egressd.net.oserrors import cause_text, errno_text
 from egressd.proto import socks5
 from egressd.proto.proxy import build_v2
@@ -199,7 +199,7 @@ class _Dial:
                 remote_address=target,
             )
         except BaseException:
-            _close(sock)
+            close_socket(sock)
             raise
 
     async def _via_haproxy(self, address: IPAddress, port: int) -> Dialed:
@@ -223,7 +223,7 @@ class _Dial:
                 proxy_address=proxy_address,
             )
         except BaseException:
-            _close(sock)
+            close_socket(sock)
             raise
 
     async def _via_socks5(self, address: IPAddress, port: int) -> Dialed:
@@ -265,7 +265,7 @@ class _Dial:
                 initial_data=client.trailing,
             )
         except BaseException:
-            _close(sock)
+            close_socket(sock)
             raise
 
     # ----------------------------------------------------------------------- the proxy
@@ -286,14 +286,14 @@ class _Dial:
                     self._bind(sock, bind, target)
                 await _connect(sock, _text(target))
             except OSError as exc:
-                _close(sock)
+                close_socket(sock)
                 if exc.errno in _LOCAL_ERRNOS:
                     raise self._local_error(exc, target) from exc
                 failures.append(f"{format_hostport(*target)}: {errno_text(exc)}")
                 last = exc
                 continue
             except BaseException:
-                _close(sock)
+                close_socket(sock)
                 raise
             return sock, target
         raise self._proxy_error(
@@ -484,7 +484,7 @@ async def _connect(sock: socket.socket, address: tuple[str, int]) -> None:
     except BlockingIOError:
         if _is_connected(sock):
             return
-        await trio.lowlevel.wait_writable(sock)
+        await wait_writable(sock)
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code != 0:
             raise OSError(code, f"Error connecting to {address!r}: {os.strerror(code)}") from None
@@ -496,12 +496,6 @@ def _is_connected(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
-
-
-def _close(sock: socket.socket) -> None:
-    """Close a socket trio may have waited on (trio must hear of it first)."""
-    trio.lowlevel.notify_closing(sock)
-    sock.close()
 
 
 def _sockname(sock: socket.socket, bound: IPAddress | None) -> tuple[IPAddress, int]:

@@ -22,7 +22,7 @@ import trio
 
 from egressd.config import Endpoint
 from egressd.log import get_logger
-from egressd.net.connection import Connection
+from egressd.net.connection import Connection, close_socket, wait_readable
 from egressd.net.oserrors import host_port
 
 log = get_logger("listen")
@@ -62,8 +62,7 @@ def bound_port(listener: socket.socket) -> int:
 
 
 def close_listener(listener: socket.socket) -> None:
-    trio.lowlevel.notify_closing(listener)
-    listener.close()
+    close_socket(listener)
 
 
 async def accept_loop(listener: socket.socket, handler: Handler, connections: trio.Nursery) -> None:
@@ -75,7 +74,7 @@ async def accept_loop(listener: socket.socket, handler: Handler, connections: tr
                 sock, peer = listener.accept()
             except BlockingIOError:
                 accepted = 0
-                await trio.lowlevel.wait_readable(listener)
+                await wait_readable(listener)
                 continue
             except OSError as exc:
                 if exc.errno not in _CAPACITY_ERRNOS:
@@ -87,7 +86,7 @@ async def accept_loop(listener: socket.socket, handler: Handler, connections: tr
             accepted += 1
             if accepted >= ACCEPT_BURST:
                 accepted = 0
-                await trio.lowlevel.checkpoint()
+                await trio.sleep(0)  # a checkpoint: let the new connections run
     finally:
         close_listener(listener)
 
