@@ -319,11 +319,11 @@ class MtaSession:
         elif isinstance(event, Data):
             await self._data(event)
         elif isinstance(event, Noop):
-            self.reply(replies.local(250, "2.0.0", "OK"))
+            self.reply(replies.noop())
         elif isinstance(event, Vrfy):
-            self.reply(replies.local(252, "2.5.0", "Cannot VRFY; send the message and see"))
+            self.reply(replies.vrfy())
         elif isinstance(event, Help):
-            self.reply(replies.local(214, "2.0.0", "egressd relays mail; see RFC 5321"))
+            self.reply(replies.help_text())
         elif isinstance(event, StartTls):
             await self._starttls()
         elif isinstance(event, AuthChallenge):
@@ -479,7 +479,7 @@ class MtaSession:
         if isinstance(event, Ehlo):
             self.reply(self.server.ehlo_reply(self.hostname, "egressd"))
         else:
-            self.reply(replies.local(250, "2.0.0", self.hostname))
+            self.reply(replies.helo(self.hostname))
 
     async def _data(self, event: Data) -> None:
         relay = self.relay
@@ -526,9 +526,9 @@ class MtaSession:
             context = server_context(tls.certificate, tls.private_key)
         except (OSError, ssl.SSLError) as exc:
             log.error("cannot load the STARTTLS certificate: %s", exc)
-            self.reply(replies.local(454, "4.7.0", "TLS not available"))
+            self.reply(replies.tls_unavailable())
             return
-        self.reply(replies.local(220, "2.0.0", "Ready to start TLS"))
+        self.reply(replies.tls_ready())
         await self.flush()
         try:
             self.server.start_tls()

@@ -41,6 +41,8 @@ __all__ = [
     "draining",
     "egress_failure",
     "greeting",
+    "helo",
+    "help_text",
     "local",
     "mta_timeout",
     "mta_too_slow",
@@ -51,6 +53,7 @@ __all__ = [
     "no_remote_transaction",
     "no_smtputf8",
     "no_usable_address",
+    "noop",
     "oversize",
     "pool_unnamed",
     "refused_at_capacity",
@@ -60,7 +63,10 @@ __all__ = [
     "reset",
     "sender_ok",
     "temporary",
+    "tls_ready",
+    "tls_unavailable",
     "too_many_auth_failures",
+    "vrfy",
 ]
 
 
@@ -83,6 +89,32 @@ def greeting(hostname: str) -> Reply:
 
 def reset() -> Reply:
     return local(250, "2.0.0", "Reset state")
+
+
+def helo(hostname: str) -> Reply:
+    """The reply to HELO (EHLO's lists the extensions: the SmtpServer machine builds it)."""
+    return local(250, "2.0.0", hostname)
+
+
+def noop() -> Reply:
+    return local(250, "2.0.0", "OK")
+
+
+def vrfy() -> Reply:
+    return local(252, "2.5.0", "Cannot VRFY; send the message and see")
+
+
+def help_text() -> Reply:
+    return local(214, "2.0.0", "egressd relays mail; see RFC 5321")
+
+
+def tls_ready() -> Reply:
+    return local(220, "2.0.0", "Ready to start TLS")
+
+
+def tls_unavailable() -> Reply:
+    """STARTTLS offered, but the certificate does not load (the log says why)."""
+    return local(454, "4.7.0", "TLS not available")
 
 
 def closing(hostname: str) -> Reply:
