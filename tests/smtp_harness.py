@@ -346,11 +346,14 @@ def dnsmasq(
     mx: Sequence[tuple[str, str, int]] = (),
     hosts: Mapping[str, Sequence[str]] | None = None,
     null_mx: Sequence[str] = (),
+    txt: Mapping[str, str] | None = None,
     host: str = "127.0.0.1",
+    port: int | None = None,
 ) -> Iterator[Dnsmasq]:
-    """dnsmasq serving ``mx`` ((domain, exchange, preference)), ``hosts`` (name -> addresses)
-    and RFC 7505 null MX records for ``null_mx``; every other ``*.test`` name is NXDOMAIN."""
-    port = free_port(host)
+    """dnsmasq serving ``mx`` ((domain, exchange, preference)), ``hosts`` (name -> addresses),
+    ``txt`` (name -> one TXT string) and RFC 7505 null MX records for ``null_mx``; every
+    other ``*.test`` name is NXDOMAIN. ``port`` restarts one on a known port."""
+    port = port if port is not None else free_port(host)
     binary = require_binary("dnsmasq")
     argv = [
         binary,
@@ -370,6 +373,7 @@ def dnsmasq(
     argv += [f"--mx-host={domain},{exchange},{pref}" for domain, exchange, pref in mx]
     argv += [f"--host-record={name},{','.join(addrs)}" for name, addrs in (hosts or {}).items()]
     argv += [f"--dns-rr={domain},15,000000" for domain in null_mx]  # MX "0 ."
+    argv += [f"--txt-record={name},{text}" for name, text in (txt or {}).items()]
     with start_process(argv, port) as process:
         yield Dnsmasq(host, port, process)
 

@@ -123,6 +123,11 @@ def test_example_error_message_names_file_and_key_path(tmp_path: Path) -> None:
         ('[access]\nclients = ["10.0.0.0/33"]\n', 'access: clients[0]: "10.0.0.0/33" is not an IP'),
         ('[[socks5.listener]]\naddress = "localhost:1080"\n', "socks5: listener[0]: address:"),
         ('[[socks5.listener]]\naddress = "127.0.0.1:1080"\npool = "nope"\n', 'pool: "nope" is not'),
+        (
+            '[smtp.tls.policy]\n"example.com" = "secure"\n',
+            'smtp: tls: policy: example.com: "secure" is not one of "none", "may"',
+        ),
+        ("[smtp.tls]\nmta_sts = 1\n", "smtp: tls: mta_sts: expected"),
     ],
 )
 def test_each_class_of_bad_config_names_file_and_key_path(

@@ -483,6 +483,14 @@ class SmtpTls:
     verify: bool = setting(Flag(), False)
     certificate: str | None = setting(Text(), None)
     private_key: str | None = setting(Text(), None)
+    ca_file: str | None = setting(Text(), None)
+    """The CA bundle for ``verify``, MTA-STS and its policy fetch (None: the system store)."""
+    mta_sts: bool = setting(Flag(), True)
+    """Apply recipient domains' MTA-STS policies (RFC 8461)."""
+    policy: Mapping[str, str] = setting(
+        MapOf(Choice(("none", "may", "encrypt", "verify"), fold=True), fold=True), factory=_empty
+    )
+    """``[smtp.tls.policy]``: domain -> none | may | encrypt | verify, over everything else."""
 
     def check_keys(self, at: KeyAt) -> None:
         if (self.certificate is None) != (self.private_key is None):

@@ -68,9 +68,11 @@ from egressd.egress import (
     Stage,
 )
 from egressd.egress.failures import timeout_kind
+from egressd.log import get_logger
 from egressd.net.dialer import Dialed, connect
 from egressd.net.egress import execute
-from egressd.net.mx import NextHop, NextHopError, resolve_next_hop
+from egressd.net.mtasts import mta_sts_policy
+from egressd.net.mx import MxHost, NextHop, NextHopError, resolve_next_hop
 from egressd.net.shaping import ShapedDestination, smtp_budget
 from egressd.net.tls import client_context
 from egressd.proto.smtp_client import ClientCommand, SmtpClient
@@ -88,6 +90,7 @@ from egressd.proto.smtp_common import (
 from egressd.relay import replies
 from egressd.relay.events import NextHops, Remote, RemoteLost, RemoteReplied, RemoteTimedOut
 from egressd.runtime import Runtime
+from egressd.tlspolicy import TlsPolicy, TlsTry, configured_policy, tries, with_mta_sts
 
 __all__ = [
     "RemoteBroken",
@@ -99,6 +102,7 @@ __all__ = [
     "open_remote",
 ]
 
+_log = get_logger("smtp")
 _RECEIVE_SIZE = 65536
 _QUIT_WAIT = 2.0
 
@@ -140,6 +144,9 @@ class RemoteSession:
     stream: trio.abc.Stream
     client: SmtpClient = field(default_factory=SmtpClient)
     tls_version: str | None = None
+    #: The TLS policy applied (its label) and how it went, for the log line.
+    tls_policy: str = "opportunistic"
+    tls_result: str = ""
     #: True while the last exchange was still writing (for the timeout's wording).
     sending: bool = False
     _exit: AsyncExitStack = field(default_factory=AsyncExitStack)
@@ -182,6 +189,8 @@ class RemoteSession:
             mx_name=self.mx_name,
             local_address=self.local_address,
             tls_version=self.tls_version,
+            tls_policy=self.tls_policy,
+            tls_result=self.tls_result,
             extensions=dict(self.client.extensions),
         )
 
@@ -264,10 +273,11 @@ async def _command(
 
 @dataclass
 class _Greeting:
-    """What a remote is greeted with: the STARTTLS policy and the source's EHLO name."""
+    """What a remote is greeted with: the source's EHLO name and this try's TLS."""
 
-    config: Config
     ehlo_name: str
+    tls: TlsTry
+    ca_file: str | None
 
 
 @dataclass
@@ -282,6 +292,9 @@ class _Opening:
     hostname: str
     failures: list[str] = field(default_factory=list)
     source: Source | None = None
+    policy: TlsPolicy | None = None
+    #: MTA-STS testing: what would have failed under enforce (logged, delivered anyway).
+    policy_failures: list[str] = field(default_factory=list)
 
     @property
     def config(self) -> Config:
@@ -312,16 +325,45 @@ class _Opening:
         self.source = step.source
         self.failures = []
         next_hop = await self.next_hop(step.version)
+        policy = await self.tls_policy(next_hop)
         denied = denied_addresses(next_hop, self.config)
         destinations = [
             Destination(address, host.port, host.name)
-            for host in next_hop.hosts
+            for host in self._allowed_hosts(next_hop, policy)
             for address in host.addresses
             if address not in denied
         ]
         if not destinations:
             raise RemoteError(replies.denied_next_hop(self.domain))
         return destinations
+
+    async def tls_policy(self, next_hop: NextHop) -> TlsPolicy:
+        """The domain's TLS policy (once per opening): ``[smtp.tls.policy]``, else
+        MTA-STS for an MX-derived next hop, over ``[smtp.tls]``'s default."""
+        if self.policy is None:
+            tls = self.config.smtp.tls
+            override = tls.policy.get(self.domain.lower().rstrip("."))
+            policy = configured_policy(tls.mode, tls.verify, override)
+            if tls.mta_sts and override is None and next_hop.kind in ("mx", "implicit"):
+                lookup = await mta_sts_policy(self.domain, self.config)
+                if lookup.policy is None and "failed" in lookup.note:
+                    _log.warning("mta-sts", extra=_fields(domain=self.domain, note=lookup.note))
+                policy = with_mta_sts(policy, lookup.policy, self.domain)
+            self.policy = policy
+        return self.policy
+
+    def _allowed_hosts(self, next_hop: NextHop, policy: TlsPolicy) -> list[MxHost]:
+        """The hosts MTA-STS allows; under testing, every host (the others noted)."""
+        allowed = [host for host in next_hop.hosts if policy.allows_mx(host.name)]
+        if len(allowed) == len(next_hop.hosts):
+            return list(next_hop.hosts)
+        names = [host.name for host in next_hop.hosts if host not in allowed]
+        if policy.testing:
+            self.policy_failures.append(f"MX {', '.join(names)} not in the policy")
+            return list(next_hop.hosts)
+        if not allowed:
+            raise RemoteError(replies.mta_sts_no_mx(self.domain, policy.origin, names))
+        return allowed
 
     async def attempt(self, attempt: Attempt, progress: Progress) -> RemoteSession:
         """The plan's per-address step: connect, greet, EHLO, STARTTLS per policy.
@@ -331,23 +373,52 @@ class _Opening:
         """
         source = attempt.source
         next_hop = await self.next_hop(source.egress_version)
-        greeting = _Greeting(self.config, source.ehlo_domain or self.hostname)
-        tls = self.config.smtp.tls
-        use_tls = tls.mode != "disabled"
-        for _ in range(2):
+        policy = await self.tls_policy(next_hop)
+        ehlo_name = source.ehlo_domain or self.hostname
+        tls_failures: list[str] = []
+        for tried in tries(policy):
             session = await self._dial(attempt, progress, next_hop)
+            greeting = _Greeting(ehlo_name, tried, self.config.smtp.tls.ca_file)
             try:
-                await _greet(greeting, session, use_tls=use_tls)
-                return session
+                await _greet(greeting, session)
             except _TlsFailed as exc:
                 await session.abort()
-                if tls.mode == "required" or tls.verify:
-                    raise self._rejected(attempt, f"{session.remote_text}: {exc}") from exc
-                use_tls = False  # opportunistic: reconnect and go on in plaintext
+                if tried.required:
+                    detail = replies.under_policy(f"{session.remote_text}: {exc}", policy.origin)
+                    raise self._rejected(attempt, detail) from exc
+                tls_failures.append(str(exc))  # reconnect: the next try, or plaintext
+                continue
             except RemoteError as exc:
                 await session.abort()
-                raise self._rejected(attempt, exc.detail) from exc
-        raise AssertionError("unreachable: the plaintext attempt returns or raises")
+                raise self._rejected(
+                    attempt, replies.under_policy(exc.detail, policy.origin)
+                ) from exc
+            session.tls_policy = policy.label
+            session.tls_result = self._tls_result(session, policy, tried, tls_failures)
+            return session
+        raise AssertionError("unreachable: the last try returns or raises")
+
+    def _tls_result(
+        self, session: RemoteSession, policy: TlsPolicy, tried: TlsTry, tls_failures: list[str]
+    ) -> str:
+        """How the policy fared: ``verified``, ``encrypted``, ``plaintext``; under MTA-STS
+        testing, what would have failed (logged as a warning, counted)."""
+        result = "plaintext"
+        if session.tls_version is not None:
+            result = "verified" if tried.verify else "encrypted"
+        if not policy.testing:
+            return result
+        problems = list(self.policy_failures) + tls_failures
+        if session.tls_version is None and not tls_failures:
+            problems.append("no STARTTLS")
+        if not problems:
+            return result
+        failed = f"{result}; testing failure: {'; '.join(problems)}"
+        _log.warning(
+            "mta-sts testing failure",
+            extra=_fields(domain=self.domain, mx=session.remote_text, result=failed),
+        )
+        return failed
 
     async def _dial(self, attempt: Attempt, progress: Progress, next_hop: NextHop) -> RemoteSession:
         """Connect within ``[dial] timeout``; the session holds a source slot for its life."""
@@ -467,26 +538,26 @@ def denied_addresses(next_hop: NextHop, config: Config) -> frozenset[IPAddress]:
     return frozenset(denied)
 
 
-async def _greet(attempt: _Greeting, session: RemoteSession, *, use_tls: bool) -> None:
-    """Banner, EHLO, STARTTLS (per policy), EHLO again. Raises RemoteError or _TlsFailed."""
+async def _greet(attempt: _Greeting, session: RemoteSession) -> None:
+    """Banner, EHLO, STARTTLS (per this try), EHLO again. Raises RemoteError or _TlsFailed."""
     timeouts = session.timeouts
     banner = await _command(session, None, timeouts.banner, "the connection (banner)")
     if banner.code != 220:
         raise session.failure("4.4.0", f"greeting was {_first_line(banner)}")
     await _hello(attempt, session)
-    tls = attempt.config.smtp.tls
-    if not use_tls:
+    tls = attempt.tls
+    if not tls.starttls:
         return
     if not session.client.supports("STARTTLS"):
-        if tls.mode == "required" or tls.verify:
+        if tls.required:
             raise session.failure("4.7.10", "does not offer STARTTLS, which is required")
         return
     reply = await _command(session, StartTls(), timeouts.command, "STARTTLS")
     if reply.code != 220:
-        if tls.mode == "required" or tls.verify:
+        if tls.required:
             raise session.failure("4.7.10", f"refused STARTTLS: {_first_line(reply)}")
         return
-    await _handshake(session, verify=tls.verify)
+    await _handshake(session, client_context(tls.verify, attempt.ca_file if tls.verify else None))
     await _hello(attempt, session)
 
 
@@ -501,14 +572,12 @@ async def _hello(attempt: _Greeting, session: RemoteSession) -> None:
     raise session.failure("4.4.0", f"refused EHLO {attempt.ehlo_name}: {_first_line(reply)}")
 
 
-async def _handshake(session: RemoteSession, *, verify: bool) -> None:
+async def _handshake(session: RemoteSession, context: ssl.SSLContext) -> None:
     try:
         session.client.start_tls()
     except RemoteProtocolError as exc:
         raise _TlsFailed(f"plaintext after the 220 to STARTTLS: {exc}") from exc
-    ssl_stream = trio.SSLStream(
-        session.stream, client_context(verify), server_hostname=session.mx_name
-    )
+    ssl_stream = trio.SSLStream(session.stream, context, server_hostname=session.mx_name)
     try:
         with trio.fail_after(session.timeouts.command):
             await ssl_stream.do_handshake()
@@ -521,6 +590,11 @@ async def _handshake(session: RemoteSession, *, verify: bool) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _fields(**fields: object) -> dict[str, object]:
+    """A log record's ``extra`` (see :mod:`egressd.log`)."""
+    return {"fields": fields}
 
 
 def _source_text(source: Source, address: object) -> str:

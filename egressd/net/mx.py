@@ -155,7 +155,7 @@ async def resolve_next_hop(domain: str, config: Config, version: int | None) -> 
     Raises :class:`NextHopError` with the reply for the MTA.
     """
     domain = normalize_domain(domain)
-    resolver = _resolver_for(config.dns)
+    resolver = resolver_for(config.dns)
     route = route_for(domain, config.smtp.routes)
     if route is not None:
         return await _route_next_hop(domain, route, resolver, version)
@@ -342,7 +342,7 @@ def _no_address_error(
 _RESOLVERS: dict[DnsSettings, dns.asyncresolver.Resolver] = {}
 
 
-def _resolver_for(settings: DnsSettings) -> dns.asyncresolver.Resolver:
+def resolver_for(settings: DnsSettings) -> dns.asyncresolver.Resolver:
     """One resolver per ``[dns]`` table, kept across calls (reading resolv.conf once)."""
     resolver = _RESOLVERS.get(settings)
     if resolver is None:

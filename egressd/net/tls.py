@@ -6,8 +6,9 @@ Outbound (RFC 3207 STARTTLS to a recipient's MX): mail servers mostly present ce
 that do not match their MX name, or are self-signed, so the default policy encrypts without
 verifying (opportunistic TLS, RFC 7435): :func:`client_context` with ``verify=False``
 accepts any certificate and still negotiates the best protocol the remote offers. With
-``verify=True`` the system's trust store (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` honoured)
-and the MX name are checked, as Postfix's ``verify`` level does.
+``verify=True`` the system's trust store (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` honoured),
+or only ``[smtp.tls] ca_file`` when it is set, and the MX name are checked, as Postfix's
+``verify`` level does.
 
 Inbound (an MTA sending STARTTLS to egressd): :func:`server_context` loads the configured
 certificate chain and key.
@@ -29,11 +30,12 @@ import ssl
 __all__ = ["client_context", "server_context"]
 
 
-@functools.lru_cache(maxsize=4)
-def client_context(verify: bool) -> ssl.SSLContext:
-    """The context for STARTTLS to a remote MX; see the module doc."""
+@functools.lru_cache(maxsize=8)
+def client_context(verify: bool, ca_file: str | None = None) -> ssl.SSLContext:
+    """The context for STARTTLS to a remote MX (and, verifying, for MTA-STS's policy
+    fetch); ``ca_file`` replaces the system store when set. See the module doc."""
     if verify:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
     else:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False

@@ -623,6 +623,8 @@ class RelayCore:
             "mx": self.remote.mx_name if self.remote else None,
             "mx_address": remote.remote_text if remote else None,
             "tls": self.remote.tls_version if self.remote else None,
+            "tls_policy": self.remote.tls_policy if self.remote else None,
+            "tls_result": (self.remote.tls_result or None) if self.remote else None,
             "sender": tx.mail.address or "<>",
             "recipients": ",".join(f"{a}={c}" for a, c in tx.recipients) or None,
             "reply": f"{final.code} {final.lines[0]}".strip() if final else None,

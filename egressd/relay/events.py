@@ -128,6 +128,8 @@ class Remote:
     mx_name: str = ""
     local_address: str = ""
     tls_version: str | None = None
+    tls_policy: str = "opportunistic"
+    tls_result: str = ""
     #: What the remote's last EHLO advertised (keyword -> parameters).
     extensions: Mapping[str, str] = field(default_factory=dict)
 

@@ -44,6 +44,7 @@ __all__ = [
     "helo",
     "help_text",
     "local",
+    "mta_sts_no_mx",
     "mta_timeout",
     "mta_too_slow",
     "next_hop_failure",
@@ -66,6 +67,7 @@ __all__ = [
     "tls_ready",
     "tls_unavailable",
     "too_many_auth_failures",
+    "under_policy",
     "vrfy",
 ]
 
@@ -273,6 +275,18 @@ def no_mail_server(source_text: str, domain: str, failures: list[str]) -> Reply:
         "4.4.1",
         f"{source_text}: no mail server of {domain} could be used: " + "; ".join(failures),
     )
+
+
+def mta_sts_no_mx(domain: str, origin: str, hosts: list[str]) -> Reply:
+    """MTA-STS enforce: no MX host of the domain matches its policy (RFC 8461 section 5)."""
+    return temporary(
+        "4.7.5", f"no MX host of {domain} ({', '.join(hosts)}) is allowed by the {origin}"
+    )
+
+
+def under_policy(detail: str, origin: str) -> str:
+    """A host's TLS failure, naming the policy that required TLS (for the 4xx's list)."""
+    return f"{detail} (required by the {origin})" if origin else detail
 
 
 # --------------------------------------------------------------------------- remote

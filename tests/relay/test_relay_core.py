@@ -145,6 +145,7 @@ def test_the_transaction_log_line_names_pool_source_remote_and_outcome() -> None
         "local_address": "127.0.0.3:40000",
         "mx": "mx.good.test",
         "mx_address": "mx.good.test[127.0.0.1]:25",
+        "tls_policy": "opportunistic",
         "sender": "a@sender.test",
         "recipients": "one@good.test=250",
         "reply": "250 2.0.0 queued as R1",
