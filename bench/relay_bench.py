@@ -14,6 +14,11 @@ session rate    ``--sessions`` short sessions (connect, SOCKS5 handshake, one li
 idle memory     ``--idle`` sessions opened through a fresh egressd, one exchange each, then
                 left idle; the daemon's RSS growth per session. Target: <= 20 KiB.
 
+``--baseline DIR`` adds an egressd imported from the checkout ``DIR`` (say ``git worktree add
+DIR COMMIT``; it runs with this checkout's .venv) to the session-rate runs of every round, so
+a before/after comparison does not depend on how busy the machine was. ``--gib 0`` and
+``--idle 0`` leave out the throughput and idle-memory parts.
+
 All servers run at once and the measurements alternate: each of ``--repeat`` rounds takes
 one throughput run through each contender and one session-rate run through egressd and
 through Dante; the table shows medians over the rounds. (This machine's speed drifts by tens
@@ -109,10 +114,14 @@ pool = "main"
 
 
 @contextlib.contextmanager
-def egressd(workdir: Path, destination_ports: Sequence[int]) -> Iterator[tuple[int, int]]:
+def egressd(
+    workdir: Path, destination_ports: Sequence[int], root: Path = ROOT
+) -> Iterator[tuple[int, int]]:
+    """An egressd imported from the checkout ``root``: (port, pid)."""
     port = free_port()
     config = egressd_config(workdir, port, destination_ports)
-    with running([*EGRESSD, "run", "-c", str(config)], port, workdir, f"egressd-{port}") as pid:
+    argv = [*EGRESSD, "run", "-c", str(config)]
+    with running(argv, port, workdir, f"egressd-{port}", root=root) as pid:
         yield port, pid
 
 
@@ -421,6 +430,10 @@ def run(args: argparse.Namespace) -> int:
                 "trio path": servers.enter_context(bare_relay(workdir, blast_port, False)),
             }
             proxies = {"egressd": ours, "Dante": servers.enter_context(dante(workdir))}
+            if args.baseline is not None:
+                ports = [blast_port, session_sink[0]]
+                baseline = egressd(workdir, ports, args.baseline.resolve())
+                proxies["baseline"] = servers.enter_context(baseline)
             print(
                 f"{args.repeat} rounds; each: {args.gib:g} GiB through each, then"
                 f" {args.sessions} short sessions ({args.client}) straight to the sink, through"
@@ -434,13 +447,16 @@ def run(args: argparse.Namespace) -> int:
                     ("egressd", f"127.0.0.1:{ours[0]}", True),
                 ]
                 contenders += [(n, f"127.0.0.1:{p}", False) for n, p in forwarders.items()]
-                for name, proxy, socks in contenders:
+                for name, proxy, socks in contenders if size else []:
                     rate, generator, sink = blast_once(proxy, blast, size, socks)
                     rounds.add(name, rate)
                     rounds.add(f"{name} gen", generator)
                     rounds.add(f"{name} sink", sink)
                 through: list[tuple[str, tuple[int, int] | None]] = [("direct", None)]
-                for name, via in [*through, *proxies.items()]:
+                order = list(proxies.items())
+                if number % 2 == 0:  # alternate which proxy runs first
+                    order.reverse()
+                for name, via in [*through, *order]:
                     sample = sessions_once(
                         args.client, via, session_sink, args.sessions, args.concurrency
                     )
@@ -448,8 +464,14 @@ def run(args: argparse.Namespace) -> int:
                     rounds.add(f"{name} cpu", sample.proxy_ms)
                     rounds.add(f"{name} session gen", sample.generator_ms)
                     rounds.add(f"{name} session sink", sample.sink_ms)
-            print(f"idle memory: {args.idle} sessions", flush=True)
-            per_session, fds = idle_memory(workdir, echo_port, args.idle)
+                    print(
+                        f"  {name}: {sample.rate:.0f}/s, {sample.proxy_ms:.3f} ms CPU/session",
+                        flush=True,
+                    )
+            per_session, fds = 0.0, 0
+            if args.idle:
+                print(f"idle memory: {args.idle} sessions", flush=True)
+                per_session, fds = idle_memory(workdir, echo_port, args.idle)
     print()
     print_table(table_rows(rounds, args, per_session, fds))
     return 0
@@ -465,36 +487,40 @@ def table_rows(rounds: Rounds, args: argparse.Namespace, per_session: float, fds
         gen, sink = med(f"{name} session gen"), med(f"{name} session sink")
         return f"{args.client} {gen:.3f} ms, sink {sink:.3f} ms per session"
 
-    return [
-        Row(
-            "throughput, no proxy (loopback ceiling)",
-            med("direct"),
-            "GiB/s",
-            note=blast_note("direct"),
-        ),
-        Row(
-            "throughput, egressd SOCKS5 (splice)",
-            med("egressd"),
-            "GiB/s",
-            "socat",
-            med("socat"),
-            ">= 1.0x",
-            blast_note("egressd"),
-        ),
-        Row(
-            "throughput, egressd SOCKS5 (splice)",
-            med("egressd"),
-            "GiB/s",
-            "HAProxy",
-            med("HAProxy"),
-        ),
-        Row(
-            "throughput, splice.relay zero-copy",
-            med("zero-copy"),
-            "GiB/s",
-            "trio path",
-            med("trio path"),
-        ),
+    def throughput() -> list[Row]:
+        return [
+            Row(
+                "throughput, no proxy (loopback ceiling)",
+                med("direct"),
+                "GiB/s",
+                note=blast_note("direct"),
+            ),
+            Row(
+                "throughput, egressd SOCKS5 (splice)",
+                med("egressd"),
+                "GiB/s",
+                "socat",
+                med("socat"),
+                ">= 1.0x",
+                blast_note("egressd"),
+            ),
+            Row(
+                "throughput, egressd SOCKS5 (splice)",
+                med("egressd"),
+                "GiB/s",
+                "HAProxy",
+                med("HAProxy"),
+            ),
+            Row(
+                "throughput, splice.relay zero-copy",
+                med("zero-copy"),
+                "GiB/s",
+                "trio path",
+                med("trio path"),
+            ),
+        ]
+
+    sessions = [
         Row(
             "short sessions, no proxy (generator ceiling)",
             med("direct rate"),
@@ -526,18 +552,49 @@ def table_rows(rounds: Rounds, args: argparse.Namespace, per_session: float, fds
             med("Dante cpu"),
             note=session_note("Dante"),
         ),
+    ]
+    if args.baseline is not None:
+        sessions += [
+            Row(
+                "short sessions, baseline egressd",
+                med("baseline rate"),
+                "/s",
+                "egressd",
+                med("egressd rate"),
+                note=session_note("baseline"),
+            ),
+            Row(
+                "proxy CPU per short session, baseline",
+                med("baseline cpu"),
+                "ms",
+                "egressd",
+                med("egressd cpu"),
+            ),
+        ]
+    idle = [
         Row(f"RSS per idle session ({args.idle} open)", per_session, "KiB", target="<= 20 KiB"),
         Row(f"daemon fds with {args.idle} idle sessions", fds, "fds"),
     ]
+    return (throughput() if args.gib else []) + sessions + (idle if args.idle else [])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--gib", type=float, default=1.0, help="GiB per throughput run (1)")
+    parser.add_argument(
+        "--gib", type=float, default=1.0, help="GiB per throughput run (1; 0: no throughput)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="rounds; medians are shown (3)")
     parser.add_argument("--sessions", type=int, default=5000, help="short sessions per run")
     parser.add_argument("--concurrency", type=int, default=32, help="sessions at a time (32)")
-    parser.add_argument("--idle", type=int, default=5000, help="idle sessions (5000)")
+    parser.add_argument(
+        "--idle", type=int, default=5000, help="idle sessions (5000; 0: no idle memory)"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also measure the session rate of an egressd from checkout DIR in the same rounds",
+    )
     parser.add_argument(
         "--client",
         choices=("curl", "python"),
