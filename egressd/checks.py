@@ -41,6 +41,7 @@ import dns.nameserver
 import dns.resolver
 
 from egressd.config import Config, DnsSettings, Endpoint, IPAddress, Source
+from egressd.net.mx import blocking_resolver
 
 DNS_LIFETIME = 3.0
 LOCAL_NAMES = ("localhost", ".localhost", ".invalid")
@@ -151,20 +152,7 @@ class DnsUnavailable(Exception):
 
 def ehlo_resolver(settings: DnsSettings) -> dns.resolver.Resolver | None:
     """A resolver for ``[dns]`` (or the system's), each query bounded; None without one."""
-    try:
-        if settings.nameservers:
-            resolver = dns.resolver.Resolver(configure=False)
-            resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(server.host, server.port)
-                for server in settings.nameservers
-            ]
-        else:
-            resolver = dns.resolver.Resolver()
-    except dns.resolver.NoResolverConfiguration:
-        return None
-    resolver.lifetime = min(settings.timeout, DNS_LIFETIME)
-    resolver.timeout = resolver.lifetime
-    return resolver
+    return blocking_resolver(settings, DNS_LIFETIME)
 
 
 def needs_ehlo_check(source: Source) -> bool:

@@ -44,7 +44,15 @@ import dns.resolver
 
 from egressd.config import Config, DnsSettings, Endpoint, IPAddress
 
-__all__ = ["MxHost", "NextHop", "NextHopError", "NextHopProblem", "resolve_next_hop", "route_for"]
+__all__ = [
+    "MxHost",
+    "NextHop",
+    "NextHopError",
+    "NextHopProblem",
+    "blocking_resolver",
+    "resolve_next_hop",
+    "route_for",
+]
 
 SMTP_PORT = 25
 NextHopKind = Literal["route", "literal", "mx", "implicit"]
@@ -340,6 +348,26 @@ def _no_address_error(
 
 
 _RESOLVERS: dict[DnsSettings, dns.asyncresolver.Resolver] = {}
+
+
+def blocking_resolver(settings: DnsSettings, lifetime: float) -> dns.resolver.Resolver | None:
+    """A blocking resolver for ``[dns]`` (or the system's; None when it has none), each
+    query bounded by ``[dns] timeout`` and at most ``lifetime`` seconds: for the checks
+    and look-ups that run in a thread, outside the daemon's async resolver."""
+    try:
+        if settings.nameservers:
+            resolver = dns.resolver.Resolver(configure=False)
+            resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(server.host, server.port)
+                for server in settings.nameservers
+            ]
+        else:
+            resolver = dns.resolver.Resolver()
+    except dns.resolver.NoResolverConfiguration:
+        return None
+    resolver.lifetime = min(settings.timeout, lifetime)
+    resolver.timeout = resolver.lifetime
+    return resolver
 
 
 def resolver_for(settings: DnsSettings) -> dns.asyncresolver.Resolver:

@@ -31,6 +31,7 @@ import dns.resolver
 import trio
 
 from egressd.config import Config, ConfigError, DnsSettings, IPAddress, Problem
+from egressd.net.mx import blocking_resolver
 from egressd.shaping import (
     Destination,
     Lease,
@@ -92,20 +93,7 @@ def findings_text(policy: ShapingPolicy | None) -> list[str]:
 
 
 def _resolver(settings: DnsSettings) -> dns.resolver.Resolver | None:
-    try:
-        if settings.nameservers:
-            resolver = dns.resolver.Resolver(configure=False)
-            resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(server.host, server.port)
-                for server in settings.nameservers
-            ]
-        else:
-            resolver = dns.resolver.Resolver()
-    except dns.resolver.NoResolverConfiguration:
-        return None
-    resolver.lifetime = min(settings.timeout, DNS_LIFETIME)
-    resolver.timeout = resolver.lifetime
-    return resolver
+    return blocking_resolver(settings, DNS_LIFETIME)
 
 
 def _mx_records(
