@@ -24,6 +24,7 @@ metric                                                    labels
 ``egressd_source_suspended``                              source, reason (0 or 1)
 ``egressd_source_active_connections``                     source
 ``egressd_source_recent_failures``                        source (since its last success)
+``egressd_warmup_step`` / ``_quota`` / ``_used``           source, provider (warming sources)
 ``egressd_smtp_transactions_total``                       pool, source, reply_class (2xx/4xx/5xx)
 ``egressd_reloads_total``                                 -
 ``egressd_reload_failures_total``                         -
@@ -204,6 +205,24 @@ class Metrics:
             ("source", "reason"),
             registry=registry,
         )
+        self.warmup_step = Gauge(
+            "egressd_warmup_step",
+            "The warm-up step (1 = the plan's first day) of a warming source, per provider.",
+            ("source", "provider"),
+            registry=registry,
+        )
+        self.warmup_quota = Gauge(
+            "egressd_warmup_quota",
+            "Today's warm-up quota of the source to the provider, in messages.",
+            ("source", "provider"),
+            registry=registry,
+        )
+        self.warmup_used = Gauge(
+            "egressd_warmup_used",
+            "Messages of the source to the provider today, counted against its quota.",
+            ("source", "provider"),
+            registry=registry,
+        )
         self.source_active_connections = Gauge(
             "egressd_source_active_connections",
             "Connections open now through the source.",
@@ -300,6 +319,16 @@ class Metrics:
                 self.source_suspended.labels(status.name, "").set(0)
             self.source_active_connections.labels(status.name).set(status.active_connections)
             self.source_recent_failures.labels(status.name).set(status.recent_failures)
+
+    def refresh_warmup(self, rows: Iterable[tuple[str, str, int, int, int]]) -> None:
+        """Rewrite the ``egressd_warmup_*`` gauges: (source, provider, step, quota, used)
+        of each warming source; a source that is warm or gone has no series."""
+        for gauge in (self.warmup_step, self.warmup_quota, self.warmup_used):
+            gauge.clear()
+        for source, provider, step, quota, used in rows:
+            self.warmup_step.labels(source, provider).set(step)
+            self.warmup_quota.labels(source, provider).set(quota)
+            self.warmup_used.labels(source, provider).set(used)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -51,10 +51,11 @@ from egressd import __version__
 from egressd.config import Config, Endpoint, Listener
 from egressd.control import serve_control
 from egressd.egress import EgressObserver
+from egressd.health import SourceHealth
 from egressd.log import get_logger
 from egressd.metrics import Metrics, serve_metrics
 from egressd.runtime import Runtime, SessionRecord
-from egressd.warming import Warming, warmup_command
+from egressd.warming import Warming, metric_rows, warmup_command
 
 log = get_logger("observe")
 
@@ -316,6 +317,10 @@ class Extras:
                 raise
             log.error("reload: %s", exc)
 
+    def _before_scrape(self, metrics: Metrics, health: SourceHealth) -> None:
+        metrics.refresh_sources(health.snapshot())
+        metrics.refresh_warmup(metric_rows(self._daemon.warming))
+
     async def _apply_metrics(self, endpoint: Endpoint | None) -> None:
         if endpoint == self._metrics_at:
             return
@@ -329,7 +334,7 @@ class Extras:
             serve_metrics,
             endpoint,
             metrics.registry,
-            before_scrape=lambda: metrics.refresh_sources(health.snapshot()),
+            before_scrape=lambda: self._before_scrape(metrics, health),
             settings=lambda: self._daemon.runtime.config.metrics,
         )
         try:

@@ -34,9 +34,9 @@ import trio
 from egressd.config import Config
 from egressd.log import get_logger
 from egressd.state import Event, StateError, Store, open_store, state_directory
-from egressd.warmup import Calendar, Warmup
+from egressd.warmup import ALL_PROVIDERS, Calendar, Warmup
 
-__all__ = ["Warming", "WarmupClock", "open_warming", "outcome_of", "warmup_command"]
+__all__ = ["Warming", "WarmupClock", "metric_rows", "open_warming", "outcome_of", "warmup_command"]
 
 log = get_logger("warmup")
 
@@ -221,3 +221,19 @@ def warmup_command(
     else:
         raise ValueError(f'unknown warmup action "{action}" (status, plan, hold, resume, set-step)')
     return warmup_status(warming, source)
+
+
+def metric_rows(warming: Warming | None) -> list[tuple[str, str, int, int, int]]:
+    """(source, provider, step from 1, quota, used) of every warming (source, provider).
+
+    Labels stay bounded: configured sources times the providers they sent to (``other``
+    until shaping's providers are wired); the template ``*`` and warm sources are left out.
+    """
+    if warming is None:
+        return []
+    engine, rows = warming.engine, []
+    for source, provider in sorted(engine.tracked()):
+        quota = engine.quota(source, provider) if provider != ALL_PROVIDERS else None
+        if quota is not None:
+            rows.append((source, provider, quota.step + 1, quota.limit, quota.used))
+    return rows

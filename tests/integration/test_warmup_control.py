@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 from daemon_helpers import port_of, running_daemon
+from service_harness import sample, scrape
 from smtp_harness import smtp_sink
 from test_warmup_smtp import send
 
@@ -20,6 +21,8 @@ def config(port: int, directory: Path) -> str:
     return f"""
 [access]
 deny_destinations = []
+[metrics]
+listen = "127.0.0.1:0"
 [control]
 socket = "{directory / "control.sock"}"
 [[smtp.listener]]
@@ -65,6 +68,16 @@ async def test_an_operator_sees_and_steers_the_warm_up(short_dir: Path) -> None:
             assert "(Europe/Paris)" in out
             row = next(line for line in out.splitlines() if line.split()[:2] == ["cold", "other"])
             assert row.split()[2:5] == ["test", "1/3", "2/3"]  # 1:1 with warm: 2 of 4 sent
+
+            assert daemon.extras is not None and daemon.extras.metrics_port is not None
+            exposition = await scrape(daemon.extras.metrics_port)
+            labels = {"source": "cold", "provider": "other"}
+            assert sample(exposition, "egressd_warmup_step", **labels) == 1
+            assert sample(exposition, "egressd_warmup_quota", **labels) == 3
+            assert sample(exposition, "egressd_warmup_used", **labels) == 2
+            assert (
+                sample(exposition, "egressd_warmup_step", source="warm", provider="other") is None
+            )
 
             code, out, _ = await egressd(short_dir, "hold", "cold", "--reason", "abuse desk")
             assert code == 0 and "abuse desk" in out
