@@ -298,6 +298,8 @@ class Warmup:
         today = self.calendar.day(now)
         self._day_ends = self.calendar.next_midnight(now)
         for key, track in list(self._tracks.items()):
+            if key[0] not in self.sources:
+                continue  # no longer warming (a reload): its record stays as it was
             if track.progress.day != today:
                 self._close_day(key, track, today)
 

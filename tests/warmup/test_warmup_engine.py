@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fake_clock import FakeClock
-from warmup_helpers import DAY, MemoryStore, at, engine, send, step
+from warmup_helpers import DAY, MemoryStore, at, engine, send, settings, step
 
 from egressd.state import Event
 from egressd.warmup import Calendar
@@ -265,3 +265,15 @@ def test_the_projection_lists_each_remaining_step_by_date() -> None:
     clock.advance(DAY)
     assert warmup.projection("ip-1", "other") == [(1, "2026-12-01", 20), (2, "2026-12-02", 40)]
     assert warmup.warm_on("ip-1", "other") == "2026-12-03"
+
+
+def test_a_reload_that_drops_a_warming_source_keeps_the_others_going() -> None:
+    clock = FakeClock(MONDAY)
+    warmup = engine(clock)
+    send(warmup, 8)
+    warmup.reconfigure(settings(), {})
+    clock.advance(DAY)
+    assert warmup.quota("ip-1", "other") is None
+    assert warmup.take_batch().progress  # what changed before the reload is still written
+    warmup.reconfigure(settings(), {"ip-1": "standard"})
+    assert step(warmup) == 1  # back: its last day (a sending day) is judged now
