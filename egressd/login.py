@@ -45,9 +45,15 @@ _DUMMY = b"\x00" * 32
 
 def password_matches(expected: str | None, given: str) -> bool:
     """True when ``given`` is the ``expected`` password (None: no such user); constant time."""
-    reference = expected.encode() if expected is not None else _DUMMY
-    same = hmac.compare_digest(reference, given.encode())
+    reference = _octets(expected) if expected is not None else _DUMMY
+    same = hmac.compare_digest(reference, _octets(given))
     return same and expected is not None
+
+
+def _octets(text: str) -> bytes:
+    """The octets a client sent (a SOCKS5 username/password may hold non-UTF-8 octets,
+    decoded with surrogateescape)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 @dataclass

@@ -38,3 +38,4 @@ def test_passwords_match_only_for_a_known_user_with_the_same_password() -> None:
     assert not password_matches("s3cret", "")
     assert not password_matches(None, "")
     assert not password_matches(None, "\0" * 32)  # the dummy compared for unknown users
+    assert not password_matches("s3cret", b"\xff\xfe".decode("utf-8", "surrogateescape"))
