@@ -26,6 +26,10 @@ metric                                                    labels
 ``egressd_source_recent_failures``                        source (since its last success)
 ``egressd_warmup_step`` / ``_quota`` / ``_used``           source, provider (warming sources)
 ``egressd_smtp_transactions_total``                       pool, source, reply_class (2xx/4xx/5xx)
+``egressd_smtp_tls_total``                                policy (none/opportunistic/encrypt/verify/
+                                                          mta-sts enforce/mta-sts testing), outcome
+                                                          (verified/encrypted/plaintext/
+                                                          testing_failure/failed)
 ``egressd_reloads_total``                                 -
 ``egressd_reload_failures_total``                         -
 ``egressd_config_last_reload_successful``                 - (1 or 0)
@@ -191,6 +195,12 @@ class Metrics:
             "egressd_smtp_transactions",
             "Relayed SMTP transactions, by pool, source and class of the remote's final reply.",
             ("pool", "source", "reply_class"),
+            registry=registry,
+        )
+        self.smtp_tls = Counter(
+            "egressd_smtp_tls",
+            "Remote SMTP connections opened (or not) by the SMTP door, by TLS policy and outcome.",
+            ("policy", "outcome"),
             registry=registry,
         )
         self.login_failures = Counter(

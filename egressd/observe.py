@@ -214,6 +214,7 @@ def count_into_metrics(daemon: Observed) -> None:
         )
     )
     runtime.login_failure_hooks.append(lambda door: metrics.login_failures.labels(door).inc())
+    runtime.tls_hooks.append(lambda policy, outcome: metrics.smtp_tls.labels(policy, outcome).inc())
     metrics.config_loaded(True, time.time())
 
     def reloaded(ok: bool) -> None:

@@ -17,7 +17,8 @@ Observers (the metrics) attach through plain hook lists rather than through the 
 ``session_opened_hooks`` get the new :class:`SessionRecord` when a session starts,
 ``session_hooks`` the finished one, ``transaction_hooks`` get ``(pool, final reply code,
 source)``
-for each SMTP transaction a door relayed (:meth:`Runtime.smtp_transaction`),
+for each SMTP transaction a door relayed (:meth:`Runtime.smtp_transaction`), ``tls_hooks``
+``(policy, outcome)`` for each remote the SMTP door opened or failed to (:meth:`Runtime.smtp_tls`),
 ``login_failure_hooks`` the door of each wrong password (:meth:`Runtime.login_failed`,
 which also keeps the per-address brake of :mod:`egressd.login`), and the
 :class:`~egressd.egress.EgressObserver` hears about dials and suspensions. A hook must
@@ -109,6 +110,7 @@ class Overloaded(Exception):
 
 SessionHook = Callable[[SessionRecord], None]
 TransactionHook = Callable[[str, int, str], None]
+TlsHook = Callable[[str, str], None]
 LoginFailureHook = Callable[[str], None]
 
 
@@ -153,6 +155,7 @@ class Runtime:
         self.session_hooks: list[SessionHook] = []
         self.session_opened_hooks: list[SessionHook] = []
         self.transaction_hooks: list[TransactionHook] = []
+        self.tls_hooks: list[TlsHook] = []
         self.logins = LoginThrottle(trio.current_time)
         self.login_failure_hooks: list[LoginFailureHook] = []
 
@@ -201,6 +204,13 @@ class Runtime:
         """An SMTP door relayed one transaction whose final reply (to the dot) was ``code``."""
         for hook in self.transaction_hooks:
             hook(pool, code, source)
+
+    def smtp_tls(self, policy: str, outcome: str) -> None:
+        """The SMTP door opened a remote under TLS ``policy`` (a label of
+        :mod:`egressd.tlspolicy.choice`) with ``outcome`` (verified, encrypted, plaintext,
+        testing_failure, failed)."""
+        for hook in self.tls_hooks:
+            hook(policy, outcome)
 
     def login_failed(self, door: str, client: str, host: str, username: str) -> float:
         """A wrong password from ``host``: log it, count it; the seconds to wait before the

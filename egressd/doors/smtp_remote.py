@@ -395,6 +395,7 @@ class _Opening:
                 ) from exc
             session.tls_policy = policy.label
             session.tls_result = self._tls_result(session, policy, tried, tls_failures)
+            self.runtime.smtp_tls(policy.label, _outcome(session.tls_result))
             return session
         raise AssertionError("unreachable: the last try returns or raises")
 
@@ -477,6 +478,11 @@ class _Opening:
             address=progress.address,
         )
 
+    def count_failure(self) -> None:
+        """A remote that could not be opened under a TLS policy (once one was chosen)."""
+        if self.policy is not None:
+            self.runtime.smtp_tls(self.policy.label, "failed")
+
     def failed(self, failure: EgressFailure) -> Reply:
         """The MTA's reply when the plan gave up with ``failure``."""
         source = self.source
@@ -516,7 +522,11 @@ async def open_remote(
     try:
         session = await execute(plan, opening.attempt, opening.resolve)
     except EgressFailure as exc:
+        opening.count_failure()
         raise RemoteError(opening.failed(exc)) from exc
+    except RemoteError:
+        opening.count_failure()
+        raise
     session._exit.callback(plan.release_budget)  # the shaping lease lives as long
     return session
 
@@ -590,6 +600,11 @@ async def _handshake(session: RemoteSession, context: ssl.SSLContext) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _outcome(tls_result: str) -> str:
+    """The metric's bounded outcome for a session's ``tls_result``."""
+    return "testing_failure" if "testing failure" in tls_result else tls_result.split(";")[0]
 
 
 def _fields(**fields: object) -> dict[str, object]:

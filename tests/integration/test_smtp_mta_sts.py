@@ -25,6 +25,7 @@ import trio
 import trustme
 from daemon_helpers import port_of, running_daemon
 from harness import free_port
+from service_harness import sample, scrape
 from smtp_harness import Dnsmasq, SmtpSink, dnsmasq, server_tls_context, smtp_sink
 
 from egressd.doors.smtp import SmtpDoor
@@ -227,12 +228,19 @@ async def test_enforce_refuses_an_mx_the_policy_does_not_name(
     tmp_path: Path, policies: PolicyServer, ca: trustme.CA, ca_file: Path, port: int
 ) -> None:
     policies.policies["sts-badmx.test"] = (200, policy("enforce", "mx.sts-badmx.test"))
+    metrics_port = free_port()
+    extra = f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
     with (
         sts_dns([("sts-badmx.test", "mx.elsewhere.test")], {"sts-badmx.test": "1"}) as dns,
         tls_sink(port, ca.issue_cert(*MX_NAMES)) as sink,
     ):
-        async with egressd(tmp_path, config(dns, port, ca_file)) as relay:
+        async with egressd(tmp_path, config(dns, port, ca_file, extra)) as relay:
             reply = await send(relay, "rcpt@sts-badmx.test")
+            exposition = await scrape(metrics_port)
+            failed = sample(
+                exposition, "egressd_smtp_tls_total", policy="mta-sts enforce", outcome="failed"
+            )
+            assert failed == 1
         assert sink.messages == [] and sink.connections == []
     assert reply.startswith("451 4.7.5 ")
     assert "mx.elsewhere.test" in reply
@@ -280,14 +288,19 @@ async def test_testing_mode_delivers_and_logs_what_enforce_would_refuse(
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     policies.policies["sts-testing.test"] = (200, policy("testing", "mx.sts-testing.test"))
+    metrics_port = free_port()
+    extra = f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
     with (
         sts_dns([("sts-testing.test", "mx.elsewhere.test")], {"sts-testing.test": "1"}) as dns,
         tls_sink(port, ca.issue_cert(*MX_NAMES)) as sink,
     ):
-        async with egressd(tmp_path, config(dns, port, ca_file)) as relay:
+        async with egressd(tmp_path, config(dns, port, ca_file, extra)) as relay:
             reply = await send(relay, "rcpt@sts-testing.test")
+            exposition = await scrape(metrics_port)
         await sink.wait(1)
     assert reply.startswith("250 ")
+    name = "egressd_smtp_tls_total"
+    assert sample(exposition, name, policy="mta-sts testing", outcome="testing_failure") == 1
     [line] = logs(caplog)
     assert line["tls_policy"] == "mta-sts testing"
     assert line["tls_result"].startswith("verified; testing failure: MX mx.elsewhere.test not in")
