@@ -123,3 +123,10 @@ async def relay_session(
         record.bytes_up, record.bytes_down = traffic.up, traffic.down
     record.outcome = result.outcome
     record.detail = result.detail
+
+
+def client_host(client: str) -> str:
+    """The address part of a session record's ``client`` (``host:port``, ``[v6]:port``)."""
+    if client.startswith("["):
+        return client[1 : client.find("]")]
+    return client.rpartition(":")[0] if client.count(":") == 1 else client

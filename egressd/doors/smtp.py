@@ -49,6 +49,7 @@ from typing import Literal, NoReturn
 import trio
 
 from egressd.config import Config, Listener, SmtpListener
+from egressd.doors.common import client_host
 from egressd.doors.smtp_relay import Relay
 from egressd.log import get_logger
 from egressd.login import FAILURES_PER_CONNECTION, password_matches
@@ -139,13 +140,6 @@ def mta_extensions(config: Config) -> tuple[str, ...]:
     if config.smtp.tls.certificate and config.smtp.tls.private_key:
         extensions.append("STARTTLS")
     return tuple(extensions)
-
-
-def client_host(client: str) -> str:
-    """The address part of a session record's ``client`` (``host:port``, ``[v6]:port``)."""
-    if client.startswith("["):
-        return client[1 : client.find("]")]
-    return client.rpartition(":")[0] if client.count(":") == 1 else client
 
 
 def is_loopback(host: str) -> bool:

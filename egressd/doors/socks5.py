@@ -55,7 +55,6 @@ to a few seconds.
 
 from __future__ import annotations
 
-import hmac
 import socket
 from collections.abc import Mapping
 
@@ -63,6 +62,7 @@ import trio
 
 from egressd.config import Config, Listener, Source, User
 from egressd.doors.common import (
+    client_host,
     note_destination,
     note_dialed,
     note_refusal,
@@ -70,6 +70,7 @@ from egressd.doors.common import (
     relay_session,
 )
 from egressd.egress import Egress, EgressFailure, Failure
+from egressd.login import password_matches
 from egressd.net.connection import Connection
 from egressd.net.dialer import Dialed
 from egressd.proto import NEED_DATA, socks5
@@ -216,7 +217,11 @@ class _AcceptedConnection:
             elif isinstance(event, socks5.ConnectionClosed):
                 self.record.detail = f"client closed during the {stage}"
             else:
-                await _send(self.stream, self.server.send(self.answer(event)))
+                answer = self.answer(event)
+                if isinstance(answer, socks5.AuthResult) and not answer.accepted:
+                    assert isinstance(event, socks5.AuthRequest)
+                    await self.login_failed(event.username)
+                await _send(self.stream, self.server.send(answer))
         return None
 
     def answer(
@@ -239,7 +244,7 @@ class _AcceptedConnection:
     def authenticate(self, request: socks5.AuthRequest) -> bool:
         username = request.username
         user = self.users.get(username)
-        if self.users and (user is None or not _password_matches(user.password, request.password)):
+        if self.users and (user is None or not password_matches(user.password, request.password)):
             self.record.outcome = "denied"
             self.record.detail = f"RFC 1929 credentials refused for user {username!r}"
             return False
@@ -252,6 +257,14 @@ class _AcceptedConnection:
             self.pool = username
             self.record.pool = username
         return True
+
+    async def login_failed(self, username: str) -> None:
+        """A refused RFC 1929 login: log and count it, then wait the client address's delay
+        (:mod:`egressd.login`, shared with the SMTP door) before the refusal goes out. RFC 1929
+        closes the connection after a refusal, so each guess costs a connection and a delay."""
+        host = client_host(self.record.client)
+        delay = self.runtime.login_failed("socks5", self.record.client, host, username)
+        await trio.sleep(delay)
 
     def bind(self, request: socks5.BindRequest) -> socks5.Succeeded | socks5.Refused:
         """KumoMTA's ``BIND source:0``: pick the source with that address, if this user may
@@ -347,14 +360,6 @@ def _bind_problem(source: Source) -> str | None:
                 f" {exc.strerror or exc}"
             )
     return None
-
-
-def _password_matches(expected: str | None, given: str) -> bool:
-    if expected is None:
-        return False
-    return hmac.compare_digest(
-        expected.encode("utf-8", "surrogateescape"), given.encode("utf-8", "surrogateescape")
-    )
 
 
 _REPLIES: dict[Failure, socks5.ReplyCode] = {

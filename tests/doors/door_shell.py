@@ -47,8 +47,11 @@ class Shell:
 
 
 @asynccontextmanager
-async def door_shell(door: Door, config: Config, listener: Listener) -> AsyncIterator[Shell]:
-    runtime = Runtime(config)
+async def door_shell(
+    door: Door, config: Config, listener: Listener, runtime: Runtime | None = None
+) -> AsyncIterator[Shell]:
+    """``runtime``: share one between several connections (default: a new one)."""
+    runtime = runtime or Runtime(config)
     record = SessionRecord(door=door.name, client="127.0.0.1")
     client_end, door_end = trio.testing.memory_stream_pair()
     done = trio.Event()

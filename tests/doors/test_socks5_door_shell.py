@@ -52,9 +52,14 @@ def config(users: Mapping[str, str] | None = None) -> Config:
     )
 
 
-def socks5_door(users: Mapping[str, str] | None = None) -> AbstractAsyncContextManager[Shell]:
+def socks5_door(
+    users: Mapping[str, str] | None = None, runtime: Runtime | None = None
+) -> AbstractAsyncContextManager[Shell]:
     return door_shell(
-        Socks5Door(), config(users), Listener(Endpoint("127.0.0.1", 1080), pool="main")
+        Socks5Door(),
+        runtime.config if runtime else config(users),
+        Listener(Endpoint("127.0.0.1", 1080), pool="main"),
+        runtime,
     )
 
 
@@ -116,6 +121,27 @@ async def test_a_wrong_password_gets_01_01_and_is_denied(
         "denied",
         "RFC 1929 credentials refused for user 'main'",
     )
+
+
+async def test_wrong_passwords_wait_longer_per_client_address_and_are_counted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 10 item 6: the SOCKS5 door brakes guessing as the SMTP door does (1 s more per
+    failure from the address), while a right password is answered at once."""
+    runtime = Runtime(config({"main": "secret"}))
+    failures: list[str] = []
+    runtime.login_failure_hooks.append(failures.append)
+    waited = []
+    for password in (b"wrong", b"wrong", b"secret"):
+        async with socks5_door(runtime=runtime) as shell:
+            started = trio.current_time()
+            login = H("01") + b"\x04main" + bytes([len(password)]) + password
+            await shell.send(H("05020002") + login)
+            reply = await shell.receive(4)
+            waited.append(trio.current_time() - started)
+        assert reply == H("0502") + (H("0100") if password == b"secret" else H("0101"))
+    assert waited == [pytest.approx(1.0), pytest.approx(2.0), pytest.approx(0.0)]
+    assert failures == ["socks5", "socks5"]
 
 
 async def test_bind_to_no_sources_address_gets_02(autojump_clock: trio.testing.MockClock) -> None:
