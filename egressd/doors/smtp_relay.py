@@ -47,6 +47,7 @@ from egressd.relay.events import (
     OpenFailed,
     OpenRemote,
     RemoteOpened,
+    RemoteReplied,
     ReplyMta,
     ResolveNextHop,
     SendRemote,
@@ -126,7 +127,28 @@ class Relay:
         assert remote is not None
         data = b"".join([remote.client.send(c) for c in command.commands])
         seconds = _deadline(remote.timeouts, command)
-        return await converse(remote, data, command.replies_owed, seconds)
+        event = await converse(remote, data, command.replies_owed, seconds)
+        if isinstance(event, RemoteReplied) and remote.shaping is not None:
+            self.shape(remote, event)
+        return event
+
+    def shape(self, remote: RemoteSession, event: RemoteReplied) -> None:
+        """The shaping reply rules hear every reply of the remote (a ``Suspend`` moves
+        the pool's next connections to that destination to its other sources)."""
+        assert remote.shaping is not None
+        for reply in event.replies:
+            for effect in remote.shaping.replied(reply.code, reply.lines):
+                log.warning(
+                    "shaping rule applied",
+                    extra={
+                        "fields": {
+                            "source": remote.source.name,
+                            "scope": f"{effect.scope[1]} {effect.scope[2]}",
+                            "effect": type(effect).__name__.lower(),
+                            "reason": effect.reason,
+                        }
+                    },
+                )
 
     async def close_remote(self, *, polite: bool) -> None:
         remote, self.remote = self.remote, None

@@ -149,6 +149,8 @@ class RemoteSession:
     tls_result: str = ""
     #: True while the last exchange was still writing (for the timeout's wording).
     sending: bool = False
+    #: The shaper bound to this connection's destination, holding its lease (or None).
+    shaping: ShapedDestination | None = None
     _exit: AsyncExitStack = field(default_factory=AsyncExitStack)
 
     @property
@@ -528,6 +530,7 @@ async def open_remote(
         opening.count_failure()
         raise
     session._exit.callback(plan.release_budget)  # the shaping lease lives as long
+    session.shaping = plan.budget if isinstance(plan.budget, ShapedDestination) else None
     return session
 
 

@@ -23,7 +23,7 @@ prints them without failing.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import dns.exception
 import dns.nameserver
@@ -43,6 +43,8 @@ from egressd.shaping import (
     refusal_summary,
     site_name,
 )
+from egressd.shaping.rules import reply_line
+from egressd.shaping.shaper import Effect
 from egressd.shaping.sites import proxy_destination, smtp_destination
 
 __all__ = [
@@ -147,6 +149,14 @@ class ShapedDestination:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
+
+    def replied(self, code: int, lines: Sequence[str]) -> list[Effect]:
+        """A reply of the remote on the leased connection: the reply rules hear it
+        (``Suspend`` the (source, site) or (source, provider), ``SetConfig``...)."""
+        if self.lease is None:
+            return []
+        line = reply_line(code, lines)
+        return self.shaper.reply(self.lease.source, self.destination, line)
 
     def exhausted(self, pool: str) -> str:
         return refusal_summary(pool, self.target(), list(self.refusals.values()))

@@ -1,0 +1,91 @@
+"""A provider's reply rule at the real SMTP door: ``421 4.7.0 [TSS04]`` suspends (source,
+provider), the next messages to that provider leave from the pool's other source, and the
+suspended source still delivers to other providers.
+
+dnsmasq serves the MX of two fake providers on loopback; an aiosmtpd sink behind both
+answers RCPT for one address with Yahoo's TSS04 deferral.
+"""
+
+from __future__ import annotations
+
+import smtplib
+from pathlib import Path
+
+import pytest
+import trio
+from daemon_helpers import port_of, running_daemon
+from smtp_harness import dnsmasq, smtp_sink
+
+from egressd.doors.smtp import SmtpDoor
+
+pytestmark = pytest.mark.integration
+
+TSS04 = "421 4.7.0 [TSS04] Messages from 127.0.0.3 temporarily deferred due to unexpected volume"
+SHAPING = r"""
+[provider."bigmail"]
+match = [{ MXSuffix = ".bigmail-mx.test" }]
+
+[[provider."bigmail".automation]]
+regex = "\\[TSS04\\]"
+action = "Suspend"
+duration = "1h"
+"""
+
+
+def send_one(port: int, recipient: str) -> str:
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
+            client.sendmail("a@sender.test", [recipient], b"Subject: t\r\n\r\nbody\r\n")
+        return "sent"
+    except smtplib.SMTPRecipientsRefused as exc:
+        code, text = exc.recipients[recipient]
+        return f"{code} {text.decode()}"
+    except (smtplib.SMTPException, OSError) as exc:
+        return f"failed: {exc}"
+
+
+async def test_tss04_suspends_the_source_for_that_provider_only(tmp_path: Path) -> None:
+    (tmp_path / "shaping.toml").write_text(SHAPING)
+    mx = [("bigmail.test", "mx1.bigmail-mx.test", 10), ("other.test", "mx.other.test", 10)]
+    hosts = {"mx1.bigmail-mx.test": ["127.0.0.1"], "mx.other.test": ["127.0.0.1"]}
+    with (
+        smtp_sink(rcpt_replies={"tss@bigmail.test": TSS04}) as sink,
+        dnsmasq(mx=mx, hosts=hosts) as dns,
+    ):
+        text = f"""
+shaping_files = ["shaping.toml"]
+[dns]
+nameservers = ["{dns.nameserver}"]
+[access]
+deny_destinations = []
+[[smtp.listener]]
+address = "127.0.0.1:0"
+pool = "main"
+[source."a"]
+source_address = "127.0.0.3"
+remote_port = {sink.port}
+[source."b"]
+source_address = "127.0.0.4"
+remote_port = {sink.port}
+[pool."main"."a"]
+[pool."main"."b"]
+"""
+        async with running_daemon(text, tmp_path, {"smtp": SmtpDoor()}) as daemon:
+            port = port_of(daemon, "smtp")
+
+            async def send(recipient: str) -> str:
+                return await trio.to_thread.run_sync(send_one, port, recipient)
+
+            first = await send("tss@bigmail.test")  # the first pick is source a
+            assert first.startswith("4"), first
+            shaper = daemon.runtime.shaper
+            assert shaper is not None
+            [suspension] = shaper.active()
+            assert suspension.scope == ("a", "provider", "bigmail")
+            assert [await send("ok@bigmail.test") for _ in range(3)] == ["sent"] * 3
+            assert [await send("ok@other.test") for _ in range(2)] == ["sent"] * 2
+            messages = await sink.wait(5)
+    by_domain: dict[str, set[str]] = {}
+    for message in messages:
+        by_domain.setdefault(message.rcpt_tos[0].split("@")[1], set()).add(message.peer)
+    assert by_domain == {"bigmail.test": {"127.0.0.4"}, "other.test": {"127.0.0.3", "127.0.0.4"}}
