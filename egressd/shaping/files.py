@@ -63,6 +63,13 @@ MTA_ACTIONS = frozenset(
 RULE_KEYS = frozenset({"regex", "action", "trigger", "duration", "match_internal"})
 
 
+class _Invalid:
+    """What a reader returns for a value it reported as an error."""
+
+
+INVALID = _Invalid()
+
+
 @dataclass(frozen=True)
 class Finding:
     """One thing ``egressd check`` reports about the shaping files."""
@@ -477,7 +484,7 @@ class _Loader:
         internal = self.boolean(file, f"{path}.match_internal", data.get("match_internal"), False)
         if patterns is None or actions is None or duration is None:
             return None
-        if threshold is True or threshold is False:
+        if isinstance(threshold, _Invalid):
             return None
         if not actions:
             return None  # only MTA actions: noticed, nothing for egressd to do
@@ -512,13 +519,15 @@ class _Loader:
         for position, item in enumerate(items):
             where = f"{path}[{position}]" if isinstance(value, list) else path
             action = self.action(file, where, origin, item)
-            if action is True or action is False:
+            if isinstance(action, _Invalid):
                 return None
             if action is not None:
                 result.append(action)
         return result
 
-    def action(self, file: str, path: str, origin: Origin, item: object) -> Action | bool | None:
+    def action(
+        self, file: str, path: str, origin: Origin, item: object
+    ) -> Action | _Invalid | None:
         if item == "Suspend":
             return Suspend()
         if isinstance(item, str) and item in MTA_ACTIONS:
@@ -537,14 +546,14 @@ class _Loader:
             'expected "Suspend", { SetConfig = { name, value } } or one of '
             f"{', '.join(sorted(MTA_ACTIONS))}",
         )
-        return False
+        return INVALID
 
     def set_config(
         self, file: str, path: str, origin: Origin, kind: str, body: object
-    ) -> SetConfig | bool | None:
+    ) -> SetConfig | _Invalid | None:
         if not (isinstance(body, dict) and set(body) == {"name", "value"}):
             self.add("error", file, path, "expected { name = KEY, value = VALUE }")
-            return False
+            return INVALID
         name = body["name"]
         params = Params()
         scratch = _Loader()
@@ -552,11 +561,11 @@ class _Loader:
             params, origin, name, body["value"], "domain"
         ):
             self.add("error", file, f"{path}.name", f"{name!r} is not a make_egress_path key")
-            return False
+            return INVALID
         for finding in scratch.findings:
             if finding.level == "error":
                 self.add("error", file, f"{path}.value", finding.message)
-                return False
+                return INVALID
         if name in MTA_KEYS:
             self.notice_once(
                 f"{kind} {name}",
@@ -567,14 +576,14 @@ class _Loader:
             return None
         return SetConfig(name, params, domain_only=kind == "SetDomainConfig")
 
-    def trigger(self, file: str, path: str, value: object) -> ThrottleSpec | bool | None:
+    def trigger(self, file: str, path: str, value: object) -> ThrottleSpec | _Invalid | None:
         if value == "Immediate":
             return None
         if isinstance(value, dict) and set(value) == {"Threshold"}:
             spec = self.typed(file, f"{path}.Threshold", _throttle_parser, value["Threshold"])
-            return False if spec is None else spec
+            return INVALID if spec is None else spec
         self.add("error", file, path, 'expected "Immediate" or { Threshold = "N/period" }')
-        return False
+        return INVALID
 
     def duration(self, file: str, path: str, value: object) -> float | None:
         if value is None:
