@@ -67,7 +67,6 @@ from egressd.proto.smtp_common import (
     Help,
     Mail,
     Noop,
-    ProtocolViolation,
     Quit,
     Rcpt,
     RemoteProtocolError,
@@ -280,7 +279,10 @@ class MtaSession:
 
     async def _converse(self) -> None:
         while self.server.state is not ServerState.CLOSED:
-            event = await self.next_event()
+            try:
+                event = await self.next_event()
+            except RemoteProtocolError as exc:
+                await self._peer_gone(exc)
             if self._drain_now(event):
                 self.reply(replies.draining(self.hostname))
                 self.record.outcome = "drained"
@@ -293,7 +295,7 @@ class MtaSession:
         return (
             self.runtime.draining
             and (relay is None or not relay.in_transaction)
-            and not isinstance(event, (Quit, ConnectionClosed, ProtocolViolation))
+            and not isinstance(event, (Quit, ConnectionClosed))
         )
 
     async def _watch_drain(self) -> None:
@@ -302,7 +304,7 @@ class MtaSession:
             self.idle_scope.cancel()
 
     async def dispatch(self, event: ServerEvent) -> None:
-        if isinstance(event, (ConnectionClosed, ProtocolViolation)):
+        if isinstance(event, ConnectionClosed):
             await self._peer_gone(event)
         elif isinstance(event, (Ehlo, Helo)):
             await self._hello(event)
@@ -457,8 +459,8 @@ class MtaSession:
         self.record.detail = self.record.detail or detail
         raise _SessionOver(detail)
 
-    async def _peer_gone(self, event: ConnectionClosed | ProtocolViolation) -> None:
-        if isinstance(event, ProtocolViolation):
+    async def _peer_gone(self, event: ConnectionClosed | RemoteProtocolError) -> NoReturn:
+        if isinstance(event, RemoteProtocolError):
             if event.reply is not None and self.server.state is not ServerState.ERROR:
                 self.reply(event.reply)
             self.record.detail = event.description
@@ -489,7 +491,11 @@ class MtaSession:
         self.pace = _Pace(rate) if rate else None
         chunks: list[DataChunk] = []
         while True:
-            event = self.server.next_event()
+            try:
+                event = self.server.next_event()
+            except RemoteProtocolError as exc:
+                await relay.feed(MtaClosed())
+                await self._peer_gone(exc)
             if event is NEED_DATA:
                 if chunks:
                     await relay.feed(MtaBody(tuple(chunks)))
@@ -507,7 +513,7 @@ class MtaSession:
             elif isinstance(event, DataDiscarded):
                 await relay.feed(MtaDataDiscarded(event.reply))
                 return
-            elif isinstance(event, (ConnectionClosed, ProtocolViolation)):
+            elif isinstance(event, ConnectionClosed):
                 await relay.feed(MtaClosed())
                 await self._peer_gone(event)
             else:

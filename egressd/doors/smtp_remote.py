@@ -81,7 +81,6 @@ from egressd.proto.smtp_common import (
     ConnectionClosed,
     Ehlo,
     Helo,
-    ProtocolViolation,
     Quit,
     RemoteProtocolError,
     Reply,
@@ -222,13 +221,14 @@ class RemoteSession:
 
     async def _read_reply(self) -> Reply:
         while True:
-            event = self.client.next_event()
+            try:
+                event = self.client.next_event()
+            except RemoteProtocolError as exc:
+                raise RemoteBroken(RemoteLost("violation", detail=exc.description)) from exc
             if isinstance(event, Reply):
                 return event
             if isinstance(event, ConnectionClosed):
                 raise RemoteBroken(RemoteLost("closed"))
-            if isinstance(event, ProtocolViolation):
-                raise RemoteBroken(RemoteLost("violation", detail=event.description))
             assert event is NEED_DATA
             self.client.receive_data(bytes(await self.stream.receive_some(_RECEIVE_SIZE)))
 

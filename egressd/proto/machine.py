@@ -15,13 +15,11 @@ Errors come in two kinds, both :class:`ProtocolError`:
 
 * :class:`LocalProtocolError`: egressd misused a machine (an answer out of turn, an event
   that cannot be encoded). It is a bug; nothing the peer sends can cause it.
-* :class:`RemoteProtocolError`: the peer broke the protocol. ``next_event()`` raises it (the
-  SOCKS5 and PROXY machines) and the machine then sits in its ERROR state, raising the same
+* :class:`RemoteProtocolError`: the peer broke the protocol. ``next_event()`` raises it
+  (every machine: SOCKS5, PROXY and SMTP, whose ``start_tls()`` also raises it when
+  plaintext followed STARTTLS) and the machine then sits in its ERROR state, raising the same
   error on every later call. ``reply`` is a hint: the event to ``send()`` before closing
   (a SOCKS5 failure reply, an SMTP reply), or None when the connection should just close.
-  The SMTP machines still hand a broken peer to their driver as a ``ProtocolViolation``
-  event carrying the same hint; they raise :class:`RemoteProtocolError` only from
-  ``start_tls()``.
 """
 
 from __future__ import annotations

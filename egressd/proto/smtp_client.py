@@ -7,8 +7,7 @@ server and drives it with this machine, in h11's manner::
 
     wire = client.send(Ehlo("out1.example"))   # a command -> bytes to write
     client.receive_data(chunk)                 # bytes from the remote; b"" at EOF
-    event = client.next_event()                # Reply, ConnectionClosed, ProtocolViolation
-                                               # or NEED_DATA
+    event = client.next_event()                # Reply, ConnectionClosed or NEED_DATA
 
 Replies (RFC 5321 section 4.2)
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -20,9 +19,9 @@ unsolicited, and is reported like any other reply (the machine is then CLOSED: R
 section 3.8 says the server is closing). Lines may end in CRLF or, leniently, a bare LF;
 the text never holds a CR or LF, so re-serializing can never inject a line toward the MTA.
 
-What breaks the protocol beyond repair comes out once as
-:class:`~egressd.proto.smtp_common.ProtocolViolation` (repeated on every later call; the
-machine is in ERROR): a line that is not ``[2-5]dd[ -]text``, a line longer than
+What breaks the protocol beyond repair is raised by ``next_event()`` as
+:class:`~egressd.proto.smtp_common.RemoteProtocolError` (the same error on every later call;
+the machine is in ERROR): a line that is not ``[2-5]dd[ -]text``, a line longer than
 ``max_line`` octets, more than ``max_lines`` lines in one reply, a continuation line whose
 code differs, a bare CR, a reply when no command awaits one (other than 421: the relay could
 no longer pair replies with commands), or bytes after the 220 to STARTTLS.
@@ -79,7 +78,6 @@ from egressd.proto.smtp_common import (
     LocalProtocolError,
     Mail,
     Noop,
-    ProtocolViolation,
     Quit,
     Rcpt,
     ReceiveBuffer,
@@ -105,7 +103,7 @@ __all__ = [
 ClientCommand = (
     Helo | Ehlo | Mail | Rcpt | Data | Rset | Noop | Quit | StartTls | DataChunk | EndOfData
 )
-ClientEvent = Reply | ConnectionClosed | ProtocolViolation
+ClientEvent = Reply | ConnectionClosed
 
 # Which EHLO keyword each parameter needs.
 _MAIL_PARAM_NEEDS: Final = {
@@ -235,7 +233,7 @@ class SmtpClient:
         self._mail = False  # a MAIL was sent and its transaction not ended (as far as we know)
         self._rcpts = 0  # RCPTs sent in this transaction
         self._quit_sent = False
-        self._violation: ProtocolViolation | None = None
+        self._violation: RemoteProtocolError | None = None
 
     # ---------------------------------------------------------------- public properties
 
@@ -280,13 +278,17 @@ class SmtpClient:
             self._buf.feed(data)
 
     def next_event(self) -> ClientEvent | Sentinel:
-        """The next Reply (or ConnectionClosed, ProtocolViolation), or ``NEED_DATA``."""
+        """The next Reply (or ConnectionClosed), or ``NEED_DATA``.
+
+        Raises RemoteProtocolError when the remote broke the protocol beyond repair, then the
+        same error on every later call.
+        """
         if self._violation is not None:
-            return self._violation
+            raise self._violation
         if self._state is ClientState.CLOSED:
             return ConnectionClosed()
         if self._state is ClientState.TLS and len(self._buf):
-            return self._fail("plaintext after the 220 to STARTTLS (CVE-2011-0411 class)")
+            raise self._fail("plaintext after the 220 to STARTTLS (CVE-2011-0411 class)")
         event = self._next_reply()
         if event is NEED_DATA and self._buf.closed:
             return ConnectionClosed()
@@ -386,8 +388,8 @@ class SmtpClient:
 
     # ---------------------------------------------------------------- replies
 
-    def _fail(self, description: str) -> ProtocolViolation:
-        self._violation = ProtocolViolation(description, _VIOLATION_REPLY)
+    def _fail(self, description: str) -> RemoteProtocolError:
+        self._violation = RemoteProtocolError(description, _VIOLATION_REPLY)
         self._state = ClientState.ERROR
         return self._violation
 
@@ -397,7 +399,7 @@ class SmtpClient:
             end = buf.find(b"\n")
             if end < 0:
                 if len(buf) > self._max_line + 1:
-                    return self._fail(f"reply line longer than {self._max_line} octets")
+                    raise self._fail(f"reply line longer than {self._max_line} octets")
                 return NEED_DATA
             first = buf.start
             last = first + end  # the LF
@@ -406,19 +408,19 @@ class SmtpClient:
             line = bytes(buf.data[first:last])  # one copy, without the line end
             buf.skip(end + 1)
             if len(line) > self._max_line:
-                return self._fail(f"reply line longer than {self._max_line} octets")
+                raise self._fail(f"reply line longer than {self._max_line} octets")
             if b"\r" in line:
-                return self._fail("bare CR in a reply line")
+                raise self._fail("bare CR in a reply line")
             parsed = _parse_reply_line(line)
             if parsed is None:
-                return self._fail(f"malformed reply line {line[:80]!r}")
+                raise self._fail(f"malformed reply line {line[:80]!r}")
             code, more, text = parsed
             if self._lines and code != self._code:
-                return self._fail(f"reply code changed from {self._code} to {code} mid-reply")
+                raise self._fail(f"reply code changed from {self._code} to {code} mid-reply")
             self._code = code
             self._lines.append(text)
             if len(self._lines) > self._max_lines:
-                return self._fail(f"reply longer than {self._max_lines} lines")
+                raise self._fail(f"reply longer than {self._max_lines} lines")
             if not more:
                 reply = Reply(code, tuple(self._lines))
                 self._lines = []
@@ -430,7 +432,7 @@ class SmtpClient:
             self._awaiting.clear()
             return reply
         if not self._awaiting:
-            return self._fail(f"unsolicited reply {reply.to_bytes()[:80]!r}")
+            raise self._fail(f"unsolicited reply {reply.to_bytes()[:80]!r}")
         awaited = self._awaiting.popleft()
         if awaited is _Await.GREETING:
             self._state = ClientState.READY

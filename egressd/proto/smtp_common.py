@@ -28,9 +28,9 @@ This module holds what both sides agree on:
   linear, not quadratic, time;
 * the error types, those of every machine (:mod:`egressd.proto.machine`, which also defines
   ``NEED_DATA`` and ``PAUSED``). :class:`LocalProtocolError` means *we* misused a machine (a
-  programming error); :class:`RemoteProtocolError` means the peer broke the protocol, and is
-  raised only by ``start_tls()``; everything the peer sends otherwise comes out of
-  ``next_event()`` as an event (:class:`ProtocolViolation` when it broke the protocol).
+  programming error); :class:`RemoteProtocolError` means the peer broke the protocol:
+  ``next_event()`` raises it (and ``start_tls()`` when plaintext followed STARTTLS), and the
+  machine then sits in ERROR, raising the same error on every later ``next_event()``.
 
 Limits (RFC 5321 section 4.5.3.1): command lines 512 octets, text lines 1000, reply lines 512.
 Real MTAs exceed the first two (ESMTP parameters, long header lines), so the machines take
@@ -73,11 +73,17 @@ SmtpError = ProtocolError
 
 
 class RemoteProtocolError(machine.RemoteProtocolError["Reply"]):
-    """The peer broke the protocol in a way that cannot be reported as an event.
+    """The peer broke the protocol beyond repair; the machine is now in its ERROR state.
 
-    Only ``start_tls()`` raises it (plaintext bytes pipelined after STARTTLS). ``reply`` is
-    a hint for what to say before closing, or None if the connection should just be closed.
+    ``next_event()`` raises it, then raises the same error on every later call; ``start_tls()``
+    raises it when plaintext bytes followed STARTTLS. ``description`` says what the peer did;
+    ``reply`` is a hint for what to tell the *other* side (or the peer) before closing, or
+    None if the connection should just be closed.
     """
+
+    def __init__(self, description: str, reply: Reply | None = None) -> None:
+        super().__init__(description, reply)
+        self.description = description
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,18 +503,6 @@ class EndOfData:
 @dataclass(frozen=True)
 class ConnectionClosed:
     """The peer closed its sending side (EOF), or the session is over (QUIT, 421)."""
-
-
-@dataclass(frozen=True)
-class ProtocolViolation:
-    """The peer broke the protocol beyond repair; the machine is now in its ERROR state.
-
-    Every later ``next_event()`` returns the same violation. ``reply`` is a hint for what
-    to tell the *other* side (or the peer) before closing, if anything.
-    """
-
-    description: str
-    reply: Reply | None = None
 
 
 class ReceiveBuffer:

@@ -78,7 +78,8 @@ long`` once, and parsing resumes after the next CRLF. Command lines end at CRLF 
 holding a bare CR, LF or other control character is answered with 500.
 
 EOF comes out as :class:`ConnectionClosed` once no complete unit remains; a fatal violation
-comes out as :class:`ProtocolViolation`. Both repeat on every later call. Other enhanced
+is raised as :class:`~egressd.proto.smtp_common.RemoteProtocolError`. Both repeat on every
+later call. Other enhanced
 status codes follow RFC 3463 / RFC 2034; parameters follow RFC 1870 (SIZE), RFC 6152
 (8BITMIME), RFC 6531 (SMTPUTF8), RFC 3461 (DSN) and RFC 4954 (AUTH=).
 """
@@ -110,7 +111,6 @@ from egressd.proto.smtp_common import (
     Mail,
     Noop,
     PathSyntaxError,
-    ProtocolViolation,
     Quit,
     Rcpt,
     ReceiveBuffer,
@@ -216,7 +216,6 @@ ServerEvent = (
     | BareLineEnding
     | DataDiscarded
     | ConnectionClosed
-    | ProtocolViolation
 )
 
 
@@ -352,7 +351,7 @@ class SmtpServer:
         self._auth_mechanism = ""
         self._auth_username: str | None = None
         self._challenges = 0  # AuthChallenge events not yet answered with a 334
-        self._violation: ProtocolViolation | None = None
+        self._violation: RemoteProtocolError | None = None
 
     # ---------------------------------------------------------------- public properties
 
@@ -412,16 +411,20 @@ class SmtpServer:
             self._buf.feed(data)
 
     def next_event(self) -> ServerEvent | Sentinel:
-        """The next event, ``NEED_DATA`` or ``PAUSED``. Never raises for any input bytes."""
+        """The next event, ``NEED_DATA`` or ``PAUSED``.
+
+        Raises RemoteProtocolError when the MTA broke the protocol beyond repair, then the
+        same error on every later call.
+        """
         if self._violation is not None:
-            return self._violation
+            raise self._violation
         state = self._state
         event: ServerEvent | Sentinel
         if state is ServerState.CLOSED:
             return ConnectionClosed()
         if state is ServerState.TLS:
             if len(self._buf):
-                return self._fail("plaintext pipelined after STARTTLS (CVE-2011-0411 class)")
+                raise self._fail("plaintext pipelined after STARTTLS (CVE-2011-0411 class)")
             event = NEED_DATA
         elif state is ServerState.DATA:
             event = self._next_data_event()
@@ -505,8 +508,8 @@ class SmtpServer:
 
     # ---------------------------------------------------------------- commands
 
-    def _fail(self, description: str) -> ProtocolViolation:
-        self._violation = ProtocolViolation(description)
+    def _fail(self, description: str) -> RemoteProtocolError:
+        self._violation = RemoteProtocolError(description)
         self._state = ServerState.ERROR
         return self._violation
 

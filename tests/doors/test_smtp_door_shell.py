@@ -63,12 +63,14 @@ NEXT_HOP = NextHop(
     "good.test", "mx", (MxHost("mx.good.test", 10, (ipaddress.ip_address("192.0.2.1"),)),)
 )
 HANG = "hang"
+RAW = "raw "  # a script value starting so is sent as is, not as a Reply
 
 
 @dataclass
 class Remote:
     """The remote MX: answers every command with 250 (354 to DATA), or as ``script`` says
-    (``HANG``: never answer); records the body and whether the final dot came."""
+    (``HANG``: never answer; ``RAW`` + text: that text and CRLF, unchecked); records the body
+    and whether the final dot came."""
 
     script: dict[str, str] = field(default_factory=dict)
     body: bytearray = field(default_factory=bytearray)
@@ -92,12 +94,14 @@ class Remote:
                     return
                 if isinstance(reply, Reply):
                     await stream.send_all(machine.send(reply))
+                elif isinstance(reply, bytes):
+                    await stream.send_all(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
         finally:
             self.closed.set()
 
-    def answer(self, event: object) -> Reply | str | None:
+    def answer(self, event: object) -> Reply | bytes | str | None:
         step = {Mail: "mail", Rcpt: "rcpt", Data: "data", EndOfData: "dot", Rset: "rset"}.get(
             type(event)
         )
@@ -110,6 +114,8 @@ class Remote:
         scripted = self.script.get(step or "")
         if scripted == HANG:
             return HANG
+        if scripted and scripted.startswith(RAW):
+            return scripted[len(RAW) :].encode() + b"\r\n"
         if scripted:
             return Reply(int(scripted[:3]), (scripted[4:],))
         if isinstance(event, Data):
@@ -539,3 +545,20 @@ async def test_a_body_at_the_minimum_rate_goes_through(
         await d.mta.stream.send_all(b".\r\n")
         assert await d.mta.reply() == "250 2.0.0 queued"
     assert d.remote.got_final_dot
+
+
+async def test_a_remote_breaking_the_protocol_gets_the_mta_a_4xx_naming_the_violation(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with door({"rcpt": RAW + "hello"}) as d:
+        mta = d.mta
+        assert (await mta.command("EHLO mta.test")).startswith("250-relay.test")
+        assert (await mta.command("MAIL FROM:<a@sender.test>")).startswith("250 2.1.0")
+        reply = await mta.command("RCPT TO:<one@good.test>")
+        await d.remote.closed.wait()
+        quit_reply = await mta.command("QUIT")
+    assert reply == (
+        '451 4.4.2 source "a" (127.0.0.3) to mx.good.test[192.0.2.1]:25: protocol violation'
+        " in reply to MAIL FROM and RCPT TO: malformed reply line b'hello'"
+    )
+    assert quit_reply == "221 2.0.0 relay.test closing connection"

@@ -29,7 +29,6 @@ from egressd.proto.smtp_common import (
     LocalProtocolError,
     Mail,
     Noop,
-    ProtocolViolation,
     Quit,
     Rcpt,
     RemoteProtocolError,
@@ -41,18 +40,26 @@ from egressd.proto.smtp_common import (
     parse_ehlo_extensions,
 )
 
+#: What a driver sees: the events, and last the error when the remote broke the protocol.
+Seen = ClientEvent | RemoteProtocolError
 
-def feed(client: SmtpClient, pieces: Sequence[bytes]) -> list[ClientEvent]:
-    events: list[ClientEvent] = []
+
+def feed(client: SmtpClient, pieces: Sequence[bytes]) -> list[Seen]:
+    """Feed pieces one by one, collecting events; a RemoteProtocolError ends the list."""
+    events: list[Seen] = []
     for piece in pieces:
         client.receive_data(piece)
         while True:
-            event = client.next_event()
+            try:
+                event = client.next_event()
+            except RemoteProtocolError as exc:
+                events.append(exc)
+                return events
             if isinstance(event, Sentinel):
                 assert event is NEED_DATA  # the client machine never pauses
                 break
             events.append(event)
-            if isinstance(event, (ConnectionClosed, ProtocolViolation)):
+            if isinstance(event, ConnectionClosed):
                 return events
     return events
 
@@ -109,7 +116,7 @@ MTA_RCPT = Rcpt("bob@example.net", {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc82
 def test_full_session(split: Splitter) -> None:
     client = SmtpClient()
     wire = bytearray()
-    events: list[ClientEvent] = []
+    events: list[Seen] = []
     events += feed(client, split(b"220 mx.example.net ESMTP ready\r\n"))
     wire += client.send(Ehlo("out1.example"))
     events += feed(client, split(EHLO_REPLY))
@@ -376,10 +383,12 @@ def test_protocol_violations(wire: bytes, why: str) -> None:
     for pieces in (whole(wire), bytewise(wire)):
         client = SmtpClient()
         events = feed(client, pieces)
-        assert isinstance(events[-1], ProtocolViolation)
+        assert isinstance(events[-1], RemoteProtocolError)
         assert why in events[-1].description
         assert events[-1].reply is not None and events[-1].reply.code == 451
-        assert client.next_event() == events[-1]  # sticky
+        with pytest.raises(RemoteProtocolError) as again:
+            client.next_event()
+        assert again.value is events[-1]  # sticky
         assert state_of(client) is ClientState.ERROR
 
 
@@ -497,8 +506,9 @@ def test_starttls_response_injection(split: Splitter) -> None:
     client.send(StartTls())
     events = feed(client, split(b"220 go ahead\r\n250-injected\r\n250 PIPELINING\r\n"))
     assert events[0] == Reply(220, ("go ahead",))
-    assert isinstance(events[-1], ProtocolViolation)
+    assert isinstance(events[-1], RemoteProtocolError)
     assert "STARTTLS" in events[-1].description
+    assert events[-1].reply is not None and events[-1].reply.code == 451
 
 
 def test_starttls_injection_caught_by_start_tls() -> None:
@@ -508,7 +518,9 @@ def test_starttls_injection_caught_by_start_tls() -> None:
     assert client.next_event() == Reply(220, ("go ahead",))
     with pytest.raises(RemoteProtocolError):
         client.start_tls()
-    assert isinstance(client.next_event(), ProtocolViolation)
+    with pytest.raises(RemoteProtocolError, match="plaintext after the 220 to STARTTLS") as raised:
+        client.next_event()
+    assert raised.value.reply is not None and raised.value.reply.code == 451
 
 
 def test_starttls_refused_keeps_plaintext_session() -> None:
@@ -524,10 +536,10 @@ def test_starttls_refused_keeps_plaintext_session() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=300), max_size=8))
-def test_any_bytes_give_events_never_exceptions(pieces: list[bytes]) -> None:
+def test_any_bytes_give_events_or_a_refusal(pieces: list[bytes]) -> None:
     client = SmtpClient(max_line=128, max_lines=8)
     events = feed(client, [*(p for p in pieces if p), b""])
-    assert isinstance(events[-1], (ConnectionClosed, ProtocolViolation))
+    assert isinstance(events[-1], (ConnectionClosed, RemoteProtocolError))
     for event in events:
         if isinstance(event, Reply):
             assert b"\r" not in event.to_bytes().replace(b"\r\n", b"")
@@ -564,7 +576,7 @@ def test_reply_shaped_noise_in_a_pipelined_session(tokens: list[bytes]) -> None:
     client.send(Data())
     wire = b"".join(tokens)
     events = feed(client, [*bytewise(wire), b""])
-    assert isinstance(events[-1], (ConnectionClosed, ProtocolViolation))
+    assert isinstance(events[-1], (ConnectionClosed, RemoteProtocolError))
     for event in events:
         if isinstance(event, Reply):
             assert b"\r" not in event.to_bytes().replace(b"\r\n", b"")

@@ -25,7 +25,6 @@ from egressd.proto.smtp_common import (
     Mail,
     Noop,
     PathSyntaxError,
-    ProtocolViolation,
     Quit,
     Rcpt,
     RemoteProtocolError,
@@ -97,9 +96,13 @@ def respond(server: SmtpServer, event: ServerEvent) -> Reply | None:
     return None
 
 
-def merge_chunks(events: Sequence[ServerEvent]) -> list[ServerEvent]:
+#: What a driver sees: the events, and last the error when the MTA broke the protocol.
+Seen = ServerEvent | RemoteProtocolError
+
+
+def merge_chunks(events: Sequence[Seen]) -> list[Seen]:
     """Adjacent DataChunks merged, so event lists compare across chunkings."""
-    merged: list[ServerEvent] = []
+    merged: list[Seen] = []
     for event in events:
         if isinstance(event, DataChunk) and merged and isinstance(merged[-1], DataChunk):
             merged[-1] = DataChunk(merged[-1].data + event.data)
@@ -131,19 +134,26 @@ def run(
     pieces: Sequence[bytes],
     responder: Callable[[SmtpServer, ServerEvent], Reply | None] = respond,
     eof: bool = False,
-) -> tuple[list[ServerEvent], bytes]:
-    """Feed pieces one by one, answering every event as soon as it comes out."""
-    events: list[ServerEvent] = []
+) -> tuple[list[Seen], bytes]:
+    """Feed pieces one by one, answering every event as soon as it comes out.
+
+    A RemoteProtocolError ends the list: the machine refused the MTA's bytes.
+    """
+    events: list[Seen] = []
     out = bytearray()
     for piece in [*(p for p in pieces if p), *([b""] if eof else [])]:
         server.receive_data(piece)
         while True:
-            event = server.next_event()
+            try:
+                event = server.next_event()
+            except RemoteProtocolError as exc:
+                events.append(exc)
+                return events, bytes(out)
             if event is NEED_DATA:
                 break
             assert event is not PAUSED, "this driver always answers at once"
             events.append(event)
-            if isinstance(event, (ConnectionClosed, ProtocolViolation)):
+            if isinstance(event, ConnectionClosed):
                 return events, bytes(out)
             reply = responder(server, event)
             if reply is not None:
@@ -156,7 +166,7 @@ def session(
     split: Splitter = whole,
     extensions: Sequence[str] = EXTENSIONS,
     auth_requires_tls: bool = False,
-) -> tuple[list[ServerEvent], bytes]:
+) -> tuple[list[Seen], bytes]:
     server = greeted(extensions=extensions, auth_requires_tls=auth_requires_tls)
     events, out = run(server, split(b"".join(pieces)))
     return merge_chunks(events), out
@@ -527,7 +537,7 @@ def in_data(max_chunk: int = 65536) -> SmtpServer:
     return server
 
 
-def body_events(body: bytes, split: Splitter = whole) -> list[ServerEvent]:
+def body_events(body: bytes, split: Splitter = whole) -> list[Seen]:
     server = in_data()
     events, _ = run(server, split(body))
     return merge_chunks(events)
@@ -754,10 +764,13 @@ def test_starttls_command_injection_is_detected() -> None:
     assert state_of(server) is ServerState.TLS
     with pytest.raises(RemoteProtocolError):
         server.start_tls()
-    event = server.next_event()
-    assert isinstance(event, ProtocolViolation)
-    assert "STARTTLS" in event.description
-    assert server.next_event() == event  # sticky
+    with pytest.raises(RemoteProtocolError) as raised:
+        server.next_event()
+    assert "STARTTLS" in raised.value.description
+    assert raised.value.reply is None
+    with pytest.raises(RemoteProtocolError) as again:
+        server.next_event()
+    assert again.value is raised.value  # sticky
     assert state_of(server) is ServerState.ERROR
 
 
@@ -765,7 +778,8 @@ def test_starttls_injection_seen_by_a_driver_that_reads_on() -> None:
     server = greeted()
     events, _ = run(server, [b"EHLO mta\r\nSTARTTLS\r\nMAIL FROM:<evil@x.y>\r\n"])
     assert events[-2] == StartTls()
-    assert isinstance(events[-1], ProtocolViolation)
+    assert isinstance(events[-1], RemoteProtocolError)
+    assert "STARTTLS" in events[-1].description
     assert not any(isinstance(e, Mail) for e in events)
 
 
@@ -773,7 +787,9 @@ def test_plaintext_after_starttls_reply_is_a_violation() -> None:
     server = greeted()
     run(server, [b"EHLO mta\r\nSTARTTLS\r\n"])
     server.receive_data(b"RSET\r\n")
-    assert isinstance(server.next_event(), ProtocolViolation)
+    with pytest.raises(RemoteProtocolError, match="plaintext pipelined after STARTTLS"):
+        server.next_event()
+    assert state_of(server) is ServerState.ERROR
 
 
 def test_auth_requires_tls_advertises_auth_only_after_tls() -> None:
@@ -865,10 +881,10 @@ def test_send_misuse() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=200), max_size=8))
-def test_any_bytes_give_events_never_exceptions(pieces: list[bytes]) -> None:
+def test_any_bytes_give_events_or_a_refusal(pieces: list[bytes]) -> None:
     server = greeted(max_line=128, max_chunk=64)
     events, _ = run(server, pieces, eof=True)
-    assert isinstance(events[-1], (ConnectionClosed, ProtocolViolation))
+    assert isinstance(events[-1], (ConnectionClosed, RemoteProtocolError))
 
 
 PREFIXES = [
@@ -912,7 +928,7 @@ def test_smtp_shaped_noise_is_handled(prefix: bytes, tokens: list[bytes], step: 
     wire = prefix + b"".join(tokens)
     pieces = [wire[i : i + step] for i in range(0, len(wire), step)]
     events, _ = run(server, pieces, eof=True)
-    assert isinstance(events[-1], (ConnectionClosed, ProtocolViolation))
+    assert isinstance(events[-1], (ConnectionClosed, RemoteProtocolError))
     chunks = b"".join(e.data for e in events if isinstance(e, DataChunk))
     # Nothing forwarded toward the remote ever holds a bare CR or LF or an end of data.
     assert chunks.replace(b"\r\n", b"").count(b"\r") == 0
