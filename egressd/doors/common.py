@@ -25,7 +25,7 @@ from egressd.log import get_logger
 from egressd.net.connection import Connection
 from egressd.net.dialer import Dialed
 from egressd.net.egress import connect_within
-from egressd.net.splice import Traffic, relay
+from egressd.net.splice import Traffic, keep_alive, relay
 from egressd.runtime import Runtime, SessionRecord
 
 log = get_logger("doors")
@@ -109,6 +109,7 @@ async def relay_session(
     The caller closes both streams.
     """
     traffic = Traffic()
+    keep_alive(client, dialed.stream)
     try:
         async with runtime.source_in_use(dialed.source.name):
             result = await relay(

@@ -67,6 +67,7 @@ __all__ = [
     "Traffic",
     "abort_on_close",
     "can_splice",
+    "keep_alive",
     "relay",
 ]
 
@@ -190,6 +191,36 @@ def abort_on_close(*streams: trio.abc.Stream) -> None:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+
+
+KEEPALIVE_IDLE = 300
+"""Seconds of silence before the first TCP keepalive probe (KumoProxy's value)."""
+KEEPALIVE_INTERVAL = 30
+"""Seconds between unanswered keepalive probes."""
+KEEPALIVE_COUNT = 3
+"""Unanswered probes before the kernel drops the connection."""
+
+
+def keep_alive(*streams: trio.abc.Stream) -> None:
+    """Turn on TCP keepalive (idle 300 s, interval 30 s, 3 probes) on these streams' sockets.
+
+    A spliced session whose peer vanished without a FIN or RST (a NAT that forgot it, a
+    host that lost power) is then found dead by the kernel instead of holding a source
+    slot until the idle timeout. A TLS stream's transport is used; a stream with no
+    socket under it is left alone.
+    """
+    for stream in streams:
+        while isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        sock = _socket_of(stream)
+        if sock is None:
+            continue
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
 def _tcp_socket(stream: trio.abc.Stream) -> AnySocket:
