@@ -193,6 +193,7 @@ class RemoteSession:
             tls_policy=self.tls_policy,
             tls_result=self.tls_result,
             extensions=dict(self.client.extensions),
+            budget=self.shaping.lease if self.shaping is not None else None,
         )
 
     def failure(self, enhanced: str, what: str) -> RemoteError:

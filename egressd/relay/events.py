@@ -50,10 +50,13 @@ from egressd.proto.smtp_common import (
 )
 
 __all__ = [
+    "DELIVERIES_PER_CONNECTION",
     "CloseRemote",
     "Command",
     "EgressView",
     "Event",
+    "MessageBudget",
+    "MessageRefusal",
     "MtaAuthenticated",
     "MtaBareLineEnding",
     "MtaBody",
@@ -109,6 +112,28 @@ class EgressView(Protocol):
     def health(self) -> HealthView: ...
 
 
+class MessageRefusal(Protocol):
+    """Why a connection may not carry one more message now (:class:`egressd.shaping.
+    Refusal` is one): the budget's name (``max_message_rate``...) and a sentence."""
+
+    @property
+    def budget(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+class MessageBudget(Protocol):
+    """A connection's per-message budgets (an :class:`egressd.shaping.Lease` is one):
+    ``send()`` counts one message, or says why not (nothing is counted then)."""
+
+    def send(self) -> MessageRefusal | None: ...
+
+
+#: The refusal that says "this connection has carried its share; open another".
+DELIVERIES_PER_CONNECTION = "max_deliveries_per_connection"
+
+
 #: A transaction's next hops by (domain, IP version): each domain is resolved once.
 NextHops = MutableMapping[tuple[str, "int | None"], "NextHopView | Reply"]
 
@@ -132,6 +157,8 @@ class Remote:
     tls_result: str = ""
     #: What the remote's last EHLO advertised (keyword -> parameters).
     extensions: Mapping[str, str] = field(default_factory=dict)
+    #: The connection's shaping budgets per message (None without shaping files).
+    budget: MessageBudget | None = field(default=None, compare=False, repr=False)
 
     @property
     def pipelining(self) -> bool:

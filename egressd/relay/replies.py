@@ -44,6 +44,7 @@ __all__ = [
     "helo",
     "help_text",
     "local",
+    "message_budget",
     "mta_sts_no_mx",
     "mta_timeout",
     "mta_too_slow",
@@ -317,6 +318,12 @@ def no_remote_transaction() -> Reply:
 
 def remote_gone() -> Reply:
     return temporary("4.3.0", "the remote connection is gone")
+
+
+def message_budget(reason: str) -> Reply:
+    """A shaping budget per message (``max_message_rate``...) holds the message back:
+    nothing went to the remote; the MTA retries later."""
+    return temporary("4.7.0", f"shaping: {reason}")
 
 
 # --------------------------------------------------------------------------- the body
