@@ -1,4 +1,4 @@
-"""The ``egressd`` command line: check, select, probe, status, suspend, resume, warmup
+"""The ``egressd`` command line: check, select, probe, explain, status, suspend, resume, warmup
 and run.
 
 Exit codes, as ``haproxy -c`` and ``nginx -t`` use them, so a script can tell a bad file
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_suspend(commands)
     _add_resume(commands)
     _add_warmup(commands)
+    _add_explain(commands)
     return parser
 
 
@@ -194,6 +195,23 @@ def _add_run(commands: Any) -> None:
         "bound), 2 usage error, 78 invalid configuration (EX_CONFIG: restarting will not help)"
     )
     run.add_argument("--json-logs", action="store_true", help="log JSON lines (as [log] format)")
+
+
+def _add_explain(commands: Any) -> None:
+    explain = _add_command(
+        commands,
+        "explain",
+        "why mail to a domain leaves from the source it does",
+        "Resolve DOMAIN's MX records through [dns] and show the site they make, the shaping\n"
+        "provider that matched and why, and each source's effective limits with the file and\n"
+        "section each value came from. Then ask the running daemon, through [control] socket,\n"
+        "for each budget's current use, the active suspensions and overrides on this\n"
+        "destination and the source the pool would pick next (asking uses no turn of the\n"
+        "pool). Without a reachable daemon it says so and shows a fresh selector's pick.",
+        "an unknown pool or a failed MX lookup",
+    )
+    explain.add_argument("domain", metavar="DOMAIN", help="the recipient domain")
+    explain.add_argument("--pool", metavar="P", help="only this pool (default: every pool)")
 
 
 def _add_status(commands: Any) -> None:
@@ -288,6 +306,10 @@ def _run_command(
         return command_select(config, args.pool, args.n, sys.stdout)
     if args.command == "probe":
         return command_probe(config, args)
+    if args.command == "explain":
+        from egressd.explain import command_explain
+
+        return command_explain(config, args.domain, args.pool, sys.stdout)
     if args.command in CONTROL_COMMANDS:
         return CONTROL_COMMANDS[args.command](config, args)
     from egressd.daemon import run_daemon

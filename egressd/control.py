@@ -13,6 +13,8 @@ line and reads one JSON object per line back, as many times as it likes, then cl
     {"command": "warmup", "action": "status"|"plan"|"hold"|"resume"|"set-step",
      "source": "ip-9", "provider": "other", "step": 3,
      "reason": "..."}                                    -> {"ok": true, "warmup": {...}}
+    {"command": "explain", "domain": "example.com", "pool": "bulk",
+     "mx": [[10, "mx1.example.com"]]}                    -> {"ok": true, "explain": {...}}
     anything else                                        -> {"ok": false, "error": "..."}
 
 ``seconds`` is a number above 0 and at most :data:`MAX_SUSPEND_SECONDS` (NaN, Infinity and
@@ -81,6 +83,10 @@ class Controlled(Protocol):
     def warmup(self, action: str, source: str | None, options: Mapping[str, Any]) -> ControlReply:
         """A warm-up action (status, plan, hold, resume, set-step); ValueError when refused."""
 
+    def explain(self, domain: str, mx: list[tuple[int, str]], pool: str) -> ControlReply:
+        """Shaping usage, suspensions and the next pick of ``pool`` towards ``domain`` (whose
+        MX records the client resolved); ValueError for an unknown pool."""
+
 
 # --------------------------------------------------------------------------- protocol
 
@@ -128,10 +134,48 @@ def _handle(target: Controlled, request: Mapping[str, Any]) -> ControlReply:
         return _suspend_or_resume(target, request)
     if command == "warmup":
         return _warmup(target, request)
+    if command == "explain":
+        return _explain(target, request)
     return {
         "ok": False,
-        "error": f'unknown command "{command}" (try status, suspend, resume, warmup)',
+        "error": f'unknown command "{command}" (try status, suspend, resume, warmup, explain)',
     }
+
+
+MAX_MX_RECORDS = 64
+
+
+def _explain(target: Controlled, request: Mapping[str, Any]) -> ControlReply:
+    domain, pool, mx = request.get("domain"), request.get("pool"), request.get("mx")
+    if not _is_name(domain) or not _is_name(pool):
+        return {"ok": False, "error": '"domain" and "pool" must be strings of 1 to 253 characters'}
+    records = _mx_records(mx)
+    if records is None:
+        return {
+            "ok": False,
+            "error": f'"mx" must be a list of at most {MAX_MX_RECORDS} [preference, host] pairs',
+        }
+    return {"ok": True, "explain": target.explain(domain, records, pool)}
+
+
+def _is_name(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and 0 < len(value) <= 253 and value.isprintable()
+
+
+def _mx_records(value: object) -> list[tuple[int, str]] | None:
+    if not isinstance(value, list) or len(value) > MAX_MX_RECORDS:
+        return None
+    records = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2):
+            return None
+        preference, host = item
+        if isinstance(preference, bool) or not isinstance(preference, int):
+            return None
+        if not 0 <= preference <= 65535 or not _is_name(host):
+            return None
+        records.append((preference, host))
+    return records
 
 
 def _warmup(target: Controlled, request: Mapping[str, Any]) -> ControlReply:

@@ -37,10 +37,11 @@ observe -> control, with no import back.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -50,11 +51,13 @@ from prometheus_client import Counter, Gauge
 from egressd import __version__
 from egressd.config import Config, Endpoint, Listener
 from egressd.control import serve_control
-from egressd.egress import EgressObserver
+from egressd.egress import EgressFailure, EgressObserver
 from egressd.health import SourceHealth
 from egressd.log import get_logger
 from egressd.metrics import Metrics, serve_metrics
+from egressd.net.shaping import smtp_budget
 from egressd.runtime import Runtime, SessionRecord
+from egressd.shaping import Override, Suspension
 from egressd.warming import Warming, metric_rows, warmup_command
 
 log = get_logger("observe")
@@ -247,6 +250,9 @@ class DaemonControls:
     def warmup(self, action: str, source: str | None, options: Mapping[str, Any]) -> dict[str, Any]:
         return warmup_command(self._daemon.warming, action, source, options)
 
+    def explain(self, domain: str, mx: list[tuple[int, str]], pool: str) -> dict[str, Any]:
+        return live_explain(self._daemon.runtime, domain, mx, pool)
+
     def status(self) -> dict[str, Any]:
         """The daemon's pid, version, configuration, generation, listeners, pools and sources."""
         daemon = self._daemon
@@ -373,3 +379,65 @@ class Extras:
 
         started = await self._nursery.start(run)
         return scope, started
+
+
+def live_explain(
+    runtime: Runtime, domain: str, mx: list[tuple[int, str]], pool: str
+) -> dict[str, Any]:
+    """What ``egressd explain`` asks the daemon: each source's shaping usage towards the
+    domain, the active suspensions and overrides that apply to it, and the source the pool
+    would pick next. The pick runs on a copy of the pool's selector: no WRR turn is used."""
+    config = runtime.config
+    if pool not in config.pools:
+        raise ValueError(f"unknown pool {pool!r}")
+    sources = [entry.source for entry in config.pools[pool].entries]
+    budget = smtp_budget(runtime.shaper, domain, mx)
+    shaper = runtime.shaper
+    usage: dict[str, list[str]] = {}
+    active: list[dict[str, Any]] = []
+    if budget is not None and shaper is not None:
+        destination = budget.destination
+        usage = {source: shaper.usage(source, destination) for source in sources}
+        provider = shaper.policy.provider_of(destination)
+        names = {("site", destination.site), ("domain", destination.domain or "")}
+        if provider is not None:
+            names.add(("provider", provider[0]))
+        active = [
+            effect
+            for effect in effects_json(shaper.active(), shaper.clock())
+            if effect["source"] in sources and (effect["kind"], effect["name"]) in names
+        ]
+    egress = copy.copy(runtime.egress)
+    egress.pools = copy.deepcopy(runtime.egress.pools)
+    try:
+        picked: str | None = egress.pick(pool, budget=budget).name
+        why = ""
+    except EgressFailure as exc:
+        picked, why = None, str(exc)
+    finally:
+        if budget is not None:
+            budget.release()
+    return {"usage": usage, "active": active, "next": picked, "next_refused": why}
+
+
+def effects_json(
+    effects: Sequence[Suspension | Override], clock_now: float
+) -> list[dict[str, Any]]:
+    """Suspensions and overrides for the control socket, with a Unix-time ``until``."""
+    wall = time.time()
+    rows = []
+    for effect in effects:
+        source, kind, name = effect.scope
+        row: dict[str, Any] = {
+            "source": source,
+            "kind": kind,
+            "name": name,
+            "until": round(wall + effect.until - clock_now, 3),
+            "reason": effect.reason,
+        }
+        if isinstance(effect, Suspension):
+            row["rule"] = "suspend"
+        else:
+            row["rule"] = f"set {effect.name}"
+        rows.append(row)
+    return rows

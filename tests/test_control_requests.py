@@ -15,6 +15,7 @@ class Target:
 
     def __init__(self, *, status_fails: bool = False) -> None:
         self.suspended: list[tuple[str, float, str]] = []
+        self.explained: list[tuple[str, list[tuple[int, str]], str]] = []
         self.status_fails = status_fails
 
     def status(self) -> dict[str, Any]:
@@ -33,6 +34,10 @@ class Target:
 
     def warmup(self, action: str, source: str | None, options: Any) -> dict[str, Any]:
         raise ValueError("no source follows a warm-up plan")
+
+    def explain(self, domain: str, mx: list[tuple[int, str]], pool: str) -> dict[str, Any]:
+        self.explained.append((domain, mx, pool))
+        return {"next": "a"}
 
 
 def suspend(seconds: str) -> bytes:
@@ -91,3 +96,40 @@ def test_status_prints_an_impossible_until_instead_of_crashing(until: float) -> 
         "recent_failures": 0,
     }
     assert "not a clock time" in format_sources([row], now=0.0)
+
+
+def explain(mx: str, domain: str = '"example.com"', pool: str = '"main"') -> bytes:
+    text = f'{{"command": "explain", "domain": {domain}, "pool": {pool}, "mx": {mx}}}'
+    return text.encode()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        explain('[[10, "mx.example.com"]]', domain="7"),
+        explain('[[10, "mx.example.com"]]', domain='""'),
+        explain('[[10, "mx.example.com"]]', pool="null"),
+        explain('[[10, "mx.example.com"]]', domain='"' + "a" * 300 + '"'),
+        explain('"mx.example.com"'),
+        explain('[["10", "mx.example.com"]]'),
+        explain('[[true, "mx.example.com"]]'),
+        explain('[[70000, "mx.example.com"]]'),
+        explain("[[10]]"),
+        explain('[[10, ""]]'),
+        explain("[" + ",".join(['[1, "a"]'] * 65) + "]"),
+    ],
+)
+def test_explain_refuses_bad_requests(line: bytes) -> None:
+    target = Target()
+    reply = handle_request(target, line)
+    assert reply["ok"] is False and reply["error"]
+    assert target.explained == []
+
+
+def test_explain_passes_the_mx_records_on() -> None:
+    target = Target()
+    reply = handle_request(target, explain('[[10, "mx1.example.com"], [20, "mx2.example.com"]]'))
+    assert reply == {"ok": True, "explain": {"next": "a"}}
+    assert target.explained == [
+        ("example.com", [(10, "mx1.example.com"), (20, "mx2.example.com")], "main")
+    ]

@@ -53,6 +53,7 @@ __all__ = [
     "findings_text",
     "load_policy",
     "load_policy_in_thread",
+    "lookup_mx",
     "proxy_budget",
     "resolve_sites",
     "smtp_budget",
@@ -85,6 +86,12 @@ def resolve_sites(domains: Iterable[str], settings: DnsSettings) -> dict[str, st
         if records is not None:
             sites[domain] = site_name(records)
     return sites
+
+
+def lookup_mx(domain: str, settings: DnsSettings) -> list[tuple[int, str]] | None:
+    """``(preference, host)`` MX records of ``domain`` (itself without any), through
+    ``[dns]``; None when the lookup fails. Blocking (for ``egressd explain``)."""
+    return _mx_records(_resolver(settings), domain)
 
 
 def findings_text(policy: ShapingPolicy | None) -> list[str]:

@@ -1,0 +1,108 @@
+"""``egressd explain`` against the real daemon: dnsmasq serves a fake provider's MX, a
+provider rule suspends one source, and explain shows the MX, the site, the provider and why,
+each limit with its file and section, the suspension, and the next pick (without using it).
+"""
+
+from __future__ import annotations
+
+import io
+import smtplib
+from pathlib import Path
+
+import pytest
+import trio
+from daemon_helpers import port_of, running_daemon
+from smtp_harness import dnsmasq, smtp_sink
+
+from egressd.config import load_config
+from egressd.doors.smtp import SmtpDoor
+from egressd.explain import command_explain
+
+pytestmark = pytest.mark.integration
+
+TSS04 = "421 4.7.0 [TSS04] Messages from 127.0.0.3 temporarily deferred due to unexpected volume"
+SHAPING = r"""
+[default]
+connection_limit = 7
+
+[provider."bigmail"]
+match = [{ MXSuffix = ".bigmail-mx.test" }]
+max_deliveries_per_connection = 33
+
+[[provider."bigmail".automation]]
+regex = "\\[TSS04\\]"
+action = "Suspend"
+duration = "1h"
+"""
+
+
+def send_one(port: int, recipient: str) -> str:
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
+            client.sendmail("a@sender.test", [recipient], b"Subject: t\r\n\r\nbody\r\n")
+        return "sent"
+    except smtplib.SMTPRecipientsRefused as exc:
+        code, text = exc.recipients[recipient]
+        return f"{code} {text.decode()}"
+
+
+async def test_explain_shows_provider_limits_suspension_and_next_pick(short_dir: Path) -> None:
+    (short_dir / "shaping.toml").write_text(SHAPING)
+    mx = [("bigmail.test", "mx1.bigmail-mx.test", 10), ("bigmail.test", "mx2.bigmail-mx.test", 20)]
+    hosts = {"mx1.bigmail-mx.test": ["127.0.0.1"], "mx2.bigmail-mx.test": ["127.0.0.1"]}
+    with (
+        smtp_sink(rcpt_replies={"tss@bigmail.test": TSS04}) as sink,
+        dnsmasq(mx=mx, hosts=hosts) as dns,
+    ):
+        text = f"""
+shaping_files = ["shaping.toml"]
+[dns]
+nameservers = ["{dns.nameserver}"]
+[access]
+deny_destinations = []
+[control]
+socket = "{short_dir}/c.sock"
+[[smtp.listener]]
+address = "127.0.0.1:0"
+pool = "main"
+[source."a"]
+source_address = "127.0.0.3"
+remote_port = {sink.port}
+[source."b"]
+source_address = "127.0.0.4"
+remote_port = {sink.port}
+[pool."main"."a"]
+[pool."main"."b"]
+"""
+        async with running_daemon(text, short_dir, {"smtp": SmtpDoor()}) as daemon:
+            port = port_of(daemon, "smtp")
+            reply = await trio.to_thread.run_sync(send_one, port, "tss@bigmail.test")
+            assert reply.startswith("421"), reply  # source a is now suspended for bigmail
+            config = load_config(short_dir / "egressd.toml")
+
+            def explain() -> tuple[int, str]:
+                out = io.StringIO()
+                code = command_explain(config, "bigmail.test", "main", out)
+                return code, out.getvalue()
+
+            selector = daemon.runtime.egress.pools.selector("main")
+            turns = [peer.current for peer in selector._peers]
+            code, first = await trio.to_thread.run_sync(explain)
+            _, second = await trio.to_thread.run_sync(explain)
+            assert [peer.current for peer in selector._peers] == turns
+        code_alone, alone = await trio.to_thread.run_sync(explain)
+    assert code == 0, first
+    assert "MX 10 mx1.bigmail-mx.test" in first and "MX 20 mx2.bigmail-mx.test" in first
+    assert "site (mx1|mx2).bigmail-mx.test" in first
+    assert "provider bigmail: every MX host (mx1.bigmail-mx.test, mx2.bigmail-mx.test)" in first
+    limit_lines = [line for line in first.splitlines() if "connection_limit 7  (" in line]
+    assert len(limit_lines) == 2 and all("shaping.toml" in line for line in limit_lines)
+    deliveries = [line for line in first.splitlines() if "max_deliveries_per_connection 33" in line]
+    assert len(deliveries) == 2 and all("bigmail" in line for line in deliveries), deliveries
+    assert "suspend on (a, provider bigmail) until" in first
+    assert "TSS04" in first
+    # a is suspended for bigmail: b is next, and asking twice uses no turn of the pool
+    assert "next pick: b" in first and "next pick: b" in second
+    assert code_alone == 0
+    assert "the daemon was not asked" in alone and "usage and suspensions unknown" in alone
+    assert "provider bigmail" in alone
