@@ -69,6 +69,7 @@ def test_every_command_has_a_description_argument_help_and_exit_codes(capsys: Ca
     commands = subcommands(build_parser())
     assert set(commands) == {
         "check",
+        "explain",
         "select",
         "probe",
         "run",
