@@ -511,13 +511,13 @@ async def serve(
 
 
 def attach_warming(runtime: Runtime, warming: Warming) -> None:
-    """Selection asks the engine; every relayed transaction counts into it (provider
-    ``other``: shaping's providers are not wired into the doors yet)."""
+    """Selection asks the engine; every relayed transaction counts into it, against the
+    shaping provider of its destination (``other`` when none names it)."""
     engine = warming.engine
     runtime.warmup = engine
 
-    def count(pool: str, code: int, source: str) -> None:
-        engine.record(source, "other", outcome_of(code))
+    def count(pool: str, code: int, source: str, provider: str) -> None:
+        engine.record(source, provider, outcome_of(code))
 
     runtime.transaction_hooks.append(count)
 

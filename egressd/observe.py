@@ -212,7 +212,7 @@ def count_into_metrics(daemon: Observed) -> None:
     runtime.session_opened_hooks.append(counters.opened)
     runtime.session_hooks.append(counters.finished)
     runtime.transaction_hooks.append(
-        lambda pool, code, source: metrics.count_transaction(
+        lambda pool, code, source, provider: metrics.count_transaction(
             names.pool(pool), code, names.source(source)
         )
     )

@@ -16,7 +16,7 @@ duration, outcome).
 Observers (the metrics) attach through plain hook lists rather than through the doors:
 ``session_opened_hooks`` get the new :class:`SessionRecord` when a session starts,
 ``session_hooks`` the finished one, ``transaction_hooks`` get ``(pool, final reply code,
-source)``
+source, shaping provider)``
 for each SMTP transaction a door relayed (:meth:`Runtime.smtp_transaction`), ``tls_hooks``
 ``(policy, outcome)`` for each remote the SMTP door opened or failed to (:meth:`Runtime.smtp_tls`),
 ``login_failure_hooks`` the door of each wrong password (:meth:`Runtime.login_failed`,
@@ -109,7 +109,7 @@ class Overloaded(Exception):
 
 
 SessionHook = Callable[[SessionRecord], None]
-TransactionHook = Callable[[str, int, str], None]
+TransactionHook = Callable[[str, int, str, str], None]
 TlsHook = Callable[[str, str], None]
 LoginFailureHook = Callable[[str], None]
 
@@ -200,10 +200,13 @@ class Runtime:
         else:
             self.shaper.replace_policy(policy)
 
-    def smtp_transaction(self, pool: str, code: int, source: str = "") -> None:
-        """An SMTP door relayed one transaction whose final reply (to the dot) was ``code``."""
+    def smtp_transaction(
+        self, pool: str, code: int, source: str = "", provider: str = "other"
+    ) -> None:
+        """An SMTP door relayed one transaction from ``source`` to a destination of shaping
+        ``provider`` whose final reply (to the dot) was ``code``."""
         for hook in self.transaction_hooks:
-            hook(pool, code, source)
+            hook(pool, code, source, provider)
 
     def smtp_tls(self, policy: str, outcome: str) -> None:
         """The SMTP door opened a remote under TLS ``policy`` (a label of

@@ -226,8 +226,8 @@ def warmup_command(
 def metric_rows(warming: Warming | None) -> list[tuple[str, str, int, int, int]]:
     """(source, provider, step from 1, quota, used) of every warming (source, provider).
 
-    Labels stay bounded: configured sources times the providers they sent to (``other``
-    until shaping's providers are wired); the template ``*`` and warm sources are left out.
+    Labels stay bounded: configured sources times the providers they sent to (the
+    shaping files' providers and ``other``); the template ``*`` and warm sources are left out.
     """
     if warming is None:
         return []

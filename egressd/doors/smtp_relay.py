@@ -86,6 +86,8 @@ class Relay:
             hostname, listener_pool, lambda: runtime.egress, auth_required=auth_required
         )
         self.remote: RemoteSession | None = None
+        self.provider = "other"
+        """The shaping provider of the last remote opened (its transactions count there)."""
 
     @property
     def in_transaction(self) -> bool:
@@ -177,6 +179,7 @@ class Relay:
             return OpenFailed(exc.reply)
         self.remote = remote
         self.record.source = remote.source.name
+        self.provider = remote.provider
         self.record.local_address = remote.local_address
         self.record.destination = remote.remote_text
         return RemoteOpened(remote.view())
@@ -189,7 +192,7 @@ class Relay:
         self.record.outcome = ended.outcome
         if ended.final is not None:
             source = str(ended.fields.get("source") or "")
-            self.runtime.smtp_transaction(ended.pool, ended.final.code, source)
+            self.runtime.smtp_transaction(ended.pool, ended.final.code, source, self.provider)
         fields = {"client": self.record.client, **ended.fields}
         log.info("transaction", extra={"fields": fields})
 

@@ -150,6 +150,8 @@ class RemoteSession:
     sending: bool = False
     #: The shaper bound to this connection's destination, holding its lease (or None).
     shaping: ShapedDestination | None = None
+    #: The destination's shaping provider (``other``: none), whose warm-up quota it uses.
+    provider: str = "other"
     _exit: AsyncExitStack = field(default_factory=AsyncExitStack)
 
     @property
@@ -521,7 +523,9 @@ async def open_remote(
     the reply for the MTA (a 4xx naming the source, each address tried and its error).
     """
     opening = _Opening(egress, runtime, pool, domain, next_hops, hostname)
-    plan = Plan(egress, pool=pool, budget=await opening.budget())
+    budget = await opening.budget()
+    provider = "other" if budget is None else budget.provider()
+    plan = Plan(egress, pool=pool, budget=budget, provider=provider)
     try:
         session = await execute(plan, opening.attempt, opening.resolve)
     except EgressFailure as exc:
@@ -532,6 +536,7 @@ async def open_remote(
         raise
     session._exit.callback(plan.release_budget)  # the shaping lease lives as long
     session.shaping = plan.budget if isinstance(plan.budget, ShapedDestination) else None
+    session.provider = provider
     return session
 
 

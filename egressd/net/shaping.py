@@ -168,6 +168,12 @@ class ShapedDestination:
     def exhausted(self, pool: str) -> str:
         return refusal_summary(pool, self.target(), list(self.refusals.values()))
 
+    def provider(self) -> str:
+        """The shaping provider that names this destination, else ``other`` (the warm-up
+        quota it counts against)."""
+        found = self.shaper.policy.provider_of(self.destination)
+        return "other" if found is None else found[0]
+
     def target(self) -> str:
         """``provider "google"`` when a provider matched, else ``site "..."``."""
         provider = self.shaper.policy.provider_of(self.destination)
