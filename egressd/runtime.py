@@ -188,6 +188,12 @@ class Runtime:
         """Why ``source`` may not send to ``provider`` now (its warm-up quota is used)."""
         return None if self.warmup is None else self.warmup.refusal(source, provider)
 
+    def shaping_rule_fired(self, source: str, provider: str, reason: str) -> None:
+        """A shaping reply rule fired for ``source`` on a connection to ``provider``: the
+        warm-up holds that source's step for that provider today (:meth:`Warmup.signal`)."""
+        if self.warmup is not None:
+            self.warmup.signal(source, provider, f"shaping rule: {reason}")
+
     def _budget_for(self, host: str | IPAddress) -> ShapedDestination | None:
         """The shaping budgets towards a SOCKS5/PROXY destination (None: no shaping)."""
         return proxy_budget(self.shaper, host)

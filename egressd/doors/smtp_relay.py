@@ -151,6 +151,7 @@ class Relay:
                         }
                     },
                 )
+                self.runtime.shaping_rule_fired(remote.source.name, remote.provider, effect.reason)
 
     async def close_remote(self, *, polite: bool) -> None:
         remote, self.remote = self.remote, None

@@ -248,6 +248,21 @@ class Warmup:
         step = track.progress.step
         self._set(source, provider, max(0, step - 1), "stepped back", reason)
 
+    def signal(self, source: str, provider: str, reason: str) -> bool:
+        """A provider complained (a shaping reply rule fired for ``source``): hold the step
+        of ``source`` to ``provider`` for today, like a deferral rate over its threshold.
+        True when this started a hold (logged with ``reason``); a warm source is ignored."""
+        if source not in self.sources:
+            return False
+        self._roll()
+        track = self._track(source, provider)
+        if track.signal_hold is not None:
+            return False
+        track.signal_hold = reason
+        step = track.progress.step
+        self._change(source, provider, "held", step, step, reason)
+        return True
+
     # ------------------------------------------------------------------ operators
 
     def hold(self, source: str, provider: str | None, reason: str) -> list[Key]:

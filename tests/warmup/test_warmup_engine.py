@@ -277,3 +277,28 @@ def test_a_reload_that_drops_a_warming_source_keeps_the_others_going() -> None:
     assert warmup.take_batch().progress  # what changed before the reload is still written
     warmup.reconfigure(settings(), {"ip-1": "standard"})
     assert step(warmup) == 1  # back: its last day (a sending day) is judged now
+
+
+def test_a_shaping_rule_signal_holds_that_providers_step_for_the_day() -> None:
+    clock = FakeClock(MONDAY)
+    events: list[Event] = []
+    warmup = engine(clock, events=events)
+    send(warmup, 5, provider="google")  # a full sending day to google (quota 5)
+    send(warmup, 10)  # and to other
+    warmup.signal("ip-1", "google", "shaping rule: [TSS04]")
+    warmup.signal("ip-1", "google", "shaping rule: [TSS04] again")  # already held today
+    assert warmup.quota("ip-1", "google").hold == "shaping rule: [TSS04]"  # type: ignore[union-attr]
+    clock.advance(DAY)
+    assert (step(warmup, "google"), step(warmup)) == (0, 1)
+    assert [(e.kind, e.provider, e.reason) for e in events if e.kind == "held"] == [
+        ("held", "google", "shaping rule: [TSS04]")
+    ]
+    assert warmup.quota("ip-1", "google").hold is None  # type: ignore[union-attr]
+
+
+def test_a_shaping_rule_signal_for_a_warm_source_changes_nothing() -> None:
+    clock = FakeClock(MONDAY)
+    events: list[Event] = []
+    warmup = engine(clock, events=events)
+    warmup.signal("ip-2", "google", "shaping rule: [TSS04]")
+    assert events == [] and warmup.quota("ip-2", "google") is None
