@@ -234,10 +234,12 @@ def _add_suspend(commands: Any) -> None:
         "take a source out of rotation for a while (needs [control] socket)",
         "Tell the running daemon, through [control] socket, to suspend SOURCE for DURATION:\n"
         "pools skip it until the time has passed or `egressd resume SOURCE`. Connections in\n"
-        "flight are not cut.",
-        "a daemon that cannot be reached or refused (unknown source)",
+        "flight are not cut. With --provider or --site, only towards that shaping provider\n"
+        "or site (egressd status lists these with their expiry).",
+        "a daemon that cannot be reached or refused (unknown source or provider)",
     )
     suspend.add_argument("source", metavar="SOURCE", help="the source's name")
+    _add_towards(suspend)
     suspend.add_argument(
         "duration",
         metavar="DURATION",
@@ -262,6 +264,23 @@ def _add_resume(commands: Any) -> None:
         "a daemon that cannot be reached or refused (unknown source)",
     )
     resume.add_argument("source", metavar="SOURCE", help="the source's name")
+    _add_towards(resume)
+
+
+def _add_towards(command: argparse.ArgumentParser) -> None:
+    towards = command.add_mutually_exclusive_group()
+    towards.add_argument(
+        "--provider", metavar="P", type=_name, help="only towards shaping provider P"
+    )
+    towards.add_argument(
+        "--site", metavar="S", type=_name, help="only towards site S (as egressd explain names it)"
+    )
+
+
+def _name(text: str) -> str:
+    if not 0 < len(text) <= 253 or not text.isprintable():
+        raise argparse.ArgumentTypeError("must be 1 to 253 printable characters")
+    return text
 
 
 def _add_warmup(commands: Any) -> None:
@@ -498,7 +517,7 @@ def command_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def command_suspend(config: Config, args: argparse.Namespace) -> int:
-    """``egressd suspend SOURCE DURATION [--reason TEXT]``."""
+    """``egressd suspend SOURCE DURATION [--reason TEXT] [--provider P | --site S]``."""
     request: dict[str, Any] = {
         "command": "suspend",
         "source": args.source,
@@ -506,21 +525,31 @@ def command_suspend(config: Config, args: argparse.Namespace) -> int:
     }
     if args.reason is not None:
         request["reason"] = args.reason
+    request.update(_towards_request(args))
     reply = _ask_daemon(config, request)
     if reply is None:
         return EXIT_FAILED
     until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() + args.duration))
-    print(f"{args.source} suspended for {args.duration:g}s, until {until}")
+    print(f"{args.source}{_towards_text(args)} suspended for {args.duration:g}s, until {until}")
     return EXIT_OK
 
 
+def _towards_request(args: argparse.Namespace) -> dict[str, str]:
+    return {key: getattr(args, key) for key in ("provider", "site") if getattr(args, key)}
+
+
+def _towards_text(args: argparse.Namespace) -> str:
+    return "".join(f" towards {key} {value}" for key, value in _towards_request(args).items())
+
+
 def command_resume(config: Config, args: argparse.Namespace) -> int:
-    """``egressd resume SOURCE``."""
-    reply = _ask_daemon(config, {"command": "resume", "source": args.source})
+    """``egressd resume SOURCE [--provider P | --site S]``."""
+    request = {"command": "resume", "source": args.source, **_towards_request(args)}
+    reply = _ask_daemon(config, request)
     if reply is None:
         return EXIT_FAILED
     state = "resumed" if reply.get("was_suspended") else "was not suspended"
-    print(f"{args.source} {state}")
+    print(f"{args.source}{_towards_text(args)} {state}")
     return EXIT_OK
 
 

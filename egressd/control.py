@@ -10,6 +10,9 @@ line and reads one JSON object per line back, as many times as it likes, then cl
     {"command": "suspend", "source": "ip-1", "seconds": 600,
      "reason": "blocklisted at Spamhaus"}                -> {"ok": true}
     {"command": "resume", "source": "ip-1"}              -> {"ok": true, "was_suspended": true}
+    {"command": "suspend", "source": "ip-1", "provider": "google", "seconds": 600}
+    {"command": "resume", "source": "ip-1", "site": "(alt1|alt2)?.mx.example"}
+                              (only towards that shaping provider or site; status lists them)
     {"command": "warmup", "action": "status"|"plan"|"hold"|"resume"|"set-step",
      "source": "ip-9", "provider": "other", "step": 3,
      "reason": "..."}                                    -> {"ok": true, "warmup": {...}}
@@ -79,6 +82,15 @@ class Controlled(Protocol):
 
     def resume(self, source: str) -> bool:
         """Put ``source`` back in rotation; True when it was suspended."""
+
+    def suspend_towards(
+        self, source: str, kind: str, name: str, seconds: float, reason: str
+    ) -> None:
+        """Suspend (source, provider or site ``name``) in the shaper; ValueError when there
+        is no shaping or no such provider."""
+
+    def resume_towards(self, source: str, kind: str, name: str) -> bool:
+        """Lift a (source, provider or site) suspension; True when there was one."""
 
     def warmup(self, action: str, source: str | None, options: Mapping[str, Any]) -> ControlReply:
         """A warm-up action (status, plan, hold, resume, set-step); ValueError when refused."""
@@ -192,9 +204,16 @@ def _suspend_or_resume(target: Controlled, request: Mapping[str, Any]) -> Contro
     source = request.get("source")
     if not isinstance(source, str) or not target.has_source(source):
         return {"ok": False, "error": f"unknown source {source!r}"}
+    towards = _towards(request)
+    if isinstance(towards, str):
+        return {"ok": False, "error": towards}
     if request["command"] == "resume":
-        was_suspended = target.resume(source)
-        log.info("source resumed by operator", extra={"fields": {"source": source}})
+        if towards is not None:
+            was_suspended = target.resume_towards(source, *towards)
+        else:
+            was_suspended = target.resume(source)
+        fields = {"source": source, "towards": " ".join(towards or ())}
+        log.info("source resumed by operator", extra={"fields": fields})
         return {"ok": True, "was_suspended": was_suspended}
     seconds = request.get("seconds")
     if not _is_duration(seconds):
@@ -205,12 +224,36 @@ def _suspend_or_resume(target: Controlled, request: Mapping[str, Any]) -> Contro
     reason = request.get("reason")
     if reason is not None and (not isinstance(reason, str) or not 0 < len(reason) <= 200):
         return {"ok": False, "error": '"reason" must be a string of 1 to 200 characters'}
-    target.suspend(source, float(seconds), reason or "suspended by operator")
+    if towards is not None:
+        target.suspend_towards(source, *towards, float(seconds), reason or "suspended by operator")
+    else:
+        target.suspend(source, float(seconds), reason or "suspended by operator")
     log.warning(
         "source suspended by operator",
-        extra={"fields": {"source": source, "seconds": seconds, "reason": reason or ""}},
+        extra={
+            "fields": {
+                "source": source,
+                "towards": " ".join(towards or ()),
+                "seconds": seconds,
+                "reason": reason or "",
+            }
+        },
     )
     return {"ok": True}
+
+
+def _towards(request: Mapping[str, Any]) -> tuple[str, str] | str | None:
+    """``("provider", name)`` or ``("site", name)`` from the request, None for neither, or
+    the error text."""
+    given = [(kind, request[kind]) for kind in ("provider", "site") if kind in request]
+    if not given:
+        return None
+    if len(given) > 1:
+        return '"provider" and "site" do not go together'
+    kind, name = given[0]
+    if not _is_name(name):
+        return f'"{kind}" must be a string of 1 to 253 characters'
+    return kind, name
 
 
 def _is_duration(value: object) -> TypeGuard[float]:

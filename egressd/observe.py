@@ -58,6 +58,7 @@ from egressd.metrics import Metrics, serve_metrics
 from egressd.net.shaping import smtp_budget
 from egressd.runtime import Runtime, SessionRecord
 from egressd.shaping import Override, Suspension
+from egressd.shaping.policy import ScopeKind
 from egressd.warming import Warming, metric_rows, warmup_command
 
 log = get_logger("observe")
@@ -250,6 +251,25 @@ class DaemonControls:
     def warmup(self, action: str, source: str | None, options: Mapping[str, Any]) -> dict[str, Any]:
         return warmup_command(self._daemon.warming, action, source, options)
 
+    def suspend_towards(
+        self, source: str, kind: str, name: str, seconds: float, reason: str
+    ) -> None:
+        shaper = self._daemon.runtime.shaper
+        if shaper is None:
+            raise ValueError("no shaping_files: nothing to suspend a provider or site in")
+        if kind == "provider" and name not in shaper.policy.sections.providers:
+            known = ", ".join(shaper.policy.sections.providers) or "none"
+            raise ValueError(f"unknown provider {name!r} (providers: {known})")
+        scope_kind: ScopeKind = "provider" if kind == "provider" else "site"
+        shaper.suspend((source, scope_kind, name), seconds, reason)
+
+    def resume_towards(self, source: str, kind: str, name: str) -> bool:
+        shaper = self._daemon.runtime.shaper
+        if shaper is None:
+            return False
+        scope_kind: ScopeKind = "provider" if kind == "provider" else "site"
+        return shaper.resume((source, scope_kind, name))
+
     def explain(self, domain: str, mx: list[tuple[int, str]], pool: str) -> dict[str, Any]:
         return live_explain(self._daemon.runtime, domain, mx, pool)
 
@@ -281,7 +301,15 @@ class DaemonControls:
                 for name, pool in config.pools.items()
             },
             "sources": self._sources(),
+            "shaping": self._shaping(),
         }
+
+    def _shaping(self) -> list[dict[str, Any]] | None:
+        """Active (source, site/provider) suspensions and overrides; None without shaping."""
+        shaper = self._daemon.runtime.shaper
+        if shaper is None:
+            return None
+        return effects_json(shaper.active(), shaper.clock())
 
     def _sources(self) -> list[dict[str, Any]]:
         """Every source's health, with ``suspended_until`` as a Unix time."""

@@ -119,7 +119,34 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
         + "\n"
         for name, entries in status["pools"].items()
     )
-    return header + pools + "\n" + format_sources(status["sources"], now)
+    shaping = status.get("shaping")
+    tail = "" if shaping is None else "\n" + format_shaping(shaping, now)
+    return header + pools + "\n" + format_sources(status["sources"], now) + tail
+
+
+def format_shaping(effects: Sequence[Mapping[str, Any]], now: float) -> str:
+    """Active (source, site/provider) suspensions and overrides: rule, expiry, why."""
+    if not effects:
+        return "no active shaping suspension or override\n"
+    rows = [("SOURCE", "TOWARDS", "RULE", "UNTIL", "REASON")]
+    for effect in effects:
+        rows.append(
+            (
+                str(effect["source"]),
+                f"{effect['kind']} {effect['name']}",
+                str(effect["rule"]),
+                _until(effect.get("until"), now),
+                str(effect["reason"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
+        + "  "
+        + row[-1]
+        + "\n"
+        for row in rows
+    )
 
 
 def format_sources(sources: Sequence[Mapping[str, Any]], now: float) -> str:

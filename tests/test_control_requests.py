@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from egressd.control import MAX_SUSPEND_SECONDS, handle_request
-from egressd.status import format_sources
+from egressd.status import format_shaping, format_sources
 
 
 class Target:
@@ -16,6 +16,7 @@ class Target:
     def __init__(self, *, status_fails: bool = False) -> None:
         self.suspended: list[tuple[str, float, str]] = []
         self.explained: list[tuple[str, list[tuple[int, str]], str]] = []
+        self.towards: list[tuple[str, str, str, float]] = []
         self.status_fails = status_fails
 
     def status(self) -> dict[str, Any]:
@@ -34,6 +35,15 @@ class Target:
 
     def warmup(self, action: str, source: str | None, options: Any) -> dict[str, Any]:
         raise ValueError("no source follows a warm-up plan")
+
+    def suspend_towards(
+        self, source: str, kind: str, name: str, seconds: float, reason: str
+    ) -> None:
+        self.towards.append((source, kind, name, seconds))
+
+    def resume_towards(self, source: str, kind: str, name: str) -> bool:
+        self.towards.append((source, kind, name, 0.0))
+        return True
 
     def explain(self, domain: str, mx: list[tuple[int, str]], pool: str) -> dict[str, Any]:
         self.explained.append((domain, mx, pool))
@@ -133,3 +143,51 @@ def test_explain_passes_the_mx_records_on() -> None:
     assert target.explained == [
         ("example.com", [(10, "mx1.example.com"), (20, "mx2.example.com")], "main")
     ]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"command": "suspend", "source": "a", "seconds": 60, "provider": "g", "site": "s"}',
+        b'{"command": "suspend", "source": "a", "seconds": 60, "provider": 7}',
+        b'{"command": "suspend", "source": "a", "seconds": 60, "site": ""}',
+        b'{"command": "suspend", "source": "a", "seconds": 1e300, "provider": "g"}',
+        b'{"command": "suspend", "source": "a", "seconds": NaN, "provider": "g"}',
+        b'{"command": "suspend", "source": "zz", "seconds": 60, "provider": "g"}',
+        b'{"command": "resume", "source": "a", "provider": null}',
+    ],
+)
+def test_suspend_towards_refuses_bad_requests(line: bytes) -> None:
+    target = Target()
+    reply = handle_request(target, line)
+    assert reply["ok"] is False and reply["error"]
+    assert target.towards == [] and target.suspended == []
+
+
+def test_suspend_and_resume_towards_a_provider_or_a_site() -> None:
+    target = Target()
+    line = b'{"command": "suspend", "source": "a", "seconds": 60, "provider": "google"}'
+    assert handle_request(target, line) == {"ok": True}
+    line = b'{"command": "resume", "source": "a", "site": "mx.example"}'
+    assert handle_request(target, line) == {"ok": True, "was_suspended": True}
+    assert target.towards == [("a", "provider", "google", 60.0), ("a", "site", "mx.example", 0.0)]
+    assert target.suspended == []
+
+
+def test_status_lists_shaping_suspensions_with_rule_and_expiry() -> None:
+    effects = [
+        {
+            "source": "a",
+            "kind": "provider",
+            "name": "bigmail",
+            "rule": "suspend",
+            "until": 1000.0,
+            "reason": "rule [provider.bigmail] automation[0]",
+        }
+    ]
+    text = format_shaping(effects, now=400.0)
+    header, row = text.splitlines()
+    assert header.split() == ["SOURCE", "TOWARDS", "RULE", "UNTIL", "REASON"]
+    assert row.startswith("a ") and "provider bigmail" in row and "600.0s" in row
+    assert "automation[0]" in row
+    assert format_shaping([], now=0.0) == "no active shaping suspension or override\n"

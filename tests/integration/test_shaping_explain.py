@@ -14,6 +14,7 @@ import trio
 from daemon_helpers import port_of, running_daemon
 from smtp_harness import dnsmasq, smtp_sink
 
+from egressd.cli import main
 from egressd.config import load_config
 from egressd.doors.smtp import SmtpDoor
 from egressd.explain import command_explain
@@ -106,3 +107,67 @@ remote_port = {sink.port}
     assert code_alone == 0
     assert "the daemon was not asked" in alone and "usage and suspensions unknown" in alone
     assert "provider bigmail" in alone
+
+
+async def test_operator_suspends_a_source_towards_a_provider_only(
+    short_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (short_dir / "shaping.toml").write_text(SHAPING)
+    mx = [("bigmail.test", "mx1.bigmail-mx.test", 10), ("other.test", "mx.other.test", 10)]
+    hosts = {"mx1.bigmail-mx.test": ["127.0.0.1"], "mx.other.test": ["127.0.0.1"]}
+    with smtp_sink() as sink, dnsmasq(mx=mx, hosts=hosts) as dns:
+        text = f"""
+shaping_files = ["shaping.toml"]
+[dns]
+nameservers = ["{dns.nameserver}"]
+[access]
+deny_destinations = []
+[control]
+socket = "{short_dir}/c.sock"
+[[smtp.listener]]
+address = "127.0.0.1:0"
+pool = "main"
+[source."a"]
+source_address = "127.0.0.3"
+remote_port = {sink.port}
+[source."b"]
+source_address = "127.0.0.4"
+remote_port = {sink.port}
+[pool."main"."a"]
+[pool."main"."b"]
+"""
+        async with running_daemon(text, short_dir, {"smtp": SmtpDoor()}) as daemon:
+            port = port_of(daemon, "smtp")
+            path = str(short_dir / "egressd.toml")
+
+            async def cli(*args: str) -> tuple[int, str, str]:
+                code = await trio.to_thread.run_sync(main, ["-c", path, *args])
+                out, err = capsys.readouterr()
+                return code, out, err
+
+            code, out, _ = await cli("suspend", "a", "1h", "--provider", "bigmail")
+            assert code == 0 and "a towards provider bigmail suspended for 3600s" in out
+            assert (await cli("suspend", "a", "400d", "--provider", "bigmail"))[0] != 0
+            code, _, err = await cli("suspend", "a", "1h", "--provider", "nosuch")
+            assert code == 1 and "unknown provider 'nosuch'" in err
+            code, out, _ = await cli("status")
+            assert code == 0
+            [row] = [line for line in out.splitlines() if "provider bigmail" in line]
+            assert row.split()[:4] == ["a", "provider", "bigmail", "suspend"]
+            assert "suspended by operator" in row
+            assert "3600.0s" in row or "3599." in row, row
+            sent = [
+                await trio.to_thread.run_sync(send_one, port, f"x{i}@{domain}")
+                for i in range(2)
+                for domain in ("bigmail.test", "other.test")
+            ]
+            assert sent == ["sent"] * 4
+            code, out, _ = await cli("resume", "a", "--provider", "bigmail")
+            assert code == 0 and "a towards provider bigmail resumed" in out
+            code, out, _ = await cli("status")
+            assert "no active shaping suspension or override" in out
+            messages = await sink.wait(4)
+    by_domain: dict[str, set[str]] = {}
+    for message in messages:
+        by_domain.setdefault(message.rcpt_tos[0].split("@")[1], set()).add(message.peer)
+    assert by_domain == {"bigmail.test": {"127.0.0.4"}, "other.test": {"127.0.0.3", "127.0.0.4"}}
