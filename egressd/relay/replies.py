@@ -87,7 +87,9 @@ def local(code: int, enhanced: str, text: str) -> Reply:
 
 
 def greeting(hostname: str) -> Reply:
-    return local(220, "2.0.0", f"{hostname} ESMTP egressd")
+    """The 220 banner, without an enhanced status code: the client has not said EHLO yet
+    (RFC 2034 section 4: the codes are only for clients that asked for ENHANCEDSTATUSCODES)."""
+    return Reply.make(220, f"{hostname} ESMTP egressd")
 
 
 def reset() -> Reply:

@@ -62,3 +62,8 @@ def test_an_egress_failure_told_to_an_unauthenticated_client_names_no_pool() -> 
     )
     other = replies.egress_failure("bulk", "unplumbed", "127.0.0.9 is not plumbed")
     assert replies.pool_unnamed(other, "bulk") == other
+
+
+def test_the_greeting_carries_no_enhanced_status_code() -> None:
+    # RFC 2034 section 4: enhanced codes only after the client's EHLO asked for them.
+    assert replies.greeting("relay.test").to_bytes() == b"220 relay.test ESMTP egressd\r\n"
