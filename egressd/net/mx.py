@@ -10,8 +10,9 @@ addresses and port.
    literal is used as is; a name is resolved to A/AAAA (no MX lookup, like Postfix's
    ``[host]``).
 2. A domain literal (``user@[192.0.2.1]``, ``user@[IPv6:2001:db8::1]``) is its own host.
-3. Otherwise the MX records, lowest preference first (equal preferences keep the DNS
-   answer's order). RFC 7505: a null MX (one record ``0 .``) means the domain takes no
+3. Otherwise the MX records, lowest preference first; hosts of equal preference are
+   tried in random order (RFC 5321 5.1 MUST), from :data:`MX_SHUFFLE` (replaceable by tests).
+   RFC 7505: a null MX (one record ``0 .``) means the domain takes no
    mail. No MX records at all: the domain's own A/AAAA records are an
    implicit MX of preference 0.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -272,8 +274,22 @@ async def _mx_records(
         raise NextHopError(
             NextHopProblem.NULL_MX, f"{domain} accepts no mail: it publishes a null MX (RFC 7505)"
         )
-    real.sort(key=lambda record: record[0])  # stable: equal preferences keep DNS order
-    return real
+    return order_by_preference(real, MX_SHUFFLE)
+
+
+MX_SHUFFLE = random.Random()
+"""The random source that orders MX hosts of equal preference."""
+
+
+def order_by_preference(
+    records: list[tuple[int, str]], rng: random.Random
+) -> list[tuple[int, str]]:
+    """Records sorted by preference, each group of equal preference in random order
+    (RFC 5321 5.1: the client MUST randomize them to spread the load)."""
+    shuffled = list(records)
+    rng.shuffle(shuffled)
+    shuffled.sort(key=lambda record: record[0])  # stable: keeps the shuffle within a group
+    return shuffled
 
 
 # --------------------------------------------------------------------------- addresses

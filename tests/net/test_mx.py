@@ -167,3 +167,16 @@ async def test_domains_share_a_next_hop_when_their_hosts_or_best_address_match(
     assert good.same_destination(good, connected)
     assert good.same_destination(alias, connected)  # other MX name, same best address
     assert not good.same_destination(implicit, connected)
+
+
+def test_mx_hosts_of_equal_preference_come_in_random_order() -> None:
+    import random
+
+    from egressd.net.mx import order_by_preference
+
+    records = [(20, "backup.test"), (10, "a.test"), (10, "b.test")]
+    orders = {tuple(order_by_preference(records, random.Random(seed))) for seed in range(32)}
+    assert orders == {
+        ((10, "a.test"), (10, "b.test"), (20, "backup.test")),
+        ((10, "b.test"), (10, "a.test"), (20, "backup.test")),
+    }
