@@ -1,5 +1,5 @@
-"""The ``egressd`` command line: check, select, probe, explain, status, suspend, resume, warmup
-and run.
+"""The ``egressd`` command line: check, select, probe, explain, status, suspend, resume,
+warmup, run and socks5 (no configuration file).
 
 Exit codes, as ``haproxy -c`` and ``nginx -t`` use them, so a script can tell a bad file
 from a bad command line:
@@ -24,12 +24,17 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from egressd import __version__
 from egressd.config import (
     Config,
     ConfigError,
+    Endpoint,
+    Listener,
+    Pool,
+    PoolEntry,
     Source,
     config_path_from,
     format_hostport,
@@ -118,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume(commands)
     _add_warmup(commands)
     _add_explain(commands)
+    _add_socks5(commands)
     return parser
 
 
@@ -214,6 +220,51 @@ def _add_explain(commands: Any) -> None:
     explain.add_argument("--pool", metavar="P", help="only this pool (default: every pool)")
 
 
+def _listen_address(text: str) -> Endpoint:
+    try:
+        return parse_hostport(text, allow_names=False, allow_zero=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def _add_socks5(commands: Any) -> None:
+    quick = _add_command(
+        commands,
+        "socks5",
+        "a SOCKS5 proxy with no configuration file (like KumoProxy's proxy-server)",
+        "Serve SOCKS5 on the --listen addresses in the foreground, with no configuration\n"
+        "file, as KumoProxy's `proxy-server --listen` does: a BIND of any address of this\n"
+        "host picks it as the source of the following CONNECT; without BIND the kernel\n"
+        "picks it. Access rules, limits and timeouts are the defaults of egressd.toml.",
+        "-",
+    )
+    quick.epilog = (
+        "exit status: 0 after a clean shutdown, 1 startup failed (an address cannot be\n"
+        "bound), 2 usage error"
+    )
+    quick.add_argument(
+        "--listen",
+        metavar="ADDR:PORT",
+        type=_listen_address,
+        action="append",
+        required=True,
+        help="address to listen on (repeatable)",
+    )
+    quick.add_argument("--json-logs", action="store_true", help="log JSON lines")
+
+
+def quick_config(listen: Sequence[Endpoint]) -> Config:
+    """``egressd socks5``'s configuration: default settings, one source with no address
+    (the kernel picks) for CONNECT without BIND, any local address by BIND."""
+    return Config(
+        path=Path("egressd-socks5-quick-mode"),
+        sources={"default": Source(name="default")},
+        pools={"default": Pool("default", (PoolEntry("default"),))},
+        socks5_listeners=tuple(Listener(address, "default") for address in listen),
+        quick=True,
+    )
+
+
 def _add_status(commands: Any) -> None:
     _add_command(
         commands,
@@ -307,6 +358,10 @@ def _add_warmup(commands: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "socks5":
+        from egressd.daemon import run_daemon
+
+        return run_daemon(quick_config(args.listen), json_logs=args.json_logs)
     path = config_path_from(args.config, os.environ)
     try:
         config = load_config(path)

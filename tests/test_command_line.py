@@ -77,6 +77,7 @@ def test_every_command_has_a_description_argument_help_and_exit_codes(capsys: Ca
         "suspend",
         "resume",
         "warmup",
+        "socks5",
     }
     for name, command in commands.items():
         assert command.description, name

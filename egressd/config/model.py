@@ -546,6 +546,8 @@ class Config:
     smtp: SmtpSettings = setting(Table(SmtpSettings), SmtpSettings())
     state: StateSettings = setting(Table(StateSettings), StateSettings())
     warmup: WarmupSettings = setting(Table(WarmupSettings), WarmupSettings())
+    quick: bool = False
+    """``egressd socks5 --listen``: no file; a SOCKS5 BIND may pick any local address."""
 
     def warmup_plan_of(self, source: str) -> str | None:
         """The warm-up plan ``source`` follows: its ``warmup`` key, else ``[warmup.sources]``."""
@@ -564,8 +566,11 @@ class Config:
         return min((s.ttl for s in self.sources.values()), default=DEFAULT_TTL)
 
     def source_for_address(self, address: IPAddress) -> Source | None:
-        """The configured source whose own or proxy's address is ``address``."""
+        """The configured source whose own or proxy's address is ``address``; in quick mode
+        (:attr:`quick`), a source of that address made up on the spot."""
         for source in self.sources.values():
             if source.matches_address(address):
                 return source
+        if self.quick:  # bindable or not: the SOCKS5 door tries the bind before using it
+            return Source(name=str(address), source_address=address)
         return None
