@@ -386,6 +386,10 @@ def blocking_resolver(settings: DnsSettings, lifetime: float) -> dns.resolver.Re
     return resolver
 
 
+#: Answers one ``[dns]`` table's resolver keeps (least recently used go first).
+DNS_CACHE_ENTRIES = 10_000
+
+
 def resolver_for(settings: DnsSettings) -> dns.asyncresolver.Resolver:
     """One resolver per ``[dns]`` table, kept across calls (reading resolv.conf once)."""
     resolver = _RESOLVERS.get(settings)
@@ -400,6 +404,9 @@ def resolver_for(settings: DnsSettings) -> dns.asyncresolver.Resolver:
             resolver = dns.asyncresolver.Resolver()
         resolver.lifetime = settings.timeout
         resolver.timeout = min(resolver.timeout, settings.timeout)
+        # Answers are kept for their TTL (negative ones for the SOA minimum), as a caching
+        # resolver would: MX, A/AAAA, TXT and TLSA look-ups repeat for every message.
+        resolver.cache = dns.resolver.LRUCache(DNS_CACHE_ENTRIES)
         if len(_RESOLVERS) > 16:
             _RESOLVERS.clear()
         _RESOLVERS[settings] = resolver

@@ -6,12 +6,14 @@ import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.message
+import dns.rrset
 import pytest
 import trio
 from smtp_harness import Dnsmasq, dnsmasq
 
 from egressd.config import Config, DnsSettings, Endpoint, SmtpSettings
-from egressd.net.mx import NextHop, NextHopError, NextHopProblem, resolve_next_hop
+from egressd.net.mx import NextHop, NextHopError, NextHopProblem, resolve_next_hop, resolver_for
 
 pytestmark = pytest.mark.integration
 
@@ -180,3 +182,33 @@ def test_mx_hosts_of_equal_preference_come_in_random_order() -> None:
         ((10, "a.test"), (10, "b.test"), (20, "backup.test")),
         ((10, "b.test"), (10, "a.test"), (20, "backup.test")),
     }
+
+
+async def _answer_with_ttl(server: trio.socket.SocketType, ttl: int, asked: list[str]) -> None:
+    """A one-zone name server: every A question gets 127.0.0.9 with ``ttl``; counts them."""
+    while True:
+        data, peer = await server.recvfrom(4096)
+        query = dns.message.from_wire(data)
+        question = query.question[0]
+        asked.append(question.name.to_text())
+        response = dns.message.make_response(query)
+        response.answer.append(dns.rrset.from_text(question.name, ttl, "IN", "A", "127.0.0.9"))
+        await server.sendto(response.to_wire(), peer)
+
+
+@pytest.mark.parametrize(("ttl", "queries"), [(300, 1), (0, 2)])
+async def test_answers_are_cached_for_their_ttl(ttl: int, queries: int) -> None:
+    """Issue 11: DNS answers are cached (dnspython's cache), for their TTL and no longer."""
+    asked: list[str] = []
+    with trio.socket.socket(type=trio.socket.SOCK_DGRAM) as server:
+        await server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        settings = DnsSettings(nameservers=(Endpoint("127.0.0.1", port),), timeout=5.0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_answer_with_ttl, server, ttl, asked)
+            resolver = resolver_for(settings)
+            for _ in range(2):
+                answer = await resolver.resolve(f"cached-{ttl}.test", "A")
+                assert [rdata.to_text() for rdata in answer] == ["127.0.0.9"]
+            nursery.cancel_scope.cancel()
+    assert asked == [f"cached-{ttl}.test."] * queries
