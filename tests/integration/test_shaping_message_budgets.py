@@ -1,0 +1,92 @@
+"""Per-message shaping budgets at the real SMTP door, one MTA session each.
+
+dnsmasq serves the MX of a fake provider on loopback; an aiosmtpd sink behind it counts
+the remote connections (one EHLO each) and the messages. ``max_deliveries_per_connection
+= 2`` makes 5 messages of one MTA session use 3 remote connections; ``max_message_rate =
+"2/h"`` lets 2 of 4 messages through and the other 2 get ``451 4.7.0`` naming the budget,
+with nothing of them reaching the sink.
+"""
+
+from __future__ import annotations
+
+import smtplib
+from pathlib import Path
+
+import pytest
+import trio
+from daemon_helpers import port_of, running_daemon
+from smtp_harness import SmtpSink, dnsmasq, smtp_sink
+
+from egressd.doors.smtp import SmtpDoor
+
+pytestmark = pytest.mark.integration
+
+PROVIDER = """
+[provider."bigmail"]
+match = [{{ MXSuffix = ".bigmail-mx.test" }}]
+{key} = {value}
+"""
+
+
+def send_all(port: int, recipients: list[str]) -> list[str]:
+    """Each recipient's message in turn on one MTA session: "sent" or the refusal."""
+    outcomes: list[str] = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
+        for number, recipient in enumerate(recipients):
+            body = f"Subject: m{number}\r\n\r\nbody {number}\r\n".encode()
+            try:
+                client.sendmail("a@sender.test", [recipient], body)
+                outcomes.append("sent")
+            except smtplib.SMTPRecipientsRefused as exc:
+                code, text = exc.recipients[recipient]
+                outcomes.append(f"{code} {text.decode()}")
+    return outcomes
+
+
+async def through_the_door(
+    tmp_path: Path, key: str, value: str, count: int
+) -> tuple[list[str], SmtpSink]:
+    (tmp_path / "shaping.toml").write_text(PROVIDER.format(key=key, value=value))
+    mx = [("bigmail.test", "mx1.bigmail-mx.test", 10)]
+    hosts = {"mx1.bigmail-mx.test": ["127.0.0.1"]}
+    with smtp_sink() as sink, dnsmasq(mx=mx, hosts=hosts) as dns:
+        text = f"""
+shaping_files = ["shaping.toml"]
+[dns]
+nameservers = ["{dns.nameserver}"]
+[access]
+deny_destinations = []
+[[smtp.listener]]
+address = "127.0.0.1:0"
+pool = "main"
+[source."a"]
+source_address = "127.0.0.3"
+remote_port = {sink.port}
+[pool."main"."a"]
+"""
+        async with running_daemon(text, tmp_path, {"smtp": SmtpDoor()}) as daemon:
+            port = port_of(daemon, "smtp")
+            recipients = [f"r{n}@bigmail.test" for n in range(count)]
+            outcomes = await trio.to_thread.run_sync(send_all, port, recipients)
+    return outcomes, sink
+
+
+async def test_max_deliveries_per_connection_spreads_one_session_over_connections(
+    tmp_path: Path,
+) -> None:
+    outcomes, sink = await through_the_door(tmp_path, "max_deliveries_per_connection", "2", 5)
+    assert outcomes == ["sent"] * 5
+    assert [m.rcpt_tos for m in sink.messages] == [(f"r{n}@bigmail.test",) for n in range(5)]
+    assert len(sink.connections) == 3, sink.connections  # 2 + 2 + 1 messages
+    assert all(c.startswith("127.0.0.3 ") for c in sink.connections), sink.connections
+
+
+async def test_max_message_rate_lets_two_of_four_through_and_defers_the_rest(
+    tmp_path: Path,
+) -> None:
+    outcomes, sink = await through_the_door(tmp_path, "max_message_rate", '"2/h"', 4)
+    assert outcomes[:2] == ["sent", "sent"]
+    for refusal in outcomes[2:]:
+        assert refusal.startswith("451 4.7.0 shaping: max_message_rate 2/h used up"), refusal
+    assert [m.rcpt_tos for m in sink.messages] == [("r0@bigmail.test",), ("r1@bigmail.test",)]
+    assert len(sink.connections) == 1
