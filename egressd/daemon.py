@@ -520,6 +520,7 @@ def attach_warming(runtime: Runtime, warming: Warming) -> None:
         engine.record(source, provider, outcome_of(code))
 
     runtime.transaction_hooks.append(count)
+    warming.attach_shaper(lambda: runtime.shaper)
 
 
 EX_CONFIG = 78

@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
 
 from egressd.config import Config
 from egressd.log import get_logger
-from egressd.state import Event, StateError, Store, open_store, state_directory
+from egressd.shaping import Shaper
+from egressd.shaping import Suspension as ShaperSuspension
+from egressd.shaping.shaper import Scope
+from egressd.state import Event, StateError, Store, Suspension, open_store, state_directory
 from egressd.warmup import ALL_PROVIDERS, Calendar, Warmup
 
 __all__ = ["Warming", "WarmupClock", "metric_rows", "open_warming", "outcome_of", "warmup_command"]
@@ -71,16 +74,83 @@ def outcome_of(code: int) -> str:
     return "sent" if code < 400 else "deferred" if code < 500 else "rejected"
 
 
-class Warming:
-    """The engine with its store; the flusher writes the engine's changes."""
+def scope_key(scope: Scope) -> str:
+    """A shaping scope ``(source, kind, name)`` as the store's ``source@kind:name``."""
+    source, kind, name = scope
+    return f"{source}@{kind}:{name}"
 
-    def __init__(self, store: Store, engine: Warmup, clock: WarmupClock) -> None:
+
+def scope_of(key: str) -> Scope | None:
+    """The shaping scope of a stored ``source@kind:name`` (None: not one)."""
+    source, at, rest = key.rpartition("@")
+    kind, colon, name = rest.partition(":")
+    if not at or not colon:
+        return None
+    if kind == "provider":
+        return source, "provider", name
+    if kind == "site":
+        return source, "site", name
+    if kind == "domain":
+        return source, "domain", name
+    return None
+
+
+class Warming:
+    """The engine with its store; the flusher writes the engine's changes and the
+    shaper's suspensions (so a restart does not forget that a provider suspended a
+    source)."""
+
+    def __init__(
+        self,
+        store: Store,
+        engine: Warmup,
+        clock: WarmupClock,
+        suspensions: tuple[Suspension, ...] = (),
+    ) -> None:
         self.store = store
         self.engine = engine
         self.clock = clock
+        self.restored = suspensions
+        """The suspensions in force at startup, for :meth:`attach_shaper` to restore."""
+        self.shaper: Callable[[], Shaper | None] = lambda: None
+        self._stored: dict[str, Suspension] = {}
+
+    def attach_shaper(self, shaper: Callable[[], Shaper | None]) -> None:
+        """Persist the suspensions of ``shaper()`` (the runtime's current shaper) from now
+        on, and give it back those that were in force when the daemon stopped."""
+        self.shaper = shaper
+        current = shaper()
+        now = self.clock()
+        for stored in self.restored:
+            scope = scope_of(stored.scope)
+            if current is None or scope is None or stored.until <= now:
+                continue
+            current.suspend(scope, stored.until - now, stored.reason)
+            self._stored[stored.scope] = stored
+            log.warning(
+                "shaping suspension restored",
+                extra={"fields": {"scope": stored.scope, "reason": stored.reason}},
+            )
+
+    def _suspensions(self) -> dict[str, Suspension]:
+        """The shaper's suspensions now, with wall-clock expiry times."""
+        shaper = self.shaper()
+        if shaper is None:
+            return {}
+        now, wall = shaper.clock(), self.clock()
+        found = {}
+        for effect in shaper.active():
+            if isinstance(effect, ShaperSuspension):
+                key = scope_key(effect.scope)
+                found[key] = Suspension(key, wall + (effect.until - now), effect.reason)
+        return found
 
     async def flush(self) -> None:
         batch = self.engine.take_batch()
+        current = self._suspensions()
+        added = tuple(s for k, s in current.items() if k not in self._stored)
+        lifted = tuple(k for k in self._stored if k not in current)
+        batch = replace(batch, suspensions=added, lifted=lifted)
         if not batch:
             return
         try:
@@ -88,6 +158,8 @@ class Warming:
         except StateError as exc:
             self.engine.give_back(batch)
             log.error("warm-up state not written, kept for the next flush: %s", exc)
+            return
+        self._stored = {k: self._stored.get(k) or current[k] for k in current}
 
     async def run_flusher(self) -> None:
         """Flush every ``flush_interval`` until cancelled; the daemon flushes once more."""
@@ -125,7 +197,7 @@ def open_warming(
         "warm-up state loaded",
         extra={"fields": {"database": store.location, "sources": len(sources)}},
     )
-    return Warming(store, engine, clock)
+    return Warming(store, engine, clock, snapshot.suspensions)
 
 
 # --------------------------------------------------------------------------- control socket

@@ -9,7 +9,7 @@ from typing import Any
 from fake_clock import FakeClock
 
 from egressd.config import WarmupPlan, WarmupSettings
-from egressd.state import Batch, DayCount, Event, Progress, Snapshot, Store
+from egressd.state import Batch, DayCount, Event, Progress, Snapshot, Store, Suspension
 from egressd.warmup import Warmup
 
 DAY = 86400.0
@@ -27,6 +27,7 @@ class MemoryStore:
     progress: dict[tuple[str, str], Progress] = field(default_factory=dict)
     counts: dict[tuple[str, str, str], DayCount] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
+    suspensions: dict[str, Suspension] = field(default_factory=dict)
 
     @property
     def location(self) -> str:
@@ -36,6 +37,7 @@ class MemoryStore:
         return Snapshot(
             progress=tuple(self.progress.values()),
             counts=tuple(c for c in self.counts.values() if c.day >= since_day),
+            suspensions=tuple(s for s in self.suspensions.values() if s.until > now),
         )
 
     def write(self, batch: Batch) -> None:
@@ -51,6 +53,10 @@ class MemoryStore:
                 rejected=old.rejected + count.rejected,
             )
         self.events.extend(batch.events)
+        for scope in batch.lifted:
+            self.suspensions.pop(scope, None)
+        for suspension in batch.suspensions:
+            self.suspensions[suspension.scope] = suspension
 
     def history(self, source: str | None = None, limit: int = 50) -> list[Event]:
         found = [e for e in self.events if source is None or e.source == source]
