@@ -26,6 +26,10 @@ metric                                                    labels
 ``egressd_source_recent_failures``                        source (since its last success)
 ``egressd_warmup_step`` / ``_quota`` / ``_used``           source, provider (warming sources)
 ``egressd_smtp_transactions_total``                       pool, source, reply_class (2xx/4xx/5xx)
+``egressd_provider_messages_total``                       source, provider (shaping files' or
+                                                          ``other``), reply_class
+``egressd_shaping_active``                                source, provider, rule (suspend or
+                                                          set KEY): active suspensions/overrides
 ``egressd_smtp_tls_total``                                policy (none/opportunistic/encrypt/verify/
                                                           mta-sts enforce/mta-sts testing), outcome
                                                           (verified/encrypted/plaintext/
@@ -197,6 +201,20 @@ class Metrics:
             ("pool", "source", "reply_class"),
             registry=registry,
         )
+        self.provider_messages = Counter(
+            "egressd_provider_messages",
+            "Relayed SMTP messages by source and shaping provider (unmatched destinations are "
+            '"other"), and the class of the final reply.',
+            ("source", "provider", "reply_class"),
+            registry=registry,
+        )
+        self.shaping_active = Gauge(
+            "egressd_shaping_active",
+            "Active shaping suspensions and overrides by source, provider (site and domain "
+            'scopes count as "other") and rule.',
+            ("source", "provider", "rule"),
+            registry=registry,
+        )
         self.smtp_tls = Counter(
             "egressd_smtp_tls",
             "Remote SMTP connections opened (or not) by the SMTP door, by TLS policy and outcome.",
@@ -300,6 +318,17 @@ class Metrics:
     def count_transaction(self, pool: str, code: int, source: str = "") -> None:
         """One relayed transaction whose final reply (to the dot) had ``code``."""
         self.smtp_transactions.labels(pool, source, reply_class(code)).inc()
+
+    def count_provider_message(self, source: str, provider: str, code: int) -> None:
+        """One relayed message from ``source`` to ``provider`` (labels already bounded)."""
+        self.provider_messages.labels(source, provider, reply_class(code)).inc()
+
+    def refresh_shaping(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """Rewrite ``egressd_shaping_active`` from (source, provider, rule) rows, one per
+        active suspension or override (bounded labels)."""
+        self.shaping_active.clear()
+        for source, provider, rule in rows:
+            self.shaping_active.labels(source, provider, rule).inc()
 
     def config_loaded(self, ok: bool, when: float) -> None:
         """A configuration load (startup or reload) took effect, or was refused."""

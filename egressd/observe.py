@@ -217,6 +217,11 @@ def count_into_metrics(daemon: Observed) -> None:
             names.pool(pool), code, names.source(source)
         )
     )
+    runtime.transaction_hooks.append(
+        lambda pool, code, source, provider: metrics.count_provider_message(
+            names.source(source), provider_label(daemon.runtime, provider), code
+        )
+    )
     runtime.login_failure_hooks.append(lambda door: metrics.login_failures.labels(door).inc())
     runtime.tls_hooks.append(lambda policy, outcome: metrics.smtp_tls.labels(policy, outcome).inc())
     metrics.config_loaded(True, time.time())
@@ -354,6 +359,7 @@ class Extras:
 
     def _before_scrape(self, metrics: Metrics, health: SourceHealth) -> None:
         metrics.refresh_sources(health.snapshot())
+        metrics.refresh_shaping(shaping_rows(self._daemon.runtime))
         metrics.refresh_warmup(metric_rows(self._daemon.warming))
 
     async def _apply_metrics(self, endpoint: Endpoint | None) -> None:
@@ -468,4 +474,29 @@ def effects_json(
         else:
             row["rule"] = f"set {effect.name}"
         rows.append(row)
+    return rows
+
+
+def provider_label(runtime: Runtime, provider: str) -> str:
+    """``provider`` when the shaping files define it, else ``other``: one label per
+    configured provider, never one per domain."""
+    shaper = runtime.shaper
+    if shaper is not None and provider in shaper.policy.sections.providers:
+        return provider
+    return "other"
+
+
+def shaping_rows(runtime: Runtime) -> list[tuple[str, str, str]]:
+    """(source, provider, rule) of each active suspension and override, labels bounded:
+    configured sources and providers, ``other`` for site and domain scopes."""
+    shaper = runtime.shaper
+    if shaper is None:
+        return []
+    sources = runtime.config.sources
+    rows = []
+    for effect in shaper.active():
+        source, kind, name = effect.scope
+        provider = provider_label(runtime, name) if kind == "provider" else "other"
+        rule = "suspend" if isinstance(effect, Suspension) else f"set {effect.name}"
+        rows.append((source if source in sources else "", provider, rule))
     return rows

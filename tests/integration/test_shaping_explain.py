@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import io
 import smtplib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trio
 from daemon_helpers import port_of, running_daemon
+from prometheus_client.parser import text_string_to_metric_families
 from smtp_harness import dnsmasq, smtp_sink
 
 from egressd.cli import main
 from egressd.config import load_config
 from egressd.doors.smtp import SmtpDoor
 from egressd.explain import command_explain
+from egressd.status import scrape
 
 pytestmark = pytest.mark.integration
 
@@ -124,6 +127,8 @@ nameservers = ["{dns.nameserver}"]
 deny_destinations = []
 [control]
 socket = "{short_dir}/c.sock"
+[metrics]
+listen = "127.0.0.1:0"
 [[smtp.listener]]
 address = "127.0.0.1:0"
 pool = "main"
@@ -162,6 +167,29 @@ remote_port = {sink.port}
                 for domain in ("bigmail.test", "other.test")
             ]
             assert sent == ["sent"] * 4
+            assert daemon.extras is not None and daemon.extras.metrics_port is not None
+            endpoint = load_config(path).metrics.listen
+            assert endpoint is not None
+            exposition = await trio.to_thread.run_sync(
+                scrape, replace(endpoint, port=daemon.extras.metrics_port)
+            )
+            samples = {
+                (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(exposition)
+                for sample in family.samples
+            }
+            messages_by = {
+                (dict(labels)["source"], dict(labels)["provider"]): value
+                for (name, labels), value in samples.items()
+                if name == "egressd_provider_messages_total"
+            }
+            assert messages_by == {("b", "bigmail"): 2.0, ("a", "other"): 1.0, ("b", "other"): 1.0}
+            active = {
+                labels: value
+                for (name, labels), value in samples.items()
+                if name == "egressd_shaping_active"
+            }
+            assert active == {(("provider", "bigmail"), ("rule", "suspend"), ("source", "a")): 1.0}
             code, out, _ = await cli("resume", "a", "--provider", "bigmail")
             assert code == 0 and "a towards provider bigmail resumed" in out
             code, out, _ = await cli("status")
