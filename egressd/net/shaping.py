@@ -45,7 +45,7 @@ from egressd.shaping import (
 )
 from egressd.shaping.rules import reply_line
 from egressd.shaping.shaper import Effect
-from egressd.shaping.sites import proxy_destination, smtp_destination
+from egressd.shaping.sites import proxy_destination, quoted, smtp_destination
 
 __all__ = [
     "DNS_LIFETIME",
@@ -178,8 +178,8 @@ class ShapedDestination:
         """``provider "google"`` when a provider matched, else ``site "..."``."""
         provider = self.shaper.policy.provider_of(self.destination)
         if provider is not None:
-            return f"provider {provider[0]!r}"
-        return f"site {self.destination.site!r}"
+            return f"provider {quoted(provider[0])}"
+        return f"site {quoted(self.destination.site)}"
 
 
 def smtp_budget(

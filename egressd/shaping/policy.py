@@ -38,7 +38,7 @@ from egressd.shaping.params import (
     Setting,
 )
 from egressd.shaping.rules import Rule
-from egressd.shaping.sites import Destination, normalize_name, provider_matches
+from egressd.shaping.sites import Destination, normalize_name, provider_matches, quoted
 from egressd.shaping.throttle import LimitSpec, ThrottleSpec
 
 _CACHE_SIZE = 4096
@@ -253,7 +253,7 @@ def _path_budget(key: str, source: str, site: str, setting: Setting[Any]) -> Bud
 
 
 def _named_budget(kind: BudgetKind, table: str, name: str, setting: Setting[Any]) -> Budget:
-    label = _provider_label(name) or f"{table}.{name!r}"
+    label = _provider_label(name) or f"{table}.{quoted(name)}"
     bucket = (table, name) if kind == "connections" else (table, name, str(setting.value))
     return Budget(kind, bucket, label, setting.value, setting.origin)
 

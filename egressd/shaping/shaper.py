@@ -41,7 +41,7 @@ from typing import Any
 from egressd.shaping.params import Origin, Params
 from egressd.shaping.policy import BoundRule, Budget, Limits, ScopeKind, ShapingPolicy, scope_names
 from egressd.shaping.rules import Rule, SetConfig, Suspend, ThresholdWindow
-from egressd.shaping.sites import Destination
+from egressd.shaping.sites import Destination, quoted
 from egressd.shaping.throttle import NANOS, Gcra, LimitSpec, ThrottleSpec
 
 Scope = tuple[str, ScopeKind, str]
@@ -319,7 +319,7 @@ class Shaper:
                 return Refusal(
                     source,
                     "suspended",
-                    f"source {source!r} is suspended for {kind} {name!r} "
+                    f"source {quoted(source)} is suspended for {kind} {quoted(name)} "
                     f"for {suspension.until - now:.0f}s more ({suspension.reason})",
                     suspension.until - now,
                 )
@@ -335,8 +335,8 @@ class Shaper:
             limits.source,
             "consecutive_connection_failures_before_delay",
             f"consecutive_connection_failures_before_delay {setting.value} reached for source "
-            f"{limits.source!r} to site {limits.site!r} ({state.count} failed connections "
-            f"in a row; next try in {state.held_until - now:.0f}s)",
+            f"{quoted(limits.source)} to site {quoted(limits.site)} ({state.count} failed "
+            f"connections in a row; next try in {state.held_until - now:.0f}s)",
             state.held_until - now,
             setting.origin,
         )
@@ -350,7 +350,7 @@ class Shaper:
                 return Refusal(
                     source,
                     budget.label,
-                    f"{budget.describe()} reached for source {source!r} "
+                    f"{budget.describe()} reached for source {quoted(source)} "
                     f"{_towards(budget, destination)} ({budget.origin})",
                     None,
                     budget.origin,
@@ -367,7 +367,7 @@ class Shaper:
                 return Refusal(
                     source,
                     budget.label,
-                    f"{budget.describe()} used up for source {source!r} "
+                    f"{budget.describe()} used up for source {quoted(source)} "
                     f"{_towards(budget, destination)}; next in {wait / NANOS:.3g}s "
                     f"({budget.origin})",
                     wait / NANOS,
@@ -478,7 +478,7 @@ def _towards(budget: Budget, destination: Destination) -> str:
         return "across its provider"
     if budget.label.startswith("additional_"):
         return "(shared by every path that names it)"
-    return f"to site {destination.site!r}"
+    return f"to site {quoted(destination.site)}"
 
 
 def refusal_summary(pool: str, target: str, refusals: Sequence[Refusal]) -> str:
@@ -487,7 +487,7 @@ def refusal_summary(pool: str, target: str, refusals: Sequence[Refusal]) -> str:
     ``no source of pool "bulk" may connect to provider "google" now (connection_limit 5
     reached for all 3 sources)`` when every source hit the same budget, else each source's.
     """
-    head = f"no source of pool {pool!r} may connect to {target} now"
+    head = f"no source of pool {quoted(pool)} may connect to {target} now"
     if not refusals:
         return f"{head} (the pool has no source)"
     budgets = {refusal.budget for refusal in refusals}

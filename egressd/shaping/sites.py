@@ -24,6 +24,7 @@ the loader reports such entries as dead.
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -32,6 +33,11 @@ from egressd.addresses import IPAddress, IPNetwork
 
 MatchKind = Literal["MXSuffix", "DomainSuffix", "HostName", "Network"]
 MATCH_KINDS: tuple[MatchKind, ...] = ("MXSuffix", "DomainSuffix", "HostName", "Network")
+
+
+def quoted(name: str) -> str:
+    """``"name"`` with double quotes, as KumoMTA's messages and TOML write names."""
+    return json.dumps(name, ensure_ascii=False)
 
 
 def normalize_name(name: str) -> str:
@@ -119,7 +125,7 @@ def provider_matches(matches: Sequence[ProviderMatch], destination: Destination)
     domain = normalize_name(destination.domain) if destination.domain else None
     for match in matches:
         if match.kind == "DomainSuffix" and domain is not None and domain.endswith(match.value):
-            return f"domain {domain} ends with {match.value!r} (DomainSuffix)"
+            return f"domain {domain} ends with {quoted(match.value)} (DomainSuffix)"
         address = destination.address
         if match.kind == "Network" and address is not None and address in match.network():
             return f"address {address} is in {match.value} (Network)"
@@ -129,7 +135,7 @@ def provider_matches(matches: Sequence[ProviderMatch], destination: Destination)
     for host in destination.mx_hosts:
         if not any(rule.matches_host(host) for rule in host_rules):
             return None
-    names = ", ".join(f"{m.kind}={m.value!r}" for m in host_rules)
+    names = ", ".join(f"{m.kind}={quoted(m.value)}" for m in host_rules)
     return f"every MX host ({', '.join(destination.mx_hosts)}) matches one of {names}"
 
 

@@ -53,7 +53,7 @@ def test_connection_limit_leases_are_held_until_released() -> None:
     failure = give_up(third.next_step())
     assert failure.kind is Failure.BUDGET
     assert str(failure) == (
-        "no source of pool 'p' may connect to site '192.0.2.1' now "
+        'no source of pool "p" may connect to site "192.0.2.1" now '
         "(connection_limit 1 reached for all 2 sources)"
     )
     first.release_budget()
@@ -85,4 +85,4 @@ def test_an_exact_source_over_its_budget_is_refused() -> None:
     assert attempt(Plan(egress, source=a, host=HOST, budget=budget(s)).next_step())
     failure = give_up(Plan(egress, source=a, host=HOST, budget=budget(s)).next_step())
     assert failure.kind is Failure.BUDGET
-    assert "connection_limit 1 reached for source 'a'" in str(failure)
+    assert 'connection_limit 1 reached for source "a"' in str(failure)

@@ -210,7 +210,7 @@ async def test_connection_limit_holds_through_the_smtp_door(tmp_path: Path) -> N
     assert outcomes.count("sent") >= 4
     assert refused, outcomes
     for outcome in refused:
-        assert outcome.startswith("451 4.7.0 no source of pool 'main' may connect to provider"), (
+        assert outcome.startswith('451 4.7.0 no source of pool "main" may connect to provider'), (
             outcome
         )
         assert "connection_limit 2 reached for all 2 sources" in outcome

@@ -108,7 +108,7 @@ def test_a_message_rate_used_up_is_a_451_naming_it_and_the_remote_sees_nothing()
     opened, lease = leased(the_shaper)
     message(relay, OpenRemote("main", "good.test"), RemoteOpened(opened))
     refusal = replies.message_budget(
-        "max_message_rate 1/h used up for source 'a' to site 'mx.good.test'; next in 3.6e+03s "
+        'max_message_rate 1/h used up for source "a" to site "mx.good.test"; next in 3.6e+03s '
         '(["default"] in shaping.toml)'
     )
     assert refusal.code == 451
@@ -154,7 +154,7 @@ def test_a_fresh_connection_refused_by_the_message_rate_sends_nothing() -> None:
         RemoteOpened(leased(the_shaper)[0]),
             ReplyMta(
                 replies.message_budget(
-                    "max_message_rate 1/h used up for source 'a' to site 'mx.good.test'; "
+                    "max_message_rate 1/h used up for source \"a\" to site \"mx.good.test\"; "
                     'next in 3.6e+03s (["default"] in shaping.toml)'
                 )
             ),

@@ -64,7 +64,7 @@ def test_each_layer_wins_over_the_ones_before() -> None:
     assert by_label["max_connection_rate"].value == ThrottleSpec(4, 1)  # site
     assert by_label["source_selection_rate"].value == ThrottleSpec(5, 1)  # domain
     assert limits.failures_before_delay.value == 6  # site source
-    assert by_label["additional_connection_limits.'x'"].value == LimitSpec(7)  # domain source
+    assert by_label['additional_connection_limits."x"'].value == LimitSpec(7)  # domain source
     assert by_label["provider_connection_limit"].key == (
         "additional_connection_limits",
         "shaping-provider-p-ip-1-limit",
@@ -99,7 +99,7 @@ def test_another_source_skips_the_source_sections() -> None:
     by_label = {b.label: b for b in limits.budgets}
     assert by_label["max_message_rate"].value == ThrottleSpec(2, 1)
     assert limits.failures_before_delay.value == 5
-    assert "additional_connection_limits.'x'" not in by_label
+    assert 'additional_connection_limits."x"' not in by_label
     assert "provider_source_selection_rate" not in by_label
     assert by_label["provider_connection_limit"].key[1] == "shaping-provider-p-ip-2-limit"
 
@@ -209,7 +209,7 @@ duration = 1
     ]
     assert policy.provider_of(Destination("x", "mail.p.example")) == (
         "p",
-        "domain mail.p.example ends with '.p.example' (DomainSuffix)",
+        'domain mail.p.example ends with ".p.example" (DomainSuffix)',
     )
     assert policy.provider_of(Destination("x", "mail.q.example")) is None
 

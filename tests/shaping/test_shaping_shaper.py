@@ -86,7 +86,7 @@ def test_connection_limit_is_a_lease_given_back_however_the_connection_ends() ->
     refusal = refused(shaper.open("ip-1", OTHER))
     assert refusal.budget == "connection_limit"
     assert refusal.reason == (
-        "connection_limit 2 reached for source 'ip-1' to site 'mx.other.example' "
+        'connection_limit 2 reached for source "ip-1" to site "mx.other.example" '
         '(["default"] in t.toml)'
     )
     # another source has its own path budget
@@ -110,7 +110,7 @@ def test_provider_connection_limit_spans_the_providers_sites() -> None:
     refusal = refused(shaper.open("ip-1", WORKSPACE))
     assert refusal.budget == "provider_connection_limit"
     assert refusal.reason.startswith(
-        "provider_connection_limit 3 reached for source 'ip-1' across its provider"
+        'provider_connection_limit 3 reached for source "ip-1" across its provider'
     )
     assert shaper.check_open("ip-2", WORKSPACE) is None
     held[0].release()
@@ -136,7 +136,7 @@ def test_connection_rate_on_the_fake_clock() -> None:
     refusal = refused(shaper.open("ip-1", YAHOO))
     assert refusal.budget == "max_connection_rate"
     assert refusal.retry_after == pytest.approx(30.0)
-    assert "max_connection_rate 2/m used up for source 'ip-1'" in refusal.reason
+    assert 'max_connection_rate 2/m used up for source "ip-1"' in refusal.reason
     clock.advance(29.999)
     assert refused(shaper.open("ip-1", YAHOO)).retry_after == pytest.approx(0.001)
     clock.advance(0.001)
@@ -204,7 +204,7 @@ def test_immediate_suspend_of_a_provider_rule_hits_source_and_provider_only() ->
     other_yahoo_site = Destination("mx.yahoo.example", "ymail.com", ("mx9.am0.yahoodns.net",))
     refusal = refused(shaper.check_open("ip-1", other_yahoo_site))
     assert refusal.budget == "suspended"
-    assert "source 'ip-1' is suspended for provider 'yahoo' for 7200s more" in refusal.reason
+    assert 'source "ip-1" is suspended for provider "yahoo" for 7200s more' in refusal.reason
     assert '[provider."yahoo"] automation[0] in t.toml' in refusal.reason
     assert shaper.check_open("ip-2", YAHOO) is None
     assert shaper.check_open("ip-1", OTHER) is None
@@ -316,18 +316,18 @@ def test_refusal_summary_names_the_budget() -> None:
         for n in (1, 2, 3)
     ]
     assert refusal_summary("bulk", 'provider "google"', same) == (
-        "no source of pool 'bulk' may connect to provider \"google\" now "
+        'no source of pool "bulk" may connect to provider "google" now '
         "(connection_limit 5 reached for all 3 sources)"
     )
     mixed = [
-        Refusal("ip-1", "suspended", "source 'ip-1' is suspended for provider 'google'"),
+        Refusal("ip-1", "suspended", 'source "ip-1" is suspended for provider "google"'),
         Refusal("ip-2", "max_connection_rate", "max_connection_rate 2/m used up"),
     ]
-    assert refusal_summary("bulk", "site 'x'", mixed) == (
-        "no source of pool 'bulk' may connect to site 'x' now (ip-1: source 'ip-1' is "
-        "suspended for provider 'google'; ip-2: max_connection_rate 2/m used up)"
+    assert refusal_summary("bulk", 'site "x"', mixed) == (
+        'no source of pool "bulk" may connect to site "x" now (ip-1: source "ip-1" is '
+        'suspended for provider "google"; ip-2: max_connection_rate 2/m used up)'
     )
-    assert refusal_summary("empty", "site 'x'", []).endswith("(the pool has no source)")
+    assert refusal_summary("empty", 'site "x"', []).endswith("(the pool has no source)")
 
 
 def test_expire_forgets_idle_state() -> None:
@@ -353,7 +353,7 @@ def test_usage_shows_what_is_used_of_each_budget() -> None:
     shaper.reply("ip-1", YAHOO, "421 [TSS04] deferred")
     lines = shaper.usage("ip-1", YAHOO)
     assert lines[2] == "max_connection_rate 2/m: next in 30s"
-    assert lines[3].startswith("source 'ip-1' is suspended for provider 'yahoo'")
+    assert lines[3].startswith('source "ip-1" is suspended for provider "yahoo"')
 
 
 def test_a_reloaded_policy_keeps_leases_and_suspensions() -> None:
@@ -393,14 +393,14 @@ def test_named_budgets_are_shared_by_every_path_naming_them() -> None:
     shaper, _ = make('["default"]\nadditional_connection_limits = { "global" = 1 }\n')
     held = lease(shaper.open("ip-1", OTHER))
     refusal = refused(shaper.open("ip-2", YAHOO))
-    assert refusal.budget == "additional_connection_limits.'global'"
+    assert refusal.budget == 'additional_connection_limits."global"'
     assert "(shared by every path that names it)" in refusal.reason
     held.release()
     assert shaper.check_open("ip-2", YAHOO) is None
 
 
 def test_summary_of_sources_all_suspended_lists_each() -> None:
-    refusals = [Refusal(f"ip-{n}", "suspended", f"source 'ip-{n}' is suspended") for n in (1, 2)]
-    assert refusal_summary("p", "site 'x'", refusals) == (
-        "no source of pool 'p' may connect to site 'x' now (all 2 sources are suspended)"
+    refusals = [Refusal(f"ip-{n}", "suspended", f'source "ip-{n}" is suspended') for n in (1, 2)]
+    assert refusal_summary("p", 'site "x"', refusals) == (
+        'no source of pool "p" may connect to site "x" now (all 2 sources are suspended)'
     )
