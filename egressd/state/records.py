@@ -17,6 +17,8 @@ class Progress:
 
     ``step`` counts from 0 (the plan's first day); ``hold`` is an operator's hold reason,
     None when not held. ``day`` is the last day the engine looked at (the open day).
+    ``signal_hold`` is why a provider's complaint (a shaping reply rule, a deferral or
+    rejection rate) holds the step for the rest of ``day``, None when nothing does.
     """
 
     source: str
@@ -26,11 +28,13 @@ class Progress:
     day: str
     hold: str | None = None
     updated: float = 0.0
+    signal_hold: str | None = None
 
 
 @dataclass(frozen=True)
 class DayCount:
-    """Messages of one (source, provider) on one day: sent (accepted), deferred, rejected.
+    """Messages of one (source, provider) on one day: sent (accepted), deferred, rejected,
+    and ``connected``: connections of the SOCKS5 and PROXY doors, which see no message.
 
     In a :class:`Batch` these are increments, so several writers can add to one day.
     """
@@ -41,6 +45,7 @@ class DayCount:
     sent: int = 0
     deferred: int = 0
     rejected: int = 0
+    connected: int = 0
 
 
 @dataclass(frozen=True)

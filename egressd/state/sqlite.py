@@ -49,7 +49,7 @@ __all__ = [
 _T = TypeVar("_T")
 
 DATABASE_NAME = "egressd.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _V1 = """
 CREATE TABLE progress (
@@ -80,7 +80,14 @@ CREATE TABLE overrides (
 """
 """Version 2: operator holds, deferral and rejection counts, suspensions and overrides."""
 
-UPGRADES: dict[int, str] = {0: _V1, 1: _V1_TO_V2}
+_V2_TO_V3 = """
+ALTER TABLE progress ADD COLUMN signal_hold TEXT;
+ALTER TABLE counts ADD COLUMN connected INTEGER NOT NULL DEFAULT 0;
+"""
+"""Version 3: the day's hold by a provider's complaint (a reply rule survives a restart),
+and the SOCKS5/PROXY doors' connections per day."""
+
+UPGRADES: dict[int, str] = {0: _V1, 1: _V1_TO_V2, 2: _V2_TO_V3}
 """The script that takes a database from version N to N+1 (0: an empty file)."""
 
 
@@ -160,10 +167,11 @@ class SqliteStore:
     def _load(self, since_day: str, now: float) -> Snapshot:
         db = self._db
         progress = db.execute(
-            "SELECT source, provider, plan, step, day, hold, updated FROM progress"
+            "SELECT source, provider, plan, step, day, hold, updated, signal_hold FROM progress"
         ).fetchall()
         counts = db.execute(
-            "SELECT source, provider, day, sent, deferred, rejected FROM counts WHERE day >= ?",
+            "SELECT source, provider, day, sent, deferred, rejected, connected FROM counts "
+            "WHERE day >= ?",
             (since_day,),
         ).fetchall()
         suspensions = db.execute(
@@ -191,19 +199,20 @@ class SqliteStore:
         try:
             db.executemany(
                 "INSERT OR REPLACE INTO progress (source, provider, plan, step, day, hold, "
-                "updated) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "updated, signal_hold) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (p.source, p.provider, p.plan, p.step, p.day, p.hold, p.updated)
+                    (p.source, p.provider, p.plan, p.step, p.day, p.hold, p.updated, p.signal_hold)
                     for p in batch.progress
                 ],
             )
             db.executemany(
-                "INSERT INTO counts (source, provider, day, sent, deferred, rejected) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source, provider, day) DO UPDATE SET "
+                "INSERT INTO counts (source, provider, day, sent, deferred, rejected, connected) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, provider, day) DO UPDATE SET "
                 "sent = sent + excluded.sent, deferred = deferred + excluded.deferred, "
-                "rejected = rejected + excluded.rejected",
+                "rejected = rejected + excluded.rejected, "
+                "connected = connected + excluded.connected",
                 [
-                    (c.source, c.provider, c.day, c.sent, c.deferred, c.rejected)
+                    (c.source, c.provider, c.day, c.sent, c.deferred, c.rejected, c.connected)
                     for c in batch.counts
                 ],
             )

@@ -44,8 +44,10 @@ __all__ = ["ALL_PROVIDERS", "Counts", "Outcome", "Quota", "Warmup"]
 
 ALL_PROVIDERS = "*"
 Outcome = str
-"""``"sent"`` (accepted), ``"deferred"`` (4xx) or ``"rejected"`` (5xx)."""
-OUTCOMES = ("sent", "deferred", "rejected")
+"""``"sent"`` (accepted), ``"deferred"`` (4xx) or ``"rejected"`` (5xx); ``"connected"``: a
+connection of the SOCKS5 or PROXY door, which sees no message (it uses the quota like one
+message, and the rates leave it out)."""
+OUTCOMES = ("sent", "deferred", "rejected", "connected")
 
 
 @dataclass
@@ -53,10 +55,17 @@ class Counts:
     sent: int = 0
     deferred: int = 0
     rejected: int = 0
+    connected: int = 0
+
+    @property
+    def messages(self) -> int:
+        """Messages with a final answer (what the deferral and rejection rates judge)."""
+        return self.sent + self.deferred + self.rejected
 
     @property
     def total(self) -> int:
-        return self.sent + self.deferred + self.rejected
+        """What used the quota: messages and the proxy doors' connections."""
+        return self.messages + self.connected
 
     def add(self, outcome: Outcome, count: int = 1) -> None:
         setattr(self, outcome, getattr(self, outcome) + count)
@@ -128,8 +137,9 @@ class Warmup:
             track = _Track(stored)
             day = by_day.get((stored.source, stored.provider, stored.day))
             if day is not None:
-                track.today = Counts(day.sent, day.deferred, day.rejected)
-                track.signal_hold, track.stepped_back = self._signals(track.today)
+                track.today = Counts(day.sent, day.deferred, day.rejected, day.connected)
+                derived, track.stepped_back = self._signals(track.today)
+                track.signal_hold = stored.signal_hold or derived
             self._tracks[key] = track
         self._roll()
 
@@ -214,17 +224,17 @@ class Warmup:
     def _signals(self, today: Counts) -> tuple[str | None, bool]:
         """(the day's hold reason, whether it steps back) judged on the day's counts."""
         settings = self.settings
-        if today.total < settings.min_messages:
+        if today.messages < settings.min_messages or today.messages == 0:
             return None, False
         rates = (
-            ("deferral", today.deferred / today.total, settings.hold_deferral_rate,
+            ("deferral", today.deferred / today.messages, settings.hold_deferral_rate,
              settings.step_back_deferral_rate),
-            ("rejection", today.rejected / today.total, settings.hold_rejection_rate,
+            ("rejection", today.rejected / today.messages, settings.hold_rejection_rate,
              settings.step_back_rejection_rate),
         )  # fmt: skip
         hold = None
         for name, rate, hold_at, back_at in rates:
-            said = f"{name} rate {rate:.0%} of {today.total} messages today"
+            said = f"{name} rate {rate:.0%} of {today.messages} messages today"
             if rate >= back_at:
                 return f"{said} >= {back_at:.0%}", True
             if rate >= hold_at and hold is None:
@@ -238,13 +248,13 @@ class Warmup:
         if back and reason is not None:
             self._step_back(source, provider, track, reason)
         elif reason is not None and track.signal_hold is None:
-            track.signal_hold = reason
+            self._hold_for_today((source, provider), track, reason)
             step = track.progress.step
             self._change(source, provider, "held", step, step, reason)
 
     def _step_back(self, source: str, provider: str, track: _Track, reason: str) -> None:
         track.stepped_back = True
-        track.signal_hold = reason
+        self._hold_for_today((source, provider), track, reason)
         step = track.progress.step
         self._set(source, provider, max(0, step - 1), "stepped back", reason)
 
@@ -258,10 +268,17 @@ class Warmup:
         track = self._track(source, provider)
         if track.signal_hold is not None:
             return False
-        track.signal_hold = reason
+        self._hold_for_today((source, provider), track, reason)
         step = track.progress.step
         self._change(source, provider, "held", step, step, reason)
         return True
+
+    def _hold_for_today(self, key: Key, track: _Track, reason: str) -> None:
+        """A complaint holds the step for the rest of the open day; the reason is kept
+        with the progress, so a restart that day holds it too."""
+        track.signal_hold = reason
+        track.progress = replace(track.progress, signal_hold=reason, updated=self.clock())
+        self._dirty.add(key)
 
     # ------------------------------------------------------------------ operators
 
@@ -330,7 +347,7 @@ class Warmup:
             )
             track.progress = replace(track.progress, step=step + 1)
             self._change(source, provider, "advanced", step, step + 1, reason)
-        track.progress = replace(track.progress, day=today, updated=self.clock())
+        track.progress = replace(track.progress, day=today, signal_hold=None, updated=self.clock())
         track.today, track.signal_hold, track.stepped_back = Counts(), None, False
         self._dirty.add(key)
 
@@ -406,7 +423,7 @@ class Warmup:
         batch = Batch(
             progress=tuple(self._tracks[key].progress for key in sorted(self._dirty)),
             counts=tuple(
-                DayCount(s, p, d, c.sent, c.deferred, c.rejected)
+                DayCount(s, p, d, c.sent, c.deferred, c.rejected, c.connected)
                 for (s, p, d), c in sorted(self._counts.items())
             ),
             events=tuple(self._events),

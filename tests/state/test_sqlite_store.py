@@ -29,8 +29,10 @@ def test_a_batch_survives_closing_and_reopening(tmp_path: Path) -> None:
     store: Store = open_store(tmp_path)
     store.write(
         Batch(
-            progress=(Progress("ip-1", "google", "standard", 3, "2026-11-30", "abuse desk", 5.0),),
-            counts=(DayCount("ip-1", "google", "2026-11-30", sent=7, deferred=1),),
+            progress=(
+                Progress("ip-1", "google", "standard", 3, "2026-11-30", "abuse desk", 5.0, "TSS04"),
+            ),
+            counts=(DayCount("ip-1", "google", "2026-11-30", sent=7, deferred=1, connected=4),),
             events=(Event(5.0, "ip-1", "google", "held", 3, 3, "operator: abuse desk"),),
             suspensions=(Suspension("ip-1@yahoo", 7200.0, "TSS04"),),
             overrides=(Override("ip-1", "max_message_rate", '"10/h"', 7200.0, "rule"),),
@@ -42,9 +44,9 @@ def test_a_batch_survives_closing_and_reopening(tmp_path: Path) -> None:
     again = open_store(tmp_path)
     snapshot = again.load(since_day="2026-11-30", now=100.0)
     assert snapshot.progress == (
-        Progress("ip-1", "google", "standard", 3, "2026-11-30", "abuse desk", 5.0),
+        Progress("ip-1", "google", "standard", 3, "2026-11-30", "abuse desk", 5.0, "TSS04"),
     )
-    assert snapshot.counts == (DayCount("ip-1", "google", "2026-11-30", 10, 1, 2),)
+    assert snapshot.counts == (DayCount("ip-1", "google", "2026-11-30", 10, 1, 2, 4),)
     assert snapshot.suspensions == (Suspension("ip-1@yahoo", 7200.0, "TSS04"),)
     assert [o.key for o in snapshot.overrides] == ["max_message_rate"]
     assert again.history("ip-1") == [
@@ -104,6 +106,33 @@ def test_a_version_1_database_is_upgraded_keeping_its_schedule(tmp_path: Path) -
     assert snapshot.counts == (DayCount("ip-1", "google", "2026-11-29", 380, 0, 0),)
     assert store.history()[0].reason == "sending day"
     store.write(Batch(suspensions=(Suspension("ip-1", 10.0, "new table works"),)))
+    version = sqlite3.connect(tmp_path / DATABASE_NAME).execute("PRAGMA user_version")
+    assert version.fetchone() == (SCHEMA_VERSION,)
+
+
+def test_a_version_2_database_is_upgraded_keeping_holds_counts_and_suspensions(
+    tmp_path: Path,
+) -> None:
+    db = sqlite3.connect(tmp_path / DATABASE_NAME)
+    db.executescript(UPGRADES[0] + UPGRADES[1])
+    db.execute(
+        "INSERT INTO progress VALUES ('ip-1', 'google', 'standard', 2, '2026-11-29', 1.0, 'desk')"
+    )
+    db.execute("INSERT INTO counts VALUES ('ip-1', 'google', '2026-11-29', 30, 2, 1)")
+    db.execute("INSERT INTO suspensions VALUES ('ip-1@provider:yahoo', 9000.0, 'TSS04')")
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+
+    store = open_store(tmp_path)
+    snapshot = store.load(since_day="2026-11-01", now=0.0)
+    assert snapshot.progress == (
+        Progress("ip-1", "google", "standard", 2, "2026-11-29", "desk", 1.0, None),
+    )
+    assert snapshot.counts == (DayCount("ip-1", "google", "2026-11-29", 30, 2, 1, 0),)
+    assert snapshot.suspensions == (Suspension("ip-1@provider:yahoo", 9000.0, "TSS04"),)
+    store.write(Batch(counts=(DayCount("ip-1", "google", "2026-11-29", connected=3),)))
+    assert store.load("2026-11-01", 0.0).counts[0].connected == 3
     version = sqlite3.connect(tmp_path / DATABASE_NAME).execute("PRAGMA user_version")
     assert version.fetchone() == (SCHEMA_VERSION,)
 

@@ -236,6 +236,34 @@ def test_a_restart_keeps_a_days_signal_hold() -> None:
     assert step(second) == 0
 
 
+def test_a_restart_the_same_day_keeps_a_reply_rules_hold_until_midnight() -> None:
+    clock = FakeClock(MONDAY)
+    store = MemoryStore()
+    first = engine(clock, store)
+    send(first, 5, provider="google")  # a full sending day, and then Yahoo-style TSS04
+    first.signal("ip-1", "google", "shaping rule: 421 4.7.0 [TSS04]")
+    store.write(first.take_batch())
+    clock.advance(3600)
+    second = engine(clock, store)
+    assert second.quota("ip-1", "google").hold == "shaping rule: 421 4.7.0 [TSS04]"  # type: ignore[union-attr]
+    clock.advance(DAY)
+    assert step(second, "google") == 0  # the held day did not advance the step
+    assert second.quota("ip-1", "google").hold is None  # type: ignore[union-attr]
+    store.write(second.take_batch())
+    assert store.progress[("ip-1", "google")].signal_hold is None
+
+
+def test_connections_use_the_quota_but_not_the_rates() -> None:
+    clock = FakeClock(MONDAY)
+    warmup = engine(clock)
+    send(warmup, 9, outcome="connected")
+    send(warmup, 1, outcome="deferred")
+    quota = warmup.quota("ip-1", "other")
+    assert quota is not None and quota.used_up and quota.hold is None
+    clock.advance(DAY)
+    assert step(warmup) == 1  # a sending day: 10 of 10, one deferral is no rate yet
+
+
 def test_counts_not_yet_flushed_are_lost_and_nothing_else() -> None:
     clock = FakeClock(MONDAY)
     store = MemoryStore()

@@ -51,6 +51,7 @@ class MemoryStore:
                 sent=old.sent + count.sent,
                 deferred=old.deferred + count.deferred,
                 rejected=old.rejected + count.rejected,
+                connected=old.connected + count.connected,
             )
         self.events.extend(batch.events)
         for scope in batch.lifted:
