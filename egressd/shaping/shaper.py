@@ -10,6 +10,9 @@ its own (``clock()`` returns seconds; trio's ``current_time`` in the daemon, a f
   :class:`Lease` is taken by :meth:`Shaper.open` and given back by :meth:`Lease.release`,
   however the connection ends (it is a context manager, and releasing twice is harmless);
 - **buckets** are one :class:`~egressd.shaping.throttle.Gcra` per rate budget;
+- both are counted by the shaper's **ledger** (:mod:`egressd.shaping.ledger`): in this
+  process by default, or in a store shared by a fleet, where a plan or a connection spends
+  what its :class:`~egressd.shaping.ledger.Holding` was granted ahead (``holding=``);
 - **suspensions** and **overrides** come from reply rules (:meth:`Shaper.reply`) or from an
   operator (:meth:`Shaper.suspend`), each with its scope, its rule and its expiry;
 - **failures** count consecutive failed connections per (source, site); when
@@ -38,11 +41,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from egressd.shaping.ledger import Holding, Ledger, LocalLedger
 from egressd.shaping.params import Origin, Params
 from egressd.shaping.policy import BoundRule, Budget, Limits, ScopeKind, ShapingPolicy, scope_names
 from egressd.shaping.rules import Rule, SetConfig, Suspend, ThresholdWindow
 from egressd.shaping.sites import Destination, quoted
-from egressd.shaping.throttle import NANOS, Gcra, LimitSpec, ThrottleSpec
+from egressd.shaping.throttle import NANOS, Gcra, LimitSpec
 
 Scope = tuple[str, ScopeKind, str]
 """(source, "site" | "provider" | "domain", name)."""
@@ -100,6 +104,8 @@ class Lease:
     limits: Limits
     messages: int = 0
     released: bool = field(default=False)
+    holding: Holding | None = None
+    """What this connection holds of shared budgets (None: counted in this process)."""
 
     def send(self) -> Refusal | None:
         """May this connection carry one more message now? If so, it is counted."""
@@ -130,13 +136,17 @@ class Shaper:
     """Budgets, leases, suspensions and overrides for one process; pure."""
 
     def __init__(
-        self, policy: ShapingPolicy, clock: Callable[[], float], *, failure_hold: float = 60.0
+        self,
+        policy: ShapingPolicy,
+        clock: Callable[[], float],
+        *,
+        failure_hold: float = 60.0,
+        ledger: Ledger | None = None,
     ) -> None:
         self.policy = policy
         self.clock = clock
         self.failure_hold = failure_hold
-        self.leases: dict[tuple[str, ...], int] = {}
-        self.buckets: dict[tuple[str, ...], Gcra] = {}
+        self.ledger: Ledger = ledger if ledger is not None else LocalLedger()
         self.suspensions: dict[Scope, Suspension] = {}
         self.overrides: dict[tuple[Scope, str, str], Override] = {}
         self.windows: dict[tuple[int, Scope], ThresholdWindow] = {}
@@ -144,6 +154,16 @@ class Shaper:
         self._limits_cache: dict[tuple[str, Destination], Limits] = {}
         self._rules_cache: dict[Destination, list[BoundRule]] = {}
         self._overrides_change_at = math.inf
+
+    @property
+    def leases(self) -> dict[tuple[str, ...], int]:
+        """Open connections per budget counted in this process."""
+        return self.ledger.local.leases
+
+    @property
+    def buckets(self) -> dict[tuple[str, ...], Gcra]:
+        """Rate buckets counted in this process."""
+        return self.ledger.local.buckets
 
     def replace_policy(self, policy: ShapingPolicy) -> None:
         """Use reloaded shaping files; leases, buckets, suspensions and overrides stay.
@@ -172,23 +192,27 @@ class Shaper:
             self._limits_cache[key] = limits
         return limits
 
-    def check_open(self, source: str, destination: Destination) -> Refusal | None:
+    def check_open(
+        self, source: str, destination: Destination, holding: Holding | None = None
+    ) -> Refusal | None:
         """Would :meth:`open` succeed now? Changes nothing."""
         limits = self.limits(source, destination)
-        return self._connect_refusal(limits, destination)
+        return self._connect_refusal(limits, destination, holding)
 
-    def open(self, source: str, destination: Destination) -> Lease | Refusal:
+    def open(
+        self, source: str, destination: Destination, holding: Holding | None = None
+    ) -> Lease | Refusal:
         """Take a connection lease and a connection-rate cell, or say why not."""
         limits = self.limits(source, destination)
-        refusal = self._connect_refusal(limits, destination)
+        refusal = self._connect_refusal(limits, destination, holding)
         if refusal is not None:
             return refusal
         now = self._now_ns()
         for budget in limits.of_kind("connection rate"):
-            self._bucket(budget).take(now)
+            self.ledger.take(budget, now, holding)
         for budget in limits.of_kind("connections"):
-            self.leases[budget.key] = self.leases.get(budget.key, 0) + 1
-        return Lease(self, source, destination, limits)
+            self.ledger.open(budget, holding)
+        return Lease(self, source, destination, limits, holding=holding)
 
     def send(self, lease: Lease) -> Refusal | None:
         """Count one message on ``lease`` if every message budget allows it now."""
@@ -200,12 +224,12 @@ class Shaper:
             refusal = self._deliveries_refusal(lease)
         if refusal is None:
             rates = limits.of_kind("message rate") + limits.of_kind("selection rate")
-            refusal = self._rate_refusal(lease.source, lease.destination, rates)
+            refusal = self._rate_refusal(lease.source, lease.destination, rates, lease.holding)
         if refusal is not None:
             return refusal
         now = self._now_ns()
         for budget in limits.of_kind("message rate") + limits.of_kind("selection rate"):
-            self._bucket(budget).take(now)
+            self.ledger.take(budget, now, lease.holding)
         lease.messages += 1
         return None
 
@@ -259,9 +283,7 @@ class Shaper:
         for scope in [s for s, item in self.suspensions.items() if item.until <= now]:
             del self.suspensions[scope]
         self._drop_expired_overrides()
-        now_ns = round(now * NANOS)
-        for bucket_key in [k for k, bucket in self.buckets.items() if bucket.idle(now_ns)]:
-            del self.buckets[bucket_key]
+        self.ledger.expire(round(now * NANOS))
         for window in self.windows.values():
             window.forget_before(now)
         for window_key in [k for k, window in self.windows.items() if not window.times]:
@@ -273,13 +295,7 @@ class Shaper:
         now = self._now_ns()
         lines = []
         for budget in limits.budgets:
-            if budget.kind == "connections":
-                used = f"{self.leases.get(budget.key, 0)} open"
-            else:
-                bucket = self.buckets.get(budget.key)
-                wait = bucket.wait_ns(now) if bucket is not None else 0
-                used = f"next in {wait / NANOS:.3g}s" if wait else "available"
-            lines.append(f"{budget.describe()}: {used}")
+            lines.append(f"{budget.describe()}: {self.ledger.use(budget, now)}")
         refusal = self._suspension_refusal(source, destination) or self._failure_refusal(limits)
         if refusal is not None:
             lines.append(refusal.reason)
@@ -298,16 +314,19 @@ class Shaper:
 
     # ------------------------------------------------------------------ checks
 
-    def _connect_refusal(self, limits: Limits, destination: Destination) -> Refusal | None:
+    def _connect_refusal(
+        self, limits: Limits, destination: Destination, holding: Holding | None
+    ) -> Refusal | None:
         source = limits.source
         refusal = self._suspension_refusal(source, destination)
         if refusal is None:
             refusal = self._failure_refusal(limits)
         if refusal is None:
-            refusal = self._lease_refusal(source, destination, limits.of_kind("connections"))
+            budgets = limits.of_kind("connections")
+            refusal = self._lease_refusal(source, destination, budgets, holding)
         if refusal is None:
             rates = limits.of_kind("connection rate") + limits.of_kind("selection rate")
-            refusal = self._rate_refusal(source, destination, rates)
+            refusal = self._rate_refusal(source, destination, rates, holding)
         return refusal
 
     def _suspension_refusal(self, source: str, destination: Destination) -> Refusal | None:
@@ -342,11 +361,15 @@ class Shaper:
         )
 
     def _lease_refusal(
-        self, source: str, destination: Destination, budgets: Sequence[Budget]
+        self,
+        source: str,
+        destination: Destination,
+        budgets: Sequence[Budget],
+        holding: Holding | None,
     ) -> Refusal | None:
         for budget in budgets:
             assert isinstance(budget.value, LimitSpec)
-            if self.leases.get(budget.key, 0) >= budget.value.limit:
+            if not self.ledger.may_open(budget, holding):
                 return Refusal(
                     source,
                     budget.label,
@@ -358,11 +381,15 @@ class Shaper:
         return None
 
     def _rate_refusal(
-        self, source: str, destination: Destination, budgets: Sequence[Budget]
+        self,
+        source: str,
+        destination: Destination,
+        budgets: Sequence[Budget],
+        holding: Holding | None = None,
     ) -> Refusal | None:
         now = self._now_ns()
         for budget in budgets:
-            wait = self._bucket(budget).wait_ns(now)
+            wait = self.ledger.wait_ns(budget, now, holding)
             if wait:
                 return Refusal(
                     source,
@@ -452,22 +479,11 @@ class Shaper:
             scopes.append((source, "domain", destination.domain.lower().rstrip(".")))
         return scopes
 
-    # ------------------------------------------------------------------ buckets
-
-    def _bucket(self, budget: Budget) -> Gcra:
-        bucket = self.buckets.get(budget.key)
-        if bucket is None:
-            assert isinstance(budget.value, ThrottleSpec)
-            bucket = self.buckets[budget.key] = Gcra(budget.value)
-        return bucket
+    # ------------------------------------------------------------------ leases
 
     def _release(self, lease: Lease) -> None:
         for budget in lease.limits.of_kind("connections"):
-            count = self.leases.get(budget.key, 0) - 1
-            if count > 0:
-                self.leases[budget.key] = count
-            else:
-                self.leases.pop(budget.key, None)
+            self.ledger.close(budget, lease.holding)
 
     def _now_ns(self) -> int:
         return round(self.clock() * NANOS)
