@@ -1,4 +1,5 @@
-"""Shared fixtures: loopback sinks and real HAProxy / Dante servers (see harness.py).
+"""Shared fixtures: loopback sinks and real HAProxy / Dante / redis-server servers (see
+harness.py and redis_harness.py).
 
 Async fixtures run in the test's trio loop (pytest-trio, ``trio_mode = true``) and live
 until the test ends; the daemon fixtures are synchronous and stop their process by PID.
@@ -8,12 +9,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from harness import Dante, HAProxy, Sink, dante, haproxy_transparent, start_sink
+from redis_harness import RedisServer, new_server, redis_servers
 
 
 @pytest.fixture
@@ -57,3 +59,23 @@ def short_dir() -> Iterator[Path]:
         yield Path(directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_factory() -> Iterator[Callable[..., RedisServer]]:
+    """Start real redis-servers: ``redis_factory(password=None, users=None, tls=False)``.
+
+    Each call starts Debian's redis-server in the foreground on 127.0.0.1 (a free port), in
+    a private temporary directory, without persistence, and returns its
+    :class:`~redis_harness.RedisServer`: ``.url`` / ``.url_with(user, password)`` for the
+    client, ``.ca_file`` with ``tls=True``, ``.kill()`` (SIGKILL by PID) and ``.start()``
+    again on the same port for outages. Every server is stopped by PID when the test ends.
+    """
+    with redis_servers() as started:
+        yield lambda **options: new_server(started, **options)
+
+
+@pytest.fixture
+def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
+    """A plain redis-server (no AUTH, no TLS) on loopback; see ``redis_factory``."""
+    return redis_factory()
