@@ -49,6 +49,7 @@ from egressd.config.model import (
     User,
 )
 from egressd.config.problems import ConfigError, Problem
+from egressd.config.state import RedisUrl, StateSettings
 from egressd.config.values import (
     Endpoint,
     format_hostport,
@@ -59,7 +60,6 @@ from egressd.config.values import (
 from egressd.config.warmup import (
     DEFAULT_PLAN,
     DEFAULT_PLAN_DAYS,
-    StateSettings,
     WarmupPlan,
     WarmupSettings,
 )
@@ -90,6 +90,7 @@ __all__ = [
     "Pool",
     "PoolEntry",
     "Problem",
+    "RedisUrl",
     "SmtpListener",
     "SmtpSettings",
     "SmtpTimeouts",

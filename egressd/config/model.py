@@ -32,6 +32,7 @@ from egressd.config.reader import (
     read_table,
     setting,
 )
+from egressd.config.state import StateSettings
 from egressd.config.values import (
     Endpoint,
     parse_duration,
@@ -43,7 +44,7 @@ from egressd.config.values import (
     quote,
     type_name,
 )
-from egressd.config.warmup import StateSettings, WarmupSettings
+from egressd.config.warmup import WarmupSettings
 
 HopKind = Literal["direct", "haproxy", "socks5"]
 

@@ -1,9 +1,7 @@
-"""``[warmup]`` and ``[state]``: warm-up plans, their signals, and where state is kept.
+"""``[warmup]``: warm-up plans and their signals (``[state]``, where they are kept, is
+read by :mod:`egressd.config.state`).
 
 ```toml
-[state]
-directory = "/var/lib/egressd"          # default: $STATE_DIRECTORY (systemd), else this
-
 [warmup]
 timezone = "UTC"                        # a day is a day here (IANA name)
 sending_day_share = 0.8                 # a day counts when >= 80% of the quota was used
@@ -37,7 +35,6 @@ from egressd.config.values import parse_duration, quote, type_name
 __all__ = [
     "DEFAULT_PLAN",
     "DEFAULT_PLAN_DAYS",
-    "StateSettings",
     "WarmupPlan",
     "WarmupSettings",
 ]
@@ -188,10 +185,3 @@ class WarmupSettings:
         for source, plan in self.source_plans.items():
             if plan not in self.plans:
                 at("sources").at(quote(source)).error(f"{quote(plan)} is not a defined plan")
-
-
-@dataclass(frozen=True)
-class StateSettings:
-    """``[state]``: where durable state lives (None: ``$STATE_DIRECTORY``, else the default)."""
-
-    directory: str | None = setting(Text(), None)
