@@ -128,16 +128,23 @@ async def load_policy_in_thread(config: Config) -> ShapingPolicy | None:
 
 class ShapedDestination:
     """The shaper bound to one destination: an :class:`~egressd.egress.budgets.
-    DestinationBudget` for one plan, holding at most one :class:`~egressd.shaping.Lease`."""
+    DestinationBudget` for one plan, holding at most one :class:`~egressd.shaping.Lease`.
 
-    def __init__(self, shaper: Shaper, destination: Destination) -> None:
+    ``messages``: the connection carries messages (the SMTP door), so a source whose
+    message rate is used up is not eligible either: it would cost a connection that
+    carries nothing."""
+
+    def __init__(self, shaper: Shaper, destination: Destination, *, messages: bool = False) -> None:
         self.shaper = shaper
         self.destination = destination
+        self.messages = messages
         self.lease: Lease | None = None
         self.refusals: dict[str, Refusal] = {}
 
     def refusal(self, source: str) -> str | None:
         refusal = self.shaper.check_open(source, self.destination)
+        if refusal is None and self.messages:
+            refusal = self.shaper.check_send(source, self.destination)
         if refusal is None:
             return None
         self.refusals[source] = refusal
@@ -189,7 +196,7 @@ def smtp_budget(
     hop's MX ``(preference, host)`` records."""
     if shaper is None:
         return None
-    return ShapedDestination(shaper, smtp_destination(domain, mx))
+    return ShapedDestination(shaper, smtp_destination(domain, mx), messages=True)
 
 
 def proxy_budget(shaper: Shaper | None, host: str | IPAddress) -> ShapedDestination | None:

@@ -26,9 +26,12 @@ message is the remote server's own reply, or one of egressd's (:mod:`egressd.rel
   ``MAIL FROM`` and the RCPT go out, in one write when the remote pipelines (RFC 2920). If
   the remote refuses MAIL, this and every later RCPT of the transaction get that refusal.
 * Shaping: before MAIL goes to a remote, its per-message budgets are asked
-  (:class:`~egressd.relay.events.MessageBudget`): a kept connection that has carried
-  ``max_deliveries_per_connection`` messages gets QUIT and a fresh one is opened; a
-  message rate used up is a ``451 4.7.0`` naming it, and the remote sees nothing.
+  (:class:`~egressd.relay.events.MessageBudget`). A kept connection they refuse (it has
+  carried ``max_deliveries_per_connection`` messages, its source's message rate is used
+  up, a rule suspended it) gets QUIT and a fresh one is opened: selection skips the
+  sources without budget, so the message moves to one that has some, or the open fails
+  with the ``451 4.7.0`` that names the budgets. A fresh connection refused (a race with
+  another session) is a ``451 4.7.0`` naming the budget, and the remote sees nothing.
 * Later RCPTs ride the same transaction when their domain has the same next hop
   (``NextHop.same_destination``); others get ``452 4.5.3``, so the MTA sends them in
   another transaction.
@@ -62,7 +65,6 @@ from egressd.proto.smtp_common import EndOfData as EndOfDataCommand
 from egressd.relay import replies
 from egressd.relay.events import (
     AWAITING,
-    DELIVERIES_PER_CONNECTION,
     CloseRemote,
     Command,
     EgressView,
@@ -375,11 +377,11 @@ class RelayCore:
         was idle) is replaced by a fresh one, once: nothing was committed on it.
 
         Before MAIL goes out the connection's shaping budgets are asked for one message
-        (``Remote.budget``): a kept connection that has carried
-        ``max_deliveries_per_connection`` gets QUIT and a fresh one is opened (which may
-        come from another source); any other refusal (``max_message_rate``,
-        ``source_selection_rate``, a suspension) is a ``451 4.7.0`` naming the budget for
-        this and every later RCPT of the transaction, and nothing reaches the remote.
+        (``Remote.budget``): a kept connection they refuse (``max_deliveries_per_connection``
+        carried, ``max_message_rate`` or ``source_selection_rate`` used up, a suspension)
+        gets QUIT and a fresh one is opened, from a source that has budget; a fresh one
+        they refuse is a ``451 4.7.0`` naming the budget for this and every later RCPT of
+        the transaction, and nothing reaches the remote.
         """
         for _ in range(2):
             remote, fresh = yield from self._remote_for(tx, domain)
@@ -389,7 +391,7 @@ class RelayCore:
                 return refusal
             budget = remote.budget.send() if remote.budget is not None else None
             if budget is not None:
-                if budget.budget == DELIVERIES_PER_CONNECTION and not fresh:
+                if not fresh:  # another source may still have budget: selection knows
                     yield from self._drop_remote(polite=True)
                     continue
                 tx.mail_refusal = replies.message_budget(budget.reason)

@@ -50,7 +50,6 @@ from egressd.proto.smtp_common import (
 )
 
 __all__ = [
-    "DELIVERIES_PER_CONNECTION",
     "CloseRemote",
     "Command",
     "EgressView",
@@ -128,10 +127,6 @@ class MessageBudget(Protocol):
     ``send()`` counts one message, or says why not (nothing is counted then)."""
 
     def send(self) -> MessageRefusal | None: ...
-
-
-#: The refusal that says "this connection has carried its share; open another".
-DELIVERIES_PER_CONNECTION = "max_deliveries_per_connection"
 
 
 #: A transaction's next hops by (domain, IP version): each domain is resolved once.

@@ -199,6 +199,15 @@ class Shaper:
         limits = self.limits(source, destination)
         return self._connect_refusal(limits, destination, holding)
 
+    def check_send(
+        self, source: str, destination: Destination, holding: Holding | None = None
+    ) -> Refusal | None:
+        """Would a new connection's first :meth:`send` pass the message rates now? Changes
+        nothing (the SMTP door's selection asks it, so a used-up rate costs no connection)."""
+        limits = self.limits(source, destination)
+        rates = limits.of_kind("message rate")
+        return self._rate_refusal(source, destination, rates, holding)
+
     def open(
         self, source: str, destination: Destination, holding: Holding | None = None
     ) -> Lease | Refusal:
@@ -512,7 +521,8 @@ def refusal_summary(pool: str, target: str, refusals: Sequence[Refusal]) -> str:
         if budget == "suspended":
             return f"{head} (all {len(refusals)} sources are suspended)"
         value = _budget_value(refusals[0])
-        return f"{head} ({budget}{value} reached for all {len(refusals)} sources)"
+        verb = "used up" if " used up " in refusals[0].reason else "reached"  # a rate
+        return f"{head} ({budget}{value} {verb} for all {len(refusals)} sources)"
     parts = "; ".join(f"{r.source}: {r.reason}" for r in refusals)
     return f"{head} ({parts})"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from fake_clock import FakeClock
 from test_plan import attempt, give_up, make_egress, unplumbed, v4
 
-from egressd.egress import Failure, Plan
-from egressd.net.shaping import ShapedDestination, proxy_budget
+from egressd.egress import Failure, Plan, Resolve
+from egressd.net.shaping import ShapedDestination, proxy_budget, smtp_budget
 from egressd.shaping import Shaper, ShapingPolicy
 from egressd.shaping.files import load_shaping_data
 
@@ -86,3 +86,31 @@ def test_an_exact_source_over_its_budget_is_refused() -> None:
     failure = give_up(Plan(egress, source=a, host=HOST, budget=budget(s)).next_step())
     assert failure.kind is Failure.BUDGET
     assert 'connection_limit 1 reached for source "a"' in str(failure)
+
+
+def test_the_smtp_door_skips_a_source_whose_message_rate_is_used_up_before_connecting() -> None:
+    clock = FakeClock()
+    egress = make_egress(clock, v4("a"), v4("b", "127.0.0.3"))
+    files = load_shaping_data("shaping.toml", {"default": {"max_message_rate": "1/h"}})
+    s = Shaper(ShapingPolicy.from_files(files, {}), clock)
+    mx = [(10, "mx.good.test")]
+    picked = []
+    for _ in range(3):
+        smtp = smtp_budget(s, "good.test", mx)
+        assert smtp is not None
+        plan = Plan(egress, pool="p", budget=smtp)
+        step = plan.next_step()
+        if isinstance(step, Resolve):
+            picked.append(step.source.name)
+            assert smtp.lease is not None and smtp.lease.send() is None  # one message
+        else:
+            picked.append(str(give_up(step)))
+        plan.release_budget()
+    assert picked[:2] == ["a", "b"]
+    assert picked[2] == (
+        'no source of pool "p" may connect to site "mx.good.test" now '
+        "(max_message_rate 1/h used up for all 2 sources)"
+    )
+    # the SOCKS5 and PROXY doors carry no messages: their selection ignores message rates
+    plan = Plan(egress, pool="p", host=HOST, port=25, budget=budget(s))
+    assert attempt(plan.next_step()).source.name in ("a", "b")

@@ -4,7 +4,9 @@ dnsmasq serves the MX of a fake provider on loopback; an aiosmtpd sink behind it
 the remote connections (one EHLO each) and the messages. ``max_deliveries_per_connection
 = 2`` makes 5 messages of one MTA session use 3 remote connections; ``max_message_rate =
 "2/h"`` lets 2 of 4 messages through and the other 2 get ``451 4.7.0`` naming the budget,
-with nothing of them reaching the sink.
+with nothing of them reaching the sink and no connection opened for them; with two
+sources at ``"1/h"`` each, the second message of a session leaves the kept connection of
+the first source for a connection of the other.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def send_all(port: int, recipients: list[str]) -> list[str]:
 
 
 async def through_the_door(
-    tmp_path: Path, key: str, value: str, count: int
+    tmp_path: Path, key: str, value: str, count: int, sources: int = 1
 ) -> tuple[list[str], SmtpSink]:
+    """``count`` messages on one MTA session through a pool of ``sources`` sources
+    (a 127.0.0.3, b 127.0.0.4...)."""
     (tmp_path / "shaping.toml").write_text(PROVIDER.format(key=key, value=value))
     mx = [("bigmail.test", "mx1.bigmail-mx.test", 10)]
     hosts = {"mx1.bigmail-mx.test": ["127.0.0.1"]}
@@ -59,10 +63,14 @@ deny_destinations = []
 [[smtp.listener]]
 address = "127.0.0.1:0"
 pool = "main"
-[source."a"]
-source_address = "127.0.0.3"
+"""
+        for number in range(sources):
+            name = "abcd"[number]
+            text += f"""
+[source."{name}"]
+source_address = "127.0.0.{3 + number}"
 remote_port = {sink.port}
-[pool."main"."a"]
+[pool."main"."{name}"]
 """
         async with running_daemon(text, tmp_path, {"smtp": SmtpDoor()}) as daemon:
             port = port_of(daemon, "smtp")
@@ -87,6 +95,22 @@ async def test_max_message_rate_lets_two_of_four_through_and_defers_the_rest(
     outcomes, sink = await through_the_door(tmp_path, "max_message_rate", '"2/h"', 4)
     assert outcomes[:2] == ["sent", "sent"]
     for refusal in outcomes[2:]:
-        assert refusal.startswith("451 4.7.0 shaping: max_message_rate 2/h used up"), refusal
+        assert refusal.startswith(
+            '451 4.7.0 no source of pool "main" may connect to provider "bigmail" now (a: '
+            'max_message_rate 2/h used up for source "a"'
+        ), refusal
     assert [m.rcpt_tos for m in sink.messages] == [("r0@bigmail.test",), ("r1@bigmail.test",)]
-    assert len(sink.connections) == 1
+    assert len(sink.connections) == 1  # no connection opened for the messages refused
+
+
+async def test_a_kept_connection_out_of_message_rate_hands_the_next_message_to_the_other_source(
+    tmp_path: Path,
+) -> None:
+    outcomes, sink = await through_the_door(tmp_path, "max_message_rate", '"1/h"', 3, sources=2)
+    assert outcomes[:2] == ["sent", "sent"]
+    assert outcomes[2].startswith(
+        '451 4.7.0 no source of pool "main" may connect to provider "bigmail" now '
+        "(max_message_rate 1/h used up for all 2 sources)"
+    ), outcomes[2]
+    assert [m.peer for m in sink.messages] == ["127.0.0.3", "127.0.0.4"]
+    assert [c.split()[0] for c in sink.connections] == ["127.0.0.3", "127.0.0.4"]

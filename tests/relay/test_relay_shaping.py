@@ -11,9 +11,9 @@ import sys
 from dataclasses import replace
 
 from fake_clock import FakeClock
-from relay_transcript import GOOD, MAIL, MAIL_OK, OK, QUEUED, RCPT, RCPT2, core, play, remote
+from relay_transcript import GOOD, MAIL, MAIL_OK, OK, QUEUED, RCPT, RCPT2, B, core, play, remote
 
-from egressd.proto.smtp_common import Data, DataChunk, EndOfData, Reply, Rset
+from egressd.proto.smtp_common import Data, DataChunk, EndOfData, Reply
 from egressd.relay import replies
 from egressd.relay.core import RelayCore
 from egressd.relay.events import (
@@ -21,6 +21,7 @@ from egressd.relay.events import (
     MtaCommand,
     MtaEndOfData,
     NextHopResolved,
+    OpenFailed,
     OpenRemote,
     Remote,
     RemoteOpened,
@@ -102,17 +103,39 @@ def test_a_connection_that_carried_max_deliveries_is_quit_and_a_fresh_one_opened
     assert (first_lease.messages, second_lease.messages) == (2, 1)
 
 
-def test_a_message_rate_used_up_is_a_451_naming_it_and_the_remote_sees_nothing() -> None:
-    the_shaper, clock = shaper('["default"]\nmax_message_rate = "1/h"\n')
+def test_a_kept_connection_out_of_message_rate_moves_the_message_to_another_source() -> None:
+    the_shaper, _ = shaper('["default"]\nmax_message_rate = "1/h"\n')
+    relay = core()
+    first, first_lease = leased(the_shaper, "a")
+    message(relay, OpenRemote("main", "good.test"), RemoteOpened(first))
+    second, second_lease = leased(the_shaper, "b")  # what selection gives: b has budget
+    second = replace(second, source=B)
+    message(
+        relay,
+        ResolveNextHop("good.test", 4),
+        NextHopResolved(GOOD),
+        CloseRemote(polite=True),  # a's hour is used: QUIT, and nothing went out on it
+        OpenRemote("main", "good.test"),
+        RemoteOpened(second),
+    )
+    assert (first_lease.messages, second_lease.messages) == (1, 1)
+    assert first_lease.released is False  # the shell releases it when the QUIT is done
+
+
+def test_a_kept_connection_out_of_budget_with_no_other_source_is_the_open_failure() -> None:
+    the_shaper, _ = shaper('["default"]\nmax_message_rate = "1/h"\n')
     relay = core()
     opened, lease = leased(the_shaper)
     message(relay, OpenRemote("main", "good.test"), RemoteOpened(opened))
-    refusal = replies.message_budget(
-        'max_message_rate 1/h used up for source "a" to site "mx.good.test"; next in 3.6e+03s '
-        '(["default"] in shaping.toml)'
+    summary = replies.egress_failure(
+        "main",
+        "budget",
+        'no source of pool "main" may connect to site "mx.good.test" now (a: '
+        'max_message_rate 1/h used up for source "a" to site "mx.good.test"; next in '
+        '3.6e+03s (["default"] in shaping.toml))',
     )
-    assert refusal.code == 451
-    assert refusal.lines[0].startswith("4.7.0 shaping: max_message_rate ")
+    refusal = replies.pool_unnamed(summary, "main")
+    assert refusal.code == 451 and refusal.lines[0].startswith("4.7.0 no source of pool")
     play(
         relay,
         MtaCommand(MAIL),
@@ -121,22 +144,18 @@ def test_a_message_rate_used_up_is_a_451_naming_it_and_the_remote_sees_nothing()
         MtaCommand(RCPT),
             ResolveNextHop("good.test", 4),
         NextHopResolved(GOOD),
+            CloseRemote(polite=True),
+            OpenRemote("main", "good.test"),
+        OpenFailed(summary),
             ReplyMta(refusal),  # no SendRemote: nothing went out
         MtaCommand(RCPT2),
-            ReplyMta(refusal),  # every later RCPT of the transaction too
+            OpenRemote("main", "good.test"),  # the next RCPT asks selection again
+        OpenFailed(summary),
+            ReplyMta(refusal),
         MtaCommand(Data()),
             ReplyMta(replies.no_remote_transaction()),
     )  # fmt: skip
     assert lease.messages == 1
-    play(
-        relay,
-        MtaCommand(Rset()),  # nothing to reset at the remote
-            TransactionEnded("main", "reset", None, 0),
-            ReplyMta(replies.reset()),
-    )  # fmt: skip
-    clock.advance(3600)  # an hour later the kept connection carries the next message
-    message(relay, ResolveNextHop("good.test", 4), NextHopResolved(GOOD))
-    assert lease.messages == 2
 
 
 def test_a_fresh_connection_refused_by_the_message_rate_sends_nothing() -> None:
