@@ -16,6 +16,11 @@ re-execute themselves from there.
 * :func:`exim` - Exim 4 from ``exim4-daemon-light``, with a private configuration, spool
   and log. :meth:`Exim.submit` runs ``exim -odf``: the message is delivered (or deferred)
   before the call returns, so no daemon or queue runner is needed.
+* :func:`opensmtpd` - OpenSMTPD's ``smtpd -d`` (foreground) with a private configuration.
+  Its spool (``/var/spool/smtpd``) and control socket (``/run/smtpd.sock``) are compiled
+  in, so it runs in a mount namespace of its own (``unshare --mount``) where a private
+  directory is bind-mounted over each; the mount points exist on the host (scripts/test
+  makes them, as the package would). Messages are submitted over SMTP.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import pwd
 import re
 import shutil
+import smtplib
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from harness import Process, free_port, require_binary, start_process
 
 RECIPES_CACHE = Path(os.environ.get("EGRESSD_RECIPES_CACHE", "/var/cache/egressd-recipes"))
 HINT = "scripts/test (as root) downloads and unpacks it"
@@ -144,3 +151,81 @@ def exim(recipe: str, files: dict[str, str] | None = None) -> Iterator[Exim]:
         )
         (directory / "exim.conf").write_text(text)
         yield Exim(binary, directory)
+
+
+# --------------------------------------------------------------------------- OpenSMTPD
+
+OPENSMTPD_USERS = ("opensmtpd", "opensmtpq")  # compiled into Debian's smtpd
+OPENSMTPD_MOUNT_POINTS = ("/var/spool/smtpd", "/var/lib/opensmtpd/empty")
+_IN_PRIVATE_MOUNTS = (
+    'mount --bind "$1" /var/spool/smtpd && mount --bind "$2" /run && shift 2 && exec "$@"'
+)
+
+
+@dataclass
+class OpenSmtpd:
+    """A running private OpenSMTPD listening for submissions on 127.0.0.1:``port``."""
+
+    directory: Path
+    port: int
+    process: Process
+
+    def submit(self, sender: str, recipients: Sequence[str], message: bytes) -> None:
+        """Hand a message over by SMTP (OpenSMTPD queues it, then relays it; run it in a
+        thread from trio)."""
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:
+            client.sendmail(sender, list(recipients), message)
+
+    def log(self) -> str:
+        return self.process.output()
+
+    def deliveries(self) -> list[str]:
+        """Its ``mta delivery`` log lines, each with ``result=`` and the relay's ``stat=``."""
+        return re.findall(r"^.* mta delivery .*$", self.log(), re.MULTILINE)
+
+    def queued(self) -> int:
+        """Envelopes in its queue: ``queue/<bucket>/<message id>/<envelope id>`` in the
+        spool, next to each message's ``message`` file."""
+        queue = self.directory / "spool" / "queue"
+        return sum(1 for path in queue.glob("*/*/*") if path.name != "message")
+
+
+@contextlib.contextmanager
+def opensmtpd(config: str, files: dict[str, str] | None = None) -> Iterator[OpenSmtpd]:
+    """OpenSMTPD with ``config`` as smtpd.conf, submissions on 127.0.0.1:``{port}`` (put
+    ``listen on 127.0.0.1 port {port}`` in it) and ``{dir}`` its directory, where ``files``
+    are written (mode 0640: smtpd refuses tables others can read)."""
+    root = unpacked("opensmtpd", "usr/sbin/smtpd")
+    for name in OPENSMTPD_USERS:
+        require_user(name)
+    for mount_point in OPENSMTPD_MOUNT_POINTS:
+        if not Path(mount_point).is_dir():
+            pytest.fail(f"{mount_point} is missing: {HINT} and creates it", pytrace=False)
+    with private_directory("egressd-opensmtpd-", pwd.getpwnam("root"), "spool", "run") as directory:
+        (directory / "spool").chmod(0o711)
+        for name, text in (files or {}).items():
+            (directory / name).write_text(text)
+            (directory / name).chmod(0o640)
+        port = free_port()
+        (directory / "smtpd.conf").write_text(
+            config.replace("{dir}", str(directory)).replace("{port}", str(port))
+        )
+        argv = [
+            require_binary("unshare"),
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            _IN_PRIVATE_MOUNTS,
+            "sh",
+            str(directory / "spool"),
+            str(directory / "run"),
+            str(root / "usr/sbin/smtpd"),
+            "-d",
+            "-v",
+            "-f",
+            str(directory / "smtpd.conf"),
+        ]
+        with start_process(argv, port) as process:
+            yield OpenSmtpd(directory, port, process)
