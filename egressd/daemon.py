@@ -54,7 +54,7 @@ from egressd.net.shaping import load_policy_in_thread
 from egressd.observe import Extras
 from egressd.runtime import Overloaded, Runtime, SessionRecord
 from egressd.state import StateError
-from egressd.warming import Warming, open_warming, outcome_of
+from egressd.warming import Warming, open_warming
 
 log = get_logger("daemon")
 
@@ -511,15 +511,9 @@ async def serve(
 
 
 def attach_warming(runtime: Runtime, warming: Warming) -> None:
-    """Selection asks the engine; every relayed transaction counts into it, against the
-    shaping provider of its destination (``other`` when none names it)."""
-    engine = warming.engine
-    runtime.warmup = engine
-
-    def count(pool: str, code: int, source: str, provider: str) -> None:
-        engine.record(source, provider, outcome_of(code))
-
-    runtime.transaction_hooks.append(count)
+    """Selection asks the engine and holds its quotas; the doors count into it
+    (:mod:`egressd.egress.quotas`), against the shaping provider of the destination."""
+    runtime.warmup = warming.engine
     warming.attach_shaper(lambda: runtime.shaper)
 
 

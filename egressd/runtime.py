@@ -38,7 +38,7 @@ import trio
 
 from egressd.admission import Admission
 from egressd.config import Config, IPAddress
-from egressd.egress import DestinationBreaker, Egress, EgressObserver
+from egressd.egress import DestinationBreaker, Egress, EgressObserver, NoQuotas, Quotas
 from egressd.health import SourceHealth
 from egressd.log import get_logger
 from egressd.login import LoginThrottle
@@ -119,6 +119,33 @@ def printable(text: str, limit: int = 64) -> str:
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text[:limit])
 
 
+class _CurrentQuotas:
+    """:class:`~egressd.egress.quotas.Quotas` of the runtime's warm-up engine, if any."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    @property
+    def _quotas(self) -> Quotas:
+        engine = self._runtime.warmup
+        return NO_QUOTAS if engine is None else engine
+
+    def refusal(self, source: str, provider: str) -> str | None:
+        return self._quotas.refusal(source, provider)
+
+    def reserve(self, source: str, provider: str) -> bool:
+        return self._quotas.reserve(source, provider)
+
+    def release(self, source: str, provider: str) -> None:
+        self._quotas.release(source, provider)
+
+    def record(self, source: str, provider: str, outcome: str, *, reserved: bool = False) -> None:
+        self._quotas.record(source, provider, outcome, reserved=reserved)
+
+
+NO_QUOTAS = NoQuotas()
+
+
 class Runtime:
     """Shared by all front doors of one daemon process."""
 
@@ -136,13 +163,15 @@ class Runtime:
         self.breaker = DestinationBreaker()
         self.warmup: Warmup | None = None
         """The warm-up engine, when a source warms up (the daemon sets it at startup)."""
+        self.quotas = _CurrentQuotas(self)
+        """The egress plans' view of :attr:`warmup`, whichever engine is set (or none)."""
         self.egress = Egress(
             config,
             PoolSet.from_config(config),
             self.health,
             self.observer,
             self.breaker,
-            quota_refusal=self._quota_refusal,
+            quotas=self.quotas,
             budget_for=self._budget_for,
         )
         self.admission = Admission()
@@ -180,13 +209,9 @@ class Runtime:
             self.health,
             self.observer,
             self.breaker,
-            self._quota_refusal,
-            self._budget_for,
+            quotas=self.quotas,
+            budget_for=self._budget_for,
         )
-
-    def _quota_refusal(self, source: str, provider: str) -> str | None:
-        """Why ``source`` may not send to ``provider`` now (its warm-up quota is used)."""
-        return None if self.warmup is None else self.warmup.refusal(source, provider)
 
     def shaping_rule_fired(self, source: str, provider: str, reason: str) -> None:
         """A shaping reply rule fired for ``source`` on a connection to ``provider``: the

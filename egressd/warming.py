@@ -39,7 +39,7 @@ from egressd.shaping.shaper import Scope
 from egressd.state import Event, StateError, Store, Suspension, open_store, state_directory
 from egressd.warmup import ALL_PROVIDERS, Calendar, Warmup
 
-__all__ = ["Warming", "WarmupClock", "metric_rows", "open_warming", "outcome_of", "warmup_command"]
+__all__ = ["Warming", "WarmupClock", "metric_rows", "open_warming", "warmup_command"]
 
 log = get_logger("warmup")
 
@@ -67,11 +67,6 @@ def log_event(event: Event) -> None:
         "reason": event.reason,
     }
     log.warning("warm-up %s", event.kind, extra={"fields": fields})
-
-
-def outcome_of(code: int) -> str:
-    """A final reply's code as a warm-up outcome: 2xx sent, 4xx deferred, 5xx rejected."""
-    return "sent" if code < 400 else "deferred" if code < 500 else "rejected"
 
 
 def scope_key(scope: Scope) -> str:

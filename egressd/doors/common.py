@@ -13,6 +13,14 @@ and what health hears of it is the plan's business.
 Every refusal is an :class:`~egressd.egress.failures.EgressFailure`; each door turns its
 kind into its own reply. :func:`relay_session` then splices the client and the destination
 until both are done and fills the :class:`~egressd.runtime.SessionRecord`.
+
+Warm-up: these doors see no message (the session may be TLS from the first byte), so a
+connection made is what counts, like KumoMTA's ``source_selection_rate``: one message of
+the source's daily quota to the destination's provider (the shaping provider that matches
+the name the client gave as an MX host name, or the address by a ``Network`` match; else
+``other``), held at pick time and counted as ``connected`` once the connection is up
+(:mod:`egressd.egress.quotas`). A source without quota left is skipped by a pool's pick,
+and an exact source (a BIND, a PROXY header) is refused with ``WARMUP_QUOTA``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from egressd.log import get_logger
 from egressd.net.connection import Connection
 from egressd.net.dialer import Dialed
 from egressd.net.egress import connect_within
+from egressd.net.shaping import ShapedDestination
 from egressd.net.splice import Traffic, keep_alive, relay
 from egressd.runtime import Runtime, SessionRecord
 
@@ -53,6 +62,7 @@ async def open_outbound(
 
     Raises :class:`EgressFailure`.
     """
+    budget = egress.budget_for(host)
     plan = Plan(
         egress,
         pool=pool,
@@ -60,9 +70,13 @@ async def open_outbound(
         host=host,
         port=port,
         access=egress.config.access,
-        budget=egress.budget_for(host),
+        budget=budget,
+        provider=budget.provider() if isinstance(budget, ShapedDestination) else "other",
     )
     dialed = await connect_within(plan)
+    quota = plan.take_quota()
+    if quota is not None:
+        quota.settle("connected")  # the connection is what these doors count
     return dataclasses.replace(dialed, release=plan.release_budget)
 
 

@@ -35,7 +35,7 @@ from egressd.doors.smtp_remote import (
     next_hop,
     open_remote,
 )
-from egressd.egress import Egress
+from egressd.egress import ConnectionQuota, Egress
 from egressd.log import get_logger
 from egressd.proto.smtp_common import Data, DataChunk, EndOfData, Reply
 from egressd.relay.core import RelayCore
@@ -88,6 +88,9 @@ class Relay:
         self.remote: RemoteSession | None = None
         self.provider = "other"
         """The shaping provider of the last remote opened (its transactions count there)."""
+        self.quota: ConnectionQuota | None = None
+        """The warm-up quota of the last remote opened: each transaction's end settles
+        the message it held (:mod:`egressd.egress.quotas`)."""
 
     @property
     def in_transaction(self) -> bool:
@@ -181,6 +184,7 @@ class Relay:
         self.remote = remote
         self.record.source = remote.source.name
         self.provider = remote.provider
+        self.quota = remote.quota
         self.record.local_address = remote.local_address
         self.record.destination = remote.remote_text
         return RemoteOpened(remote.view())
@@ -191,6 +195,8 @@ class Relay:
         """The transaction's log line, byte count and metric."""
         self.record.bytes_up += ended.size
         self.record.outcome = ended.outcome
+        if self.quota is not None:
+            self.quota.settle(ended.final.code if ended.final is not None else None)
         if ended.final is not None:
             source = str(ended.fields.get("source") or "")
             self.runtime.smtp_transaction(ended.pool, ended.final.code, source, self.provider)

@@ -68,6 +68,7 @@ from egressd.egress import (
     Stage,
 )
 from egressd.egress.failures import timeout_kind
+from egressd.egress.quotas import ConnectionQuota
 from egressd.log import get_logger
 from egressd.net.dialer import Dialed, connect
 from egressd.net.egress import execute
@@ -152,6 +153,8 @@ class RemoteSession:
     shaping: ShapedDestination | None = None
     #: The destination's shaping provider (``other``: none), whose warm-up quota it uses.
     provider: str = "other"
+    #: The warm-up quota per message (:mod:`egressd.egress.quotas`), before the shaping lease.
+    quota: ConnectionQuota | None = None
     _exit: AsyncExitStack = field(default_factory=AsyncExitStack)
 
     @property
@@ -195,7 +198,7 @@ class RemoteSession:
             tls_policy=self.tls_policy,
             tls_result=self.tls_result,
             extensions=dict(self.client.extensions),
-            budget=self.shaping.lease if self.shaping is not None else None,
+            budget=self.quota or (self.shaping.lease if self.shaping is not None else None),
         )
 
     def failure(self, enhanced: str, what: str) -> RemoteError:
@@ -537,6 +540,11 @@ async def open_remote(
     session._exit.callback(plan.release_budget)  # the shaping lease lives as long
     session.shaping = plan.budget if isinstance(plan.budget, ShapedDestination) else None
     session.provider = provider
+    lease = session.shaping.lease if session.shaping is not None else None
+    session.quota = ConnectionQuota(
+        egress.quotas, session.source.name, provider, plan.take_quota(), lease
+    )
+    session._exit.callback(session.quota.close)
     return session
 
 

@@ -287,7 +287,7 @@ class _AcceptedConnection:
             return self.refuse_bind(
                 "refused", f"BIND {address}: source {source.name!r} is suspended", failure=True
             )
-        used = self.egress.quota_refusal(source.name, "other")
+        used = self.egress.quotas.refusal(source.name, "other")
         if used is not None:  # kumod then picks another source for this connection
             return self.refuse_bind("refused", f"BIND {address}: {used}", failure=True)
         unbindable = _bind_problem(source)

@@ -4,6 +4,7 @@
 - :mod:`egressd.egress.selection`: a configuration generation's pools, health and limits.
 - :mod:`egressd.egress.plan`: the plan, a sans-IO machine with the one retry policy.
 - :mod:`egressd.egress.breaker`: the per-destination circuit breaker.
+- :mod:`egressd.egress.quotas`: warm-up quotas, held from the pick until counted.
 
 The trio executor that runs a plan is :mod:`egressd.net.egress`. Nothing here imports trio.
 """
@@ -20,11 +21,13 @@ from egressd.egress.plan import (
     Step,
     destination_port,
 )
+from egressd.egress.quotas import ConnectionQuota, NoQuotas, QuotaHold, Quotas
 from egressd.egress.selection import Egress, EgressObserver
 
 __all__ = [
     "Attempt",
     "BreakerSettings",
+    "ConnectionQuota",
     "Destination",
     "DestinationBreaker",
     "Egress",
@@ -32,9 +35,12 @@ __all__ = [
     "EgressObserver",
     "Failure",
     "GiveUp",
+    "NoQuotas",
     "Party",
     "Plan",
     "Progress",
+    "QuotaHold",
+    "Quotas",
     "Resolve",
     "Stage",
     "Step",

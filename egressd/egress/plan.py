@@ -55,6 +55,7 @@ from egressd.access import destination_refusal
 from egressd.config import AccessSettings, IPAddress, Source, format_hostport
 from egressd.egress.budgets import DestinationBudget
 from egressd.egress.failures import EgressFailure, Failure, Party, Stage, timeout_kind
+from egressd.egress.quotas import QuotaHold
 from egressd.egress.selection import Egress
 from egressd.health import FailureKind, policy_for
 
@@ -172,6 +173,10 @@ class Plan:
     """The destination's shaping budgets (:mod:`egressd.egress.budgets`): the picked
     source's lease is held by the plan, given back when it moves on or gives up, and
     left to the caller (:meth:`release_budget`) once a connection is made."""
+    quota: QuotaHold | None = None
+    """The picked source's held message of its warm-up quota to ``provider``
+    (:mod:`egressd.egress.quotas`): given back when the plan moves on or gives up; once
+    connected, the caller settles it or takes it (:meth:`take_quota`)."""
     progress: Progress = field(default_factory=Progress)
     tried: list[str] = field(default_factory=list)
     failures: list[EgressFailure] = field(default_factory=list)
@@ -222,9 +227,17 @@ class Plan:
         return GiveUp(self._final)
 
     def release_budget(self) -> None:
-        """Give the destination budget's lease back: the connection ended (or never was)."""
+        """Give the destination budget's lease back: the connection ended (or never was);
+        a held warm-up message not taken by the caller goes back too."""
         if self.budget is not None:
             self.budget.release()
+        if self.quota is not None:
+            self.quota.release()
+
+    def take_quota(self) -> QuotaHold | None:
+        """The held warm-up message, for the caller to settle; the plan forgets it."""
+        quota, self.quota = self.quota, None
+        return quota
 
     def resolved(self, destinations: Sequence[Destination]) -> None:
         """The outcome of :class:`Resolve`: the addresses to try, in order."""
@@ -277,6 +290,7 @@ class Plan:
         try:
             source = self._pick()
             self._take_budget(source)
+            self._hold_quota(source)
         except EgressFailure as refusal:
             # A retry that finds no second source reports the first source's failure.
             self._final = self.failures[-1] if self.failures else refusal
@@ -296,6 +310,7 @@ class Plan:
     def _pick(self) -> Source:
         if self.source is not None:
             self.egress.check_cap(self.source)
+            self.egress.check_quota(self.source, self.provider)
             self.egress.check_budget(self.source, self.budget)
             return self.source
         if self.pool is None:
@@ -313,6 +328,12 @@ class Plan:
         refusal = self.budget.take(source.name)
         if refusal is not None:  # pragma: no cover - pick() has just checked it
             raise EgressFailure(Failure.BUDGET, refusal, source=source.name)
+
+    def _hold_quota(self, source: Source) -> None:
+        """Hold one message of ``source``'s warm-up quota (the previous hold goes back)."""
+        if self.quota is not None:
+            self.quota.release()
+        self.quota = QuotaHold.take(self.egress.quotas, source.name, self.provider)
 
     def _may_retry(self) -> bool:
         return self.source is None and len(self.tried) < MAX_SOURCES

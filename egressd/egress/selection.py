@@ -11,11 +11,13 @@ generation they started with.
 guards an exact source (KumoMTA's BIND, a PROXY header). Both raise
 :class:`~egressd.egress.failures.EgressFailure` of a ``NOBODY`` kind. Pure: no trio.
 
-Warm-up (:mod:`egressd.warmup`) is heard through :attr:`Egress.quota_refusal`: a source
-that has used today's quota to the destination's provider is not eligible, so the pool's
-other sources share the traffic by smooth weighted round-robin; when no source is left
-for that reason, the failure is ``WARMUP_QUOTA`` and its detail names plan, step and
-reset time (overflow, never refusal, as long as a warm source is left).
+Warm-up (:mod:`egressd.warmup`) is heard through :attr:`Egress.quotas`
+(:mod:`egressd.egress.quotas`): a source that has used today's quota to the destination's
+provider (messages in flight included) is not eligible, so the pool's other sources share
+the traffic by smooth weighted round-robin; when no source is left for that reason, the
+failure is ``WARMUP_QUOTA`` and its detail names plan, step and reset time (overflow,
+never refusal, as long as a warm source is left). :meth:`Egress.check_quota` guards an
+exact source the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from egressd.config import Config, IPAddress, Source
 from egressd.egress.breaker import DestinationBreaker
 from egressd.egress.budgets import DestinationBudget
 from egressd.egress.failures import EgressFailure, Failure
+from egressd.egress.quotas import NoQuotas, Quotas
 from egressd.health import FailureKind, SourceHealth
 from egressd.pools import NoSourcesAvailable, PoolSet, SelectionError
 
@@ -51,8 +54,8 @@ class Egress:
     health: SourceHealth
     observer: EgressObserver = field(default_factory=EgressObserver)
     breaker: DestinationBreaker = field(default_factory=DestinationBreaker)
-    quota_refusal: Callable[[str, str], str | None] = lambda source, provider: None
-    """Why (source, provider) may not send now (a used warm-up quota), or None."""
+    quotas: Quotas = field(default_factory=NoQuotas)
+    """Warm-up quotas per (source, provider): refused when used, held from the pick."""
     budget_for: Callable[[str | IPAddress], DestinationBudget | None] = lambda host: None
     """The shaping budgets towards a SOCKS5/PROXY destination (a name or an address);
     None without shaping (:mod:`egressd.egress.budgets`)."""
@@ -84,7 +87,7 @@ class Egress:
                 or self.health.active_connections(name) >= cap
             ):
                 return True
-            refusal = self.quota_refusal(name, provider)
+            refusal = self.quotas.refusal(name, provider)
             if refusal is not None:
                 quota_used.append(refusal)
                 return True
@@ -112,6 +115,13 @@ class Egress:
         refusal = budget.refusal(source.name) if budget is not None else None
         if refusal is not None:
             raise EgressFailure(Failure.BUDGET, refusal, source=source.name)
+
+    def check_quota(self, source: Source, provider: str) -> None:
+        """Raise ``WARMUP_QUOTA`` when an exact ``source`` has used its warm-up quota to
+        ``provider`` (in-flight messages included)."""
+        refusal = self.quotas.refusal(source.name, provider)
+        if refusal is not None:
+            raise EgressFailure(Failure.WARMUP_QUOTA, refusal, source=source.name)
 
     def check_cap(self, source: Source) -> None:
         """Raise ``SOURCE_LIMIT`` when ``source`` is at ``max_connections_per_source``."""

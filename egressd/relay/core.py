@@ -378,7 +378,8 @@ class RelayCore:
 
         Before MAIL goes out the connection's shaping budgets are asked for one message
         (``Remote.budget``): a kept connection they refuse (``max_deliveries_per_connection``
-        carried, ``max_message_rate`` or ``source_selection_rate`` used up, a suspension)
+        carried, ``max_message_rate`` or ``source_selection_rate`` used up, a suspension,
+        a warming source's quota full: :mod:`egressd.egress.quotas`)
         gets QUIT and a fresh one is opened, from a source that has budget; a fresh one
         they refuse is a ``451 4.7.0`` naming the budget for this and every later RCPT of
         the transaction, and nothing reaches the remote.

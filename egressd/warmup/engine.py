@@ -23,8 +23,13 @@ the rest of the day, at ``step_back_*_rate`` it goes one step back at once (at m
 day), which also lowers today's quota. An operator's hold lasts until resumed.
 
 A source has *used its quota* to a provider when that day's messages (every message the
-remote gave a final answer to) reached the step's daily volume; the egress plan then skips
-it (:meth:`Warmup.refusal`). A source past its plan's last step is warm and has no quota.
+remote gave a final answer to, and every connection of the SOCKS5 and PROXY doors) and the
+messages *in flight* reached the step's daily volume; the egress plan then skips it
+(:meth:`Warmup.refusal`). A message is in flight from :meth:`Warmup.reserve` (the egress
+plan holds one at pick time, the SMTP relay before each further MAIL on a kept
+connection) until :meth:`Warmup.record` counts it (``reserved=True``) or
+:meth:`Warmup.release` gives it back (it was not sent): so sessions running at once never
+pass the quota together. A source past its plan's last step is warm and has no quota.
 
 Every change becomes an :class:`~egressd.state.Event` with its reason: passed to
 ``on_event`` (the daemon logs it) and queued with the changed progress and the new counts
@@ -84,10 +89,12 @@ class Quota:
     used: int
     resets_at: float
     hold: str | None
+    in_flight: int = 0
+    """Messages held for sessions that have not had their final answer yet."""
 
     @property
     def used_up(self) -> bool:
-        return self.used >= self.limit
+        return self.used + self.in_flight >= self.limit
 
 
 @dataclass
@@ -98,6 +105,7 @@ class _Track:
     today: Counts = field(default_factory=Counts)
     signal_hold: str | None = None
     stepped_back: bool = False
+    in_flight: int = 0
 
 
 Key = tuple[str, str]
@@ -169,6 +177,7 @@ class Warmup:
             used=track.today.total,
             resets_at=self.calendar.next_midnight(self.clock()),
             hold=self._hold_reason(source, provider),
+            in_flight=track.in_flight,
         )
 
     def refusal(self, source: str, provider: str) -> str | None:
@@ -208,8 +217,29 @@ class Warmup:
 
     # ------------------------------------------------------------------ counting
 
-    def record(self, source: str, provider: str, outcome: Outcome) -> None:
-        """One message of ``source`` to ``provider`` got its final answer."""
+    def reserve(self, source: str, provider: str) -> bool:
+        """Hold one message of today's quota of ``source`` to ``provider`` for a message
+        (or connection) about to go, whether or not the quota has room: the caller asked
+        :meth:`refusal` first. True when held (a warming source not yet warm); each True
+        is ended by one :meth:`release` or one ``record(..., reserved=True)``."""
+        if self.quota(source, provider) is None:
+            return False
+        self._tracks[(source, provider)].in_flight += 1
+        return True
+
+    def release(self, source: str, provider: str) -> None:
+        """Give back a message held by :meth:`reserve` that was not sent."""
+        track = self._tracks.get((source, provider))
+        if track is not None and track.in_flight > 0:
+            track.in_flight -= 1
+
+    def record(
+        self, source: str, provider: str, outcome: Outcome, *, reserved: bool = False
+    ) -> None:
+        """One message of ``source`` to ``provider`` got its final answer (``reserved``:
+        it was held by :meth:`reserve`, which this ends)."""
+        if reserved:
+            self.release(source, provider)
         if source not in self.sources:
             return
         if outcome not in OUTCOMES:

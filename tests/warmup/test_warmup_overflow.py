@@ -47,7 +47,7 @@ def make(tmp_path: Path) -> tuple[Egress, Warmup, FakeClock]:
         config,
         PoolSet.from_config(config),
         SourceHealth(config.sources),
-        quota_refusal=warmup.refusal,
+        quotas=warmup,
     )
     return egress, warmup, clock
 
