@@ -472,7 +472,7 @@ async def serve(
     metrics = Metrics()
     shaping = await load_policy_in_thread(config)
     runtime = Runtime(config, observe.egress_observer(metrics), shaping)
-    warming = open_warming(config)  # StateError: the daemon does not start
+    warming = await open_warming(config)  # StateError: the daemon does not start
     if warming is not None:
         attach_warming(runtime, warming)
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:

@@ -5,17 +5,18 @@ Theory of operation
 :func:`open_warming` opens the state store (:mod:`egressd.state`) and builds the pure
 engine (:class:`~egressd.warmup.Warmup`) from what it holds, when at least one source
 follows a warm-up plan; without one, no database is opened at all. It runs once, at
-startup, before any listener is bound: the few milliseconds of blocking SQLite work there
-delay no connection, so it is called directly rather than in a thread. A database that
-cannot be used raises :class:`~egressd.state.StateError` naming the file, and the daemon
-does not start.
+startup, before any listener is bound. The store is asynchronous
+(:class:`~egressd.state.Store`: SQLite behind a thread shell, see
+:mod:`egressd.fleet.stores`). A store that cannot be used raises
+:class:`~egressd.state.StateError` naming it, and the daemon does not start.
 
 While the daemon runs, every connection asks the engine (in memory) and every relayed
 transaction counts into it (in memory). :meth:`Warming.run_flusher` hands the engine's
-batch to the store every ``[warmup] flush_interval`` (5 s), in a worker thread
-(``trio.to_thread.run_sync``), and once more at shutdown: a crash loses at most one
-interval's counts. A batch the store refuses (a full disk) is kept for the next flush and
-logged.
+batch to the store every ``[warmup] flush_interval`` (5 s), and once more at shutdown: a
+crash loses at most one interval's counts. A batch the store refuses (a full disk) is kept
+for the next flush and logged. ``warmup status`` shows the newest events as read after
+the last flush that wrote some (:attr:`Warming.recent`), so the control socket never waits
+on the store.
 
 :class:`WarmupClock` is the engine's clock: wall time plus :attr:`WarmupClock.offset`,
 which only tests move (to let a day pass without sleeping through it).
@@ -23,7 +24,6 @@ which only tests move (to let a day pass without sleeping through it).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -32,11 +32,12 @@ from typing import Any
 import trio
 
 from egressd.config import Config
+from egressd.fleet.stores import open_state_store
 from egressd.log import get_logger
 from egressd.shaping import Shaper
 from egressd.shaping import Suspension as ShaperSuspension
 from egressd.shaping.shaper import Scope
-from egressd.state import Event, StateError, Store, Suspension, open_store, state_directory
+from egressd.state import Event, StateError, Store, Suspension
 from egressd.warmup import ALL_PROVIDERS, Calendar, Warmup
 
 __all__ = ["Warming", "WarmupClock", "metric_rows", "open_warming", "warmup_command"]
@@ -45,6 +46,9 @@ log = get_logger("warmup")
 
 HISTORY_DAYS = 7
 """How many days of counts a starting daemon reads back (the open day is what matters)."""
+
+RECENT_EVENTS = 200
+"""How many of the newest events :attr:`Warming.recent` keeps for ``warmup status``."""
 
 
 @dataclass
@@ -108,6 +112,9 @@ class Warming:
         self.restored = suspensions
         """The suspensions in force at startup, for :meth:`attach_shaper` to restore."""
         self.shaper: Callable[[], Shaper | None] = lambda: None
+        self.recent: list[Event] = []
+        """The store's newest events, newest first, read at startup and after each flush
+        (``warmup status`` reads them here: the control socket does not wait on a store)."""
         self._stored: dict[str, Suspension] = {}
 
     def attach_shaper(self, shaper: Callable[[], Shaper | None]) -> None:
@@ -149,12 +156,21 @@ class Warming:
         if not batch:
             return
         try:
-            await trio.to_thread.run_sync(self.store.write, batch)
+            await self.store.write(batch)
         except StateError as exc:
             self.engine.give_back(batch)
             log.error("warm-up state not written, kept for the next flush: %s", exc)
             return
         self._stored = {k: self._stored.get(k) or current[k] for k in current}
+        if batch.events:
+            await self.refresh_history()
+
+    async def refresh_history(self) -> None:
+        """Read the newest events back into :attr:`recent` (kept as they were on failure)."""
+        try:
+            self.recent = await self.store.history(None, RECENT_EVENTS)
+        except StateError as exc:
+            log.error("warm-up history not read: %s", exc)
 
     async def run_flusher(self) -> None:
         """Flush every ``flush_interval`` until cancelled; the daemon flushes once more."""
@@ -165,10 +181,10 @@ class Warming:
     async def close(self) -> None:
         with trio.CancelScope(shield=True):
             await self.flush()
-            await trio.to_thread.run_sync(self.store.close)
+            await self.store.close()
 
 
-def open_warming(
+async def open_warming(
     config: Config, environ: Mapping[str, str] | None = None, clock: WarmupClock | None = None
 ) -> Warming | None:
     """The store and engine for ``config``, or None when no source warms up.
@@ -179,20 +195,22 @@ def open_warming(
     if not sources:
         return None
     clock = clock or WarmupClock()
-    directory = state_directory(config.state.directory, os.environ if environ is None else environ)
-    store = open_store(directory)
+    store = await open_state_store(config, environ)
     try:
         since = Calendar.add_days(Calendar(config.warmup.timezone).day(clock()), -HISTORY_DAYS)
-        snapshot = store.load(since, clock())
+        snapshot = await store.load(since, clock())
+        recent = await store.history(None, RECENT_EVENTS)
     except StateError:
-        store.close()
+        await store.close()
         raise
     engine = Warmup(config.warmup, sources, clock, snapshot, on_event=log_event)
     log.info(
         "warm-up state loaded",
         extra={"fields": {"database": store.location, "sources": len(sources)}},
     )
-    return Warming(store, engine, clock, snapshot.suspensions)
+    warming = Warming(store, engine, clock, snapshot.suspensions)
+    warming.recent = recent
+    return warming
 
 
 # --------------------------------------------------------------------------- control socket
@@ -220,9 +238,7 @@ def warmup_status(warming: Warming, source: str | None) -> dict[str, Any]:
                     "warm_on": engine.warm_on(name, provider),
                 }
             )
-    # One indexed read of a few rows from the WAL database: well under a millisecond, so
-    # it runs on the loop rather than in a thread (the write path never does).
-    history = warming.store.history(source, limit=10)
+    history = [e for e in warming.recent if source is None or e.source == source][:10]
     return {
         "timezone": engine.settings.timezone,
         "today": engine.calendar.day(warming.clock()),

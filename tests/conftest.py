@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from harness import Dante, HAProxy, Sink, dante, haproxy_transparent, start_sink
 from redis_harness import RedisServer, new_server, redis_servers
+from state_helpers import StoreOpener
+
+from egressd.fleet.stores import ThreadedStore
+from egressd.state import Store, open_store
 
 
 @pytest.fixture
@@ -79,3 +83,28 @@ def redis_factory() -> Iterator[Callable[..., RedisServer]]:
 def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
     """A plain redis-server (no AUTH, no TLS) on loopback; see ``redis_factory``."""
     return redis_factory()
+
+
+STATE_BACKENDS = ["sqlite"]
+
+
+@pytest.fixture(params=STATE_BACKENDS)
+async def open_backend(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[StoreOpener]:
+    """Opens a :class:`~egressd.state.Store` of each backend in turn (the state contract
+    tests, tests/state/test_store_contract.py, run against every one). Called again, it
+    opens the same state anew (the same SQLite file), as a restarted daemon would. Every
+    store opened is closed when the test ends."""
+    opened: list[Store] = []
+
+    async def sqlite() -> Store:
+        store = ThreadedStore(open_store(tmp_path))
+        opened.append(store)
+        return store
+
+    try:
+        yield sqlite
+    finally:
+        for store in opened:
+            await store.close()

@@ -1,15 +1,16 @@
-"""Durable state: one narrow interface (:class:`Store`) and its embedded SQLite backend.
+"""Durable state: one narrow interface (:class:`Store`) and its backends.
 
 - :mod:`egressd.state.records`: the records (progress, day counts, events, suspensions,
   overrides, and the :class:`Batch` a flush writes);
-- :mod:`egressd.state.interface`: :class:`Store`, the Protocol every backend implements,
-  and :class:`StateError`;
-- :mod:`egressd.state.sqlite`: the embedded backend (stdlib ``sqlite3``, WAL).
+- :mod:`egressd.state.interface`: :class:`Store`, the asynchronous Protocol the daemon
+  awaits, :class:`BlockingStore` (its blocking twin) and :class:`StateError`;
+- :mod:`egressd.state.sqlite`: the embedded backend (stdlib ``sqlite3``, WAL), blocking:
+  the daemon runs it behind :class:`egressd.fleet.stores.ThreadedStore`.
 
-No trio here: every call blocks, and the daemon runs it in a worker thread.
+No trio here (the pure-layer contract); the thread shell lives in :mod:`egressd.fleet`.
 """
 
-from egressd.state.interface import StateError, Store
+from egressd.state.interface import BlockingStore, StateError, Store
 from egressd.state.records import (
     Batch,
     DayCount,
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_DIRECTORY",
     "SCHEMA_VERSION",
     "Batch",
+    "BlockingStore",
     "DayCount",
     "Event",
     "Override",

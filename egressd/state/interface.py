@@ -8,14 +8,18 @@ of changes, suspensions and operator overrides) behind :class:`Store`. The daemo
 and hands the store a :class:`~egressd.state.records.Batch` every few seconds and at
 shutdown: nothing on a connection's path waits for the store.
 
-Four calls, each one round trip, so that a networked backend (Redis/Valkey, issue 16) fits
-behind the same interface: ``load`` (a few reads), ``write`` (one transaction: ``MULTI``
-with ``HSET``/``HINCRBY``/``LPUSH``), ``history`` (``LRANGE``) and ``close``. Counts in a
-batch are increments, so several workers may add to the same day.
+Four calls, each one round trip, so that a networked backend fits behind the same
+interface: ``load`` (a few reads), ``write`` (one transaction: ``MULTI`` with
+``HSET``/``HINCRBY``/``LPUSH``), ``history`` (``LRANGE``) and ``close``. Counts in a batch
+are increments, so several workers and nodes may add to the same day.
 
-Every call is blocking and may take milliseconds; the daemon runs them in a worker thread
-(``trio.to_thread.run_sync``). Failures raise :class:`StateError`, whose message names the
-database.
+:class:`Store` is asynchronous: the daemon awaits it from its trio loop. A backend whose
+calls block (:class:`BlockingStore`: the embedded SQLite file, a test's dictionaries)
+runs behind a thread shell (:class:`egressd.fleet.stores.ThreadedStore`,
+``trio.to_thread.run_sync``); the Redis backend (:mod:`egressd.state.redis`) awaits its
+client directly. Neither this package nor its backends import trio: a coroutine needs no
+event loop to be written. Failures raise :class:`StateError`, whose message names the
+database (or the server).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Protocol
 
 from egressd.state.records import Batch, Event, Snapshot
 
-__all__ = ["StateError", "Store"]
+__all__ = ["BlockingStore", "StateError", "Store"]
 
 
 class StateError(Exception):
@@ -39,17 +43,32 @@ class Store(Protocol):
         """Where the state lives (a file name, a URL), for messages."""
         ...
 
-    def load(self, since_day: str, now: float) -> Snapshot:
+    async def load(self, since_day: str, now: float) -> Snapshot:
         """Every progress record, the counts of ``since_day`` and later, and the
         suspensions and overrides still in force at ``now``."""
         ...
 
-    def write(self, batch: Batch) -> None:
+    async def write(self, batch: Batch) -> None:
         """Apply ``batch`` all or nothing."""
         ...
 
-    def history(self, source: str | None = None, limit: int = 50) -> list[Event]:
+    async def history(self, source: str | None = None, limit: int = 50) -> list[Event]:
         """The newest ``limit`` events (of ``source``), newest first."""
         ...
+
+    async def close(self) -> None: ...
+
+
+class BlockingStore(Protocol):
+    """:class:`Store` with blocking calls (SQLite): the daemon runs it in a thread."""
+
+    @property
+    def location(self) -> str: ...
+
+    def load(self, since_day: str, now: float) -> Snapshot: ...
+
+    def write(self, batch: Batch) -> None: ...
+
+    def history(self, source: str | None = None, limit: int = 50) -> list[Event]: ...
 
     def close(self) -> None: ...

@@ -112,7 +112,8 @@ def open_store(directory: str | Path) -> SqliteStore:
 
 
 class SqliteStore:
-    """:class:`~egressd.state.interface.Store` on one SQLite file."""
+    """:class:`~egressd.state.interface.BlockingStore` on one SQLite file (the daemon
+    awaits it through :class:`egressd.fleet.stores.ThreadedStore`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

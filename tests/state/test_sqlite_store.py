@@ -1,4 +1,5 @@
-"""The embedded store: round trips, upgrades, and clear errors for bad files."""
+"""The embedded store: WAL, upgrades, and clear errors for bad files (the round trips every
+backend must make are in test_store_contract.py)."""
 
 from __future__ import annotations
 
@@ -13,70 +14,13 @@ from egressd.state import (
     SCHEMA_VERSION,
     Batch,
     DayCount,
-    Event,
-    Override,
     Progress,
     StateError,
-    Store,
     Suspension,
     open_store,
     state_directory,
 )
 from egressd.state.sqlite import UPGRADES
-
-
-def test_a_batch_survives_closing_and_reopening(tmp_path: Path) -> None:
-    store: Store = open_store(tmp_path)
-    store.write(
-        Batch(
-            progress=(
-                Progress("ip-1", "google", "standard", 3, "2026-11-30", "abuse desk", 5.0, "TSS04"),
-            ),
-            counts=(DayCount("ip-1", "google", "2026-11-30", sent=7, deferred=1, connected=4),),
-            events=(Event(5.0, "ip-1", "google", "held", 3, 3, "operator: abuse desk"),),
-            suspensions=(Suspension("ip-1@yahoo", 7200.0, "TSS04"),),
-            overrides=(Override("ip-1", "max_message_rate", '"10/h"', 7200.0, "rule"),),
-        )
-    )
-    store.write(Batch(counts=(DayCount("ip-1", "google", "2026-11-30", sent=3, rejected=2),)))
-    store.close()
-
-    again = open_store(tmp_path)
-    snapshot = again.load(since_day="2026-11-30", now=100.0)
-    assert snapshot.progress == (
-        Progress("ip-1", "google", "standard", 3, "2026-11-30", "abuse desk", 5.0, "TSS04"),
-    )
-    assert snapshot.counts == (DayCount("ip-1", "google", "2026-11-30", 10, 1, 2, 4),)
-    assert snapshot.suspensions == (Suspension("ip-1@yahoo", 7200.0, "TSS04"),)
-    assert [o.key for o in snapshot.overrides] == ["max_message_rate"]
-    assert again.history("ip-1") == [
-        Event(5.0, "ip-1", "google", "held", 3, 3, "operator: abuse desk")
-    ]
-    assert again.history("ip-2") == []
-
-
-def test_load_leaves_out_older_days_and_ended_suspensions(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
-    store.write(
-        Batch(
-            counts=(
-                DayCount("ip-1", "other", "2026-11-28", sent=1),
-                DayCount("ip-1", "other", "2026-11-29", sent=2),
-            ),
-            suspensions=(Suspension("a", 50.0, "x"), Suspension("b", 500.0, "y")),
-        )
-    )
-    store.write(Batch(lifted=("b",)))
-    snapshot = store.load(since_day="2026-11-29", now=100.0)
-    assert [c.day for c in snapshot.counts] == ["2026-11-29"]
-    assert snapshot.suspensions == ()
-
-
-def test_history_is_newest_first_and_limited(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
-    events = tuple(Event(float(i), "s", "p", "advanced", i, i + 1, "day") for i in range(5))
-    store.write(Batch(events=events))
-    assert [e.step_to for e in store.history(limit=2)] == [5, 4]
 
 
 def test_the_database_is_in_wal_mode(tmp_path: Path) -> None:

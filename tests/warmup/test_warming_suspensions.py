@@ -5,6 +5,7 @@ from __future__ import annotations
 from fake_clock import FakeClock
 from warmup_helpers import MemoryStore, engine
 
+from egressd.fleet.stores import ThreadedStore
 from egressd.shaping import Shaper, ShapingPolicy
 from egressd.shaping.files import load_shaping_data
 from egressd.warming import Warming, WarmupClock, scope_key, scope_of
@@ -19,7 +20,7 @@ async def test_suspensions_are_written_lifted_and_restored() -> None:
     store = MemoryStore()
     shaper = Shaper(policy(), clock)
     wall = WarmupClock()
-    warming = Warming(store, engine(clock), wall)
+    warming = Warming(ThreadedStore(store), engine(clock), wall)
     warming.attach_shaper(lambda: shaper)
     shaper.suspend(("ip-1", "provider", "yahoo"), 7200.0, "TSS04")
     await warming.flush()
@@ -28,7 +29,7 @@ async def test_suspensions_are_written_lifted_and_restored() -> None:
     assert 7190 < stored.until - wall() <= 7200
 
     restarted = Shaper(policy(), FakeClock(5.0))
-    again = Warming(MemoryStore(), engine(clock), wall, (stored,))
+    again = Warming(ThreadedStore(MemoryStore()), engine(clock), wall, (stored,))
     again.attach_shaper(lambda: restarted)
     [restored] = restarted.active()
     assert restored.scope == ("ip-1", "provider", "yahoo") and restored.reason == "TSS04"

@@ -9,7 +9,7 @@ from typing import Any
 from fake_clock import FakeClock
 
 from egressd.config import WarmupPlan, WarmupSettings
-from egressd.state import Batch, DayCount, Event, Progress, Snapshot, Store, Suspension
+from egressd.state import Batch, BlockingStore, DayCount, Event, Progress, Snapshot, Suspension
 from egressd.warmup import Warmup
 
 DAY = 86400.0
@@ -22,7 +22,8 @@ def at(text: str) -> float:
 
 @dataclass
 class MemoryStore:
-    """The Store interface in a few dictionaries: a second backend, as Redis will be."""
+    """The BlockingStore interface in a few dictionaries (Warming awaits it through
+    ThreadedStore, as it awaits the SQLite backend)."""
 
     progress: dict[tuple[str, str], Progress] = field(default_factory=dict)
     counts: dict[tuple[str, str, str], DayCount] = field(default_factory=dict)
@@ -67,7 +68,7 @@ class MemoryStore:
         pass
 
 
-def _typed(store: MemoryStore) -> Store:
+def _typed(store: MemoryStore) -> BlockingStore:
     return store  # mypy checks that MemoryStore implements the Protocol
 
 
