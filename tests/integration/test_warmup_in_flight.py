@@ -173,6 +173,6 @@ async def test_socks5_connections_count_against_the_quota_and_overflow(tmp_path:
             assert quota is not None and (quota.used, quota.in_flight) == (2, 0)
             assert daemon.warming is not None
             await daemon.warming.flush()
-            counts = daemon.warming.store.load("0000-00-00", 0.0).counts
+            counts = (await daemon.warming.store.load("0000-00-00", 0.0)).counts
             assert [(c.source, c.connected, c.sent) for c in counts] == [("cold", 2, 0)]
         nursery.cancel_scope.cancel()
