@@ -488,10 +488,16 @@ class SmtpTls:
     """The CA bundle for ``verify``, MTA-STS and its policy fetch (None: the system store)."""
     mta_sts: bool = setting(Flag(), True)
     """Apply recipient domains' MTA-STS policies (RFC 8461)."""
+    dane: bool = setting(Flag(), False)
+    """Apply DANE (RFC 7672) where ``[dns]``'s validating resolver says the MX and TLSA
+    records are DNSSEC-signed (the AD bit)."""
+    dane_probe: str = setting(Text(), ".")
+    """A DNSSEC-signed name whose DNSKEY ``check`` asks for, to see the resolver validate."""
     policy: Mapping[str, str] = setting(
-        MapOf(Choice(("none", "may", "encrypt", "verify"), fold=True), fold=True), factory=_empty
+        MapOf(Choice(("none", "may", "encrypt", "verify", "dane"), fold=True), fold=True),
+        factory=_empty,
     )
-    """``[smtp.tls.policy]``: domain -> none | may | encrypt | verify, over everything else."""
+    """``[smtp.tls.policy]``: domain -> none | may | encrypt | verify | dane, over the rest."""
 
     def check_keys(self, at: KeyAt) -> None:
         if (self.certificate is None) != (self.private_key is None):

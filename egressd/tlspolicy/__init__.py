@@ -2,10 +2,14 @@
 
 * :mod:`egressd.tlspolicy.mtasts`: MTA-STS (RFC 8461): the ``_mta-sts`` TXT record, the
   policy file, MX patterns, and the cache's decisions on an injected clock.
+* :mod:`egressd.tlspolicy.dane` and :mod:`egressd.tlspolicy.tlsa`: DANE (RFC 7672), what
+  DNSSEC says of each MX host, and TLSA matching.
 * :mod:`egressd.tlspolicy.choice`: which TLS policy a delivery gets (the configured
-  default, a per-destination override, MTA-STS), as one :class:`TlsPolicy`.
+  default, a per-destination override, MTA-STS, DANE per MX host), as one
+  :class:`TlsPolicy`.
 
-The lookups and the HTTPS fetch are in :mod:`egressd.net.mtasts`; the SMTP open path
+The look-ups and the HTTPS fetch are in :mod:`egressd.net.mtasts` and
+:mod:`egressd.net.dane`; the SMTP open path
 (:mod:`egressd.doors.smtp_remote`) applies the result.
 """
 

@@ -20,13 +20,23 @@ Every delivery to a recipient domain runs under one :class:`TlsPolicy`, named by
     and ``verify``'s TLS to them; otherwise the delivery fails with a 4xx naming the policy;
 ``mta-sts testing``
     the same checks, but a failure is logged and counted, and the mail goes on as
-    ``opportunistic`` would (section 5.2).
+    ``opportunistic`` would (section 5.2);
+``dane``
+    an MX host with DNSSEC-validated TLSA records (RFC 7672, :mod:`egressd.tlspolicy.dane`):
+    TLS or nothing, and the certificate must match a usable record; with no usable record,
+    TLS without authentication (:func:`dane_policy`).
 
 Precedence (:func:`with_mta_sts`): an ``[smtp.tls.policy]`` entry for the domain is the
 operator's word and wins, like Postfix's ``smtp_tls_policy_maps``; otherwise a domain's
 MTA-STS policy in ``enforce`` or ``testing`` mode applies over the configured default
 (``testing`` never weakens a configured ``verify``); a policy in ``none`` mode changes
 nothing.
+
+DANE (``[smtp.tls] dane = true``, or the override ``dane``; :func:`wants_dane`) is decided
+per MX host, after the rest: a host with validated TLSA records gets :func:`dane_policy`
+whatever the domain's policy is (RFC 8461 section 2: DANE over MTA-STS); the other hosts
+keep the domain's policy. The override ``dane`` is ``may`` for hosts without DANE, like
+Postfix's ``dane`` level; any other override turns DANE off for the domain.
 """
 
 from __future__ import annotations
@@ -34,7 +44,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from egressd.tlspolicy.dane import DaneHost
 from egressd.tlspolicy.mtasts import MtaStsPolicy, mx_matches
+from egressd.tlspolicy.tlsa import Tlsa
 
 __all__ = [
     "LABELS",
@@ -42,11 +54,15 @@ __all__ = [
     "TlsPolicy",
     "TlsTry",
     "configured_policy",
+    "dane_policy",
     "tries",
+    "wants_dane",
     "with_mta_sts",
 ]
 
-Label = Literal["none", "opportunistic", "encrypt", "verify", "mta-sts enforce", "mta-sts testing"]
+Label = Literal[
+    "none", "opportunistic", "encrypt", "verify", "mta-sts enforce", "mta-sts testing", "dane"
+]
 LABELS: tuple[Label, ...] = (
     "none",
     "opportunistic",
@@ -54,8 +70,9 @@ LABELS: tuple[Label, ...] = (
     "verify",
     "mta-sts enforce",
     "mta-sts testing",
+    "dane",
 )
-Override = Literal["none", "may", "encrypt", "verify"]
+Override = Literal["none", "may", "encrypt", "verify", "dane"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,8 @@ class TlsPolicy:
     """MTA-STS testing: check as ``verify`` would, report failures, deliver anyway."""
     origin: str = ""
     """What set the policy, for replies and logs (``MTA-STS policy of example.com ...``)."""
+    tlsa: tuple[Tlsa, ...] = ()
+    """DANE: the host's TLSA records (the certificate must match a usable one)."""
 
     def allows_mx(self, host: str) -> bool:
         """True when MX ``host`` may be used (MTA-STS's patterns, if any, allow it)."""
@@ -91,6 +110,7 @@ _BY_OVERRIDE: dict[str, TlsPolicy] = {
     "may": TlsPolicy("opportunistic"),
     "encrypt": TlsPolicy("encrypt", required=True),
     "verify": TlsPolicy("verify", required=True, verify=True),
+    "dane": TlsPolicy("opportunistic"),
 }
 
 
@@ -104,6 +124,18 @@ def configured_policy(mode: str, verify: bool, override: str | None = None) -> T
     if verify:
         return _BY_OVERRIDE["verify"]
     return _BY_OVERRIDE["encrypt" if mode == "required" else "may"]
+
+
+def wants_dane(dane: bool, override: str | None) -> bool:
+    """True when DANE is looked for: the override ``dane``, or ``[smtp.tls] dane`` and no
+    override for the domain."""
+    return override == "dane" or (override is None and dane)
+
+
+def dane_policy(host: DaneHost) -> TlsPolicy:
+    """The policy of a DANE host (``host.state == "dane"``): TLS required, and the
+    certificate checked against its TLSA records (none usable: not authenticated)."""
+    return TlsPolicy("dane", required=True, tlsa=host.tlsa, origin=host.describe())
 
 
 def with_mta_sts(
@@ -135,6 +167,9 @@ class TlsTry:
     verify: bool = False
     required: bool = False
     """No TLS on this try (not offered, refused, failed) makes the host fail."""
+    tlsa: tuple[Tlsa, ...] = ()
+    dane: bool = False
+    """DANE: the certificate must match ``tlsa`` (no usable record: any certificate)."""
 
 
 def tries(policy: TlsPolicy) -> tuple[TlsTry, ...]:
@@ -144,6 +179,8 @@ def tries(policy: TlsPolicy) -> tuple[TlsTry, ...]:
     ``opportunistic`` falls back to plaintext; ``mta-sts testing`` verifies first, then
     encrypts without verifying, then goes plaintext; the others have one try.
     """
+    if policy.label == "dane":
+        return (TlsTry(starttls=True, required=True, tlsa=policy.tlsa, dane=True),)
     if not policy.starttls:
         return (TlsTry(starttls=False),)
     if policy.testing:

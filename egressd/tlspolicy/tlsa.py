@@ -1,4 +1,5 @@
-"""DANE TLSA matching for SMTP (RFC 7672, RFC 6698), pure: not yet wired into the door.
+"""DANE TLSA matching for SMTP (RFC 7672, RFC 6698), pure (used by the SMTP door after the
+handshake with a DANE host, :mod:`egressd.tlspolicy.dane`).
 
 Theory of operation
 -------------------
