@@ -16,7 +16,11 @@ looks for what a mail operator finds out the hard way, without failing the check
   (the PTR's name must resolve back to the address; the EHLO name should be that name).
   Only when DNS answers: a timeout or an unreachable resolver skips the remaining names
   (one note says so) rather than hold up ``check``; each lookup waits at most
-  :data:`DNS_LIFETIME` seconds.
+  :data:`DNS_LIFETIME` seconds;
+* DANE on (``[smtp.tls] dane``, or an override ``dane``) with a resolver that does not
+  validate DNSSEC: DANE trusts the resolver's AD bit and would never apply. The resolver is
+  asked for the DNSKEY of ``[smtp.tls] dane_probe`` (the root by default: a name that is
+  signed) with the AD and DO bits, once, within :data:`DNS_LIFETIME` seconds.
 
 :func:`effective_settings` walks the loaded :class:`~egressd.config.Config` (frozen
 dataclasses) next to a default-built one, and prints each setting as ``key = value``, with
@@ -37,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import dns.exception
+import dns.flags
 import dns.nameserver
 import dns.resolver
 
@@ -78,6 +83,7 @@ def config_warnings(config: Config) -> list[str]:
         *shared_addresses(config),
         *socks5_going_direct(config),
         *ehlo_mismatches(config, ehlo_resolver(config.dns)),
+        *dane_resolver_warnings(config),
     ]
 
 
@@ -193,6 +199,38 @@ def ehlo_problem(resolver: dns.resolver.Resolver, name: str, address: IPAddress)
         return None
     shown = ", ".join(str(item) for item in found)
     return f"resolves to {shown}, not to {address}; the source's address needs FCrDNS"
+
+
+# --------------------------------------------------------------------------- DANE
+
+
+def dane_resolver_warnings(config: Config) -> Iterator[str]:
+    """A warning when DANE is on and ``[dns]``'s resolver does not validate DNSSEC."""
+    tls = config.smtp.tls
+    if not tls.dane and "dane" not in tls.policy.values():
+        return
+    resolver = blocking_resolver(config.dns, DNS_LIFETIME)
+    if resolver is None:
+        yield "smtp.tls.dane: no resolver configured ([dns] nameservers): DANE cannot apply"
+        return
+    resolver.flags = dns.flags.RD | dns.flags.AD
+    resolver.use_edns(0, dns.flags.DO, 1232)
+    probe = tls.dane_probe
+    try:
+        answer = resolver.resolve(probe, "DNSKEY", search=False)
+    except dns.exception.DNSException as exc:
+        yield (
+            f"smtp.tls.dane: cannot tell whether the resolver validates DNSSEC: the DNSKEY "
+            f"look-up of {probe} failed ({str(exc) or type(exc).__name__}); DANE applies "
+            "only to answers with the AD bit (set [smtp.tls] dane_probe to a signed name)"
+        )
+        return
+    if not answer.response.flags & dns.flags.AD:
+        yield (
+            f"smtp.tls.dane: the resolver does not validate DNSSEC (no AD bit on the DNSKEY "
+            f"of {probe}): DANE will never apply; use a validating resolver (unbound) on "
+            "this host in [dns] nameservers"
+        )
 
 
 # --------------------------------------------------------------------------- --effective

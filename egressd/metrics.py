@@ -31,8 +31,8 @@ metric                                                    labels
 ``egressd_shaping_active``                                source, provider, rule (suspend or
                                                           set KEY): active suspensions/overrides
 ``egressd_smtp_tls_total``                                policy (none/opportunistic/encrypt/verify/
-                                                          mta-sts enforce/mta-sts testing), outcome
-                                                          (verified/encrypted/plaintext/
+                                                          mta-sts enforce/mta-sts testing/dane),
+                                                          outcome (verified/encrypted/plaintext/
                                                           testing_failure/failed)
 ``egressd_reloads_total``                                 -
 ``egressd_reload_failures_total``                         -

@@ -47,7 +47,7 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 INSTALL_HINT = (
     "scripts/test installs it (apt-get install haproxy dante-server dnsmasq swaks socat curl"
-    " postfix iproute2 redis-server)"
+    " postfix iproute2 redis-server unbound nsd ldnsutils)"
 )
 DEFAULT_BANNER = b"220 sink.test ESMTP\r\n"
 _SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")

@@ -31,6 +31,13 @@ STARTTLS policy (RFC 3207, RFC 7435):
 With ``verify = true`` the certificate must chain to the system trust store and match the
 MX name (SNI is the MX name either way); a failure is never downgraded to plaintext.
 
+Per domain, :mod:`egressd.tlspolicy` picks the policy (``[smtp.tls.policy]``, MTA-STS,
+the default); with DANE on (``[smtp.tls] dane``, or the override ``dane``), each MX host
+with DNSSEC-validated TLSA records (:mod:`egressd.net.dane`) is delivered to under DANE
+instead: TLS required, the certificate checked against the TLSA records after the
+handshake (a mismatch fails that host, and the next MX is tried). A host whose TLSA
+look-up failed is not used at all.
+
 The sans-IO :class:`~egressd.proto.smtp_client.SmtpClient` does the protocol; this module
 only moves bytes. :class:`RemoteSession` has no deadlines of its own: :func:`converse`
 puts the ``[smtp.timeouts]`` entry that fits (each below Postfix's own client timeouts, so
@@ -70,6 +77,7 @@ from egressd.egress import (
 from egressd.egress.failures import timeout_kind
 from egressd.egress.quotas import ConnectionQuota
 from egressd.log import get_logger
+from egressd.net.dane import dane_hosts
 from egressd.net.dialer import Dialed, connect
 from egressd.net.egress import execute
 from egressd.net.mtasts import mta_sts_policy
@@ -91,6 +99,9 @@ from egressd.relay import replies
 from egressd.relay.events import NextHops, Remote, RemoteLost, RemoteReplied, RemoteTimedOut
 from egressd.runtime import Runtime
 from egressd.tlspolicy import TlsPolicy, TlsTry, configured_policy, tries, with_mta_sts
+from egressd.tlspolicy.choice import dane_policy, wants_dane
+from egressd.tlspolicy.dane import DaneHost
+from egressd.tlspolicy.tlsa import TlsaResult, match_tlsa
 
 __all__ = [
     "RemoteBroken",
@@ -147,6 +158,8 @@ class RemoteSession:
     #: The TLS policy applied (its label) and how it went, for the log line.
     tls_policy: str = "opportunistic"
     tls_result: str = ""
+    #: DANE: how the certificate fared against the TLSA records (None: no DANE).
+    dane_result: TlsaResult | None = None
     #: True while the last exchange was still writing (for the timeout's wording).
     sending: bool = False
     #: The shaper bound to this connection's destination, holding its lease (or None).
@@ -303,6 +316,10 @@ class _Opening:
     policy: TlsPolicy | None = None
     #: MTA-STS testing: what would have failed under enforce (logged, delivered anyway).
     policy_failures: list[str] = field(default_factory=list)
+    #: DANE: what DNSSEC says of each MX host (None: DANE is off or does not apply).
+    dane: dict[str, DaneHost] | None = None
+    #: The label of the policy of the last host tried (DANE is per host), for the metric.
+    tried_label: str | None = None
 
     @property
     def config(self) -> Config:
@@ -334,6 +351,7 @@ class _Opening:
         self.failures = []
         next_hop = await self.next_hop(step.version)
         policy = await self.tls_policy(next_hop)
+        await self.dane_states(next_hop)
         denied = denied_addresses(next_hop, self.config)
         destinations = [
             Destination(address, host.port, host.name)
@@ -352,7 +370,7 @@ class _Opening:
             tls = self.config.smtp.tls
             override = tls.policy.get(self.domain.lower().rstrip("."))
             policy = configured_policy(tls.mode, tls.verify, override)
-            if tls.mta_sts and override is None and next_hop.kind in ("mx", "implicit"):
+            if tls.mta_sts and override is None and _from_dns(next_hop):
                 lookup = await mta_sts_policy(self.domain, self.config)
                 if lookup.policy is None and "failed" in lookup.note:
                     _log.warning("mta-sts", extra=_fields(domain=self.domain, note=lookup.note))
@@ -360,18 +378,53 @@ class _Opening:
             self.policy = policy
         return self.policy
 
+    async def dane_states(self, next_hop: NextHop) -> None:
+        """What DNSSEC says of each MX host (once per opening), when DANE is wanted."""
+        tls = self.config.smtp.tls
+        override = tls.policy.get(self.domain.lower().rstrip("."))
+        if self.dane is None and wants_dane(tls.dane, override) and _from_dns(next_hop):
+            self.dane = await dane_hosts(next_hop, self.config)
+
+    def host_policy(self, host: str) -> TlsPolicy:
+        """The policy of one MX host: DANE's for a DANE host, else the domain's."""
+        assert self.policy is not None
+        state = (self.dane or {}).get(host)
+        if state is not None and state.state == "dane":
+            return dane_policy(state)
+        return self.policy
+
     def _allowed_hosts(self, next_hop: NextHop, policy: TlsPolicy) -> list[MxHost]:
-        """The hosts MTA-STS allows; under testing, every host (the others noted)."""
-        allowed = [host for host in next_hop.hosts if policy.allows_mx(host.name)]
-        if len(allowed) == len(next_hop.hosts):
-            return list(next_hop.hosts)
-        names = [host.name for host in next_hop.hosts if host not in allowed]
+        """The hosts MTA-STS allows (and DANE hosts: DANE wins); under testing, every
+        host (the others noted). Hosts whose DANE look-up failed are left out, noted."""
+        hosts = self._dane_usable_hosts(next_hop)
+        allowed = [h for h in hosts if policy.allows_mx(h.name) or self._is_dane_host(h.name)]
+        if len(allowed) == len(hosts):
+            return hosts
+        names = [host.name for host in hosts if host not in allowed]
         if policy.testing:
             self.policy_failures.append(f"MX {', '.join(names)} not in the policy")
-            return list(next_hop.hosts)
+            return hosts
         if not allowed:
             raise RemoteError(replies.mta_sts_no_mx(self.domain, policy.origin, names))
         return allowed
+
+    def _is_dane_host(self, host: str) -> bool:
+        state = (self.dane or {}).get(host)
+        return state is not None and state.state == "dane"
+
+    def _dane_usable_hosts(self, next_hop: NextHop) -> list[MxHost]:
+        """The hosts whose DANE look-ups did not fail (RFC 7672 section 2.2: such a host
+        is skipped, never used without DANE); the others are noted for the 4xx."""
+        failed = [s for s in (self.dane or {}).values() if s.state == "failed"]
+        if not failed:
+            return list(next_hop.hosts)
+        self.tried_label = "dane"
+        self.failures.extend(f"{s.host}: DANE: {s.why}" for s in failed)
+        names = {s.host for s in failed}
+        hosts = [host for host in next_hop.hosts if host.name not in names]
+        if not hosts:
+            raise RemoteError(replies.temporary("4.4.3", "; ".join(self.failures)))
+        return hosts
 
     async def attempt(self, attempt: Attempt, progress: Progress) -> RemoteSession:
         """The plan's per-address step: connect, greet, EHLO, STARTTLS per policy.
@@ -381,7 +434,9 @@ class _Opening:
         """
         source = attempt.source
         next_hop = await self.next_hop(source.egress_version)
-        policy = await self.tls_policy(next_hop)
+        await self.tls_policy(next_hop)
+        policy = self.host_policy(attempt.destination.name or "")
+        self.tried_label = policy.label
         ehlo_name = source.ehlo_domain or self.hostname
         tls_failures: list[str] = []
         for tried in tries(policy):
@@ -413,8 +468,10 @@ class _Opening:
         """How the policy fared: ``verified``, ``encrypted``, ``plaintext``; under MTA-STS
         testing, what would have failed (logged as a warning, counted)."""
         result = "plaintext"
-        if session.tls_version is not None:
-            result = "verified" if tried.verify else "encrypted"
+        if session.dane_result == "unusable":
+            result = "encrypted; no usable TLSA record"
+        elif session.tls_version is not None:
+            result = "verified" if tried.verify or session.dane_result == "match" else "encrypted"
         if not policy.testing:
             return result
         problems = list(self.policy_failures) + tls_failures
@@ -488,8 +545,9 @@ class _Opening:
 
     def count_failure(self) -> None:
         """A remote that could not be opened under a TLS policy (once one was chosen)."""
-        if self.policy is not None:
-            self.runtime.smtp_tls(self.policy.label, "failed")
+        label = self.tried_label or (self.policy.label if self.policy is not None else None)
+        if label is not None:
+            self.runtime.smtp_tls(label, "failed")
 
     def failed(self, failure: EgressFailure) -> Reply:
         """The MTA's reply when the plan gave up with ``failure``."""
@@ -585,7 +643,20 @@ async def _greet(attempt: _Greeting, session: RemoteSession) -> None:
             raise session.failure("4.7.10", f"refused STARTTLS: {_first_line(reply)}")
         return
     await _handshake(session, client_context(tls.verify, attempt.ca_file if tls.verify else None))
+    if tls.dane:
+        _check_dane(session, tls)
     await _hello(attempt, session)
+
+
+def _check_dane(session: RemoteSession, tls: TlsTry) -> None:
+    """DANE: the peer's certificate against the TLSA records (RFC 7672 section 3.1: no
+    name check for DANE-EE). Python's ``ssl`` gives the leaf only, so DANE-TA records
+    count as unusable. Raises :class:`_TlsFailed` on a mismatch."""
+    assert isinstance(session.stream, trio.SSLStream)
+    leaf = session.stream.getpeercert(binary_form=True) or b""
+    session.dane_result = match_tlsa(tls.tlsa, leaf)
+    if session.dane_result == "mismatch":
+        raise _TlsFailed("the certificate matches none of the DANE TLSA records")
 
 
 async def _hello(attempt: _Greeting, session: RemoteSession) -> None:
@@ -617,6 +688,11 @@ async def _handshake(session: RemoteSession, context: ssl.SSLContext) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _from_dns(next_hop: NextHop) -> bool:
+    """MTA-STS and DANE apply to next hops from the domain's MX records, not to routes."""
+    return next_hop.kind in ("mx", "implicit")
 
 
 def _outcome(tls_result: str) -> str:

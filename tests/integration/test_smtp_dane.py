@@ -1,0 +1,393 @@
+"""DANE on the SMTP door end to end (RFC 7672), on loopback, with a real validating resolver.
+
+One module-wide DNS (see ``dnssec_harness``): the zone ``dane.test`` is signed and its DS is
+unbound's trust anchor; ``plain.test`` is not signed. The MX hosts resolve to two random
+127/8 addresses where each test starts aiosmtpd sinks with STARTTLS (certificates from a
+trustme CA); the TLSA records name the SPKI of the "good" certificate or of a stranger's.
+egressd's source has ``remote_port`` set to the test's sink port; the TLSA names stay
+``_25._tcp.<mx>``. Each test uses its own domains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trustme
+from daemon_helpers import port_of, running_daemon
+from dnssec_harness import SignedDns, Zone, forwarding_dnsmasq, signed_dns
+from harness import free_port
+from service_harness import sample, scrape
+from smtp_harness import SmtpSink, server_tls_context, smtp_sink
+
+from egressd.checks import dane_resolver_warnings
+from egressd.config import load_config
+from egressd.doors.smtp import SmtpDoor
+from egressd.tlspolicy.tlsa import selected
+
+pytestmark = pytest.mark.integration
+
+BODY = b"From: a@sender.test\r\nSubject: dane\r\n\r\nbody\r\n"
+
+
+def _random_loopback() -> str:
+    return f"127.{random.randint(100, 250)}.{random.randint(1, 250)}.{random.randint(2, 250)}"
+
+
+HOST_A = _random_loopback()
+HOST_B = _random_loopback()
+POLICY_HOST = _random_loopback()
+
+
+def der(pem: bytes) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem.decode())
+
+
+def tlsa_3_1_1(cert: trustme.LeafCert) -> str:
+    leaf = der(cert.cert_chain_pems[0].bytes())
+    return f"3 1 1 {hashlib.sha256(selected(leaf, 1)).hexdigest()}"
+
+
+class World:
+    """The module's CA, certificates and DNS."""
+
+    def __init__(self, directory: Path) -> None:
+        self.ca = trustme.CA()
+        names = ["*.dane.test", "*.plain.test", "mx.ok.dane.test"]
+        self.good = self.ca.issue_cert(*names)
+        self.stranger = trustme.CA().issue_cert(*names)
+        self.directory = directory
+        self.dns: SignedDns | None = None
+
+    def zones(self) -> list[Zone]:
+        good, bad = tlsa_3_1_1(self.good), tlsa_3_1_1(self.stranger)
+        signed = [
+            *_mx_host("ok", "mx", HOST_A, f"TLSA {good}"),
+            *_mx_host("bad", "mx", HOST_A, f"TLSA {bad}"),
+            *_mx_host("two", "mx1", HOST_B, f"TLSA {bad}", preference=10),
+            *_mx_host("two", "mx2", HOST_A, f"TLSA {good}", preference=20),
+            *_mx_host("pkix", "mx", HOST_A, f"TLSA 1 1 1 {'00' * 32}"),
+            *_mx_host("notls", "mx", HOST_A, f"TLSA {good}"),
+            *_mx_host("none", "mx", HOST_A, None),
+            *_mx_host("sts", "mx", HOST_A, f"TLSA {bad}"),  # the stranger's
+            '_mta-sts.sts IN TXT "v=STSv1; id=1;"',
+            f"mta-sts.sts IN A {POLICY_HOST}",
+        ]
+        unsigned = _mx_host("", "mx", HOST_A, f"TLSA {bad}")
+        return [Zone("dane.test", signed), Zone("plain.test", unsigned, signed=False)]
+
+
+def _mx_host(
+    domain: str, host: str, address: str, tlsa: str | None, preference: int = 10
+) -> list[str]:
+    """Zone lines: ``domain`` (relative; "" is the apex) has MX ``host.domain`` at
+    ``address``, with TLSA ``tlsa`` at ``_25._tcp.host.domain``."""
+    owner = domain or "@"
+    name = f"{host}.{domain}" if domain else host
+    lines = [f"{owner} IN MX {preference} {name}", f"{name} IN A {address}"]
+    if tlsa is not None:
+        lines.append(f"_25._tcp.{name} IN {tlsa}")
+    return lines
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """The CA, the certificates and the signed DNS, started once for the module."""
+    world = World(tmp_path_factory.mktemp("dnssec"))
+    with signed_dns(world.zones(), world.directory) as dns:
+        world.dns = dns
+        yield world
+
+
+@pytest.fixture
+def resolver(world: World) -> str:
+    assert world.dns is not None
+    return world.dns.validating
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port("127.0.0.1")
+
+
+def config(nameserver: str, remote_port: int, extra: str = "", tls: str = "dane = true") -> str:
+    return f"""
+hostname = "relay.test"
+[access]
+deny_destinations = []
+[dns]
+nameservers = ["{nameserver}"]
+timeout = "2s"
+[dial]
+timeout = "3s"
+[[smtp.listener]]
+address = "127.0.0.1:0"
+pool = "main"
+[smtp.tls]
+{tls}
+[source."a"]
+source_address = "127.0.0.3"
+ehlo_domain = "out-a.test"
+remote_port = {remote_port}
+[pool."main"."a"]
+{extra}"""
+
+
+@asynccontextmanager
+async def egressd(tmp_path: Path, text: str) -> AsyncIterator[int]:
+    async with running_daemon(text, tmp_path, doors={"smtp": SmtpDoor()}) as daemon:
+        yield port_of(daemon, "smtp")
+
+
+@contextmanager
+def tls_sink(host: str, port: int, cert: Any | None) -> Iterator[SmtpSink]:
+    context = server_tls_context(cert) if cert is not None else None
+    with smtp_sink(host, port, tls_context=context) as sink:
+        yield sink
+
+
+async def send(relay_port: int, rcpt: str) -> str:
+    """One message to ``rcpt`` through egressd: the first reply that is not a success,
+    else the final one."""
+    stream = await trio.open_tcp_stream("127.0.0.1", relay_port)
+    async with stream:
+        buffer = b""
+
+        async def reply() -> str:
+            nonlocal buffer
+            with trio.fail_after(15):
+                while True:
+                    while b"\r\n" not in buffer:
+                        buffer += await stream.receive_some(65536)
+                    line, _, buffer = buffer.partition(b"\r\n")
+                    if line[3:4] != b"-":
+                        return line.decode()
+
+        await reply()
+        for command in ("EHLO mta.test", "MAIL FROM:<a@sender.test>", f"RCPT TO:<{rcpt}>", "DATA"):
+            await stream.send_all(command.encode() + b"\r\n")
+            answer = await reply()
+            if not answer.startswith(("2", "3")):
+                return answer
+        await stream.send_all(BODY + b".\r\n")
+        return await reply()
+
+
+def logs(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [
+        dict(getattr(r, "fields", {}))
+        for r in caplog.records
+        if r.name == "egressd.smtp" and r.getMessage() == "transaction"
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="egressd")
+
+
+# --------------------------------------------------------------------------- DANE-EE
+
+
+async def test_a_matching_dane_ee_record_delivers_and_is_logged_as_dane(
+    tmp_path: Path, world: World, resolver: str, port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics_port = free_port()
+    extra = f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
+    with tls_sink(HOST_A, port, world.good) as sink:
+        async with egressd(tmp_path, config(resolver, port, extra)) as relay:
+            reply = await send(relay, "rcpt@ok.dane.test")
+            exposition = await scrape(metrics_port)
+        [message] = await sink.wait(1)
+    assert reply.startswith("250 ")
+    assert message.tls_version in ("TLSv1.2", "TLSv1.3")
+    [line] = logs(caplog)
+    assert (line["tls_policy"], line["tls_result"]) == ("dane", "verified")
+    assert sample(exposition, "egressd_smtp_tls_total", policy="dane", outcome="verified") == 1
+
+
+async def test_a_mismatching_record_is_a_4xx_naming_the_mx_and_nothing_is_delivered(
+    tmp_path: Path, world: World, resolver: str, port: int
+) -> None:
+    metrics_port = free_port()
+    extra = f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
+    with tls_sink(HOST_A, port, world.good) as sink:
+        async with egressd(tmp_path, config(resolver, port, extra)) as relay:
+            reply = await send(relay, "rcpt@bad.dane.test")
+            exposition = await scrape(metrics_port)
+        assert sink.messages == []
+    assert reply.startswith("451 4.4.1 "), reply
+    assert f"mx.bad.dane.test[{HOST_A}]:{port}" in reply
+    assert "the certificate matches none of the DANE TLSA records" in reply
+    assert "DANE TLSA records of _25._tcp.mx.bad.dane.test (3 1 1 " in reply
+    assert sample(exposition, "egressd_smtp_tls_total", policy="dane", outcome="failed") == 1
+
+
+async def test_a_mismatching_mx_is_passed_over_for_the_next_one(
+    tmp_path: Path, world: World, resolver: str, port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mx1 (preference 10) fails its TLSA records; mx2 (20) matches and gets the mail."""
+    with tls_sink(HOST_B, port, world.good) as first, tls_sink(HOST_A, port, world.good) as second:
+        async with egressd(tmp_path, config(resolver, port)) as relay:
+            reply = await send(relay, "rcpt@two.dane.test")
+        await second.wait(1)
+        assert first.messages == []
+    assert reply.startswith("250 ")
+    assert logs(caplog)[0]["mx"] == "mx2.two.dane.test"
+
+
+async def test_unusable_records_still_require_tls_without_authentication(
+    tmp_path: Path, world: World, resolver: str, port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PKIX-EE(1) is unusable for SMTP (RFC 7672 section 3.1.3): any certificate, but TLS;
+    a host without STARTTLS under valid TLSA records gets nothing (no plaintext)."""
+    with tls_sink(HOST_A, port, world.stranger) as sink:
+        async with egressd(tmp_path, config(resolver, port)) as relay:
+            reply = await send(relay, "rcpt@pkix.dane.test")
+        await sink.wait(1)
+    assert reply.startswith("250 ")
+    [line] = logs(caplog)
+    assert (line["tls_policy"], line["tls_result"]) == ("dane", "encrypted; no usable TLSA record")
+    with tls_sink(HOST_A, port, None) as plain:
+        async with egressd(tmp_path, config(resolver, port)) as relay:
+            refused = await send(relay, "rcpt@notls.dane.test")
+        assert plain.messages == []
+    assert refused.startswith("451 ") and "does not offer STARTTLS" in refused
+    assert "mx.notls.dane.test" in refused
+
+
+# --------------------------------------------------------------------------- no DANE
+
+
+async def test_no_dane_without_tlsa_records_or_in_an_unsigned_zone(
+    tmp_path: Path, world: World, resolver: str, port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """plain.test is not signed: its (mismatching) TLSA record is ignored; none.dane.test
+    is signed but has no TLSA record. Both go out as the default policy says."""
+    with tls_sink(HOST_A, port, world.good) as sink:
+        async with egressd(tmp_path, config(resolver, port)) as relay:
+            unsigned = await send(relay, "rcpt@plain.test")
+            no_tlsa = await send(relay, "rcpt@none.dane.test")
+        await sink.wait(2)
+    assert unsigned.startswith("250 ") and no_tlsa.startswith("250 ")
+    assert [line["tls_policy"] for line in logs(caplog)] == ["opportunistic", "opportunistic"]
+
+
+async def test_dane_is_off_unless_asked_for_and_an_override_asks_per_domain(
+    tmp_path: Path, world: World, resolver: str, port: int
+) -> None:
+    with tls_sink(HOST_A, port, world.good) as sink:
+        async with egressd(tmp_path, config(resolver, port, tls="")) as relay:
+            assert (await send(relay, "rcpt@bad.dane.test")).startswith("250 ")
+        overrides = '[smtp.tls.policy]\n"bad.dane.test" = "dane"\n'
+        async with egressd(tmp_path, config(resolver, port, tls="", extra=overrides)) as relay:
+            assert (await send(relay, "rcpt@bad.dane.test")).startswith("451 ")
+        assert len(sink.messages) == 1
+
+
+async def test_a_resolver_that_does_not_validate_means_no_dane(
+    tmp_path: Path, world: World, resolver: str, port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through dnsmasq (no AD bit), the mismatching TLSA record is not trusted."""
+    with forwarding_dnsmasq(resolver) as plain, tls_sink(HOST_A, port, world.good) as sink:
+        async with egressd(tmp_path, config(plain, port)) as relay:
+            reply = await send(relay, "rcpt@bad.dane.test")
+        await sink.wait(1)
+    assert reply.startswith("250 ")
+    assert logs(caplog)[0]["tls_policy"] == "opportunistic"
+
+
+# --------------------------------------------------------------------------- MTA-STS
+
+
+async def serve_policy(stream: trio.SSLStream[trio.SocketStream], body: bytes) -> None:
+    with trio.move_on_after(5):
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            request += chunk
+        head = (
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        await stream.send_all(head.encode() + body)
+        await stream.aclose()
+
+
+async def test_dane_takes_precedence_over_an_mta_sts_policy(
+    tmp_path: Path, world: World, resolver: str, port: int, nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """sts.dane.test's MTA-STS policy (enforce) names another MX, and its MX's certificate
+    is not from the CA egressd trusts; its TLSA records match that certificate: DANE
+    applies and the mail goes (RFC 8461 section 2). Without DANE, MTA-STS refuses."""
+    body = b"version: STSv1\r\nmode: enforce\r\nmx: mx.elsewhere.test\r\nmax_age: 86400\r\n"
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    world.ca.issue_cert("mta-sts.sts.dane.test").configure_cert(context)
+    listeners = await trio.open_ssl_over_tcp_listeners(443, context, host=POLICY_HOST)
+    handler = partial(serve_policy, body=body)
+    nursery.start_soon(partial(trio.serve_listeners, handler, listeners))
+    ca_file = tmp_path / "ca.pem"
+    world.ca.cert_pem.write_to_path(str(ca_file))
+    tls = f'dane = true\nca_file = "{ca_file}"'
+    with tls_sink(HOST_A, port, world.stranger) as sink:
+        async with egressd(tmp_path, config(resolver, port, tls=tls)) as relay:
+            delivered = await send(relay, "rcpt@sts.dane.test")
+        await sink.wait(1)
+        tls = f'ca_file = "{ca_file}"'
+        async with egressd(tmp_path, config(resolver, port, tls=tls)) as relay:
+            refused = await send(relay, "rcpt@sts.dane.test")
+    assert delivered.startswith("250 ")
+    assert logs(caplog)[0]["tls_policy"] == "dane"
+    assert refused.startswith("451 4.7.5 ") and "MTA-STS policy of sts.dane.test" in refused
+
+
+# --------------------------------------------------------------------------- check
+
+
+def check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "egressd.toml"
+    path.write_text(text)
+    return subprocess.run(
+        [sys.executable, "-m", "egressd", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def warnings(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "egressd.toml"
+    path.write_text(text)
+    return list(dane_resolver_warnings(load_config(path)))
+
+
+def test_check_warns_when_dane_is_on_and_the_resolver_does_not_validate(
+    tmp_path: Path, resolver: str
+) -> None:
+    probe = 'dane = true\ndane_probe = "dane.test"'
+    with forwarding_dnsmasq(resolver) as plain:
+        warned = check(tmp_path, config(plain, 25, tls=probe))
+    assert warned.returncode == 0, warned.stderr
+    assert "egressd: warning: smtp.tls.dane: the resolver does not validate DNSSEC" in (
+        warned.stderr
+    )
+    assert "no AD bit on the DNSKEY of dane.test" in warned.stderr
+    assert warnings(tmp_path, config(resolver, 25, tls=probe)) == []
+    override = '[smtp.tls.policy]\n"x.test" = "dane"\n'
+    [unsigned] = warnings(tmp_path, config(resolver, 25, override, tls=""))
+    assert "the DNSKEY look-up of . failed" in unsigned  # the root is not served here
+    assert warnings(tmp_path, config("127.0.0.1:9", 25, tls="")) == []
