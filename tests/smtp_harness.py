@@ -504,7 +504,9 @@ class Postfix:
 
 
 @contextlib.contextmanager
-def postfix(relay_port: int, extra_main_cf: str = "") -> Iterator[Postfix]:
+def postfix(
+    relay_port: int, extra_main_cf: str = "", extra_master_cf: str = ""
+) -> Iterator[Postfix]:
     """Postfix 3.x from a private config directory, relaying to 127.0.0.1:``relay_port``.
 
     The directory is made under the system's temporary directory and opened to the postfix
@@ -524,7 +526,7 @@ def postfix(relay_port: int, extra_main_cf: str = "") -> Iterator[Postfix]:
         (directory / "main.cf").write_text(
             POSTFIX_MAIN_CF.format(dir=directory, relay_port=relay_port, extra=extra_main_cf)
         )
-        (directory / "master.cf").write_text(POSTFIX_MASTER_CF)
+        (directory / "master.cf").write_text(POSTFIX_MASTER_CF + extra_master_cf)
         instance = Postfix(directory)
 
         def started() -> bool:

@@ -133,28 +133,9 @@ class Relay:
         data = b"".join([remote.client.send(c) for c in command.commands])
         seconds = _deadline(remote.timeouts, command)
         event = await converse(remote, data, command.replies_owed, seconds)
-        if isinstance(event, RemoteReplied) and remote.shaping is not None:
-            self.shape(remote, event)
+        if isinstance(event, RemoteReplied):
+            remote.hear(event.replies)  # the shaping reply rules
         return event
-
-    def shape(self, remote: RemoteSession, event: RemoteReplied) -> None:
-        """The shaping reply rules hear every reply of the remote (a ``Suspend`` moves
-        the pool's next connections to that destination to its other sources)."""
-        assert remote.shaping is not None
-        for reply in event.replies:
-            for effect in remote.shaping.replied(reply.code, reply.lines):
-                log.warning(
-                    "shaping rule applied",
-                    extra={
-                        "fields": {
-                            "source": remote.source.name,
-                            "scope": f"{effect.scope[1]} {effect.scope[2]}",
-                            "effect": type(effect).__name__.lower(),
-                            "reason": effect.reason,
-                        }
-                    },
-                )
-                self.runtime.shaping_rule_fired(remote.source.name, remote.provider, effect.reason)
 
     async def close_remote(self, *, polite: bool) -> None:
         remote, self.remote = self.remote, None

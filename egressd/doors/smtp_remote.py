@@ -13,7 +13,9 @@ executor (:func:`egressd.net.egress.execute`), supplying the two SMTP parts:
 * the per-address step: connect from the source (within ``[dial] timeout``), read the
   banner, send ``EHLO <the source's ehlo_domain>`` (egressd's hostname when the source has
   none), STARTTLS as ``[smtp.tls]`` says, and EHLO again. A failure there is the
-  destination's (kind ``rejected``), so the plan tries the next address.
+  destination's (kind ``rejected``), so the plan tries the next address. Every reply, from
+  the banner on, goes to the shaping reply rules (:meth:`RemoteSession.hear`); one that
+  suspends the source there makes the plan move to the pool's next source instead.
 
 STARTTLS policy (RFC 3207, RFC 7435):
 
@@ -55,6 +57,7 @@ import errno
 import ipaddress
 import os
 import ssl
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
@@ -168,6 +171,8 @@ class RemoteSession:
     provider: str = "other"
     #: The warm-up quota per message (:mod:`egressd.egress.quotas`), before the shaping lease.
     quota: ConnectionQuota | None = None
+    #: Who hears a fired reply rule (the warm-up); None: nobody but the log.
+    runtime: Runtime | None = None
     _exit: AsyncExitStack = field(default_factory=AsyncExitStack)
 
     @property
@@ -213,6 +218,27 @@ class RemoteSession:
             extensions=dict(self.client.extensions),
             budget=self.quota or (self.shaping.lease if self.shaping is not None else None),
         )
+
+    def hear(self, got: Sequence[Reply]) -> None:
+        """The shaping reply rules hear the remote's replies, from the banner on (a
+        ``Suspend`` moves the pool's next connections to that destination to its other
+        sources); each rule that fires is logged and told to the warm-up."""
+        if self.shaping is None:
+            return
+        for reply in got:
+            for effect in self.shaping.replied(reply.code, reply.lines):
+                _log.warning(
+                    "shaping rule applied",
+                    extra=_fields(
+                        source=self.source.name,
+                        scope=f"{effect.scope[1]} {effect.scope[2]}",
+                        effect=type(effect).__name__.lower(),
+                        reason=effect.reason,
+                        reply=_first_line(reply),
+                    ),
+                )
+                if self.runtime is not None:
+                    self.runtime.shaping_rule_fired(self.source.name, self.provider, effect.reason)
 
     def failure(self, enhanced: str, what: str) -> RemoteError:
         reply = replies.remote_failure(self.describe(), what, enhanced)
@@ -285,6 +311,7 @@ async def _command(
     data = b"" if command is None else session.client.send(command)
     outcome = await converse(session, data, 1, seconds)
     if isinstance(outcome, RemoteReplied):
+        session.hear(outcome.replies)  # a [TSS04] banner or EHLO reply fires rules too
         return outcome.replies[0]
     raise session.failure("4.4.2", replies.remote_failure_detail(what, outcome))
 
@@ -313,6 +340,9 @@ class _Opening:
     hostname: str
     failures: list[str] = field(default_factory=list)
     source: Source | None = None
+    #: The shaping budgets of the plan (its lease is the attempt's source's) and provider.
+    shaped: ShapedDestination | None = None
+    provider: str = "other"
     policy: TlsPolicy | None = None
     #: MTA-STS testing: what would have failed under enforce (logged, delivered anyway).
     policy_failures: list[str] = field(default_factory=list)
@@ -343,7 +373,9 @@ class _Opening:
             return None
         next_hop = await self.next_hop(None)
         mx = [(host.preference, host.name) for host in next_hop.hosts]
-        return smtp_budget(self.runtime.shaper, self.domain, mx)
+        self.shaped = smtp_budget(self.runtime.shaper, self.domain, mx)
+        self.provider = "other" if self.shaped is None else self.shaped.provider()
+        return self.shaped
 
     async def resolve(self, step: Resolve) -> list[Destination]:
         """The plan's Resolve: the next hop's addresses, in order, without denied ones."""
@@ -513,6 +545,9 @@ class _Opening:
             next_hop=next_hop,
             timeouts=self.config.smtp.timeouts,
             stream=dialed.stream,
+            shaping=self.shaped,
+            provider=self.provider,
+            runtime=self.runtime,
             _exit=stack,
         )
         if dialed.initial_data:
@@ -585,7 +620,7 @@ async def open_remote(
     """
     opening = _Opening(egress, runtime, pool, domain, next_hops, hostname)
     budget = await opening.budget()
-    provider = "other" if budget is None else budget.provider()
+    provider = opening.provider
     plan = Plan(egress, pool=pool, budget=budget, provider=provider)
     try:
         session = await execute(plan, opening.attempt, opening.resolve)
@@ -596,8 +631,6 @@ async def open_remote(
         opening.count_failure()
         raise
     session._exit.callback(plan.release_budget)  # the shaping lease lives as long
-    session.shaping = plan.budget if isinstance(plan.budget, ShapedDestination) else None
-    session.provider = provider
     lease = session.shaping.lease if session.shaping is not None else None
     session.quota = ConnectionQuota(
         egress.quotas, session.source.name, provider, plan.take_quota(), lease

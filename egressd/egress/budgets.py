@@ -11,6 +11,10 @@ round-robin shares stay exact among the eligible sources; the plan then
 when it moves to another source or gives up, and otherwise leaves it to the caller, who
 :meth:`~DestinationBudget.release` s it when the connection ends, however it ends.
 
+A reply rule that suspends the source while the plan's per-address step runs (the
+banner or EHLO reply of the SMTP door's remote matched it) makes the plan move to the
+pool's next source instead of the next address (:meth:`~DestinationBudget.suspended`).
+
 When no source of the pool is eligible for this reason, the failure is ``BUDGET`` and its
 detail, from :meth:`~DestinationBudget.exhausted`, names the budget. Pure: no trio.
 """
@@ -27,6 +31,10 @@ class DestinationBudget(Protocol):
 
     def refusal(self, source: str) -> str | None:
         """Why ``source`` may not open a connection to the destination now, or None."""
+
+    def suspended(self, source: str) -> str | None:
+        """Why ``source`` is suspended there now (a reply rule fired, maybe on the reply
+        to this very connection's banner or EHLO), or None."""
 
     def take(self, source: str) -> str | None:
         """Take ``source``'s connection lease (and rate cells); the refusal when it cannot.

@@ -20,7 +20,9 @@ One retry policy, by whose fault a failure is (:func:`~egressd.egress.failures.b
 
 * the destination's (refused, unreachable, silent, rejected): the next address of the
   same source, in the resolver's (or the next hop's) order; when none is left, give up.
-  Another source would meet the same destination.
+  Another source would meet the same destination, unless the failure made a shaping
+  reply rule suspend this source there (a ``421 4.7.0 [TSS04]`` banner): then a pool
+  moves on to its next source, once, and an exact source gives up.
 * the source's (unplumbed address, proxy down, refusing or silent): nothing reached the
   destination, so a pool moves on to its next source, once (:data:`MAX_SOURCES`); an exact
   source (KumoMTA's BIND, a PROXY header) gives up.
@@ -259,7 +261,11 @@ class Plan:
         party = failure.party
         self._account(failure, party)
         if party is Party.DESTINATION and self._queue is not None:
-            return  # the next address, if any
+            if self._suspended_there() is None:
+                return  # the next address, if any
+            if self._may_retry():  # a reply rule suspended the source there
+                self._current = None
+                return
         if party is Party.SOURCE and self._may_retry():
             self._current = None  # the pool's next source
             return
@@ -334,6 +340,13 @@ class Plan:
         if self.quota is not None:
             self.quota.release()
         self.quota = QuotaHold.take(self.egress.quotas, source.name, self.provider)
+
+    def _suspended_there(self) -> str | None:
+        """Why the current source is now suspended towards the destination (a reply rule
+        fired on this attempt's greeting), or None."""
+        if self.budget is None or self._current is None:
+            return None
+        return self.budget.suspended(self._current.name)
 
     def _may_retry(self) -> bool:
         return self.source is None and len(self.tried) < MAX_SOURCES

@@ -150,6 +150,11 @@ class ShapedDestination:
         self.refusals[source] = refusal
         return refusal.reason
 
+    def suspended(self, source: str) -> str | None:
+        """Why ``source`` is suspended there now (a reply rule fired), or None."""
+        refusal = self.shaper.suspension(source, self.destination)
+        return None if refusal is None else refusal.reason
+
     def take(self, source: str) -> str | None:
         self.release()
         taken = self.shaper.open(source, self.destination)

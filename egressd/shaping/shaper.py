@@ -199,6 +199,10 @@ class Shaper:
         limits = self.limits(source, destination)
         return self._connect_refusal(limits, destination, holding)
 
+    def suspension(self, source: str, destination: Destination) -> Refusal | None:
+        """The refusal of an active suspension of ``source`` there, or None."""
+        return self._suspension_refusal(source, destination)
+
     def check_send(
         self, source: str, destination: Destination, holding: Holding | None = None
     ) -> Refusal | None:

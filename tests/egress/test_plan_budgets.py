@@ -6,10 +6,12 @@ by :class:`egressd.net.shaping.ShapedDestination`, as the doors bind it.
 
 from __future__ import annotations
 
+from ipaddress import ip_address
+
 from fake_clock import FakeClock
 from test_plan import attempt, give_up, make_egress, unplumbed, v4
 
-from egressd.egress import Failure, Plan, Resolve
+from egressd.egress import Attempt, Destination, EgressFailure, Failure, Plan, Resolve
 from egressd.net.shaping import ShapedDestination, proxy_budget, smtp_budget
 from egressd.shaping import Shaper, ShapingPolicy
 from egressd.shaping.files import load_shaping_data
@@ -114,3 +116,38 @@ def test_the_smtp_door_skips_a_source_whose_message_rate_is_used_up_before_conne
     # the SOCKS5 and PROXY doors carry no messages: their selection ignores message rates
     plan = Plan(egress, pool="p", host=HOST, port=25, budget=budget(s))
     assert attempt(plan.next_step()).source.name in ("a", "b")
+
+
+def test_a_rule_that_suspends_the_source_on_its_greeting_moves_the_plan_to_the_next_source() -> (
+    None
+):
+    clock = FakeClock()
+    egress = make_egress(clock, v4("a"), v4("b", "127.0.0.3"))
+    s = shaper(clock, 100)
+    mx = [(10, "mx.good.test")]
+    smtp = smtp_budget(s, "good.test", mx)
+    assert smtp is not None
+    plan = Plan(egress, pool="p", budget=smtp)
+    two = [Destination(ip_address("192.0.2.1")), Destination(ip_address("192.0.2.2"))]
+
+    def rejected(step: Attempt) -> EgressFailure:
+        return EgressFailure(
+            Failure.REJECTED, "421 [TSS04]", source=step.source.name, address=step.address
+        )
+
+    plan.next_step()
+    plan.resolved(two)
+    first = attempt(plan.next_step())
+    plan.failed(rejected(first))  # an ordinary 421 banner: the same source's next address
+    second = attempt(plan.next_step())
+    assert (second.source.name, second.destination) == ("a", two[1])
+    s.suspend(("a", "site", "mx.good.test"), 3600, "rule: /TSS04/")  # what the rule did
+    plan.failed(rejected(second))
+    assert isinstance(plan.next_step(), Resolve)  # the pool's next source, b, resolves
+    plan.resolved(two)
+    third = attempt(plan.next_step())
+    assert (third.source.name, third.destination) == ("b", two[0])
+    s.suspend(("b", "site", "mx.good.test"), 3600, "rule: /TSS04/")
+    plan.failed(rejected(third))  # b suspended too, and no third source is tried
+    assert give_up(plan.next_step()).source == "b"
+    assert smtp.lease is None  # giving up gave the lease back

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 from daemon_helpers import port_of, running_daemon
-from smtp_harness import dnsmasq, smtp_sink
+from smtp_harness import dnsmasq, smtp_sink, start_scripted_mx
 
 from egressd.doors.smtp import SmtpDoor
 
@@ -89,3 +89,64 @@ remote_port = {sink.port}
     for message in messages:
         by_domain.setdefault(message.rcpt_tos[0].split("@")[1], set()).add(message.peer)
     assert by_domain == {"bigmail.test": {"127.0.0.4"}, "other.test": {"127.0.0.3", "127.0.0.4"}}
+
+
+OPENING_RULES = r"""
+[provider."bigmail"]
+match = [{ MXSuffix = ".bigmail-mx.test" }]
+
+[[provider."bigmail".automation]]
+regex = "\\[TS03\\]"
+action = "Suspend"
+duration = "1h"
+
+[[provider."bigmail".automation]]
+regex = "TLS not available"
+action = { SetConfig = { name = "connection_limit", value = 1 } }
+duration = "10m"
+"""
+
+
+@pytest.mark.parametrize(
+    ("replies", "effect"),
+    [
+        ({"ehlo": "421 4.7.0 [TS03] All messages from 127.0.0.3 will be deferred"}, "suspension"),
+        ({"starttls": "454 4.7.0 TLS not available"}, "override"),
+    ],
+)
+async def test_replies_to_ehlo_and_starttls_go_to_the_reply_rules(
+    tmp_path: Path, nursery: trio.Nursery, replies: dict[str, str], effect: str
+) -> None:
+    (tmp_path / "shaping.toml").write_text(OPENING_RULES)
+    mx_server = await start_scripted_mx(
+        nursery, replies, extensions=("PIPELINING", "STARTTLS", "ENHANCEDSTATUSCODES")
+    )
+    mx = [("bigmail.test", "mx1.bigmail-mx.test", 10)]
+    with dnsmasq(mx=mx, hosts={"mx1.bigmail-mx.test": ["127.0.0.1"]}) as dns:
+        text = f"""
+shaping_files = ["shaping.toml"]
+[dns]
+nameservers = ["{dns.nameserver}"]
+[access]
+deny_destinations = []
+[[smtp.listener]]
+address = "127.0.0.1:0"
+pool = "main"
+[source."a"]
+source_address = "127.0.0.3"
+remote_port = {mx_server.port}
+[pool."main"."a"]
+"""
+        async with running_daemon(text, tmp_path, {"smtp": SmtpDoor()}) as daemon:
+            port = port_of(daemon, "smtp")
+            outcome = await trio.to_thread.run_sync(send_one, port, "r@bigmail.test")
+            shaper = daemon.runtime.shaper
+            assert shaper is not None
+            [active] = shaper.active()
+    assert active.scope == ("a", "provider", "bigmail")
+    assert type(active).__name__.lower() == effect
+    if effect == "suspension":  # the 421 to EHLO: the open failed, nothing was sent
+        assert outcome.startswith("4"), outcome
+        assert "[TS03]" in outcome, outcome
+    else:  # a refused STARTTLS goes on in plaintext: the message went
+        assert outcome == "sent"
