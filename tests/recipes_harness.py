@@ -21,6 +21,10 @@ re-execute themselves from there.
   in, so it runs in a mount namespace of its own (``unshare --mount``) where a private
   directory is bind-mounted over each; the mount points exist on the host (scripts/test
   makes them, as the package would). Messages are submitted over SMTP.
+* :func:`haraka` - Haraka from npm (``haraka -i`` makes its directory, the recipe's files
+  replace the defaults), run with ``haraka -c DIR`` by the system's Node.js; single
+  process (``nodes=0``), listening on 127.0.0.1. :meth:`Haraka.submit` returns the reply
+  to the end of DATA, which ``queue/smtp_forward`` gives only after the forward did.
 """
 
 from __future__ import annotations
@@ -229,3 +233,48 @@ def opensmtpd(config: str, files: dict[str, str] | None = None) -> Iterator[Open
         ]
         with start_process(argv, port) as process:
             yield OpenSmtpd(directory, port, process)
+
+
+# --------------------------------------------------------------------------- Haraka
+
+
+@dataclass
+class Haraka:
+    """A running Haraka listening on 127.0.0.1:``port``."""
+
+    directory: Path
+    port: int
+    process: Process
+
+    def submit(self, sender: str, recipients: Sequence[str], message: bytes) -> tuple[int, str]:
+        """One SMTP transaction; the reply to the end of DATA (run it in a thread from trio)."""
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:
+            client.ehlo("submitter.test")
+            client.mail(sender)
+            for recipient in recipients:
+                code, text = client.rcpt(recipient)
+                if code >= 400:
+                    return code, text.decode()
+            code, text = client.data(message)
+            return code, text.decode()
+
+    def log(self) -> str:
+        return self.process.output()
+
+
+@contextlib.contextmanager
+def haraka(files: dict[str, str]) -> Iterator[Haraka]:
+    """Haraka with ``files`` (name -> text) in its config directory over ``haraka -i``'s,
+    and ``smtp.ini`` listening on a free port of 127.0.0.1 in one process."""
+    root = unpacked("haraka", "node_modules/Haraka/bin/haraka")
+    node = require_binary("node")
+    binary = str(root / "node_modules/Haraka/bin/haraka")
+    with tempfile.TemporaryDirectory(prefix="egressd-haraka-") as name:
+        directory = Path(name) / "haraka"
+        subprocess.run([node, binary, "-i", str(directory)], capture_output=True, check=True)
+        port = free_port()
+        smtp_ini = f"listen=127.0.0.1:{port}\nnodes=0\ndaemonize=false\n"
+        for file, text in {"smtp.ini": smtp_ini, **files}.items():
+            (directory / "config" / file).write_text(text)
+        with start_process([node, binary, "-c", str(directory)], port, timeout=20) as process:
+            yield Haraka(directory, port, process)
