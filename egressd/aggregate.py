@@ -1,0 +1,181 @@
+"""One daemon seen from many workers: their metrics and statuses merged; pure.
+
+Theory of operation
+-------------------
+With ``[daemon] workers`` above 1 each worker counts into its own registry and knows only
+its own sessions (:mod:`egressd.supervisor`). The supervisor serves one metrics endpoint
+and one control socket, and asks every worker at each scrape or ``status``; the functions
+here merge the answers.
+
+Metrics (:func:`merge_families`): a family is the same family in every worker (same name,
+type and labels), so the merge is per sample (name and labels):
+
+* counters and histograms (buckets, ``_sum``, ``_count``) add up, so
+  ``egressd_connections_total`` counts every session whichever worker served it. A worker
+  that died leaves its last scraped counters behind as *retired* totals (the supervisor
+  keeps them), so a restart does not make a counter go down;
+* gauges of things that add up (sessions and connections open now, recent failures) add
+  up; gauges that are flags or the same value seen by each worker (a source suspended,
+  warm-up step and quota, active shaping rules, ``egressd_build_info``) take the maximum;
+* ``process_*`` add up over the supervisor and every worker (CPU seconds, resident and
+  virtual memory, open descriptors: the service's totals, as ``systemctl status`` counts
+  its cgroup), except ``process_start_time_seconds`` and ``process_max_fds``, which are
+  the supervisor's. Reload counters and the last reload's outcome are the supervisor's
+  (:data:`SUPERVISOR_ONLY`): a reload is one event whatever the number of workers.
+
+Statuses (:func:`merge_status`): the supervisor's own facts (pid, start, generation, reload
+failures, draining), the sum of the workers' sessions, the first worker's listeners and
+pools (every worker runs the same generation), every source once (its open connections
+and recent failures summed; suspended when any worker has it suspended, until the latest
+end), and one row per worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+SampleRow = tuple[str, dict[str, str], float]
+FamilyRow = tuple[str, str, str, list[SampleRow]]
+
+SUPERVISOR_ONLY = frozenset(
+    {
+        "egressd_reloads",
+        "egressd_reload_failures",
+        "egressd_config_last_reload_successful",
+        "egressd_config_last_reload_success_timestamp_seconds",
+        "process_start_time_seconds",
+        "process_max_fds",
+    }
+)
+"""Families a worker's snapshot does not contribute (:func:`worker_families`)."""
+
+MAX_GAUGES = frozenset(
+    {
+        "egressd_source_suspended",
+        "egress_source_health_suspended",
+        "egressd_warmup_step",
+        "egressd_warmup_quota",
+        "egressd_warmup_used",
+        "egressd_shaping_active",
+        "egressd_build_info",
+    }
+)
+"""Gauges merged by their maximum; every other gauge adds up."""
+
+CUMULATIVE = frozenset({"counter", "histogram", "summary"})
+
+
+def worker_families(families: Iterable[Sequence[Any]]) -> list[FamilyRow]:
+    """A worker's snapshot (as JSON gave it back) without :data:`SUPERVISOR_ONLY`."""
+    return [_family_row(family) for family in families if family[0] not in SUPERVISOR_ONLY]
+
+
+def retired_families(families: Iterable[FamilyRow]) -> list[FamilyRow]:
+    """What a dead worker leaves behind: its counters and histograms (gauges go with it)."""
+    return [family for family in families if family[1] in CUMULATIVE]
+
+
+def merge_families(snapshots: Iterable[Iterable[FamilyRow]]) -> list[FamilyRow]:
+    """The snapshots merged family by family and sample by sample (see the module doc)."""
+    merged: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for families in snapshots:
+        for name, kind, documentation, samples in families:
+            entry = merged.setdefault(name, (kind, documentation, {}))
+            values = entry[2]
+            take_max = kind == "gauge" and name in MAX_GAUGES
+            for sample_name, labels, value in samples:
+                key = (sample_name, tuple(sorted(labels.items())))
+                if key not in values:
+                    values[key] = value
+                elif take_max:
+                    values[key] = max(values[key], value)
+                else:
+                    values[key] += value
+    return [
+        (name, kind, documentation, [(s, dict(labels), v) for (s, labels), v in values.items()])
+        for name, (kind, documentation, values) in merged.items()
+    ]
+
+
+def _family_row(family: Sequence[Any]) -> FamilyRow:
+    name, kind, documentation, samples = family
+    rows = [(str(s[0]), {str(k): str(v) for k, v in s[1].items()}, float(s[2])) for s in samples]
+    return str(name), str(kind), str(documentation), rows
+
+
+# --------------------------------------------------------------------------- status
+
+
+def merge_status(
+    supervisor: Mapping[str, Any],
+    workers: Sequence[Mapping[str, Any]],
+    statuses: Mapping[int, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """One status for the whole daemon.
+
+    ``supervisor``: its pid, version, config, started, generation, reload_failures,
+    draining; ``workers``: one row per worker (``worker``, ``pid``, ``state``...);
+    ``statuses``: the status each worker that answered gave, by worker number.
+    """
+    answered = [statuses[number] for number in sorted(statuses)]
+    first: Mapping[str, Any] = answered[0] if answered else {}
+    rows = []
+    for row in workers:
+        status = statuses.get(int(row["worker"]))
+        rows.append(
+            {
+                **row,
+                "active_sessions": status["active_sessions"] if status else None,
+                "generation": status["generation"] if status else None,
+            }
+        )
+    return {
+        **supervisor,
+        "active_sessions": sum(int(status["active_sessions"]) for status in answered),
+        "listeners": first.get("listeners", []),
+        "pools": first.get("pools", {}),
+        "sources": merge_sources(status.get("sources", []) for status in answered),
+        "shaping": merge_shaping([status.get("shaping") for status in answered]),
+        "workers": rows,
+    }
+
+
+def merge_sources(per_worker: Iterable[Iterable[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Every source once: connections and failures summed, suspended if any worker says so."""
+    merged: dict[str, dict[str, Any]] = {}
+    for sources in per_worker:
+        for source in sources:
+            name = str(source["name"])
+            if name not in merged:
+                merged[name] = dict(source)
+                continue
+            _merge_source(merged[name], source)
+    return list(merged.values())
+
+
+def _merge_source(into: dict[str, Any], other: Mapping[str, Any]) -> None:
+    for key in ("active_connections", "recent_failures"):
+        into[key] = int(into.get(key, 0)) + int(other.get(key, 0))
+    if other.get("state") == "suspended":
+        later = (other.get("suspended_until") or 0) > (into.get("suspended_until") or 0)
+        if into.get("state") != "suspended" or later:
+            keep = {k: into[k] for k in ("active_connections", "recent_failures")}
+            into.update(other)
+            into.update(keep)
+
+
+def merge_shaping(
+    per_worker: Sequence[Sequence[Mapping[str, Any]] | None],
+) -> list[dict[str, Any]] | None:
+    """Active (source, site/provider) effects of every worker, each once (latest end)."""
+    if all(effects is None for effects in per_worker):
+        return None
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for effects in per_worker:
+        for effect in effects or ():
+            key = (effect["source"], effect["kind"], effect["name"], effect["rule"])
+            current = merged.get(key)
+            if current is None or (effect.get("until") or 0) > (current.get("until") or 0):
+                merged[key] = dict(effect)
+    return sorted(merged.values(), key=lambda e: (e.get("until") or 0, e["source"], e["name"]))
