@@ -201,6 +201,16 @@ def _add_run(commands: Any) -> None:
         "bound), 2 usage error, 78 invalid configuration (EX_CONFIG: restarting will not help)"
     )
     run.add_argument("--json-logs", action="store_true", help="log JSON lines (as [log] format)")
+    run.add_argument("--worker", type=_worker, default=None, help=argparse.SUPPRESS)
+
+
+def _worker(text: str) -> tuple[int, int]:
+    """``--worker N:FD``: the supervisor starts worker N with its channel on descriptor FD."""
+    number, _, fd = text.partition(":")
+    try:
+        return int(number), int(fd)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected NUMBER:FD") from None
 
 
 def _add_explain(commands: Any) -> None:
@@ -386,9 +396,13 @@ def _run_command(
         return command_explain(config, args.domain, args.pool, sys.stdout)
     if args.command in CONTROL_COMMANDS:
         return CONTROL_COMMANDS[args.command](config, args)
+    if args.worker is None and config.daemon.workers > 1:
+        from egressd.supervisor import run_supervisor
+
+        return run_supervisor(config, json_logs=args.json_logs)
     from egressd.daemon import run_daemon
 
-    return run_daemon(config, json_logs=args.json_logs)
+    return run_daemon(config, json_logs=args.json_logs, worker=args.worker)
 
 
 def _invalid_configuration(args: argparse.Namespace, path: str, error: ConfigError) -> int:

@@ -47,7 +47,7 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeGuard
 
@@ -298,18 +298,27 @@ async def _remove_stale_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, f"another process answers on the control socket {path}")
 
 
+Answer = Callable[[bytes], Awaitable[ControlReply]]
+"""The reply to one request line (a supervisor asks its workers before it answers)."""
+
+
 async def serve_control(
     path: str,
-    target: Controlled,
+    target: Controlled | Answer,
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer requests on ``path`` until cancelled; remove the socket file afterwards."""
+    """Answer requests on ``path`` until cancelled; remove the socket file afterwards.
+
+    ``target``: the daemon (:class:`Controlled`), or an async function that answers a
+    request line (:mod:`egressd.supervisor`, which asks its workers).
+    """
     listener = await open_control_socket(path)
     inode = os.stat(path).st_ino
+    answer = target if callable(target) else _answer_from(target)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle_connection(stream, target)
+        await _handle_connection(stream, answer)
 
     try:
         await trio.serve_listeners(handler, [listener], task_status=task_status)
@@ -319,7 +328,14 @@ async def serve_control(
                 os.unlink(path)
 
 
-async def _handle_connection(stream: trio.SocketStream, target: Controlled) -> None:
+def _answer_from(target: Controlled) -> Answer:
+    async def answer(line: bytes) -> ControlReply:
+        return handle_request(target, line)
+
+    return answer
+
+
+async def _handle_connection(stream: trio.SocketStream, answer: Answer) -> None:
     """Requests until EOF, an oversized line, or a minute of silence."""
     buffer = bytearray()
     try:
@@ -332,7 +348,7 @@ async def _handle_connection(stream: trio.SocketStream, target: Controlled) -> N
             while (end := buffer.find(b"\n")) >= 0:
                 line, buffer = bytes(buffer[:end]), buffer[end + 1 :]
                 if line.strip():
-                    await stream.send_all(_encode(handle_request(target, line)))
+                    await stream.send_all(_encode(await answer(line)))
             if len(buffer) > MAX_LINE:
                 await stream.send_all(_encode({"ok": False, "error": "request line too long"}))
                 return

@@ -34,7 +34,7 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -45,7 +45,7 @@ import trio
 from egressd import observe
 from egressd.access import client_refusal
 from egressd.config import Config, ConfigError, Endpoint, Listener, load_config
-from egressd.log import get_logger, setup_logging
+from egressd.log import PROCESS_FIELDS, get_logger, setup_logging
 from egressd.metrics import Metrics
 from egressd.net import sdnotify
 from egressd.net.connection import Connection
@@ -53,8 +53,10 @@ from egressd.net.listen import accept_loop, bound_port, close_listener, open_lis
 from egressd.net.shaping import load_policy_in_thread
 from egressd.observe import Extras
 from egressd.runtime import Overloaded, Runtime, SessionRecord
+from egressd.shaping import ShapingPolicy
 from egressd.state import StateError
 from egressd.warming import Warming, open_warming
+from egressd.workerlink import WorkerLink
 
 log = get_logger("daemon")
 
@@ -115,6 +117,17 @@ REFUSALS_AT_ONCE = 256
 REFUSAL_TIMEOUT = 5.0
 
 
+@dataclass
+class PreparedReload:
+    """A loaded and validated configuration, its shaping policy and its new listeners."""
+
+    config: Config
+    shaping: ShapingPolicy | None
+    opened: dict[tuple[str, Endpoint], socket.socket]
+    files: Fingerprint
+    """The watched files' fingerprints as loaded (a supervisor compares its workers')."""
+
+
 class ReloadRefused(Exception):
     """A reload that cannot take effect; each item of ``errors`` is one log line."""
 
@@ -146,6 +159,12 @@ class Daemon:
     extras: Extras | None = None
     refusing: int = 0
     """Connections being refused right now (the door's refusal takes a few round trips)."""
+    open_socket: Callable[[tuple[str, Endpoint]], socket.socket] = field(
+        default=lambda key: open_listener(key[1])
+    )
+    """Binds a listener's socket; a worker takes the one its supervisor passed instead."""
+    worker: int | None = None
+    """This process's worker number under a supervisor (:mod:`egressd.supervisor`)."""
     _lock: trio.Lock = field(default_factory=trio.Lock)
 
     def bound_ports(self) -> dict[tuple[str, Endpoint], int]:
@@ -215,7 +234,7 @@ class Daemon:
         try:
             for key in configured_listeners(config):
                 if key not in self.listeners and key[1] not in running_addresses:
-                    opened[key] = open_listener(key[1])
+                    opened[key] = self.open_socket(key)
         except OSError as exc:
             for socket_listener in opened.values():
                 close_listener(socket_listener)
@@ -305,29 +324,41 @@ class Daemon:
                 return False
             sdnotify.reloading(f"reloading ({reason})")
             try:
-                await self._load_for_reload()
+                await self.commit_reload(await self.prepare_reload())
             except ReloadRefused as exc:
-                for error in exc.errors:
-                    log.error("reload refused: %s", error)
-                log.error(
-                    "reload failed, still running on the previous configuration",
-                    extra={"fields": {"trigger": reason, "errors": len(exc.errors)}},
-                )
-                self.reload_failures += 1
+                self.reload_refused(reason, exc)
                 sdnotify.ready(self.status_line())
-                self._reloaded(False)
                 return False
-            self.reloads += 1
-            log.info(
-                "configuration reloaded",
-                extra={"fields": {"trigger": reason, "generation": self.reloads + 1}},
-            )
+            self.reloaded(reason, self.reloads + 2)
             sdnotify.ready(self.status_line())
-            self._reloaded(True)
             return True
 
-    async def _load_for_reload(self) -> Config:
-        """Load, validate, bind new listeners, swap: all or nothing (raises ReloadRefused)."""
+    def reload_refused(self, reason: str, exc: ReloadRefused) -> None:
+        """Log why a reload was refused and count it."""
+        for error in exc.errors:
+            log.error("reload refused: %s", error)
+        log.error(
+            "reload failed, still running on the previous configuration",
+            extra={"fields": {"trigger": reason, "errors": len(exc.errors)}},
+        )
+        self.reload_failures += 1
+        self._reloaded(False)
+
+    def reloaded(self, reason: str, generation: int) -> None:
+        """A reload took effect: the configuration's generation is now ``generation``."""
+        self.reloads = generation - 1
+        log.info(
+            "configuration reloaded",
+            extra={"fields": {"trigger": reason, "generation": generation}},
+        )
+        self._reloaded(True)
+
+    async def prepare_reload(self) -> PreparedReload:
+        """Load and validate the files, bind the new listeners; nothing changes yet.
+
+        Raises :class:`ReloadRefused`. Follow with :meth:`commit_reload` or
+        :meth:`abort_reload` (a supervisor prepares every worker before it commits any).
+        """
         path = self.runtime.config.path
         self.files_seen = file_fingerprint(watched_files(self.runtime.config))
         try:
@@ -335,13 +366,24 @@ class Daemon:
             shaping = await load_policy_in_thread(config)
         except ConfigError as exc:
             raise ReloadRefused(exc.errors) from exc
-        self.files_seen = file_fingerprint(watched_files(config))
+        files = self.files_seen = file_fingerprint(watched_files(config))
         try:
             opened = await self._open_new_listeners(config)
         except OSError as exc:
             raise ReloadRefused([str(exc.strerror or exc)]) from exc
-        self.runtime.swap_config(config, shaping)
-        for running in self._adopt_listeners(config, opened):
+        return PreparedReload(config, shaping, opened, files)
+
+    def abort_reload(self, prepared: PreparedReload) -> None:
+        """Drop a prepared reload: close the listeners it bound."""
+        for socket_listener in prepared.opened.values():
+            close_listener(socket_listener)
+        prepared.opened.clear()
+
+    async def commit_reload(self, prepared: PreparedReload) -> Config:
+        """Swap in a prepared configuration (one assignment), adopt its listeners."""
+        config = prepared.config
+        self.runtime.swap_config(config, prepared.shaping)
+        for running in self._adopt_listeners(config, prepared.opened):
             await running.closed.wait()
         setup_logging("json" if self.json_logs else config.log.format, config.log.level)
         if self.extras is not None:
@@ -462,12 +504,16 @@ async def serve(
     *,
     doors: dict[str, Door] | None = None,
     json_logs: bool = False,
+    link: WorkerLink | None = None,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until SIGTERM/SIGINT (and their drain) or cancellation.
 
     Startup order: metrics endpoint and control socket, then every front-door listener,
     then READY=1; a listener that cannot be bound ends ``serve`` with OSError before it.
+    A worker (``link``: its supervisor's channel) takes its listening sockets from the
+    supervisor, which also owns the metrics endpoint, the control socket, the file watch,
+    reloads and systemd's notifications (:mod:`egressd.workerlink`).
     """
     metrics = Metrics()
     shaping = await load_policy_in_thread(config)
@@ -487,27 +533,62 @@ async def serve(
                 warming=warming,
             )
             observe.count_into_metrics(daemon)
-            daemon.extras = observe.Extras(daemon, connections)
-            await daemon.extras.apply(config, at_startup=True)
+            stop = _Stop()
+            if link is None:
+                daemon.extras = observe.Extras(daemon, connections)
+                await daemon.extras.apply(config, at_startup=True)
+            else:
+                await link.hello()
+                daemon.worker, daemon.reloads, daemon.open_socket = (
+                    link.worker,
+                    link.generation - 1,
+                    link.take,
+                )
             await daemon.reconcile_listeners(config)
-            connections.start_soon(watch_config_files, daemon)
             connections.start_soon(announce_recoveries, daemon)
+            connections.start_soon(_handle_signals, daemon, signals, stop, link is None)
             if warming is not None:
                 connections.start_soon(warming.run_flusher)
-            await connections.start(sdnotify.watchdog_loop)
-            sdnotify.ready(daemon.status_line())
+            if link is None:
+                connections.start_soon(watch_config_files, daemon)
+                await connections.start(sdnotify.watchdog_loop)
+                sdnotify.ready(daemon.status_line())
+            else:
+                await connections.start(link.run, daemon, stop.set)
             log.info("egressd ready", extra={"fields": {"listeners": len(daemon.listeners)}})
             task_status.started(daemon)
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await daemon.reload("SIGHUP")
-                    continue
-                log.info("shutting down", extra={"fields": {"signal": signal.Signals(signum).name}})
-                await daemon.drain()
-                connections.cancel_scope.cancel()
-                break
+            await stop.event.wait()
+            log.info("shutting down", extra={"fields": {"signal": stop.reason}})
+            await daemon.drain()
+            connections.cancel_scope.cancel()
     if warming is not None:
         await warming.close()
+
+
+class _Stop:
+    """Set once: the drain starts (a signal, or the supervisor asked)."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+
+
+async def _handle_signals(
+    daemon: Daemon, signals: AsyncIterator[int], stop: _Stop, reloads: bool
+) -> None:
+    """SIGHUP reloads (a worker leaves reloads to its supervisor); SIGTERM/SIGINT drain."""
+    async for signum in signals:
+        if signum != signal.SIGHUP:
+            stop.set(signal.Signals(signum).name)
+        elif reloads:
+            await daemon.reload("SIGHUP")
+        else:
+            log.info("SIGHUP ignored: the supervisor reloads every worker")
 
 
 def attach_warming(runtime: Runtime, warming: Warming) -> None:
@@ -533,8 +614,15 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, hard
 
 
-def run_daemon(config: Config, *, json_logs: bool = False) -> int:
-    """``egressd run``: 0 after a clean shutdown, 1 when startup failed (logged)."""
+def run_daemon(
+    config: Config, *, json_logs: bool = False, worker: tuple[int, int] | None = None
+) -> int:
+    """``egressd run``: 0 after a clean shutdown, 1 when startup failed (logged).
+
+    ``worker``: (number, channel descriptor) of a worker its supervisor started.
+    """
+    if worker is not None:
+        PROCESS_FIELDS["worker"] = worker[0]
     setup_logging("json" if json_logs else config.log.format, config.log.level)
     soft, _ = raise_open_files_limit()
     log.info(
@@ -542,16 +630,17 @@ def run_daemon(config: Config, *, json_logs: bool = False) -> int:
         extra={"fields": {"config": str(config.path), "pid": os.getpid(), "open_files": soft}},
     )
     tune_garbage_collector()
+    link = None if worker is None else WorkerLink(worker[0], socket.socket(fileno=worker[1]))
     try:
-        trio.run(partial(serve, config, json_logs=json_logs))
+        trio.run(partial(serve, config, json_logs=json_logs, link=link))
     except StateError as exc:
         log.error("cannot start: %s", exc)
         return EX_CONFIG
     except Exception as exc:
-        startup_error = _startup_error(exc)
-        if startup_error is None:
+        error = startup_error(exc)
+        if error is None:
             raise
-        log.error("cannot start: %s", startup_error)
+        log.error("cannot start: %s", error)
         return 1
     log.info("stopped")
     return 0
@@ -570,9 +659,9 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-def _startup_error(exc: BaseException) -> OSError | None:
+def startup_error(exc: BaseException) -> OSError | None:
     """The OSError behind a failed startup (trio wraps it in exception groups), if any."""
     if isinstance(exc, OSError):
         return exc
     inner: tuple[BaseException, ...] = getattr(exc, "exceptions", ())
-    return _startup_error(inner[0]) if len(inner) == 1 else None
+    return startup_error(inner[0]) if len(inner) == 1 else None

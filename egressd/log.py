@@ -40,6 +40,10 @@ JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_IDENTIFIER = "egressd"
 
 
+PROCESS_FIELDS: dict[str, Any] = {}
+"""Fields every record of this process carries, after its own (a worker's ``worker=N``)."""
+
+
 def get_logger(name: str = "") -> logging.Logger:
     return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
 
@@ -76,6 +80,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields: Mapping[str, Any] = getattr(record, "fields", {}) or {}
+        if PROCESS_FIELDS:
+            fields = {**fields, **PROCESS_FIELDS}
         line = f"{record.levelname.lower()} {record.name}: {record.getMessage()}"
         if self.timestamps:
             line = f"{utc_timestamp(record.created)} {line}"
@@ -99,6 +105,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         obj.update(getattr(record, "fields", {}) or {})
+        obj.update(PROCESS_FIELDS)
         if record.exc_info:
             obj["exception"] = self.formatException(record.exc_info)
         return json.dumps(obj, default=str)

@@ -84,7 +84,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Literal
 
 import trio
@@ -98,9 +98,12 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from egressd import __version__
 from egressd.access import network_refusal
+from egressd.aggregate import FamilyRow
 from egressd.config import Endpoint, HopKind, MetricsSettings
 from egressd.health import FailureKind, SourceStatus
 
@@ -429,6 +432,94 @@ class ProxyMetrics:
         )
 
 
+# --------------------------------------------------------------------------- workers
+
+
+def snapshot(registry: CollectorRegistry) -> list[FamilyRow]:
+    """Every family of ``registry`` as JSON-ready rows (a worker's answer to its supervisor)."""
+    return [
+        (
+            family.name,
+            family.type,
+            family.documentation,
+            [(sample.name, dict(sample.labels), sample.value) for sample in family.samples],
+        )
+        for family in registry.collect()
+    ]
+
+
+class MergedCollector(Collector):
+    """Serves families merged elsewhere (:func:`egressd.aggregate.merge_families`)."""
+
+    def __init__(self, families: Callable[[], list[FamilyRow]]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        for name, kind, documentation, samples in self._families():
+            metric = Metric(name, documentation, kind)
+            for sample_name, labels, value in samples:
+                metric.add_sample(sample_name, labels, value)
+            yield metric
+
+
+class SupervisorMetrics:
+    """The supervisor's own metrics; its endpoint serves them merged with the workers'.
+
+    ``own`` holds the reload counters, the last reload's outcome, the workers' states and
+    restarts, ``egressd_build_info`` and the supervisor's ``process_*``; ``registry`` (what
+    the endpoint serves) holds one :class:`MergedCollector` over ``own`` and the workers.
+    """
+
+    def __init__(self, families: Callable[[list[FamilyRow]], list[FamilyRow]]) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.own = CollectorRegistry()
+        own = self.own
+        PidOnlyProcessCollector(registry=own)
+        self.reloads = Counter(
+            "egressd_reloads", "Configuration reloads that took effect.", registry=own
+        )
+        self.reload_failures = Counter(
+            "egressd_reload_failures",
+            "Configuration reloads rejected (the old configuration stayed).",
+            registry=own,
+        )
+        self.config_last_reload_successful = Gauge(
+            "egressd_config_last_reload_successful",
+            "1 when the last configuration load (startup or reload) took effect, else 0.",
+            registry=own,
+        )
+        self.config_last_reload_success_timestamp = Gauge(
+            "egressd_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last configuration load that took effect.",
+            registry=own,
+        )
+        self.workers = Gauge(
+            "egressd_workers",
+            "Worker processes by state (starting, ready; [daemon] workers in all).",
+            ("state",),
+            registry=own,
+        )
+        self.worker_restarts = Counter(
+            "egressd_worker_restarts",
+            "Workers started again after they died or hung, by worker number.",
+            ("worker",),
+            registry=own,
+        )
+        Gauge("egressd_build_info", "egressd's version.", ("version",), registry=own).labels(
+            __version__
+        ).set(1)
+        self.registry = CollectorRegistry()
+        self.registry.register(MergedCollector(lambda: families(snapshot(self.own))))
+
+    def config_loaded(self, ok: bool, when: float) -> None:
+        self.config_last_reload_successful.set(1 if ok else 0)
+        if ok:
+            self.config_last_reload_success_timestamp.set(when)
+            self.reloads.inc()
+        else:
+            self.reload_failures.inc()
+
+
 # --------------------------------------------------------------------------- HTTP endpoint
 
 
@@ -442,6 +533,7 @@ async def serve_metrics(
     *,
     before_scrape: Callable[[], None] | None = None,
     settings: Callable[[], MetricsSettings] = MetricsSettings,
+    gather: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``GET /metrics`` on ``endpoint`` until cancelled.
@@ -450,7 +542,8 @@ async def serve_metrics(
     (port 0 picks a free port). ``before_scrape`` runs before each exposition, e.g.
     ``lambda: metrics.refresh_sources(health.snapshot())``. ``settings`` gives the current
     ``[metrics]`` table (``clients``, ``max_connections``), asked at every connection so a
-    reload applies to the next one.
+    reload applies to the next one. ``gather`` is awaited before each ``GET /metrics`` (a
+    supervisor asks its workers for their numbers).
     """
     listeners = await trio.open_tcp_listeners(endpoint.port, host=endpoint.host)
     gate = _ScrapeGate()
@@ -462,7 +555,7 @@ async def serve_metrics(
             return
         gate.active += 1
         try:
-            await _handle_connection(stream, registry, before_scrape)
+            await _handle_connection(stream, registry, before_scrape, gather)
         finally:
             gate.active -= 1
 
@@ -518,6 +611,7 @@ async def _handle_connection(
     stream: trio.SocketStream,
     registry: CollectorRegistry,
     before_scrape: Callable[[], None] | None,
+    gather: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """One request, one response, close; nothing a client does escapes this function."""
     try:
@@ -527,6 +621,8 @@ async def _handle_connection(
             except _HeadTooLarge:
                 await stream.send_all(_response(431, "Request Header Fields Too Large"))
                 return
+            if head is not None and gather is not None and b" /metrics" in head:
+                await gather()
             if head is not None:
                 await stream.send_all(_answer(head, registry, before_scrape))
     except (trio.BrokenResourceError, trio.ClosedResourceError):

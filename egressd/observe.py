@@ -285,6 +285,7 @@ class DaemonControls:
         config = runtime.config
         return {
             "pid": os.getpid(),
+            "worker": getattr(daemon, "worker", None),
             "version": __version__,
             "config": str(config.path),
             "started": round(daemon.started_at, 3),
@@ -328,6 +329,14 @@ class DaemonControls:
         return sources
 
 
+def refresh_gauges(daemon: Observed) -> None:
+    """Rewrite the gauges that mirror state (sources, shaping, warm-up) before a scrape."""
+    metrics = daemon.metrics
+    metrics.refresh_sources(daemon.runtime.health.snapshot())
+    metrics.refresh_shaping(shaping_rows(daemon.runtime))
+    metrics.refresh_warmup(metric_rows(daemon.warming))
+
+
 ServiceStarter = Callable[..., Awaitable[None]]
 
 
@@ -358,9 +367,7 @@ class Extras:
             log.error("reload: %s", exc)
 
     def _before_scrape(self, metrics: Metrics, health: SourceHealth) -> None:
-        metrics.refresh_sources(health.snapshot())
-        metrics.refresh_shaping(shaping_rows(self._daemon.runtime))
-        metrics.refresh_warmup(metric_rows(self._daemon.warming))
+        refresh_gauges(self._daemon)
 
     async def _apply_metrics(self, endpoint: Endpoint | None) -> None:
         if endpoint == self._metrics_at:

@@ -106,8 +106,9 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
     """The status reply as a readable header and one table row per source."""
     uptime = _duration(now - float(status["started"]))
     header = (
-        f"egressd {status['version']}, pid {status['pid']}, up {uptime}, "
-        f"config {status['config']}\n"
+        f"egressd {status['version']}, pid {status['pid']}"
+        + (f" ({len(status['workers'])} workers)" if "workers" in status else "")
+        + f", up {uptime}, config {status['config']}\n"
         f"generation {status['generation']} ({status['reload_failures']} failed reloads), "
         f"{status['active_sessions']} active sessions"
         + (", DRAINING" if status.get("draining") else "")
@@ -121,7 +122,39 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
     )
     shaping = status.get("shaping")
     tail = "" if shaping is None else "\n" + format_shaping(shaping, now)
-    return header + pools + "\n" + format_sources(status["sources"], now) + tail
+    workers = status.get("workers")
+    middle = "" if workers is None else format_workers(workers) + "\n"
+    return header + pools + "\n" + middle + format_sources(status["sources"], now) + tail
+
+
+def format_workers(workers: Sequence[Mapping[str, Any]]) -> str:
+    """One row per worker process (``[daemon] workers``): the totals are in the header."""
+    rows = [("WORKER", "PID", "STATE", "SESSIONS", "GENERATION", "RESTARTS", "LAST SEEN")]
+    for worker in workers:
+        seen = worker.get("last_seen")
+        rows.append(
+            (
+                str(worker["worker"]),
+                str(worker.get("pid") or "-"),
+                str(worker["state"]),
+                _or_dash(worker.get("active_sessions")),
+                _or_dash(worker.get("generation")),
+                str(worker.get("restarts", 0)),
+                "-" if seen is None else f"{seen:.1f}s ago",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
+        + "  "
+        + row[-1]
+        + "\n"
+        for row in rows
+    )
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
 
 
 def format_shaping(effects: Sequence[Mapping[str, Any]], now: float) -> str:

@@ -8,6 +8,7 @@ fields are the keys a table may hold: the tables of the main file, a KumoMTA sou
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,6 +430,41 @@ class MetricsSettings:
     """Scrapes served at once; beyond, a new connection gets 503 at once and is closed."""
 
 
+class _WorkerCount:
+    """``workers``: a number of worker processes, or ``"auto"``: one per usable core."""
+
+    def read(self, value: object, where: Where) -> int:
+        if value == "auto":
+            return usable_cores()
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f'is {type_name(value)}; expected a number of workers or "auto"')
+        if not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f"{value} is outside 1-{MAX_WORKERS}")
+        return value
+
+
+MAX_WORKERS = 256
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a cgroup may narrow)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """``[daemon]``: how many worker processes serve the front doors (see
+    :mod:`egressd.supervisor`); 1 is a single process with no supervisor."""
+
+    workers: int = setting(_WorkerCount(), 1)
+    worker_timeout: float = setting(Duration, 10.0)
+    """A worker silent for this long (its event loop stuck) is killed and restarted."""
+
+    def check_keys(self, at: KeyAt) -> None:
+        if self.worker_timeout < 1:
+            at("worker_timeout").error("must be at least 1s")
+
+
 @dataclass(frozen=True)
 class ControlSettings:
     socket: str | None = setting(Text(), None)
@@ -543,6 +579,7 @@ class Config:
     log: LogSettings = setting(Table(LogSettings), LogSettings())
     metrics: MetricsSettings = setting(Table(MetricsSettings), MetricsSettings())
     control: ControlSettings = setting(Table(ControlSettings), ControlSettings())
+    daemon: DaemonSettings = setting(Table(DaemonSettings), DaemonSettings())
     health: HealthSettings = setting(Table(HealthSettings), HealthSettings())
     socks5_listeners: tuple[Listener, ...] = setting(
         Section(_DoorTable, "listener"), (), key="socks5"
