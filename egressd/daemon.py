@@ -47,7 +47,7 @@ from egressd.access import client_refusal
 from egressd.config import Config, ConfigError, Endpoint, Listener, load_config
 from egressd.log import PROCESS_FIELDS, get_logger, setup_logging
 from egressd.metrics import Metrics
-from egressd.net import sdnotify
+from egressd.net import mtasts, sdnotify
 from egressd.net.connection import Connection
 from egressd.net.listen import accept_loop, bound_port, close_listener, open_listener, peer_of
 from egressd.net.shaping import load_policy_in_thread
@@ -596,6 +596,7 @@ def attach_warming(runtime: Runtime, warming: Warming) -> None:
     (:mod:`egressd.egress.quotas`), against the shaping provider of the destination."""
     runtime.warmup = warming.engine
     warming.attach_shaper(lambda: runtime.shaper)
+    warming.attach_policy_cache(mtasts.DEFAULT_STORE)
 
 
 EX_CONFIG = 78

@@ -14,7 +14,9 @@ While the daemon runs, every connection asks the engine (in memory) and every re
 transaction counts into it (in memory). :meth:`Warming.run_flusher` hands the engine's
 batch to the store every ``[warmup] flush_interval`` (5 s), and once more at shutdown: a
 crash loses at most one interval's counts. A batch the store refuses (a full disk) is kept
-for the next flush and logged. ``warmup status`` shows the newest events as read after
+for the next flush and logged. The flusher also writes the MTA-STS policies fetched since
+the last flush, and a starting daemon gives the cache back those still fresh
+(:meth:`Warming.attach_policy_cache`). ``warmup status`` shows the newest events as read after
 the last flush that wrote some (:attr:`Warming.recent`), so the control socket never waits
 on the store.
 
@@ -37,7 +39,8 @@ from egressd.log import get_logger
 from egressd.shaping import Shaper
 from egressd.shaping import Suspension as ShaperSuspension
 from egressd.shaping.shaper import Scope
-from egressd.state import Event, StateError, Store, Suspension
+from egressd.state import Event, StateError, Store, StsPolicy, Suspension
+from egressd.tlspolicy.mtasts import MemoryPolicyStore, from_record, to_record
 from egressd.warmup import ALL_PROVIDERS, Calendar, Warmup
 
 __all__ = ["Warming", "WarmupClock", "metric_rows", "open_warming", "warmup_command"]
@@ -105,6 +108,7 @@ class Warming:
         engine: Warmup,
         clock: WarmupClock,
         suspensions: tuple[Suspension, ...] = (),
+        policies: tuple[StsPolicy, ...] = (),
     ) -> None:
         self.store = store
         self.engine = engine
@@ -116,6 +120,17 @@ class Warming:
         """The store's newest events, newest first, read at startup and after each flush
         (``warmup status`` reads them here: the control socket does not wait on a store)."""
         self._stored: dict[str, Suspension] = {}
+        self.restored_policies = policies
+        self.policy_cache: MemoryPolicyStore | None = None
+
+    def attach_policy_cache(self, cache: MemoryPolicyStore) -> None:
+        """Persist the MTA-STS policies ``cache`` fetches from now on, and give it back
+        those the store kept (RFC 8461 section 5.1: a restart does not forget them)."""
+        self.policy_cache = cache
+        for record in self.restored_policies:
+            entry = from_record(record)
+            if entry is not None:
+                cache.restore(record.domain, entry)
 
     def attach_shaper(self, shaper: Callable[[], Shaper | None]) -> None:
         """Persist the suspensions of ``shaper()`` (the runtime's current shaper) from now
@@ -152,13 +167,17 @@ class Warming:
         current = self._suspensions()
         added = tuple(s for k, s in current.items() if k not in self._stored)
         lifted = tuple(k for k in self._stored if k not in current)
-        batch = replace(batch, suspensions=added, lifted=lifted)
+        policies = self.policy_cache.take_changes() if self.policy_cache is not None else {}
+        mta_sts = tuple(to_record(domain, entry) for domain, entry in policies.items())
+        batch = replace(batch, suspensions=added, lifted=lifted, mta_sts=mta_sts)
         if not batch:
             return
         try:
             await self.store.write(batch)
         except StateError as exc:
             self.engine.give_back(batch)
+            if self.policy_cache is not None:
+                self.policy_cache.give_back(policies)
             log.error("warm-up state not written, kept for the next flush: %s", exc)
             return
         self._stored = {k: self._stored.get(k) or current[k] for k in current}
@@ -208,7 +227,7 @@ async def open_warming(
         "warm-up state loaded",
         extra={"fields": {"database": store.location, "sources": len(sources)}},
     )
-    warming = Warming(store, engine, clock, snapshot.suspensions)
+    warming = Warming(store, engine, clock, snapshot.suspensions, snapshot.mta_sts)
     warming.recent = recent
     return warming
 

@@ -18,8 +18,9 @@ with a :class:`Lookup` (the policy, or None, and a note for the log):
    fetch at :data:`FETCH_SECONDS`. A failed fetch keeps a fresh cached policy.
 
 The cache is a :class:`~egressd.tlspolicy.PolicyStore`; :data:`DEFAULT_STORE` keeps it in
-memory for the process's life (across reloads). Persisting it is a matter of giving
-:func:`mta_sts_policy` a store backed by the state store (issue 15) instead.
+memory for the process's life (across reloads), and where the daemon has a state store
+(:mod:`egressd.warming`) its new entries are written with each flush and read back at
+startup.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ __all__ = ["DEFAULT_STORE", "FETCH_SECONDS", "MAX_POLICY_SIZE", "Lookup", "mta_s
 MAX_POLICY_SIZE = 64 * 1024
 FETCH_SECONDS = 10.0
 POLICY_PORT = 443
-DEFAULT_STORE: PolicyStore = MemoryPolicyStore()
+DEFAULT_STORE = MemoryPolicyStore()
+"""The process's policy cache (persisted by the state flusher where a store exists)."""
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,13 @@ class FetchError(Exception):
 async def mta_sts_policy(
     domain: str,
     config: Config,
-    store: PolicyStore = DEFAULT_STORE,
+    store: PolicyStore | None = None,
     now: Callable[[], float] = time.time,
 ) -> Lookup:
-    """The MTA-STS policy of ``domain``; see the module doc. Never raises for DNS or
-    HTTPS trouble: that is a note, with the cached policy if it is still fresh."""
+    """The MTA-STS policy of ``domain`` (cached in ``store``, by default
+    :data:`DEFAULT_STORE`); see the module doc. Never raises for DNS or HTTPS trouble:
+    that is a note, with the cached policy if it is still fresh."""
+    store = DEFAULT_STORE if store is None else store
     domain = domain.lower().rstrip(".")
     policy_id = await _txt_id(domain, config)
     cached = store.get(domain)

@@ -18,6 +18,7 @@ from egressd.state.records import (
     Override,
     Progress,
     Snapshot,
+    StsPolicy,
     Suspension,
 )
 from egressd.state.sqlite import (
@@ -43,6 +44,7 @@ __all__ = [
     "SqliteStore",
     "StateError",
     "Store",
+    "StsPolicy",
     "Suspension",
     "open_store",
     "state_directory",

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Batch", "DayCount", "Event", "Override", "Progress", "Snapshot", "Suspension"]
+__all__ = [
+    "Batch",
+    "DayCount",
+    "Event",
+    "Override",
+    "Progress",
+    "Snapshot",
+    "StsPolicy",
+    "Suspension",
+]
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,20 @@ class Override:
 
 
 @dataclass(frozen=True)
+class StsPolicy:
+    """A cached MTA-STS policy of ``domain`` (RFC 8461 section 5.1), fetched at
+    ``fetched_at`` under the TXT id ``policy_id``; ``mx`` is its patterns, space-separated.
+    A starting daemon gets back those still within ``max_age``."""
+
+    domain: str
+    policy_id: str
+    fetched_at: float
+    mode: str
+    max_age: int
+    mx: str
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything a starting daemon needs back: progress, recent days, live suspensions."""
 
@@ -89,6 +112,7 @@ class Snapshot:
     counts: tuple[DayCount, ...] = ()
     suspensions: tuple[Suspension, ...] = ()
     overrides: tuple[Override, ...] = ()
+    mta_sts: tuple[StsPolicy, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,7 +121,8 @@ class Batch:
 
     ``progress`` replaces each (source, provider)'s record; ``counts`` are added to the
     day's counts; ``events`` are appended; ``suspensions`` and ``overrides`` replace theirs
-    by scope (and key); ``lifted`` and ``cleared`` remove them.
+    by scope (and key); ``lifted`` and ``cleared`` remove them; ``mta_sts`` replaces each
+    domain's cached policy.
     """
 
     progress: tuple[Progress, ...] = ()
@@ -107,6 +132,7 @@ class Batch:
     lifted: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
     cleared: tuple[tuple[str, str], ...] = field(default=())
+    mta_sts: tuple[StsPolicy, ...] = ()
 
     def __bool__(self) -> bool:
         return any(
@@ -118,5 +144,6 @@ class Batch:
                 self.lifted,
                 self.overrides,
                 self.cleared,
+                self.mta_sts,
             )
         )

@@ -33,6 +33,7 @@ from egressd.state.records import (
     Override,
     Progress,
     Snapshot,
+    StsPolicy,
     Suspension,
 )
 
@@ -49,7 +50,7 @@ __all__ = [
 _T = TypeVar("_T")
 
 DATABASE_NAME = "egressd.db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _V1 = """
 CREATE TABLE progress (
@@ -87,7 +88,14 @@ ALTER TABLE counts ADD COLUMN connected INTEGER NOT NULL DEFAULT 0;
 """Version 3: the day's hold by a provider's complaint (a reply rule survives a restart),
 and the SOCKS5/PROXY doors' connections per day."""
 
-UPGRADES: dict[int, str] = {0: _V1, 1: _V1_TO_V2, 2: _V2_TO_V3}
+_V3_TO_V4 = """
+CREATE TABLE mta_sts (
+    domain TEXT PRIMARY KEY, policy_id TEXT NOT NULL, fetched_at REAL NOT NULL,
+    mode TEXT NOT NULL, max_age INTEGER NOT NULL, mx TEXT NOT NULL);
+"""
+"""Version 4: the MTA-STS policy cache (a restart keeps each domain's policy for max_age)."""
+
+UPGRADES: dict[int, str] = {0: _V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4}
 """The script that takes a database from version N to N+1 (0: an empty file)."""
 
 
@@ -181,11 +189,17 @@ class SqliteStore:
         overrides = db.execute(
             "SELECT scope, key, value, until, reason FROM overrides WHERE until > ?", (now,)
         ).fetchall()
+        mta_sts = db.execute(
+            "SELECT domain, policy_id, fetched_at, mode, max_age, mx FROM mta_sts "
+            "WHERE fetched_at + max_age > ?",
+            (now,),
+        ).fetchall()
         return Snapshot(
             progress=tuple(Progress(*row) for row in progress),
             counts=tuple(DayCount(*row) for row in counts),
             suspensions=tuple(Suspension(*row) for row in suspensions),
             overrides=tuple(Override(*row) for row in overrides),
+            mta_sts=tuple(StsPolicy(*row) for row in mta_sts),
         )
 
     def write(self, batch: Batch) -> None:
@@ -235,6 +249,14 @@ class SqliteStore:
                 "INSERT OR REPLACE INTO overrides (scope, key, value, until, reason) "
                 "VALUES (?, ?, ?, ?, ?)",
                 [(o.scope, o.key, o.value, o.until, o.reason) for o in batch.overrides],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO mta_sts (domain, policy_id, fetched_at, mode, max_age, "
+                "mx) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (p.domain, p.policy_id, p.fetched_at, p.mode, p.max_age, p.mx)
+                    for p in batch.mta_sts
+                ],
             )
             db.execute("COMMIT")
         except BaseException:

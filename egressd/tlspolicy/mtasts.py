@@ -24,7 +24,12 @@ record does not end a fresh cached policy either (section 3.1: the TXT record on
 signals a change). Time is passed in (``now``), never read here.
 
 The cache lives behind :class:`PolicyStore`: :class:`MemoryPolicyStore` in memory,
-bounded; a persistent backend (the state store) can implement the same two methods.
+bounded. Where the daemon has a state store (:mod:`egressd.state`), the memory store is
+also what gets persisted, without a delivery ever waiting on the store: it remembers the
+entries stored since the last :meth:`MemoryPolicyStore.take_changes`, which the state
+flusher writes (:class:`~egressd.state.StsPolicy`, :func:`to_record`), and a starting
+daemon gives back what the store kept (:meth:`MemoryPolicyStore.restore`,
+:func:`from_record`; an entry that no longer parses is dropped).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from egressd.state.records import StsPolicy
+
 __all__ = [
     "MAX_AGE_LIMIT",
     "CachedPolicy",
@@ -42,10 +49,12 @@ __all__ = [
     "MtaStsPolicy",
     "PolicyStore",
     "after_failed_fetch",
+    "from_record",
     "mx_matches",
     "next_step",
     "parse_policy",
     "parse_txt",
+    "to_record",
 ]
 
 Mode = Literal["enforce", "testing", "none"]
@@ -208,17 +217,61 @@ class PolicyStore(Protocol):
 
 class MemoryPolicyStore:
     """A bounded in-memory :class:`PolicyStore`: the least recently stored domain goes
-    first when ``capacity`` is reached."""
+    first when ``capacity`` is reached. It remembers what was stored since the last
+    :meth:`take_changes`, for a state store to persist (see the module doc)."""
 
     def __init__(self, capacity: int = 10000) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[str, CachedPolicy] = OrderedDict()
+        self._changed: dict[str, CachedPolicy] = {}
 
     def get(self, domain: str) -> CachedPolicy | None:
         return self._entries.get(domain)
 
     def put(self, domain: str, entry: CachedPolicy) -> None:
+        self._keep(domain, entry)
+        self._changed[domain] = entry
+        while len(self._changed) > self.capacity:
+            self._changed.pop(next(iter(self._changed)))
+
+    def _keep(self, domain: str, entry: CachedPolicy) -> None:
         self._entries.pop(domain, None)
         self._entries[domain] = entry
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
+
+    def restore(self, domain: str, entry: CachedPolicy) -> None:
+        """An entry read back from the state store, unless a newer one is here already."""
+        held = self._entries.get(domain)
+        if held is None or held.fetched_at < entry.fetched_at:
+            self._keep(domain, entry)
+
+    def take_changes(self) -> dict[str, CachedPolicy]:
+        """The entries stored since the last call (they are forgotten here)."""
+        changed, self._changed = self._changed, {}
+        return changed
+
+    def give_back(self, changes: dict[str, CachedPolicy]) -> None:
+        """Changes the state store did not take: they go with the next flush."""
+        for domain, entry in changes.items():
+            self._changed.setdefault(domain, entry)
+
+
+def to_record(domain: str, entry: CachedPolicy) -> StsPolicy:
+    """The state store's record of a cached policy."""
+    policy = entry.policy
+    return StsPolicy(
+        domain, entry.policy_id, entry.fetched_at, policy.mode, policy.max_age, " ".join(policy.mx)
+    )
+
+
+def from_record(record: StsPolicy) -> CachedPolicy | None:
+    """The cached policy of a stored record, checked as a fetched one is (None: invalid)."""
+    lines = ["version: STSv1", f"mode: {record.mode}", f"max_age: {record.max_age}"]
+    lines += [f"mx: {pattern}" for pattern in record.mx.split()]
+    if not _ID.fullmatch(record.policy_id):
+        return None
+    try:
+        return CachedPolicy(parse_policy("\n".join(lines)), record.policy_id, record.fetched_at)
+    except MtaStsError:
+        return None

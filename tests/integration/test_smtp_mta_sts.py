@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from service_harness import sample, scrape
 from smtp_harness import Dnsmasq, SmtpSink, dnsmasq, server_tls_context, smtp_sink
 
 from egressd.doors.smtp import SmtpDoor
+from egressd.net import mtasts
+from egressd.state import StsPolicy, open_store
+from egressd.tlspolicy import MemoryPolicyStore
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +46,7 @@ MX_NAMES = [
     "mx7.sts-wild.test",
     "mx.sts-testing.test",
     "mx.sts-badcert.test",
+    "mx.sts-restart.test",
 ]
 
 
@@ -384,3 +389,54 @@ async def test_a_per_destination_override_wins_over_mta_sts(
     assert logs(caplog)[0]["tls_policy"] == "none"
     assert "sts-override.test" not in policies.fetches
     assert refused.startswith("451 4.4.1 ") and "CERTIFICATE_VERIFY_FAILED" in refused
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+async def test_the_cache_survives_a_restart_in_the_state_store(
+    tmp_path: Path, policies: PolicyServer, ca: trustme.CA, ca_file: Path, port: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """With a state store (a warming source), a fetched policy is written with the flush;
+    a new process (a fresh in-memory cache) gets it back and applies it without fetching,
+    while the policy server fails. Without the store it would have no policy and deliver."""
+    domain, mx = "sts-restart.test", [("sts-restart.test", "mx.sts-restart.test")]
+    policies.policies[domain] = (200, policy("enforce", "mx.moved.test"))
+    state = f"""[state]
+directory = "{tmp_path / "state"}"
+[warmup]
+flush_interval = "0.2s"
+[warmup.plan.test]
+days = [1000]
+"""
+    with sts_dns(mx, {domain: "1"}) as dns, tls_sink(port, ca.issue_cert(*MX_NAMES)) as sink:
+        text = config(dns, port, ca_file, state).replace(
+            'ehlo_domain = "out-a.test"\n', 'ehlo_domain = "out-a.test"\nwarmup = "test"\n'
+        )
+        monkeypatch.setattr(mtasts, "DEFAULT_STORE", MemoryPolicyStore())
+        async with egressd(tmp_path, text) as relay:
+            first = await send(relay, f"a@{domain}")
+            await stored_policy(tmp_path / "state", domain)  # the next flush wrote it
+        monkeypatch.setattr(mtasts, "DEFAULT_STORE", MemoryPolicyStore())  # a new process
+        policies.policies[domain] = (500, "oops")
+        async with egressd(tmp_path, text) as relay:
+            again = await send(relay, f"b@{domain}")
+        assert sink.messages == []
+    assert first.startswith("451 4.7.5 ") and "mx: mx.moved.test" in first
+    assert again.startswith("451 4.7.5 ") and "mx: mx.moved.test" in again
+    assert policies.fetches[domain] == 1  # same id, restored and fresh: not fetched again
+
+
+async def stored_policy(directory: Path, domain: str) -> StsPolicy:
+    """The state store's record of ``domain``'s policy, once a flush has written it."""
+    with trio.fail_after(5):
+        while True:
+            store = open_store(directory)
+            try:
+                found = [p for p in store.load("0000-00-00", time.time()).mta_sts]
+            finally:
+                store.close()
+            if any(p.domain == domain for p in found):
+                return next(p for p in found if p.domain == domain)
+            await trio.sleep(0.05)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from state_helpers import StoreOpener
 
-from egressd.state import Batch, DayCount, Event, Override, Progress, Suspension
+from egressd.state import Batch, DayCount, Event, Override, Progress, StsPolicy, Suspension
 
 
 async def test_a_batch_survives_closing_and_reopening(open_backend: StoreOpener) -> None:
@@ -60,3 +60,21 @@ async def test_history_is_newest_first_and_limited(open_backend: StoreOpener) ->
     events = tuple(Event(float(i), "s", "p", "advanced", i, i + 1, "day") for i in range(5))
     await store.write(Batch(events=events))
     assert [e.step_to for e in await store.history(limit=2)] == [5, 4]
+
+
+async def test_mta_sts_policies_are_replaced_by_domain_and_expire(
+    open_backend: StoreOpener,
+) -> None:
+    store = await open_backend()
+    await store.write(
+        Batch(
+            mta_sts=(
+                StsPolicy("a.example", "1", 0.0, "enforce", 1000, "mx.a.example"),
+                StsPolicy("b.example", "1", 0.0, "testing", 50, "*.b.example"),
+            )
+        )
+    )
+    await store.write(Batch(mta_sts=(StsPolicy("a.example", "2", 10.0, "none", 1000, ""),)))
+    await store.close()
+    snapshot = await (await open_backend()).load(since_day="2026-11-30", now=100.0)
+    assert snapshot.mta_sts == (StsPolicy("a.example", "2", 10.0, "none", 1000, ""),)
