@@ -28,6 +28,8 @@ metric                                                    labels
 ``egressd_smtp_transactions_total``                       pool, source, reply_class (2xx/4xx/5xx)
 ``egressd_provider_messages_total``                       source, provider (shaping files' or
                                                           ``other``), reply_class
+``egressd_provider_connections_total``                    source, provider: connections made
+``egressd_provider_open_connections``                     source, provider: open now
 ``egressd_shaping_active``                                source, provider, rule (suspend or
                                                           set KEY): active suspensions/overrides
 ``egressd_smtp_tls_total``                                policy (none/opportunistic/encrypt/verify/
@@ -211,6 +213,20 @@ class Metrics:
             ("source", "provider", "reply_class"),
             registry=registry,
         )
+        self.provider_connections_opened = Counter(
+            "egressd_provider_connections",
+            "Connections made with a shaping budget, by source and shaping provider "
+            '(unmatched destinations are "other").',
+            ("source", "provider"),
+            registry=registry,
+        )
+        self.provider_connections_open = Gauge(
+            "egressd_provider_open_connections",
+            "Open connections with a shaping budget, by source and shaping provider "
+            '(unmatched destinations are "other").',
+            ("source", "provider"),
+            registry=registry,
+        )
         self.shaping_active = Gauge(
             "egressd_shaping_active",
             "Active shaping suspensions and overrides by source, provider (site and domain "
@@ -325,6 +341,12 @@ class Metrics:
     def count_provider_message(self, source: str, provider: str, code: int) -> None:
         """One relayed message from ``source`` to ``provider`` (labels already bounded)."""
         self.provider_messages.labels(source, provider, reply_class(code)).inc()
+
+    def count_provider_connection(self, source: str, provider: str, delta: int) -> None:
+        """A connection from ``source`` to ``provider`` made (+1) or ended (-1)."""
+        self.provider_connections_open.labels(source, provider).inc(delta)
+        if delta > 0:
+            self.provider_connections_opened.labels(source, provider).inc()
 
     def refresh_shaping(self, rows: Iterable[tuple[str, str, str]]) -> None:
         """Rewrite ``egressd_shaping_active`` from (source, provider, rule) rows, one per

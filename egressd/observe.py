@@ -222,6 +222,11 @@ def count_into_metrics(daemon: Observed) -> None:
             names.source(source), provider_label(daemon.runtime, provider), code
         )
     )
+    runtime.connection_hooks.append(
+        lambda source, provider, delta: metrics.count_provider_connection(
+            names.source(source), provider_label(daemon.runtime, provider), delta
+        )
+    )
     runtime.login_failure_hooks.append(lambda door: metrics.login_failures.labels(door).inc())
     runtime.tls_hooks.append(lambda policy, outcome: metrics.smtp_tls.labels(policy, outcome).inc())
     metrics.config_loaded(True, time.time())

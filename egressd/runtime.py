@@ -19,7 +19,9 @@ Observers (the metrics) attach through plain hook lists rather than through the 
 source, shaping provider)``
 for each SMTP transaction a door relayed (:meth:`Runtime.smtp_transaction`), ``tls_hooks``
 ``(policy, outcome)`` for each remote the SMTP door opened or failed to (:meth:`Runtime.smtp_tls`),
-``login_failure_hooks`` the door of each wrong password (:meth:`Runtime.login_failed`,
+``connection_hooks`` ``(source, provider, +1 | -1)`` when a connection with a shaping
+budget is made or ends (:meth:`Runtime.shaped_connection`), ``login_failure_hooks`` the
+door of each wrong password (:meth:`Runtime.login_failed`,
 which also keeps the per-address brake of :mod:`egressd.login`), and the
 :class:`~egressd.egress.EgressObserver` hears about dials and suspensions. A hook must
 be quick and must not raise; the doors never see who listens.
@@ -42,7 +44,7 @@ from egressd.egress import DestinationBreaker, Egress, EgressObserver, NoQuotas,
 from egressd.health import SourceHealth
 from egressd.log import get_logger
 from egressd.login import LoginThrottle
-from egressd.net.shaping import ShapedDestination, proxy_budget
+from egressd.net.shaping import ConnectionHook, ShapedDestination, proxy_budget
 from egressd.pools import PoolSet
 from egressd.shaping import Shaper, ShapingPolicy
 from egressd.warmup import Warmup
@@ -187,6 +189,7 @@ class Runtime:
         self.tls_hooks: list[TlsHook] = []
         self.logins = LoginThrottle(trio.current_time)
         self.login_failure_hooks: list[LoginFailureHook] = []
+        self.connection_hooks: list[ConnectionHook] = []
 
     @property
     def config(self) -> Config:
@@ -219,9 +222,18 @@ class Runtime:
         if self.warmup is not None:
             self.warmup.signal(source, provider, f"shaping rule: {reason}")
 
+    def shaped_connection(self, source: str, provider: str, delta: int) -> None:
+        """A connection of ``source`` to ``provider`` (``other``: none) was made (+1) or
+        has ended (-1); the doors' shaping budgets say so (:class:`ShapedDestination`)."""
+        for hook in self.connection_hooks:
+            hook(source, provider, delta)
+
     def _budget_for(self, host: str | IPAddress) -> ShapedDestination | None:
         """The shaping budgets towards a SOCKS5/PROXY destination (None: no shaping)."""
-        return proxy_budget(self.shaper, host)
+        budget = proxy_budget(self.shaper, host)
+        if budget is not None:
+            budget.on_connection = self.shaped_connection
+        return budget
 
     def _adopt_shaping(self, policy: ShapingPolicy | None) -> None:
         if policy is None:

@@ -375,6 +375,8 @@ class _Opening:
         mx = [(host.preference, host.name) for host in next_hop.hosts]
         self.shaped = smtp_budget(self.runtime.shaper, self.domain, mx)
         self.provider = "other" if self.shaped is None else self.shaped.provider()
+        if self.shaped is not None:
+            self.shaped.on_connection = self.runtime.shaped_connection
         return self.shaped
 
     async def resolve(self, step: Resolve) -> list[Destination]:

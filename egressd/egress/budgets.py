@@ -41,6 +41,13 @@ class DestinationBudget(Protocol):
 
         At most one lease is held: taking another gives the previous one back."""
 
+    def connected(self, source: str) -> None:
+        """The connection from ``source`` (the lease's) was made."""
+
+    def failed(self, source: str) -> None:
+        """A connection attempt from ``source`` (the lease's) failed at the destination;
+        the lease is kept for the next address."""
+
     def release(self) -> None:
         """Give the lease back (idempotent); the connection has ended or never began."""
 

@@ -254,6 +254,8 @@ class Plan:
         self.egress.health.record_success(source.name)
         if address is not None:
             self.egress.breaker.success(address, source.name)
+        if self.budget is not None:
+            self.budget.connected(source.name)
 
     def failed(self, failure: EgressFailure) -> None:
         """The last step failed: account for it and decide what comes next."""
@@ -451,6 +453,8 @@ class Plan:
             self._count_against(source, kind, failure)
         elif party is Party.DESTINATION and failure.destination is not None:
             self._count_against_destination(source, failure.destination, failure)
+            if self.budget is not None:  # and against the (source, site) shaping path
+                self.budget.failed(source.name)
 
     def _count_against_destination(
         self, source: Source, destination: tuple[IPAddress, int], failure: EgressFailure

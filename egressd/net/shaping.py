@@ -23,7 +23,7 @@ prints them without failing.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import dns.exception
 import dns.nameserver
@@ -49,6 +49,7 @@ from egressd.shaping.sites import proxy_destination, quoted, smtp_destination
 
 __all__ = [
     "DNS_LIFETIME",
+    "ConnectionHook",
     "ShapedDestination",
     "findings_text",
     "load_policy",
@@ -60,6 +61,9 @@ __all__ = [
 ]
 
 DNS_LIFETIME = 3.0
+
+ConnectionHook = Callable[[str, str, int], None]
+"""``(source, provider, +1 | -1)``: a shaped connection was made, or has ended."""
 
 
 def load_policy(config: Config) -> ShapingPolicy | None:
@@ -140,6 +144,9 @@ class ShapedDestination:
         self.messages = messages
         self.lease: Lease | None = None
         self.refusals: dict[str, Refusal] = {}
+        #: Told ``(source, provider, +1)`` when a connection is made, ``-1`` when it ends.
+        self.on_connection: ConnectionHook | None = None
+        self._open: tuple[str, str] | None = None
 
     def refusal(self, source: str) -> str | None:
         refusal = self.shaper.check_open(source, self.destination)
@@ -164,10 +171,29 @@ class ShapedDestination:
         self.lease = taken
         return None
 
+    def connected(self, source: str) -> None:
+        """The leased connection was made: the path's failure count starts again, and
+        the connection counts for (source, provider) until :meth:`release`."""
+        if self.lease is None or self.lease.source != source:
+            return
+        self.lease.connected()
+        if self.on_connection is not None and self._open is None:
+            self._open = (source, self.provider())
+            self.on_connection(*self._open, 1)
+
+    def failed(self, source: str) -> None:
+        """A connection attempt from the leased source failed at the destination (the
+        lease is kept for the next address): it counts against the (source, site) path."""
+        if self.lease is not None and self.lease.source == source:
+            self.shaper.attempt_failed(self.lease)
+
     def release(self) -> None:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
+        if self._open is not None and self.on_connection is not None:
+            self.on_connection(*self._open, -1)
+        self._open = None
 
     def replied(self, code: int, lines: Sequence[str]) -> list[Effect]:
         """A reply of the remote on the leased connection: the reply rules hear it

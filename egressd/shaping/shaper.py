@@ -252,11 +252,17 @@ class Shaper:
         self.failures.pop((lease.source, lease.destination.site), None)
 
     def failed(self, lease: Lease) -> None:
+        self.attempt_failed(lease)
+        lease.release()
+
+    def attempt_failed(self, lease: Lease) -> None:
+        """One failed connection attempt on ``lease``'s path, which it keeps (the plan goes
+        on to the next address): ``consecutive_connection_failures_before_delay`` of them
+        in a row hold the (source, site) path for ``failure_hold`` seconds."""
         state = self.failures.setdefault((lease.source, lease.destination.site), _FailureState())
         state.count += 1
         if state.count >= max(1, lease.limits.failures_before_delay.value):
             state.held_until = self.clock() + self.failure_hold
-        lease.release()
 
     def reply(self, source: str, destination: Destination, reply: str) -> list[Effect]:
         """Apply the reply rules to a remote reply (one line, see ``rules.reply_line``)."""

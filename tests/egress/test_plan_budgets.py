@@ -9,7 +9,7 @@ from __future__ import annotations
 from ipaddress import ip_address
 
 from fake_clock import FakeClock
-from test_plan import attempt, give_up, make_egress, unplumbed, v4
+from test_plan import attempt, give_up, make_egress, refused, unplumbed, v4
 
 from egressd.egress import Attempt, Destination, EgressFailure, Failure, Plan, Resolve
 from egressd.net.shaping import ShapedDestination, proxy_budget, smtp_budget
@@ -151,3 +151,59 @@ def test_a_rule_that_suspends_the_source_on_its_greeting_moves_the_plan_to_the_n
     plan.failed(rejected(third))  # b suspended too, and no third source is tried
     assert give_up(plan.next_step()).source == "b"
     assert smtp.lease is None  # giving up gave the lease back
+
+
+def test_connections_made_are_told_with_their_provider_until_released() -> None:
+    clock = FakeClock()
+    egress = make_egress(clock, v4("a"), v4("b", "127.0.0.3"))
+    files = load_shaping_data(
+        "shaping.toml", {"provider": {"big": {"match": [{"MXSuffix": ".big-mx.test"}]}}}
+    )
+    s = Shaper(ShapingPolicy.from_files(files, {}), clock)
+    told: list[tuple[str, str, int]] = []
+    smtp = smtp_budget(s, "big.test", [(10, "mx1.big-mx.test")])
+    assert smtp is not None
+    smtp.on_connection = lambda *event: told.append(event)
+    plan = Plan(egress, pool="p", budget=smtp)
+    plan.next_step()
+    plan.resolved([Destination(ip_address("192.0.2.1")), Destination(ip_address("192.0.2.2"))])
+    plan.failed(refused(attempt(plan.next_step())))
+    assert told == []  # a failed attempt is no connection
+    attempt(plan.next_step())
+    plan.succeeded()
+    assert told == [("a", "big", 1)]
+    plan.release_budget()
+    plan.release_budget()
+    assert told == [("a", "big", 1), ("a", "big", -1)]
+
+
+def test_consecutive_failures_hold_the_source_site_path_and_never_the_source() -> None:
+    clock = FakeClock()
+    egress = make_egress(clock, v4("a"), pools={"only-a": ("a",)})
+    files = load_shaping_data(
+        "shaping.toml", {"default": {"consecutive_connection_failures_before_delay": 2}}
+    )
+    s = Shaper(ShapingPolicy.from_files(files, {}), clock)
+    mx = [(10, "mx.dead.test")]
+
+    def plan_for(domain: str, records: list[tuple[int, str]]) -> Plan:
+        smtp = smtp_budget(s, domain, records)
+        assert smtp is not None
+        plan = Plan(egress, pool="only-a", budget=smtp)
+        plan.next_step()
+        plan.resolved([Destination(ip_address("192.0.2.66"))])
+        return plan
+
+    for _ in range(2):
+        plan = plan_for("dead.test", mx)
+        plan.failed(refused(attempt(plan.next_step())))
+    held = give_up(Plan(egress, pool="only-a", budget=smtp_budget(s, "dead.test", mx)).next_step())
+    assert held.kind is Failure.BUDGET
+    assert 'consecutive_connection_failures_before_delay 2 reached for source "a" to site ' in (
+        str(held)
+    )
+    assert not egress.health.is_suspended("a")
+    other = plan_for("good.test", [(10, "mx.good.test")])  # a still goes elsewhere
+    assert attempt(other.next_step()).source.name == "a"
+    clock.advance(61)  # the hold is over: a tries the site again
+    assert attempt(plan_for("dead.test", mx).next_step()).source.name == "a"

@@ -24,6 +24,8 @@ from egressd.status import scrape
 
 pytestmark = pytest.mark.integration
 
+OPEN = "egressd_provider_open_connections"
+
 TSS04 = "421 4.7.0 [TSS04] Messages from 127.0.0.3 temporarily deferred due to unexpected volume"
 SHAPING = r"""
 [default]
@@ -170,19 +172,36 @@ remote_port = {sink.port}
             assert daemon.extras is not None and daemon.extras.metrics_port is not None
             endpoint = load_config(path).metrics.listen
             assert endpoint is not None
-            exposition = await trio.to_thread.run_sync(
-                scrape, replace(endpoint, port=daemon.extras.metrics_port)
-            )
-            samples = {
-                (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-                for family in text_string_to_metric_families(exposition)
-                for sample in family.samples
+            metrics_at = replace(endpoint, port=daemon.extras.metrics_port)
+
+            async def metrics() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+                exposition = await trio.to_thread.run_sync(scrape, metrics_at)
+                return {
+                    (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                    for family in text_string_to_metric_families(exposition)
+                    for sample in family.samples
+                }
+
+            def by_source_provider(
+                samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], metric: str
+            ) -> dict[tuple[str, str], float]:
+                return {
+                    (dict(labels)["source"], dict(labels)["provider"]): value
+                    for (name, labels), value in samples.items()
+                    if name == metric
+                }
+
+            samples = await metrics()
+            with trio.fail_after(5):  # a remote is closed a moment after the MTA's QUIT
+                while sum(by_source_provider(samples, OPEN).values()):
+                    await trio.sleep(0.05)
+                    samples = await metrics()
+            assert by_source_provider(samples, "egressd_provider_connections_total") == {
+                ("b", "bigmail"): 2.0,
+                ("a", "other"): 1.0,
+                ("b", "other"): 1.0,
             }
-            messages_by = {
-                (dict(labels)["source"], dict(labels)["provider"]): value
-                for (name, labels), value in samples.items()
-                if name == "egressd_provider_messages_total"
-            }
+            messages_by = by_source_provider(samples, "egressd_provider_messages_total")
             assert messages_by == {("b", "bigmail"): 2.0, ("a", "other"): 1.0, ("b", "other"): 1.0}
             active = {
                 labels: value
