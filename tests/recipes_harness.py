@@ -25,16 +25,24 @@ re-execute themselves from there.
   replace the defaults), run with ``haraka -c DIR`` by the system's Node.js; single
   process (``nodes=0``), listening on 127.0.0.1. :meth:`Haraka.submit` returns the reply
   to the end of DATA, which ``queue/smtp_forward`` gives only after the forward did.
+* :func:`kumod_socks5_connect` - KumoMTA cannot run here; this is kumod's SOCKS5 client
+  byte for byte (crates/kumod/src/egress_source.rs, ``ProxyProto::perform_handshake``,
+  KumoMTA 3ebc1e85, socksv5 0.3.1), with its reading of every failure
+  (:class:`KumodProxyBindError`, :class:`KumodHandshakeError`, and :func:`kumod_health_event`
+  for ``maybe_record_health_failure``), and :func:`smtp_transaction`, the SMTP that
+  kumod then speaks through the tunnel.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import pwd
 import re
 import shutil
 import smtplib
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -42,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 from harness import Process, free_port, require_binary, start_process
 
 RECIPES_CACHE = Path(os.environ.get("EGRESSD_RECIPES_CACHE", "/var/cache/egressd-recipes"))
@@ -278,3 +287,157 @@ def haraka(files: dict[str, str]) -> Iterator[Haraka]:
             (directory / "config" / file).write_text(text)
         with start_process([node, binary, "-c", str(directory)], port, timeout=20) as process:
             yield Haraka(directory, port, process)
+
+
+# --------------------------------------------------------------------------- kumod's wire
+
+NOAUTH, USERNAME_PASSWORD, NO_ACCEPTABLE_METHOD = 0x00, 0x02, 0xFF
+CONNECT, BIND = 0x01, 0x02
+
+
+class KumodHandshakeError(Exception):
+    """An ``anyhow`` error of the handshake (method, login, or CONNECT): kumod records no
+    source health event for it; a failed CONNECT is a failure of that destination address."""
+
+
+class KumodProxyBindError(Exception):
+    """kumod's ``ProxyBindError``: the proxy answered the BIND with a failure. kumod
+    records ``HealthEvent::ProxyUnhealthy`` for the source (``suspend_when_proxy_unhealthy``)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"The proxy server failed to bind: status {status:#04x}")
+        self.status = status
+
+
+def kumod_health_event(error: Exception) -> str | None:
+    """``EgressSource::maybe_record_health_failure`` for an error of the SOCKS5 handshake."""
+    return "ProxyUnhealthy" if isinstance(error, KumodProxyBindError) else None
+
+
+@dataclass
+class KumodTunnel:
+    """A tunnel as kumod has it after ``connect_to``: the stream, and the source address it
+    logs (``MaybeProxiedSourceAddress``: the CONNECT reply's BND.ADDR and port)."""
+
+    stream: trio.SocketStream
+    source_address: tuple[str, int]
+    offered_methods: bytes
+    chosen_method: int
+
+
+def _socks_host(address: str, port: int) -> bytes:
+    """socksv5's ``write_request`` host: ATYP 01/04 with the IP literal, then the port."""
+    ip = ipaddress.ip_address(address)
+    atyp = b"\x01" if ip.version == 4 else b"\x04"
+    return atyp + ip.packed + struct.pack(">H", port)
+
+
+async def _read_request_status(stream: trio.SocketStream) -> tuple[int, tuple[str, int] | None]:
+    """socksv5's ``read_request_status``: VER 5, a status RFC 1928 defines (00-08), RSV,
+    an IPv4, domain or IPv6 host, the port. The host, None for a domain (kumod's
+    ``socks_response_addr`` refuses one after a CONNECT)."""
+    head = await _exactly(stream, 4)
+    if head[0] != 5:
+        raise KumodHandshakeError(f"invalid SOCKS version {head[0]:02X}, expected 05")
+    if head[1] > 8:
+        raise KumodHandshakeError(f"invalid request: invalid status {head[1]:02X}")
+    if head[3] == 3:
+        await _exactly(stream, (await _exactly(stream, 1))[0] + 2)
+        return head[1], None
+    length = {1: 4, 4: 16}.get(head[3])
+    if length is None:
+        raise KumodHandshakeError(f"invalid request: invalid address type {head[3]:02X}")
+    raw = await _exactly(stream, length + 2)
+    host = str(ipaddress.ip_address(raw[:length]))
+    return head[1], (host, struct.unpack(">H", raw[length:])[0])
+
+
+async def _exactly(stream: trio.SocketStream, count: int) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = await stream.receive_some(count - len(data))
+        if not chunk:
+            raise KumodHandshakeError(f"EOF after {len(data)} of {count} bytes")
+        data += chunk
+    return bytes(data)
+
+
+async def kumod_socks5_connect(
+    proxy: tuple[str, int],
+    source: str,
+    destination: tuple[str, int],
+    credentials: tuple[str, str] | None = None,
+) -> KumodTunnel:
+    """What kumod does for a source with ``socks5_proxy_server = proxy``,
+    ``socks5_proxy_source_address = source`` (and ``socks5_proxy_username`` /
+    ``socks5_proxy_password = credentials``) to reach ``destination``, an MX address it
+    resolved itself: offer NOAUTH (and USERNAME/PASSWORD with credentials), log in if
+    asked, ``BIND source:0``, read its status only, ``CONNECT destination``, and take the
+    reply's BND.ADDR as the source address. Each step waits for the previous reply."""
+    stream = await trio.open_tcp_stream(*proxy)
+    try:
+        methods = bytes([NOAUTH, USERNAME_PASSWORD] if credentials else [NOAUTH])
+        await stream.send_all(bytes([5, len(methods)]) + methods)
+        version, method = await _exactly(stream, 2)
+        if version != 5:
+            raise KumodHandshakeError(f"invalid SOCKS version {version}")
+        if method == USERNAME_PASSWORD:
+            if credentials is None:
+                raise KumodHandshakeError(
+                    "server responded with UsernamePassword method when we didn't ask for it"
+                )
+            user, password = (part.encode() for part in credentials)
+            await stream.send_all(bytes([1, len(user)]) + user + bytes([len(password)]) + password)
+            if await _exactly(stream, 1) != b"\x01":
+                raise KumodHandshakeError("invalid SOCKS5 UsernamePassword response packet")
+            if await _exactly(stream, 1) != b"\x00":
+                raise KumodHandshakeError("SOCKS5 username/password was incorrect")
+        elif method != NOAUTH:
+            raise KumodHandshakeError(f"incompatible SOCKS5 authentication {method:#04x}")
+        await stream.send_all(bytes([5, BIND, 0]) + _socks_host(source, 0))
+        status, _ = await _read_request_status(stream)
+        if status != 0:
+            raise KumodProxyBindError(status)
+        await stream.send_all(bytes([5, CONNECT, 0]) + _socks_host(*destination))
+        status, bound = await _read_request_status(stream)
+        if status != 0:
+            raise KumodHandshakeError(
+                f"failed to connect {source} -> {destination}: status {status:#04x}"
+            )
+        if bound is None:
+            raise KumodHandshakeError("Domain not supported")
+    except BaseException:
+        await stream.aclose()
+        raise
+    return KumodTunnel(stream, bound, methods, method)
+
+
+async def smtp_transaction(
+    stream: trio.SocketStream, ehlo: str, sender: str, recipient: str, body: bytes
+) -> list[str]:
+    """One SMTP transaction and QUIT over ``stream``, one command at a time (kumod's EHLO
+    name is its source's ``ehlo_domain``); every reply, each as its last line."""
+    buffer = bytearray()
+
+    async def reply() -> str:
+        while True:
+            while b"\r\n" not in buffer:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    raise EOFError(f"EOF waiting for a reply; got {bytes(buffer)!r}")
+                buffer.extend(chunk)
+            end = buffer.index(b"\r\n")
+            line = buffer[:end].decode()
+            del buffer[: end + 2]
+            if line[3:4] != "-":
+                return line
+
+    replies = [await reply()]
+    for command in (f"EHLO {ehlo}", f"MAIL FROM:<{sender}>", f"RCPT TO:<{recipient}>", "DATA"):
+        await stream.send_all(command.encode() + b"\r\n")
+        replies.append(await reply())
+    for data in (body + b"\r\n.\r\n", b"QUIT\r\n"):
+        await stream.send_all(data)
+        replies.append(await reply())
+    await stream.aclose()
+    return replies
