@@ -32,6 +32,10 @@ metric                                                    labels
 ``egressd_provider_open_connections``                     source, provider: open now
 ``egressd_shaping_active``                                source, provider, rule (suspend or
                                                           set KEY): active suspensions/overrides
+``egressd_budgets_shared``                                - (1: shaping budgets counted in the
+                                                          shared store; 0: local shares, the
+                                                          store is unreachable)
+``egressd_budgets_store_outages_total``                   - (times the store became unreachable)
 ``egressd_smtp_tls_total``                                policy (none/opportunistic/encrypt/verify/
                                                           mta-sts enforce/mta-sts testing/dane),
                                                           outcome (verified/encrypted/plaintext/
@@ -234,6 +238,17 @@ class Metrics:
             ("source", "provider", "rule"),
             registry=registry,
         )
+        self.budgets_shared = Gauge(
+            "egressd_budgets_shared",
+            "1 while the shaping budgets are counted in the store shared by the fleet (Redis), "
+            "0 while this node counts local shares because the store is unreachable.",
+            registry=registry,
+        )
+        self.budgets_store_outages = Counter(
+            "egressd_budgets_store_outages",
+            "Times the store of the shared shaping budgets became unreachable.",
+            registry=registry,
+        )
         self.smtp_tls = Counter(
             "egressd_smtp_tls",
             "Remote SMTP connections opened (or not) by the SMTP door, by TLS policy and outcome.",
@@ -354,6 +369,12 @@ class Metrics:
         self.shaping_active.clear()
         for source, provider, rule in rows:
             self.shaping_active.labels(source, provider, rule).inc()
+
+    def budgets_shared_changed(self, shared: bool) -> None:
+        """The shared budgets' store became unreachable (False) or answers again."""
+        self.budgets_shared.set(1 if shared else 0)
+        if not shared:
+            self.budgets_store_outages.inc()
 
     def config_loaded(self, ok: bool, when: float) -> None:
         """A configuration load (startup or reload) took effect, or was refused."""

@@ -313,7 +313,14 @@ class DaemonControls:
             },
             "sources": self._sources(),
             "shaping": self._shaping(),
+            "budgets": self._budgets(),
         }
+
+    def _budgets(self) -> dict[str, Any] | None:
+        """Shared budgets (``[state] backend = "redis"``): shared or local shares; None
+        when the budgets are counted in this process."""
+        shared = self._daemon.runtime.shared_budgets
+        return None if shared is None else shared.status()
 
     def _shaping(self) -> list[dict[str, Any]] | None:
         """Active (source, site/provider) suspensions and overrides; None without shaping."""

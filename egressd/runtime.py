@@ -34,7 +34,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -44,9 +44,10 @@ from egressd.egress import DestinationBreaker, Egress, EgressObserver, NoQuotas,
 from egressd.health import SourceHealth
 from egressd.log import get_logger
 from egressd.login import LoginThrottle
-from egressd.net.shaping import ConnectionHook, ShapedDestination, proxy_budget
+from egressd.net.shaping import BudgetAsker, ConnectionHook, ShapedDestination, proxy_budget
 from egressd.pools import PoolSet
 from egressd.shaping import Shaper, ShapingPolicy
+from egressd.shaping.ledger import Ledger
 from egressd.warmup import Warmup
 
 log = get_logger("session")
@@ -148,6 +149,15 @@ class _CurrentQuotas:
 NO_QUOTAS = NoQuotas()
 
 
+class SharedBudgets(BudgetAsker, Protocol):
+    """Budgets shared by a fleet (:class:`egressd.fleet.budgets.FleetBudgets`)."""
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class Runtime:
     """Shared by all front doors of one daemon process."""
 
@@ -159,6 +169,8 @@ class Runtime:
     ) -> None:
         self.shaper: Shaper | None = None
         """Per-destination budgets (:mod:`egressd.shaping`); None without shaping files."""
+        self.shared_budgets: SharedBudgets | None = None
+        """The shell of budgets shared by a fleet (``[state] backend = "redis"``)."""
         self._adopt_shaping(shaping)
         self.health = SourceHealth(config.sources)
         self.observer = observer or EgressObserver()
@@ -230,16 +242,26 @@ class Runtime:
 
     def _budget_for(self, host: str | IPAddress) -> ShapedDestination | None:
         """The shaping budgets towards a SOCKS5/PROXY destination (None: no shaping)."""
-        budget = proxy_budget(self.shaper, host)
+        budget = proxy_budget(self.shaper, host, self.shared_budgets)
         if budget is not None:
             budget.on_connection = self.shaped_connection
         return budget
+
+    def share_budgets(self, shared: SharedBudgets) -> None:
+        """Count the shaping budgets in a store shared by a fleet from now on (at startup,
+        before the first session): the shaper is rebuilt over ``shared.ledger``."""
+        self.shared_budgets = shared
+        if self.shaper is not None:
+            policy, self.shaper = self.shaper.policy, None
+            self._adopt_shaping(policy)
 
     def _adopt_shaping(self, policy: ShapingPolicy | None) -> None:
         if policy is None:
             self.shaper = None
         elif self.shaper is None:
-            self.shaper = Shaper(policy, trio.current_time)
+            shared = self.shared_budgets
+            ledger = shared.ledger if shared is not None else None
+            self.shaper = Shaper(policy, trio.current_time, ledger=ledger)
         else:
             self.shaper.replace_policy(policy)
 

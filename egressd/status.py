@@ -124,7 +124,8 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
     tail = "" if shaping is None else "\n" + format_shaping(shaping, now)
     workers = status.get("workers")
     middle = "" if workers is None else format_workers(workers) + "\n"
-    return header + pools + "\n" + middle + format_sources(status["sources"], now) + tail
+    budgets = format_budgets(status.get("budgets"))
+    return header + budgets + pools + "\n" + middle + format_sources(status["sources"], now) + tail
 
 
 def format_workers(workers: Sequence[Mapping[str, Any]]) -> str:
@@ -155,6 +156,20 @@ def format_workers(workers: Sequence[Mapping[str, Any]]) -> str:
 
 def _or_dash(value: object) -> str:
     return "-" if value is None else str(value)
+
+
+def format_budgets(budgets: Mapping[str, Any] | None) -> str:
+    """One line on budgets shared by a fleet: shared through the store, or local shares."""
+    if budgets is None:
+        return ""
+    nodes = budgets.get("nodes", 1)
+    if budgets.get("shared"):
+        return f"shaping budgets: shared through the store ({nodes} nodes alive)\n"
+    return (
+        f"shaping budgets: LOCAL SHARES (1/{nodes} of each) for "
+        f"{_duration(float(budgets.get('local_shares_for', 0)))}: the store is unreachable "
+        f"({budgets.get('error', '')})\n"
+    )
 
 
 def format_shaping(effects: Sequence[Mapping[str, Any]], now: float) -> str:

@@ -37,12 +37,13 @@ from egressd.doors.smtp_remote import (
 )
 from egressd.egress import ConnectionQuota, Egress
 from egressd.log import get_logger
-from egressd.proto.smtp_common import Data, DataChunk, EndOfData, Reply
+from egressd.proto.smtp_common import Data, DataChunk, EndOfData, Mail, Reply
 from egressd.relay.core import RelayCore
 from egressd.relay.events import (
     CloseRemote,
     Command,
     Event,
+    MtaCommand,
     NextHopResolved,
     OpenFailed,
     OpenRemote,
@@ -99,6 +100,7 @@ class Relay:
     async def feed(self, event: Event) -> None:
         """Hand ``event`` to the core and execute what it says, results fed back, until it
         has nothing left to do."""
+        await self.prepare_send(event)
         commands = deque(self.core.handle(event))
         while commands:
             result = await self.execute(commands.popleft())
@@ -124,6 +126,15 @@ class Relay:
         elif isinstance(command, TransactionEnded):
             self.account(command)
         return None
+
+    async def prepare_send(self, event: Event) -> None:
+        """A MAIL on a kept remote: its shared message budgets are asked for ahead (the
+        core asks the lease synchronously before MAIL goes out)."""
+        remote = self.remote
+        if remote is None or remote.shaping is None:
+            return
+        if isinstance(event, MtaCommand) and isinstance(event.command, Mail):
+            await remote.shaping.prepare_send()
 
     # ----------------------------------------------------------------------- the remote
 
@@ -163,6 +174,8 @@ class Relay:
         except RemoteError as exc:
             return OpenFailed(exc.reply)
         self.remote = remote
+        if remote.shaping is not None:  # shared budgets: the first message's cells
+            await remote.shaping.prepare_send()
         self.record.source = remote.source.name
         self.provider = remote.provider
         self.quota = remote.quota

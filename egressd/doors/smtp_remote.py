@@ -373,7 +373,7 @@ class _Opening:
             return None
         next_hop = await self.next_hop(None)
         mx = [(host.preference, host.name) for host in next_hop.hosts]
-        self.shaped = smtp_budget(self.runtime.shaper, self.domain, mx)
+        self.shaped = smtp_budget(self.runtime.shaper, self.domain, mx, self.runtime.shared_budgets)
         self.provider = "other" if self.shaped is None else self.shaped.provider()
         if self.shaped is not None:
             self.shaped.on_connection = self.runtime.shaped_connection

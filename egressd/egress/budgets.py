@@ -16,11 +16,19 @@ banner or EHLO reply of the SMTP door's remote matched it) makes the plan move t
 pool's next source instead of the next address (:meth:`~DestinationBudget.suspended`).
 
 When no source of the pool is eligible for this reason, the failure is ``BUDGET`` and its
-detail, from :meth:`~DestinationBudget.exhausted`, names the budget. Pure: no trio.
+detail, from :meth:`~DestinationBudget.exhausted`, names the budget.
+
+Budgets shared by a fleet (:mod:`egressd.shaping.ledger`) are asked of their store ahead,
+because the plan's questions are synchronous: the executor awaits
+:meth:`~DestinationBudget.prepare` with the plan's candidate sources before the plan
+runs, and calls :meth:`~DestinationBudget.settle` once it has picked or given up (what
+was asked for and not used goes back). Both do nothing for in-process budgets. Pure: no
+trio (the protocol only names the coroutine).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 __all__ = ["DestinationBudget"]
@@ -53,3 +61,10 @@ class DestinationBudget(Protocol):
 
     def exhausted(self, pool: str) -> str:
         """The failure's detail when no source of ``pool`` may connect (after refusals)."""
+
+    async def prepare(self, sources: Sequence[str]) -> None:
+        """Before the plan runs: ask a shared store for what a connection from any of
+        ``sources`` would spend, so that the checks above need no I/O."""
+
+    def settle(self) -> None:
+        """The plan has picked or given up: what was asked for and not used goes back."""

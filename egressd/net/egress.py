@@ -43,11 +43,12 @@ from egressd.egress.plan import (
 from egressd.egress.selection import Egress
 from egressd.health import SourceHealth
 from egressd.net.dialer import Dialed, connect, resolve_name
-from egressd.pools import PoolSet
+from egressd.pools import PoolSet, SelectionError
 
 __all__ = [
     "AttemptStep",
     "Resolver",
+    "candidate_sources",
     "connect_within",
     "dial",
     "execute",
@@ -83,12 +84,33 @@ async def execute(
     """Run ``plan`` to its end: ``step``'s result, or the plan's final failure raised.
 
     On success the caller owns the plan's budget lease (:meth:`Plan.release_budget` when
-    the connection ends); on any failure or cancellation it is given back here."""
+    the connection ends); on any failure or cancellation it is given back here. Shared
+    budgets are asked for ahead, for every candidate source in one round trip, and what
+    the plan did not use is settled back (:mod:`egressd.egress.budgets`)."""
+    budget = plan.budget
     try:
+        if budget is not None:
+            await budget.prepare(candidate_sources(plan))
         return await _run(plan, step, resolve)
     except BaseException:
         plan.release_budget()
         raise
+    finally:
+        if budget is not None:
+            budget.settle()
+
+
+def candidate_sources(plan: Plan) -> list[str]:
+    """The sources the plan may pick: its exact source, else its pool's (weight > 0)."""
+    if plan.source is not None:
+        return [plan.source.name]
+    if plan.pool is None:
+        return []
+    try:
+        entries = plan.egress.pools.selector(plan.pool).pool.entries
+    except SelectionError:
+        return []
+    return [entry.source for entry in entries if entry.weight > 0]
 
 
 async def _run(plan: Plan, step: AttemptStep[T], resolve: Resolver) -> T:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import dns.exception
 import dns.nameserver
@@ -43,12 +44,15 @@ from egressd.shaping import (
     refusal_summary,
     site_name,
 )
+from egressd.shaping.ledger import Holding, SharedLedger
+from egressd.shaping.policy import Budget
 from egressd.shaping.rules import reply_line
 from egressd.shaping.shaper import Effect
 from egressd.shaping.sites import proxy_destination, quoted, smtp_destination
 
 __all__ = [
     "DNS_LIFETIME",
+    "BudgetAsker",
     "ConnectionHook",
     "ShapedDestination",
     "findings_text",
@@ -130,15 +134,41 @@ async def load_policy_in_thread(config: Config) -> ShapingPolicy | None:
     return await trio.to_thread.run_sync(load_policy, config)
 
 
+class BudgetAsker(Protocol):
+    """The shell of a shared ledger (:class:`egressd.fleet.budgets.FleetBudgets`): asks the
+    store ahead for what a holding will spend."""
+
+    async def prepare_open(
+        self, holding: Holding, budgets: Iterable[Budget], *, messages: bool = False
+    ) -> None: ...
+
+    async def prepare_send(self, holding: Holding, budgets: Iterable[Budget]) -> None: ...
+
+    def settle(self, holding: Holding) -> None: ...
+
+
 class ShapedDestination:
     """The shaper bound to one destination: an :class:`~egressd.egress.budgets.
     DestinationBudget` for one plan, holding at most one :class:`~egressd.shaping.Lease`.
 
     ``messages``: the connection carries messages (the SMTP door), so a source whose
     message rate is used up is not eligible either: it would cost a connection that
-    carries nothing."""
+    carries nothing.
 
-    def __init__(self, shaper: Shaper, destination: Destination, *, messages: bool = False) -> None:
+    With budgets shared by a fleet (``asker``, and a shaper over a
+    :class:`~egressd.shaping.ledger.SharedLedger`), the plan's
+    :class:`~egressd.shaping.ledger.Holding` is filled ahead: :meth:`prepare` before the
+    plan picks (the executor), :meth:`prepare_send` before each message (the SMTP door);
+    what it does not spend is settled back to the node's spares."""
+
+    def __init__(
+        self,
+        shaper: Shaper,
+        destination: Destination,
+        asker: BudgetAsker | None = None,
+        *,
+        messages: bool = False,
+    ) -> None:
         self.shaper = shaper
         self.destination = destination
         self.messages = messages
@@ -147,11 +177,14 @@ class ShapedDestination:
         #: Told ``(source, provider, +1)`` when a connection is made, ``-1`` when it ends.
         self.on_connection: ConnectionHook | None = None
         self._open: tuple[str, str] | None = None
+        shared = asker is not None and isinstance(shaper.ledger, SharedLedger)
+        self.asker = asker if shared else None
+        self.holding: Holding | None = Holding() if shared else None
 
     def refusal(self, source: str) -> str | None:
-        refusal = self.shaper.check_open(source, self.destination)
+        refusal = self.shaper.check_open(source, self.destination, self.holding)
         if refusal is None and self.messages:
-            refusal = self.shaper.check_send(source, self.destination)
+            refusal = self.shaper.check_send(source, self.destination, self.holding)
         if refusal is None:
             return None
         self.refusals[source] = refusal
@@ -164,7 +197,7 @@ class ShapedDestination:
 
     def take(self, source: str) -> str | None:
         self.release()
-        taken = self.shaper.open(source, self.destination)
+        taken = self.shaper.open(source, self.destination, self.holding)
         if isinstance(taken, Refusal):
             self.refusals[source] = taken
             return taken.reason
@@ -191,9 +224,30 @@ class ShapedDestination:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
+            self.settle()
         if self._open is not None and self.on_connection is not None:
             self.on_connection(*self._open, -1)
         self._open = None
+
+    async def prepare(self, sources: Sequence[str]) -> None:
+        """Before the plan picks: ask the shared store, in one round trip, for what
+        opening a connection from any of ``sources`` would spend (nothing in-process)."""
+        if self.asker is None or self.holding is None:
+            return
+        limits = self.shaper.limits
+        budgets = [b for source in sources for b in limits(source, self.destination).budgets]
+        await self.asker.prepare_open(self.holding, budgets, messages=self.messages)
+
+    async def prepare_send(self) -> None:
+        """Before a message on the leased connection: ask the shared store for its cells."""
+        if self.asker is None or self.holding is None or self.lease is None:
+            return
+        await self.asker.prepare_send(self.holding, self.lease.limits.budgets)
+
+    def settle(self) -> None:
+        """What the holding does not use goes back to this node's spares."""
+        if self.asker is not None and self.holding is not None:
+            self.asker.settle(self.holding)
 
     def replied(self, code: int, lines: Sequence[str]) -> list[Effect]:
         """A reply of the remote on the leased connection: the reply rules hear it
@@ -221,16 +275,21 @@ class ShapedDestination:
 
 
 def smtp_budget(
-    shaper: Shaper | None, domain: str, mx: Iterable[tuple[int, str]]
+    shaper: Shaper | None,
+    domain: str,
+    mx: Iterable[tuple[int, str]],
+    asker: BudgetAsker | None = None,
 ) -> ShapedDestination | None:
     """The SMTP door's budgets: the recipient domain's site and provider, from its next
     hop's MX ``(preference, host)`` records."""
     if shaper is None:
         return None
-    return ShapedDestination(shaper, smtp_destination(domain, mx), messages=True)
+    return ShapedDestination(shaper, smtp_destination(domain, mx), asker, messages=True)
 
 
-def proxy_budget(shaper: Shaper | None, host: str | IPAddress) -> ShapedDestination | None:
+def proxy_budget(
+    shaper: Shaper | None, host: str | IPAddress, asker: BudgetAsker | None = None
+) -> ShapedDestination | None:
     """The SOCKS5 and PROXY doors' budgets: the name the client gave, else the address."""
     if shaper is None:
         return None
@@ -240,9 +299,9 @@ def proxy_budget(shaper: Shaper | None, host: str | IPAddress) -> ShapedDestinat
         except ValueError:
             address = None
         if address is None:
-            return ShapedDestination(shaper, _named(host))
+            return ShapedDestination(shaper, _named(host), asker)
         host = address
-    return ShapedDestination(shaper, proxy_destination(host))
+    return ShapedDestination(shaper, proxy_destination(host), asker)
 
 
 def _named(name: str) -> Destination:
