@@ -534,6 +534,8 @@ async def serve(
             )
             observe.count_into_metrics(daemon)
             stop = _Stop()
+            if config.state.backend == "redis":
+                await share_budgets(runtime, metrics, config, connections)
             if link is None:
                 daemon.extras = observe.Extras(daemon, connections)
                 await daemon.extras.apply(config, at_startup=True)
@@ -589,6 +591,19 @@ async def _handle_signals(
             await daemon.reload("SIGHUP")
         else:
             log.info("SIGHUP ignored: the supervisor reloads every worker")
+
+
+async def share_budgets(
+    runtime: Runtime, metrics: Metrics, config: Config, nursery: trio.Nursery
+) -> None:
+    """Count the shaping budgets in Redis, shared by the fleet (before any listener)."""
+    from egressd.fleet.budgets import serve_fleet_budgets  # glide: only with redis
+
+    metrics.budgets_shared_changed(True)
+    shared = await nursery.start(
+        partial(serve_fleet_budgets, config.state, changed=metrics.budgets_shared_changed)
+    )
+    runtime.share_budgets(shared)
 
 
 def attach_warming(runtime: Runtime, warming: Warming) -> None:

@@ -32,7 +32,7 @@ metric                                                    labels
 ``egressd_provider_open_connections``                     source, provider: open now
 ``egressd_shaping_active``                                source, provider, rule (suspend or
                                                           set KEY): active suspensions/overrides
-``egressd_budgets_shared``                                - (1: shaping budgets counted in the
+``egressd_budgets_shared``                                store (1: shaping budgets counted in the
                                                           shared store; 0: local shares, the
                                                           store is unreachable)
 ``egressd_budgets_store_outages_total``                   - (times the store became unreachable)
@@ -241,7 +241,9 @@ class Metrics:
         self.budgets_shared = Gauge(
             "egressd_budgets_shared",
             "1 while the shaping budgets are counted in the store shared by the fleet (Redis), "
-            "0 while this node counts local shares because the store is unreachable.",
+            "0 while this node counts local shares because the store is unreachable "
+            "(absent when the budgets are counted in this process).",
+            ("store",),
             registry=registry,
         )
         self.budgets_store_outages = Counter(
@@ -372,7 +374,7 @@ class Metrics:
 
     def budgets_shared_changed(self, shared: bool) -> None:
         """The shared budgets' store became unreachable (False) or answers again."""
-        self.budgets_shared.set(1 if shared else 0)
+        self.budgets_shared.labels("redis").set(1 if shared else 0)
         if not shared:
             self.budgets_store_outages.inc()
 

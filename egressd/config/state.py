@@ -14,6 +14,7 @@ connect_timeout = "2s"
 command_timeout = "1s"
 node_name = "mx-1"                      # default: the host name
 heartbeat_interval = "5s"               # a node unseen for 3 intervals is stale
+lease_timeout = "30s"                   # a dead node's shared connection slots come back
 ```
 
 A password in ``url`` works, but ``check --effective`` prints it masked and the main file
@@ -166,6 +167,9 @@ class StateSettings:
     command_timeout: float = setting(_Timeout(), 1.0)
     node_name: str | None = setting(Text(), None)
     heartbeat_interval: float = setting(_Timeout(), 5.0)
+    lease_timeout: float = setting(_Timeout(), 30.0)
+    """How long a connection slot of a shared budget outlives a node that stopped renewing
+    it (renewed every third of it): a node killed returns its slots within this time."""
 
     @property
     def password(self) -> str | None:

@@ -31,9 +31,10 @@ executor, :mod:`egressd.net.egress`), for every candidate source in one round tr
 the holding has what it needs, or this node's spares cover it. In the background
 (:meth:`FleetBudgets.run`): released and lingering spares go back every
 :data:`FLUSH_INTERVAL`; every slot this node holds is renewed every third of the lease
-timeout (so a node that dies returns its slots within one lease timeout: the
-``[state] lease_timeout``, 30 s by default, where KumoMTA uses the connection's whole
-lifetime of timeouts because it renews only per message).
+timeout, or every ``[state] heartbeat_interval`` when that is shorter (so a node that
+dies returns its slots within one lease timeout: the ``[state] lease_timeout``, 30 s by
+default, where KumoMTA uses the connection's whole lifetime of timeouts because it renews
+only per message).
 
 **Losing Redis.** A call that fails (refused, reset, no answer within the client's
 timeouts) switches the ledger to local shares (:meth:`SharedLedger.went_down`), logs one
@@ -47,12 +48,16 @@ budgets". Nothing here delays a reply to a client beyond the first failing call.
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
 
+from egressd.config import StateSettings
 from egressd.log import get_logger
 from egressd.shaping.ledger import (
     AcquireSlot,
@@ -74,6 +79,7 @@ __all__ = [
     "Heartbeat",
     "ScriptClient",
     "StoreUnavailable",
+    "serve_fleet_budgets",
 ]
 
 log = get_logger("fleet.budgets")
@@ -219,6 +225,7 @@ class FleetBudgets:
         client: ScriptClient,
         *,
         lease_timeout: float = 30.0,
+        heartbeat_interval: float = 5.0,
         unavailable: tuple[type[Exception], ...] = (OSError,),
         nodes_alive: Callable[[], int] | None = None,
         clock: Callable[[], float] = trio.current_time,
@@ -227,6 +234,8 @@ class FleetBudgets:
         self.ledger = ledger
         self.client = client
         self.timeout_ms = max(1, round(lease_timeout * 1000))
+        self.renew_interval = min(lease_timeout / 3, heartbeat_interval)
+        """Slots are renewed, and the heartbeat counts the nodes, this often."""
         self.unavailable: tuple[type[Exception], ...] = (StoreUnavailable, *unavailable)
         self.nodes_alive = nodes_alive
         self.clock = clock
@@ -274,11 +283,13 @@ class FleetBudgets:
 
     # ------------------------------------------------------------------ background
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[FleetBudgets] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Give back, renew, and probe while Redis is away, until cancelled; at the end,
         everything this node holds goes back (a clean stop frees its slots at once)."""
         await self.renew()  # the heartbeat: how many nodes share the budgets
-        task_status.started()
+        task_status.started(self)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._renew_forever)
@@ -296,11 +307,10 @@ class FleetBudgets:
                 await self.probe()
 
     async def _renew_forever(self) -> None:
-        interval = self.timeout_ms / 3000
         while True:
             if self.shared:
                 await self.renew()
-            await trio.sleep(interval)
+            await trio.sleep(self.renew_interval)
 
     async def flush(self) -> None:
         """Released slots and lingering spares go back to Redis."""
@@ -315,7 +325,8 @@ class FleetBudgets:
 
     async def renew(self) -> None:
         """Renew every slot this node holds, with this node's heartbeat."""
-        beat = Heartbeat(self._nodes_key(), self.ledger.node, self.timeout_ms)
+        stale_ms = max(1, round(3 * self.renew_interval * 1000))  # unseen for 3 beats
+        beat = Heartbeat(self._nodes_key(), self.ledger.node, stale_ms)
         ops: list[Op | Heartbeat] = [beat, *self.ledger.renewals()]
         try:
             results = await self._exchange(ops)
@@ -405,3 +416,34 @@ class FleetBudgets:
 
     def _now_ns(self) -> int:
         return round(self.clock() * NANOS)
+
+
+def node_id(name: str | None) -> str:
+    """This process's name in slot members: the node's name, its PID and a random tag
+    (two processes of one host never share members; ``,`` separates them in ops)."""
+    base = (name or socket.gethostname()).replace(",", "_")
+    return f"{base}/{os.getpid()}/{secrets.token_hex(3)}"
+
+
+async def serve_fleet_budgets(
+    settings: StateSettings,
+    *,
+    changed: Callable[[bool], None] = lambda shared: None,
+    task_status: trio.TaskStatus[FleetBudgets] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The daemon's shared budgets for ``[state] backend = "redis"``: a client of its own
+    (the budgets' calls never queue behind the state store's), started as
+    :class:`FleetBudgets`, run until cancelled."""
+    from egressd.fleet.client import RedisUnavailable, open_client  # glide: only with redis
+
+    async with open_client(settings, "egressd-budgets") as client:
+        ledger = SharedLedger(node_id(settings.node_name), prefix=client.key("budgets") + ":")
+        budgets = FleetBudgets(
+            ledger,
+            client,
+            lease_timeout=settings.lease_timeout,
+            heartbeat_interval=settings.heartbeat_interval,
+            unavailable=(RedisUnavailable,),
+            changed=changed,
+        )
+        await budgets.run(task_status=task_status)

@@ -33,8 +33,9 @@ Two ledgers implement :class:`Ledger`:
     its message budgets (:meth:`SharedLedger.wants_to_send`). The shaper then spends from
     the holding without I/O. What a holding does not spend goes back to the node's spare
     pool (:meth:`SharedLedger.settle`), where the next plan finds it without a round trip,
-    and from there back to the store after :attr:`SharedLedger.linger` seconds unused
-    (:meth:`SharedLedger.returns`).
+    and from there back to the store (:meth:`SharedLedger.returns`, which the shell calls
+    every tenth of a second): slots at once, so that another node may take them; cells
+    after :attr:`SharedLedger.linger` seconds unused.
 
     - A connection **slot** is a member of a sorted set in the store, scored by its expiry
       (KumoMTA's crates/throttle/src/limit.rs); the shell renews every slot this node holds
@@ -50,10 +51,11 @@ Two ledgers implement :class:`Ledger`:
 
     **Exactness.** The store grants every slot and cell, atomically: the fleet never spends
     more than the budget. It may spend less: a node holds at most one batch of spare cells
-    per budget (1% of its burst), and spare slots, for :attr:`~SharedLedger.linger`
-    seconds, before giving them back. **A node that crashes** loses what it held: its slots
-    come back when their lease times out; its spare cells (at most 1% of the burst per
-    budget) are never spent, so the fleet under-spends by that much, never over-spends.
+    per budget (1% of its burst) for :attr:`~SharedLedger.linger` seconds, and a released
+    slot until the shell's next give-back (a tenth of a second). **A node that crashes**
+    loses what it held: its slots come back when their lease times out; its spare cells
+    (at most 1% of the burst per budget) are never spent, so the fleet under-spends by that
+    much, never over-spends.
 
     **When the store is unreachable** (:meth:`SharedLedger.went_down`), every shared budget
     is counted here, as a *local share*: the budget divided by the number of nodes last seen
@@ -286,7 +288,7 @@ class SharedLedger:
         self.slots: dict[str, _Slot] = {}
         """Every slot this node holds in the store (free, used, or spare), by member."""
         self.open_here: dict[Key, int] = {}
-        self.spare_slots: dict[Key, list[tuple[str, int]]] = {}
+        self.spare_slots: dict[Key, list[str]] = {}
         self.spare_cells: dict[Key, _Spare] = {}
         self._ids = itertools.count(1)
         self._released: dict[str, list[str]] = {}
@@ -403,8 +405,7 @@ class SharedLedger:
         """The plan has picked (or given up), or the connection ended: what ``holding``
         holds and does not use goes to this node's spare pools."""
         for key, members in holding.slots.items():
-            pool = self.spare_slots.setdefault(key, [])
-            pool.extend((member, now) for member in members)
+            self.spare_slots.setdefault(key, []).extend(members)
         holding.slots.clear()
         for key, count in holding.cells.items():
             if count > 0:
@@ -415,8 +416,8 @@ class SharedLedger:
         holding.refused_until.clear()
 
     def returns(self, now: int, *, everything: bool = False) -> list[Op]:
-        """What goes back to the store now: released slots, and spares unused for
-        :attr:`linger` (all spares when ``everything``, e.g. at shutdown)."""
+        """What goes back to the store now: released and spare slots, and spare cells
+        unused for :attr:`linger` (all of them when ``everything``, e.g. at shutdown)."""
         if self.down:
             return []
         ops: list[Op] = []
@@ -425,16 +426,14 @@ class SharedLedger:
         for store_key, members in released.items():
             ops.append(ReleaseSlots(store_key, tuple(members)))
         old = now - self.linger_ns
-        for key, pool in list(self.spare_slots.items()):
-            pool = [(m, now if since == _UNSTAMPED else since) for m, since in pool]
-            stale = [m for m, since in pool if everything or since <= old]
-            self.spare_slots[key] = [(m, s) for m, s in pool if m not in stale]
-            if not stale:
+        for pool in self.spare_slots.values():
+            if not pool:
                 continue
-            store_key = self.slots[stale[0]].store_key
-            for member in stale:
+            store_key = self.slots[pool[0]].store_key
+            for member in pool:
                 del self.slots[member]
-            ops.append(ReleaseSlots(store_key, tuple(stale)))
+            ops.append(ReleaseSlots(store_key, tuple(pool)))
+        self.spare_slots.clear()
         for key, spare in list(self.spare_cells.items()):
             if spare.count > 0 and (everything or spare.since <= old):
                 assert isinstance(spare.budget.value, ThrottleSpec)
@@ -471,7 +470,7 @@ class SharedLedger:
         self.nodes = max(1, nodes)
         self.shares = LocalLedger()
         for pool in self.spare_slots.values():
-            for member, _ in pool:
+            for member in pool:
                 self.slots.pop(member, None)
         self.spare_slots.clear()
         self.spare_cells.clear()
@@ -530,7 +529,7 @@ class SharedLedger:
                 return None
             spare = self.spare_slots.get(budget.key)
             if spare:
-                member, _ = spare.pop()
+                member = spare.pop()
                 holding.slots.setdefault(budget.key, []).append(member)
                 return None
             return AcquireSlot(self.store_key(budget), self._member(), _limit(budget))
@@ -551,13 +550,13 @@ class SharedLedger:
         spare.count += count
 
     def _release_member(self, member: str) -> None:
-        """A connection ended: its slot is spare here (stamped by the next :meth:`returns`),
-        or, while the store is down, released when it is back."""
+        """A connection ended: its slot is spare here (until the next :meth:`returns`), or,
+        while the store is down, released when it is back."""
         slot = self.slots.get(member)
         if slot is None:  # pragma: no cover - every used member is held
             return
         if not self.down:
-            self.spare_slots.setdefault(slot.budget.key, []).append((member, _UNSTAMPED))
+            self.spare_slots.setdefault(slot.budget.key, []).append(member)
             return
         del self.slots[member]
         if slot.registered:
@@ -581,7 +580,6 @@ class Want:
     budget: Budget
 
 
-_UNSTAMPED = -1
 _OPEN_KINDS = frozenset({"connections", "connection rate", "selection rate"})
 _SEND_KINDS = frozenset({"message rate", "selection rate"})
 
