@@ -319,7 +319,7 @@ async def test_redis_killed_mid_run_local_shares_then_reconciliation(
     short_dir: Path, redis_server: RedisServer
 ) -> None:
     shaping = (
-        '[provider."bigmail"]\nmatch = [{ MXSuffix = ".bigmail-mx.test" }]\nconnection_limit = 4\n'
+        '[provider."bigmail"]\nmatch = [{ MXSuffix = ".bigmail-mx.test" }]\nconnection_limit = 10\n'
     )
     with smtp_setup(short_dir, redis_server) as (sink, extra):
         async with two_daemons(short_dir, redis_server, shaping, extra) as (one, two, _, _):
