@@ -551,6 +551,7 @@ async def serve(
             connections.start_soon(_handle_signals, daemon, signals, stop, link is None)
             if warming is not None:
                 connections.start_soon(warming.run_flusher)
+            connections.start_soon(mtasts.run_refresher, lambda: runtime.config)
             if link is None:
                 connections.start_soon(watch_config_files, daemon)
                 await connections.start(sdnotify.watchdog_loop)

@@ -17,6 +17,12 @@ with a :class:`Lookup` (the policy, or None, and a note for the log):
    ``text/plain`` counts, the body is capped at :data:`MAX_POLICY_SIZE` and the whole
    fetch at :data:`FETCH_SECONDS`. A failed fetch keeps a fresh cached policy.
 
+:func:`run_refresher` runs for the daemon's life: every :data:`REFRESH_INTERVAL` it
+fetches again the policies that are due (:meth:`~egressd.tlspolicy.MemoryPolicyStore.due`,
+a day before they expire), one domain at a time (:func:`refresh_policy`: the TXT record
+first; without one the policy is left to expire; a failed fetch keeps it and is tried
+again at the next round).
+
 The cache is a :class:`~egressd.tlspolicy.PolicyStore`; :data:`DEFAULT_STORE` keeps it in
 memory for the process's life (across reloads), and where the daemon has a state store
 (:mod:`egressd.warming`) its new entries are written with each flush and read back at
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import dns.exception
@@ -36,6 +42,7 @@ import httpx
 import trio
 
 from egressd.config import Config
+from egressd.log import get_logger
 from egressd.net.mx import resolver_for
 from egressd.net.tls import client_context
 from egressd.tlspolicy import (
@@ -49,11 +56,23 @@ from egressd.tlspolicy import (
 )
 from egressd.tlspolicy.mtasts import after_failed_fetch, next_step
 
-__all__ = ["DEFAULT_STORE", "FETCH_SECONDS", "MAX_POLICY_SIZE", "Lookup", "mta_sts_policy"]
+__all__ = [
+    "DEFAULT_STORE",
+    "FETCH_SECONDS",
+    "MAX_POLICY_SIZE",
+    "REFRESH_INTERVAL",
+    "Lookup",
+    "mta_sts_policy",
+    "refresh_policy",
+    "run_refresher",
+]
 
 MAX_POLICY_SIZE = 64 * 1024
 FETCH_SECONDS = 10.0
 POLICY_PORT = 443
+REFRESH_INTERVAL = 3600.0
+"""How often the refresher looks for policies due (well inside the one-day lead)."""
+log = get_logger("smtp")
 DEFAULT_STORE = MemoryPolicyStore()
 """The process's policy cache (persisted by the state flusher where a store exists)."""
 
@@ -99,6 +118,52 @@ async def mta_sts_policy(
         return Lookup(kept, f"MTA-STS policy fetch for {domain} failed: {why}; {keeping}")
     store.put(domain, CachedPolicy(policy, policy_id, now()))
     return Lookup(policy, f"MTA-STS policy id {policy_id} (fetched)")
+
+
+async def refresh_policy(
+    domain: str,
+    config: Config,
+    store: PolicyStore | None = None,
+    now: Callable[[], float] = time.time,
+) -> str:
+    """Fetch ``domain``'s policy again ahead of its expiry (the TXT record first: without
+    one the policy is left to expire); a note on what happened, for the log."""
+    store = DEFAULT_STORE if store is None else store
+    policy_id = await _txt_id(domain, config)
+    if policy_id is None:
+        return "no valid _mta-sts TXT record: the cached policy is left to expire"
+    try:
+        with trio.fail_after(FETCH_SECONDS):
+            policy = await fetch_policy(domain, config)
+    except (FetchError, trio.TooSlowError) as exc:
+        return f"fetch failed, tried again later: {str(exc) or 'timed out'}"
+    store.put(domain, CachedPolicy(policy, policy_id, now()))
+    return f"refreshed, id {policy_id}"
+
+
+async def run_refresher(
+    config: Callable[[], Config],
+    store: MemoryPolicyStore | None = None,
+    now: Callable[[], float] = time.time,
+    refresh: Callable[[str, Config], Awaitable[str]] | None = None,
+) -> None:
+    """Every :data:`REFRESH_INTERVAL`, refresh the policies due (see the module doc), while
+    ``config()`` has MTA-STS on; runs until cancelled. ``refresh`` defaults to
+    :func:`refresh_policy` on ``store``."""
+    cache = DEFAULT_STORE if store is None else store
+
+    async def default(domain: str, current: Config) -> str:
+        return await refresh_policy(domain, current, cache, now)
+
+    refresh = refresh or default
+    while True:
+        await trio.sleep(REFRESH_INTERVAL)
+        current = config()
+        if not current.smtp.tls.mta_sts:
+            continue
+        for domain in cache.due(now()):
+            note = await refresh(domain, current)
+            log.info("mta-sts refresh", extra={"fields": {"domain": domain, "note": note}})
 
 
 async def _txt_id(domain: str, config: Config) -> str | None:

@@ -23,6 +23,13 @@ cached policy still applies (:func:`after_failed_fetch`); a missing or unreadabl
 record does not end a fresh cached policy either (section 3.1: the TXT record only
 signals a change). Time is passed in (``now``), never read here.
 
+Policies in use are refreshed before they expire (sections 3.3 and 5.1: a sender should
+fetch a policy again before its ``max_age`` runs out, so that a domain it mails keeps its
+protection without a gap): :attr:`CachedPolicy.refresh_at` is :data:`REFRESH_LEAD` (one
+day) before expiry, or half-way for a ``max_age`` under two days, and
+:meth:`MemoryPolicyStore.due` lists the domains whose policy is past it and not yet
+expired (an expired one is no longer in use: it is fetched again only when mail comes).
+
 The cache lives behind :class:`PolicyStore`: :class:`MemoryPolicyStore` in memory,
 bounded. Where the daemon has a state store (:mod:`egressd.state`), the memory store is
 also what gets persisted, without a delivery ever waiting on the store: it remembers the
@@ -43,6 +50,7 @@ from egressd.state.records import StsPolicy
 
 __all__ = [
     "MAX_AGE_LIMIT",
+    "REFRESH_LEAD",
     "CachedPolicy",
     "MemoryPolicyStore",
     "MtaStsError",
@@ -62,6 +70,8 @@ Step = Literal["cached", "fetch", "none"]
 
 _MODES: tuple[Mode, ...] = ("enforce", "testing", "none")
 MAX_AGE_LIMIT = 31557600  # section 3.2: at most one year
+REFRESH_LEAD = 86400.0
+"""How long before a cached policy expires it is fetched again (at most half its max_age)."""
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")
 _MAX_AGE = re.compile(r"[0-9]{1,10}")
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
@@ -187,6 +197,11 @@ class CachedPolicy:
     def fresh(self, now: float) -> bool:
         return now < self.expires_at
 
+    @property
+    def refresh_at(self) -> float:
+        """When to fetch it again ahead of expiry (see the module doc)."""
+        return self.expires_at - min(REFRESH_LEAD, self.policy.max_age / 2)
+
 
 def next_step(cached: CachedPolicy | None, txt_id: str | None, now: float) -> Step:
     """What to do for a domain: use the ``cached`` policy, ``fetch`` it, or go without
@@ -245,6 +260,12 @@ class MemoryPolicyStore:
         held = self._entries.get(domain)
         if held is None or held.fetched_at < entry.fetched_at:
             self._keep(domain, entry)
+
+    def due(self, now: float) -> list[str]:
+        """Domains whose policy is due for a refresh at ``now`` and not yet expired,
+        the soonest to expire first."""
+        due = [(e.expires_at, d) for d, e in self._entries.items() if e.refresh_at <= now]
+        return [domain for expires_at, domain in sorted(due) if now < expires_at]
 
     def take_changes(self) -> dict[str, CachedPolicy]:
         """The entries stored since the last call (they are forgotten here)."""

@@ -29,10 +29,11 @@ from harness import free_port
 from service_harness import sample, scrape
 from smtp_harness import Dnsmasq, SmtpSink, dnsmasq, server_tls_context, smtp_sink
 
+from egressd.config import load_config
 from egressd.doors.smtp import SmtpDoor
 from egressd.net import mtasts
 from egressd.state import StsPolicy, open_store
-from egressd.tlspolicy import MemoryPolicyStore
+from egressd.tlspolicy import CachedPolicy, MemoryPolicyStore, parse_policy
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +48,7 @@ MX_NAMES = [
     "mx.sts-testing.test",
     "mx.sts-badcert.test",
     "mx.sts-restart.test",
+    "mx.sts-refresh.test",
 ]
 
 
@@ -440,3 +442,27 @@ async def stored_policy(directory: Path, domain: str) -> StsPolicy:
             if any(p.domain == domain for p in found):
                 return next(p for p in found if p.domain == domain)
             await trio.sleep(0.05)
+
+
+async def test_a_refresh_fetches_the_policy_again_under_the_same_id(
+    tmp_path: Path, policies: PolicyServer, ca_file: Path, port: int
+) -> None:
+    """What the background refresher does for a policy due (RFC 8461 section 3.3): fetch
+    again although the id did not change, and cache it anew; without a TXT record, leave
+    the policy to expire."""
+    domain = "sts-refresh.test"
+    policies.policies[domain] = (200, policy("testing", "mx.sts-refresh.test", max_age=600))
+    store = MemoryPolicyStore()
+    old = CachedPolicy(parse_policy(policy("enforce", "mx.old.test")), "7", time.time() - 80000)
+    store.put(domain, old)
+    with sts_dns([(domain, "mx.sts-refresh.test")], {domain: "7"}) as dns:
+        (tmp_path / "egressd.toml").write_text(config(dns, port, ca_file))
+        loaded = load_config(tmp_path / "egressd.toml")
+        note = await mtasts.refresh_policy(domain, loaded, store)
+        gone = await mtasts.refresh_policy("sts-none.test", loaded, store)
+    assert note == "refreshed, id 7"
+    entry = store.get(domain)
+    assert entry is not None and entry.policy.mode == "testing" and entry.policy_id == "7"
+    assert entry.fetched_at > old.fetched_at
+    assert "left to expire" in gone
+    assert policies.fetches == {domain: 1}
