@@ -11,6 +11,7 @@ egressd's source has ``remote_port`` set to the test's sink port; the TLSA names
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import random
 import ssl
@@ -34,6 +35,7 @@ from smtp_harness import SmtpSink, server_tls_context, smtp_sink
 from egressd.checks import dane_resolver_warnings
 from egressd.config import load_config
 from egressd.doors.smtp import SmtpDoor
+from egressd.explain import command_explain
 from egressd.tlspolicy.tlsa import selected
 
 pytestmark = pytest.mark.integration
@@ -350,9 +352,43 @@ async def test_dane_takes_precedence_over_an_mta_sts_policy(
         tls = f'ca_file = "{ca_file}"'
         async with egressd(tmp_path, config(resolver, port, tls=tls)) as relay:
             refused = await send(relay, "rcpt@sts.dane.test")
+        tls = f'dane = true\nca_file = "{ca_file}"'
+        shown = await trio.to_thread.run_sync(
+            explain, tmp_path, config(resolver, port, tls=tls), "sts.dane.test"
+        )
     assert delivered.startswith("250 ")
     assert logs(caplog)[0]["tls_policy"] == "dane"
     assert refused.startswith("451 4.7.5 ") and "MTA-STS policy of sts.dane.test" in refused
+    assert (
+        "  MTA-STS: MTA-STS policy of sts.dane.test (enforce, mx: mx.elsewhere.test) "
+        "[MTA-STS policy id 1 (fetched)]\n"
+        "  DANE: DANE TLSA records of _25._tcp.mx.sts.dane.test (3 1 1 "
+    ) in shown
+    assert "  MX mx.sts.dane.test: dane\n" in shown
+
+
+def explain(tmp_path: Path, text: str, domain: str) -> str:
+    """What ``egressd explain DOMAIN`` prints (its TLS part and the rest)."""
+    path = tmp_path / "egressd.toml"
+    path.write_text(text)
+    out = io.StringIO()
+    assert command_explain(load_config(path), domain, None, out) == 0
+    return out.getvalue()
+
+
+def test_explain_shows_each_mx_hosts_dane_state_and_policy(tmp_path: Path, resolver: str) -> None:
+    shown = explain(tmp_path, config(resolver, 25), "two.dane.test")
+    assert "  [smtp.tls] mode = opportunistic, verify = false: opportunistic\n" in shown
+    assert "  MTA-STS: none [no MTA-STS policy]\n" in shown
+    assert "  DANE: DANE TLSA records of _25._tcp.mx1.two.dane.test (3 1 1 " in shown
+    assert "  MX mx1.two.dane.test: dane\n  MX mx2.two.dane.test: dane\n" in shown
+    unsigned = explain(tmp_path, config(resolver, 25), "plain.test")
+    assert "  DANE: no DANE for mx.plain.test: the MX records of plain.test are not " in unsigned
+    assert "  MX mx.plain.test: opportunistic\n" in unsigned
+    pkix = explain(tmp_path, config(resolver, 25), "pkix.dane.test")
+    assert "none usable, TLS required without authentication" in pkix
+    off = explain(tmp_path, config(resolver, 25, tls=""), "ok.dane.test")
+    assert "  DANE: off (" in off and "  MX mx.ok.dane.test: opportunistic\n" in off
 
 
 # --------------------------------------------------------------------------- check
