@@ -137,7 +137,7 @@ def mta_extensions(config: Config) -> tuple[str, ...]:
         "AUTH PLAIN LOGIN",
     ]
     if config.smtp.tls.certificate and config.smtp.tls.private_key:
-        extensions.append("STARTTLS")
+        extensions += ["STARTTLS", "REQUIRETLS"]  # REQUIRETLS: only once TLS is on (RFC 8689)
     return tuple(extensions)
 
 

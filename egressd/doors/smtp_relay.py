@@ -170,6 +170,7 @@ class Relay:
                 command.domain,
                 command.next_hops,
                 self.hostname,
+                requiretls=command.requiretls,
             )
         except RemoteError as exc:
             return OpenFailed(exc.reply)

@@ -40,6 +40,15 @@ instead: TLS required, the certificate checked against the TLSA records after th
 handshake (a mismatch fails that host, and the next MX is tried). A host whose TLSA
 look-up failed is not used at all.
 
+REQUIRETLS (RFC 8689): when the MAIL carries it, a host is used only when the
+session is verified TLS under a policy that also secures the MX look-up (DANE, MTA-STS
+``enforce``; ``verify`` only for a configured route, whose host is the operator's and not
+from DNS) and the remote offers REQUIRETLS; otherwise the next MX is tried. When no host
+qualifies and every failure was that, the MTA gets ``550 5.7.30`` (the destination cannot
+honour it: the MTA returns the message, as section 5 wants), else the usual 4xx. The
+MAIL goes on to the remote with REQUIRETLS; :meth:`RemoteSession.view` shows REQUIRETLS
+only on a session that qualifies, so a kept connection that does not is refused too.
+
 The sans-IO :class:`~egressd.proto.smtp_client.SmtpClient` does the protocol; this module
 only moves bytes. :class:`RemoteSession` has no deadlines of its own: :func:`converse`
 puts the ``[smtp.timeouts]`` entry that fits (each below Postfix's own client timeouts, so
@@ -163,6 +172,8 @@ class RemoteSession:
     tls_result: str = ""
     #: DANE: how the certificate fared against the TLSA records (None: no DANE).
     dane_result: TlsaResult | None = None
+    #: Whether this session may carry a REQUIRETLS message (see the module doc).
+    requiretls_ok: bool = False
     #: True while the last exchange was still writing (for the timeout's wording).
     sending: bool = False
     #: The shaper bound to this connection's destination, holding its lease (or None).
@@ -215,7 +226,11 @@ class RemoteSession:
             tls_version=self.tls_version,
             tls_policy=self.tls_policy,
             tls_result=self.tls_result,
-            extensions=dict(self.client.extensions),
+            extensions={
+                keyword: value
+                for keyword, value in self.client.extensions.items()
+                if keyword != "REQUIRETLS" or self.requiretls_ok
+            },
             budget=self.quota or (self.shaping.lease if self.shaping is not None else None),
         )
 
@@ -350,6 +365,9 @@ class _Opening:
     dane: dict[str, DaneHost] | None = None
     #: The label of the policy of the last host tried (DANE is per host), for the metric.
     tried_label: str | None = None
+    #: The MAIL carries REQUIRETLS; how many hosts failed only for that.
+    requiretls: bool = False
+    requiretls_refusals: int = 0
 
     @property
     def config(self) -> Config:
@@ -492,6 +510,12 @@ class _Opening:
                 ) from exc
             session.tls_policy = policy.label
             session.tls_result = self._tls_result(session, policy, tried, tls_failures)
+            session.requiretls_ok = _honours_requiretls(session, policy, next_hop)
+            if self.requiretls and not session.requiretls_ok:
+                await session.abort()
+                self.requiretls_refusals += 1
+                why = _requiretls_problem(session, policy)
+                raise self._rejected(attempt, f"{session.remote_text}: {why}")
             self.runtime.smtp_tls(policy.label, _outcome(session.tls_result))
             return session
         raise AssertionError("unreachable: the last try returns or raises")
@@ -592,6 +616,13 @@ class _Opening:
         if failure.party is not Party.DESTINATION or source is None:
             return replies.egress_failure(self.pool, failure.kind.value, str(failure))
         who = _source_text(source, source.egress_address)
+        if self.requiretls and self.requiretls_refusals == len(self.failures):
+            return Reply.make(
+                550,
+                f"{who}: REQUIRETLS cannot be honoured for {self.domain}: "
+                + "; ".join(self.failures),
+                enhanced="5.7.30",
+            )
         return replies.no_mail_server(who, self.domain, self.failures or [failure.detail])
 
 
@@ -611,6 +642,8 @@ async def open_remote(
     domain: str,
     next_hops: NextHops,
     hostname: str,
+    *,
+    requiretls: bool = False,
 ) -> RemoteSession:
     """A session to the first address of ``domain``'s next hop that answers and greets,
     from ``pool``'s next source, ready for MAIL: the egress plan, run by its executor with
@@ -620,7 +653,7 @@ async def open_remote(
     ``next_hops`` caches the transaction's next hops. Raises :class:`RemoteError` with
     the reply for the MTA (a 4xx naming the source, each address tried and its error).
     """
-    opening = _Opening(egress, runtime, pool, domain, next_hops, hostname)
+    opening = _Opening(egress, runtime, pool, domain, next_hops, hostname, requiretls=requiretls)
     budget = await opening.budget()
     provider = opening.provider
     plan = Plan(egress, pool=pool, budget=budget, provider=provider)
@@ -723,6 +756,30 @@ async def _handshake(session: RemoteSession, context: ssl.SSLContext) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _honours_requiretls(session: RemoteSession, policy: TlsPolicy, next_hop: NextHop) -> bool:
+    """True when this session may carry a REQUIRETLS message (see the module doc)."""
+    if not session.client.supports("REQUIRETLS") or session.tls_result != "verified":
+        return False
+    return policy.label in ("dane", "mta-sts enforce") or (
+        policy.label == "verify" and not _from_dns(next_hop)
+    )
+
+
+def _requiretls_problem(session: RemoteSession, policy: TlsPolicy) -> str:
+    if session.tls_result != "verified" or policy.label not in (
+        "dane",
+        "mta-sts enforce",
+        "verify",
+    ):
+        return (
+            f"REQUIRETLS needs TLS verified under DANE or MTA-STS enforce; this host has "
+            f"{policy.label} TLS ({session.tls_result or 'plaintext'})"
+        )
+    if not session.client.supports("REQUIRETLS"):
+        return "REQUIRETLS is not offered by the server"
+    return "REQUIRETLS needs an MX found through DNSSEC or MTA-STS, not verify alone"
 
 
 def _from_dns(next_hop: NextHop) -> bool:

@@ -39,7 +39,8 @@ a group. Misuse (MAIL before EHLO, a command after QUIT, ...) raises
 MAIL and RCPT carry only the ESMTP parameters the remote advertised (RFC 5321 section
 4.1.1.11): SIZE needs SIZE (RFC 1870), BODY needs 8BITMIME (RFC 6152), SMTPUTF8 needs
 SMTPUTF8 (RFC 6531), RET/ENVID/NOTIFY/ORCPT need DSN (RFC 3461), AUTH= needs AUTH
-(RFC 4954); others are dropped (:func:`filter_mail_params`, :func:`filter_rcpt_params`).
+(RFC 4954), REQUIRETLS needs REQUIRETLS (RFC 8689); others are dropped
+(:func:`filter_mail_params`, :func:`filter_rcpt_params`).
 Dropping SMTPUTF8 or BODY=8BITMIME would change the message, which a cut-through relay cannot
 convert, so :func:`mail_incompatibility` tells the driver which reply to give the MTA instead.
 
@@ -113,6 +114,7 @@ _MAIL_PARAM_NEEDS: Final = {
     "RET": "DSN",
     "ENVID": "DSN",
     "AUTH": "AUTH",
+    "REQUIRETLS": "REQUIRETLS",
 }
 _RCPT_PARAM_NEEDS: Final = {"NOTIFY": "DSN", "ORCPT": "DSN"}
 
@@ -150,9 +152,17 @@ def mail_incompatibility(mail: Mail, extensions: Mapping[str, str]) -> Reply | N
     Cut-through cannot downgrade a message, so: SMTPUTF8 to a remote without it is refused
     (RFC 6531 section 3.2, ``553 5.6.7``); BODY=8BITMIME to a remote without 8BITMIME is
     refused (RFC 6152 section 3, ``554 5.6.3``); a declared SIZE above the remote's fixed
-    maximum is refused (RFC 1870 section 6.1, ``552 5.3.4``). None if all is well.
+    maximum is refused (RFC 1870 section 6.1, ``552 5.3.4``); REQUIRETLS to a remote that
+    does not offer it is refused (RFC 8689 section 4.2.1, ``550 5.7.30``; the caller shows
+    REQUIRETLS only for a remote reached over verified TLS). None if all is well.
     """
     params = mail.params
+    if "REQUIRETLS" in params and "REQUIRETLS" not in extensions:
+        return Reply.make(
+            550,
+            "REQUIRETLS: the remote is not reached over verified TLS with REQUIRETLS",
+            enhanced="5.7.30",
+        )
     if ("SMTPUTF8" in params or not mail.address.isascii()) and "SMTPUTF8" not in extensions:
         return Reply.make(553, "Remote server does not support SMTPUTF8", enhanced="5.6.7")
     body = params.get("BODY")

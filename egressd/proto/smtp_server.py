@@ -385,11 +385,14 @@ class SmtpServer:
 
     def ehlo_reply(self, domain: str, greeting: str = "") -> Reply:
         """The EHLO reply for this session: the configured extensions, minus STARTTLS once
-        TLS is active, minus AUTH before TLS when ``auth_requires_tls``."""
+        TLS is active, minus AUTH before TLS when ``auth_requires_tls``, minus REQUIRETLS
+        before TLS (RFC 8689 section 4.1: offered only over TLS)."""
         lines = []
         for line in self._extensions:
             keyword = line.split(" ", 1)[0].upper()
             if keyword == "STARTTLS" and self._tls_active:
+                continue
+            if keyword == "REQUIRETLS" and not self._tls_active:
                 continue
             if keyword == "AUTH" and self._auth_requires_tls and not self._tls_active:
                 continue
@@ -623,6 +626,8 @@ class SmtpServer:
             allowed.add("BODY")
         if "SMTPUTF8" in offered:
             allowed.add("SMTPUTF8")
+        if "REQUIRETLS" in offered and self._tls_active:
+            allowed.add("REQUIRETLS")
         if "DSN" in offered:
             allowed |= {"RET", "ENVID"}
         if self._auth_mechanisms:
@@ -630,9 +635,9 @@ class SmtpServer:
         return frozenset(allowed)
 
     def _check_mail_param(self, keyword: str, value: str | None) -> None:
-        if keyword == "SMTPUTF8":
+        if keyword in ("SMTPUTF8", "REQUIRETLS"):
             if value is not None:
-                raise _Refuse(501, "5.5.4", "SMTPUTF8 takes no value")
+                raise _Refuse(501, "5.5.4", f"{keyword} takes no value")
             return
         if value is None:
             raise _Refuse(501, "5.5.4", f"{keyword} needs a value")

@@ -464,7 +464,8 @@ class RelayCore:
                 if kept.next_hop.same_destination(next_hop, kept.next_hop_address):
                     return kept, False
             yield from self._drop_remote(polite=True)
-        result = yield OpenRemote(tx.pool, domain, tx.egress, tx.next_hops)
+        requiretls = "REQUIRETLS" in tx.mail.params
+        result = yield OpenRemote(tx.pool, domain, tx.egress, tx.next_hops, requiretls)
         if isinstance(result, OpenFailed):
             named = self.auth_user is not None
             raise _Refusal(result.reply if named else replies.pool_unnamed(result.reply, tx.pool))

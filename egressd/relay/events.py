@@ -315,6 +315,8 @@ class OpenRemote:
     domain: str
     egress: EgressView | None = field(default=None, compare=False, repr=False)
     next_hops: NextHops = field(default_factory=dict, compare=False, repr=False)
+    requiretls: bool = False
+    """The MAIL carries REQUIRETLS (RFC 8689): only a remote that can honour it will do."""
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,11 @@ import hashlib
 import io
 import logging
 import random
+import smtplib
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
@@ -26,11 +27,13 @@ from typing import Any
 import pytest
 import trio
 import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 from daemon_helpers import port_of, running_daemon
 from dnssec_harness import SignedDns, Zone, forwarding_dnsmasq, signed_dns
 from harness import free_port
 from service_harness import sample, scrape
-from smtp_harness import SmtpSink, server_tls_context, smtp_sink
+from smtp_harness import SmtpSink, _SinkHandler, server_tls_context, smtp_sink
 
 from egressd.checks import dane_resolver_warnings
 from egressd.config import load_config
@@ -427,3 +430,121 @@ def test_check_warns_when_dane_is_on_and_the_resolver_does_not_validate(
     [unsigned] = warnings(tmp_path, config(resolver, 25, override, tls=""))
     assert "the DNSKEY look-up of . failed" in unsigned  # the root is not served here
     assert warnings(tmp_path, config("127.0.0.1:9", 25, tls="")) == []
+
+
+# --------------------------------------------------------------------------- REQUIRETLS
+
+
+class RequireTlsSmtp(SMTP):
+    """aiosmtpd taking MAIL ... REQUIRETLS (it refuses unknown parameters otherwise); the
+    raw option stays in the envelope's mail_options."""
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        found: dict[str, str | bool] | None = super()._getparams(params)
+        if found is not None:
+            found.pop("REQUIRETLS", None)
+        return found
+
+
+class RequireTlsHandler(_SinkHandler):
+    """Offers REQUIRETLS after STARTTLS (RFC 8689 section 4.1)."""
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        responses = await super().handle_EHLO(server, session, envelope, hostname, responses)
+        if session.ssl is not None:
+            responses.insert(len(responses) - 1, "250-REQUIRETLS")
+        return responses
+
+
+class RequireTlsController(Controller):
+    def factory(self) -> SMTP:
+        return RequireTlsSmtp(self.handler, **self.SMTP_kwargs)
+
+
+@contextmanager
+def requiretls_sink(host: str, port: int, cert: trustme.LeafCert) -> Iterator[SmtpSink]:
+    sink = SmtpSink(host, port)
+    controller = RequireTlsController(
+        RequireTlsHandler(sink, {}),
+        hostname=host,
+        port=port,
+        server_hostname="sink.test",
+        tls_context=server_tls_context(cert),
+        require_starttls=False,
+    )
+    controller.start()
+    try:
+        sink.connections.clear()
+        yield sink
+    finally:
+        controller.stop()
+
+
+def send_requiretls(port: int, rcpt: str, ca_file: Path) -> tuple[bool, bool, str]:
+    """An MTA's message with REQUIRETLS (smtplib, STARTTLS to egressd): whether egressd
+    offered REQUIRETLS before and after STARTTLS, and the reply (RCPT's when refused)."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
+        client.ehlo("mta.test")
+        before = client.has_extn("requiretls")
+        client.starttls(context=context)
+        client.ehlo("mta.test")
+        after = client.has_extn("requiretls")
+        try:
+            client.sendmail("a@sender.test", [rcpt], BODY, mail_options=["REQUIRETLS"])
+        except smtplib.SMTPRecipientsRefused as exc:
+            code, text = exc.recipients[rcpt]
+            return before, after, f"{code} {text.decode()}"
+    return before, after, "250"
+
+
+@pytest.fixture
+def relay_tls(tmp_path: Path, world: World) -> str:
+    """``[smtp.tls]`` lines: egressd's own certificate (for 127.0.0.1) and DANE on."""
+    cert = world.ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "relay.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "relay.key"))
+    world.ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    return (
+        f'dane = true\ncertificate = "{tmp_path / "relay.pem"}"\n'
+        f'private_key = "{tmp_path / "relay.key"}"'
+    )
+
+
+async def test_requiretls_is_carried_over_dane_to_a_remote_that_offers_it(
+    tmp_path: Path, world: World, resolver: str, port: int, relay_tls: str
+) -> None:
+    with requiretls_sink(HOST_A, port, world.good) as sink:
+        async with egressd(tmp_path, config(resolver, port, tls=relay_tls)) as relay:
+            before, after, reply = await trio.to_thread.run_sync(
+                send_requiretls, relay, "rcpt@ok.dane.test", tmp_path / "ca.pem"
+            )
+        [message] = await sink.wait(1)
+    assert (before, after, reply) == (False, True, "250")
+    assert "REQUIRETLS" in message.mail_options
+
+
+async def test_requiretls_is_refused_where_tls_is_only_opportunistic_or_not_offered(
+    tmp_path: Path, world: World, resolver: str, port: int, relay_tls: str
+) -> None:
+    """plain.test has no DANE (unsigned) and no MTA-STS: only opportunistic TLS, so
+    ``550 5.7.30`` and nothing sent; ok.dane.test's MX does not offer REQUIRETLS: the same."""
+    with requiretls_sink(HOST_A, port, world.good) as sink:
+        async with egressd(tmp_path, config(resolver, port, tls=relay_tls)) as relay:
+            _, _, opportunistic = await trio.to_thread.run_sync(
+                send_requiretls, relay, "rcpt@plain.test", tmp_path / "ca.pem"
+            )
+        assert sink.messages == []
+    with tls_sink(HOST_A, port, world.good) as plain_sink:
+        async with egressd(tmp_path, config(resolver, port, tls=relay_tls)) as relay:
+            _, _, not_offered = await trio.to_thread.run_sync(
+                send_requiretls, relay, "rcpt@ok.dane.test", tmp_path / "ca.pem"
+            )
+        assert plain_sink.messages == []
+    assert opportunistic.startswith("550 5.7.30 "), opportunistic
+    assert "REQUIRETLS cannot be honoured for plain.test" in opportunistic
+    assert "this host has opportunistic TLS (encrypted)" in opportunistic
+    assert not_offered.startswith("550 5.7.30 ")
+    assert f"mx.ok.dane.test[{HOST_A}]:{port}: REQUIRETLS is not offered" in not_offered

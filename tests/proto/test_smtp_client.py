@@ -219,6 +219,15 @@ def test_smtputf8_param_kept_only_when_advertised() -> None:
     assert filter_mail_params(params, {}) == {}
 
 
+def test_requiretls_goes_on_only_to_a_remote_that_offers_it() -> None:
+    """RFC 8689: the parameter is passed on; a remote without it refuses the message."""
+    mail = Mail("a@b.c", {"REQUIRETLS": None})
+    assert filter_mail_params(mail.params, {"REQUIRETLS": ""}) == {"REQUIRETLS": None}
+    assert mail_incompatibility(mail, {"REQUIRETLS": ""}) is None
+    refusal = mail_incompatibility(mail, {"STARTTLS": ""})
+    assert refusal is not None and (refusal.code, refusal.enhanced) == (550, "5.7.30")
+
+
 @pytest.mark.parametrize(
     ("mail", "extensions", "reply"),
     [

@@ -802,6 +802,22 @@ def test_auth_requires_tls_advertises_auth_only_after_tls() -> None:
     assert replies(out)[-1] == "235 2.7.0 Authentication successful"
 
 
+def test_requiretls_is_offered_and_accepted_only_over_tls() -> None:
+    """RFC 8689 section 4.1: REQUIRETLS appears after STARTTLS only, and so does the
+    MAIL parameter; it takes no value."""
+    server = greeted(extensions=(*EXTENSIONS, "STARTTLS", "REQUIRETLS"))
+    assert "REQUIRETLS" not in server.ehlo_reply("r").lines
+    _events, out = run(server, [b"EHLO mta\r\nMAIL FROM:<a@b.c> REQUIRETLS\r\n"])
+    assert replies(out)[-1] == "555 5.5.4 Unsupported parameter REQUIRETLS"
+    run(server, [b"STARTTLS\r\n"])
+    server.start_tls()
+    assert "REQUIRETLS" in server.ehlo_reply("r").lines
+    events, out = run(server, [b"EHLO mta\r\nMAIL FROM:<a@b.c> REQUIRETLS\r\n"])
+    assert Mail("a@b.c", {"REQUIRETLS": None}) in events
+    _events, out = run(server, [b"RSET\r\nMAIL FROM:<a@b.c> REQUIRETLS=yes\r\n"])
+    assert replies(out)[-1] == "501 5.5.4 REQUIRETLS takes no value"
+
+
 def test_starttls_not_offered() -> None:
     _, out = session(b"EHLO mta\r\nSTARTTLS\r\n", extensions=("PIPELINING",))
     assert replies(out)[-1] == "502 5.5.1 Command not implemented"
