@@ -45,7 +45,7 @@ session is verified TLS under a policy that also secures the MX look-up (DANE, M
 ``enforce``; ``verify`` only for a configured route, whose host is the operator's and not
 from DNS) and the remote offers REQUIRETLS; otherwise the next MX is tried. When no host
 qualifies and every failure was that, the MTA gets ``550 5.7.30`` (the destination cannot
-honour it: the MTA returns the message, as section 5 wants), else the usual 4xx. The
+honour it: the MTA returns the message, as RFC 8689 wants), else the usual 4xx. The
 MAIL goes on to the remote with REQUIRETLS; :meth:`RemoteSession.view` shows REQUIRETLS
 only on a session that qualifies, so a kept connection that does not is refused too.
 

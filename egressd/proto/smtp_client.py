@@ -153,7 +153,7 @@ def mail_incompatibility(mail: Mail, extensions: Mapping[str, str]) -> Reply | N
     (RFC 6531 section 3.2, ``553 5.6.7``); BODY=8BITMIME to a remote without 8BITMIME is
     refused (RFC 6152 section 3, ``554 5.6.3``); a declared SIZE above the remote's fixed
     maximum is refused (RFC 1870 section 6.1, ``552 5.3.4``); REQUIRETLS to a remote that
-    does not offer it is refused (RFC 8689 section 4.2.1, ``550 5.7.30``; the caller shows
+    does not offer it is refused (RFC 8689, ``550 5.7.30``; the caller shows
     REQUIRETLS only for a remote reached over verified TLS). None if all is well.
     """
     params = mail.params

@@ -386,7 +386,7 @@ class SmtpServer:
     def ehlo_reply(self, domain: str, greeting: str = "") -> Reply:
         """The EHLO reply for this session: the configured extensions, minus STARTTLS once
         TLS is active, minus AUTH before TLS when ``auth_requires_tls``, minus REQUIRETLS
-        before TLS (RFC 8689 section 4.1: offered only over TLS)."""
+        before TLS (RFC 8689: offered only over TLS)."""
         lines = []
         for line in self._extensions:
             keyword = line.split(" ", 1)[0].upper()

@@ -447,7 +447,7 @@ class RequireTlsSmtp(SMTP):
 
 
 class RequireTlsHandler(_SinkHandler):
-    """Offers REQUIRETLS after STARTTLS (RFC 8689 section 4.1)."""
+    """Offers REQUIRETLS after STARTTLS (RFC 8689: only over TLS)."""
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]

@@ -803,7 +803,7 @@ def test_auth_requires_tls_advertises_auth_only_after_tls() -> None:
 
 
 def test_requiretls_is_offered_and_accepted_only_over_tls() -> None:
-    """RFC 8689 section 4.1: REQUIRETLS appears after STARTTLS only, and so does the
+    """RFC 8689: REQUIRETLS appears after STARTTLS only, and so does the
     MAIL parameter; it takes no value."""
     server = greeted(extensions=(*EXTENSIONS, "STARTTLS", "REQUIRETLS"))
     assert "REQUIRETLS" not in server.ehlo_reply("r").lines
