@@ -25,7 +25,8 @@ site, domain. A provider's rules act on (source, provider); the others on (sourc
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from egressd.shaping.files import BoundSections, Finding, Section, ShapingFiles
@@ -90,9 +91,21 @@ class Limits:
     max_deliveries_per_connection: Setting[int]
     failures_before_delay: Setting[int]
     params: Params
+    _kinds: dict[BudgetKind, tuple[Budget, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def of_kind(self, kind: BudgetKind) -> tuple[Budget, ...]:
-        return tuple(budget for budget in self.budgets if budget.kind == kind)
+        """The budgets of ``kind`` (asked for every message: kept once found)."""
+        found = self._kinds.get(kind)
+        if found is None:
+            found = self._kinds[kind] = tuple(b for b in self.budgets if b.kind == kind)
+        return found
+
+    @cached_property
+    def message_budgets(self) -> tuple[Budget, ...]:
+        """What each message counts against: message and source selection rates."""
+        return self.of_kind("message rate") + self.of_kind("selection rate")
 
     def explain(self) -> list[str]:
         """One line per value, with the file and section it came from."""

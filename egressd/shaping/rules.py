@@ -70,8 +70,22 @@ class Rule:
         return " | ".join(pattern.pattern for pattern in self.patterns)
 
 
+def screen(rules: Sequence[Rule]) -> re.Pattern[str] | None:
+    """One regex that matches a reply when any of ``rules`` may (every pattern, OR-ed): one
+    search per reply instead of one per pattern, and most replies match no rule. None when
+    the patterns cannot be joined (a global inline flag such as ``(?i)`` must come first)."""
+    patterns = [f"(?:{pattern.pattern})" for rule in rules for pattern in rule.patterns]
+    try:
+        return re.compile("|".join(patterns))
+    except re.error:
+        return None
+
+
 def reply_line(code: int, lines: Sequence[str]) -> str:
     """A (multi-line) SMTP reply as the one line rules are matched against."""
+    if len(lines) == 1:  # most replies
+        line = lines[0].strip()
+        return f"{code} {line}" if line else str(code)
     return " ".join([str(code), *(line.strip() for line in lines if line.strip())])
 
 

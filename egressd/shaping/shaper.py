@@ -37,6 +37,7 @@ door calls ``lease.send()`` before each MAIL and ``reply()`` with every remote r
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,7 @@ from typing import Any
 from egressd.shaping.ledger import Holding, Ledger, LocalLedger
 from egressd.shaping.params import Origin, Params
 from egressd.shaping.policy import BoundRule, Budget, Limits, ScopeKind, ShapingPolicy, scope_names
-from egressd.shaping.rules import Rule, SetConfig, Suspend, ThresholdWindow
+from egressd.shaping.rules import Rule, SetConfig, Suspend, ThresholdWindow, screen
 from egressd.shaping.sites import Destination, quoted
 from egressd.shaping.throttle import NANOS, Gcra, LimitSpec
 
@@ -52,6 +53,7 @@ Scope = tuple[str, ScopeKind, str]
 """(source, "site" | "provider" | "domain", name)."""
 
 _LIMITS_CACHE_SIZE = 4096
+_Rules = tuple[list[BoundRule], "re.Pattern[str] | None"]
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ class Shaper:
         self.windows: dict[tuple[int, Scope], ThresholdWindow] = {}
         self.failures: dict[tuple[str, str], _FailureState] = {}
         self._limits_cache: dict[tuple[str, Destination], Limits] = {}
-        self._rules_cache: dict[Destination, list[BoundRule]] = {}
+        self._rules_cache: dict[Destination, _Rules] = {}
         self._overrides_change_at = math.inf
 
     @property
@@ -236,12 +238,12 @@ class Shaper:
         if refusal is None:
             refusal = self._deliveries_refusal(lease)
         if refusal is None:
-            rates = limits.of_kind("message rate") + limits.of_kind("selection rate")
+            rates = limits.message_budgets
             refusal = self._rate_refusal(lease.source, lease.destination, rates, lease.holding)
         if refusal is not None:
             return refusal
         now = self._now_ns()
-        for budget in limits.of_kind("message rate") + limits.of_kind("selection rate"):
+        for budget in limits.message_budgets:
             self.ledger.take(budget, now, lease.holding)
         lease.messages += 1
         return None
@@ -266,9 +268,12 @@ class Shaper:
 
     def reply(self, source: str, destination: Destination, reply: str) -> list[Effect]:
         """Apply the reply rules to a remote reply (one line, see ``rules.reply_line``)."""
+        rules, found = self._rules_for(destination)
+        if not rules or (found is not None and found.search(reply) is None):
+            return []  # most replies: one search, no rule matches
         now = self.clock()
         effects: list[Effect] = []
-        for bound in self._rules_for(destination):
+        for bound in rules:
             if not bound.rule.matches(reply):
                 continue
             scope_kind, scope_name = scope_names(bound, destination)
@@ -349,6 +354,8 @@ class Shaper:
         return refusal
 
     def _suspension_refusal(self, source: str, destination: Destination) -> Refusal | None:
+        if not self.suspensions:  # the usual case, asked for every message
+            return None
         now = self.clock()
         for scope in self._scopes(source, destination):
             suspension = self.suspensions.get(scope)
@@ -436,14 +443,15 @@ class Shaper:
 
     # ------------------------------------------------------------------ rules
 
-    def _rules_for(self, destination: Destination) -> list[BoundRule]:
-        rules = self._rules_cache.get(destination)
-        if rules is None:
+    def _rules_for(self, destination: Destination) -> _Rules:
+        """The destination's rules and their :func:`~egressd.shaping.rules.screen`."""
+        found = self._rules_cache.get(destination)
+        if found is None:
             if len(self._rules_cache) >= _LIMITS_CACHE_SIZE:
                 self._rules_cache.clear()
             rules = self.policy.rules_for(destination)
-            self._rules_cache[destination] = rules
-        return rules
+            found = self._rules_cache[destination] = (rules, screen([b.rule for b in rules]))
+        return found
 
     def _triggered(self, rule: Rule, scope: Scope, now: float) -> bool:
         if rule.threshold is None:

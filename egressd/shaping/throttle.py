@@ -25,6 +25,7 @@ Time is an integer count of nanoseconds given by the caller: this module has no 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import egressd.kumo_grammar as kumo_grammar
 from egressd.kumo_grammar import BURST_SEPARATOR, LOCAL_PREFIX, GrammarError
@@ -82,13 +83,13 @@ class ThrottleSpec:
             raise ValueError(_PROBLEMS[exc.problem].format(word=exc.word)) from None
         return cls(spec.limit, spec.period, spec.max_burst, spec.local)
 
-    @property
+    @cached_property
     def burst(self) -> int:
         """How many events may happen at once (see the module docstring)."""
         wanted = self.limit if self.max_burst is None else self.max_burst
         return min(wanted, self.limit - 1) + 1
 
-    @property
+    @cached_property
     def interval_ns(self) -> int:
         """The emission interval, truncated to nanoseconds as redis-cell does."""
         return int(self.period * NANOS / self.limit)
@@ -137,17 +138,22 @@ class Gcra:
     def wait_ns(self, now: int, quantity: int = 1) -> int:
         """0 when ``quantity`` cells conform at ``now``; else how long until they would."""
         interval = self.spec.interval_ns
-        start = now if self.tat is None else max(self.tat, now)
-        allow_at = start + interval * quantity - interval * self.spec.burst
-        return max(0, allow_at - now)
+        tat = self.tat
+        start = now if tat is None or tat < now else tat
+        wait = start + interval * (quantity - self.spec.burst) - now
+        return wait if wait > 0 else 0
 
     def take(self, now: int, quantity: int = 1) -> int:
-        """Like :meth:`wait_ns`, and a conforming request is counted."""
-        wait = self.wait_ns(now, quantity)
-        if wait == 0:
-            start = now if self.tat is None else max(self.tat, now)
-            self.tat = start + self.spec.interval_ns * quantity
-        return wait
+        """Like :meth:`wait_ns`, and a conforming request is counted (once per message:
+        one pass)."""
+        interval = self.spec.interval_ns
+        tat = self.tat
+        start = now if tat is None or tat < now else tat
+        wait = start + interval * (quantity - self.spec.burst) - now
+        if wait > 0:
+            return wait
+        self.tat = start + interval * quantity
+        return 0
 
     def idle(self, now: int) -> bool:
         """True when the bucket is full again (it may be forgotten)."""
