@@ -111,6 +111,8 @@ class Contender:
     port: int
     sink_pid: int
     egressd_pid: int | None = None
+    workers: int = 1
+    """``[daemon] workers`` of this egressd (``--workers``)."""
     runs: dict[Case, list[Run]] = field(default_factory=dict)
     size_for: dict[Case, int] = field(default_factory=dict)
 
@@ -145,13 +147,18 @@ pool = "bench"
 source_address = "{source}"
 ehlo_domain = "out.bench"
 [pool."bench"."bench"]
+[daemon]
+workers = {workers}
 """
 
 
 @contextlib.contextmanager
-def contenders(workdir: Path, pipelining: bool, baseline: Path | None) -> Iterator[list[Contender]]:
+def contenders(
+    workdir: Path, pipelining: bool, baseline: Path | None, workers: Sequence[int] = ()
+) -> Iterator[list[Contender]]:
     """A sink and an egressd in front of it, and the baseline egressd if asked for:
-    [direct, through egressd, (through the baseline)]."""
+    [direct, through egressd, (through the baseline)]; with ``workers``, one egressd per
+    number of workers instead: [direct, through egressd with workers[0], ...]."""
     name = "pipelining" if pipelining else "plain"
     sink_port = free_port()
     with contextlib.ExitStack() as stack:
@@ -160,20 +167,39 @@ def contenders(workdir: Path, pipelining: bool, baseline: Path | None) -> Iterat
             running(sink_argv(sink_port, pipelining), sink_port, workdir, sink_log)
         )
         found = [Contender(sink_port, sink)]
-        roots = [procs.ROOT] if baseline is None else [procs.ROOT, baseline]
-        for number, root in enumerate(roots):
+        if workers:
+            setups = [(procs.ROOT, count) for count in workers]
+        else:
+            setups = [
+                (root, 1) for root in ([procs.ROOT] if baseline is None else [procs.ROOT, baseline])
+            ]
+        for number, (root, count) in enumerate(setups):
             relay_port = free_port()
             config = workdir / f"egressd-{name}-{number}.toml"
             config.write_text(
                 EGRESSD_CONFIG.format(
-                    sink_port=sink_port, relay_port=relay_port, source=SOURCE_ADDRESS
+                    sink_port=sink_port,
+                    relay_port=relay_port,
+                    source=SOURCE_ADDRESS,
+                    workers=count,
                 )
             )
             argv = [*EGRESSD, "run", "-c", str(config)]
             log = f"egressd-{name}-{number}"
             pid = stack.enter_context(running(argv, relay_port, workdir, log, root=root))
-            found.append(Contender(relay_port, sink, pid))
+            if count > 1:
+                wait_ready(workdir / f"{log}.log")
+            found.append(Contender(relay_port, sink, pid, count))
         yield found
+
+
+def wait_ready(log: Path, timeout: float = 60.0) -> None:
+    """Until the supervisor logged that every worker is ready (the port listens before)."""
+    deadline = time.monotonic() + timeout
+    while "egressd.supervisor: egressd ready" not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            sys.exit(f"bench: the workers did not start:\n{log.read_text()}")
+        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- generators
@@ -324,6 +350,65 @@ def print_baseline(rows: Sequence[dict[str, object]]) -> None:
         )
 
 
+def workers_figures(case: Case, contenders: Sequence[Contender]) -> dict[str, object]:
+    """One row per number of workers: rate, speed-up over the first, CPU per message."""
+    direct = contenders[0].runs[case]
+    first = median(contenders[1].runs[case], "rate")
+    rows = []
+    for contender in contenders[1:]:
+        r = contender.runs[case]
+        rows.append(
+            {
+                "workers": contender.workers,
+                "msgs_per_s": round(median(r, "rate"), 1),
+                "speedup": round(median(r, "rate") / first, 3),
+                "egressd_cpu_ms_per_msg": round(median_ms(r, "egressd_cpu"), 3),
+                "egressd_cores": round(
+                    statistics.median(run.egressd_cpu / run.seconds for run in r), 2
+                ),
+                "generator_cpu_ms_per_msg": round(median_ms(r, "generator_cpu"), 3),
+                "sink_cpu_ms_per_msg": round(median_ms(r, "sink_cpu"), 3),
+                "rounds": [round(run.rate, 1) for run in r],
+            }
+        )
+    return {
+        "case": case.name,
+        "direct_msgs_per_s": round(median(direct, "rate"), 1),
+        "direct_generator_cpu_ms_per_msg": round(median_ms(direct, "generator_cpu"), 3),
+        "workers": rows,
+    }
+
+
+def print_workers_table(rows: Sequence[dict[str, object]], rounds: int, load: str) -> None:
+    print(
+        f"SMTP door by [daemon] workers, generator smtp-source, sink smtp-sink; medians of"
+        f" {rounds} alternating rounds; load average {load} at the start.\n"
+        "CPU in ms per message (user+system); egressd's is the supervisor's and every"
+        " worker's summed; 'cores' is egressd's CPU seconds per second."
+    )
+    header = (
+        f"{'case':<34} {'workers':>7} {'msgs/s':>8} {'speedup':>7} {'egressd':>8}"
+        f" {'cores':>5} {'gen':>7} {'sink':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        per_count = row["workers"]
+        assert isinstance(per_count, list)
+        for item in per_count:
+            print(
+                f"{row['case']:<34} {item['workers']:>7} {item['msgs_per_s']:>8.0f}"
+                f" {item['speedup']:>6.2f}x {item['egressd_cpu_ms_per_msg']:>6.3f}ms"
+                f" {item['egressd_cores']:>5.2f} {item['generator_cpu_ms_per_msg']:>5.3f}ms"
+                f" {item['sink_cpu_ms_per_msg']:>5.3f}ms"
+            )
+        print(f"{'':<34} {'direct':>7} {row['direct_msgs_per_s']:>8.0f}")
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -333,12 +418,18 @@ def run(args: argparse.Namespace) -> int:
         cases = [c for c in FULL if c.name in args.case] or sys.exit("bench: no such case")
     sets: dict[bool, list[Contender]] = {}
     baseline = Path(args.baseline).resolve() if args.baseline else None
+    workers = [int(n) for n in args.workers.split(",")] if args.workers else []
+    if workers and (baseline is not None or args.client != "smtp-source"):
+        sys.exit("bench: --workers goes with neither --baseline nor --client python")
+    load = load_average()
     with (
         tempfile.TemporaryDirectory(prefix="egressd-smtp-bench-") as tmp,
         contextlib.ExitStack() as servers,
     ):
         for pipelining in sorted({case.pipelining for case in cases}, reverse=True):
-            sets[pipelining] = servers.enter_context(contenders(Path(tmp), pipelining, baseline))
+            sets[pipelining] = servers.enter_context(
+                contenders(Path(tmp), pipelining, baseline, workers)
+            )
         for case in cases:
             for contender in sets[case.pipelining]:
                 calibrate(args.client, contender, case, args.seconds)
@@ -350,6 +441,14 @@ def run(args: argparse.Namespace) -> int:
                     messages = contender.size_for[case]
                     result = run_once(args.client, contender, case, messages)
                     contender.runs.setdefault(case, []).append(result)
+    if workers:
+        table = [workers_figures(case, sets[case.pipelining]) for case in cases]
+        if args.json:
+            print(json.dumps({"cpus": os.cpu_count(), "load": load, "cases": table}))
+        else:
+            print_workers_table(table, args.rounds, load)
+            print(f"load average {load_average()} at the end")
+        return 0
     rows = [figures(case, sets[case.pipelining]) for case in cases]
     if args.json:
         print(json.dumps({"client": args.client, "cpus": os.cpu_count(), "cases": rows}))
@@ -377,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline",
         metavar="DIR",
         help="also measure an egressd imported from the checkout DIR, in the same rounds",
+    )
+    parser.add_argument(
+        "--workers",
+        metavar="N,M",
+        help="egressd with [daemon] workers = N, M... side by side (e.g. 1,2)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--python-load", type=int, help=argparse.SUPPRESS)
