@@ -416,6 +416,8 @@ def run(args: argparse.Namespace) -> int:
     cases = FULL if args.full else QUICK
     if args.case:
         cases = [c for c in FULL if c.name in args.case] or sys.exit("bench: no such case")
+    if args.sessions_per_case:
+        cases = [Case(c.size, args.sessions_per_case, c.pipelining) for c in cases]
     sets: dict[bool, list[Contender]] = {}
     baseline = Path(args.baseline).resolve() if args.baseline else None
     workers = [int(n) for n in args.workers.split(",")] if args.workers else []
@@ -476,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline",
         metavar="DIR",
         help="also measure an egressd imported from the checkout DIR, in the same rounds",
+    )
+    parser.add_argument(
+        "--sessions-per-case",
+        type=int,
+        metavar="N",
+        help="N concurrent sessions in every case instead of the case's own",
     )
     parser.add_argument(
         "--workers",

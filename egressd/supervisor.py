@@ -107,8 +107,9 @@ STABLE_AFTER = 30.0
 MAX_BACKOFF = 30.0
 STARTUP_TIMEOUT = 60.0
 """A worker that has not said ready this long after its start is killed."""
-ASK_TIMEOUT = 5.0
-"""How long a status, a metrics snapshot or a control request may take a worker."""
+ASK_TIMEOUT = 2.0
+"""How long a status, a metrics snapshot or a control request may take a worker (less than
+``egressd status`` waits for the supervisor, so a stuck worker shows as such)."""
 PREPARE_TIMEOUT = 60.0
 """A prepare loads the files and the shaping policy (MX look-ups): a worker may take time."""
 CHECK_PERIOD = 1.0
@@ -362,14 +363,18 @@ class Supervisor:
         number = next(self._ids)
         event, box = trio.Event(), list[Message]()
         worker.replies[number] = (event, box)
+        sent = False
         try:
             with trio.move_on_after(timeout):
                 await channel.send({**message, "id": number}, fds or [])
+                sent = True
                 await event.wait()
         except ChannelClosed:
             return None
         finally:
             worker.replies.pop(number, None)
+        if not sent:  # cut mid-message: the channel is unusable, and the worker is stuck
+            self._kill_hung(worker, "its channel stayed full")
         return box[0] if box else None
 
     async def ask_all(
