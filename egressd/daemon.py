@@ -546,6 +546,7 @@ async def serve(
                     link.generation - 1,
                     link.take,
                 )
+                await connections.start(link.run, daemon, stop.set)
             await daemon.reconcile_listeners(config)
             connections.start_soon(announce_recoveries, daemon)
             connections.start_soon(_handle_signals, daemon, signals, stop, link is None)
@@ -557,7 +558,7 @@ async def serve(
                 await connections.start(sdnotify.watchdog_loop)
                 sdnotify.ready(daemon.status_line())
             else:
-                await connections.start(link.run, daemon, stop.set)
+                await link.ready()
             log.info("egressd ready", extra={"fields": {"listeners": len(daemon.listeners)}})
             task_status.started(daemon)
             await stop.event.wait()

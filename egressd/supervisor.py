@@ -92,6 +92,7 @@ from egressd.daemon import (
     watch_period,
     watched_files,
 )
+from egressd.hostbudgets import BudgetBook, BudgetRequestError
 from egressd.log import get_logger, setup_logging
 from egressd.metrics import SupervisorMetrics, serve_metrics
 from egressd.net import sdnotify
@@ -179,6 +180,8 @@ class Supervisor:
         self.files_seen: Fingerprint = file_fingerprint(watched_files(config))
         self.metrics = SupervisorMetrics(self._families)
         self.retired: list[FamilyRow] = []
+        self.budgets = BudgetBook()
+        """The host's shared budgets, asked by every worker (:mod:`egressd.hostbudgets`)."""
         self.metrics_port: int | None = None
         self._lock = trio.Lock()
         self._ids = itertools.count(1)
@@ -315,6 +318,12 @@ class Supervisor:
 
     def _stopped(self, worker: Worker) -> None:
         worker.state, worker.channel = "stopped", None
+        freed = self.budgets.forget(worker.number)
+        if freed:
+            log.info(
+                "a stopped worker's connection slots returned",
+                extra={"fields": {"worker": worker.number, "slots": freed}},
+            )
         for event, _ in worker.replies.values():
             event.set()
         worker.replies.clear()
@@ -330,9 +339,28 @@ class Supervisor:
                 message, sockets = await channel.receive()
                 for sock in sockets:
                     sock.close()
-                self._heard(worker, message)
+                if message.get("type") == "budgets":
+                    await channel.send(self._budgets(worker, message))
+                else:
+                    self._heard(worker, message)
         except ChannelClosed:
             pass
+
+    def _budgets(self, worker: Worker, message: Message) -> Message:
+        """A worker's batch of budget ops, run in the host's book (:mod:`egressd.hostbudgets`)."""
+        worker.last_seen = trio.current_time()
+        answer: Message = {"type": "answer", "id": message.get("id")}
+        try:
+            keys, args = message["keys"], message["args"]
+            now_us = time.monotonic_ns() // 1000
+            return {
+                **answer,
+                "ok": True,
+                "reply": self.budgets.run(worker.number, keys, args, now_us),
+            }
+        except (KeyError, TypeError, BudgetRequestError) as exc:
+            log.error("worker sent a malformed budget request: %s", exc)
+            return {**answer, "ok": False, "error": str(exc)}
 
     def _heard(self, worker: Worker, message: Message) -> None:
         worker.last_seen = trio.current_time()
@@ -585,7 +613,9 @@ class Supervisor:
             "draining": self.draining,
         }
         rows = [worker.row(now) for worker in self.workers.values()]
-        return merge_status(supervisor, rows, statuses)
+        merged = merge_status(supervisor, rows, statuses)
+        merged["host_budgets"] = {"slots": self.budgets.slots(time.monotonic_ns() // 1_000_000)}
+        return merged
 
     async def gather_metrics(self) -> None:
         """Fetch every ready worker's metrics snapshot (before a scrape)."""

@@ -29,9 +29,10 @@ commit that follows it.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -48,6 +49,7 @@ from egressd.runtime import Runtime
 log = get_logger("worker")
 
 HEARTBEAT_PERIOD = 1.0
+REQUEST_TIMEOUT = 5.0
 ListenerKey = tuple[str, Endpoint]
 
 
@@ -105,6 +107,8 @@ class WorkerLink:
         self.inherited: dict[ListenerKey, socket.socket] = {}
         self._pending: Any = None
         self._stop: Callable[[str], None] = lambda reason: None
+        self._ids = itertools.count(1)
+        self._asked: dict[int, tuple[trio.Event, list[Message]]] = {}
 
     async def hello(self) -> None:
         """Wait for the supervisor's first message: generation and listening sockets."""
@@ -139,9 +143,9 @@ class WorkerLink:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Say ready, then heartbeats and the supervisor's requests until the channel ends."""
+        """Heartbeats and the supervisor's requests until the channel ends (say
+        :meth:`ready` once the listeners run)."""
         self._stop = stop
-        await self.channel.send({"type": "ready", "pid": os.getpid()})
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
@@ -152,6 +156,26 @@ class WorkerLink:
             log.warning("supervisor gone (%s), draining", exc)
             stop("supervisor gone")
 
+    async def ready(self) -> None:
+        """Tell the supervisor this worker serves (its listeners run)."""
+        await self.channel.send({"type": "ready", "pid": os.getpid()})
+
+    async def request(self, message: Message, timeout: float = REQUEST_TIMEOUT) -> Message:
+        """Ask the supervisor (e.g. the host's shared budgets); its answer. Raises
+        :class:`ChannelClosed` when it is gone or does not answer within ``timeout``."""
+        number = next(self._ids)
+        event, box = trio.Event(), list[Message]()
+        self._asked[number] = (event, box)
+        try:
+            with trio.move_on_after(timeout):
+                await self.channel.send({**message, "id": number})
+                await event.wait()
+        finally:
+            self._asked.pop(number, None)
+        if not box:
+            raise ChannelClosed("the supervisor did not answer")
+        return box[0]
+
     async def _heartbeats(self, daemon: Worked) -> None:
         while True:
             await self.channel.send({"type": "alive", "sessions": daemon.runtime.active_sessions})
@@ -161,6 +185,9 @@ class WorkerLink:
         while True:
             message, sockets = await self.channel.receive()
             kind = message.get("type")
+            if kind == "answer":
+                self._answered(message)
+                continue
             if kind == "prepare":
                 self._inherit(message, sockets)
             else:
@@ -169,6 +196,12 @@ class WorkerLink:
             reply = await self._answer(daemon, kind, message)
             if reply is not None:
                 await self.channel.send({"type": "reply", "id": message.get("id"), **reply})
+
+    def _answered(self, message: Message) -> None:
+        slot = self._asked.get(int(message.get("id", 0)))
+        if slot is not None:
+            slot[1].append(message)
+            slot[0].set()
 
     async def _answer(self, daemon: Worked, kind: object, message: Message) -> Message | None:
         if kind == "drain":
@@ -229,3 +262,26 @@ def _as_lists(value: object) -> object:
     if isinstance(value, list | tuple):
         return [_as_lists(item) for item in value]
     return value
+
+
+class SupervisorBudgets:
+    """The host's shared budgets, kept by the supervisor (:mod:`egressd.hostbudgets`): the
+    client a :class:`~egressd.shaping.ledger.SharedLedger`'s shell asks, with the same
+    encoded ops as Redis's script (``source``, the script's text, is not sent)."""
+
+    def __init__(self, link: WorkerLink) -> None:
+        self.link = link
+
+    async def script(self, source: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        message = {
+            "type": "budgets",
+            "keys": [str(k) for k in keys],
+            "args": [str(a) for a in args],
+        }
+        reply = await self.link.request(message)
+        if not reply.get("ok"):
+            raise ChannelClosed(f"the supervisor refused the budgets: {reply.get('error')}")
+        return reply["reply"]
+
+    async def ping(self) -> None:
+        await self.script("", [], ["0"])
