@@ -45,18 +45,21 @@ import trio
 from egressd import observe
 from egressd.access import client_refusal
 from egressd.config import Config, ConfigError, Endpoint, Listener, load_config
+from egressd.fleet.budgets import FleetBudgets
 from egressd.log import PROCESS_FIELDS, get_logger, setup_logging
 from egressd.metrics import Metrics
 from egressd.net import mtasts, sdnotify
+from egressd.net.channel import ChannelClosed
 from egressd.net.connection import Connection
 from egressd.net.listen import accept_loop, bound_port, close_listener, open_listener, peer_of
 from egressd.net.shaping import load_policy_in_thread
 from egressd.observe import Extras
 from egressd.runtime import Overloaded, Runtime, SessionRecord
 from egressd.shaping import ShapingPolicy
+from egressd.shaping.ledger import SharedLedger
 from egressd.state import StateError
 from egressd.warming import Warming, open_warming
-from egressd.workerlink import WorkerLink
+from egressd.workerlink import SupervisorBudgets, WorkerLink
 
 log = get_logger("daemon")
 
@@ -547,6 +550,8 @@ async def serve(
                     link.take,
                 )
                 await connections.start(link.run, daemon, stop.set)
+                if config.state.backend == "sqlite":
+                    await share_host_budgets(runtime, config, link, connections)
             await daemon.reconcile_listeners(config)
             connections.start_soon(announce_recoveries, daemon)
             connections.start_soon(_handle_signals, daemon, signals, stop, link is None)
@@ -605,6 +610,24 @@ async def share_budgets(
     shared = await nursery.start(
         partial(serve_fleet_budgets, config.state, changed=metrics.budgets_shared_changed)
     )
+    runtime.share_budgets(shared)
+
+
+async def share_host_budgets(
+    runtime: Runtime, config: Config, link: WorkerLink, nursery: trio.Nursery
+) -> None:
+    """A worker with the embedded backend counts the shaping budgets in its supervisor's book
+    (:mod:`egressd.hostbudgets`), shared exactly by every worker of the host: the same
+    shared ledger and shell as for Redis, asking the supervisor over the worker's channel."""
+    ledger = SharedLedger(f"worker{link.worker}/{os.getpid()}", prefix="egressd:")
+    shared = FleetBudgets(
+        ledger,
+        SupervisorBudgets(link),
+        lease_timeout=config.state.lease_timeout,
+        heartbeat_interval=config.state.heartbeat_interval,
+        unavailable=(ChannelClosed,),
+    )
+    await nursery.start(shared.run)
     runtime.share_budgets(shared)
 
 

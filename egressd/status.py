@@ -124,6 +124,8 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
     tail = "" if shaping is None else "\n" + format_shaping(shaping, now)
     workers = status.get("workers")
     middle = "" if workers is None else format_workers(workers) + "\n"
+    slots = status.get("host_budgets", {}).get("slots") or {}
+    middle += "".join(f"connection slots held in {key}: {count}\n" for key, count in slots.items())
     budgets = format_budgets(status.get("budgets"))
     return header + budgets + pools + "\n" + middle + format_sources(status["sources"], now) + tail
 

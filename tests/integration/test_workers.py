@@ -118,10 +118,15 @@ class Workers:
 
 
 def write_config(
-    directory: Path, sink: Sink, metrics_port: int, pools: str = POOLS_A, extra: str = ""
+    directory: Path,
+    sink: Sink,
+    metrics_port: int,
+    pools: str = POOLS_A,
+    extra: str = "",
+    shaping: bool = False,
 ) -> Path:
     config = directory / "egressd.toml"
-    text = f"""
+    text = f"""{'shaping_files = ["shaping.toml"]' if shaping else ""}
 [daemon]
 workers = 2
 {extra}
@@ -164,11 +169,16 @@ pool = "p"
 
 @asynccontextmanager
 async def two_workers(
-    short_dir: Path, sink: Sink, extra: str = "", smtp_port: int | None = None
+    short_dir: Path,
+    sink: Sink,
+    extra: str = "",
+    smtp_port: int | None = None,
+    *,
+    shaping: bool = False,
 ) -> AsyncIterator[Workers]:
     metrics_port = free_port()
     routes = "" if smtp_port is None else f'[smtp.routes]\n"*" = "127.0.0.1:{smtp_port}"\n'
-    config = write_config(short_dir, sink, metrics_port, extra=extra + routes)
+    config = write_config(short_dir, sink, metrics_port, extra=extra + routes, shaping=shaping)
     async with daemon_process(config) as process:
         yield Workers(process, short_dir, sink, metrics_port)
 
@@ -358,3 +368,66 @@ async def test_a_dead_or_hung_worker_is_restarted_while_the_other_serves(
                 assert await w.socks(socks) == "127.0.0.2"
         assert rows[2]["restarts"] == 1
         assert "worker hung, killing it worker=2" in w.process.log()
+
+
+async def socks_code(port: int, target: int) -> tuple[int, trio.SocketStream]:
+    """A SOCKS5 CONNECT to 127.0.0.1:``target``: the reply code and the open stream."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"\x05\x01\x00")
+    assert await stream.receive_some(2) == b"\x05\x00"
+    await stream.send_all(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + target.to_bytes(2, "big"))
+    reply = b""
+    while len(reply) < 10:
+        chunk = await stream.receive_some(10 - len(reply))
+        assert chunk
+        reply += chunk
+    return reply[1], stream
+
+
+async def test_a_connection_limit_is_exact_across_workers_and_a_dead_workers_slots_return(
+    short_dir: Path, sink: Sink
+) -> None:
+    (short_dir / "shaping.toml").write_text('["default"]\nconnection_limit = 2\n')
+    async with two_workers(short_dir, sink, shaping=True) as w:
+        socks = await w.port("socks5")
+
+        async def held_slots() -> int:
+            return sum((await w.status())["host_budgets"]["slots"].values())
+
+        async def until_held(count: int) -> None:
+            while await held_slots() != count:
+                await trio.sleep(0.02)
+
+        with trio.fail_after(20):
+            async with w.only(1):
+                first = [await socks_code(socks, sink.port) for _ in range(2)]
+            assert [code for code, _ in first] == [0, 0]
+            await until_held(2)
+            shown = await trio.run_process(
+                [sys.executable, "-m", "egressd", "status", "-c", str(w.process.config)],
+                capture_stdout=True,
+            )
+            assert re.search(
+                r"^connection slots held in egressd:leases:\S+: 2$", shown.stdout.decode(), re.M
+            ), shown.stdout.decode()
+            async with w.only(2):  # worker 2 finds the budget used by worker 1
+                code, refused = await socks_code(socks, sink.port)
+                await refused.aclose()
+            assert code == 1
+            await first[0][1].aclose()
+            await until_held(1)
+            async with w.only(2):
+                code, second = await socks_code(socks, sink.port)
+            assert code == 0
+            await until_held(2)
+            os.kill((await w.pids())[1], signal.SIGKILL)  # holding one slot
+            await until_held(1)
+            async with w.only(2):
+                code, third = await socks_code(socks, sink.port)
+                assert code == 0
+                code, refused = await socks_code(socks, sink.port)
+                await refused.aclose()
+            assert code == 1
+            for stream in (second, third):
+                await stream.aclose()
+        assert "a stopped worker's connection slots returned worker=1 slots=1" in w.process.log()
