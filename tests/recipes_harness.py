@@ -325,14 +325,14 @@ class KumodTunnel:
     chosen_method: int
 
 
-def _socks_host(address: str, port: int) -> bytes:
+def socks_host(address: str, port: int) -> bytes:
     """socksv5's ``write_request`` host: ATYP 01/04 with the IP literal, then the port."""
     ip = ipaddress.ip_address(address)
     atyp = b"\x01" if ip.version == 4 else b"\x04"
     return atyp + ip.packed + struct.pack(">H", port)
 
 
-async def _read_request_status(stream: trio.SocketStream) -> tuple[int, tuple[str, int] | None]:
+async def read_request_status(stream: trio.abc.ReceiveStream) -> tuple[int, tuple[str, int] | None]:
     """socksv5's ``read_request_status``: VER 5, a status RFC 1928 defines (00-08), RSV,
     an IPv4, domain or IPv6 host, the port. The host, None for a domain (kumod's
     ``socks_response_addr`` refuses one after a CONNECT)."""
@@ -352,7 +352,7 @@ async def _read_request_status(stream: trio.SocketStream) -> tuple[int, tuple[st
     return head[1], (host, struct.unpack(">H", raw[length:])[0])
 
 
-async def _exactly(stream: trio.SocketStream, count: int) -> bytes:
+async def _exactly(stream: trio.abc.ReceiveStream, count: int) -> bytes:
     data = bytearray()
     while len(data) < count:
         chunk = await stream.receive_some(count - len(data))
@@ -394,12 +394,12 @@ async def kumod_socks5_connect(
                 raise KumodHandshakeError("SOCKS5 username/password was incorrect")
         elif method != NOAUTH:
             raise KumodHandshakeError(f"incompatible SOCKS5 authentication {method:#04x}")
-        await stream.send_all(bytes([5, BIND, 0]) + _socks_host(source, 0))
-        status, _ = await _read_request_status(stream)
+        await stream.send_all(bytes([5, BIND, 0]) + socks_host(source, 0))
+        status, _ = await read_request_status(stream)
         if status != 0:
             raise KumodProxyBindError(status)
-        await stream.send_all(bytes([5, CONNECT, 0]) + _socks_host(*destination))
-        status, bound = await _read_request_status(stream)
+        await stream.send_all(bytes([5, CONNECT, 0]) + socks_host(*destination))
+        status, bound = await read_request_status(stream)
         if status != 0:
             raise KumodHandshakeError(
                 f"failed to connect {source} -> {destination}: status {status:#04x}"

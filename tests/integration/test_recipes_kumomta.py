@@ -21,16 +21,21 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 from daemon_helpers import port_of, running_daemon
 from harness import free_port
 from recipes_harness import (
+    CONNECT,
     NOAUTH,
     USERNAME_PASSWORD,
     KumodHandshakeError,
     KumodProxyBindError,
     kumod_health_event,
     kumod_socks5_connect,
+    read_request_status,
     smtp_transaction,
+    socks_host,
 )
 from smtp_harness import SmtpSink, smtp_sink
 
@@ -169,3 +174,25 @@ async def test_a_destinations_failure_suspends_nothing(tmp_path: Path) -> None:
             # Neither kumod nor egressd holds it against the source: the next message goes.
             assert await deliver(port, sink, "127.0.0.3") == ("127.0.0.3", USERNAME_PASSWORD)
     assert kumod_health_event(err.value) is None
+
+
+# The client against the socksv5 crate's own test vectors (socksv5 0.3.1,
+# src/v5/client_commands.rs and src/v5/mod.rs), so its bytes are kumod's.
+
+
+def test_requests_are_encoded_as_socksv5_writes_them() -> None:
+    assert bytes([5, CONNECT, 0]) + socks_host("127.0.0.1", 1080) == bytes(
+        [5, 1, 0, 1, 127, 0, 0, 1, 4, 56]
+    )
+    ipv6 = "102:304:506:708:900:102:304:506"
+    assert bytes([5, CONNECT, 0]) + socks_host(ipv6, 1080) == bytes(
+        [5, 1, 0, 4, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 5, 6, 4, 56]
+    )
+
+
+async def test_replies_are_read_as_socksv5_reads_them() -> None:
+    send, receive = trio.testing.memory_stream_pair()
+    await send.send_all(bytes([5, 0, 0, 1, 127, 0, 0, 1, 4, 56]))
+    assert await read_request_status(receive) == (0, ("127.0.0.1", 1080))
+    await send.send_all(bytes([5, 0, 0, 3, 1, 65, 4, 56]))  # a domain: kumod refuses it
+    assert await read_request_status(receive) == (0, None)
