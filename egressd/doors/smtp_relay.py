@@ -37,6 +37,7 @@ from egressd.doors.smtp_remote import (
 )
 from egressd.egress import ConnectionQuota, Egress
 from egressd.log import get_logger
+from egressd.net.mx import NextHop
 from egressd.proto.smtp_common import Data, DataChunk, EndOfData, Mail, Reply
 from egressd.relay.core import RelayCore
 from egressd.relay.events import (
@@ -116,6 +117,8 @@ class Relay:
         elif isinstance(command, ResolveNextHop):
             assert command.config is not None
             found = await next_hop(command.domain, command.version, command.config)
+            if self.remote is not None and isinstance(found, NextHop):
+                await self.remote.judge_tls(command.domain, found, command.config)
             return NextHopResolved(found)
         elif isinstance(command, OpenRemote):
             return await self.open(command)

@@ -49,6 +49,16 @@ honour it: the MTA returns the message, as RFC 8689 wants), else the usual 4xx. 
 MAIL goes on to the remote with REQUIRETLS; :meth:`RemoteSession.view` shows REQUIRETLS
 only on a session that qualifies, so a kept connection that does not is refused too.
 
+Sharing a connection: the relay core lets another domain's mail ride an open connection
+when the next hops match (same MX hosts, or the connected address is among the other
+domain's best). That domain's TLS policy may be stricter than the one the connection was
+opened under (a domain without MTA-STS and one with ``enforce`` hosted on the same MX),
+so the next hop the core sees (:class:`_TlsBoundNextHop`) also asks that the other
+domain's policy accept the connection as it is (:func:`session_fits`, judged by
+:meth:`RemoteSession.judge_tls` when the shell resolves that domain's next hop): else the
+core does what it does for another next hop (``452`` in the transaction, a fresh
+connection for the next one).
+
 The sans-IO :class:`~egressd.proto.smtp_client.SmtpClient` does the protocol; this module
 only moves bytes. :class:`RemoteSession` has no deadlines of its own: :func:`converse`
 puts the ``[smtp.timeouts]`` entry that fits (each below Postfix's own client timeouts, so
@@ -69,6 +79,7 @@ import ssl
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -174,6 +185,8 @@ class RemoteSession:
     dane_result: TlsaResult | None = None
     #: Whether this session may carry a REQUIRETLS message (see the module doc).
     requiretls_ok: bool = False
+    #: Other domains this session may carry by their TLS policy (:meth:`judge_tls`).
+    tls_fits: dict[str, bool] = field(default_factory=dict)
     #: True while the last exchange was still writing (for the timeout's wording).
     sending: bool = False
     #: The shaper bound to this connection's destination, holding its lease (or None).
@@ -217,7 +230,7 @@ class RemoteSession:
         """What the relay core knows of this connection."""
         return Remote(
             source=self.source,
-            next_hop=self.next_hop,
+            next_hop=_TlsBoundNextHop(self.next_hop, self.tls_fits),
             next_hop_address=self.next_hop_address,
             remote_text=self.remote_text,
             describe=self.describe(),
@@ -254,6 +267,17 @@ class RemoteSession:
                 )
                 if self.runtime is not None:
                     self.runtime.shaping_rule_fired(self.source.name, self.provider, effect.reason)
+
+    async def judge_tls(self, domain: str, next_hop: NextHop, config: Config) -> None:
+        """Whether this session may carry ``domain``'s mail as its TLS policy (MTA-STS,
+        DANE, ``[smtp.tls.policy]``) wants (:func:`session_fits`), for the core's
+        ``same_destination``; once per domain."""
+        domain = domain.lower().rstrip(".")
+        if domain == self.next_hop.domain or domain in self.tls_fits:
+            return
+        policy = await domain_policy(domain, next_hop, config)
+        dane = await domain_dane(domain, next_hop, config)
+        self.tls_fits[domain] = session_fits(self, next_hop, policy, dane)
 
     def failure(self, enhanced: str, what: str) -> RemoteError:
         reply = replies.remote_failure(self.describe(), what, enhanced)
@@ -303,6 +327,26 @@ class RemoteSession:
         """Close at once: in the middle of DATA the remote never sees the final dot."""
         await trio.aclose_forcefully(self.stream)
         await self._exit.aclose()
+
+
+@dataclass(frozen=True)
+class _TlsBoundNextHop:
+    """The next hop the relay core sees for a session: another domain's mail may share
+    the connection only when the next hops allow it and that domain's TLS policy accepts
+    the connection (:meth:`RemoteSession.judge_tls`; not judged: no)."""
+
+    inner: NextHop
+    fits: dict[str, bool]
+
+    @property
+    def domain(self) -> str:
+        return self.inner.domain
+
+    def same_destination(self, other: Any, connected: tuple[IPAddress, int]) -> bool:
+        if not self.inner.same_destination(other, connected):
+            return False
+        domain = str(other.domain).lower().rstrip(".")
+        return domain == self.inner.domain or self.fits.get(domain, False)
 
 
 async def converse(
@@ -416,34 +460,20 @@ class _Opening:
         return destinations
 
     async def tls_policy(self, next_hop: NextHop) -> TlsPolicy:
-        """The domain's TLS policy (once per opening): ``[smtp.tls.policy]``, else
-        MTA-STS for an MX-derived next hop, over ``[smtp.tls]``'s default."""
+        """The domain's TLS policy (once per opening), :func:`domain_policy`."""
         if self.policy is None:
-            tls = self.config.smtp.tls
-            override = tls.policy.get(self.domain.lower().rstrip("."))
-            policy = configured_policy(tls.mode, tls.verify, override)
-            if tls.mta_sts and override is None and _from_dns(next_hop):
-                lookup = await mta_sts_policy(self.domain, self.config)
-                if lookup.policy is None and "failed" in lookup.note:
-                    _log.warning("mta-sts", extra=_fields(domain=self.domain, note=lookup.note))
-                policy = with_mta_sts(policy, lookup.policy, self.domain)
-            self.policy = policy
+            self.policy = await domain_policy(self.domain, next_hop, self.config)
         return self.policy
 
     async def dane_states(self, next_hop: NextHop) -> None:
-        """What DNSSEC says of each MX host (once per opening), when DANE is wanted."""
-        tls = self.config.smtp.tls
-        override = tls.policy.get(self.domain.lower().rstrip("."))
-        if self.dane is None and wants_dane(tls.dane, override) and _from_dns(next_hop):
-            self.dane = await dane_hosts(next_hop, self.config)
+        """What DNSSEC says of each MX host (once per opening), :func:`domain_dane`."""
+        if self.dane is None:
+            self.dane = await domain_dane(self.domain, next_hop, self.config)
 
     def host_policy(self, host: str) -> TlsPolicy:
         """The policy of one MX host: DANE's for a DANE host, else the domain's."""
         assert self.policy is not None
-        state = (self.dane or {}).get(host)
-        if state is not None and state.state == "dane":
-            return dane_policy(state)
-        return self.policy
+        return policy_for_host(self.policy, self.dane, host)
 
     def _allowed_hosts(self, next_hop: NextHop, policy: TlsPolicy) -> list[MxHost]:
         """The hosts MTA-STS allows (and DANE hosts: DANE wins); under testing, every
@@ -624,6 +654,61 @@ class _Opening:
                 enhanced="5.7.30",
             )
         return replies.no_mail_server(who, self.domain, self.failures or [failure.detail])
+
+
+async def domain_policy(domain: str, next_hop: NextHop, config: Config) -> TlsPolicy:
+    """The domain's TLS policy: ``[smtp.tls.policy]``, else MTA-STS for an MX-derived
+    next hop, over ``[smtp.tls]``'s default."""
+    tls = config.smtp.tls
+    override = tls.policy.get(domain.lower().rstrip("."))
+    policy = configured_policy(tls.mode, tls.verify, override)
+    if tls.mta_sts and override is None and _from_dns(next_hop):
+        lookup = await mta_sts_policy(domain, config)
+        if lookup.policy is None and "failed" in lookup.note:
+            _log.warning("mta-sts", extra=_fields(domain=domain, note=lookup.note))
+        policy = with_mta_sts(policy, lookup.policy, domain)
+    return policy
+
+
+async def domain_dane(domain: str, next_hop: NextHop, config: Config) -> dict[str, DaneHost]:
+    """What DNSSEC says of each MX host of ``domain``, when DANE is wanted (else none)."""
+    tls = config.smtp.tls
+    override = tls.policy.get(domain.lower().rstrip("."))
+    if wants_dane(tls.dane, override) and _from_dns(next_hop):
+        return await dane_hosts(next_hop, config)
+    return {}
+
+
+def policy_for_host(policy: TlsPolicy, dane: dict[str, DaneHost] | None, host: str) -> TlsPolicy:
+    """The policy of one MX host: DANE's for a DANE host, else the domain's ``policy``."""
+    state = (dane or {}).get(host)
+    if state is not None and state.state == "dane":
+        return dane_policy(state)
+    return policy
+
+
+def session_fits(
+    session: RemoteSession, next_hop: NextHop, policy: TlsPolicy, dane: dict[str, DaneHost]
+) -> bool:
+    """True when ``session`` (opened for another domain) may carry the mail of the domain
+    whose ``next_hop``, ``policy`` and DANE states these are: the session is what that
+    domain's policy would have made of a connection to the same host, or better."""
+    host = session.mx_name
+    if host not in {h.name for h in next_hop.hosts}:  # shared by address only
+        return policy.label in ("none", "opportunistic") and all(
+            state.state == "none" for state in dane.values()
+        )
+    state = dane.get(host)
+    if (state is not None and state.state == "failed") or not policy.allows_mx(host):
+        return False
+    wanted = policy_for_host(policy, dane, host)
+    if wanted.label in ("none", "opportunistic", "mta-sts testing"):
+        return True
+    if wanted.label == "encrypt":
+        return session.tls_version is not None
+    if wanted.label == "dane":
+        return session.tls_policy == "dane" and session.tls_version is not None
+    return session.tls_result == "verified" and session.tls_policy in ("verify", "mta-sts enforce")
 
 
 async def next_hop(domain: str, version: int | None, config: Config) -> NextHop | Reply:

@@ -548,3 +548,44 @@ async def test_requiretls_is_refused_where_tls_is_only_opportunistic_or_not_offe
     assert "this host has opportunistic TLS (encrypted)" in opportunistic
     assert not_offered.startswith("550 5.7.30 ")
     assert f"mx.ok.dane.test[{HOST_A}]:{port}: REQUIRETLS is not offered" in not_offered
+
+
+# --------------------------------------------------------------------------- shared MX hosts
+
+
+def send_two(port: int, first: list[str], second: list[str]) -> list[dict[str, tuple[int, bytes]]]:
+    """Two transactions in one MTA session (smtplib): the refused recipients of each."""
+    refused = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
+        for rcpts in (first, second):
+            try:
+                refused.append(client.sendmail("a@sender.test", rcpts, BODY))
+            except smtplib.SMTPRecipientsRefused as exc:
+                refused.append(exc.recipients)
+    return refused
+
+
+async def test_a_connection_opened_for_one_domain_carries_another_only_under_its_policy(
+    tmp_path: Path, world: World, resolver: str, port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """plain.test and bad.dane.test have their MX on the same address. A connection made
+    for plain.test (opportunistic) must not carry bad.dane.test's mail, whose DANE
+    records the certificate does not match: neither in the same transaction (452, the MTA
+    sends it again on its own) nor in the next one on the kept connection (a new
+    connection under DANE, which fails)."""
+    with tls_sink(HOST_A, port, world.good) as sink:
+        async with egressd(tmp_path, config(resolver, port)) as relay:
+            same_tx, next_tx = await trio.to_thread.run_sync(
+                send_two, relay, ["a@plain.test", "b@bad.dane.test"], ["c@plain.test"]
+            )
+            [_, kept] = await trio.to_thread.run_sync(
+                send_two, relay, ["d@plain.test"], ["e@bad.dane.test"]
+            )
+        await sink.wait(3)
+        delivered = [r for m in sink.messages for r in m.rcpt_tos]
+    assert delivered == ["a@plain.test", "c@plain.test", "d@plain.test"]
+    code, text = same_tx["b@bad.dane.test"]
+    assert code == 452, text
+    assert next_tx == {}
+    code, text = kept["e@bad.dane.test"]
+    assert code == 451 and b"matches none of the DANE TLSA records" in text, text

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import smtplib
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -49,6 +50,7 @@ MX_NAMES = [
     "mx.sts-badcert.test",
     "mx.sts-restart.test",
     "mx.sts-refresh.test",
+    "mx.sts-share.test",
 ]
 
 
@@ -466,3 +468,37 @@ async def test_a_refresh_fetches_the_policy_again_under_the_same_id(
     assert entry.fetched_at > old.fetched_at
     assert "left to expire" in gone
     assert policies.fetches == {domain: 1}
+
+
+async def test_a_kept_connection_does_not_carry_mail_its_mta_sts_policy_would_refuse(
+    tmp_path: Path, policies: PolicyServer, ca_file: Path, port: int
+) -> None:
+    """plain-share.test (no policy) and sts-share.test (enforce) share an MX whose
+    certificate is from an unknown CA. The connection opened for plain-share.test
+    (opportunistic: encrypted, not verified) is not reused for sts-share.test, in the same
+    transaction (452) or the next (a new connection under the policy: refused)."""
+    mx = [("plain-share.test", "mx.sts-share.test"), ("sts-share.test", "mx.sts-share.test")]
+    policies.policies["sts-share.test"] = (200, policy("enforce", "mx.sts-share.test"))
+    stranger = trustme.CA().issue_cert("mx.sts-share.test")
+    with sts_dns(mx, {"sts-share.test": "1"}) as dns, tls_sink(port, stranger) as sink:
+        async with egressd(tmp_path, config(dns, port, ca_file)) as relay:
+            same_tx, kept = await trio.to_thread.run_sync(
+                send_two, relay, ["a@plain-share.test", "b@sts-share.test"], ["c@sts-share.test"]
+            )
+        await sink.wait(1)
+        assert [r for m in sink.messages for r in m.rcpt_tos] == ["a@plain-share.test"]
+    assert same_tx["b@sts-share.test"][0] == 452
+    code, text = kept["c@sts-share.test"]
+    assert code == 451 and b"CERTIFICATE_VERIFY_FAILED" in text, text
+
+
+def send_two(port: int, first: list[str], second: list[str]) -> list[dict[str, tuple[int, bytes]]]:
+    """Two transactions in one MTA session (smtplib): the refused recipients of each."""
+    refused = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
+        for rcpts in (first, second):
+            try:
+                refused.append(client.sendmail("a@sender.test", rcpts, BODY))
+            except smtplib.SMTPRecipientsRefused as exc:
+                refused.append(exc.recipients)
+    return refused
