@@ -156,3 +156,31 @@ async def test_smarthost_failure_is_deferred_with_egressds_reason(tmp_path: Path
     assert len(deliveries) == 1 and " == r@good.test " in deliveries[0], deliveries
     assert ": 4" in deliveries[0] and "refused" in deliveries[0].lower(), deliveries[0]
     assert queued == 1
+
+
+async def test_socks_proxy_to_an_ipv6_mx_with_a_quoted_helo_key(tmp_path: Path) -> None:
+    """An IPv6 source: egressd's reply carries it in the request's family (Exim reads a
+    fixed length), and the lsearch key holding colons is quoted, as the README says."""
+    with smtp_sink("::1") as sink:
+        config = f"""
+[access]
+deny_destinations = []
+destination_ports = [{sink.port}]
+[auth.users]
+transactional = "s3cret"
+[[socks5.listener]]
+address = "127.0.0.1:0"
+[source."ip6-1"]
+source_address = "::1"
+[pool."transactional"."ip6-1"]
+"""
+        async with running_daemon(config, tmp_path, {"socks5": Socks5Door()}) as daemon:
+            recipe = SOCKS_RECIPE.format(sink_port=sink.port, socks_port=port_of(daemon, "socks5"))
+            recipe = recipe.replace("route_list = * 127.0.0.1", 'route_list = * "<, ::1"')
+            helo_file = HELO_FILE + '"::1": mta6.egress.test\n'
+            with exim(recipe, {"egress_helo": helo_file}) as mta:
+                await trio.to_thread.run_sync(
+                    mta.submit, "sender@exim.test", ["r@good.test"], MESSAGE
+                )
+                [message] = await sink.wait(1)
+    assert (message.peer, message.ehlo) == ("::1", "mta6.egress.test")
