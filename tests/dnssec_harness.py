@@ -38,6 +38,9 @@ class Zone:
     name: str
     records: Sequence[str]
     signed: bool = True
+    bogus: Sequence[str] = ()
+    """Records added to the signed zone after signing (absolute names): no signature, so a
+    validating resolver answers SERVFAIL for them."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ def signed_dns(zones: Sequence[Zone], directory: Path) -> Iterator[SignedDns]:
         if zone.signed:
             served, ds = sign(zone, directory)
             anchors.append(ds.read_text())
+            with (directory / served).open("a") as signed:
+                signed.writelines(f"{record}\n" for record in zone.bogus)
         nsd_conf += f'zone:\n    name: "{zone.name}"\n    zonefile: "{served}"\n'
     (directory / "anchors.ds").write_text("".join(anchors))
     (directory / "nsd.conf").write_text(nsd_conf)

@@ -88,9 +88,19 @@ class World:
             *_mx_host("sts", "mx", HOST_A, f"TLSA {bad}"),  # the stranger's
             '_mta-sts.sts IN TXT "v=STSv1; id=1;"',
             f"mta-sts.sts IN A {POLICY_HOST}",
+            *_mx_host("bogus", "mx1", HOST_B, None, preference=10),
+            *_mx_host("bogus", "mx2", HOST_A, f"TLSA {good}", preference=20),
+            *_mx_host("allbogus", "mx", HOST_A, None),
+        ]
+        bogus = [
+            f"_25._tcp.mx1.bogus.dane.test. 300 IN TLSA {good}",
+            f"_25._tcp.mx.allbogus.dane.test. 300 IN TLSA {good}",
         ]
         unsigned = _mx_host("", "mx", HOST_A, f"TLSA {bad}")
-        return [Zone("dane.test", signed), Zone("plain.test", unsigned, signed=False)]
+        return [
+            Zone("dane.test", signed, bogus=bogus),
+            Zone("plain.test", unsigned, signed=False),
+        ]
 
 
 def _mx_host(
@@ -270,6 +280,24 @@ async def test_unusable_records_still_require_tls_without_authentication(
         assert plain.messages == []
     assert refused.startswith("451 ") and "does not offer STARTTLS" in refused
     assert "mx.notls.dane.test" in refused
+
+
+async def test_a_host_whose_tlsa_look_up_fails_is_skipped_never_used_without_dane(
+    tmp_path: Path, world: World, resolver: str, port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mx1.bogus.dane.test's TLSA records have no signature (the validating resolver says
+    SERVFAIL): that host is not contacted at all, mx2 (DANE) gets the mail; with no other
+    host the MTA gets a 4xx naming the look-up."""
+    with tls_sink(HOST_B, port, world.good) as first, tls_sink(HOST_A, port, world.good) as ok:
+        async with egressd(tmp_path, config(resolver, port)) as relay:
+            delivered = await send(relay, "rcpt@bogus.dane.test")
+            refused = await send(relay, "rcpt@allbogus.dane.test")
+        await ok.wait(1)
+        assert first.connections == [] and len(ok.messages) == 1
+    assert delivered.startswith("250 ")
+    assert logs(caplog)[0]["mx"] == "mx2.bogus.dane.test"
+    assert refused.startswith("451 4.4.3 "), refused
+    assert "mx.allbogus.dane.test: DANE: the TLSA look-up of _25._tcp.mx.allbogus" in refused
 
 
 # --------------------------------------------------------------------------- no DANE
