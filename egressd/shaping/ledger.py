@@ -16,7 +16,9 @@ says); a **ledger** counts. The shaper asks its ledger, synchronously, five thin
 
 plus ``expire(now)`` (forget what is idle) and ``use(budget, now)`` (one phrase for
 ``egressd explain``). ``holding`` is the :class:`Holding` of the plan or connection that
-asks; the in-process ledger ignores it.
+asks; the in-process ledger ignores it. A shared ledger asked without one (``egressd
+explain``, which plans nothing) answers that a shared budget is available: only the store
+knows, and explain shows the node's own use of it.
 
 Two ledgers implement :class:`Ledger`:
 
@@ -301,7 +303,9 @@ class SharedLedger:
             return self.local.may_open(budget)
         if self.down:
             return self.open_here.get(budget.key, 0) < share_of_limit(_limit(budget), self.nodes)
-        return holding is not None and bool(holding.slots.get(budget.key))
+        if holding is None:  # a question without a plan (egressd explain): not asked ahead
+            return True
+        return bool(holding.slots.get(budget.key))
 
     def open(self, budget: Budget, holding: Holding | None) -> None:
         if _is_local(budget):
@@ -338,9 +342,9 @@ class SharedLedger:
             return self.local.wait_ns(budget, now)
         if self.down:
             return self.shares.wait_ns(self._share(budget), now)
-        if holding is not None and holding.cells[budget.key] > 0:
+        if holding is None or holding.cells[budget.key] > 0:  # None: see may_open
             return 0
-        until = holding.refused_until.get(budget.key, 0) if holding is not None else 0
+        until = holding.refused_until.get(budget.key, 0)
         assert isinstance(budget.value, ThrottleSpec)
         return max(until - now, 1) if until > now else budget.value.interval_ns
 

@@ -15,10 +15,11 @@ from egressd.config import load_config
 from egressd.fleet.budgets import FleetBudgets
 from egressd.fleet.client import FleetClient, RedisUnavailable, open_client
 from egressd.shaping.files import load_shaping_data
-from egressd.shaping.ledger import Holding, SharedLedger
+from egressd.shaping.ledger import GiveBackCells, Holding, SharedLedger, TakeCells
 from egressd.shaping.policy import ShapingPolicy
 from egressd.shaping.shaper import Lease, Refusal, Shaper
 from egressd.shaping.sites import Destination
+from egressd.shaping.throttle import Gcra, ThrottleSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -148,3 +149,28 @@ async def test_an_outage_gives_local_shares_and_the_return_reregisters(
         assert len(registered) == 2 and all(m.startswith(b"n1:") for m in registered)
         assert isinstance(await two.open(), Lease) and isinstance(await two.open(), Lease)
         assert isinstance(await two.open(), Refusal)
+
+
+async def test_the_lua_gcra_allows_the_same_burst_as_the_in_process_one(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with client_for(tmp_path, redis_server) as client:
+        for text in ("100/min", "5/h,max_burst=1", "1000/d,max_burst=10", "7/5m,max_burst=3"):
+            spec = ThrottleSpec.parse(text)
+            shell = FleetBudgets(SharedLedger("n"), client, unavailable=(RedisUnavailable,))
+            key = client.key("gcra-test", text)
+            granted = 0
+            while True:
+                [(count, wait)] = await shell._exchange([TakeCells(key, spec, 1)])
+                if not count:
+                    break
+                granted += count
+            bucket = Gcra(spec)
+            in_process = 0
+            while bucket.take(0) == 0:
+                in_process += 1
+            assert granted == in_process == spec.burst, text
+            assert 0 < wait <= spec.interval_ns // 1000, text  # µs until the next cell
+            await shell._exchange([GiveBackCells(key, spec, 2)])
+            [(again, _)] = await shell._exchange([TakeCells(key, spec, 5)])
+            assert again == 2, text  # two given back, two to take, no more

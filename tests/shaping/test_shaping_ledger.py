@@ -295,3 +295,12 @@ def test_shares() -> None:
     assert (spread.limit, spread.burst) == (50, 1)
     tiny = share_of_throttle(ThrottleSpec.parse("1/h"), 3)
     assert (tiny.limit, tiny.burst) == (1, 1)
+
+
+def test_without_a_holding_a_shared_budget_is_shown_available_and_its_use_here() -> None:
+    one, _, _store, _ = two_nodes('["default"]\nconnection_limit = 1\nmax_message_rate = "1/h"\n')
+    lease = one.open()
+    assert isinstance(lease, Lease) and one.send(lease) is None
+    assert one.shaper.check_open("a", SITE) is None  # explain: only the store knows
+    assert "connection_limit 1: 1 open on this node (shared)" in one.shaper.usage("a", SITE)
+    assert isinstance(one.open(), Refusal)  # a plan asks the store, which says no
