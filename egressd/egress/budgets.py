@@ -37,6 +37,11 @@ __all__ = ["DestinationBudget"]
 class DestinationBudget(Protocol):
     """One plan's destination budgets (implemented over the shaper by :mod:`egressd.net`)."""
 
+    @property
+    def site(self) -> str:
+        """The destination's site (KumoMTA's: the MX hosts; else the name or address),
+        which keys destination health per (source, site)."""
+
     def refusal(self, source: str) -> str | None:
         """Why ``source`` may not open a connection to the destination now, or None."""
 

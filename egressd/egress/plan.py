@@ -186,6 +186,7 @@ class Plan:
     _current: Source | None = None
     _final: EgressFailure | None = None
     _literal: IPAddress | None = None
+    _source_refused_there: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.host, str):
@@ -216,6 +217,9 @@ class Plan:
                 host = None if self.host is None else str(self.host)
                 return Resolve(source, host, self.port)
             if not self._queue:
+                if self._source_refused_there and self._may_retry():
+                    self._current = None  # the site refuses this source: the next one
+                    continue
                 self._final = self._exhausted()
                 break
             destination = self._queue.pop(0)
@@ -253,7 +257,7 @@ class Plan:
             return
         self.egress.health.record_success(source.name)
         if address is not None:
-            self.egress.breaker.success(address, source.name)
+            self.egress.breaker.success(address, source.name, self._site())
         if self.budget is not None:
             self.budget.connected(source.name)
 
@@ -313,6 +317,7 @@ class Plan:
         self.tried.append(source.name)
         self._current = source
         self._queue = None
+        self._source_refused_there = False
         self.progress = Progress(source=source)
 
     def _pick(self) -> Source:
@@ -342,6 +347,10 @@ class Plan:
         if self.quota is not None:
             self.quota.release()
         self.quota = QuotaHold.take(self.egress.quotas, source.name, self.provider)
+
+    def _site(self) -> str | None:
+        """The destination's shaping site (None: no shaping; the address stands for it)."""
+        return self.budget.site if self.budget is not None else None
 
     def _suspended_there(self) -> str | None:
         """Why the current source is now suspended towards the destination (a reply rule
@@ -379,9 +388,10 @@ class Plan:
 
     def _destination_failing(self, step: Attempt) -> bool:
         """True (and noted as a failure) when the destination's breaker is open."""
-        refusal = self.egress.breaker.check(step.address)
+        refusal = self.egress.breaker.check(step.address, step.source.name, self._site())
         if refusal is None:
             return False
+        self._source_refused_there = refusal.source is not None
         self.failures.append(
             EgressFailure(
                 Failure.DESTINATION_FAILING,
@@ -460,7 +470,9 @@ class Plan:
         self, source: Source, destination: tuple[IPAddress, int], failure: EgressFailure
     ) -> None:
         breaker = self.egress.breaker
-        if breaker.failure(destination, failure.kind, failure.detail):
+        site = self._site()
+        kind, detail = failure.kind, failure.detail
+        if breaker.failure(destination, kind, detail, source=source.name, site=site):
             log.warning(
                 "destination failing: dials to it fail fast for a while",
                 extra={
@@ -471,7 +483,7 @@ class Plan:
                     }
                 },
             )
-        if breaker.source_evidence(destination, source.name):
+        if breaker.source_evidence(destination, source.name, site):
             self._count_against(source, "connect", failure)
 
     def _count_against(self, source: Source, kind: FailureKind, failure: EgressFailure) -> None:

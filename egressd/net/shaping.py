@@ -181,6 +181,10 @@ class ShapedDestination:
         self.asker = asker if shared else None
         self.holding: Holding | None = Holding() if shared else None
 
+    @property
+    def site(self) -> str:
+        return self.destination.site
+
     def refusal(self, source: str) -> str | None:
         refusal = self.shaper.check_open(source, self.destination, self.holding)
         if refusal is None and self.messages:

@@ -138,3 +138,47 @@ def test_source_evidence_needs_another_source_that_reached_it_lately(
     assert not breaker.source_evidence(DEAD, "a")  # "b" reached it too long ago
     breaker.success(DEAD, "b")
     assert breaker.source_evidence(DEAD, "a")
+
+
+def test_rejections_open_the_source_site_path_only(
+    breaker: DestinationBreaker, clock: FakeClock
+) -> None:
+    rejected = [
+        breaker.failure(DEAD, Failure.REJECTED, "421 4.7.0 [TSS04]", source="a", site="mx.big")
+        for _ in range(3)
+    ]
+    assert rejected == [False, False, True]
+    refusal = breaker.check(DEAD, "a", "mx.big")
+    assert refusal is not None and refusal.source == "a"
+    assert refusal.describe() == (
+        'destination 192.0.2.66:25 is failing from source "a" (3 failures, the last: 421 4.7.0'
+        " [TSS04]); not dialed again for 30s"
+    )
+    other_address = (ip("192.0.2.67"), 25)
+    assert breaker.check(other_address, "a", "mx.big") is not None  # the whole site, for a
+    assert breaker.check(DEAD, "b", "mx.big") is None  # the destination answers b
+    assert breaker.check(DEAD) is None
+    breaker.success(other_address, "a", "mx.big")  # a got through again: the path closes
+    assert breaker.check(DEAD, "a", "mx.big") is None
+
+
+def test_a_rejection_without_a_site_keys_the_path_by_address(
+    breaker: DestinationBreaker,
+) -> None:
+    for _ in range(3):
+        breaker.failure(DEAD, Failure.REJECTED, "554 go away", source="a")
+    assert breaker.check(DEAD, "a") is not None
+    assert breaker.check(OTHER, "a") is None
+    assert breaker.check(DEAD, "b") is None
+
+
+def test_source_evidence_counts_each_site_once_whatever_its_addresses(
+    breaker: DestinationBreaker,
+) -> None:
+    addresses = [(ip(f"192.0.2.{n}"), 25) for n in (1, 2, 3)]
+    breaker.success(addresses[0], "b", "mx.big")
+    assert breaker.source_evidence(addresses[1], "a", "mx.big")
+    assert not breaker.source_evidence(addresses[2], "a", "mx.big")  # the same site
+    breaker.success(addresses[0], "a", "mx.big")  # a reached it: its evidence is forgotten
+    breaker.success(addresses[0], "b", "mx.big")
+    assert breaker.source_evidence(addresses[2], "a", "mx.big")

@@ -207,3 +207,33 @@ def test_consecutive_failures_hold_the_source_site_path_and_never_the_source() -
     assert attempt(other.next_step()).source.name == "a"
     clock.advance(61)  # the hold is over: a tries the site again
     assert attempt(plan_for("dead.test", mx).next_step()).source.name == "a"
+
+
+def test_a_site_that_keeps_rejecting_one_source_moves_the_plan_to_the_next_source() -> None:
+    clock = FakeClock()
+    pools = {"p": ("a", "b"), "only-a": ("a",)}
+    egress = make_egress(clock, v4("a"), v4("b", "127.0.0.3"), pools=pools)
+    s = shaper(clock, 100)
+    addresses = [Destination(ip_address("192.0.2.1")), Destination(ip_address("192.0.2.2"))]
+    for _ in range(3):  # what three [TSS04] greetings to a at mx.good.test leave behind
+        egress.breaker.failure(
+            (addresses[0].address, 25), Failure.REJECTED, "421 [TSS04]", source="a",
+            site="mx.good.test",
+        )  # fmt: skip
+    smtp = smtp_budget(s, "good.test", [(10, "mx.good.test")])
+    plan = Plan(egress, pool="p", budget=smtp)
+    step = plan.next_step()
+    assert isinstance(step, Resolve) and step.source.name == "a"
+    plan.resolved(addresses)
+    step = plan.next_step()  # no socket from a: both addresses of its site refuse it
+    assert isinstance(step, Resolve) and step.source.name == "b"
+    plan.resolved(addresses)
+    assert attempt(plan.next_step()).source.name == "b"
+    assert [f.kind for f in plan.failures] == [Failure.DESTINATION_FAILING] * 2
+    assert 'is failing from source "a"' in plan.failures[0].detail
+    assert not egress.health.is_suspended("a")
+    other = smtp_budget(s, "other.test", [(10, "mx.other")])
+    elsewhere = Plan(egress, pool="only-a", budget=other)
+    assert isinstance(elsewhere.next_step(), Resolve)
+    elsewhere.resolved(addresses)
+    assert attempt(elsewhere.next_step()).source.name == "a"  # another site: a goes
