@@ -101,7 +101,7 @@ def contenders(workdir: Path, providers: int) -> Iterator[list[Contender]]:
             relay_port = free_port()
             config = workdir / f"egressd-{name}.toml"
             text = EGRESSD_CONFIG.format(
-                sink_port=sink_port, relay_port=relay_port, source=SOURCE_ADDRESS
+                sink_port=sink_port, relay_port=relay_port, source=SOURCE_ADDRESS, workers=1
             )
             if name == "shaped":
                 text = f'shaping_files = ["{workdir / "shaping.toml"}"]\n{text}'
