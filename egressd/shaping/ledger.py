@@ -252,6 +252,8 @@ class Holding:
     slots: dict[Key, list[str]] = field(default_factory=dict)
     used: dict[Key, list[str]] = field(default_factory=dict)
     cells: Counter[Key] = field(default_factory=Counter)
+    rates: dict[Key, Budget] = field(default_factory=dict)
+    """The rate budget of each key in ``cells``."""
     refused_until: dict[Key, int] = field(default_factory=dict)
 
 
@@ -294,7 +296,6 @@ class SharedLedger:
         self.spare_cells: dict[Key, _Spare] = {}
         self._ids = itertools.count(1)
         self._released: dict[str, list[str]] = {}
-        self._budget_of_cells: dict[Key, Budget] = {}
 
     # ------------------------------------------------------------------ the shaper's questions
 
@@ -400,6 +401,7 @@ class SharedLedger:
                     want.holding.refused_until[key] = now + wait * 1_000_000
             elif count:
                 want.holding.cells[key] += 1
+                want.holding.rates[key] = want.budget
                 if count > 1:
                     self._add_spare_cells(want.budget, count - 1, now)
             else:
@@ -413,10 +415,9 @@ class SharedLedger:
         holding.slots.clear()
         for key, count in holding.cells.items():
             if count > 0:
-                budget = self._budget_of_cells.get(key)
-                if budget is not None:
-                    self._add_spare_cells(budget, count, now)
+                self._add_spare_cells(holding.rates[key], count, now)
         holding.cells.clear()
+        holding.rates.clear()
         holding.refused_until.clear()
 
     def returns(self, now: int, *, everything: bool = False) -> list[Op]:
@@ -520,8 +521,6 @@ class SharedLedger:
             if budget.kind not in kinds or _is_local(budget) or budget.key in seen:
                 continue
             seen.add(budget.key)
-            if budget.kind != "connections":
-                self._budget_of_cells[budget.key] = budget
             op = None if self.down else self._want(holding, budget)
             if op is not None:
                 wants.append(Want(op, holding, budget))
@@ -543,6 +542,7 @@ class SharedLedger:
         if spare_cells is not None and spare_cells.count > 0:
             spare_cells.count -= 1
             holding.cells[budget.key] += 1
+            holding.rates[budget.key] = budget
             return None
         assert isinstance(budget.value, ThrottleSpec)
         return TakeCells(self.store_key(budget), budget.value, batch_size(budget.value))
