@@ -11,6 +11,8 @@ the doors yet; see README "Shaping (not wired yet)". The modules, bottom up:
 - :mod:`~egressd.shaping.files`: loading and checking shaping files;
 - :mod:`~egressd.shaping.policy`: effective limits in KumoMTA's precedence order;
 - :mod:`~egressd.shaping.shaper`: leases, buckets, suspensions, overrides on a clock.
+- :mod:`~egressd.shaping.ledger`: where the shaper counts: in process, or in a store shared
+  by a fleet (Redis, :mod:`egressd.fleet.budgets`) or by a host's workers.
 """
 
 from egressd.shaping.files import Finding, ShapingError, ShapingFiles, load_shaping_files
