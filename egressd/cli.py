@@ -283,8 +283,13 @@ def _add_status(commands: Any) -> None:
         "Ask the running daemon, through [control] socket, for its generation, pools and each\n"
         "source's health: healthy or suspended, until when and why, active connections,\n"
         "recent failures. Without [control] socket, scrape [metrics] listen instead (which\n"
-        "does not know when a suspension ends). Works while the file on disk is invalid.",
+        "does not know when a suspension ends). Works while the file on disk is invalid.\n"
+        '--fleet: every node and worker seen through [state] backend = "redis", with version,\n'
+        "config generation (flagged when it differs from this daemon's), last heartbeat and\n"
+        "active connections per source, and the fleet-wide suspensions.",
         "a daemon that cannot be reached",
+    ).add_argument(
+        "--fleet", action="store_true", help="show every member of the fleet (backend redis)"
     )
 
 
@@ -582,7 +587,7 @@ def command_probe(config: Config, args: argparse.Namespace) -> int:
 def command_status(config: Config, args: argparse.Namespace) -> int:
     from egressd.status import command_status as status
 
-    return status(config, sys.stdout)
+    return status(config, sys.stdout, fleet=getattr(args, "fleet", False))
 
 
 def command_suspend(config: Config, args: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ from egressd import observe
 from egressd.access import client_refusal
 from egressd.config import Config, ConfigError, Endpoint, Listener, load_config
 from egressd.fleet.budgets import FleetBudgets
+from egressd.fleet.node import Fleet, config_generation, open_fleet
 from egressd.log import PROCESS_FIELDS, get_logger, setup_logging
 from egressd.metrics import Metrics
 from egressd.net import mtasts, sdnotify
@@ -57,7 +58,7 @@ from egressd.observe import Extras
 from egressd.runtime import Overloaded, Runtime, SessionRecord
 from egressd.shaping import ShapingPolicy
 from egressd.shaping.ledger import SharedLedger
-from egressd.state import StateError
+from egressd.state import StateError, StateUnavailable
 from egressd.warming import Warming, open_warming
 from egressd.workerlink import SupervisorBudgets, WorkerLink
 
@@ -159,6 +160,8 @@ class Daemon:
     """Fingerprints of the watched files as of the last (attempted) load."""
     warming: Warming | None = None
     """Warm-up state and its flusher (:mod:`egressd.warming`), when a source warms up."""
+    fleet: Fleet | None = None
+    """The Redis client and heartbeats (:mod:`egressd.fleet.node`), with backend redis."""
     extras: Extras | None = None
     refusing: int = 0
     """Connections being refused right now (the door's refusal takes a few round trips)."""
@@ -169,6 +172,14 @@ class Daemon:
     worker: int | None = None
     """This process's worker number under a supervisor (:mod:`egressd.supervisor`)."""
     _lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def config_generation(self) -> str:
+        """A hash of the files of the running configuration (the fleet view compares it)."""
+        return config_generation(watched_files(self.runtime.config))
+
+    def connections_by_source(self) -> dict[str, int]:
+        """Active connections per source, for the heartbeat record."""
+        return {s.name: s.active_connections for s in self.runtime.health.snapshot()}
 
     def bound_ports(self) -> dict[tuple[str, Endpoint], int]:
         """Each listener's real port (port 0 in the configuration picks a free one)."""
@@ -512,16 +523,30 @@ async def serve(
 ) -> None:
     """Run until SIGTERM/SIGINT (and their drain) or cancellation.
 
-    Startup order: metrics endpoint and control socket, then every front-door listener,
-    then READY=1; a listener that cannot be bound ends ``serve`` with OSError before it.
-    A worker (``link``: its supervisor's channel) takes its listening sockets from the
-    supervisor, which also owns the metrics endpoint, the control socket, the file watch,
-    reloads and systemd's notifications (:mod:`egressd.workerlink`).
+    Startup order: the fleet's Redis client (``[state] backend = "redis"``), metrics
+    endpoint and control socket, then every front-door listener, then READY=1; a listener
+    that cannot be bound ends ``serve`` with OSError before it. A worker (``link``: its
+    supervisor's channel) takes its listening sockets from the supervisor, which also owns
+    the metrics endpoint, the control socket, the file watch, reloads and systemd's
+    notifications (:mod:`egressd.workerlink`); it beats its own heartbeat as NODE/WORKER.
     """
+    async with open_fleet(config) as fleet:
+        await _serve(config, fleet, doors, json_logs, link, task_status)
+
+
+async def _serve(
+    config: Config,
+    fleet: Fleet | None,
+    doors: dict[str, Door] | None,
+    json_logs: bool,
+    link: WorkerLink | None,
+    task_status: trio.TaskStatus[Daemon],
+) -> None:
     metrics = Metrics()
     shaping = await load_policy_in_thread(config)
     runtime = Runtime(config, observe.egress_observer(metrics), shaping)
-    warming = await open_warming(config)  # StateError: the daemon does not start
+    client = fleet.client if fleet is not None else None
+    warming = await open_warming(config, client=client)  # StateError: no start
     if warming is not None:
         attach_warming(runtime, warming)
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
@@ -534,6 +559,7 @@ async def serve(
                 json_logs=json_logs,
                 files_seen=file_fingerprint(watched_files(config)),
                 warming=warming,
+                fleet=fleet,
             )
             observe.count_into_metrics(daemon)
             stop = _Stop()
@@ -558,6 +584,11 @@ async def serve(
             if warming is not None:
                 connections.start_soon(warming.run_flusher)
             connections.start_soon(mtasts.run_refresher, lambda: runtime.config)
+            if fleet is not None:
+                worker = None if link is None else str(link.worker)
+                fleet.start(
+                    connections, daemon.config_generation, daemon.connections_by_source, worker
+                )
             if link is None:
                 connections.start_soon(watch_config_files, daemon)
                 await connections.start(sdnotify.watchdog_loop)
@@ -572,6 +603,8 @@ async def serve(
             connections.cancel_scope.cancel()
     if warming is not None:
         await warming.close()
+    if fleet is not None:
+        await fleet.leave()
 
 
 class _Stop:
@@ -642,6 +675,10 @@ def attach_warming(runtime: Runtime, warming: Warming) -> None:
 EX_CONFIG = 78
 """A state database egressd cannot use will not heal by restarting (RestartPreventExitStatus)."""
 
+EX_TEMPFAIL = 75
+"""The state backend (Redis) is unreachable at startup: it may come back, so systemd's
+``Restart=on-failure`` tries again."""
+
 
 def raise_open_files_limit() -> tuple[int, int]:
     """Raise the soft RLIMIT_NOFILE to the hard one: a spliced connection costs several fds."""
@@ -674,6 +711,9 @@ def run_daemon(
     link = None if worker is None else WorkerLink(worker[0], socket.socket(fileno=worker[1]))
     try:
         trio.run(partial(serve, config, json_logs=json_logs, link=link))
+    except StateUnavailable as exc:
+        log.error("cannot start: %s", exc)
+        return EX_TEMPFAIL
     except StateError as exc:
         log.error("cannot start: %s", exc)
         return EX_CONFIG

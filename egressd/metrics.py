@@ -25,6 +25,9 @@ metric                                                    labels
 ``egressd_source_active_connections``                     source
 ``egressd_source_recent_failures``                        source (since its last success)
 ``egressd_warmup_step`` / ``_quota`` / ``_used``           source, provider (warming sources)
+``egressd_state_backend_up``                              backend (redis: 1 while the last call
+                                                          answered, 0 while it is down)
+``egressd_fleet_alive_nodes``                             - (nodes with a live heartbeat)
 ``egressd_smtp_transactions_total``                       pool, source, reply_class (2xx/4xx/5xx)
 ``egressd_provider_messages_total``                       source, provider (shaping files' or
                                                           ``other``), reply_class
@@ -287,6 +290,17 @@ class Metrics:
             ("source", "provider"),
             registry=registry,
         )
+        self.state_backend_up = Gauge(
+            "egressd_state_backend_up",
+            "1 while the shared state backend (Redis) answers, 0 while it is down.",
+            ("backend",),
+            registry=registry,
+        )
+        self.fleet_alive_nodes = Gauge(
+            "egressd_fleet_alive_nodes",
+            "Nodes of the fleet with a live heartbeat at the last read (this one included).",
+            registry=registry,
+        )
         self.source_active_connections = Gauge(
             "egressd_source_active_connections",
             "Connections open now through the source.",
@@ -416,6 +430,11 @@ class Metrics:
             self.warmup_step.labels(source, provider).set(step)
             self.warmup_quota.labels(source, provider).set(quota)
             self.warmup_used.labels(source, provider).set(used)
+
+    def refresh_state(self, backend: str, up: bool, alive_nodes: int) -> None:
+        """The shared state backend's state and the fleet's size (``[state] backend``)."""
+        self.state_backend_up.labels(backend).set(1 if up else 0)
+        self.fleet_alive_nodes.set(alive_nodes)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

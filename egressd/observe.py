@@ -52,6 +52,7 @@ from egressd import __version__
 from egressd.config import Config, Endpoint, Listener
 from egressd.control import serve_control
 from egressd.egress import EgressFailure, EgressObserver
+from egressd.fleet.node import Fleet
 from egressd.health import SourceHealth
 from egressd.log import get_logger
 from egressd.metrics import Metrics, serve_metrics
@@ -107,6 +108,11 @@ class Observed(Protocol):
 
     @property
     def warming(self) -> Warming | None: ...
+
+    @property
+    def fleet(self) -> Fleet | None: ...
+
+    def config_generation(self) -> str: ...
 
 
 def egress_observer(metrics: Metrics) -> EgressObserver:
@@ -314,6 +320,7 @@ class DaemonControls:
             "sources": self._sources(),
             "shaping": self._shaping(),
             "budgets": self._budgets(),
+            "state": self._state(),
         }
 
     def _budgets(self) -> dict[str, Any] | None:
@@ -321,6 +328,13 @@ class DaemonControls:
         when the budgets are counted in this process."""
         shared = self._daemon.runtime.shared_budgets
         return None if shared is None else shared.status()
+
+    def _state(self) -> dict[str, Any]:
+        """The state backend; with Redis, its health and the fleet as last read."""
+        fleet = self._daemon.fleet
+        if fleet is None:
+            return {"backend": "sqlite"}
+        return fleet.status(self._daemon.config_generation())
 
     def _shaping(self) -> list[dict[str, Any]] | None:
         """Active (source, site/provider) suspensions and overrides; None without shaping."""
@@ -342,11 +356,15 @@ class DaemonControls:
 
 
 def refresh_gauges(daemon: Observed) -> None:
-    """Rewrite the gauges that mirror state (sources, shaping, warm-up) before a scrape."""
+    """Rewrite the gauges that mirror state (sources, shaping, warm-up, the state backend)
+    before a scrape."""
     metrics = daemon.metrics
     metrics.refresh_sources(daemon.runtime.health.snapshot())
     metrics.refresh_shaping(shaping_rows(daemon.runtime))
     metrics.refresh_warmup(metric_rows(daemon.warming))
+    fleet = daemon.fleet
+    if fleet is not None:
+        metrics.refresh_state("redis", fleet.health.up, fleet.alive_nodes())
 
 
 ServiceStarter = Callable[..., Awaitable[None]]

@@ -75,14 +75,18 @@ def _receive_line(sock: socket.socket) -> bytes:
 # --------------------------------------------------------------------------- egressd status
 
 
-def command_status(config: Config, out: TextIO) -> int:
-    """``egressd status``: ask the running daemon, print a table; 1 when unreachable."""
+def command_status(config: Config, out: TextIO, fleet: bool = False) -> int:
+    """``egressd status [--fleet]``: ask the running daemon, print a table; 1 when
+    unreachable. ``--fleet``: every member seen through the shared backend instead."""
     try:
+        if fleet and config.control.socket is None:
+            raise ControlError(f"egressd status --fleet needs [control] socket in {config.path}")
         if config.control.socket is not None:
             reply = ask(config.control.socket, {"command": "status"})
             if not reply.get("ok"):
                 raise ControlError(f"egressd refused the request: {reply.get('error')}")
-            print(format_status(reply["status"], time.time()), file=out, end="")
+            show = format_fleet if fleet else format_status
+            print(show(reply["status"], time.time()), file=out, end="")
         elif config.metrics.listen is not None:
             sources = sources_from_metrics(scrape(config.metrics.listen))
             print(format_sources(sources, time.time()), file=out, end="")
@@ -127,7 +131,9 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
     slots = status.get("host_budgets", {}).get("slots") or {}
     middle += "".join(f"connection slots held in {key}: {count}\n" for key, count in slots.items())
     budgets = format_budgets(status.get("budgets"))
-    return header + budgets + pools + "\n" + middle + format_sources(status["sources"], now) + tail
+    state = format_state_line(status.get("state"), now)
+    head = header + state + budgets + pools
+    return head + "\n" + middle + format_sources(status["sources"], now) + tail
 
 
 def format_workers(workers: Sequence[Mapping[str, Any]]) -> str:
@@ -171,6 +177,76 @@ def format_budgets(budgets: Mapping[str, Any] | None) -> str:
         f"shaping budgets: LOCAL SHARES (1/{nodes} of each) for "
         f"{_duration(float(budgets.get('local_shares_for', 0)))}: the store is unreachable "
         f"({budgets.get('error', '')})\n"
+    )
+
+
+def format_state_line(state: Mapping[str, Any] | None, now: float) -> str:
+    """``state: redis ... up`` (or DOWN, since when and why); nothing for SQLite."""
+    if not state or state.get("backend") != "redis":
+        return ""
+    where = f"redis {state['location']} (prefix {state['prefix']})"
+    if state["up"]:
+        return f"state: {where} up, node {state['member']}\n"
+    since = _duration(now - float(state["since"]))
+    return (
+        f"state: {where} DOWN for {since}: {state.get('error')}; "
+        "counts kept in memory, budgets on local shares\n"
+    )
+
+
+def format_fleet(status: Mapping[str, Any], now: float) -> str:
+    """``egressd status --fleet``: every member seen through Redis, flagged when its
+    configuration differs from this daemon's or its heartbeat is stale."""
+    state = status.get("state") or {}
+    if state.get("backend") != "redis":
+        return 'no fleet: [state] backend is not "redis" (this daemon keeps its state alone)\n'
+    fleet = state.get("fleet")
+    lines = [format_state_line(state, now)]
+    if fleet is None:
+        return lines[0] + "no heartbeat read yet\n"
+    lines.append(
+        f"fleet as read {_duration(now - float(fleet['read_at']))} ago; "
+        f"this daemon's config generation {fleet['generation']}\n"
+    )
+    header = ("member", "version", "pid", "config", "heartbeat", "up", "connections")
+    rows = [header]
+    for member in fleet["members"]:
+        config = member["generation"] + (" DIFFERENT" if member["other_config"] else "")
+        conns = ", ".join(f"{k} {v}" for k, v in member["connections"].items()) or "-"
+        rows.append(
+            (
+                member["id"],
+                member["version"],
+                str(member["pid"]),
+                config,
+                f"{_duration(now - float(member['heartbeat']))} ago",
+                _duration(now - float(member["started"])),
+                conns,
+            )
+        )
+    for stale in fleet["stale"]:
+        seen = f"{_duration(now - float(stale['heartbeat']))} ago STALE"
+        rows.append((stale["id"], "-", "-", "-", seen, "-", "-"))
+    lines.append(_table(rows))
+    suspensions = fleet["suspensions"]
+    lines.append("\nfleet-wide suspensions (shared state):\n")
+    if not suspensions:
+        lines.append("  none\n")
+    for item in suspensions:
+        left = _duration(float(item["until"]) - now)
+        lines.append(f"  {item['scope']}  {left} left  {item['reason']}\n")
+    lines.append(
+        "\nshared budgets are not shown yet (their keys belong to the fleet budget ledger)\n"
+    )
+    return "".join(lines)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        + "\n"
+        for row in rows
     )
 
 

@@ -39,7 +39,8 @@ from egressd.log import get_logger
 from egressd.shaping import Shaper
 from egressd.shaping import Suspension as ShaperSuspension
 from egressd.shaping.shaper import Scope
-from egressd.state import Event, StateError, Store, StsPolicy, Suspension
+from egressd.state import Event, StateError, StateKept, Store, StsPolicy, Suspension
+from egressd.state.redis import RedisCommands
 from egressd.tlspolicy.mtasts import MemoryPolicyStore, from_record, to_record
 from egressd.warmup import ALL_PROVIDERS, Calendar, Warmup
 
@@ -120,6 +121,9 @@ class Warming:
         """The store's newest events, newest first, read at startup and after each flush
         (``warmup status`` reads them here: the control socket does not wait on a store)."""
         self._stored: dict[str, Suspension] = {}
+        self._kept = False
+        """The store keeps batches it could not confirm (:class:`~egressd.state.StateKept`):
+        flush even when nothing is new, so they go out once the store is back."""
         self.restored_policies = policies
         self.policy_cache: MemoryPolicyStore | None = None
 
@@ -170,18 +174,26 @@ class Warming:
         policies = self.policy_cache.take_changes() if self.policy_cache is not None else {}
         mta_sts = tuple(to_record(domain, entry) for domain, entry in policies.items())
         batch = replace(batch, suspensions=added, lifted=lifted, mta_sts=mta_sts)
-        if not batch:
+        if not batch and not self._kept:
             return
         try:
             await self.store.write(batch)
+        except StateKept as exc:
+            if not self._kept:
+                log.error("warm-up state kept in memory until the store is back: %s", exc)
+            self._kept = True
         except StateError as exc:
             self.engine.give_back(batch)
             if self.policy_cache is not None:
                 self.policy_cache.give_back(policies)
             log.error("warm-up state not written, kept for the next flush: %s", exc)
             return
+        else:
+            if self._kept:
+                log.warning("warm-up state written again, with what was kept meanwhile")
+            self._kept = False
         self._stored = {k: self._stored.get(k) or current[k] for k in current}
-        if batch.events:
+        if batch.events and not self._kept:
             await self.refresh_history()
 
     async def refresh_history(self) -> None:
@@ -200,11 +212,19 @@ class Warming:
     async def close(self) -> None:
         with trio.CancelScope(shield=True):
             await self.flush()
+            if self._kept:
+                log.error(
+                    "warm-up state lost at shutdown: the store was still unreachable",
+                    extra={"fields": {"store": self.store.location}},
+                )
             await self.store.close()
 
 
 async def open_warming(
-    config: Config, environ: Mapping[str, str] | None = None, clock: WarmupClock | None = None
+    config: Config,
+    environ: Mapping[str, str] | None = None,
+    clock: WarmupClock | None = None,
+    client: RedisCommands | None = None,
 ) -> Warming | None:
     """The store and engine for ``config``, or None when no source warms up.
 
@@ -214,7 +234,7 @@ async def open_warming(
     if not sources:
         return None
     clock = clock or WarmupClock()
-    store = await open_state_store(config, environ)
+    store = await open_state_store(config, environ, client)
     try:
         since = Calendar.add_days(Calendar(config.warmup.timezone).day(clock()), -HISTORY_DAYS)
         snapshot = await store.load(since, clock())

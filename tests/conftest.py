@@ -7,6 +7,7 @@ until the test ends; the daemon fixtures are synchronous and stop their process 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,10 +17,13 @@ import pytest
 import trio
 from harness import Dante, HAProxy, Sink, dante, haproxy_transparent, start_sink
 from redis_harness import RedisServer, new_server, redis_servers
-from state_helpers import StoreOpener
+from state_helpers import StateBackend, StoreOpener
 
+from egressd.config.state import StateSettings, parse_redis_url
+from egressd.fleet.client import open_client
 from egressd.fleet.stores import ThreadedStore
 from egressd.state import Store, open_store
+from egressd.state.redis import RedisStore
 
 
 @pytest.fixture
@@ -85,26 +89,40 @@ def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
     return redis_factory()
 
 
-STATE_BACKENDS = ["sqlite"]
+STATE_BACKENDS = ["sqlite", "redis"]
 
 
 @pytest.fixture(params=STATE_BACKENDS)
 async def open_backend(
-    request: pytest.FixtureRequest, tmp_path: Path
+    request: pytest.FixtureRequest, tmp_path: Path, redis_factory: Callable[..., RedisServer]
 ) -> AsyncIterator[StoreOpener]:
     """Opens a :class:`~egressd.state.Store` of each backend in turn (the state contract
     tests, tests/state/test_store_contract.py, run against every one). Called again, it
-    opens the same state anew (the same SQLite file), as a restarted daemon would. Every
-    store opened is closed when the test ends."""
-    opened: list[Store] = []
+    opens the same state anew (the same SQLite file; the same redis-server and prefix,
+    with a new client), as a restarted daemon would. Every store and client opened is
+    closed when the test ends."""
+    async with contextlib.AsyncExitStack() as stack:
+        server = redis_factory() if request.param == "redis" else None
 
-    async def sqlite() -> Store:
-        store = ThreadedStore(open_store(tmp_path))
-        opened.append(store)
-        return store
+        async def opener() -> Store:
+            if server is None:
+                store: Store = ThreadedStore(open_store(tmp_path))
+            else:
+                settings = StateSettings(backend="redis", url=parse_redis_url(server.url))
+                client = await stack.enter_async_context(open_client(settings))
+                store = RedisStore(client)
+            stack.push_async_callback(store.close)
+            return store
 
-    try:
-        yield sqlite
-    finally:
-        for store in opened:
-            await store.close()
+        yield opener
+
+
+@pytest.fixture(params=STATE_BACKENDS)
+def state_backend(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_factory: Callable[..., RedisServer]
+) -> StateBackend:
+    """Each backend in turn for a real daemon: ``state_backend.toml()`` is the ``[state]``
+    table to put in its configuration, ``await state_backend.snapshot()`` what it stored."""
+    if request.param == "redis":
+        return StateBackend("redis", tmp_path, redis_factory())
+    return StateBackend("sqlite", tmp_path)

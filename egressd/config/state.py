@@ -15,6 +15,7 @@ command_timeout = "1s"
 node_name = "mx-1"                      # default: the host name
 heartbeat_interval = "5s"               # a node unseen for 3 intervals is stale
 lease_timeout = "30s"                   # a dead node's shared connection slots come back
+startup_wait = "10s"                    # Redis down at startup: give up (exit 75) after this
 ```
 
 A password in ``url`` works, but ``check --effective`` prints it masked and the main file
@@ -170,6 +171,8 @@ class StateSettings:
     lease_timeout: float = setting(_Timeout(), 30.0)
     """How long a connection slot of a shared budget outlives a node that stopped renewing
     it (renewed every third of it): a node killed returns its slots within this time."""
+    startup_wait: float = setting(_Timeout(), 10.0)
+    """How long a starting daemon waits for Redis before it gives up (exit 75)."""
 
     @property
     def password(self) -> str | None:

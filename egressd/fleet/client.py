@@ -18,7 +18,10 @@ background, with a backoff capped near one second, once it is back.
 Every call goes through :meth:`FleetClient.command`, :meth:`~FleetClient.script` or
 :meth:`~FleetClient.transaction`, each under ``trio.fail_after`` (connect plus command
 timeout), and every failure (refused, reset, timed out, an error reply) is raised as
-:class:`RedisUnavailable`, whose message names the server (password masked). A
+:class:`RedisUnavailable`, whose message names the server (password masked).
+:class:`BackendHealth` follows the calls: the first failure logs "state backend DOWN"
+(error level) and the first success after it "state backend back", once each, whichever
+part of egressd (store, heartbeats, budgets) made the call. A
 transaction that times out is ambiguous: Redis may or may not have applied it; callers
 whose writes are increments say what they do about that (:mod:`egressd.state.redis`).
 
@@ -28,6 +31,7 @@ fleets can share one Redis.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -49,8 +53,12 @@ from glide import (
 )
 
 from egressd.config import StateSettings
+from egressd.log import get_logger
+from egressd.state import StateUnavailable
 
-__all__ = ["Arg", "FleetClient", "RedisUnavailable", "open_client"]
+__all__ = ["Arg", "BackendHealth", "FleetClient", "RedisUnavailable", "open_client"]
+
+log = get_logger("fleet")
 
 Arg = str | bytes | int | float
 """One argument of a Redis command."""
@@ -59,8 +67,42 @@ RECONNECT = BackoffStrategy(num_of_retries=4, factor=60, exponent_base=2, jitter
 """glide's reconnection backoff: 60, 120, 240, 480, then 960 ms between attempts."""
 
 
-class RedisUnavailable(Exception):
+class RedisUnavailable(StateUnavailable):
     """Redis could not be reached or refused a call; the message names the server."""
+
+
+@dataclass
+class BackendHealth:
+    """Whether Redis answered the last call; logs once when it goes down and once when it
+    is back (``egressd_state_backend_up``, ``egressd status``)."""
+
+    location: str
+    up: bool = True
+    since: float = field(default_factory=time.time)
+    """When :attr:`up` last changed (or the client was opened)."""
+    error: str | None = None
+    """Why the last call failed, while down."""
+
+    def failed(self, error: str) -> None:
+        self.error = error
+        if self.up:
+            self.up, self.since = False, time.time()
+            log.error(
+                "state backend DOWN: shared state is kept in memory until it is back",
+                extra={"fields": {"backend": self.location, "error": error}},
+            )
+
+    def succeeded(self) -> None:
+        if not self.up:
+            down_for = time.time() - self.since
+            self.up, self.since, self.error = True, time.time(), None
+            log.warning(
+                "state backend back",
+                extra={"fields": {"backend": self.location, "down_seconds": round(down_for, 1)}},
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"up": self.up, "since": round(self.since, 3), "error": self.error}
 
 
 @dataclass
@@ -69,6 +111,7 @@ class FleetClient:
 
     glide: GlideClient
     settings: StateSettings
+    health: BackendHealth
     _scripts: dict[str, Script] = field(default_factory=dict)
 
     @property
@@ -115,13 +158,17 @@ class FleetClient:
     async def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             with trio.fail_after(self.deadline):
-                return await function(*args, **kwargs)
+                reply = await function(*args, **kwargs)
         except trio.TooSlowError:
-            raise RedisUnavailable(
-                f"{self.location}: no answer within {self.deadline:g} s"
-            ) from None
+            raise self._failed(f"no answer within {self.deadline:g} s") from None
         except GlideError as exc:
-            raise RedisUnavailable(f"{self.location}: {_describe(exc)}") from None
+            raise self._failed(_describe(exc)) from None
+        self.health.succeeded()
+        return reply
+
+    def _failed(self, why: str) -> RedisUnavailable:
+        self.health.failed(why)
+        return RedisUnavailable(f"{self.location}: {why}")
 
 
 def _arg(value: Arg) -> str | bytes:
@@ -177,7 +224,7 @@ async def open_client(
     except (GlideError, OSError) as exc:
         raise RedisUnavailable(f"{settings.url}: cannot set up the client: {exc}") from None
     try:
-        yield FleetClient(glide, settings)
+        yield FleetClient(glide, settings, BackendHealth(str(settings.url)))
     finally:
         with trio.CancelScope(shield=True):
             await glide.close()

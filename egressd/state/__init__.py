@@ -5,12 +5,20 @@
 - :mod:`egressd.state.interface`: :class:`Store`, the asynchronous Protocol the daemon
   awaits, :class:`BlockingStore` (its blocking twin) and :class:`StateError`;
 - :mod:`egressd.state.sqlite`: the embedded backend (stdlib ``sqlite3``, WAL), blocking:
-  the daemon runs it behind :class:`egressd.fleet.stores.ThreadedStore`.
+  the daemon runs it behind :class:`egressd.fleet.stores.ThreadedStore`;
+- :mod:`egressd.state.redis`: the Redis/Valkey backend, shared by a fleet (its client is
+  injected; imported only with ``[state] backend = "redis"``).
 
 No trio here (the pure-layer contract); the thread shell lives in :mod:`egressd.fleet`.
 """
 
-from egressd.state.interface import BlockingStore, StateError, Store
+from egressd.state.interface import (
+    BlockingStore,
+    StateError,
+    StateKept,
+    StateUnavailable,
+    Store,
+)
 from egressd.state.records import (
     Batch,
     DayCount,
@@ -43,6 +51,8 @@ __all__ = [
     "Snapshot",
     "SqliteStore",
     "StateError",
+    "StateKept",
+    "StateUnavailable",
     "Store",
     "StsPolicy",
     "Suspension",

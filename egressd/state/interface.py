@@ -28,11 +28,21 @@ from typing import Protocol
 
 from egressd.state.records import Batch, Event, Snapshot
 
-__all__ = ["BlockingStore", "StateError", "Store"]
+__all__ = ["BlockingStore", "StateError", "StateKept", "StateUnavailable", "Store"]
 
 
 class StateError(Exception):
     """The state cannot be read or written; the message names the database and why."""
+
+
+class StateUnavailable(StateError):
+    """The backend cannot be reached now (a server down): unlike a corrupt file, this may
+    heal by itself, so a daemon that cannot start because of it may be restarted."""
+
+
+class StateKept(StateError):
+    """:meth:`Store.write` could not confirm the batch, and the store keeps it: it goes with
+    the next write, applied exactly once. The caller must NOT give the batch back."""
 
 
 class Store(Protocol):
@@ -49,7 +59,8 @@ class Store(Protocol):
         ...
 
     async def write(self, batch: Batch) -> None:
-        """Apply ``batch`` all or nothing."""
+        """Apply ``batch`` all or nothing. :class:`StateError`: nothing was applied and the
+        caller keeps the batch; :class:`StateKept`: the store keeps it (see there)."""
         ...
 
     async def history(self, source: str | None = None, limit: int = 50) -> list[Event]:

@@ -16,15 +16,16 @@ import trio
 from harness import free_port
 from service_harness import daemon_process
 from smtp_harness import dnsmasq, smtp_sink
+from state_helpers import StateBackend
 from test_warmup_providers import HOSTS, MX, send_sync
 from test_warmup_reply_rules import SHAPING, TSS04
-
-from egressd.state import open_store
 
 pytestmark = pytest.mark.integration
 
 
-def write_config(directory: Path, nameserver: str, sink_port: int, relay_port: int) -> Path:
+def write_config(
+    directory: Path, nameserver: str, sink_port: int, relay_port: int, state: StateBackend
+) -> Path:
     (directory / "shaping.toml").write_text(SHAPING)
     path = directory / "egressd.toml"
     path.write_text(
@@ -37,8 +38,7 @@ deny_destinations = []
 [[smtp.listener]]
 address = "127.0.0.1:{relay_port}"
 pool = "main"
-[state]
-directory = "{directory / "state"}"
+{state.toml()}
 [warmup]
 flush_interval = "1h"
 [warmup.plan.test]
@@ -63,22 +63,21 @@ async def send(relay_port: int, recipients: list[str]) -> list[str]:
     return await trio.to_thread.run_sync(send_sync, relay_port, recipients)
 
 
-async def test_a_suspension_survives_a_restart(tmp_path: Path) -> None:
+async def test_a_suspension_survives_a_restart(tmp_path: Path, state_backend: StateBackend) -> None:
+    """Against each backend (``state_backend``: SQLite, and a real redis-server)."""
     relay_port = free_port()
     with (
         smtp_sink(rcpt_replies={"tss@big.test": TSS04}) as sink,
         dnsmasq(mx=MX, hosts=HOSTS) as dns,
     ):
-        config = write_config(tmp_path, dns.nameserver, sink.port, relay_port)
+        config = write_config(tmp_path, dns.nameserver, sink.port, relay_port, state_backend)
         async with daemon_process(config) as daemon:
             [deferred] = await send(relay_port, ["tss@big.test"])
             assert "TSS04" in deferred
             daemon.send(signal.SIGTERM)
             with trio.fail_after(10):
                 assert await daemon.wait_exit() == 0
-        store = open_store(tmp_path / "state")
-        [stored] = store.load("0000-00-00", 0.0).suspensions
-        store.close()
+        [stored] = (await state_backend.snapshot()).suspensions
         assert stored.scope == "cold@provider:bigmail" and "TSS04" in stored.reason
 
         async with daemon_process(config):

@@ -16,16 +16,24 @@ import trio
 from harness import free_port
 from service_harness import daemon_process
 from smtp_harness import smtp_sink
+from state_helpers import StateBackend
 
-from egressd.state import DATABASE_NAME, open_store
+from egressd.state import DATABASE_NAME
 
 pytestmark = pytest.mark.integration
 
 QUOTA = 4
 
 
-def write_config(directory: Path, sink_port: int, relay_port: int, flush: str = "0.2s") -> Path:
+def write_config(
+    directory: Path,
+    sink_port: int,
+    relay_port: int,
+    flush: str = "0.2s",
+    state: StateBackend | None = None,
+) -> Path:
     path = directory / "egressd.toml"
+    table = state.toml() if state is not None else f'[state]\ndirectory = "{directory / "state"}"'
     path.write_text(
         f"""
 [access]
@@ -35,8 +43,7 @@ address = "127.0.0.1:{relay_port}"
 pool = "main"
 [smtp.routes]
 "*" = "127.0.0.1:{sink_port}"
-[state]
-directory = "{directory / "state"}"
+{table}
 [warmup]
 flush_interval = "{flush}"
 [warmup.plan.test]
@@ -67,31 +74,30 @@ async def send(relay_port: int, count: int) -> None:
     await trio.to_thread.run_sync(send_sync, relay_port, count)
 
 
-def stored_sent(directory: Path) -> int:
-    store = open_store(directory / "state")
-    try:
-        return sum(c.sent for c in store.load("0000-00-00", 0.0).counts if c.source == "cold")
-    finally:
-        store.close()
+async def stored_sent(state: StateBackend) -> int:
+    return sum(c.sent for c in (await state.snapshot()).counts if c.source == "cold")
 
 
-async def test_counts_survive_sigterm_and_kill_9_after_a_flush(tmp_path: Path) -> None:
+async def test_counts_survive_sigterm_and_kill_9_after_a_flush(
+    tmp_path: Path, state_backend: StateBackend
+) -> None:
+    """Against each backend (``state_backend``: SQLite, and a real redis-server)."""
     relay_port = free_port()
     with smtp_sink() as sink:
         # An hour between flushes: only the flush at shutdown can write the count.
-        config = write_config(tmp_path, sink.port, relay_port, flush="1h")
+        config = write_config(tmp_path, sink.port, relay_port, flush="1h", state=state_backend)
         async with daemon_process(config) as daemon:
             await send(relay_port, 1)
             daemon.send(signal.SIGTERM)
             with trio.fail_after(10):
                 assert await daemon.wait_exit() == 0
-        assert stored_sent(tmp_path) == 1
+        assert await stored_sent(state_backend) == 1
 
-        config = write_config(tmp_path, sink.port, relay_port)
+        config = write_config(tmp_path, sink.port, relay_port, state=state_backend)
         async with daemon_process(config) as daemon:
             await send(relay_port, 2)
             with trio.fail_after(5):  # the flusher writes within its 0.2 s interval
-                while stored_sent(tmp_path) < 3:
+                while await stored_sent(state_backend) < 3:
                     await trio.sleep(0.05)
             daemon.send(signal.SIGKILL)
             with trio.fail_after(10):

@@ -78,3 +78,42 @@ async def test_mta_sts_policies_are_replaced_by_domain_and_expire(
     await store.close()
     snapshot = await (await open_backend()).load(since_day="2026-11-30", now=100.0)
     assert snapshot.mta_sts == (StsPolicy("a.example", "2", 10.0, "none", 1000, ""),)
+
+
+async def test_two_writers_add_their_counts_to_the_same_day(open_backend: StoreOpener) -> None:
+    first, second = await open_backend(), await open_backend()
+    day = "2026-11-30"
+    await first.write(Batch(counts=(DayCount("ip-1", "google", day, sent=5, deferred=1),)))
+    await second.write(Batch(counts=(DayCount("ip-1", "google", day, sent=7, connected=2),)))
+    await first.write(Batch(counts=(DayCount("ip-1", "google", day, rejected=3),)))
+    snapshot = await (await open_backend()).load(since_day=day, now=0.0)
+    assert snapshot.counts == (DayCount("ip-1", "google", day, 12, 1, 3, 2),)
+
+
+async def test_progress_suspensions_and_overrides_are_replaced_lifted_and_cleared(
+    open_backend: StoreOpener,
+) -> None:
+    store = await open_backend()
+    await store.write(
+        Batch(
+            progress=(Progress("ip-1", "other", "standard", 1, "2026-11-29"),),
+            suspensions=(Suspension("ip-1@provider:yahoo", 500.0, "TSS04"),),
+            overrides=(
+                Override("ip-1", "a", "1", 500.0, "r"),
+                Override("ip-1", "b", "2", 500.0, "r"),
+            ),
+        )
+    )
+    await store.write(
+        Batch(
+            progress=(Progress("ip-1", "other", "standard", 2, "2026-11-30", "held"),),
+            suspensions=(Suspension("ip-1@provider:yahoo", 900.0, "TSS04 again"),),
+            cleared=(("ip-1", "a"),),
+        )
+    )
+    snapshot = await store.load(since_day="2026-11-30", now=100.0)
+    assert snapshot.progress == (Progress("ip-1", "other", "standard", 2, "2026-11-30", "held"),)
+    assert snapshot.suspensions == (Suspension("ip-1@provider:yahoo", 900.0, "TSS04 again"),)
+    assert snapshot.overrides == (Override("ip-1", "b", "2", 500.0, "r"),)
+    await store.write(Batch(lifted=("ip-1@provider:yahoo",)))
+    assert (await store.load(since_day="2026-11-30", now=100.0)).suspensions == ()
