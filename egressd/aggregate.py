@@ -137,6 +137,7 @@ def merge_status(
         "pools": first.get("pools", {}),
         "sources": merge_sources(status.get("sources", []) for status in answered),
         "shaping": merge_shaping([status.get("shaping") for status in answered]),
+        "state": first.get("state"),  # the state backend and fleet: all workers share one
         "workers": rows,
     }
 
