@@ -235,9 +235,16 @@ def format_fleet(status: Mapping[str, Any], now: float) -> str:
     for item in suspensions:
         left = _duration(float(item["until"]) - now)
         lines.append(f"  {item['scope']}  {left} left  {item['reason']}\n")
-    lines.append(
-        "\nshared budgets are not shown yet (their keys belong to the fleet budget ledger)\n"
+    lines.append("\nshared connection limits (leases held fleet-wide, key: held):\n")
+    lines.extend(f"  {item['key']}  {item['held']}\n" for item in fleet.get("leases", []))
+    if not fleet.get("leases"):
+        lines.append("  none\n")
+    lines.append("\nshared rates (GCRA, key: arrival time ahead of now):\n")
+    lines.extend(
+        f"  {item['key']}  {item['ahead_ms'] / 1000:g}s\n" for item in fleet.get("gcra", [])
     )
+    if not fleet.get("gcra"):
+        lines.append("  none\n")
     return "".join(lines)
 
 

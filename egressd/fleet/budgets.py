@@ -436,7 +436,7 @@ async def serve_fleet_budgets(
     :class:`FleetBudgets`, run until cancelled."""
     from egressd.fleet.client import RedisUnavailable, open_client  # glide: only with redis
 
-    async with open_client(settings, "egressd-budgets") as client:
+    async with open_client(settings, "egressd-budgets", announce=False) as client:
         ledger = SharedLedger(node_id(settings.node_name), prefix=client.key("budgets") + ":")
         budgets = FleetBudgets(
             ledger,

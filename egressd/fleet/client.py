@@ -82,11 +82,15 @@ class BackendHealth:
     """When :attr:`up` last changed (or the client was opened)."""
     error: str | None = None
     """Why the last call failed, while down."""
+    announce: bool = True
+    """Log the changes (False for a second client of the same process that logs its own)."""
 
     def failed(self, error: str) -> None:
         self.error = error
         if self.up:
             self.up, self.since = False, time.time()
+            if not self.announce:
+                return
             log.error(
                 "state backend DOWN: shared state is kept in memory until it is back",
                 extra={"fields": {"backend": self.location, "error": error}},
@@ -96,6 +100,8 @@ class BackendHealth:
         if not self.up:
             down_for = time.time() - self.since
             self.up, self.since, self.error = True, time.time(), None
+            if not self.announce:
+                return
             log.warning(
                 "state backend back",
                 extra={"fields": {"backend": self.location, "down_seconds": round(down_for, 1)}},
@@ -215,16 +221,18 @@ def _ms(seconds: float) -> int:
 
 @asynccontextmanager
 async def open_client(
-    settings: StateSettings, client_name: str = "egressd"
+    settings: StateSettings, client_name: str = "egressd", *, announce: bool = True
 ) -> AsyncIterator[FleetClient]:
     """A :class:`FleetClient` for ``[state]``, closed at exit. It connects lazily: a
-    Redis that is down shows at the first call, as :class:`RedisUnavailable`."""
+    Redis that is down shows at the first call, as :class:`RedisUnavailable`.
+    ``announce=False``: its :class:`BackendHealth` does not log (a second client of the
+    process whose user logs the outage its own way)."""
     try:
         glide = await GlideClient.create(configuration(settings, client_name))
     except (GlideError, OSError) as exc:
         raise RedisUnavailable(f"{settings.url}: cannot set up the client: {exc}") from None
     try:
-        yield FleetClient(glide, settings, BackendHealth(str(settings.url)))
+        yield FleetClient(glide, settings, BackendHealth(str(settings.url), announce=announce))
     finally:
         with trio.CancelScope(shield=True):
             await glide.close()

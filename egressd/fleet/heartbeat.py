@@ -16,8 +16,10 @@ configurations), when it started, its last heartbeat, and its active connections
 source.
 
 After writing, it reads every member back (``ZRANGE ... WITHSCORES``, then one ``MGET``)
-with the fleet-wide suspensions (``P:state:suspensions``, see :mod:`egressd.state.redis`),
-and keeps them as :attr:`Heartbeats.view` for ``egressd status --fleet`` (the control
+with the fleet-wide suspensions (``P:state:suspensions``, see :mod:`egressd.state.redis`)
+and the shared budgets (``P:budgets:leases:*``, ``P:budgets:gcra:*``, see
+:mod:`egressd.fleet.budgets`: one Lua script, at most 200 of each), and keeps them as
+:attr:`Heartbeats.view` for ``egressd status --fleet`` (the control
 socket answers from memory, never waiting on Redis). A member whose record expired (no
 heartbeat for three intervals) but which is still listed is **stale**.
 
@@ -51,6 +53,42 @@ log = get_logger("fleet")
 MEMBERS_KEPT = 86400.0
 """A member not heard of for a day is dropped from the list (stale until then)."""
 
+BUDGETS_SHOWN = 200
+"""At most this many shared budget keys of each kind are read into the view."""
+
+BUDGETS_SCRIPT = """
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_ms = math.floor(now_us / 1000)
+local limit = tonumber(ARGV[3])
+local function scan(pattern, read)
+  local out, cursor, n = {}, '0', 0
+  repeat
+    local r = redis.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', 500)
+    cursor = r[1]
+    for _, key in ipairs(r[2]) do
+      if n < limit then
+        table.insert(out, key)
+        table.insert(out, read(key))
+        n = n + 1
+      end
+    end
+  until cursor == '0' or n >= limit
+  return out
+end
+local leases = scan(ARGV[1], function(key)
+  return redis.call('ZCOUNT', key, '(' .. now_ms, '+inf')
+end)
+local gcra = scan(ARGV[2], function(key)
+  local tat = tonumber(redis.call('GET', key) or now_us)
+  return math.max(0, math.floor((tat - now_us) / 1000))
+end)
+return {leases, gcra}
+"""
+"""The shared budgets as the fleet budgets keep them (:mod:`egressd.fleet.budgets`): each
+lease set's live members (connections held fleet-wide) and each GCRA's theoretical arrival
+time ahead of the server's clock, in ms (0: the budget is idle)."""
+
 
 @dataclass(frozen=True)
 class Member:
@@ -78,6 +116,10 @@ class FleetView:
     members: tuple[Member, ...] = ()
     stale: tuple[tuple[str, float], ...] = ()
     suspensions: tuple[tuple[str, float, str], ...] = ()
+    leases: tuple[tuple[str, int], ...] = ()
+    """(lease set key without the prefix, connections held now) of the shared budgets."""
+    gcra: tuple[tuple[str, int], ...] = ()
+    """(GCRA key without the prefix, ms its arrival time is ahead of now)."""
     read_at: float = 0.0
 
     def alive_nodes(self) -> int:
@@ -97,6 +139,8 @@ class FleetView:
                 {"scope": scope, "until": until, "reason": reason}
                 for scope, until, reason in self.suspensions
             ],
+            "leases": [{"key": key, "held": held} for key, held in self.leases],
+            "gcra": [{"key": key, "ahead_ms": ahead} for key, ahead in self.gcra],
         }
 
 
@@ -182,12 +226,24 @@ class Heartbeats:
                 stale.append((member_id, heartbeat))
             else:
                 alive.append(_decode(raw))
+        leases, gcra = await self._budgets()
         return FleetView(
             members=tuple(sorted(alive, key=lambda m: m.id)),
             stale=tuple(stale),
             suspensions=_suspensions(suspensions, now),
+            leases=leases,
+            gcra=gcra,
             read_at=now,
         )
+
+    async def _budgets(self) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
+        """The shared budgets' lease sets and GCRAs (:data:`BUDGETS_SCRIPT`), sorted."""
+        base = self.client.key("budgets", "")
+        leases, gcra = await self.client.script(
+            BUDGETS_SCRIPT, [], [base + "leases:*", base + "gcra:*", str(BUDGETS_SHOWN)]
+        )
+        strip = len(self.client.key(""))
+        return _keyed(leases, strip), _keyed(gcra, strip)
 
     async def run(self) -> None:
         """Beat every ``heartbeat_interval`` until cancelled; a failed beat is retried at
@@ -238,6 +294,12 @@ def _scored(reply: Any) -> list[tuple[str, float]]:
     if isinstance(items[0], list | tuple):
         return [(_text(m), float(s)) for m, s in items]
     return [(_text(items[i]), float(items[i + 1])) for i in range(0, len(items), 2)]
+
+
+def _keyed(reply: Any, strip: int) -> tuple[tuple[str, int], ...]:
+    items = list(reply or [])
+    pairs = [(_text(items[i])[strip:], int(items[i + 1])) for i in range(0, len(items), 2)]
+    return tuple(sorted(pairs))
 
 
 def _suspensions(reply: Any, now: float) -> tuple[tuple[str, float, str], ...]:

@@ -85,3 +85,23 @@ async def test_the_view_carries_the_fleet_wide_suspensions(redis_server: RedisSe
         beat = member(client, "a")
         await beat.beat()
         assert beat.view.suspensions == (("ip-1@provider:y", 9e9, "TSS04"),)
+
+
+async def test_the_view_carries_the_shared_budgets_held_fleet_wide(
+    redis_server: RedisServer,
+) -> None:
+    async with client_of(redis_server) as client:
+        seconds, micros = await client.command("TIME")
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        lease = client.key("budgets", "leases", "connection_limit", "ip-1", "mx.test", "4")
+        for holder, expiry in (("n1/1", now_ms + 30_000), ("n2/2", now_ms + 30_000)):
+            await client.command("ZADD", lease, expiry, holder)
+        await client.command("ZADD", lease, now_ms - 1000, "dead/3")  # its lease ran out
+        gcra = client.key("budgets", "gcra", "max_message_rate", "ip-1", "mx.test", "100")
+        await client.command("SET", gcra, (now_ms + 5000) * 1000)
+        beat = member(client, "a")
+        await beat.beat()
+        assert beat.view.leases == (("budgets:leases:connection_limit:ip-1:mx.test:4", 2),)
+        [(key, ahead_ms)] = beat.view.gcra
+        assert key == "budgets:gcra:max_message_rate:ip-1:mx.test:100"
+        assert 4000 < ahead_ms <= 5000
