@@ -547,8 +547,6 @@ async def _serve(
     runtime = Runtime(config, observe.egress_observer(metrics), shaping)
     client = fleet.client if fleet is not None else None
     warming = await open_warming(config, client=client)  # StateError: no start
-    if warming is not None:
-        attach_warming(runtime, warming)
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as connections:
             daemon = Daemon(
@@ -565,6 +563,8 @@ async def _serve(
             stop = _Stop()
             if config.state.backend == "redis":
                 await share_budgets(runtime, metrics, config, connections)
+            if warming is not None:  # after share_budgets, which rebuilds the shaper:
+                attach_warming(runtime, warming)  # the restored suspensions go in the new one
             if link is None:
                 daemon.extras = observe.Extras(daemon, connections)
                 await daemon.extras.apply(config, at_startup=True)
