@@ -563,8 +563,6 @@ async def _serve(
             stop = _Stop()
             if config.state.backend == "redis":
                 await share_budgets(runtime, metrics, config, connections)
-            if warming is not None:  # after share_budgets, which rebuilds the shaper:
-                attach_warming(runtime, warming)  # the restored suspensions go in the new one
             if link is None:
                 daemon.extras = observe.Extras(daemon, connections)
                 await daemon.extras.apply(config, at_startup=True)
@@ -578,6 +576,8 @@ async def _serve(
                 await connections.start(link.run, daemon, stop.set)
                 if config.state.backend == "sqlite":
                     await share_host_budgets(runtime, config, link, connections)
+            if warming is not None:  # after share_*budgets, which rebuild the shaper: the
+                attach_warming(runtime, warming)  # suspensions restored go in the new one
             await daemon.reconcile_listeners(config)
             connections.start_soon(announce_recoveries, daemon)
             connections.start_soon(_handle_signals, daemon, signals, stop, link is None)
