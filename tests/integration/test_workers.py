@@ -175,11 +175,12 @@ async def two_workers(
     smtp_port: int | None = None,
     *,
     shaping: bool = False,
+    watchdog_usec: int | None = None,
 ) -> AsyncIterator[Workers]:
     metrics_port = free_port()
     routes = "" if smtp_port is None else f'[smtp.routes]\n"*" = "127.0.0.1:{smtp_port}"\n'
     config = write_config(short_dir, sink, metrics_port, extra=extra + routes, shaping=shaping)
-    async with daemon_process(config) as process:
+    async with daemon_process(config, watchdog_usec=watchdog_usec) as process:
         yield Workers(process, short_dir, sink, metrics_port)
 
 
@@ -274,7 +275,7 @@ async def test_a_reload_applies_to_both_workers_or_to_none(short_dir: Path, sink
 async def test_status_counts_both_workers_and_sigterm_drains_both(
     short_dir: Path, sink: Sink
 ) -> None:
-    async with two_workers(short_dir, sink) as w:
+    async with two_workers(short_dir, sink, watchdog_usec=1_000_000) as w:
         socks = await w.port("socks5")
         sessions = []
         with trio.fail_after(10):
@@ -320,6 +321,10 @@ async def test_status_counts_both_workers_and_sigterm_drains_both(
             assert await w.process.wait_exit() == 0
         log = w.process.log()
         assert "grace period over" not in log
+        # the supervisor alone speaks to systemd: one READY=1 (once both workers were
+        # ready), its watchdog pings, STOPPING=1
+        assert w.process.notify.states() == ["READY=1", "STOPPING=1"]
+        assert "WATCHDOG=1" in w.process.notify.history
         assert (w.sessions_of("socks5", 1), w.sessions_of("socks5", 2)) == (1, 1)
 
 
