@@ -171,6 +171,9 @@ class Daemon:
     """Binds a listener's socket; a worker takes the one its supervisor passed instead."""
     worker: int | None = None
     """This process's worker number under a supervisor (:mod:`egressd.supervisor`)."""
+    defer: Callable[[], float] | None = None
+    """A worker's wait before an accept while it is busier than another worker
+    (:mod:`egressd.net.balance`); None for a single process."""
     _lock: trio.Lock = field(default_factory=trio.Lock)
 
     def config_generation(self) -> str:
@@ -201,7 +204,7 @@ class Daemon:
         async def loop() -> None:
             try:
                 with running.scope:
-                    await accept_loop(socket_listener, handler, self.connections)
+                    await accept_loop(socket_listener, handler, self.connections, self.defer)
             finally:
                 running.closed.set()
 
@@ -573,6 +576,7 @@ async def _serve(
                     link.generation - 1,
                     link.take,
                 )
+                daemon.defer = link.balance(daemon)
                 await connections.start(link.run, daemon, stop.set)
                 if config.state.backend == "sqlite":
                     await share_host_budgets(runtime, config, link, connections)

@@ -96,6 +96,7 @@ from egressd.hostbudgets import BudgetBook, BudgetRequestError
 from egressd.log import get_logger, setup_logging
 from egressd.metrics import SupervisorMetrics, serve_metrics
 from egressd.net import sdnotify
+from egressd.net.balance import NOT_SERVING, SessionBoard
 from egressd.net.channel import Channel, ChannelClosed, Message, socket_pair
 from egressd.net.listen import close_listener, open_listener
 from egressd.net.shaping import load_policy_in_thread
@@ -180,6 +181,8 @@ class Supervisor:
         self.files_seen: Fingerprint = file_fingerprint(watched_files(config))
         self.metrics = SupervisorMetrics(self._families)
         self.retired: list[FamilyRow] = []
+        self.board = SessionBoard.create(self.count)
+        """Every worker's open sessions, which the workers balance their accepts on."""
         self.budgets = BudgetBook()
         """The host's shared budgets, asked by every worker (:mod:`egressd.hostbudgets`)."""
         self.metrics_port: int | None = None
@@ -295,7 +298,7 @@ class Supervisor:
                             argv,
                             check=False,
                             stdin=subprocess.DEVNULL,
-                            pass_fds=(theirs.fileno(),),
+                            pass_fds=(theirs.fileno(), self.board.fd),
                             env=worker_environment(),
                         )
                     )
@@ -318,6 +321,7 @@ class Supervisor:
 
     def _stopped(self, worker: Worker) -> None:
         worker.state, worker.channel = "stopped", None
+        self.board.set(worker.number, NOT_SERVING)
         freed = self.budgets.forget(worker.number)
         if freed:
             log.info(
@@ -332,7 +336,12 @@ class Supervisor:
 
     async def _hello_and_listen(self, worker: Worker, channel: Channel) -> None:
         items, fds = self._listener_message(self.listeners)
-        hello = {"type": "hello", "generation": self.generation, "listeners": items}
+        hello = {
+            "type": "hello",
+            "generation": self.generation,
+            "listeners": items,
+            "board": {"fd": self.board.fd, "workers": self.count},
+        }
         try:
             await channel.send(hello, fds)
             while True:

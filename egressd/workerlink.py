@@ -33,6 +33,7 @@ import itertools
 import os
 import socket
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -41,6 +42,7 @@ from egressd.config import Config, Endpoint, parse_hostport
 from egressd.control import handle_request
 from egressd.log import get_logger
 from egressd.metrics import Metrics, snapshot
+from egressd.net.balance import SessionBoard
 from egressd.net.channel import Channel, ChannelClosed, Message
 from egressd.net.listen import close_listener
 from egressd.observe import DaemonControls, Observed, refresh_gauges
@@ -108,6 +110,8 @@ class WorkerLink:
         self._pending: Any = None
         self._stop: Callable[[str], None] = lambda reason: None
         self._ids = itertools.count(1)
+        self.board: SessionBoard | None = None
+        """Every worker's open sessions (:mod:`egressd.net.balance`), from the hello."""
         self._asked: dict[int, tuple[trio.Event, list[Message]]] = {}
 
     async def hello(self) -> None:
@@ -117,6 +121,9 @@ class WorkerLink:
             raise ChannelClosed(f"expected hello, got {message.get('type')!r}")
         self.generation = int(message["generation"])
         self._inherit(message, sockets)
+        board = message.get("board")
+        if board is not None:
+            self.board = SessionBoard(int(board["fd"]), int(board["workers"]))
 
     def take(self, key: ListenerKey) -> socket.socket:
         """The supervisor's socket for listener ``key`` (the daemon's ``open_socket``)."""
@@ -158,7 +165,23 @@ class WorkerLink:
 
     async def ready(self) -> None:
         """Tell the supervisor this worker serves (its listeners run)."""
+        if self.board is not None:
+            self.board.set(self.worker, 0)
         await self.channel.send({"type": "ready", "pid": os.getpid()})
+
+    def balance(self, daemon: Worked) -> Callable[[], float] | None:
+        """Keep this worker's open sessions on the board; the accept loops' wait while it is
+        busier than another worker (None without a board)."""
+        board, worker, runtime = self.board, self.worker, daemon.runtime
+        if board is None:
+            return None
+
+        def count(record: object) -> None:
+            board.set(worker, runtime.active_sessions)
+
+        runtime.session_opened_hooks.append(count)
+        runtime.session_hooks.append(count)
+        return partial(board.defer_for, worker)
 
     async def request(self, message: Message, timeout: float = REQUEST_TIMEOUT) -> Message:
         """Ask the supervisor (e.g. the host's shared budgets); its answer. Raises

@@ -65,11 +65,22 @@ def close_listener(listener: socket.socket) -> None:
     close_socket(listener)
 
 
-async def accept_loop(listener: socket.socket, handler: Handler, connections: trio.Nursery) -> None:
-    """Accept until cancelled; run each connection in ``connections``. Closes ``listener``."""
+async def accept_loop(
+    listener: socket.socket,
+    handler: Handler,
+    connections: trio.Nursery,
+    defer: Callable[[], float] | None = None,
+) -> None:
+    """Accept until cancelled; run each connection in ``connections``. Closes ``listener``.
+
+    ``defer`` (a worker's, :mod:`egressd.net.balance`): seconds to wait before each accept,
+    so that a less busy worker sharing the socket takes the connection first.
+    """
     try:
         accepted = 0
         while True:
+            if defer is not None and (delay := defer()):
+                await trio.sleep(delay)
             try:
                 sock, peer = listener.accept()
             except BlockingIOError:

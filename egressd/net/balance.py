@@ -1,0 +1,71 @@
+"""How many sessions each worker holds, shared in memory, so that a busy worker lets an idle
+one accept first.
+
+Theory of operation
+-------------------
+Workers accept on the same listening sockets (:mod:`egressd.supervisor`). The kernel wakes
+every worker waiting on a socket, and the first to run takes the connection; on a busy
+machine that is the worker already running, the busiest one, so a burst of connections
+(an MTA opening 50 sessions at once) can land on one worker while the other idles.
+
+The supervisor creates a :class:`SessionBoard`: one 8-byte slot per worker in a shared
+memory file (``memfd_create``), which every worker maps. A worker writes its number of open
+sessions into its slot whenever it changes (one aligned store: no lock, no system call).
+Before it accepts, a worker compares its count with the least busy worker's
+(:meth:`SessionBoard.defer_for`): more than :data:`SLACK` above it, it waits
+:data:`DEFER_PER_SESSION` per session of difference (at most :data:`MAX_DEFER`), so that
+an idle worker woken for the same connection takes it; a connection still there after the
+wait is accepted (nothing waits for long when the other worker is slow to run).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+SLOT = 8
+SLACK = 2
+"""Sessions above the least busy worker's that a worker accepts without deferring."""
+DEFER_PER_SESSION = 0.0005
+MAX_DEFER = 0.005
+NOT_SERVING = 2**62
+"""The count of a worker that is starting or gone: never the least busy."""
+
+
+class SessionBoard:
+    """Open sessions per worker, in memory shared by the supervisor and its workers."""
+
+    def __init__(self, fd: int, workers: int) -> None:
+        self.fd = fd
+        self.workers = workers
+        self._map = mmap.mmap(fd, SLOT * workers)
+        self._slots = memoryview(self._map).cast("q")
+
+    @classmethod
+    def create(cls, workers: int) -> SessionBoard:
+        """A new board (the supervisor's); ``fd`` is inherited by the workers it starts."""
+        fd = os.memfd_create("egressd-sessions", 0)
+        os.ftruncate(fd, SLOT * workers)
+        os.set_inheritable(fd, False)
+        board = cls(fd, workers)
+        for worker in range(1, workers + 1):
+            board.set(worker, NOT_SERVING)
+        return board
+
+    def set(self, worker: int, sessions: int) -> None:
+        """Worker ``worker`` (1-based) holds ``sessions`` open sessions."""
+        self._slots[worker - 1] = sessions
+
+    def get(self, worker: int) -> int:
+        return int(self._slots[worker - 1])
+
+    def defer_for(self, worker: int) -> float:
+        """Seconds ``worker`` should wait before it accepts (0: accept now)."""
+        slots = self._slots
+        excess = slots[worker - 1] - min(slots) - SLACK
+        return 0.0 if excess <= 0 else min(MAX_DEFER, DEFER_PER_SESSION * excess)
+
+    def close(self) -> None:
+        self._slots.release()
+        self._map.close()
+        os.close(self.fd)
