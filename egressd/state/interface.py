@@ -8,10 +8,11 @@ of changes, suspensions and operator overrides) behind :class:`Store`. The daemo
 and hands the store a :class:`~egressd.state.records.Batch` every few seconds and at
 shutdown: nothing on a connection's path waits for the store.
 
-Four calls, each one round trip, so that a networked backend fits behind the same
-interface: ``load`` (a few reads), ``write`` (one transaction: ``MULTI`` with
-``HSET``/``HINCRBY``/``LPUSH``), ``history`` (``LRANGE``) and ``close``. Counts in a batch
-are increments, so several workers and nodes may add to the same day.
+Four calls, each a round trip or two, so that a networked backend fits behind the same
+interface: ``load`` (a few reads), ``write`` (one transaction: SQLite's ``BEGIN
+IMMEDIATE``, or one atomic Lua script of ``HSET``/``HINCRBY``/``LPUSH`` in Redis),
+``history`` (``LRANGE``) and ``close``. Counts in a batch are increments, so several
+workers and nodes may add to the same day.
 
 :class:`Store` is asynchronous: the daemon awaits it from its trio loop. A backend whose
 calls block (:class:`BlockingStore`: the embedded SQLite file, a test's dictionaries)

@@ -223,3 +223,21 @@ async def test_redis_down_at_startup_refuses_to_start_exit_75(
     last_line = result.stderr.decode().splitlines()[-1]
     assert "cannot start:" in last_line and f"127.0.0.1:{redis_server.port}" in last_line
     assert "unreachable" in last_line
+
+
+async def test_each_worker_beats_its_own_heartbeat(
+    short_dir: Path, redis_state: StateBackend
+) -> None:
+    with smtp_sink() as sink:
+        text = config_text(short_dir, sink.port, f"127.0.0.1:{free_port()}", redis_state, "w")
+        config = write(short_dir, "[daemon]\nworkers = 2\n" + text)
+        async with daemon_process(config) as daemon:
+            socket_path = str(short_dir / "control.sock")
+            with trio.fail_after(10):
+                while len(await _members(socket_path)) < 2:
+                    await trio.sleep(0.05)
+            members = await _members(socket_path)
+            assert [m["id"] for m in members] == ["w/1", "w/2"]
+            assert all(m["pid"] != daemon.pid for m in members)  # the workers, not the parent
+            assert len({m["generation"] for m in members}) == 1
+            assert not any(m["other_config"] for m in members)
