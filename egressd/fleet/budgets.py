@@ -18,9 +18,12 @@ clock (``TIME``), so that nodes whose clocks disagree still share one timeline:
   (:class:`~egressd.shaping.throttle.Gcra`: ``burst = min(max_burst, limit - 1) + 1``),
   granting up to a batch of cells at once; giving back moves the theoretical arrival time
   back by one emission interval per cell;
-- ``H``: this node's heartbeat in ``{prefix}:budgets:nodes``, answering how many nodes
-  are alive: the divisor of the local shares when Redis goes away (replaced by the fleet
-  view's ``alive_nodes()`` when it is there; see :func:`heartbeat_nodes`).
+- ``H``: this process's heartbeat in ``{prefix}:budgets:nodes``, answering how many
+  processes count shared budgets: the divisor of the local shares when Redis goes away.
+  It counts processes, not hosts (the fleet view's ``alive_nodes()`` counts node names):
+  every worker of ``[daemon] workers = N``, and two daemons of one host, each keep their
+  own share, so each must divide by all of them. ``nodes_alive`` replaces it if a
+  caller has a better count.
 
 Key names carry the spec's parameters (``...:leases:connection_limit:SOURCE:SITE:5``,
 ``...:gcra:max_message_rate:SOURCE:SITE:100:100:60``), so two specs never share a bucket.
