@@ -349,10 +349,12 @@ def dnsmasq(
     txt: Mapping[str, str] | None = None,
     host: str = "127.0.0.1",
     port: int | None = None,
+    extra: Sequence[str] = (),
 ) -> Iterator[Dnsmasq]:
     """dnsmasq serving ``mx`` ((domain, exchange, preference)), ``hosts`` (name -> addresses),
     ``txt`` (name -> one TXT string) and RFC 7505 null MX records for ``null_mx``; every
-    other ``*.test`` name is NXDOMAIN. ``port`` restarts one on a known port."""
+    other ``*.test`` name is NXDOMAIN. ``port`` restarts one on a known port; ``extra``
+    adds options (``--local-ttl=300``: answers a resolver may cache)."""
     port = port if port is not None else free_port(host)
     binary = require_binary("dnsmasq")
     argv = [
@@ -374,6 +376,7 @@ def dnsmasq(
     argv += [f"--host-record={name},{','.join(addrs)}" for name, addrs in (hosts or {}).items()]
     argv += [f"--dns-rr={domain},15,000000" for domain in null_mx]  # MX "0 ."
     argv += [f"--txt-record={name},{text}" for name, text in (txt or {}).items()]
+    argv += list(extra)
     with start_process(argv, port) as process:
         yield Dnsmasq(host, port, process)
 

@@ -69,7 +69,7 @@ from egressd.doors.common import (
     open_outbound,
     relay_session,
 )
-from egressd.egress import Egress, EgressFailure, Failure
+from egressd.egress import Egress, EgressFailure, Failure, Stage
 from egressd.login import password_matches
 from egressd.net.connection import Connection
 from egressd.net.dialer import Dialed
@@ -379,7 +379,10 @@ def _reply_for(exc: EgressFailure) -> int:
     unreachable, 04 a name that does not resolve (or not in the source's family), 06
     timeout, 01 for the rest (no source, unplumbed, proxy failures). A
     destination whose breaker is open gets the reply of the failure that opened it (04
-    when that was not a connect failure)."""
+    when that was not a connect failure). The deadline expiring while the name was still
+    being resolved is a resolver failure too (04), not a connect timeout."""
+    if exc.kind is Failure.TIMEOUT and exc.stage is Stage.RESOLVE:
+        return int(socks5.ReplyCode.HOST_UNREACHABLE)
     if exc.kind is Failure.DESTINATION_FAILING:
         opened_by = exc.cause if exc.cause is not None else exc.kind
         return int(_REPLIES.get(opened_by, socks5.ReplyCode.HOST_UNREACHABLE))

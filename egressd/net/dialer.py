@@ -32,7 +32,8 @@ The outbound plan (:mod:`egressd.egress.plan`) decides which source and which ad
     reply's BND.ADDR/BND.PORT is the local address reported.
 
 A proxy given by name is resolved at connect time and each of its addresses is tried in
-turn. :func:`resolve_name` resolves a destination name (``getaddrinfo``) for the plan.
+turn (``getaddrinfo``). :func:`resolve_name` resolves a destination name for the plan
+through ``[dns]``, as the SMTP door resolves its next hop.
 
 Nothing here has a timeout: the caller applies the plan's one deadline around the whole
 plan (:mod:`egressd.net.egress`), and the :class:`~egressd.egress.plan.Progress` this
@@ -56,10 +57,11 @@ from dataclasses import dataclass
 
 import trio
 
-from egressd.config import Endpoint, HopKind, IPAddress, Source, format_hostport
+from egressd.config import DnsSettings, Endpoint, HopKind, IPAddress, Source, format_hostport
 from egressd.egress.failures import EgressFailure, Failure, Stage
 from egressd.egress.plan import Attempt, Destination, Progress
 from egressd.net.connection import Connection, close_socket, wait_writable
+from egressd.net.mx import lookup_host
 from egressd.net.oserrors import cause_text, errno_text
 from egressd.proto import socks5
 from egressd.proto.proxy import build_v2
@@ -126,27 +128,45 @@ async def connect(attempt: Attempt, progress: Progress) -> Dialed:
     return dialed
 
 
-async def resolve_name(host: str, port: int | None, version: int | None) -> list[Destination]:
-    """The addresses of the name ``host`` (of IP ``version``, any when None), in the
-    resolver's order. Raises :class:`EgressFailure` of kind ``resolve`` or ``no_address``.
+async def resolve_name(
+    host: str, port: int | None, version: int | None, dns: DnsSettings
+) -> list[Destination]:
+    """The addresses of the name ``host`` through ``[dns]`` (the resolver and answer cache
+    the SMTP door uses, :func:`egressd.net.mx.lookup_host`): A records for an IPv4 source,
+    AAAA for an IPv6 one, A then AAAA when the source leaves the family to the kernel.
+    Raises :class:`EgressFailure` of kind ``resolve`` (no such name, a lookup that timed
+    out or failed, a name the resolver cannot handle) or ``no_address`` (no address of the
+    source's family); nothing else, whatever the resolver does.
     """
     try:
-        infos = await trio.socket.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError, ValueError) as exc:  # any resolver failure, never a crash
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        lookup = await lookup_host(host, dns, version)
+    except Exception as exc:  # any resolver failure is a failed lookup, never a crash
         raise EgressFailure(
-            Failure.RESOLVE, f"cannot resolve {host}: {why}", stage=Stage.RESOLVE
+            Failure.RESOLVE,
+            f"cannot resolve {host}: {exc or type(exc).__name__}",
+            stage=Stage.RESOLVE,
         ) from exc
-    found = _unique(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos)
-    matching = [a for a in found if version is None or a.version == version]
-    if not matching:
-        text = ", ".join(str(a) for a in found) or "nothing"
+    if lookup.addresses:
+        found = _unique(lookup.addresses)
+        return [Destination(address, port, host) for address in found]
+    if lookup.temporary is not None:
+        raise EgressFailure(
+            Failure.RESOLVE, f"cannot resolve {host}: {lookup.temporary}", stage=Stage.RESOLVE
+        )
+    if lookup.other_version:
+        other = 6 if version == 4 else 4
         raise EgressFailure(
             Failure.NO_ADDRESS,
-            f"{host} has no IPv{version} address (found {text})",
+            f"{host} has no IPv{version} address (only IPv{other})",
             stage=Stage.RESOLVE,
         )
-    return [Destination(address, port, host) for address in matching]
+    if lookup.no_such_name:
+        raise EgressFailure(
+            Failure.RESOLVE, f"cannot resolve {host}: {lookup.why}", stage=Stage.RESOLVE
+        )
+    raise EgressFailure(
+        Failure.NO_ADDRESS, f"{host} has no address: {lookup.why}", stage=Stage.RESOLVE
+    )
 
 
 # --------------------------------------------------------------------------- one dial

@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 :func:`execute` asks the plan for its next step and does the I/O: a :class:`Resolve`
 goes to the caller's resolver (by default :func:`~egressd.net.dialer.resolve_name` for the
-plan's host), an :class:`Attempt` to the caller's per-address step (by default
-:func:`~egressd.net.dialer.connect`, which makes the connection the result). The outcome
+plan's host, through the configuration's ``[dns]``), an :class:`Attempt` to the caller's
+per-address step (by default :func:`~egressd.net.dialer.connect`, which makes the
+connection the result). The outcome
 goes back to the plan, which holds the one retry policy and tells health. A step may do
 more than connect: the SMTP door's step connects through the source, then reads the
 greeting and says EHLO (and STARTTLS); raising an
@@ -26,11 +27,12 @@ timeout failure).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import TypeVar
 
 import trio
 
-from egressd.config import Config, IPAddress, Source
+from egressd.config import Config, DnsSettings, IPAddress, Source
 from egressd.egress.failures import EgressFailure
 from egressd.egress.plan import (
     Attempt,
@@ -62,11 +64,12 @@ AttemptStep = Callable[[Attempt, Progress], Awaitable[T]]
 Resolver = Callable[[Resolve], Awaitable[Sequence[Destination]]]
 
 
-async def resolve_host(step: Resolve) -> Sequence[Destination]:
-    """The default resolver: the plan's host name, in the source's IP version."""
+async def resolve_host(step: Resolve, dns: DnsSettings) -> Sequence[Destination]:
+    """The default resolver: the plan's host name, in the source's IP version, through
+    ``[dns]`` (the plan's configuration's)."""
     assert step.host is not None, "a plan without a host needs the caller's resolver"
     try:
-        return await resolve_name(step.host, step.port, step.version)
+        return await resolve_name(step.host, step.port, step.version, dns)
     except EgressFailure as exc:
         raise EgressFailure(
             exc.kind,
@@ -79,15 +82,19 @@ async def resolve_host(step: Resolve) -> Sequence[Destination]:
 async def execute(
     plan: Plan,
     step: AttemptStep[T],
-    resolve: Resolver = resolve_host,
+    resolve: Resolver | None = None,
 ) -> T:
     """Run ``plan`` to its end: ``step``'s result, or the plan's final failure raised.
+    ``resolve`` (None: :func:`resolve_host` through the plan's ``[dns]``) finds a name's
+    addresses.
 
     On success the caller owns the plan's budget lease (:meth:`Plan.release_budget` when
     the connection ends); on any failure or cancellation it is given back here. Shared
     budgets are asked for ahead, for every candidate source in one round trip, and what
     the plan did not use is settled back (:mod:`egressd.egress.budgets`)."""
     budget = plan.budget
+    if resolve is None:
+        resolve = partial(resolve_host, dns=plan.egress.config.dns)
     try:
         if budget is not None:
             await budget.prepare(candidate_sources(plan))
@@ -157,7 +164,7 @@ async def _attempt(plan: Plan, attempt: Attempt, step: AttemptStep[T]) -> T:
 async def open_within(
     plan: Plan,
     step: AttemptStep[T],
-    resolve: Resolver = resolve_host,
+    resolve: Resolver | None = None,
 ) -> T:
     """:func:`execute` under the plan's one deadline; expiry raises the plan's failure."""
     # A bare CancelScope: fail_after's generator costs a few microseconds per connection.
@@ -172,10 +179,21 @@ async def connect_within(plan: Plan) -> Dialed:
     return await open_within(plan, connect)
 
 
-async def dial(source: Source, host: str | IPAddress, port: int | None = None) -> Dialed:
+async def dial(
+    source: Source,
+    host: str | IPAddress,
+    port: int | None = None,
+    dns: DnsSettings | None = None,
+) -> Dialed:
     """Connect to ``host`` (a name or an IP address) from ``source`` alone, with no access
     rules, limits, health or deadline: for tools and tests that hold a source and nothing
-    else. The plan and this executor do the work, so the retry policy is the doors' own."""
-    config = Config(path=None, sources={source.name: source}, pools={})  # type: ignore[arg-type]
+    else (a name is resolved through ``dns``, default ``[dns]``'s defaults). The plan and
+    this executor do the work, so the retry policy is the doors' own."""
+    config = Config(
+        path=None,  # type: ignore[arg-type]
+        sources={source.name: source},
+        pools={},
+        dns=dns if dns is not None else DnsSettings(),
+    )
     egress = Egress(config, PoolSet.from_config(config), SourceHealth([source.name]))
     return await execute(Plan(egress, source=source, host=host, port=port), connect)

@@ -52,6 +52,7 @@ __all__ = [
     "NextHopError",
     "NextHopProblem",
     "blocking_resolver",
+    "lookup_host",
     "resolve_next_hop",
     "route_for",
 ]
@@ -303,6 +304,15 @@ class _Lookup:
     why: str = ""
     temporary: str | None = None
     other_version: bool = False
+    no_such_name: bool = False
+
+
+async def lookup_host(host: str, settings: DnsSettings, version: int | None) -> _Lookup:
+    """The A/AAAA records of ``host`` through ``[dns]`` (its resolver and cache), as a
+    source of IP ``version`` wants them (A then AAAA when None): for the doors that are
+    given a name rather than a mail domain (SOCKS5). Lookup failures are in the result
+    (``temporary``, ``why``), never raised."""
+    return await _host_addresses(resolver_for(settings), normalize_domain(host), version)
 
 
 async def _host_addresses(
@@ -317,7 +327,7 @@ async def _host_addresses(
         try:
             answer = await resolver.resolve(host, rdtype, search=False)
         except dns.resolver.NXDOMAIN:
-            return _Lookup((), f"{host} does not exist")
+            return _Lookup((), f"{host} does not exist", no_such_name=True)
         except dns.resolver.NoAnswer:
             why.append(f"{host} has no {rdtype} record")
             continue

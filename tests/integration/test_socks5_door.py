@@ -31,6 +31,7 @@ from harness import (
     receive_until,
     require_binary,
 )
+from smtp_harness import dnsmasq
 
 from egressd.config import Endpoint, Source
 from egressd.log import TextFormatter
@@ -98,7 +99,9 @@ def config_text(
     users: dict[str, str] | None = None,
     limits: str = "",
     deny_loopback: bool = False,
+    nameserver: str | None = None,
 ) -> str:
+    dns = f'nameservers = ["{nameserver}"]' if nameserver else ""
     text = f"""
 [source.a]
 source_address = "127.0.0.2"
@@ -119,6 +122,9 @@ destination_ports = [{", ".join(str(p) for p in ports)}]
 
 [limits]
 {limits}
+
+[dns]
+{dns}
 
 [[socks5.listener]]
 address = "127.0.0.1:0"
@@ -252,12 +258,13 @@ async def test_curl_socks5_hostname_is_resolved_by_egressd(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     web = await start_whoami(nursery, "127.0.0.1")
-    async with egressd(tmp_path, [web.port]) as e:
-        done = await curl("--socks5-hostname", f"127.0.0.1:{e.port}", web.url("localhost"))
-        record = await e.record()
+    with dnsmasq(hosts={"web.test": ["127.0.0.1"]}) as dns:  # through [dns] nameservers
+        async with egressd(tmp_path, [web.port], nameserver=dns.nameserver) as e:
+            done = await curl("--socks5-hostname", f"127.0.0.1:{e.port}", web.url("web.test"))
+            record = await e.record()
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"peer=127.0.0.2\n"
-    assert record.destination == f"localhost:{web.port} (127.0.0.1)"
+    assert record.destination == f"web.test:{web.port} (127.0.0.1)"
 
 
 # --------------------------------------------------------------------------- auth and pools
@@ -406,21 +413,23 @@ async def test_egressds_own_dialer_through_the_socks5_door(sink: Sink, tmp_path:
 
 
 async def test_access_rules_refuse_with_02_and_name_the_rule(sink: Sink, tmp_path: Path) -> None:
-    async with egressd(tmp_path, [sink.port], deny_loopback=True) as e:
-        for host, port in (
-            ("127.0.0.1", sink.port),  # deny_destinations
-            ("localhost", sink.port),  # a name that resolves into deny_destinations
-            ("127.0.0.1", 22),  # destination_ports
-        ):
-            stream, reply = await connect(e.port, host, port)
-            assert reply.code == 2
-            await stream.aclose()
-        records = [await e.record(n) for n in (1, 2, 3)]
+    with dnsmasq(hosts={"inside.test": ["127.0.0.1"]}) as dns:
+        options = {"deny_loopback": True, "nameserver": dns.nameserver}
+        async with egressd(tmp_path, [sink.port], **options) as e:
+            for host, port in (
+                ("127.0.0.1", sink.port),  # deny_destinations
+                ("inside.test", sink.port),  # a name that resolves into deny_destinations
+                ("127.0.0.1", 22),  # destination_ports
+            ):
+                stream, reply = await connect(e.port, host, port)
+                assert reply.code == 2
+                await stream.aclose()
+            records = [await e.record(n) for n in (1, 2, 3)]
     assert sink.connections == []
     assert [r.outcome for r in records] == ["denied"] * 3
     details = [r.detail or "" for r in records]
     assert "in access.deny_destinations (127.0.0.0/8)" in details[0]
-    assert details[1].startswith("localhost resolves to a denied address")
+    assert details[1].startswith("inside.test resolves to a denied address")
     assert details[2] == "port 22 is not in access.destination_ports"
 
 

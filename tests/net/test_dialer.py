@@ -25,8 +25,9 @@ from harness import (
     receive_until,
     start_sink,
 )
+from smtp_harness import Dnsmasq, dnsmasq
 
-from egressd.config import Config, DialSettings, Endpoint, IPAddress, Source
+from egressd.config import Config, DialSettings, DnsSettings, Endpoint, IPAddress, Source
 from egressd.egress import Egress, EgressFailure, Party, Plan, Stage, destination_port
 from egressd.health import SourceHealth
 from egressd.net.dialer import Dialed
@@ -132,16 +133,19 @@ async def test_remote_port_overrides_callers_port(sink: Sink) -> None:
     assert peer(dialed.remote_address) == ("127.0.0.1", sink.port)
 
 
+def through(server: Dnsmasq) -> DnsSettings:
+    """``[dns]`` with ``server`` as the only name server (names resolve through [dns])."""
+    return DnsSettings(nameservers=(Endpoint(server.host, server.port),), timeout=5.0)
+
+
 async def test_names_are_resolved_and_every_address_tried(sink: Sink) -> None:
-    resolver = StaticResolver({"mx.test": ["::1", "127.0.0.9", "127.0.0.1"]})
-    trio.socket.set_custom_hostname_resolver(resolver)
     source = Source(name="a", source_address=ip("127.0.0.2"))
-    # ::1 is skipped (IPv4 source); nothing listens on 127.0.0.9: refused, then 127.0.0.1.
-    dialed = await dial(source, "mx.test", sink.port)
+    # ::1 is not asked for (IPv4 source); nothing listens on 127.0.0.9: refused, then 127.0.0.1.
+    with dnsmasq(hosts={"mx.test": ["::1", "127.0.0.9", "127.0.0.1"]}) as server:
+        dialed = await dial(source, "mx.test", sink.port, dns=through(server))
     async with dialed.stream:
         assert await banner_of(dialed) == BANNER
     assert peer(dialed.remote_address) == ("127.0.0.1", sink.port)
-    assert resolver.queries == ["mx.test"]
 
 
 # --------------------------------------------------------------------------- HAProxy
@@ -480,19 +484,21 @@ async def test_ipv6_source_ipv4_destination_has_no_address() -> None:
 
 
 async def test_name_without_address_of_the_family() -> None:
-    trio.socket.set_custom_hostname_resolver(StaticResolver({"v4only.test": ["127.0.0.1"]}))
-    with pytest.raises(EgressFailure) as caught:
-        await dial(Source(name="v6", source_address=ip("::1")), "v4only.test", 25)
+    source = Source(name="v6", source_address=ip("::1"))
+    with (
+        dnsmasq(hosts={"v4only.test": ["127.0.0.1"]}) as server,
+        pytest.raises(EgressFailure) as caught,
+    ):
+        await dial(source, "v4only.test", 25, dns=through(server))
     assert caught.value.kind == "no_address"
     assert caught.value.party is Party.DESTINATION
 
 
 async def test_resolution_failure() -> None:
-    trio.socket.set_custom_hostname_resolver(StaticResolver({}))
-    with pytest.raises(EgressFailure) as caught:
-        await dial(Source(name="a"), "nowhere.test", 25)
+    with dnsmasq() as server, pytest.raises(EgressFailure) as caught:
+        await dial(Source(name="a"), "nowhere.test", 25, dns=through(server))
     assert caught.value.kind == "resolve"
-    assert "nowhere.test" in str(caught.value)
+    assert "nowhere.test does not exist" in str(caught.value)
 
 
 async def test_proxy_closing_during_greeting_is_proxy_refused(nursery: trio.Nursery) -> None:

@@ -8,8 +8,18 @@ from collections.abc import Sequence
 import pytest
 import trio
 from harness import Sink, receive_exactly
+from smtp_harness import Dnsmasq, dnsmasq
 
-from egressd.config import Config, DialSettings, Endpoint, LimitSettings, Pool, PoolEntry, Source
+from egressd.config import (
+    Config,
+    DialSettings,
+    DnsSettings,
+    Endpoint,
+    LimitSettings,
+    Pool,
+    PoolEntry,
+    Source,
+)
 from egressd.egress import (
     Attempt,
     Destination,
@@ -30,14 +40,22 @@ from egressd.pools import PoolSet
 ip = ipaddress.ip_address
 
 
-def make_egress(sources: dict[str, Source], *, cap: int = 2000, timeout: float = 30.0) -> Egress:
+def make_egress(
+    sources: dict[str, Source],
+    *,
+    cap: int = 2000,
+    timeout: float = 30.0,
+    dns: Dnsmasq | None = None,
+) -> Egress:
     pool = Pool("p", tuple(PoolEntry(name, 1) for name in sources))
+    servers = (Endpoint(dns.host, dns.port),) if dns is not None else ()
     config = Config(
         path=__file__,  # type: ignore[arg-type]
         sources=sources,
         pools={"p": pool},
         limits=LimitSettings(max_connections_per_source=cap),
         dial=DialSettings(timeout=timeout),
+        dns=DnsSettings(nameservers=servers),
     )
     return Egress(config, PoolSet.from_config(config), SourceHealth(config.sources))
 
@@ -182,12 +200,13 @@ async def test_one_deadline_covers_every_attempt(autojump_clock: trio.testing.Mo
 
 
 async def test_a_name_that_resolves_into_the_deny_list_is_never_dialed() -> None:
-    egress = make_egress({"a": Source(name="a")})
-    access = egress.config.access
-    plan = Plan(egress, pool="p", host="localhost", port=25, access=access)
-    with pytest.raises(EgressFailure) as caught:
-        await connect_within(plan)
+    with dnsmasq(hosts={"inside.test": ["127.0.0.1"]}) as server:
+        egress = make_egress({"a": Source(name="a")}, dns=server)
+        access = egress.config.access
+        plan = Plan(egress, pool="p", host="inside.test", port=25, access=access)
+        with pytest.raises(EgressFailure) as caught:
+            await connect_within(plan)
     assert caught.value.kind is Failure.DENIED
-    assert str(caught.value).startswith("localhost resolves to a denied address")
+    assert str(caught.value).startswith("inside.test resolves to a denied address")
     assert plan.tried == ["a"]  # the source was chosen; its dial never happened
     assert egress.health.active_connections("a") == 0
