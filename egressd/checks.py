@@ -47,6 +47,7 @@ import dns.resolver
 
 from egressd.config import Config, DnsSettings, Endpoint, IPAddress, Source
 from egressd.net.mx import blocking_resolver
+from egressd.net.tls import load_server_context as server_context
 
 DNS_LIFETIME = 3.0
 LOCAL_NAMES = ("localhost", ".localhost", ".invalid")
@@ -57,23 +58,26 @@ TABLE_NAMES = {"sources": "source", "pools": "pool"}
 def config_errors(config: Config) -> list[str]:
     """What makes ``check`` fail beyond validation: files the daemon would fail to use.
 
-    The STARTTLS certificate and key are loaded as the SMTP door loads them (a reload
-    re-reads them), so ``systemctl reload`` (which runs ``check -q`` first) refuses a
-    renewal that left a certificate and a key that do not match.
+    Every TLS certificate and key is loaded as its door loads it (a reload re-reads them),
+    so ``systemctl reload`` (which runs ``check -q`` first) and the daemon's own reload
+    refuse a renewal that left a certificate and a key that do not match, and ``run``
+    refuses to start with one (exit 78) rather than answer 454 to every STARTTLS.
     """
     tls = config.smtp.tls
     if tls.certificate is None or tls.private_key is None:
         return []
     try:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(tls.certificate, tls.private_key)
+        server_context(tls.certificate, tls.private_key)
     except (OSError, ssl.SSLError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return [
-            f"{config.path}: smtp.tls: cannot load certificate {tls.certificate} with "
-            f"private_key {tls.private_key}: {reason}"
+            f"{config.path}: smtp.tls.certificate: cannot load certificate {tls.certificate}"
+            f" with private_key {tls.private_key}: {_load_error(exc)}"
         ]
     return []
+
+
+def _load_error(exc: OSError | ssl.SSLError) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 def config_warnings(config: Config) -> list[str]:

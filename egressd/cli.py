@@ -401,6 +401,15 @@ def _run_command(
         return command_explain(config, args.domain, args.pool, sys.stdout)
     if args.command in CONTROL_COMMANDS:
         return CONTROL_COMMANDS[args.command](config, args)
+    if args.worker is None:  # what check refuses, run refuses: 78, not a 454 later
+        from egressd.checks import config_errors
+
+        errors = config_errors(config)
+        if errors:
+            for error in errors:
+                print(error, file=sys.stderr)
+            print(f"egressd: {len(errors)} error(s) in the configuration", file=sys.stderr)
+            return EXIT_CONFIG
     if args.worker is None and config.daemon.workers > 1:
         from egressd.supervisor import run_supervisor
 

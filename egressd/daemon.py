@@ -44,6 +44,7 @@ import trio
 
 from egressd import observe
 from egressd.access import client_refusal
+from egressd.checks import config_errors
 from egressd.config import Config, ConfigError, Endpoint, Listener, load_config
 from egressd.fleet.budgets import FleetBudgets
 from egressd.fleet.node import Fleet, config_generation, open_fleet
@@ -383,6 +384,9 @@ class Daemon:
             shaping = await load_policy_in_thread(config)
         except ConfigError as exc:
             raise ReloadRefused(exc.errors) from exc
+        errors = config_errors(config)  # a certificate that check refuses (the old one stays)
+        if errors:
+            raise ReloadRefused(errors)
         files = self.files_seen = file_fingerprint(watched_files(config))
         try:
             opened = await self._open_new_listeners(config)

@@ -266,9 +266,26 @@ def test_check_fails_on_a_certificate_and_key_that_do_not_match(
     path = write(tmp_path, VALID + tls)
     code, out, err = run(capsys, "check", "-q", "-c", path)
     assert (code, out) == (1, "")
-    assert f"{path}: smtp.tls: cannot load certificate {tmp_path}/cert.pem" in err
+    assert f"{path}: smtp.tls.certificate: cannot load certificate {tmp_path}/cert.pem" in err
     one.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
     assert run(capsys, "check", "-q", "-c", path) == (0, "", "")
     (tmp_path / "key.pem").unlink()
     code, _, err = run(capsys, "check", "-q", "-c", path)
     assert code == 1 and "No such file or directory" in err
+
+
+def test_run_refuses_to_start_with_a_certificate_check_refuses(
+    tmp_path: Path, capsys: Capture
+) -> None:
+    """Exit 78 (no restart loop) with the file and key path, instead of starting and
+    answering 454 to every STARTTLS."""
+    ca = trustme.CA()
+    one, other = ca.issue_cert("one.test"), ca.issue_cert("other.test")
+    one.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    other.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    tls = f'[smtp.tls]\ncertificate = "{tmp_path}/cert.pem"\nprivate_key = "{tmp_path}/key.pem"\n'
+    path = write(tmp_path, VALID + tls)
+    code, out, err = run(capsys, "run", "-c", path)
+    assert (code, out) == (EXIT_CONFIG, "")
+    assert f"{path}: smtp.tls.certificate: cannot load certificate {tmp_path}/cert.pem" in err
+    assert "1 error(s) in the configuration" in err

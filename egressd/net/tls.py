@@ -18,7 +18,9 @@ many connections, and loading a certificate or the trust store is not free. The 
 context is keyed by the certificate and key files' identity (device, inode, size, mtime),
 not only by their paths: a renewed certificate (certbot swaps the files, then runs
 ``systemctl reload``) is read at the next STARTTLS, where a cache by path would serve the
-old one until a restart. The two ``stat`` calls per STARTTLS cost microseconds.
+old one until a restart. The two ``stat`` calls per STARTTLS cost microseconds. Files that
+cannot be loaded (a renewal gone wrong) do not take TLS away: the last context that loaded
+from the same paths is served, with a warning, while ``check`` and a reload refuse them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ import functools
 import os
 import ssl
 
-__all__ = ["client_context", "server_context"]
+from egressd.log import get_logger
+
+__all__ = ["client_context", "load_server_context", "server_context"]
+
+log = get_logger("tls")
 
 
 @functools.lru_cache(maxsize=8)
@@ -54,13 +60,47 @@ def file_identity(path: str) -> FileIdentity:
 
 
 def server_context(certificate: str, private_key: str) -> ssl.SSLContext:
-    """The context for STARTTLS from an MTA, with egressd's certificate chain and key, as
-    the files are now.
+    """The context for TLS from a client (STARTTLS from an MTA, a SOCKS5 listener's TLS),
+    with egressd's certificate chain and key as the files are now, or, when they cannot
+    be loaded now (a renewal that left a key that does not match the certificate), the
+    last context these paths gave: a bad renewal is refused by ``check`` and by a reload,
+    and clients keep getting the certificate that worked.
 
-    Raises ``OSError`` / ``ssl.SSLError`` when the files cannot be read or do not match.
+    Raises ``OSError`` / ``ssl.SSLError`` when the files cannot be loaded and never could.
     """
+    try:
+        context = load_server_context(certificate, private_key)
+    except (OSError, ssl.SSLError) as exc:
+        kept = _LAST_GOOD.get((certificate, private_key))
+        if kept is None:
+            raise
+        _warn_once(certificate, private_key, exc)
+        return kept
+    _LAST_GOOD[certificate, private_key] = context
+    return context
+
+
+def load_server_context(certificate: str, private_key: str) -> ssl.SSLContext:
+    """The files as they are now, loaded (cached by their identity); raises ``OSError`` /
+    ``ssl.SSLError`` when they cannot be read or do not match."""
     identity = (file_identity(certificate), file_identity(private_key))
     return _load_server_context(certificate, private_key, identity)
+
+
+_LAST_GOOD: dict[tuple[str, str], ssl.SSLContext] = {}
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+def _warn_once(certificate: str, private_key: str, exc: Exception) -> None:
+    key = (certificate, private_key, str(exc))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(
+            "cannot load certificate %s with key %s (%s): still serving the previous one",
+            certificate,
+            private_key,
+            exc,
+        )
 
 
 @functools.lru_cache(maxsize=4)

@@ -61,3 +61,32 @@ private_key = "{tmp_path / "key.pem"}"
             assert await daemon.reload("certificate renewed")
             renewed = await trio.to_thread.run_sync(served_certificate_name, port, ca)
     assert (first, again, renewed) == ("before.test", "before.test", "after.test")
+
+
+async def test_a_bad_renewal_is_refused_and_the_old_certificate_kept(tmp_path: Path) -> None:
+    """A renewal that left a key which does not match the certificate: the reload is
+    refused (as ``check`` refuses it) and STARTTLS still serves the certificate that
+    worked, instead of 454."""
+    ca = trustme.CA()
+    install_certificate(ca, "before.test", tmp_path)
+    text = f"""
+hostname = "relay.test"
+[[smtp.listener]]
+address = "127.0.0.1:{free_port()}"
+pool = "p"
+[source."a"]
+source_address = "127.0.0.2"
+[pool."p"."a"]
+[smtp.tls]
+certificate = "{tmp_path / "cert.pem"}"
+private_key = "{tmp_path / "key.pem"}"
+"""
+    async with running_daemon(text, tmp_path, {"smtp": SmtpDoor()}) as daemon:
+        port = port_of(daemon, "smtp")
+        with trio.fail_after(20):
+            first = await trio.to_thread.run_sync(served_certificate_name, port, ca)
+            ca.issue_cert("other.test").private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+            refused = not await daemon.reload("certificate renewed badly")
+            kept = await trio.to_thread.run_sync(served_certificate_name, port, ca)
+    assert refused
+    assert (first, kept) == ("before.test", "before.test")
