@@ -20,12 +20,13 @@ The protocol has no way to answer, so every refusal is a close and the session's
 line says why: a malformed header (``protocol_error``), a LOCAL header (a health check:
 ``closed``), a header without addresses, or a src that is no configured source's address,
 or a destination the ``[access]`` rules deny (``denied``), a suspended source (an
-operator's or the health checks': ``refused``, never dialed), no source available
-(``refused``), a failed dial (``dial_failed``). For a suspended source whose header's
-destination port is an SMTP port where the server speaks first in plain text (25, 587,
-2525), the door also writes ``421 4.4.0 egressd: <reason>`` before closing: the MTA reads
-it as the remote's greeting, so the reason reaches its log instead of looking like a
-timeout (port 465 expects TLS from the first byte, so nothing is written there). Overload
+operator's or the health checks': ``refused``, never dialed), no source available or a
+shaping budget used up (``refused``), a failed dial (``dial_failed``). Once the header
+named a destination, and its port is an SMTP port where the server speaks first in plain
+text (25, 587, 2525), every one of these refusals also writes ``421 4.4.0 egressd:
+<reason>`` before closing: the MTA reads it as the remote's greeting, so the reason
+reaches its log instead of looking like a timeout or a dropped connection. Other ports
+(465 expects TLS from the first byte) get the close alone. Overload
 (``max_connections``) closes at once, like HAProxy's own refusal: the client sees EOF, as
 it would from HAProxy when the outbound connection fails.
 """
@@ -77,6 +78,7 @@ class ProxyDoor:
         if source is None:
             record.outcome = "denied"
             record.detail = f"PROXY header src {header.src_ip} is no configured source's address"
+            await _say_why(stream, record, header.dst_port)
             return
         record.source = source.name
         if egress.health.is_suspended(source.name):
@@ -90,6 +92,7 @@ class ProxyDoor:
             dialed = await open_outbound(egress, header.dst_ip, header.dst_port, source=source)
         except EgressFailure as exc:
             note_refusal(record, exc)
+            await _say_why(stream, record, header.dst_port)
             return
         note_dialed(record, dialed, header.dst_ip)
         try:

@@ -1,8 +1,9 @@
 """IPv6 destinations that embed an IPv4 address, and non-global ranges, through every door.
 
 The daemon runs with the default ``deny_destinations``. Each destination below is refused
-before it is dialed, through the SOCKS5 door (reply 02), the PROXY door (closed, outcome
-``denied``) and the SMTP door (``451 4.4.4``), and the refusal names the rule. Sources
+before it is dialed, through the SOCKS5 door (reply 02), the PROXY door (``421 4.4.0``
+naming the rule on port 25, then closed; outcome ``denied``) and the SMTP door
+(``451 4.4.4``), and the refusal names the rule. Sources
 bind loopback only (127.0.0.2, ::1), so even a daemon that wrongly dialed would not send a
 packet off this host; the session records show it did not try (outcome ``denied``, not
 ``dial_failed``).
@@ -125,9 +126,12 @@ async def test_proxy_door_closes_embedded_and_non_global_destinations(tmp_path: 
             async with stream:
                 await stream.send_all(proxy_v2(source, destination, 25))
                 with trio.fail_after(5):
-                    assert await read_to_eof(stream) == b""
+                    said = await read_to_eof(stream)
             await wait_records(e, count)
             assert_refused_before_dialing(e, rule)
+            # port 25: the MTA gets the reason as the remote's greeting, then the close
+            assert said.startswith(b"421 4.4.0 egressd: ") and said.endswith(b"\r\n")
+            assert rule.encode() in said and said.count(b"\r\n") == 1
 
 
 async def smtp_reply(stream: trio.SocketStream, buffer: bytearray) -> str:
