@@ -63,17 +63,32 @@ def config_errors(config: Config) -> list[str]:
     refuse a renewal that left a certificate and a key that do not match, and ``run``
     refuses to start with one (exit 78) rather than answer 454 to every STARTTLS.
     """
+    errors: list[str] = []
     tls = config.smtp.tls
-    if tls.certificate is None or tls.private_key is None:
-        return []
+    if tls.certificate is not None and tls.private_key is not None:
+        problem = _tls_problem(tls.certificate, tls.private_key, None)
+        if problem is not None:
+            errors.append(f"{config.path}: smtp.tls.certificate: {problem}")
+    for index, listener in enumerate(config.socks5_listeners):
+        certificate, key = listener.tls_certificate, listener.tls_private_key
+        if not listener.use_tls or certificate is None or key is None:
+            continue
+        problem = _tls_problem(certificate, key, listener.tls_required_client_ca)
+        if problem is not None:
+            errors.append(f"{config.path}: socks5.listener[{index}].tls_certificate: {problem}")
+    return errors
+
+
+def _tls_problem(certificate: str, private_key: str, client_ca: str | None) -> str | None:
     try:
-        server_context(tls.certificate, tls.private_key)
+        server_context(certificate, private_key, client_ca)
     except (OSError, ssl.SSLError) as exc:
-        return [
-            f"{config.path}: smtp.tls.certificate: cannot load certificate {tls.certificate}"
-            f" with private_key {tls.private_key}: {_load_error(exc)}"
-        ]
-    return []
+        ca = f" and tls_required_client_ca {client_ca}" if client_ca is not None else ""
+        return (
+            f"cannot load certificate {certificate} with private_key {private_key}{ca}:"
+            f" {_load_error(exc)}"
+        )
+    return None
 
 
 def _load_error(exc: OSError | ssl.SSLError) -> str:

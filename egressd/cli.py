@@ -32,9 +32,9 @@ from egressd.config import (
     Config,
     ConfigError,
     Endpoint,
-    Listener,
     Pool,
     PoolEntry,
+    Socks5Listener,
     Source,
     config_path_from,
     format_hostport,
@@ -270,7 +270,7 @@ def quick_config(listen: Sequence[Endpoint]) -> Config:
         path=Path("egressd-socks5-quick-mode"),
         sources={"default": Source(name="default")},
         pools={"default": Pool("default", (PoolEntry("default"),))},
-        socks5_listeners=tuple(Listener(address, "default") for address in listen),
+        socks5_listeners=tuple(Socks5Listener(address, "default") for address in listen),
         quick=True,
     )
 

@@ -63,6 +63,7 @@ The same facts under the names a KumoMTA or KumoProxy dashboard queries:
 ``proxy_active_connections``                              listener
 ``proxy_bytes_received_total``                            listener (from clients)
 ``proxy_bytes_sent_total``                                listener (to clients)
+``proxy_tls_handshake_failures_total``                    listener (``use_tls`` listeners)
 ========================================================  ========================================
 
 KumoProxy's ``proxy_outbound_connections_total{listener,destination}`` is left out: a label
@@ -487,6 +488,10 @@ class ProxyMetrics:
         )
         self.bytes_sent = counter(
             "proxy_bytes_sent", "Bytes sent to SOCKS5 clients (remote to client)."
+        )
+        self.tls_failures = counter(
+            "proxy_tls_handshake_failures",
+            "TLS handshakes that failed on a use_tls SOCKS5 listener (KumoProxy's name).",
         )
         self.active = Gauge(
             "proxy_active_connections",

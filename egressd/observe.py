@@ -182,6 +182,8 @@ class SessionCounters:
         proxy.active.labels(listener).dec()
         ended = proxy.completed if record.outcome == "ok" else proxy.failed
         ended.labels(listener).inc()
+        if record.outcome == "tls_failed":
+            proxy.tls_failures.labels(listener).inc()
         proxy.bytes_received.labels(listener).inc(record.bytes_up)
         proxy.bytes_sent.labels(listener).inc(record.bytes_down)
 

@@ -329,10 +329,41 @@ class SmtpListener(Listener):
 
 
 @dataclass(frozen=True)
+class Socks5Listener(Listener):
+    """A ``[[socks5.listener]]``: optionally TLS (and mutual TLS), as KumoProxy's
+    ``start_proxy_listener`` offers (its key names: ``use_tls``, ``tls_certificate``,
+    ``tls_private_key``; the client CA as KumoMTA's ESMTP listener names it)."""
+
+    use_tls: bool = setting(Flag(), False)
+    tls_certificate: str | None = setting(Text(), None)
+    tls_private_key: str | None = setting(Text(), None)
+    tls_required_client_ca: str | None = setting(Text(), None)
+    """Mutual TLS: a client must present a certificate issued by one of these CAs."""
+
+    def check_keys(self, at: KeyAt) -> None:
+        if self.use_tls and (self.tls_certificate is None or self.tls_private_key is None):
+            at("use_tls").error(
+                "needs tls_certificate and tls_private_key (egressd does not make up a"
+                " self-signed certificate, unlike KumoProxy)"
+            )
+        if not self.use_tls:
+            for key in ("tls_certificate", "tls_private_key", "tls_required_client_ca"):
+                if getattr(self, key) is not None:
+                    at(key).error("is set without use_tls = true")
+
+
+@dataclass(frozen=True)
 class _DoorTable:
-    """``[socks5]`` and ``[proxy]``: only their ``[[DOOR.listener]]`` array."""
+    """``[proxy]``: only its ``[[proxy.listener]]`` array."""
 
     listener: tuple[Listener, ...] = setting(Tables(Listener), ())
+
+
+@dataclass(frozen=True)
+class _Socks5Table:
+    """``[socks5]``: only its ``[[socks5.listener]]`` array."""
+
+    listener: tuple[Socks5Listener, ...] = setting(Tables(Socks5Listener), ())
 
 
 @dataclass(frozen=True)
@@ -581,8 +612,8 @@ class Config:
     control: ControlSettings = setting(Table(ControlSettings), ControlSettings())
     daemon: DaemonSettings = setting(Table(DaemonSettings), DaemonSettings())
     health: HealthSettings = setting(Table(HealthSettings), HealthSettings())
-    socks5_listeners: tuple[Listener, ...] = setting(
-        Section(_DoorTable, "listener"), (), key="socks5"
+    socks5_listeners: tuple[Socks5Listener, ...] = setting(
+        Section(_Socks5Table, "listener"), (), key="socks5"
     )
     proxy_listeners: tuple[Listener, ...] = setting(
         Section(_DoorTable, "listener"), (), key="proxy"

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import trio
+
 from egressd.config import IPAddress, Source, format_hostport
 from egressd.egress import Egress, EgressFailure, Failure, Plan
 from egressd.log import get_logger
-from egressd.net.connection import Connection
 from egressd.net.dialer import Dialed
 from egressd.net.egress import connect_within
 from egressd.net.shaping import ShapedDestination
@@ -111,7 +112,7 @@ def note_refusal(record: SessionRecord, exc: EgressFailure) -> tuple[str, str]:
 async def relay_session(
     runtime: Runtime,
     record: SessionRecord,
-    client: Connection,
+    client: trio.abc.HalfCloseableStream,
     dialed: Dialed,
     *,
     idle_timeout: float,

@@ -7,6 +7,11 @@ One accepted connection is driven through the sans-IO
 and dials: it answers each message the machine parses, and a client that breaks the
 protocol gets the reply the machine's error names (outcome ``protocol_error``).
 
+A listener with ``use_tls`` first runs a TLS handshake (:func:`_accept_tls`, bounded by
+``handshake_timeout`` too; mutual TLS with ``tls_required_client_ca``), and everything
+below then happens inside TLS (:class:`~egressd.net.tls.TlsConnection`, relayed through
+trio rather than spliced). A failed handshake ends the session as ``tls_failed``.
+
 Handshake (bounded by ``[limits] handshake_timeout``; on expiry the connection is closed
 with outcome ``timeout``):
 
@@ -55,12 +60,14 @@ to a few seconds.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 from collections.abc import Mapping
 
 import trio
 
-from egressd.config import Config, Listener, Source, User
+from egressd.config import Config, LimitSettings, Listener, Socks5Listener, Source, User
 from egressd.doors.common import (
     client_host,
     note_destination,
@@ -73,10 +80,12 @@ from egressd.egress import Egress, EgressFailure, Failure, Stage
 from egressd.login import password_matches
 from egressd.net.connection import Connection
 from egressd.net.dialer import Dialed
+from egressd.net.tls import TlsConnection, server_context
 from egressd.proto import NEED_DATA, socks5
 from egressd.runtime import Runtime, SessionRecord
 
 _RECEIVE_SIZE = 4096
+_TLS_CLOSE_TIMEOUT = 1.0
 # Linux's value; the socket module names it only on Linux builds (and typeshed not at all).
 _IP_BIND_ADDRESS_NO_PORT: int = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
@@ -93,8 +102,17 @@ class Socks5Door:
         listener: Listener,
         record: SessionRecord,
     ) -> None:
-        connection = _AcceptedConnection(stream, runtime, listener, record)
-        await connection.run()
+        client: trio.abc.HalfCloseableStream = stream
+        if isinstance(listener, Socks5Listener) and listener.use_tls:
+            tls = await _accept_tls(stream, listener, runtime.config.limits, record)
+            if tls is None:
+                return
+            client = tls
+        try:
+            await _AcceptedConnection(client, runtime, listener, record).run()
+        finally:
+            if client is not stream:
+                await _close_tls(client)
 
     async def refuse(self, stream: Connection, runtime: Runtime, reason: str) -> None:
         """Answer the greeting, then reply 01 (general failure) to the first request."""
@@ -128,15 +146,56 @@ def _refusal_answer(
     return socks5.Refused(socks5.ReplyCode.GENERAL_FAILURE)
 
 
-async def _receive(stream: Connection) -> bytes:
+async def _accept_tls(
+    stream: Connection, listener: Socks5Listener, limits: LimitSettings, record: SessionRecord
+) -> TlsConnection | None:
+    """The TLS handshake of a ``use_tls`` listener, within ``handshake_timeout``; None (the
+    record says why) when it failed: with ``tls_required_client_ca``, a client without a
+    certificate from those CAs fails here, before a SOCKS byte is read."""
+    assert listener.tls_certificate is not None and listener.tls_private_key is not None
+    try:
+        context = server_context(
+            listener.tls_certificate, listener.tls_private_key, listener.tls_required_client_ca
+        )
+    except (OSError, ssl.SSLError) as exc:
+        record.outcome = "tls_failed"
+        record.detail = f"cannot load the listener's certificate: {exc}"
+        return None
+    tls = trio.SSLStream(stream, context, server_side=True)
+    with trio.move_on_after(limits.handshake_timeout) as scope:
+        try:
+            await tls.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            record.outcome = "tls_failed"
+            record.detail = f"TLS handshake failed: {exc.__cause__ or exc}"
+            return None
+    if scope.cancelled_caught:
+        record.outcome = "timeout"
+        record.detail = f"TLS handshake not finished within {limits.handshake_timeout:g}s"
+        return None
+    return TlsConnection(tls)
+
+
+async def _close_tls(client: trio.abc.HalfCloseableStream) -> None:
+    """close_notify, briefly and best effort (the daemon closes the socket anyway)."""
+    with (
+        trio.move_on_after(_TLS_CLOSE_TIMEOUT),
+        contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError
+        ),
+    ):
+        await client.aclose()
+
+
+async def _receive(stream: trio.abc.ReceiveStream) -> bytes:
     """The next bytes from the client; a reset counts as EOF."""
     try:
-        return await stream.receive_some(_RECEIVE_SIZE)
+        return bytes(await stream.receive_some(_RECEIVE_SIZE))
     except trio.BrokenResourceError:
         return b""
 
 
-async def _send(stream: Connection, data: bytes) -> None:
+async def _send(stream: trio.abc.SendStream, data: bytes) -> None:
     if data:
         await stream.send_all(data)
 
@@ -146,7 +205,7 @@ class _AcceptedConnection:
 
     def __init__(
         self,
-        stream: Connection,
+        stream: trio.abc.HalfCloseableStream,
         runtime: Runtime,
         listener: Listener,
         record: SessionRecord,

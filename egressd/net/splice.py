@@ -59,6 +59,7 @@ import trio
 
 from egressd.net.connection import Connection
 from egressd.net.oserrors import cause_text
+from egressd.net.tls import TlsConnection
 from egressd.net.zerocopy import AnySocket, SplicedPair
 
 __all__ = [
@@ -185,7 +186,7 @@ def abort_on_close(*streams: trio.abc.Stream) -> None:
     A TLS stream's transport is used; a stream with no socket under it is left alone.
     """
     for stream in streams:
-        while isinstance(stream, trio.SSLStream):
+        while isinstance(stream, trio.SSLStream | TlsConnection):
             stream = stream.transport_stream
         sock = _socket_of(stream)
         if sock is not None:
@@ -210,7 +211,7 @@ def keep_alive(*streams: trio.abc.Stream) -> None:
     socket under it is left alone.
     """
     for stream in streams:
-        while isinstance(stream, trio.SSLStream):
+        while isinstance(stream, trio.SSLStream | TlsConnection):
             stream = stream.transport_stream
         sock = _socket_of(stream)
         if sock is None:

@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import ssl
 
-from egressd.log import get_logger
+import trio
 
-__all__ = ["client_context", "load_server_context", "server_context"]
+from egressd.log import get_logger
+from egressd.net.connection import Connection
+
+__all__ = ["TlsConnection", "client_context", "load_server_context", "server_context"]
 
 log = get_logger("tls")
 
@@ -59,55 +63,113 @@ def file_identity(path: str) -> FileIdentity:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def server_context(certificate: str, private_key: str) -> ssl.SSLContext:
+def server_context(
+    certificate: str, private_key: str, client_ca: str | None = None
+) -> ssl.SSLContext:
     """The context for TLS from a client (STARTTLS from an MTA, a SOCKS5 listener's TLS),
     with egressd's certificate chain and key as the files are now, or, when they cannot
     be loaded now (a renewal that left a key that does not match the certificate), the
     last context these paths gave: a bad renewal is refused by ``check`` and by a reload,
-    and clients keep getting the certificate that worked.
+    and clients keep getting the certificate that worked. With ``client_ca`` (mutual TLS)
+    a client must present a certificate issued by one of the CAs in that file.
 
     Raises ``OSError`` / ``ssl.SSLError`` when the files cannot be loaded and never could.
     """
+    paths = (certificate, private_key, client_ca)
     try:
-        context = load_server_context(certificate, private_key)
+        context = load_server_context(certificate, private_key, client_ca)
     except (OSError, ssl.SSLError) as exc:
-        kept = _LAST_GOOD.get((certificate, private_key))
+        kept = _LAST_GOOD.get(paths)
         if kept is None:
             raise
-        _warn_once(certificate, private_key, exc)
+        _warn_once(paths, exc)
         return kept
-    _LAST_GOOD[certificate, private_key] = context
+    _LAST_GOOD[paths] = context
     return context
 
 
-def load_server_context(certificate: str, private_key: str) -> ssl.SSLContext:
+def load_server_context(
+    certificate: str, private_key: str, client_ca: str | None = None
+) -> ssl.SSLContext:
     """The files as they are now, loaded (cached by their identity); raises ``OSError`` /
     ``ssl.SSLError`` when they cannot be read or do not match."""
-    identity = (file_identity(certificate), file_identity(private_key))
-    return _load_server_context(certificate, private_key, identity)
+    identity = (
+        file_identity(certificate),
+        file_identity(private_key),
+        file_identity(client_ca) if client_ca is not None else None,
+    )
+    return _load_server_context(certificate, private_key, client_ca, identity)
 
 
-_LAST_GOOD: dict[tuple[str, str], ssl.SSLContext] = {}
-_WARNED: set[tuple[str, str, str]] = set()
+_Paths = tuple[str, str, str | None]
+_LAST_GOOD: dict[_Paths, ssl.SSLContext] = {}
+_WARNED: set[tuple[_Paths, str]] = set()
 
 
-def _warn_once(certificate: str, private_key: str, exc: Exception) -> None:
-    key = (certificate, private_key, str(exc))
-    if key not in _WARNED:
-        _WARNED.add(key)
-        log.warning(
-            "cannot load certificate %s with key %s (%s): still serving the previous one",
-            certificate,
-            private_key,
-            exc,
-        )
+def _warn_once(paths: _Paths, exc: Exception) -> None:
+    if (paths, str(exc)) in _WARNED:
+        return
+    _WARNED.add((paths, str(exc)))
+    log.warning(
+        "cannot load certificate %s with key %s (%s): still serving the previous one",
+        paths[0],
+        paths[1],
+        exc,
+    )
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _load_server_context(
-    certificate: str, private_key: str, identity: tuple[FileIdentity, FileIdentity]
+    certificate: str,
+    private_key: str,
+    client_ca: str | None,
+    identity: tuple[FileIdentity, FileIdentity, FileIdentity | None],
 ) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certificate, private_key)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if client_ca is not None:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+class TlsConnection(trio.abc.HalfCloseableStream):
+    """A server-side TLS stream over a :class:`Connection` that can be half-closed.
+
+    ``send_eof`` shuts the TCP write side (a FIN, without a TLS close_notify: Python's
+    ``ssl`` cannot send one and keep reading), so a relay can tell the client that the
+    destination is done while the client still talks; ``aclose`` sends close_notify.
+    """
+
+    def __init__(self, tls: trio.SSLStream[Connection]) -> None:
+        self.tls = tls
+        self.transport_stream = tls.transport_stream
+        self.peer = self.transport_stream.peer
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.tls.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.tls.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.tls.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await trio.sleep(0)
+        try:
+            self.transport_stream.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise trio.BrokenResourceError from exc
+
+    async def aclose(self) -> None:
+        await self.tls.aclose()
+
+    def peer_certificate_subject(self) -> str | None:
+        """The verified client certificate's subject (mutual TLS), else None."""
+        certificate = self.tls.getpeercert()
+        if not certificate:
+            return None
+        subject = certificate.get("subject", ())
+        return ",".join(f"{k}={v}" for rdn in subject for k, v in rdn)
