@@ -138,7 +138,26 @@ def merge_status(
         "sources": merge_sources(status.get("sources", []) for status in answered),
         "shaping": merge_shaping([status.get("shaping") for status in answered]),
         "state": first.get("state"),  # the state backend and fleet: all workers share one
+        **merge_breakers(answered),
         "workers": rows,
+    }
+
+
+def merge_breakers(answered: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Each worker's open destination breakers (its own state), each destination once
+    with the latest end; the count is at least the largest worker's."""
+    if not any("breakers" in status for status in answered):
+        return {}
+    merged: dict[str, dict[str, Any]] = {}
+    for status in answered:
+        for breaker in status.get("breakers", ()):
+            current = merged.get(breaker["destination"])
+            if current is None or (breaker.get("until") or 0) > (current.get("until") or 0):
+                merged[breaker["destination"]] = dict(breaker)
+    counts = [int(status.get("breakers_open", 0)) for status in answered]
+    return {
+        "breakers_open": max([len(merged), *counts]),
+        "breakers": sorted(merged.values(), key=lambda b: (b.get("until") or 0, b["destination"])),
     }
 
 

@@ -39,6 +39,7 @@ metric                                                    labels
                                                           shared store; 0: local shares, the
                                                           store is unreachable)
 ``egressd_budgets_store_outages_total``                   - (times the store became unreachable)
+``egressd_destination_breakers_open``                     kind (of the failure that opened it)
 ``egressd_smtp_tls_total``                                policy (none/opportunistic/encrypt/verify/
                                                           mta-sts enforce/mta-sts testing/dane),
                                                           outcome (verified/encrypted/plaintext/
@@ -255,6 +256,15 @@ class Metrics:
             "Times the store of the shared shaping budgets became unreachable.",
             registry=registry,
         )
+        self.breakers_open = Gauge(
+            "egressd_destination_breakers_open",
+            "Destinations (address and port) whose circuit breaker is open or half-open, by "
+            "the kind of failure that opened it (no per-destination label: egressd status "
+            "lists them).",
+            ("kind",),
+            registry=registry,
+        )
+        self._breaker_kinds: set[str] = set()
         self.smtp_tls = Counter(
             "egressd_smtp_tls",
             "Remote SMTP connections opened (or not) by the SMTP door, by TLS policy and outcome.",
@@ -392,6 +402,16 @@ class Metrics:
         self.budgets_shared.labels("redis").set(1 if shared else 0)
         if not shared:
             self.budgets_store_outages.inc()
+
+    def refresh_breakers(self, kinds: Iterable[str]) -> None:
+        """Rewrite ``egressd_destination_breakers_open`` from the kind of each open breaker;
+        kinds seen before and none open now read 0."""
+        counts = dict.fromkeys(self._breaker_kinds, 0)
+        for kind in kinds:
+            counts[kind] = counts.get(kind, 0) + 1
+        for kind, count in counts.items():
+            self.breakers_open.labels(kind).set(count)
+        self._breaker_kinds.update(counts)
 
     def config_loaded(self, ok: bool, when: float) -> None:
         """A configuration load (startup or reload) took effect, or was refused."""

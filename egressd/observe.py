@@ -49,7 +49,7 @@ import trio
 from prometheus_client import Counter, Gauge
 
 from egressd import __version__
-from egressd.config import Config, Endpoint, Listener
+from egressd.config import Config, Endpoint, Listener, format_hostport
 from egressd.control import serve_control
 from egressd.egress import EgressFailure, EgressObserver
 from egressd.fleet.node import Fleet
@@ -65,6 +65,8 @@ from egressd.warming import Warming, metric_rows, warmup_command
 log = get_logger("observe")
 
 DOORS = ("smtp", "socks5", "proxy")
+STATUS_BREAKERS = 50
+"""Open circuit breakers listed by ``status`` (the most recently failing; all are counted)."""
 _OUTCOME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
@@ -323,6 +325,26 @@ class DaemonControls:
             "shaping": self._shaping(),
             "budgets": self._budgets(),
             "state": self._state(),
+            **self._breakers(),
+        }
+
+    def _breakers(self) -> dict[str, Any]:
+        """The destinations whose circuit breaker is open (``until``: a Unix time; 0 s left
+        is half-open), the last :data:`STATUS_BREAKERS` of them, and how many in all."""
+        now = time.time()
+        found = self._daemon.runtime.breaker.open_breakers()
+        return {
+            "breakers_open": len(found),
+            "breakers": [
+                {
+                    "destination": format_hostport(*item.destination),
+                    "until": round(now + item.seconds_left, 3),
+                    "failures": item.failures,
+                    "kind": str(item.last_kind),
+                    "reason": item.last_reason,
+                }
+                for item in found[-STATUS_BREAKERS:]
+            ],
         }
 
     def _budgets(self) -> dict[str, Any] | None:
@@ -360,6 +382,8 @@ class DaemonControls:
 def refresh_gauges(daemon: Observed) -> None:
     """Rewrite the gauges that mirror state (sources, shaping, warm-up, the state backend)
     before a scrape."""
+    """Rewrite the gauges that mirror state (sources, shaping, warm-up, open destination
+    breakers) before a scrape."""
     metrics = daemon.metrics
     metrics.refresh_sources(daemon.runtime.health.snapshot())
     metrics.refresh_shaping(shaping_rows(daemon.runtime))
@@ -367,6 +391,8 @@ def refresh_gauges(daemon: Observed) -> None:
     fleet = daemon.fleet
     if fleet is not None:
         metrics.refresh_state("redis", fleet.health.up, fleet.alive_nodes())
+    breakers = daemon.runtime.breaker.open_breakers()
+    metrics.refresh_breakers(str(found.last_kind) for found in breakers)
 
 
 ServiceStarter = Callable[..., Awaitable[None]]

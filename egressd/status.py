@@ -126,6 +126,8 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
     )
     shaping = status.get("shaping")
     tail = "" if shaping is None else "\n" + format_shaping(shaping, now)
+    if "breakers" in status:  # a daemon from before breakers were shown has no key
+        tail += "\n" + format_breakers(status["breakers"], status.get("breakers_open", 0), now)
     workers = status.get("workers")
     middle = "" if workers is None else format_workers(workers) + "\n"
     slots = status.get("host_budgets", {}).get("slots") or {}
@@ -252,6 +254,32 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        + "\n"
+        for row in rows
+    )
+
+
+def format_breakers(breakers: Sequence[Mapping[str, Any]], total: object, now: float) -> str:
+    """Destinations whose circuit breaker is open: until when (0 s: half-open, the next
+    dial is the trial), the failures that opened it, the last one."""
+    if not breakers:
+        return "no open destination circuit breaker\n"
+    rows = [("DESTINATION", "OPEN UNTIL", "FAILURES", "LAST FAILURE")]
+    for breaker in breakers:
+        rows.append(
+            (
+                str(breaker["destination"]),
+                _until(breaker.get("until"), now),
+                str(breaker["failures"]),
+                f"{breaker['kind']}: {breaker['reason']}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    shown = "" if total == len(breakers) else f" (the last {len(breakers)} of {total})"
+    return f"open destination circuit breakers{shown}:\n" + "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
+        + "  "
+        + row[-1]
         + "\n"
         for row in rows
     )

@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from egressd.aggregate import (
     FamilyRow,
+    merge_breakers,
     merge_families,
     merge_shaping,
     merge_sources,
@@ -86,3 +87,18 @@ def test_status_has_the_supervisors_facts_the_totals_and_a_row_per_worker() -> N
     assert status["pid"] == 1 and status["active_sessions"] == 2
     assert [row["active_sessions"] for row in status["workers"]] == [2, None]
     assert status["listeners"] == [1] and status["shaping"] is None
+
+
+def test_open_breakers_of_every_worker_are_listed_once_with_the_latest_end() -> None:
+    def breaker(destination: str, until: float) -> dict[str, object]:
+        return {"destination": destination, "until": until, "failures": 3, "kind": "refused"}
+
+    one = {"breakers_open": 2, "breakers": [breaker("192.0.2.1:25", 10), breaker("x:25", 5)]}
+    two = {"breakers_open": 1, "breakers": [breaker("192.0.2.1:25", 20)]}
+    merged = merge_breakers([one, two])
+    assert merged["breakers_open"] == 2
+    assert [(b["destination"], b["until"]) for b in merged["breakers"]] == [
+        ("x:25", 5),
+        ("192.0.2.1:25", 20),
+    ]
+    assert merge_breakers([{"active_sessions": 0}]) == {}  # workers from before: no key

@@ -47,6 +47,7 @@ used forgotten first. Pure: no trio, no sockets; time comes from an injected clo
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -210,6 +211,22 @@ class DestinationBreaker:
         return previous is None or previous < horizon
 
     # ------------------------------------------------------------------ helpers
+
+    def open_breakers(self) -> list[Open]:
+        """Every destination address whose breaker is open now, or half-open
+        (``seconds_left`` 0: the next dial is its trial), most recently failing last: for
+        status and metrics. The (source, site) paths' breakers are not listed."""
+        now = self._now()
+        found = []
+        for (version, number, port), state in self._states.items():
+            if state.open_until is None:
+                continue
+            address: IPAddress = (
+                ipaddress.IPv4Address(number) if version == 4 else ipaddress.IPv6Address(number)
+            )
+            left = max(0.0, state.open_until - now)
+            found.append(self._open((address, port), state, left))
+        return found
 
     def _check(self, destination: Destination, state: _State) -> Open | None:
         assert state.open_until is not None

@@ -182,3 +182,23 @@ def test_source_evidence_counts_each_site_once_whatever_its_addresses(
     breaker.success(addresses[0], "a", "mx.big")  # a reached it: its evidence is forgotten
     breaker.success(addresses[0], "b", "mx.big")
     assert breaker.source_evidence(addresses[2], "a", "mx.big")
+
+
+def test_open_breakers_lists_open_and_half_open_destinations(
+    breaker: DestinationBreaker, clock: FakeClock
+) -> None:
+    six: tuple[IPAddress, int] = (ip("2001:db8::25"), 25)
+    fail(breaker, 2)  # two failures: still closed
+    fail(breaker, 3, six)
+    assert [(o.destination, o.seconds_left) for o in breaker.open_breakers()] == [(six, 30.0)]
+    clock.advance(10)
+    fail(breaker)  # the third within the window: open
+    listed = {o.destination: o for o in breaker.open_breakers()}
+    assert set(listed) == {DEAD, six}
+    assert listed[DEAD].seconds_left == 30.0 and listed[six].seconds_left == 20.0
+    assert (listed[DEAD].failures, listed[DEAD].last_kind) == (3, Failure.REFUSED)
+    clock.advance(25)  # six is half-open (0 s left: its next dial is the trial)
+    listed = {o.destination: o for o in breaker.open_breakers()}
+    assert listed[six].seconds_left == 0.0
+    breaker.success(six, "a")
+    assert [o.destination for o in breaker.open_breakers()] == [DEAD]

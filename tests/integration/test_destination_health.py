@@ -15,6 +15,7 @@ Both front doors that take a pool are covered: SOCKS5 (CONNECT to the dead port)
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +24,13 @@ import pytest
 import trio
 from daemon_helpers import port_of, running_daemon
 from harness import Sink, free_port
+from service_harness import sample, scrape
 from smtp_harness import dnsmasq, start_scripted_mx
 
+from egressd.config import load_config
 from egressd.daemon import Daemon
 from egressd.doors.smtp import SmtpDoor
+from egressd.status import command_status
 
 pytestmark = pytest.mark.integration
 
@@ -216,3 +220,47 @@ async def test_smtp_tenant_a_dead_mx_leaves_tenant_b_served(
                 fast = await smtp_session(relay, "someone@dead.test")  # the breaker answers
             assert fast[-1].startswith("451 ")
             assert f"destination 127.0.0.9:{port} is failing" in fast[-1]
+
+
+def daemon_metrics_port(daemon: Daemon) -> int:
+    assert daemon.extras is not None and daemon.extras.metrics_port is not None
+    return daemon.extras.metrics_port
+
+
+async def test_open_breakers_show_in_status_and_metrics(
+    tmp_path: Path, short_dir: Path, sink: Sink
+) -> None:
+    """A refused destination's breaker opens after 3 failures: ``egressd status`` lists it
+    (destination, time left, failures, the last failure) and the gauge counts it by kind,
+    with no per-destination label; a destination that works is not listed."""
+    closed = free_port()
+    text = (
+        sources_text()
+        + f"[access]\ndestination_ports = [{closed}, {sink.port}]\ndeny_destinations = []\n"
+        + '[[socks5.listener]]\naddress = "127.0.0.1:0"\npool = "shared"\n'
+        + f'[control]\nsocket = "{short_dir}/control.sock"\n'
+        + '[metrics]\nlisten = "127.0.0.1:0"\n'
+    )
+    async with running_daemon(text, tmp_path) as daemon:
+        door = port_of(daemon, "socks5")
+        with trio.fail_after(10):
+            before = await scrape(daemon_metrics_port(daemon))
+            assert await socks_connect(door, "127.0.0.1", sink.port) == 0
+            replies = [await socks_connect(door, "127.0.0.1", closed) for _ in range(4)]
+            out = io.StringIO()
+            code = await trio.to_thread.run_sync(
+                command_status, load_config(tmp_path / "egressd.toml"), out
+            )
+            after = await scrape(daemon_metrics_port(daemon))
+    assert replies == [5, 5, 5, 5]  # refused three times, then the breaker answers (05)
+    assert code == 0
+    status = out.getvalue()
+    assert "open destination circuit breakers:" in status
+    (row,) = [line for line in status.splitlines() if line.startswith(f"127.0.0.1:{closed}")]
+    assert " 3 " in row and "refused: " in row and "Connection refused" in row
+    assert f"127.0.0.1:{sink.port}" not in status
+    assert sample(before, "egressd_destination_breakers_open", kind="refused") is None
+    assert sample(after, "egressd_destination_breakers_open", kind="refused") == 1
+    assert f"{closed}" not in "".join(
+        line for line in after.splitlines() if line.startswith("egressd_destination_breakers")
+    )
