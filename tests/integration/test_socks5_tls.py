@@ -23,6 +23,7 @@ import trustme
 from daemon_helpers import RecordingDaemon, recording_daemon
 from harness import Sink, receive_exactly
 
+from egressd.cli import EXIT_CONFIG, main
 from egressd.config import ConfigError, load_config
 
 pytestmark = pytest.mark.integration
@@ -198,3 +199,18 @@ def test_use_tls_needs_a_certificate_and_tls_keys_need_use_tls(tmp_path: Path) -
     text = str(caught.value)
     assert "use_tls: needs tls_certificate and tls_private_key" in text
     assert "tls_certificate: is set without use_tls = true" in text
+
+
+def test_check_and_run_refuse_a_listener_certificate_that_does_not_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = trustme.CA()
+    install(ca, "proxy.test", tmp_path)
+    ca.issue_cert("other.test").private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    path = tmp_path / "egressd.toml"
+    path.write_text(config_text(tmp_path, 25))
+    assert main(["check", "-q", "-c", str(path)]) == 1
+    assert main(["run", "-c", str(path)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    expected = f"{path}: socks5.listener[0].tls_certificate: cannot load certificate {tmp_path}"
+    assert err.count(expected) == 2
