@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from egressd import __version__
 from egressd.config import (
@@ -46,6 +46,9 @@ from egressd.config import (
 from egressd.net.shaping import findings_text, load_policy
 from egressd.pools import NoSourcesAvailable, PoolSelector
 from egressd.shaping import ShapingPolicy
+
+if TYPE_CHECKING:
+    from egressd.probe import MxReport
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -180,8 +183,25 @@ def _add_probe(commands: Any) -> None:
     which.add_argument("--pool", metavar="NAME", help="dial through this pool's next source")
     probe.add_argument(
         "destination",
-        metavar="HOST[:PORT]",
-        help="the server to dial (port: the source's remote_port, else 25)",
+        metavar="HOST[:PORT] | DOMAIN",
+        help="the server to dial (port: the source's remote_port, else 25), or with --mx/--a"
+        " a mail domain",
+    )
+    domain = probe.add_mutually_exclusive_group()
+    domain.add_argument(
+        "--mx",
+        action="store_true",
+        help="DOMAIN's MX hosts as the SMTP door finds them ([dns], [smtp.routes]), each"
+        " dialed in turn: greeting, EHLO reply and STARTTLS (certificate, verification)",
+    )
+    domain.add_argument(
+        "--a", action="store_true", help="the same with DOMAIN's own A/AAAA records"
+    )
+    probe.add_argument(
+        "--ignore-access",
+        action="store_true",
+        help="do not apply [access] (destination_ports, deny_destinations) as the front"
+        " doors do: for testing against loopback or private addresses",
     )
     probe.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -560,6 +580,8 @@ def command_select(config: Config, pool: str, count: int, out: TextIO) -> int:
 def command_probe(config: Config, args: argparse.Namespace) -> int:
     from egressd.probe import ProbeFailed, run_probe
 
+    if args.mx or args.a:
+        return command_probe_domain(config, args)
     try:
         destination = parse_hostport(args.destination, default_port=25)
     except ValueError as exc:
@@ -573,6 +595,7 @@ def command_probe(config: Config, args: argparse.Namespace) -> int:
             pool=args.pool,
             host=destination.host,
             port=destination.port if explicit_port else None,
+            check_access=not args.ignore_access,
         )
     except ProbeFailed as exc:
         if args.json:
@@ -588,6 +611,52 @@ def command_probe(config: Config, args: argparse.Namespace) -> int:
         print(f"remote address  {format_hostport(*result.remote_address)}")
         print(f"greeting        {result.greeting}")
     return EXIT_OK
+
+
+def command_probe_domain(config: Config, args: argparse.Namespace) -> int:
+    """``probe --mx/--a DOMAIN``: every mail host; 0 when at least one was reached."""
+    from egressd.probe import ProbeFailed, run_domain_probe
+
+    try:
+        reports = run_domain_probe(
+            config,
+            source=args.source,
+            pool=args.pool,
+            domain=args.destination,
+            use_mx=args.mx,
+            check_access=not args.ignore_access,
+        )
+    except ProbeFailed as exc:
+        if args.json:
+            print(json.dumps({"error": str(exc), "kind": exc.kind}))
+        print(f"egressd: probe failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED if exc.kind != "config" else EXIT_USAGE
+    if args.json:
+        print(json.dumps({"domain": args.destination, "hosts": [r.as_json() for r in reports]}))
+    for report in reports:
+        if not args.json:
+            print_mx_report(report)
+        if report.result is None:
+            print(f"egressd: {report.host}: {report.error}", file=sys.stderr)
+    return EXIT_OK if any(report.result is not None for report in reports) else EXIT_FAILED
+
+
+def print_mx_report(report: MxReport) -> None:
+    print(f"mx              {report.host} (preference {report.preference})")
+    result = report.result
+    if result is None:
+        print(f"failed          {report.kind}: {report.error}\n")
+        return
+    print(f"source          {result.source}")
+    print(f"via             {result.via}")
+    print(f"local address   {format_hostport(*result.local_address)}")
+    print(f"remote address  {format_hostport(*result.remote_address)}")
+    print(f"greeting        {result.greeting}")
+    for index, line in enumerate(report.ehlo):
+        print(f"{'ehlo' if index == 0 else '':<16}{line}")
+    if report.tls is not None:
+        print(f"starttls        {report.tls.describe()}")
+    print()
 
 
 # --------------------------------------------------------------------------- control socket

@@ -88,7 +88,14 @@ async def test_probe_direct_from_each_source_of_a_pool(tmp_path: Path, sink: Sin
         "[pool.p.two]\n[pool.p.three]\n",
     )
     result = await egressd_async(
-        "probe", "-c", path, "--source", "three", f"127.0.0.1:{sink.port}", "--json"
+        "probe",
+        "-c",
+        path,
+        "--ignore-access",
+        "--source",
+        "three",
+        f"127.0.0.1:{sink.port}",
+        "--json",
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -98,7 +105,9 @@ async def test_probe_direct_from_each_source_of_a_pool(tmp_path: Path, sink: Sin
     assert report["remote_address"] == f"127.0.0.1:{sink.port}"
     assert report["greeting"] == "220 sink.test ESMTP"
     assert sink.peers == ["127.0.0.3"]
-    text = await egressd_async("probe", "-c", path, "--pool", "p", f"127.0.0.1:{sink.port}")
+    text = await egressd_async(
+        "probe", "-c", path, "--ignore-access", "--pool", "p", f"127.0.0.1:{sink.port}"
+    )
     assert text.returncode == 0, text.stderr
     assert "source          two" in text.stdout
     assert sink.peers == ["127.0.0.3", "127.0.0.2"]
@@ -108,7 +117,9 @@ async def test_probe_ipv6_and_remote_port(tmp_path: Path, sink6: Sink) -> None:
     path = write_config(
         tmp_path, f'[source.v6]\nsource_address = "::1"\nremote_port = {sink6.port}\n'
     )
-    result = await egressd_async("probe", "-c", path, "--source", "v6", "[::1]:25", "--json")
+    result = await egressd_async(
+        "probe", "-c", path, "--ignore-access", "--source", "v6", "[::1]:25", "--json"
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["remote_address"] == f"[::1]:{sink6.port}"
@@ -122,7 +133,7 @@ async def test_probe_through_haproxy(tmp_path: Path, sink: Sink, haproxy: HAProx
         'ha_proxy_source_address = "127.0.0.5"\n',
     )
     result = await egressd_async(
-        "probe", "-c", path, "--source", "hp", f"127.0.0.1:{sink.port}", "--json"
+        "probe", "-c", path, "--ignore-access", "--source", "hp", f"127.0.0.1:{sink.port}", "--json"
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -140,7 +151,7 @@ async def test_probe_through_dante(tmp_path: Path, sink: Sink, dante_auth: Dante
         f'socks5_proxy_password = {{ key_data = "{dante_auth.password}" }}\n',
     )
     result = await egressd_async(
-        "probe", "-c", path, "--source", "d", f"127.0.0.1:{sink.port}", "--json"
+        "probe", "-c", path, "--ignore-access", "--source", "d", f"127.0.0.1:{sink.port}", "--json"
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -156,15 +167,26 @@ async def test_probe_failures_exit_nonzero_with_typed_reason(tmp_path: Path, sin
         '[source.hop]\nha_proxy_server = "127.0.0.1:1"\nha_proxy_source_address = "127.0.0.5"\n',
     )
     ghost = await egressd_async(
-        "probe", "-c", path, "--source", "ghost", f"127.0.0.1:{sink.port}", "--json"
+        "probe",
+        "-c",
+        path,
+        "--ignore-access",
+        "--source",
+        "ghost",
+        f"127.0.0.1:{sink.port}",
+        "--json",
     )
     assert ghost.returncode == 1
     assert json.loads(ghost.stdout)["kind"] == "unplumbed"
     assert "203.0.113.7" in ghost.stderr
-    hop = await egressd_async("probe", "-c", path, "--source", "hop", f"127.0.0.1:{sink.port}")
+    hop = await egressd_async(
+        "probe", "-c", path, "--ignore-access", "--source", "hop", f"127.0.0.1:{sink.port}"
+    )
     assert hop.returncode == 1
     assert "hop" in hop.stderr
     assert sink.connections == []
-    unknown = await egressd_async("probe", "-c", path, "--source", "nope", "127.0.0.1:25")
+    unknown = await egressd_async(
+        "probe", "-c", path, "--ignore-access", "--source", "nope", "127.0.0.1:25"
+    )
     assert unknown.returncode == 2
     assert 'unknown source "nope"' in unknown.stderr
