@@ -23,15 +23,17 @@ Every "no" is a :class:`Refusal` naming the budget and its value, e.g. ``connect
 reached for source "ip-1" to site "mx.example"``; :func:`refusal_summary` phrases the
 reply a door gives when no source of a pool may go.
 
-Wiring (not done yet)
----------------------
-The daemon loads ``load_shaping_files``, resolves the MX of ``rollup_domains()`` and builds
-``ShapingPolicy.from_files(files, sites)`` and one ``Shaper(policy, trio.current_time)``;
-``replace_policy`` on reload, ``expire()`` every few seconds. The outbound plan tries the
-pool's sources in order and keeps the first :class:`Lease` from :meth:`Shaper.open`
-(``lease.failed()`` / ``lease.connected()`` after the dial, ``lease.release()`` in a
-``finally``); when every source is refused, :func:`refusal_summary` is the 451 text. The SMTP
-door calls ``lease.send()`` before each MAIL and ``reply()`` with every remote reply.
+Wiring
+------
+The daemon loads the policy (:mod:`egressd.net.shaping`) and keeps one
+``Shaper(policy, trio.current_time)``; ``replace_policy`` on reload, ``expire()`` every few
+seconds. Each outbound plan is handed a ``ShapedDestination`` (:mod:`egressd.net.shaping`):
+selection skips the sources :meth:`check_open` (and, at the SMTP door, :meth:`check_send`)
+refuse, the picked one's :class:`Lease` comes from :meth:`open`, every failed attempt goes
+to :meth:`attempt_failed` and a made connection to :meth:`connected`, and the lease is
+released when the connection ends; when every source is refused, :func:`refusal_summary`
+is the 451 text. The SMTP door calls ``lease.send()`` before each MAIL and :meth:`reply`
+with every remote reply, from the banner on.
 """
 
 from __future__ import annotations

@@ -145,3 +145,49 @@ remote_port = {mx_port}
     assert by_domain == {"bigmail.test": {"127.0.0.4"}, "other.test": {"127.0.0.3", "127.0.0.4"}}
     rejected = re.findall(r"reject: CONNECT from unknown\[([0-9.]+)\]: 421 4.7.0", log)
     assert rejected == ["127.0.0.3"]  # once: the suspended source never came back to bigmail
+
+
+async def test_repeated_tss04_greetings_close_the_site_to_that_source_only(
+    tmp_path: Path, postfix_mx: Postfix, mx_port: int
+) -> None:
+    """No shaping file: the destination breaker alone. Three rejected greetings to ``a``
+    open the (a, site) path, so ``a``'s next turn goes to ``b`` without dialing, and ``b``
+    keeps the site (a breaker per address used to close it to every source)."""
+    mx = [("bigmail.test", "mx1.bigmail-mx.test", 10)]
+    with dnsmasq(mx=mx, hosts={"mx1.bigmail-mx.test": ["127.0.0.1"]}) as dns:
+        text = f"""
+[dns]
+nameservers = ["{dns.nameserver}"]
+[access]
+deny_destinations = []
+[[smtp.listener]]
+address = "127.0.0.1:0"
+pool = "main"
+[source."a"]
+source_address = "127.0.0.3"
+remote_port = {mx_port}
+[source."b"]
+source_address = "127.0.0.4"
+remote_port = {mx_port}
+[pool."main"."a"]
+[pool."main"."b"]
+"""
+        before = len(re.findall(r"reject: CONNECT from unknown\[127\.0\.0\.3\]", postfix_mx.log()))
+        async with running_daemon(text, tmp_path, {"smtp": SmtpDoor()}) as daemon:
+            port = port_of(daemon, "smtp")
+            outcomes = [
+                await trio.to_thread.run_sync(send_one, port, f"p{n}@bigmail.test")
+                for n in range(8)
+            ]
+            suspended = [s.name for s in daemon.runtime.health.snapshot() if s.suspended]
+        log = await trio.to_thread.run_sync(
+            lambda: "\n".join(postfix_mx.wait_for_log(lambda line: "p7@bigmail.test" in line))
+        )
+    assert [o[:3] for o in outcomes[:6]] == ["451", "sen", "451", "sen", "451", "sen"], outcomes
+    assert "[TSS04]" in outcomes[0]
+    assert outcomes[6:] == ["sent", "sent"]  # a's turn went to b, and b kept the site
+    assert suspended == []
+    rejected = re.findall(r"reject: CONNECT from unknown\[127\.0\.0\.3\]", log)
+    assert len(rejected) - before == 3  # a was not dialed again once its path was open
+    senders = {client for recipient, client in deliveries(log) if recipient.startswith("p")}
+    assert senders == {"127.0.0.4"}
