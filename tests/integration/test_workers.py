@@ -33,6 +33,7 @@ from smtp_harness import SmtpSink, smtp_sink
 
 from egressd import __version__
 from egressd.proto.proxy import build_v2
+from egressd.state import DATABASE_NAME
 from egressd.status import ask
 
 pytestmark = pytest.mark.integration
@@ -436,3 +437,41 @@ async def test_a_connection_limit_is_exact_across_workers_and_a_dead_workers_slo
             for stream in (second, third):
                 await stream.aclose()
         assert "a stopped worker's connection slots returned worker=1 slots=1" in w.process.log()
+
+
+async def test_a_worker_that_cannot_start_stops_the_startup_with_its_exit_status(
+    tmp_path: Path,
+) -> None:
+    """A corrupt state database: every worker exits 78 (EX_CONFIG) before it is ready, so
+    the supervisor does too, and systemd's RestartPreventExitStatus=78 applies."""
+    (tmp_path / "state").mkdir()
+    database = tmp_path / "state" / DATABASE_NAME
+    database.write_bytes(b"not a database at all " * 200)
+    config = tmp_path / "egressd.toml"
+    config.write_text(
+        f"""
+[daemon]
+workers = 2
+[state]
+directory = "{tmp_path / "state"}"
+[warmup.plan.test]
+days = [10, 100]
+[source."cold"]
+source_address = "127.0.0.3"
+warmup = "test"
+[pool."main"."cold"]
+[[smtp.listener]]
+address = "127.0.0.1:0"
+pool = "main"
+"""
+    )
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [sys.executable, "-m", "egressd", "run", "-c", str(config)],
+            capture_stderr=True,
+            check=False,
+        )
+    log = result.stderr.decode()
+    assert result.returncode == 78, log
+    assert re.search(r"supervisor: cannot start: worker \d exited \(status 78\) before", log), log
+    assert str(database) in log and "corrupt" in log
