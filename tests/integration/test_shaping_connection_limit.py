@@ -20,6 +20,7 @@ import trio
 from daemon_helpers import port_of, running_daemon
 from smtp_harness import dnsmasq
 
+from egressd.daemon import Daemon
 from egressd.doors.smtp import SmtpDoor
 from egressd.doors.socks5 import Socks5Door
 
@@ -121,6 +122,15 @@ async def socks5_connect(port: int, target: int) -> tuple[int, trio.SocketStream
     return reply[1], stream
 
 
+def connections(daemon: Daemon, metric: str) -> list[float | None]:
+    """The metric for sources a and b; the destination is no provider: ``other``."""
+    registry = daemon.metrics.registry
+    return [
+        registry.get_sample_value(metric, {"source": name, "provider": "other"})
+        for name in ("a", "b")
+    ]
+
+
 async def test_connection_limit_holds_through_the_socks5_door(tmp_path: Path) -> None:
     sink = CountingSink()
     (tmp_path / "shaping.toml").write_text('["default"]\nconnection_limit = 2\n')
@@ -152,11 +162,14 @@ async def test_connection_limit_holds_through_the_socks5_door(tmp_path: Path) ->
                 assert sorted(codes) == [0] * 4 + [1] * (SESSIONS - 4)
                 await trio.sleep(0.2)  # let the sink count every accepted connection
                 assert sink.peak == {"127.0.0.3": 2, "127.0.0.4": 2}
+                assert connections(daemon, "egressd_provider_open_connections") == [2.0, 2.0]
                 for stream in streams:
                     await stream.aclose()
                 while sum(sink.open.values()):
                     await trio.sleep(0.02)
                 await trio.sleep(0.1)  # the door's side of each session ends too
+                assert connections(daemon, "egressd_provider_open_connections") == [0.0, 0.0]
+                assert connections(daemon, "egressd_provider_connections_total") == [2.0, 2.0]
                 code, stream = await socks5_connect(port, sink.port)  # the leases are back
                 await stream.aclose()
                 assert code == 0
