@@ -403,6 +403,11 @@ class Daemon:
     async def commit_reload(self, prepared: PreparedReload) -> Config:
         """Swap in a prepared configuration (one assignment), adopt its listeners."""
         config = prepared.config
+        if self.worker is None and config.daemon.workers != self.runtime.config.daemon.workers:
+            log.warning(
+                "[daemon] workers changed: a single process starts workers at its next start",
+                extra={"fields": {"workers": config.daemon.workers}},
+            )
         self.runtime.swap_config(config, prepared.shaping)
         for running in self._adopt_listeners(config, prepared.opened):
             await running.closed.wait()

@@ -50,8 +50,10 @@ What the supervisor owns, so that the outside sees one daemon:
 * **Logs**: workers write to the supervisor's stderr (the journal sees one service, one
   ``SyslogIdentifier``), every line with ``worker=N``.
 
-Changing ``workers`` takes effect at the next start (a reload keeps the running number
-and says so). Shared budgets across workers: see the README ("Workers on one host").
+A reload that changes ``workers`` starts the new workers (on the new configuration), or
+drains and retires the highest-numbered ones. Shaping budgets are shared exactly across
+workers through the supervisor's book (:mod:`egressd.hostbudgets`); see the README
+("Workers on one host").
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ from egressd.workerlink import ListenerKey, listener_item
 
 log = get_logger("supervisor")
 
+BOARD_SLOTS = 256
+"""Slots of the session board: the most workers ``[daemon] workers`` allows."""
 STABLE_AFTER = 30.0
 """A worker that ran this long before it died is restarted at once (its crashes are old)."""
 MAX_BACKOFF = 30.0
@@ -141,6 +145,8 @@ class Worker:
     restarts: int = 0
     crashes: int = 0
     ever_ready: bool = False
+    retiring: bool = False
+    """Draining for good: ``[daemon] workers`` went down at a reload."""
     ready: trio.Event = field(default_factory=trio.Event)
     replies: dict[int, tuple[trio.Event, list[Message]]] = field(default_factory=dict)
     families: list[FamilyRow] = field(default_factory=list)
@@ -181,13 +187,15 @@ class Supervisor:
         self.files_seen: Fingerprint = file_fingerprint(watched_files(config))
         self.metrics = SupervisorMetrics(self._families)
         self.retired: list[FamilyRow] = []
-        self.board = SessionBoard.create(self.count)
+        self.board = SessionBoard.create(BOARD_SLOTS)
         """Every worker's open sessions, which the workers balance their accepts on."""
         self.budgets = BudgetBook()
         """The host's shared budgets, asked by every worker (:mod:`egressd.hostbudgets`)."""
         self.metrics_port: int | None = None
         self._lock = trio.Lock()
         self._ids = itertools.count(1)
+        self.ready_once = False
+        """Every worker was ready once: from then on a dead worker is restarted, never fatal."""
         self._startup_failure: StartupFailed | None = None
         self._failed = trio.Event()
 
@@ -249,14 +257,18 @@ class Supervisor:
 
     async def keep_running(self, worker: Worker) -> None:
         """Run ``worker`` and start it again whenever it dies, until the drain."""
-        while not self.draining:
+        while not self.draining and not worker.retiring:
             began = trio.current_time()
             code = await self.run_worker(worker)
             if self.draining:
                 return
+            if worker.retiring:
+                del self.workers[worker.number]
+                log.info("worker retired", extra={"fields": {"worker": worker.number}})
+                return
             lived = trio.current_time() - began
             worker.crashes = 1 if lived >= STABLE_AFTER else worker.crashes + 1
-            if not worker.ever_ready and not self.all_ever_ready():
+            if not self.ready_once:
                 self._fail_startup(worker, code)
                 return
             delay = backoff(worker.crashes)
@@ -275,8 +287,24 @@ class Supervisor:
             worker.restarts += 1
             self.metrics.worker_restarts.labels(str(worker.number)).inc()
 
-    def all_ever_ready(self) -> bool:
-        return all(worker.ever_ready for worker in self.workers.values())
+    def resize(self, count: int) -> None:
+        """Start workers up to ``count``, or drain and retire the highest-numbered ones."""
+        for number in range(self.count + 1, count + 1):
+            worker = self.workers[number] = Worker(number)
+            self.nursery.start_soon(self.keep_running, worker)
+        for number in range(count + 1, self.count + 1):
+            worker = self.workers[number]
+            worker.retiring, worker.state = True, "retiring"
+            self.nursery.start_soon(self._retire, worker)
+        self.count = count
+
+    async def _retire(self, worker: Worker) -> None:
+        if worker.channel is not None:
+            with contextlib.suppress(ChannelClosed):
+                await worker.channel.send({"type": "drain"})
+        elif worker.process is not None and worker.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.terminate()
 
     def _fail_startup(self, worker: Worker, code: int | None) -> None:
         status = code if code is not None and code > 0 else 1
@@ -320,7 +348,8 @@ class Supervisor:
         log.info("worker started", extra={"fields": {"worker": worker.number, "pid": process.pid}})
 
     def _stopped(self, worker: Worker) -> None:
-        worker.state, worker.channel = "stopped", None
+        worker.state = "retired" if worker.retiring else "stopped"
+        worker.channel = None
         self.board.set(worker.number, NOT_SERVING)
         freed = self.budgets.forget(worker.number)
         if freed:
@@ -340,7 +369,7 @@ class Supervisor:
             "type": "hello",
             "generation": self.generation,
             "listeners": items,
-            "board": {"fd": self.board.fd, "workers": self.count},
+            "board": {"fd": self.board.fd, "workers": self.board.workers},
         }
         try:
             await channel.send(hello, fds)
@@ -541,10 +570,11 @@ class Supervisor:
 
     async def _adopt_config(self, config: Config) -> None:
         if config.daemon.workers != self.count:
-            log.warning(
-                "[daemon] workers changed; it takes effect at the next start",
+            log.info(
+                "[daemon] workers changed",
                 extra={"fields": {"running": self.count, "configured": config.daemon.workers}},
             )
+            self.resize(config.daemon.workers)
         self.config = config
         setup_logging("json" if self.json_logs else config.log.format, config.log.level)
         await self.extras.apply(config)
@@ -637,7 +667,7 @@ class Supervisor:
                 self.workers[number].families = worker_families(reply["families"])
 
     def _families(self, own: list[FamilyRow]) -> list[FamilyRow]:
-        live = [w.families for w in self.workers.values() if w.state != "stopped"]
+        live = [w.families for w in self.workers.values() if w.state not in ("stopped", "retired")]
         return merge_families([own, *live, self.retired])
 
     def status_line(self) -> str:
@@ -771,6 +801,7 @@ async def supervise(config: Config, *, json_logs: bool = False) -> int:
             stop = _StopSignal()
             nursery.start_soon(_handle_signals, supervisor, signals, stop)
             code = await _until_ready(supervisor, stop.event)
+            supervisor.ready_once = code is None
             if code is None:
                 await _serve(supervisor, nursery, stop)
                 code = 0
@@ -793,7 +824,7 @@ async def _handle_signals(supervisor: Supervisor, signals: Any, stop: _StopSigna
         if signum != signal.SIGHUP:
             stop.name = stop.name or signal.Signals(signum).name
             stop.event.set()
-        elif supervisor.all_ever_ready():
+        elif supervisor.ready_once:
             await supervisor.reload("SIGHUP")
         else:
             log.warning("SIGHUP ignored: the workers are still starting")

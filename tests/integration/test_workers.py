@@ -125,11 +125,12 @@ def write_config(
     pools: str = POOLS_A,
     extra: str = "",
     shaping: bool = False,
+    workers: int = 2,
 ) -> Path:
     config = directory / "egressd.toml"
     text = f"""{'shaping_files = ["shaping.toml"]' if shaping else ""}
 [daemon]
-workers = 2
+workers = {workers}
 {extra}
 
 [source."a"]
@@ -271,6 +272,19 @@ async def test_a_reload_applies_to_both_workers_or_to_none(short_dir: Path, sink
         reloaded = re.findall(r"configuration reloaded.* generation=2 worker=", w.process.log())
         assert len(reloaded) == 2
         assert sample(await scrape(w.metrics_port), "egressd_reloads_total") == 1
+
+        for workers in (3, 1):  # a third worker starts; then two drain and retire
+            write_config(short_dir, sink, w.metrics_port, pools=POOLS_B, workers=workers)
+            with trio.fail_after(30):
+                await w.process.reload()
+                while [row["state"] for row in (await w.status())["workers"]] != [
+                    "ready"
+                ] * workers:
+                    await trio.sleep(0.05)
+                async with w.only(workers):
+                    assert await w.socks(socks) == "127.0.0.3"
+        assert "worker retired worker=3" in w.process.log()
+        assert "worker retired worker=2" in w.process.log()
 
 
 async def test_status_counts_both_workers_and_sigterm_drains_both(
