@@ -122,7 +122,7 @@ from egressd.relay import replies
 from egressd.relay.events import NextHops, Remote, RemoteLost, RemoteReplied, RemoteTimedOut
 from egressd.runtime import Runtime
 from egressd.tlspolicy import TlsPolicy, TlsTry, configured_policy, tries, with_mta_sts
-from egressd.tlspolicy.choice import dane_policy, wants_dane
+from egressd.tlspolicy.choice import Connected, accepts, policy_for_host, wants_dane
 from egressd.tlspolicy.dane import DaneHost
 from egressd.tlspolicy.tlsa import TlsaResult, match_tlsa
 
@@ -679,36 +679,16 @@ async def domain_dane(domain: str, next_hop: NextHop, config: Config) -> dict[st
     return {}
 
 
-def policy_for_host(policy: TlsPolicy, dane: dict[str, DaneHost] | None, host: str) -> TlsPolicy:
-    """The policy of one MX host: DANE's for a DANE host, else the domain's ``policy``."""
-    state = (dane or {}).get(host)
-    if state is not None and state.state == "dane":
-        return dane_policy(state)
-    return policy
-
-
 def session_fits(
     session: RemoteSession, next_hop: NextHop, policy: TlsPolicy, dane: dict[str, DaneHost]
 ) -> bool:
     """True when ``session`` (opened for another domain) may carry the mail of the domain
-    whose ``next_hop``, ``policy`` and DANE states these are: the session is what that
-    domain's policy would have made of a connection to the same host, or better."""
-    host = session.mx_name
-    if host not in {h.name for h in next_hop.hosts}:  # shared by address only
-        return policy.label in ("none", "opportunistic") and all(
-            state.state == "none" for state in dane.values()
-        )
-    state = dane.get(host)
-    if (state is not None and state.state == "failed") or not policy.allows_mx(host):
-        return False
-    wanted = policy_for_host(policy, dane, host)
-    if wanted.label in ("none", "opportunistic", "mta-sts testing"):
-        return True
-    if wanted.label == "encrypt":
-        return session.tls_version is not None
-    if wanted.label == "dane":
-        return session.tls_policy == "dane" and session.tls_version is not None
-    return session.tls_result == "verified" and session.tls_policy in ("verify", "mta-sts enforce")
+    whose ``next_hop``, ``policy`` and DANE states these are
+    (:func:`egressd.tlspolicy.choice.accepts`)."""
+    connected = Connected(
+        session.mx_name, session.tls_policy, session.tls_result, session.tls_version is not None
+    )
+    return accepts(connected, {host.name for host in next_hop.hosts}, policy, dane)
 
 
 async def next_hop(domain: str, version: int | None, config: Config) -> NextHop | Reply:

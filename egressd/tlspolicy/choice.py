@@ -37,10 +37,18 @@ per MX host, after the rest: a host with validated TLSA records gets :func:`dane
 whatever the domain's policy is (RFC 8461 section 2: DANE over MTA-STS); the other hosts
 keep the domain's policy. The override ``dane`` is ``may`` for hosts without DANE, like
 Postfix's ``dane`` level; any other override turns DANE off for the domain.
+
+A connection opened for one domain may carry another domain's mail (the same MX) only when
+that domain's policy for the host accepts the connection as it is (:func:`accepts`): what
+its own opening would have insisted on (TLS; a certificate verified for the MX name; a
+DANE match), the MX allowed by its MTA-STS patterns, and no failed DANE look-up. A
+connection shared by address only (another MX name) fits only a domain that asks for
+nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,11 +58,14 @@ from egressd.tlspolicy.tlsa import Tlsa
 
 __all__ = [
     "LABELS",
+    "Connected",
     "Override",
     "TlsPolicy",
     "TlsTry",
+    "accepts",
     "configured_policy",
     "dane_policy",
+    "policy_for_host",
     "tries",
     "wants_dane",
     "with_mta_sts",
@@ -136,6 +147,48 @@ def dane_policy(host: DaneHost) -> TlsPolicy:
     """The policy of a DANE host (``host.state == "dane"``): TLS required, and the
     certificate checked against its TLSA records (none usable: not authenticated)."""
     return TlsPolicy("dane", required=True, tlsa=host.tlsa, origin=host.describe())
+
+
+def policy_for_host(policy: TlsPolicy, dane: Mapping[str, DaneHost] | None, host: str) -> TlsPolicy:
+    """The policy of one MX host: DANE's for a DANE host, else the domain's ``policy``."""
+    state = (dane or {}).get(host)
+    if state is not None and state.state == "dane":
+        return dane_policy(state)
+    return policy
+
+
+@dataclass(frozen=True)
+class Connected:
+    """What an open connection is: its MX host, the label of the policy it was opened
+    under, its ``tls_result`` (``verified``, ``encrypted...``, ``plaintext``) and whether
+    TLS is on."""
+
+    host: str
+    label: str
+    result: str
+    encrypted: bool
+
+
+def accepts(
+    connected: Connected, hosts: Collection[str], policy: TlsPolicy, dane: Mapping[str, DaneHost]
+) -> bool:
+    """True when a domain whose MX hosts are ``hosts``, with ``policy`` and ``dane``
+    states, may use ``connected`` (see the module doc)."""
+    host = connected.host
+    if host not in hosts:  # shared by address only
+        asks_nothing = policy.label in ("none", "opportunistic")
+        return asks_nothing and all(state.state == "none" for state in dane.values())
+    state = dane.get(host)
+    if (state is not None and state.state == "failed") or not policy.allows_mx(host):
+        return False
+    wanted = policy_for_host(policy, dane, host)
+    if wanted.label in ("none", "opportunistic", "mta-sts testing"):
+        return True
+    if wanted.label == "encrypt":
+        return connected.encrypted
+    if wanted.label == "dane":
+        return connected.label == "dane" and connected.encrypted
+    return connected.result == "verified" and connected.label in ("verify", "mta-sts enforce")
 
 
 def with_mta_sts(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from egressd.tlspolicy import configured_policy, tries
-from egressd.tlspolicy.choice import dane_policy, wants_dane
+from egressd.tlspolicy import TlsPolicy, configured_policy, tries
+from egressd.tlspolicy.choice import Connected, accepts, dane_policy, wants_dane
 from egressd.tlspolicy.dane import DaneHost, describe_records, tlsa_name
 from egressd.tlspolicy.tlsa import Tlsa
 
@@ -62,3 +62,68 @@ def test_names_and_descriptions() -> None:
     assert describe_records([Tlsa(3, 0, 0, b"\x01\x02")]) == "3 0 0 0102"
     none = DaneHost("mx.test", "none", why="no TLSA records")
     assert none.describe() == "no DANE for mx.test: no TLSA records"
+
+
+# --------------------------------------------------------------------------- sharing
+
+
+STS = TlsPolicy("mta-sts enforce", required=True, verify=True, mx=("mx.a.test",), origin="x")
+PLAIN = configured_policy("opportunistic", False)
+DANE_MX = {"mx.a.test": DaneHost("mx.a.test", "dane", (EE,))}
+HOSTS = {"mx.a.test"}
+
+
+@pytest.mark.parametrize(
+    ("connected", "policy", "dane", "expected"),
+    [
+        # a connection opened without a policy fits a domain that asks for nothing
+        (Connected("mx.a.test", "opportunistic", "plaintext", False), PLAIN, {}, True),
+        # ... but not MTA-STS enforce, nor DANE, nor encrypt
+        (Connected("mx.a.test", "opportunistic", "encrypted", True), STS, {}, False),
+        (Connected("mx.a.test", "opportunistic", "encrypted", True), PLAIN, DANE_MX, False),
+        (
+            Connected("mx.a.test", "opportunistic", "plaintext", False),
+            configured_policy("required", False),
+            {},
+            False,
+        ),
+        (
+            Connected("mx.a.test", "opportunistic", "encrypted", True),
+            configured_policy("required", False),
+            {},
+            True,
+        ),
+        # verified for the MX name under verify or enforce: fits enforce naming that MX
+        (Connected("mx.a.test", "verify", "verified", True), STS, {}, True),
+        (Connected("mx.a.test", "mta-sts enforce", "verified", True), STS, {}, True),
+        # DANE-verified is not PKIX-verified (no name check), and the reverse
+        (Connected("mx.a.test", "dane", "verified", True), STS, {}, False),
+        (Connected("mx.a.test", "mta-sts enforce", "verified", True), PLAIN, DANE_MX, False),
+        (Connected("mx.a.test", "dane", "verified", True), PLAIN, DANE_MX, True),
+        # a failed DANE look-up for the host: never
+        (
+            Connected("mx.a.test", "dane", "verified", True),
+            PLAIN,
+            {"mx.a.test": DaneHost("mx.a.test", "failed", why="SERVFAIL")},
+            False,
+        ),
+    ],
+)
+def test_which_connections_another_domain_may_use(
+    connected: Connected, policy: TlsPolicy, dane: dict[str, DaneHost], expected: bool
+) -> None:
+    assert accepts(connected, HOSTS, policy, dane) is expected
+
+
+def test_a_connection_shared_by_address_only_fits_only_a_domain_asking_nothing() -> None:
+    verified = Connected("mx.other.test", "mta-sts enforce", "verified", True)
+    assert accepts(verified, HOSTS, PLAIN, {})
+    assert not accepts(verified, HOSTS, STS, {})
+    assert not accepts(verified, HOSTS, PLAIN, DANE_MX)
+    no_dane = {"mx.a.test": DaneHost("mx.a.test", "none", why="no TLSA records")}
+    assert accepts(verified, HOSTS, PLAIN, no_dane)
+
+
+def test_an_mx_outside_the_mta_sts_patterns_never_fits() -> None:
+    verified = Connected("mx.b.test", "verify", "verified", True)
+    assert not accepts(verified, {"mx.a.test", "mx.b.test"}, STS, {})
