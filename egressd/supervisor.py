@@ -188,6 +188,7 @@ class Supervisor:
         self.metrics = SupervisorMetrics(self._families)
         self.retired: list[FamilyRow] = []
         self.board = SessionBoard.create(BOARD_SLOTS)
+        self.board.set_workers(self.count)
         """Every worker's open sessions, which the workers balance their accepts on."""
         self.budgets = BudgetBook()
         """The host's shared budgets, asked by every worker (:mod:`egressd.hostbudgets`)."""
@@ -297,6 +298,7 @@ class Supervisor:
             worker.retiring, worker.state = True, "retiring"
             self.nursery.start_soon(self._retire, worker)
         self.count = count
+        self.board.set_workers(count)
 
     async def _retire(self, worker: Worker) -> None:
         if worker.channel is not None:

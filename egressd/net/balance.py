@@ -8,8 +8,10 @@ every worker waiting on a socket, and the first to run takes the connection; on 
 machine that is the worker already running, the busiest one, so a burst of connections
 (an MTA opening 50 sessions at once) can land on one worker while the other idles.
 
-The supervisor creates a :class:`SessionBoard`: one 8-byte slot per worker in a shared
-memory file (``memfd_create``), which every worker maps. A worker writes its number of open
+The supervisor creates a :class:`SessionBoard`: one 8-byte slot per possible worker in a
+shared memory file (``memfd_create``), which every worker maps, after a header slot that
+holds how many workers there are now (:meth:`SessionBoard.set_workers`), so that a look
+covers only those. A worker writes its number of open
 sessions into its slot whenever it changes (one aligned store: no lock, no system call).
 Before it accepts, a worker compares its count with the least busy worker's
 (:meth:`SessionBoard.defer_for`): more than :data:`SLACK` above it, it waits
@@ -38,31 +40,37 @@ class SessionBoard:
     def __init__(self, fd: int, workers: int) -> None:
         self.fd = fd
         self.workers = workers
-        self._map = mmap.mmap(fd, SLOT * workers)
+        """Slots: the most workers the board can hold."""
+        self._map = mmap.mmap(fd, SLOT * (workers + 1))
         self._slots = memoryview(self._map).cast("q")
 
     @classmethod
     def create(cls, workers: int) -> SessionBoard:
         """A new board (the supervisor's); ``fd`` is inherited by the workers it starts."""
         fd = os.memfd_create("egressd-sessions", 0)
-        os.ftruncate(fd, SLOT * workers)
+        os.ftruncate(fd, SLOT * (workers + 1))
         os.set_inheritable(fd, False)
         board = cls(fd, workers)
         for worker in range(1, workers + 1):
             board.set(worker, NOT_SERVING)
+        board.set_workers(workers)
         return board
+
+    def set_workers(self, count: int) -> None:
+        """Workers 1 to ``count`` are the ones that count now (the supervisor's)."""
+        self._slots[0] = min(count, self.workers)
 
     def set(self, worker: int, sessions: int) -> None:
         """Worker ``worker`` (1-based) holds ``sessions`` open sessions."""
-        self._slots[worker - 1] = sessions
+        self._slots[worker] = sessions
 
     def get(self, worker: int) -> int:
-        return int(self._slots[worker - 1])
+        return int(self._slots[worker])
 
     def defer_for(self, worker: int) -> float:
         """Seconds ``worker`` should wait before it accepts (0: accept now)."""
         slots = self._slots
-        excess = slots[worker - 1] - min(slots) - SLACK
+        excess = slots[worker] - min(slots[1 : slots[0] + 1]) - SLACK
         return 0.0 if excess <= 0 else min(MAX_DEFER, DEFER_PER_SESSION * excess)
 
     def close(self) -> None:

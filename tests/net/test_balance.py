@@ -25,3 +25,17 @@ def test_a_worker_defers_only_when_busier_than_the_least_busy_serving_worker() -
     finally:
         seen_by_worker.close()
         board.close()
+
+
+def test_only_the_current_workers_count() -> None:
+    board = SessionBoard.create(3)
+    try:
+        board.set_workers(2)  # worker 3 retired at a reload; its slot says 0
+        board.set(1, 5)
+        board.set(2, 5)
+        board.set(3, 0)
+        assert board.defer_for(1) == 0.0
+        board.set_workers(3)
+        assert board.defer_for(1) == 0.0015
+    finally:
+        board.close()
