@@ -20,14 +20,17 @@ remembers the worker that holds it, so when a worker dies :meth:`BudgetBook.forg
 its slots at once (no lease timeout to wait for); the cells it had taken stay spent (at
 most one batch per budget, 1% of the burst: the host under-spends, never over-spends).
 
-Why the supervisor and not the SQLite database, measured on the 2-core development machine
-(load average 5-6): a round trip over the channel cost 0.63 ms (two trio processes, JSON),
-one ``BEGIN IMMEDIATE`` transaction in SQLite 17 µs alone, but with two processes writing
-at once a mean of 0.13-0.23 ms, a 99th percentile of 4-7 ms and up to 120 ms (SQLite's
-busy handler sleeps while the other holds the lock), blocking the event loop that waits on
-it, and a dead worker's rows would stay until someone removed them. The channel never
-blocks a worker's loop (the worker awaits its answer while its other sessions run), and the
-ledger asks ahead, in batches, so most connections and messages cost no round trip at all.
+Why the supervisor and not the SQLite database (``scripts/bench host-budgets``, on the
+2-core development machine at load average 7.9): a round trip over the channel takes a
+mean of 1.1 ms with one worker and 1.5 ms with two (99th percentile 9-12 ms: two processes
+must each be scheduled); a ``BEGIN IMMEDIATE`` transaction takes 0.1 ms from one process,
+0.4 ms with two writing at once (99th percentile 15 ms, worst 85 ms: SQLite's busy handler
+sleeps while the other holds the lock). SQLite is quicker on average, but its waits are
+spent *inside* the call, so the worker's event loop and every session it serves stop for
+them, while a worker awaiting the supervisor keeps serving its other sessions; and a dead
+worker's rows would stay in the database until someone removed them, where the supervisor
+sees the channel close. The shared ledger asks ahead, in batches, and keeps spares, so most
+connections and messages cost no exchange at all.
 """
 
 from __future__ import annotations
