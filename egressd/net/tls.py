@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import ssl
 
 import trio
@@ -137,9 +136,9 @@ def _load_server_context(
 class TlsConnection(trio.abc.HalfCloseableStream):
     """A server-side TLS stream over a :class:`Connection` that can be half-closed.
 
-    ``send_eof`` shuts the TCP write side (a FIN, without a TLS close_notify: Python's
-    ``ssl`` cannot send one and keep reading), so a relay can tell the client that the
-    destination is done while the client still talks; ``aclose`` sends close_notify.
+    ``send_eof`` sends the TLS close_notify and keeps reading, so a relay can tell the
+    client that the destination is done while the client still talks (trio's SSLStream
+    has no half-close of its own; this reaches into it the way its ``aclose`` does).
     """
 
     def __init__(self, tls: trio.SSLStream[Connection]) -> None:
@@ -157,11 +156,12 @@ class TlsConnection(trio.abc.HalfCloseableStream):
         return await self.tls.receive_some(max_bytes)
 
     async def send_eof(self) -> None:
-        await trio.sleep(0)
-        try:
-            self.transport_stream.socket.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            raise trio.BrokenResourceError from exc
+        """TLS close_notify, without waiting for the client's (trio's own ``aclose`` sends
+        it the same way, through its ``_retry``): the client sees a clean end of data and
+        may go on sending, as TLS 1.3 allows (RFC 8446 6.1)."""
+        tls = self.tls
+        with tls._outer_send_conflict_detector:
+            await tls._retry(tls._ssl_object.unwrap, ignore_want_read=True)
 
     async def aclose(self) -> None:
         await self.tls.aclose()

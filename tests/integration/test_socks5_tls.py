@@ -214,3 +214,36 @@ def test_check_and_run_refuse_a_listener_certificate_that_does_not_load(
     err = capsys.readouterr().err
     expected = f"{path}: socks5.listener[0].tls_certificate: cannot load certificate {tmp_path}"
     assert err.count(expected) == 2
+
+
+async def test_a_destination_that_closes_first_ends_the_tls_client_session(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The destination says its last line and closes: the TLS client reads that line, then
+    EOF (TCP FIN, TlsConnection.send_eof), instead of waiting for the idle timeout."""
+
+    async def say_bye(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"421 4.3.2 closing\r\n")
+        await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, say_bye, listeners)
+    port = listeners[0].socket.getsockname()[1]
+    ca = trustme.CA()
+    install(ca, "proxy.test", tmp_path)
+    async with egressd(config_text(tmp_path, port), tmp_path) as e:
+        tcp = await trio.open_tcp_stream("127.0.0.1", e.port)
+        stream = trio.SSLStream(tcp, client_context(ca), server_hostname="proxy.test")
+        with trio.fail_after(10):
+            await stream.do_handshake()
+            await stream.send_all(b"\x05\x01\x00" + b"\x05\x01\x00\x01\x7f\x00\x00\x01")
+            await stream.send_all(struct.pack("!H", port))
+            assert await receive_exactly(stream, 2) == b"\x05\x00"
+            assert (await receive_exactly(stream, 10))[:2] == b"\x05\x00"
+            said = bytearray()
+            while chunk := await stream.receive_some(100):
+                said += chunk
+        await trio.aclose_forcefully(stream)
+        record = await e.record()
+    assert bytes(said) == b"421 4.3.2 closing\r\n"
+    assert record.bytes_down == len(said)
