@@ -14,7 +14,7 @@ and receives results, so the logic reads top to bottom like the conversation it 
 It never queues and never says 250 for the remote: every answer about a recipient or the
 message is the remote server's own reply, or one of egressd's (:mod:`egressd.relay.replies`).
 
-* MAIL: with ``[auth.users]``, a client that did not authenticate gets ``530 5.7.0``
+* MAIL: with ``[auth.users]``, a client that did not authenticate gets ``451 4.7.0``
   unless its listener says ``auth = "optional"``. The transaction's pool is chosen
   (:func:`pool_for`: without users the AUTH username, then ``[smtp.sender_pools]`` by
   exact sender, then by ``@domain``, then the listener's pool; with users the same, but

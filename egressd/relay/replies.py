@@ -156,8 +156,12 @@ def too_many_auth_failures(hostname: str) -> Reply:
 
 
 def auth_required() -> Reply:
-    """MAIL from a client that did not authenticate, where the listener requires it."""
-    return local(530, "5.7.0", "Authentication required")
+    """MAIL from a client that did not authenticate, where the listener requires it.
+
+    A 4xx, not RFC 4954's ``530 5.7.0`` (a SHOULD): the client is an MTA relaying its
+    users' mail, and a sender its operator forgot to give a login must stay in its queue
+    until the map is fixed, not bounce back to the user."""
+    return local(451, "4.7.0", "Authentication required")
 
 
 def sender_ok(pool: str, why: str, named: bool) -> Reply:

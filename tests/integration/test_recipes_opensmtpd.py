@@ -111,7 +111,7 @@ async def test_relay_host_with_auth_over_starttls(tmp_path: Path) -> None:
                 message = await relay_one(mta, sink)
                 log = mta.log()
     assert (message.peer, message.ehlo) == ("127.0.0.5", "bulk1.egress.test")
-    # egressd (with [auth.users]) answers MAIL without AUTH with 530: delivered = logged in.
+    # egressd (with [auth.users]) answers MAIL without AUTH with 451: delivered = logged in.
     assert " mta tls ciphers=TLSv1." in log, log
 
 

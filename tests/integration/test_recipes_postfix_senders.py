@@ -102,8 +102,8 @@ address = "127.0.0.1:{port}"
 
 # The README's main.cf lines for the SASL recipe ({bulk_password}: the password Postfix
 # sends for news@, so one test can give a wrong one). The last entry, keyed by the next
-# hop, serves every other sender: without it their MAIL gets egressd's 530 5.7.0, which
-# Postfix bounces.
+# hop, serves every other sender: without it their MAIL gets egressd's 451 4.7.0, and
+# their mail waits in Postfix's queue until the map has it.
 BY_LOGIN_MAIN_CF = """\
 smtp_sasl_auth_enable = yes
 smtp_sasl_security_options = noanonymous
@@ -112,6 +112,15 @@ smtp_sasl_password_maps = inline:{{
     {{ alerts@postfix.test = transactional:tx-secret }}
     {{ news@postfix.test = bulk:{bulk_password} }}
     {{ [127.0.0.1]:{port} = transactional:tx-secret }} }}
+"""
+# The same without the next hop's entry: a sender in neither map goes without a login.
+NO_FALLBACK_MAIN_CF = """\
+smtp_sasl_auth_enable = yes
+smtp_sasl_security_options = noanonymous
+smtp_sender_dependent_authentication = yes
+smtp_sasl_password_maps = inline:{{
+    {{ alerts@postfix.test = transactional:tx-secret }}
+    {{ news@postfix.test = bulk:bulk-secret }} }}
 """
 
 
@@ -171,5 +180,23 @@ async def test_a_refused_login_leaves_the_message_deferred_in_postfixs_queue(
     deferred = next(line for line in lines if "status=deferred" in line)
     assert "SASL authentication failed" in deferred and "535" in deferred, deferred
     assert not any("status=bounced" in line for line in lines)
+    assert len(queued) == 1
+    assert sink.messages == []
+
+
+async def test_a_sender_without_a_login_waits_in_postfixs_queue(
+    tmp_path: Path, dns: Dnsmasq
+) -> None:
+    """Forgetting a sender in the map defers its mail (451 4.7.0), it never bounces."""
+    port = free_port()
+    with smtp_sink("127.0.0.1") as sink, postfix(port, NO_FALLBACK_MAIN_CF.format()) as mta:
+        async with running_daemon(
+            by_login_config(port, sink.port, dns), tmp_path, {"smtp": SmtpDoor()}
+        ):
+            mta.sendmail(OTHER, ["r@good.test"], b"Subject: no login\n\nHello.\n")
+            lines = await trio.to_thread.run_sync(mta.wait_for_log, r"status=(deferred|bounced)")
+            queued = mta.queue_ids()
+    final = next(line for line in lines if "status=" in line)
+    assert "status=deferred" in final and "451 4.7.0 Authentication required" in final, final
     assert len(queued) == 1
     assert sink.messages == []

@@ -3,7 +3,7 @@
 * With a certificate, AUTH is offered and accepted only after STARTTLS, except for
   loopback clients. The non-loopback client lives in a network namespace the test creates
   (192.0.2.0/24 on its own ``lo``) and leaves when it ends, so nothing leaves this host.
-* With ``[auth.users]``, MAIL needs AUTH (``530 5.7.0``) unless the listener says
+* With ``[auth.users]``, MAIL needs AUTH (``451 4.7.0``: deferred) unless the listener says
   ``auth = "optional"``; ``[smtp.sender_pools]`` never leads out of the user's pools.
   The aiosmtpd sink behind egressd must see nothing of a refused attempt.
 * Wrong passwords: three per connection, then ``421 4.7.0`` and a close; each is logged
@@ -258,7 +258,7 @@ async def run_swaks(port: int, *args: str) -> str:
     return result.stdout.decode(errors="replace")
 
 
-async def test_with_users_an_unauthenticated_relay_attempt_is_refused_530(
+async def test_with_users_an_unauthenticated_relay_attempt_is_deferred_451(
     tmp_path: Path,
 ) -> None:
     with smtp_sink("127.0.0.1") as sink:
@@ -270,9 +270,9 @@ async def test_with_users_an_unauthenticated_relay_attempt_is_refused_530(
             async with mta("127.0.0.1", port) as client:  # the forged sender
                 assert (await client.command("EHLO mta.test")).startswith("250-")
                 reply = await client.command("MAIL FROM:<x@beta.example>")
-                assert reply == "530 5.7.0 Authentication required"
+                assert reply == "451 4.7.0 Authentication required"
                 assert (await client.command("RCPT TO:<r@good.test>")).startswith("503 ")
-        assert "<** 530 5.7.0 Authentication required" in transcript
+        assert "<** 451 4.7.0 Authentication required" in transcript
         assert sink.connections == [] and sink.messages == []
 
 

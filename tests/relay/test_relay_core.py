@@ -232,12 +232,12 @@ def users_world() -> World:
     return World(config=replace(base, auth=users))
 
 
-def test_with_users_mail_without_auth_is_refused_530() -> None:
+def test_with_users_mail_without_auth_is_deferred_451() -> None:
     relay = core(users_world())
     play(
         relay,
         MtaCommand(Mail("x@beta.test")),
-            ReplyMta(Reply.make(530, "Authentication required", enhanced="5.7.0")),
+            ReplyMta(Reply.make(451, "Authentication required", enhanced="4.7.0")),
     )  # fmt: skip
     assert not relay.in_transaction
 
