@@ -60,7 +60,7 @@ from egressd.runtime import Overloaded, Runtime, SessionRecord
 from egressd.shaping import ShapingPolicy
 from egressd.shaping.ledger import SharedLedger
 from egressd.state import StateError, StateUnavailable
-from egressd.warming import Warming, open_warming
+from egressd.warming import Warming, open_warming, state_wanted
 from egressd.workerlink import SupervisorBudgets, WorkerLink
 
 log = get_logger("daemon")
@@ -131,6 +131,8 @@ class PreparedReload:
     opened: dict[tuple[str, Endpoint], socket.socket]
     files: Fingerprint
     """The watched files' fingerprints as loaded (a supervisor compares its workers')."""
+    warming: Warming | None = None
+    """The state store and warm-up engine the new configuration first needs, opened."""
 
 
 class ReloadRefused(Exception):
@@ -388,17 +390,40 @@ class Daemon:
         if errors:
             raise ReloadRefused(errors)
         files = self.files_seen = file_fingerprint(watched_files(config))
+        warming = await self._warming_wanted_by(config)
         try:
             opened = await self._open_new_listeners(config)
         except OSError as exc:
+            if warming is not None:
+                await warming.store.close()
             raise ReloadRefused([str(exc.strerror or exc)]) from exc
-        return PreparedReload(config, shaping, opened, files)
+        return PreparedReload(config, shaping, opened, files, warming)
 
     def abort_reload(self, prepared: PreparedReload) -> None:
         """Drop a prepared reload: close the listeners it bound."""
         for socket_listener in prepared.opened.values():
             close_listener(socket_listener)
         prepared.opened.clear()
+        if prepared.warming is not None:
+            self.connections.start_soon(prepared.warming.store.close)
+            prepared.warming = None
+
+    async def _warming_wanted_by(self, config: Config) -> Warming | None:
+        """The state store and warm-up engine a reload needs first (a source now warms up,
+        or shaping files with a named state place); ReloadRefused when it is unusable."""
+        if self.warming is not None or not state_wanted(config, os.environ):
+            return None
+        client = self.fleet.client if self.fleet is not None else None
+        try:
+            return await open_warming(config, client=client)
+        except StateError as exc:
+            raise ReloadRefused([str(exc)]) from exc
+
+    def adopt_warming(self, warming: Warming) -> None:
+        """Selection asks ``warming``'s engine from now on; its flusher runs."""
+        attach_warming(self.runtime, warming)
+        self.warming = warming
+        self.connections.start_soon(warming.run_flusher)
 
     async def commit_reload(self, prepared: PreparedReload) -> Config:
         """Swap in a prepared configuration (one assignment), adopt its listeners."""
@@ -409,6 +434,9 @@ class Daemon:
                 extra={"fields": {"workers": config.daemon.workers}},
             )
         self.runtime.swap_config(config, prepared.shaping)
+        if prepared.warming is not None:
+            self.adopt_warming(prepared.warming)
+            prepared.warming = None
         for running in self._adopt_listeners(config, prepared.opened):
             await running.closed.wait()
         setup_logging("json" if self.json_logs else config.log.format, config.log.level)
@@ -590,12 +618,10 @@ async def _serve(
                 if config.state.backend == "sqlite":
                     await share_host_budgets(runtime, config, link, connections)
             if warming is not None:  # after share_*budgets, which rebuild the shaper: the
-                attach_warming(runtime, warming)  # suspensions restored go in the new one
+                daemon.adopt_warming(warming)  # suspensions restored go in the new one
             await daemon.reconcile_listeners(config)
             connections.start_soon(announce_recoveries, daemon)
             connections.start_soon(_handle_signals, daemon, signals, stop, link is None)
-            if warming is not None:
-                connections.start_soon(warming.run_flusher)
             connections.start_soon(mtasts.run_refresher, lambda: runtime.config)
             if fleet is not None:
                 worker = None if link is None else str(link.worker)
@@ -614,8 +640,8 @@ async def _serve(
             log.info("shutting down", extra={"fields": {"signal": stop.reason}})
             await daemon.drain()
             connections.cancel_scope.cancel()
-    if warming is not None:
-        await warming.close()
+    if daemon.warming is not None:
+        await daemon.warming.close()
     if fleet is not None:
         await fleet.leave()
 

@@ -3,12 +3,23 @@
 Theory of operation
 -------------------
 :func:`open_warming` opens the state store (:mod:`egressd.state`) and builds the pure
-engine (:class:`~egressd.warmup.Warmup`) from what it holds, when at least one source
-follows a warm-up plan; without one, no database is opened at all. It runs once, at
-startup, before any listener is bound. The store is asynchronous
+engine (:class:`~egressd.warmup.Warmup`) from what it holds, when :func:`state_wanted`:
+at least one source follows a warm-up plan, or shaping files are configured and a state
+directory is named (``[state] directory``, or systemd's ``$STATE_DIRECTORY``), so that
+their suspensions and overrides outlive a restart; otherwise no database is opened at
+all. At startup it runs before any listener is bound. The store is asynchronous
 (:class:`~egressd.state.Store`: SQLite behind a thread shell, see
 :mod:`egressd.fleet.stores`). A store that cannot be used raises
-:class:`~egressd.state.StateError` naming it, and the daemon does not start.
+:class:`~egressd.state.StateError` naming it, and the daemon does not start. A reload that
+first makes the store wanted opens it then, and is refused if it cannot be used; a reload
+that drops every warming source keeps the store and the engine (with no source), so
+progress is kept.
+
+Shaping suspensions and ``SetConfig`` overrides are written with each flush and given
+back to the shaper at startup with their expiry: a suspension as it was; an override with
+the parameters of the reply rule that set it (found by its reason, ``rule LABEL:
+/REGEX/``), or not at all when the shaping files no longer have that rule. One override
+per (scope, key) is kept: the one that lasts longest.
 
 While the daemon runs, every connection asks the engine (in memory) and every relayed
 transaction counts into it (in memory). :meth:`Warming.run_flusher` hands the engine's
@@ -26,6 +37,8 @@ which only tests move (to let a day pass without sleeping through it).
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -38,13 +51,23 @@ from egressd.fleet.stores import open_state_store
 from egressd.log import get_logger
 from egressd.shaping import Shaper
 from egressd.shaping import Suspension as ShaperSuspension
+from egressd.shaping.params import Params
+from egressd.shaping.rules import Rule, SetConfig
+from egressd.shaping.shaper import Override as ShaperOverride
 from egressd.shaping.shaper import Scope
-from egressd.state import Event, StateError, StateKept, Store, StsPolicy, Suspension
+from egressd.state import Event, Override, StateError, StateKept, Store, StsPolicy, Suspension
 from egressd.state.redis import RedisCommands
 from egressd.tlspolicy.mtasts import MemoryPolicyStore, from_record, to_record
 from egressd.warmup import ALL_PROVIDERS, Calendar, Warmup
 
-__all__ = ["Warming", "WarmupClock", "metric_rows", "open_warming", "warmup_command"]
+__all__ = [
+    "Warming",
+    "WarmupClock",
+    "metric_rows",
+    "open_warming",
+    "state_wanted",
+    "warmup_command",
+]
 
 log = get_logger("warmup")
 
@@ -110,12 +133,14 @@ class Warming:
         clock: WarmupClock,
         suspensions: tuple[Suspension, ...] = (),
         policies: tuple[StsPolicy, ...] = (),
+        overrides: tuple[Override, ...] = (),
     ) -> None:
         self.store = store
         self.engine = engine
         self.clock = clock
         self.restored = suspensions
         """The suspensions in force at startup, for :meth:`attach_shaper` to restore."""
+        self.restored_overrides = overrides
         self.shaper: Callable[[], Shaper | None] = lambda: None
         self.recent: list[Event] = []
         """The store's newest events, newest first, read at startup and after each flush
@@ -124,6 +149,7 @@ class Warming:
         self._kept = False
         """The store keeps batches it could not confirm (:class:`~egressd.state.StateKept`):
         flush even when nothing is new, so they go out once the store is back."""
+        self._stored_overrides: dict[tuple[str, str], Override] = {}
         self.restored_policies = policies
         self.policy_cache: MemoryPolicyStore | None = None
 
@@ -137,8 +163,8 @@ class Warming:
                 cache.restore(record.domain, entry)
 
     def attach_shaper(self, shaper: Callable[[], Shaper | None]) -> None:
-        """Persist the suspensions of ``shaper()`` (the runtime's current shaper) from now
-        on, and give it back those that were in force when the daemon stopped."""
+        """Persist the suspensions and overrides of ``shaper()`` (the runtime's current
+        shaper) from now on, and give it back those in force when the daemon stopped."""
         self.shaper = shaper
         current = shaper()
         now = self.clock()
@@ -152,6 +178,23 @@ class Warming:
                 "shaping suspension restored",
                 extra={"fields": {"scope": stored.scope, "reason": stored.reason}},
             )
+        if current is not None:
+            for override in self.restored_overrides:
+                self._restore_override(current, override, now)
+
+    def _restore_override(self, shaper: Shaper, stored: Override, now: float) -> None:
+        scope = scope_of(stored.scope)
+        if scope is None or stored.until <= now:
+            return
+        fields = {"scope": stored.scope, "key": stored.key, "reason": stored.reason}
+        params = rule_params(shaper, stored.key, stored.reason)
+        if params is None:
+            log.warning("shaping override not restored: its rule is gone", extra={"fields": fields})
+            return
+        until = shaper.clock() + (stored.until - now)
+        shaper.restore_override(ShaperOverride(scope, until, stored.key, params, stored.reason))
+        self._stored_overrides[(stored.scope, stored.key)] = stored
+        log.warning("shaping override restored", extra={"fields": fields})
 
     def _suspensions(self) -> dict[str, Suspension]:
         """The shaper's suspensions now, with wall-clock expiry times."""
@@ -166,6 +209,21 @@ class Warming:
                 found[key] = Suspension(key, wall + (effect.until - now), effect.reason)
         return found
 
+    def _overrides(self) -> dict[tuple[str, str], Override]:
+        """The shaper's overrides now (the longest-lasting per scope and key), with
+        wall-clock expiry times."""
+        shaper = self.shaper()
+        if shaper is None:
+            return {}
+        now, wall = shaper.clock(), self.clock()
+        found: dict[tuple[str, str], Override] = {}
+        for effect in shaper.active():  # soonest expiry first: the last one per key wins
+            if isinstance(effect, ShaperOverride):
+                key = (scope_key(effect.scope), effect.name)
+                value = json.dumps({k: str(s.value) for k, s in effect.params.values.items()})
+                found[key] = Override(*key, value, wall + (effect.until - now), effect.reason)
+        return found
+
     async def flush(self) -> None:
         batch = self.engine.take_batch()
         current = self._suspensions()
@@ -173,7 +231,16 @@ class Warming:
         lifted = tuple(k for k in self._stored if k not in current)
         policies = self.policy_cache.take_changes() if self.policy_cache is not None else {}
         mta_sts = tuple(to_record(domain, entry) for domain, entry in policies.items())
-        batch = replace(batch, suspensions=added, lifted=lifted, mta_sts=mta_sts)
+        overrides = self._overrides()
+        kept = self._stored_overrides
+        batch = replace(
+            batch,
+            suspensions=added,
+            lifted=lifted,
+            mta_sts=mta_sts,
+            overrides=tuple(o for k, o in overrides.items() if _changed(kept.get(k), o)),
+            cleared=tuple(k for k in kept if k not in overrides),
+        )
         if not batch and not self._kept:
             return
         try:
@@ -193,6 +260,9 @@ class Warming:
                 log.warning("warm-up state written again, with what was kept meanwhile")
             self._kept = False
         self._stored = {k: self._stored.get(k) or current[k] for k in current}
+        self._stored_overrides = {
+            k: o if _changed(kept.get(k), o) else kept[k] for k, o in overrides.items()
+        }
         if batch.events and not self._kept:
             await self.refresh_history()
 
@@ -220,19 +290,60 @@ class Warming:
             await self.store.close()
 
 
+def _changed(stored: Override | None, now: Override) -> bool:
+    """Whether ``now`` must be written over ``stored`` (new, or another rule or end)."""
+    return stored is None or (stored.reason, round(stored.until)) != (now.reason, round(now.until))
+
+
+def rule_params(shaper: Shaper, name: str, reason: str) -> Params | None:
+    """The parameters of the ``SetConfig`` of ``name`` in the shaping rule whose effects'
+    reason is ``reason`` (``rule LABEL: /REGEX/``), or None: no such rule any more."""
+    sections = shaper.policy.sections
+    groups = [sections.default, *sections.providers.values(), *sections.by_site.values()]
+    for section in [*groups, *sections.by_domain.values()]:
+        for rule in section.automation:
+            params = _set_config(rule, name) if _reason_of(rule) == reason else None
+            if params is not None:
+                return params
+    return None
+
+
+def _reason_of(rule: Rule) -> str:
+    return f"rule {rule.label}: /{rule.regex_text}/"  # as Shaper._act words it
+
+
+def _set_config(rule: Rule, name: str) -> Params | None:
+    for action in rule.actions:
+        if isinstance(action, SetConfig) and action.name == name:
+            return action.params
+    return None
+
+
+def state_wanted(config: Config, environ: Mapping[str, str]) -> bool:
+    """Whether ``config`` needs the state store: a source warms up, or shaping files are
+    configured and the state's place is named (``[state] directory``, systemd's
+    ``$STATE_DIRECTORY``, or a ``redis`` backend): their suspensions and overrides are
+    kept then; without, nothing is written for them."""
+    if config.warming_sources:
+        return True
+    named = config.state.backend != "sqlite" or config.state.directory
+    return bool(config.shaping_files) and bool(named or environ.get("STATE_DIRECTORY"))
+
+
 async def open_warming(
     config: Config,
     environ: Mapping[str, str] | None = None,
     clock: WarmupClock | None = None,
     client: RedisCommands | None = None,
 ) -> Warming | None:
-    """The store and engine for ``config``, or None when no source warms up.
+    """The store and engine for ``config``, or None when :func:`state_wanted` says no.
 
     Raises :class:`~egressd.state.StateError` (naming the file) when the store is unusable.
     """
-    sources = config.warming_sources
-    if not sources:
+    environ = os.environ if environ is None else environ
+    if not state_wanted(config, environ):
         return None
+    sources = config.warming_sources
     clock = clock or WarmupClock()
     store = await open_state_store(config, environ, client)
     try:
@@ -247,7 +358,14 @@ async def open_warming(
         "warm-up state loaded",
         extra={"fields": {"database": store.location, "sources": len(sources)}},
     )
-    warming = Warming(store, engine, clock, snapshot.suspensions, snapshot.mta_sts)
+    warming = Warming(
+        store,
+        engine,
+        clock,
+        snapshot.suspensions,
+        policies=snapshot.mta_sts,
+        overrides=snapshot.overrides,
+    )
     warming.recent = recent
     return warming
 
@@ -316,7 +434,7 @@ def warmup_command(
     warming: Warming | None, action: str, source: str | None, options: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Carry out one ``warmup`` request; ValueError (the error reply) when it cannot be."""
-    if warming is None:
+    if warming is None or not warming.engine.sources:
         raise ValueError("no source follows a warm-up plan in the running configuration")
     engine = warming.engine
     if source is not None and not engine.is_warming(source):

@@ -289,6 +289,13 @@ class Shaper:
         """An operator's suspension (``egressd suspend --provider/--site``)."""
         return self._add_suspension(Suspension(scope, self.clock() + duration, reason))
 
+    def restore_override(self, override: Override) -> None:
+        """Put back an override that was in force before a restart (:mod:`egressd.warming`)."""
+        key = (override.scope, override.name, override.reason)
+        self.overrides[key] = override
+        self._limits_cache.clear()
+        self._overrides_change_at = min(self._overrides_change_at, override.until)
+
     def resume(self, scope: Scope) -> bool:
         """Lift a suspension; True when there was one."""
         return self.suspensions.pop(scope, None) is not None

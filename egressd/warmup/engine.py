@@ -138,9 +138,7 @@ class Warmup:
 
     def _restore(self, snapshot: Snapshot) -> None:
         by_day = {(c.source, c.provider, c.day): c for c in snapshot.counts}
-        for stored in snapshot.progress:
-            if stored.source not in self.sources:
-                continue  # kept in the store; a source that comes back resumes there
+        for stored in snapshot.progress:  # a source not warming now may by a reload
             key = (stored.source, stored.provider)
             track = _Track(stored)
             day = by_day.get((stored.source, stored.provider, stored.day))

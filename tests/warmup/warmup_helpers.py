@@ -9,7 +9,16 @@ from typing import Any
 from fake_clock import FakeClock
 
 from egressd.config import WarmupPlan, WarmupSettings
-from egressd.state import Batch, BlockingStore, DayCount, Event, Progress, Snapshot, Suspension
+from egressd.state import (
+    Batch,
+    BlockingStore,
+    DayCount,
+    Event,
+    Override,
+    Progress,
+    Snapshot,
+    Suspension,
+)
 from egressd.warmup import Warmup
 
 DAY = 86400.0
@@ -29,6 +38,7 @@ class MemoryStore:
     counts: dict[tuple[str, str, str], DayCount] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     suspensions: dict[str, Suspension] = field(default_factory=dict)
+    overrides: dict[tuple[str, str], Override] = field(default_factory=dict)
 
     @property
     def location(self) -> str:
@@ -39,6 +49,7 @@ class MemoryStore:
             progress=tuple(self.progress.values()),
             counts=tuple(c for c in self.counts.values() if c.day >= since_day),
             suspensions=tuple(s for s in self.suspensions.values() if s.until > now),
+            overrides=tuple(o for o in self.overrides.values() if o.until > now),
         )
 
     def write(self, batch: Batch) -> None:
@@ -59,6 +70,10 @@ class MemoryStore:
             self.suspensions.pop(scope, None)
         for suspension in batch.suspensions:
             self.suspensions[suspension.scope] = suspension
+        for cleared in batch.cleared:
+            self.overrides.pop(cleared, None)
+        for override in batch.overrides:
+            self.overrides[(override.scope, override.key)] = override
 
     def history(self, source: str | None = None, limit: int = 50) -> list[Event]:
         found = [e for e in self.events if source is None or e.source == source]
