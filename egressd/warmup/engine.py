@@ -140,7 +140,7 @@ class Warmup:
         by_day = {(c.source, c.provider, c.day): c for c in snapshot.counts}
         for stored in snapshot.progress:  # a source not warming now may by a reload
             key = (stored.source, stored.provider)
-            track = _Track(stored)
+            track = _Track(stored, signal_hold=stored.signal_hold)
             day = by_day.get((stored.source, stored.provider, stored.day))
             if day is not None:
                 track.today = Counts(day.sent, day.deferred, day.rejected, day.connected)

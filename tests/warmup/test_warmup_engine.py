@@ -242,10 +242,12 @@ def test_a_restart_the_same_day_keeps_a_reply_rules_hold_until_midnight() -> Non
     first = engine(clock, store)
     send(first, 5, provider="google")  # a full sending day, and then Yahoo-style TSS04
     first.signal("ip-1", "google", "shaping rule: 421 4.7.0 [TSS04]")
+    first.signal("ip-1", "yahoo", "shaping rule: a banner")  # before any message to yahoo
     store.write(first.take_batch())
     clock.advance(3600)
     second = engine(clock, store)
     assert second.quota("ip-1", "google").hold == "shaping rule: 421 4.7.0 [TSS04]"  # type: ignore[union-attr]
+    assert second.quota("ip-1", "yahoo").hold == "shaping rule: a banner"  # type: ignore[union-attr]
     clock.advance(DAY)
     assert step(second, "google") == 0  # the held day did not advance the step
     assert second.quota("ip-1", "google").hold is None  # type: ignore[union-attr]
