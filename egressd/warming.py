@@ -322,12 +322,12 @@ def _set_config(rule: Rule, name: str) -> Params | None:
 def state_wanted(config: Config, environ: Mapping[str, str]) -> bool:
     """Whether ``config`` needs the state store: a source warms up, or shaping files are
     configured and the state's place is named (``[state] directory``, systemd's
-    ``$STATE_DIRECTORY``, or a ``redis`` backend): their suspensions and overrides are
+    ``$STATE_DIRECTORY``, or ``backend = "redis"``): their suspensions and overrides are
     kept then; without, nothing is written for them."""
     if config.warming_sources:
         return True
-    named = config.state.backend != "sqlite" or config.state.directory
-    return bool(config.shaping_files) and bool(named or environ.get("STATE_DIRECTORY"))
+    named = config.state.directory or environ.get("STATE_DIRECTORY")
+    return bool(config.shaping_files) and (config.state.backend == "redis" or bool(named))
 
 
 async def open_warming(
