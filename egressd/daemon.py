@@ -433,6 +433,11 @@ class Daemon:
                 "[daemon] workers changed: a single process starts workers at its next start",
                 extra={"fields": {"workers": config.daemon.workers}},
             )
+        if config.state != self.runtime.config.state:
+            log.warning(
+                "[state] changed: the state backend keeps its settings until a restart",
+                extra={"fields": {"backend": self.runtime.config.state.backend}},
+            )
         self.runtime.swap_config(config, prepared.shaping)
         if prepared.warming is not None:
             self.adopt_warming(prepared.warming)

@@ -175,7 +175,8 @@ class Heartbeats:
 
     @property
     def id(self) -> str:
-        return self.record(0.0).id
+        """``node``, or ``node/worker`` for a worker (as :attr:`Member.id`)."""
+        return self.node if self.worker is None else f"{self.node}/{self.worker}"
 
     def alive_nodes(self) -> int:
         """Distinct nodes alive at the last successful read (this one included; >= 1)."""

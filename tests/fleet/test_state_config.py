@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from daemon_helpers import running_daemon
 
 from egressd.checks import effective_settings
 from egressd.config import ConfigError, RedisUrl, load_config
@@ -116,3 +117,14 @@ def _write(directory: Path, text: str) -> Path:
     path = directory / "egressd.toml"
     path.write_text(text)
     return path
+
+
+async def test_a_reload_that_changes_state_says_it_waits_for_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = '[[socks5.listener]]\naddress = "127.0.0.1:0"\npool = "p"\n[pool.p]\n'
+    async with running_daemon(base + '[state]\nprefix = "a"\n', tmp_path, {}) as daemon:
+        _write(tmp_path, base + '[state]\nprefix = "b"\n')
+        assert await daemon.reload("test")
+        assert daemon.runtime.config.state.prefix == "b"
+    assert any("[state] changed" in r.getMessage() for r in caplog.records)
