@@ -337,7 +337,8 @@ class DaemonControls:
             "breakers_open": len(found),
             "breakers": [
                 {
-                    "destination": format_hostport(*item.destination),
+                    "destination": format_hostport(*item.destination)
+                    + (f' (source "{item.source}" only)' if item.source is not None else ""),
                     "until": round(now + item.seconds_left, 3),
                     "failures": item.failures,
                     "kind": str(item.last_kind),

@@ -111,6 +111,8 @@ class _State:
     opened_after: int = 0
     last_kind: Failure = Failure.TIMEOUT
     last_reason: str = ""
+    last_destination: Destination | None = None
+    """The address of the last failure (a path's breaker covers every address of a site)."""
 
 
 class DestinationBreaker:
@@ -166,6 +168,7 @@ class DestinationBreaker:
         counts against the destination, for every source."""
         if kind is Failure.REJECTED and source is not None:
             path = self._path((source, _site(destination, site)))
+            path.last_destination = destination
             return self._count(path, kind, reason)
         return self._count(self._state(destination), kind, reason)
 
@@ -215,7 +218,8 @@ class DestinationBreaker:
     def open_breakers(self) -> list[Open]:
         """Every destination address whose breaker is open now, or half-open
         (``seconds_left`` 0: the next dial is its trial), most recently failing last: for
-        status and metrics. The (source, site) paths' breakers are not listed."""
+        status and metrics; then the open (source, site) paths' breakers, each as its last
+        failing address with the source it is open for."""
         now = self._now()
         found = []
         for (version, number, port), state in self._states.items():
@@ -226,6 +230,11 @@ class DestinationBreaker:
             )
             left = max(0.0, state.open_until - now)
             found.append(self._open((address, port), state, left))
+        for (source, _), state in self._paths.items():
+            if state.open_until is None or state.last_destination is None:
+                continue
+            left = max(0.0, state.open_until - now)
+            found.append(replace(self._open(state.last_destination, state, left), source=source))
         return found
 
     def _check(self, destination: Destination, state: _State) -> Open | None:

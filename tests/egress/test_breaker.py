@@ -158,6 +158,8 @@ def test_rejections_open_the_source_site_path_only(
     assert breaker.check(other_address, "a", "mx.big") is not None  # the whole site, for a
     assert breaker.check(DEAD, "b", "mx.big") is None  # the destination answers b
     assert breaker.check(DEAD) is None
+    [listed] = breaker.open_breakers()  # for status: its last address and its source
+    assert (listed.destination, listed.source, listed.failures) == (DEAD, "a", 3)
     breaker.success(other_address, "a", "mx.big")  # a got through again: the path closes
     assert breaker.check(DEAD, "a", "mx.big") is None
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import smtplib
 from collections.abc import Iterator
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,7 @@ remote_port = {mx_port}
                 for n in range(8)
             ]
             suspended = [s.name for s in daemon.runtime.health.snapshot() if s.suspended]
+            [path] = daemon.runtime.breaker.open_breakers()  # what egressd status lists
         log = await trio.to_thread.run_sync(
             lambda: "\n".join(postfix_mx.wait_for_log(lambda line: "p7@bigmail.test" in line))
         )
@@ -187,6 +189,7 @@ remote_port = {mx_port}
     assert "[TSS04]" in outcomes[0]
     assert outcomes[6:] == ["sent", "sent"]  # a's turn went to b, and b kept the site
     assert suspended == []
+    assert (path.destination, path.source) == ((ip_address("127.0.0.1"), mx_port), "a")
     rejected = re.findall(r"reject: CONNECT from unknown\[127\.0\.0\.3\]", log)
     assert len(rejected) - before == 3  # a was not dialed again once its path was open
     senders = {client for recipient, client in deliveries(log) if recipient.startswith("p")}
