@@ -14,7 +14,11 @@ makes the record unusable.
 * DANE-TA(2) matches a certificate of the chain the peer sent, other than the leaf
   (the trust anchor); the leaf must then chain to it with the MX name checked. Python's
   ``ssl`` module gives the leaf only before 3.13 (``get_unverified_chain``), so without a
-  chain DANE-TA records are unusable (RFC 7672 section 2.2: as if absent).
+  chain DANE-TA records are unusable (RFC 7672 section 2.2: as if absent). Note that
+  :func:`match_tlsa` only finds the anchor among the chain's certificates; it checks
+  neither the chain's signatures nor the MX name, so a caller must not pass a chain until
+  that check exists (the SMTP door passes none: an attacker could send the real anchor
+  along with its own leaf).
 
 :func:`match_tlsa` says ``match``, ``mismatch`` (usable records, none matched: the
 delivery must fail, never fall back to plaintext) or ``unusable`` (no usable record:
