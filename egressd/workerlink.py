@@ -21,9 +21,10 @@ its own binds, signals, control socket and metrics endpoint:
 * ``drain`` (and the channel's end of file: the supervisor is gone) starts the drain.
 
 Every :data:`HEARTBEAT_PERIOD` the worker says ``alive`` from its event loop; a supervisor
-that hears nothing for ``[daemon] worker_timeout`` kills and restarts it. Messages are
-handled one at a time, in order, by one task: a prepare is always answered before the
-commit that follows it.
+that hears nothing for ``[daemon] worker_timeout`` kills and restarts it. Each request is
+answered by a task of its own (a prepare may take seconds; the worker's own questions, its
+shared budgets, must not wait for it); the supervisor sends a commit or an abort only once
+every prepare was answered, so they never overtake one.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class WorkerLink:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeats, daemon)
-                await self._requests(daemon)
+                await self._requests(daemon, nursery)
                 nursery.cancel_scope.cancel()
         except ChannelClosed as exc:
             log.warning("supervisor gone (%s), draining", exc)
@@ -204,7 +205,11 @@ class WorkerLink:
             await self.channel.send({"type": "alive", "sessions": daemon.runtime.active_sessions})
             await trio.sleep(HEARTBEAT_PERIOD)
 
-    async def _requests(self, daemon: Worked) -> None:
+    async def _requests(self, daemon: Worked, nursery: trio.Nursery) -> None:
+        """Read the channel; each request is answered by a task of its own, so that a
+        prepare loading the files for seconds never holds up the answers to this worker's
+        own questions (its shared budgets). The supervisor sends a commit or an abort only
+        once the prepare was answered."""
         while True:
             message, sockets = await self.channel.receive()
             kind = message.get("type")
@@ -216,9 +221,12 @@ class WorkerLink:
             else:
                 for sock in sockets:
                     sock.close()
-            reply = await self._answer(daemon, kind, message)
-            if reply is not None:
-                await self.channel.send({"type": "reply", "id": message.get("id"), **reply})
+            nursery.start_soon(self._reply, daemon, kind, message)
+
+    async def _reply(self, daemon: Worked, kind: object, message: Message) -> None:
+        reply = await self._answer(daemon, kind, message)
+        if reply is not None:
+            await self.channel.send({"type": "reply", "id": message.get("id"), **reply})
 
     def _answered(self, message: Message) -> None:
         slot = self._asked.get(int(message.get("id", 0)))
