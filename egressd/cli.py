@@ -539,6 +539,8 @@ def print_listeners(config: Config, out: TextIO) -> None:
         print("  none", file=out)
     for door, listener in listeners:
         tag = f" pool {listener.pool}" if listener.pool else ""
+        if isinstance(listener, Socks5Listener) and listener.use_tls:
+            tag += " mutual TLS" if listener.tls_required_client_ca else " TLS"
         print(f"  {door:<6} {listener.address}{tag}", file=out)
 
 

@@ -247,3 +247,13 @@ async def test_a_destination_that_closes_first_ends_the_tls_client_session(
         record = await e.record()
     assert bytes(said) == b"421 4.3.2 closing\r\n"
     assert record.bytes_down == len(said)
+
+
+def test_check_names_the_tls_listeners(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = trustme.CA()
+    install(ca, "proxy.test", tmp_path)
+    ca.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
+    path = tmp_path / "egressd.toml"
+    path.write_text(config_text(tmp_path, 25, client_ca=tmp_path / "clients.pem"))
+    assert main(["check", "-c", str(path)]) == 0
+    assert "  socks5 127.0.0.1:0 pool main mutual TLS\n" in capsys.readouterr().out
