@@ -20,8 +20,9 @@ progress). So :func:`open_state_store` waits up to ``[state] startup_wait`` (10 
 Redis to answer, then raises :class:`~egressd.state.StateUnavailable`: ``egressd run``
 logs why and exits 75 (EX_TEMPFAIL), which systemd restarts (only 78 is final). While it
 is down the listeners are not bound, so MTAs get "connection refused" and keep their mail
-queued: nothing is let through, and nothing stops silently. Only a daemon with a warming
-source reads the state at startup; the others start and keep beating their heartbeats.
+queued: nothing is let through, and nothing stops silently. Only a daemon that keeps
+state (a warming source, or shaping files: :func:`egressd.warming.state_wanted`) reads it
+at startup; the others start and keep beating their heartbeats.
 """
 
 from __future__ import annotations
