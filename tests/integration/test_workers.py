@@ -440,8 +440,10 @@ async def test_a_connection_limit_is_exact_across_workers_and_a_dead_workers_slo
                 code, second = await socks_code(socks, sink.port)
             assert code == 0
             await until_held(2)
-            os.kill((await w.pids())[1], signal.SIGKILL)  # holding one slot
+            killed = (await w.pids())[1]
+            os.kill(killed, signal.SIGKILL)  # holding one slot
             await until_held(1)
+            await restarted(w, 1, killed)  # so that only(2) stops the new worker 1
             async with w.only(2):
                 code, third = await socks_code(socks, sink.port)
                 assert code == 0
