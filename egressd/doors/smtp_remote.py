@@ -62,7 +62,7 @@ connection for the next one).
 The sans-IO :class:`~egressd.proto.smtp_client.SmtpClient` does the protocol; this module
 only moves bytes. :class:`RemoteSession` has no deadlines of its own: :func:`converse`
 puts the ``[smtp.timeouts]`` entry that fits (each below Postfix's own client timeouts, so
-the MTA always hears from egressd first) around an exchange with ``trio.fail_after`` and
+the MTA always hears from egressd first) around an exchange with a cancel scope and
 returns the outcome as the relay core's event (:class:`~egressd.relay.events.RemoteReplied`,
 :class:`~egressd.relay.events.RemoteTimedOut` or :class:`~egressd.relay.events.RemoteLost`).
 A failure while opening is a :class:`RemoteError` carrying the 4xx reply the MTA should get
@@ -353,13 +353,14 @@ async def converse(
     session: RemoteSession, data: bytes, count: int, seconds: float
 ) -> RemoteReplied | RemoteTimedOut | RemoteLost:
     """:meth:`RemoteSession.exchange` within ``seconds``, its outcome as the core's event."""
+    # A bare CancelScope, not fail_after: its generator and TooSlowError cost a few
+    # microseconds on every exchange (three or four a message).
     try:
-        with trio.fail_after(seconds):
+        with trio.CancelScope(deadline=trio.current_time() + seconds):
             return RemoteReplied(tuple(await session.exchange(data, count)))
-    except trio.TooSlowError:
-        return RemoteTimedOut(seconds, session.sending)
     except RemoteBroken as exc:
         return exc.lost
+    return RemoteTimedOut(seconds, session.sending)
 
 
 async def _command(
