@@ -24,6 +24,7 @@ the priority prefix.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -67,7 +68,13 @@ def utc_timestamp(created: float) -> str:
     """``2026-11-30T05:40:01.123Z``: the JSON lines' ``time`` and the text lines' prefix."""
     whole = int(created)
     millis = int((created - whole) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+    return f"{_utc_second(whole)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(whole: int) -> str:
+    """The timestamp's seconds, formatted once per second, not once per line."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
 class TextFormatter(logging.Formatter):
