@@ -528,6 +528,27 @@ async def test_an_mta_stalling_mid_data_is_cut_and_the_remote_gets_no_dot(
     assert not remote.sessions[0].got_final_dot
 
 
+async def test_what_an_mta_sent_before_stalling_mid_data_is_at_the_remote(
+    tmp_path: Path, nursery: trio.Nursery, port: int
+) -> None:
+    """The door batches a body's reads (one write to the remote for what arrived at
+    once), but never holds what it has while it waits for the MTA."""
+    remote = await start_scripted_mx(nursery, port=port)
+    door = SmtpDoor(data_timeout=0.5)
+    pieces = [b"Subject: pieces\r\n\r\n", b"one\r\n", b"two\r\n"]
+    async with egressd(tmp_path, routed(port), door) as relay, mta(relay) as client:
+        await client.command("MAIL FROM:<a@sender.test>")
+        await client.command("RCPT TO:<one@good.test>")
+        await client.command("DATA")
+        for piece in pieces:
+            await client.send(piece)
+            await trio.sleep(0.05)
+        assert (await client.reply()).startswith("421 4.4.2")
+        await remote.wait_closed()
+    assert bytes(remote.sessions[0].body) == b"".join(pieces)
+    assert not remote.sessions[0].got_final_dot
+
+
 async def test_a_body_over_the_advertised_size_never_reaches_the_remote(
     tmp_path: Path, nursery: trio.Nursery, port: int
 ) -> None:
