@@ -43,7 +43,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 from prometheus_client import Counter, Gauge
@@ -149,6 +149,9 @@ def outcome_label(outcome: str) -> str:
     return outcome if _OUTCOME.fullmatch(outcome) else "other"
 
 
+_Labelled = TypeVar("_Labelled", Counter, Gauge)
+
+
 class SessionCounters:
     """Counts finished sessions into ``metrics``; the labelled children are looked up once.
 
@@ -163,6 +166,7 @@ class SessionCounters:
         self.names = names
         self._active: dict[str, Gauge] = {}
         self._finished: dict[tuple[str, str, str, str], tuple[Counter, Counter, Counter]] = {}
+        self._by_listener: dict[tuple[int, str], Any] = {}
 
     def active(self, door: str) -> Gauge:
         """The ``egressd_active_sessions{door}`` child."""
@@ -171,23 +175,32 @@ class SessionCounters:
             child = self._active[door] = self.metrics.active_sessions.labels(door)
         return child
 
+    def for_listener(self, metric: _Labelled, listener: str) -> _Labelled:
+        """``metric``'s child for ``listener``, looked up once (the KumoProxy metrics of
+        the SOCKS5 door: six per session); created at first use, as ``labels()`` would."""
+        key = (id(metric), listener)
+        child: _Labelled | None = self._by_listener.get(key)
+        if child is None:
+            child = self._by_listener[key] = metric.labels(listener)
+        return child
+
     def opened(self, record: SessionRecord) -> None:
         self.active(record.door).inc()
         if record.door == "socks5":
-            listener = record.listener or ""
-            self.metrics.proxy.accepted.labels(listener).inc()
-            self.metrics.proxy.active.labels(listener).inc()
+            listener, proxy = record.listener or "", self.metrics.proxy
+            self.for_listener(proxy.accepted, listener).inc()
+            self.for_listener(proxy.active, listener).inc()
 
     def proxy_finished(self, record: SessionRecord) -> None:
         """KumoProxy's view of a finished SOCKS5 session."""
         proxy, listener = self.metrics.proxy, record.listener or ""
-        proxy.active.labels(listener).dec()
+        self.for_listener(proxy.active, listener).dec()
         ended = proxy.completed if record.outcome == "ok" else proxy.failed
-        ended.labels(listener).inc()
+        self.for_listener(ended, listener).inc()
         if record.outcome == "tls_failed":
-            proxy.tls_failures.labels(listener).inc()
-        proxy.bytes_received.labels(listener).inc(record.bytes_up)
-        proxy.bytes_sent.labels(listener).inc(record.bytes_down)
+            self.for_listener(proxy.tls_failures, listener).inc()
+        self.for_listener(proxy.bytes_received, listener).inc(record.bytes_up)
+        self.for_listener(proxy.bytes_sent, listener).inc(record.bytes_down)
 
     def finished(self, record: SessionRecord) -> None:
         """A finished session: one connection, its bytes, one active session fewer."""
