@@ -169,6 +169,8 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide; none wanted
         self.registry = CollectorRegistry()
         registry = self.registry
+        #: Children of the per-message counters by label values (bounded), see _counter.
+        self._counters: dict[tuple[str, str, str, str], Counter] = {}
         PidOnlyProcessCollector(registry=registry)
         self.connections = Counter(
             "egressd_connections",
@@ -378,11 +380,20 @@ class Metrics:
 
     def count_transaction(self, pool: str, code: int, source: str = "") -> None:
         """One relayed transaction whose final reply (to the dot) had ``code``."""
-        self.smtp_transactions.labels(pool, source, reply_class(code)).inc()
+        self._counter(self.smtp_transactions, "", pool, source, reply_class(code)).inc()
 
     def count_provider_message(self, source: str, provider: str, code: int) -> None:
         """One relayed message from ``source`` to ``provider`` (labels already bounded)."""
-        self.provider_messages.labels(source, provider, reply_class(code)).inc()
+        self._counter(self.provider_messages, "p", source, provider, reply_class(code)).inc()
+
+    def _counter(self, metric: Counter, kind: str, a: str, b: str, c: str) -> Counter:
+        """``metric.labels(a, b, c)``, looked up once per label values: ``labels()``
+        validates and takes a lock on every call, twice per relayed message otherwise."""
+        key = (kind, a, b, c)
+        child = self._counters.get(key)
+        if child is None:
+            child = self._counters[key] = metric.labels(a, b, c)
+        return child
 
     def count_provider_connection(self, source: str, provider: str, delta: int) -> None:
         """A connection from ``source`` to ``provider`` made (+1) or ended (-1)."""
