@@ -108,9 +108,6 @@ _RECEIVE_SIZE = 65536
 _TLS_HANDSHAKE_TIMEOUT = 30.0
 #: Seconds of credit an MTA starts a body with before ``min_data_rate`` bites.
 DATA_RATE_GRACE = 10.0
-#: Body bytes held across reads that did not wait before they go to the remote
-#: (``MtaSession._relay_body``).
-BODY_BATCH = 65536
 
 
 @functools.lru_cache(maxsize=1)
@@ -439,24 +436,6 @@ class MtaSession:
             self.pace.received += len(data)
         self.server.receive_data(bytes(data))
 
-    def _read_at_once(self) -> bool:
-        """Feed the machine what the MTA has already sent, without waiting: False when
-        nothing is there yet (or at EOF, or with replies to write first, or on a stream
-        that cannot tell, e.g. TLS), and :meth:`_feed` must do the read."""
-        stream = self.stream
-        if self.outbox or not isinstance(stream, Connection):
-            return False
-        try:
-            data = stream.receive_nowait(_RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        if not data:
-            return False
-        if self.pace is not None:
-            self.pace.received += len(data)
-        self.server.receive_data(data)
-        return True
-
     def _deadline(
         self, in_data: bool, seconds: float
     ) -> tuple[float, Literal["timeout", "first mail", "rate"]]:
@@ -544,20 +523,11 @@ class MtaSession:
             await self._relay_body(relay)
 
     async def _relay_body(self, relay: Relay) -> None:
-        """Stream the body to the remote: the chunks of several reads in one write, and the
-        last ones together with the final dot.
-
-        What the MTA has already sent is read without waiting (:meth:`_read_at_once`) and
-        its chunks held, up to :data:`BODY_BATCH` bytes: they go to the remote only when
-        the next read would wait, or with the dot. A body that arrives in a few reads
-        (smtp-source's 10 KiB in four or five) goes out in one write with the dot, not one
-        exchange per read, and the remote still has everything the MTA sent whenever
-        egressd waits for the MTA (a stall or a drop mid-DATA leaves it there, no dot).
-        """
+        """Stream the body to the remote: each read's worth of chunks in one write, and the
+        last ones together with the final dot."""
         rate = self.timeouts.min_data_rate
         self.pace = _Pace(rate) if rate else None
         chunks: list[DataChunk] = []
-        held = 0
         while True:
             try:
                 event = self.server.next_event()
@@ -565,17 +535,13 @@ class MtaSession:
                 await relay.feed(MtaClosed())
                 await self._peer_gone(exc)
             if event is NEED_DATA:
-                if chunks and held < BODY_BATCH and self._read_at_once():
-                    continue
                 if chunks:
                     await relay.feed(MtaBody(tuple(chunks)))
                     chunks = []
-                    held = 0
                 await self._feed()
                 continue
             if isinstance(event, DataChunk):
                 chunks.append(event)
-                held += len(event.data)
             elif isinstance(event, EndOfData):
                 await relay.feed(MtaEndOfData(tuple(chunks)))
                 return

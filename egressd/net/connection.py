@@ -70,19 +70,6 @@ class Connection(trio.abc.HalfCloseableStream):
             except OSError as exc:
                 raise _stream_error(exc) from _cause(exc)
 
-    def receive_nowait(self, max_bytes: int | None = None) -> bytes | None:
-        """What the socket holds now, without waiting or a checkpoint; None when nothing
-        has arrived yet (``b""``: EOF). For a caller that would rather act on what it
-        has than wait (the SMTP door batching a body); errors as :meth:`receive_some`."""
-        if self.socket.fileno() == -1:
-            raise trio.ClosedResourceError("this socket was already closed")
-        try:
-            return self.socket.recv(_DEFAULT_RECEIVE_SIZE if max_bytes is None else max_bytes)
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            raise _stream_error(exc) from _cause(exc)
-
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._before_call()
         if self._eof_sent:

@@ -65,16 +65,3 @@ async def test_errors_are_trio_stream_errors() -> None:
     connection.close()
     with pytest.raises(trio.ClosedResourceError):
         await connection.receive_some(1)
-
-
-async def test_receive_nowait_takes_what_has_arrived_and_never_waits() -> None:
-    connection, peer = connected_pair()
-    assert connection.receive_nowait(10) is None  # nothing yet: no wait, no data
-    peer.sendall(b"here")
-    assert connection.receive_nowait(10) == b"here"
-    assert connection.receive_nowait(10) is None
-    peer.close()
-    assert connection.receive_nowait(10) == b""  # EOF
-    connection.close()
-    with pytest.raises(trio.ClosedResourceError):
-        connection.receive_nowait(1)
