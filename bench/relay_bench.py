@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -407,8 +408,24 @@ def print_table(rows: Sequence[Row]) -> None:
             print(f"{'':<46}{row.note}")
 
 
+def raise_fd_limit(sessions: int) -> None:
+    """Room for ``sessions`` idle spliced sessions in every process started from here (they
+    inherit the limit): the holder's clients, the sink's ends, and egressd's two sockets
+    and splice pipes per session. Root may raise the hard limit too (up to fs.nr_open)."""
+    wanted = 8 * sessions + 4096
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return
+    top = hard if hard == resource.RLIM_INFINITY else max(soft, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+
+
 def run(args: argparse.Namespace) -> int:
     size = int(args.gib * GIB)
+    if args.idle:
+        raise_fd_limit(args.idle)
     rounds = Rounds()
     with tempfile.TemporaryDirectory(prefix="egressd-bench-") as tmp:
         workdir = Path(tmp)
