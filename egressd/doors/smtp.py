@@ -377,6 +377,7 @@ class MtaSession:
         try:
             with trio.fail_after(self.door.command_timeout):
                 await self.stream.send_all(data)
+            self.record.bytes_down += len(data)
         except trio.TooSlowError:
             self._over("timeout", "the MTA does not read its replies")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -421,6 +422,7 @@ class MtaSession:
                 out = bytes(self.outbox)
                 self.outbox.clear()
                 await self.stream.send_all(out)
+                self.record.bytes_down += len(out)
             if idle and self.runtime.draining:
                 scope.cancel()
             waiting.reading = True
@@ -431,6 +433,7 @@ class MtaSession:
             raise _ReadCut
         scope.deadline = math.inf
         self.waiting = None
+        self.record.bytes_up += len(data)
         if in_data and self.pace is not None:
             self.pace.waited += trio.current_time() - started
             self.pace.received += len(data)

@@ -190,8 +190,7 @@ class Relay:
     # ----------------------------------------------------------------------- endings
 
     def account(self, ended: TransactionEnded) -> None:
-        """The transaction's log line, byte count and metric."""
-        self.record.bytes_up += ended.size
+        """The transaction's log line and metric."""
         self.record.outcome = ended.outcome
         if self.quota is not None:
             self.quota.settle(ended.final.code if ended.final is not None else None)

@@ -82,7 +82,7 @@ from egressd.net.connection import Connection
 from egressd.net.dialer import Dialed
 from egressd.net.tls import TlsConnection, server_context
 from egressd.proto import NEED_DATA, socks5
-from egressd.runtime import Runtime, SessionRecord
+from egressd.runtime import Runtime, SessionRecord, printable
 
 _RECEIVE_SIZE = 4096
 _TLS_CLOSE_TIMEOUT = 1.0
@@ -306,6 +306,7 @@ class _AcceptedConnection:
         if self.users and (user is None or not password_matches(user.password, request.password)):
             self.record.outcome = "denied"
             self.record.detail = f"RFC 1929 credentials refused for user {username!r}"
+            self.record.pool = printable(username) or None  # the pool it asked for
             return False
         self.username = username
         if user is not None:

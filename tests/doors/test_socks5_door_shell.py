@@ -123,6 +123,18 @@ async def test_a_wrong_password_gets_01_01_and_is_denied(
     )
 
 
+async def test_a_refused_login_is_logged_under_the_pool_it_asked_for(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The username names the pool: a wrong password for "bulk" on a listener whose pool is
+    "main" is an attempt on "bulk", and the connection line says so."""
+    async with socks5_door(users={"main": "secret", "bulk": "other"}) as shell:
+        await shell.send(H("05020002") + H("01") + b"\x04bulk" + b"\x05wrong")
+        assert await shell.receive(4) == H("0502") + H("0101")
+        await shell.done.wait()
+    assert (shell.record.outcome, shell.record.pool) == ("denied", "bulk")
+
+
 async def test_wrong_passwords_wait_longer_per_client_address_and_are_counted(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -150,6 +150,7 @@ class Mta:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.buffer = bytearray()
+        self.sent = self.received = 0  # bytes, as egressd's connection line counts them
 
     async def reply(self) -> str:
         """One reply as text: every line joined with newlines (``250-a\\n250 b``)."""
@@ -160,6 +161,7 @@ class Mta:
                     chunk = await self.stream.receive_some(65536)
                     if not chunk:
                         return "\n".join(lines) or "EOF"
+                    self.received += len(chunk)
                     self.buffer += chunk
                 end = self.buffer.index(b"\r\n")
                 line = self.buffer[:end].decode()
@@ -169,11 +171,12 @@ class Mta:
                     return "\n".join(lines)
 
     async def command(self, line: str) -> str:
-        await self.stream.send_all(line.encode() + b"\r\n")
+        await self.send(line.encode() + b"\r\n")
         return await self.reply()
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
+        self.sent += len(data)
 
 
 @asynccontextmanager
@@ -263,6 +266,27 @@ async def test_the_body_reaches_the_remote_octet_for_octet(
     [session] = remote.sessions
     assert bytes(session.body) == body  # still dot-stuffed, as the MTA sent it
     assert session.got_final_dot
+
+
+async def test_the_connection_line_counts_the_bytes_each_way(
+    tmp_path: Path, nursery: trio.Nursery, port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """bytes_up: what the MTA sent; bytes_down: what egressd answered (as the SOCKS5 and
+    PROXY doors count their client's side)."""
+    caplog.set_level(logging.INFO, logger="egressd")
+    await start_scripted_mx(nursery, port=port)
+    async with egressd(tmp_path, routed(port)) as relay, mta(relay) as client:
+        replies = await transaction(client, ["rcpt@good.test"], BODY)
+        assert replies[-1] == "250 2.0.0 scripted queued"
+        assert (await client.command("QUIT")).startswith("221 ")
+        assert await client.reply() == "EOF"
+    [line] = [
+        dict(getattr(r, "fields", {}))
+        for r in caplog.records
+        if r.getMessage() == "connection" and getattr(r, "fields", {}).get("door") == "smtp"
+    ]
+    assert (line["bytes_up"], line["bytes_down"]) == (client.sent, client.received)
+    assert client.sent > len(BODY) and client.received > 0
 
 
 async def test_the_pool_comes_from_auth_then_sender_then_listener(
