@@ -48,6 +48,7 @@ from egressd.checks import config_errors
 from egressd.config import Config, ConfigError, Endpoint, Listener, load_config
 from egressd.fleet.budgets import FleetBudgets
 from egressd.fleet.node import Fleet, config_generation, open_fleet
+from egressd.fleet.quotas import SharedQuotas
 from egressd.log import PROCESS_FIELDS, get_logger, setup_logging
 from egressd.metrics import Metrics
 from egressd.net import mtasts, sdnotify
@@ -712,6 +713,11 @@ def attach_warming(runtime: Runtime, warming: Warming) -> None:
     """Selection asks the engine and holds its quotas; the doors count into it
     (:mod:`egressd.egress.quotas`), against the shaping provider of the destination."""
     runtime.warmup = warming.engine
+    shared = runtime.shared_budgets
+    if isinstance(shared, FleetBudgets) and runtime.shared_quotas is None:
+        quotas = SharedQuotas(warming.engine, prefix=shared.ledger.prefix)
+        shared.share_quotas(quotas)  # the quotas hold across workers and nodes
+        runtime.shared_quotas = quotas
     warming.attach_shaper(lambda: runtime.shaper)
     warming.attach_policy_cache(mtasts.DEFAULT_STORE)
 

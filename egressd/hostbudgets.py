@@ -12,6 +12,9 @@ the script's semantics on the supervisor's clock:
   first one expires), ``R`` releases slots, ``N`` renews (re-adds) them;
 - ``T`` takes up to a batch of cells from a GCRA (else: µs until one conforms), ``G`` gives
   cells back (the theoretical arrival time moves back one emission interval per cell);
+- ``Q`` adds up to a batch to a counter without passing its limit (a warming source's
+  messages of one day: :mod:`egressd.warmup.shared`), ``U`` takes back what was not
+  spent; a counter expires when the op says;
 - ``H`` is a heartbeat in a node set, answering how many are alive.
 
 One process answers every worker, one batch at a time, so the host's budgets are exact:
@@ -60,6 +63,8 @@ class BudgetBook:
     """Lease set -> member -> (expiry in ms, owner)."""
     gcras: dict[str, _Gcra] = field(default_factory=dict)
     nodes: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    counters: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Counter -> (count, expiry in ms)."""
 
     def run(self, owner: int, keys: Sequence[str], args: Sequence[str], now_us: int) -> list[int]:
         """One batch (``KEYS`` and ``ARGV`` as the script takes them): two integers per op."""
@@ -121,6 +126,11 @@ class BudgetBook:
             return self._cells(
                 key, code, float(p1), float(p2), int(float(p3)), int(float(p4)), now_us
             )
+        if code == "Q":
+            return self._count(key, int(p1), int(p2), int(p3), now_ms), 0
+        if code == "U":
+            self._uncount(key, int(p1), int(p2), now_ms)
+            return 0, 0
         if code == "H":
             nodes = self.nodes.setdefault(key, {})
             nodes[p1] = (now_ms + int(p2), owner)
@@ -128,6 +138,27 @@ class BudgetBook:
                 del nodes[node]
             return len(nodes), 0
         raise ValueError(f"unknown op {code!r}")
+
+    def count(self, key: str, now_ms: int) -> int:
+        """The counter ``key`` now (0 when missing or expired)."""
+        count, expiry = self.counters.get(key, (0, 0))
+        return count if expiry > now_ms else 0
+
+    def _count(self, key: str, limit: int, quantity: int, ttl: int, now_ms: int) -> int:
+        used = self.count(key, now_ms)
+        granted = min(quantity, limit - used)
+        if granted < 1:
+            return 0
+        if key not in self.counters:  # a new day's counter: yesterday's go
+            self.counters = {k: c for k, c in self.counters.items() if c[1] > now_ms}
+        self.counters[key] = (used + granted, now_ms + ttl)
+        return granted
+
+    def _uncount(self, key: str, quantity: int, ttl: int, now_ms: int) -> None:
+        if key not in self.counters or self.counters[key][1] <= now_ms:
+            self.counters.pop(key, None)
+            return
+        self.counters[key] = (max(0, self.count(key, now_ms) - quantity), now_ms + ttl)
 
     def _acquire(
         self, owner: int, key: str, member: str, limit: int, now_ms: int, timeout: int

@@ -30,7 +30,7 @@ be quick and must not raise; the doors never see who listens.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -131,7 +131,16 @@ class _CurrentQuotas:
     @property
     def _quotas(self) -> Quotas:
         engine = self._runtime.warmup
-        return NO_QUOTAS if engine is None else engine
+        if engine is None:
+            return NO_QUOTAS
+        shared = self._runtime.shared_quotas
+        return engine if shared is None else shared
+
+    async def prepare(self, sources: Sequence[str], provider: str) -> None:
+        """Before a plan picks: ask the shared store for the quota tickets it may need."""
+        shared = self._runtime.shared_budgets
+        if self._runtime.shared_quotas is not None and shared is not None:
+            await shared.prepare_quotas(sources, provider)
 
     def refusal(self, source: str, provider: str) -> str | None:
         return self._quotas.refusal(source, provider)
@@ -157,6 +166,8 @@ class SharedBudgets(BudgetAsker, Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    async def prepare_quotas(self, sources: Sequence[str], provider: str) -> None: ...
+
 
 class Runtime:
     """Shared by all front doors of one daemon process."""
@@ -177,6 +188,8 @@ class Runtime:
         self.breaker = DestinationBreaker()
         self.warmup: Warmup | None = None
         """The warm-up engine, when a source warms up (the daemon sets it at startup)."""
+        self.shared_quotas: Quotas | None = None
+        """:attr:`warmup`'s quotas counted in the shared budgets' store (workers, Redis)."""
         self.quotas = _CurrentQuotas(self)
         """The egress plans' view of :attr:`warmup`, whichever engine is set (or none)."""
         self.egress = Egress(

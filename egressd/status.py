@@ -173,10 +173,11 @@ def format_budgets(budgets: Mapping[str, Any] | None) -> str:
     if budgets is None:
         return ""
     nodes = budgets.get("nodes", 1)
+    what = "shaping budgets and warm-up quotas" if budgets.get("quotas") else "shaping budgets"
     if budgets.get("shared"):
-        return f"shaping budgets: shared through the store ({nodes} nodes alive)\n"
+        return f"{what}: shared through the store ({nodes} nodes alive)\n"
     return (
-        f"shaping budgets: LOCAL SHARES (1/{nodes} of each) for "
+        f"{what}: LOCAL SHARES (1/{nodes} of each) for "
         f"{_duration(float(budgets.get('local_shares_for', 0)))}: the store is unreachable "
         f"({budgets.get('error', '')})\n"
     )

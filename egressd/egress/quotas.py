@@ -22,13 +22,16 @@ message is *held* from the moment its source is picked until it is counted or gi
   reply came (nothing was sent).
 
 The engine that keeps the counts implements :class:`Quotas`; :class:`NoQuotas` stands in
-when nothing warms up.
+when nothing warms up. Quotas shared by several processes (``[daemon] workers``, Redis)
+are asked of their store ahead (:class:`QuotasAskedAhead`): the executor awaits
+:meth:`~QuotasAskedAhead.prepare` with the plan's candidate sources before the pick.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 __all__ = [
     "WARMUP_QUOTA",
@@ -37,6 +40,7 @@ __all__ = [
     "QuotaHold",
     "QuotaRefusal",
     "Quotas",
+    "QuotasAskedAhead",
     "outcome_of",
 ]
 
@@ -63,6 +67,14 @@ class Quotas(Protocol):
         """Count one message (``sent``, ``deferred``, ``rejected``) or connection
         (``connected``); ``reserved``: it was held, and this ends the hold."""
         ...
+
+
+@runtime_checkable
+class QuotasAskedAhead(Quotas, Protocol):
+    """Quotas counted in a shared store (:mod:`egressd.fleet.quotas`): the executor awaits
+    :meth:`prepare` before a plan picks, so that the questions above need no I/O."""
+
+    async def prepare(self, sources: Sequence[str], provider: str) -> None: ...
 
 
 class NoQuotas:

@@ -18,6 +18,10 @@ clock (``TIME``), so that nodes whose clocks disagree still share one timeline:
   (:class:`~egressd.shaping.throttle.Gcra`: ``burst = min(max_burst, limit - 1) + 1``),
   granting up to a batch of cells at once; giving back moves the theoretical arrival time
   back by one emission interval per cell;
+- ``Q`` / ``U`` (take / give back a count): a counter that never passes its limit, set to
+  expire after a time (a warming source's messages of one day to one provider, keyed by
+  the day: :mod:`egressd.warmup.shared`); ``Q`` adds up to a batch, ``U`` takes back what
+  was not spent;
 - ``H``: this process's heartbeat in ``{prefix}:budgets:nodes``, answering how many
   processes count shared budgets: the divisor of the local shares when Redis goes away.
   It counts processes, not hosts (the fleet view's ``alive_nodes()`` counts node names):
@@ -61,15 +65,18 @@ from typing import Any, Protocol
 import trio
 
 from egressd.config import StateSettings
+from egressd.fleet.quotas import SharedQuotas
 from egressd.log import get_logger
 from egressd.shaping.ledger import (
     AcquireSlot,
+    GiveBackCount,
     Holding,
     Op,
     ReleaseSlots,
     RenewSlots,
     SharedLedger,
     TakeCells,
+    TakeCount,
     Want,
 )
 from egressd.shaping.policy import Budget
@@ -153,6 +160,18 @@ for i, key in ipairs(KEYS) do
         redis.call('DEL', key)
       end
     end
+  elseif op == 'Q' then
+    local used = tonumber(redis.call('GET', key) or 0)
+    local granted = math.min(tonumber(p2), tonumber(p1) - used)
+    if granted >= 1 then
+      redis.call('SET', key, used + granted, 'PX', p3)
+      r1 = granted
+    end
+  elseif op == 'U' then
+    local used = redis.call('GET', key)
+    if used then
+      redis.call('SET', key, math.max(0, tonumber(used) - tonumber(p1)), 'PX', p2)
+    end
   elseif op == 'H' then
     redis.call('ZADD', key, now_ms + tonumber(p2), p1)
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now_ms)
@@ -206,6 +225,10 @@ def _op_args(op: Op | Heartbeat) -> tuple[str, str, str, str, str]:
         return "N", ",".join(op.members), "", "", ""
     if isinstance(op, Heartbeat):
         return "H", op.node, str(op.ttl_ms), "", ""
+    if isinstance(op, TakeCount):
+        return "Q", str(op.limit), str(op.quantity), str(op.ttl_ms), ""
+    if isinstance(op, GiveBackCount):
+        return "U", str(op.quantity), str(op.ttl_ms), "", ""
     code = "T" if isinstance(op, TakeCells) else "G"
     spec = op.spec
     return code, str(spec.limit), str(spec.period), str(spec.burst), str(op.quantity)
@@ -248,6 +271,14 @@ class FleetBudgets:
         self.down_since: float | None = None
         self.last_error = ""
         self._wake = trio.Event()
+        self.quotas: SharedQuotas | None = None
+        """Warm-up quotas counted in the same store (:mod:`egressd.fleet.quotas`)."""
+
+    def share_quotas(self, quotas: SharedQuotas) -> None:
+        """Count ``quotas`` (over a warm-up engine) in the store from now on."""
+        if self.ledger.down:
+            quotas.went_down(self.ledger.nodes)
+        self.quotas = quotas
 
     @property
     def shared(self) -> bool:
@@ -269,6 +300,21 @@ class FleetBudgets:
     async def prepare_send(self, holding: Holding, budgets: Iterable[Budget]) -> None:
         """Ask Redis for what ``holding`` lacks to send one message under ``budgets``."""
         await self._ask(self.ledger.wants_to_send(holding, budgets))
+
+    async def prepare_quotas(self, sources: Sequence[str], provider: str) -> None:
+        """Ask the store for warm-up tickets of ``sources`` to ``provider`` that this
+        process lacks, in one round trip (nothing when no quota is shared)."""
+        if self.quotas is None:
+            return
+        wants = self.quotas.wants(sources, provider)
+        if not wants:
+            return
+        try:
+            results = await self._exchange([want.op for want in wants])
+        except self.unavailable as exc:
+            self._went_down(exc)
+            return
+        self.quotas.granted(wants, results)
 
     def settle(self, holding: Holding) -> None:
         """What ``holding`` does not use goes to this node's spares (given back later)."""
@@ -318,13 +364,20 @@ class FleetBudgets:
     async def flush(self) -> None:
         """Released slots and lingering spares go back to Redis."""
         ops = self.ledger.returns(self._now_ns())
+        if self.quotas is not None:
+            ops += self.quotas.returns()
         if not ops:
             return
         try:
             await self._exchange(ops)
         except self.unavailable as exc:
-            self.ledger.unsent(ops)
+            self._unsent(ops)
             self._went_down(exc)
+
+    def _unsent(self, ops: Sequence[Op]) -> None:
+        self.ledger.unsent(ops)
+        if self.quotas is not None:
+            self.quotas.unsent(ops)
 
     async def renew(self) -> None:
         """Renew every slot this node holds, with this node's heartbeat."""
@@ -347,10 +400,13 @@ class FleetBudgets:
             return
         renewals = self.ledger.came_back()
         released = self.ledger.returns(self._now_ns())
+        if self.quotas is not None:
+            self.quotas.came_back()
+            released += self.quotas.returns()
         try:
             await self._exchange([*renewals, *released])
         except self.unavailable as exc:
-            self.ledger.unsent(released)
+            self._unsent(released)
             self._went_down(exc)
             return
         seconds = self.clock() - (self.down_since or self.clock())
@@ -371,6 +427,8 @@ class FleetBudgets:
         if not self.shared:
             return
         ops: list[Op] = list(self.ledger.returns(self._now_ns(), everything=True))
+        if self.quotas is not None:
+            ops += self.quotas.returns(everything=True)
         held = self.ledger.renewals()
         ops.extend(ReleaseSlots(r.store_key, r.members) for r in held)
         if ops:
@@ -395,9 +453,12 @@ class FleetBudgets:
             return
         nodes = self.nodes_alive() if self.nodes_alive is not None else self.seen_nodes
         self.ledger.went_down(nodes)
+        if self.quotas is not None:
+            self.quotas.went_down(nodes)
         self.down_since = self.clock()
         log.error(
-            "shared budgets: Redis unreachable; each budget is counted here as a local share",
+            "shared budgets: Redis unreachable; each budget (and warm-up quota) is counted "
+            "here as a local share",
             extra={"fields": {"error": self.last_error, "nodes": self.ledger.nodes}},
         )
         self.changed(False)
@@ -408,6 +469,7 @@ class FleetBudgets:
             "shared": self.shared,
             "nodes": self.ledger.nodes if self.ledger.down else self.seen_nodes,
             "lease_timeout": self.timeout_ms / 1000,
+            "quotas": self.quotas is not None,
         }
         if self.down_since is not None:
             state["local_shares_for"] = round(self.clock() - self.down_since, 1)

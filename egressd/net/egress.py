@@ -42,6 +42,7 @@ from egressd.egress.plan import (
     Progress,
     Resolve,
 )
+from egressd.egress.quotas import QuotasAskedAhead
 from egressd.egress.selection import Egress
 from egressd.health import SourceHealth
 from egressd.net.dialer import Dialed, connect, resolve_name
@@ -98,6 +99,8 @@ async def execute(
     try:
         if budget is not None:
             await budget.prepare(candidate_sources(plan))
+        if isinstance(plan.egress.quotas, QuotasAskedAhead):
+            await plan.egress.quotas.prepare(candidate_sources(plan), plan.provider)
         return await _run(plan, step, resolve)
     except BaseException:
         plan.release_budget()

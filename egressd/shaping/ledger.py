@@ -93,6 +93,7 @@ __all__ = [
     "AcquireSlot",
     "BudgetStore",
     "GiveBackCells",
+    "GiveBackCount",
     "Holding",
     "Ledger",
     "LocalLedger",
@@ -101,6 +102,7 @@ __all__ = [
     "RenewSlots",
     "SharedLedger",
     "TakeCells",
+    "TakeCount",
     "share_of_limit",
     "share_of_throttle",
 ]
@@ -228,7 +230,29 @@ class GiveBackCells:
     quantity: int
 
 
-Op = AcquireSlot | ReleaseSlots | RenewSlots | TakeCells | GiveBackCells
+@dataclass(frozen=True)
+class TakeCount:
+    """Add up to ``quantity`` to the counter ``store_key`` without passing ``limit``; the
+    counter expires ``ttl_ms`` from now (a warm-up day's messages, keyed by the day:
+    :mod:`egressd.warmup.shared`); result ``(added, 0)``, ``(0, 0)`` when it is full."""
+
+    store_key: str
+    limit: int
+    quantity: int
+    ttl_ms: int
+
+
+@dataclass(frozen=True)
+class GiveBackCount:
+    """Take ``quantity`` back from the counter ``store_key`` (not below 0; a counter that
+    expired stays gone); result ignored."""
+
+    store_key: str
+    quantity: int
+    ttl_ms: int
+
+
+Op = AcquireSlot | ReleaseSlots | RenewSlots | TakeCells | GiveBackCells | TakeCount | GiveBackCount
 
 
 class BudgetStore(Protocol):

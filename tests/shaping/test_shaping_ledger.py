@@ -1,8 +1,9 @@
 """The shared ledger on a fake clock: two nodes, one store, holdings asked for ahead.
 
 The store here is a model of the Redis scripts of :mod:`egressd.fleet.budgets` (a lease set
-scored by expiry, a GCRA that grants up to a batch and takes cells back), on the same fake
-clock; tests/fleet/ runs the real scripts on a real redis-server.
+scored by expiry, a GCRA that grants up to a batch and takes cells back, a counter that
+expires and never passes its limit), on the same fake clock; tests/fleet/ runs the real
+scripts on a real redis-server.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from shaping_helpers import policy_from
 from egressd.shaping.ledger import (
     AcquireSlot,
     GiveBackCells,
+    GiveBackCount,
     Holding,
     Op,
     ReleaseSlots,
     RenewSlots,
     SharedLedger,
+    TakeCount,
     batch_size,
     share_of_limit,
     share_of_throttle,
@@ -40,6 +43,7 @@ class ModelStore:
         self.clock = clock
         self.sets: dict[str, dict[str, float]] = {}
         self.tats: dict[str, float] = {}
+        self.counters: dict[str, tuple[int, float]] = {}
         self.calls = 0
 
     def run(self, ops: Sequence[Op]) -> list[tuple[int, int]]:
@@ -62,6 +66,8 @@ class ModelStore:
             for member in op.members:
                 self.live(op.store_key)[member] = now + LEASE_TIMEOUT
             return 0, 0
+        if isinstance(op, TakeCount | GiveBackCount):
+            return self.count(op, now)
         interval = op.spec.period / op.spec.limit
         tat = max(self.tats.get(op.store_key, now), now)
         if isinstance(op, GiveBackCells):
@@ -72,6 +78,22 @@ class ModelStore:
         if granted < 1:
             return 0, math.ceil((tat + interval - interval * op.spec.burst - now) * 1e6)
         self.tats[op.store_key] = tat + granted * interval
+        return granted, 0
+
+    def count(self, op: TakeCount | GiveBackCount, now: float) -> tuple[int, int]:
+        used, expiry = self.counters.get(op.store_key, (0, now))
+        if expiry <= now:
+            used = 0
+            if isinstance(op, GiveBackCount):
+                self.counters.pop(op.store_key, None)
+                return 0, 0
+        if isinstance(op, GiveBackCount):
+            self.counters[op.store_key] = (max(0, used - op.quantity), now + op.ttl_ms / 1000)
+            return 0, 0
+        granted = min(op.quantity, op.limit - used)
+        if granted < 1:
+            return 0, 0
+        self.counters[op.store_key] = (used + granted, now + op.ttl_ms / 1000)
         return granted, 0
 
     def live(self, key: str) -> dict[str, float]:

@@ -1,0 +1,89 @@
+"""A warming source's daily quota holds across ``[daemon] workers = 2``: each worker counts
+its own messages, and the day's count per (source, provider) lives in the supervisor's
+book (:mod:`egressd.fleet.quotas`), so the two together send exactly the quota from the
+warming source and the rest from the warm one. The real ``python -m egressd run`` on
+loopback; which worker serves is chosen by stopping the other (``Workers.only``)."""
+
+from __future__ import annotations
+
+import smtplib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import trio
+from harness import Sink
+from service_harness import daemon_process
+from smtp_harness import smtp_sink
+from test_workers import Workers
+
+pytestmark = pytest.mark.integration
+
+QUOTA = 4
+ROUNDS = 4  # worker 1, worker 2, worker 1, worker 2
+PER_ROUND = 3 * QUOTA // ROUNDS
+CLIENTS = 3
+
+
+def config(directory: Path, mx_port: int) -> Path:
+    path = directory / "egressd.toml"
+    path.write_text(f"""
+[daemon]
+workers = 2
+[state]
+directory = "{directory / "state"}"
+[control]
+socket = "{directory / "control.sock"}"
+[access]
+deny_destinations = []
+[[smtp.listener]]
+address = "127.0.0.1:0"
+pool = "main"
+[smtp.routes]
+"*" = "127.0.0.1:{mx_port}"
+[warmup.plan.test]
+days = [{QUOTA}]
+[source."cold"]
+source_address = "127.0.0.3"
+warmup = "test"
+[source."warm"]
+source_address = "127.0.0.4"
+[pool."main"."cold"]
+weight = 1000
+[pool."main"."warm"]
+weight = 1
+""")
+    return path
+
+
+def send(port: int, first: int, count: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        for index in range(first, first + count):
+            client.sendmail("a@sender.test", [f"r{index}@x.test"], b"Subject: q\r\n\r\nhi\r\n")
+
+
+def concurrent_sends(port: int, first: int) -> None:
+    share = PER_ROUND // CLIENTS
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        futures = [pool.submit(send, port, first + i * share, share) for i in range(CLIENTS)]
+        for future in futures:
+            future.result()
+
+
+async def test_two_workers_send_exactly_the_warming_sources_quota_together(
+    short_dir: Path, sink: Sink
+) -> None:
+    with smtp_sink() as mx:
+        async with daemon_process(config(short_dir, mx.port)) as process:
+            w = Workers(process, short_dir, sink, 0)
+            port = await w.port("smtp")
+            with trio.fail_after(40):
+                for index in range(ROUNDS):
+                    async with w.only(1 + index % 2):
+                        await trio.to_thread.run_sync(concurrent_sends, port, index * PER_ROUND)
+                await mx.wait(3 * QUOTA)
+                await w.wait_sessions_logged("smtp", ROUNDS * CLIENTS)
+            served = (w.sessions_of("smtp", 1), w.sessions_of("smtp", 2))
+            assert served == (ROUNDS * CLIENTS // 2, ROUNDS * CLIENTS // 2)
+            peers = [m.peer for m in mx.messages]
+            assert (peers.count("127.0.0.3"), peers.count("127.0.0.4")) == (QUOTA, 2 * QUOTA)
