@@ -13,8 +13,8 @@ the script's semantics on the supervisor's clock:
 - ``T`` takes up to a batch of cells from a GCRA (else: µs until one conforms), ``G`` gives
   cells back (the theoretical arrival time moves back one emission interval per cell);
 - ``Q`` adds up to a batch to a counter without passing its limit (a warming source's
-  messages of one day: :mod:`egressd.warmup.shared`), ``U`` takes back what was not
-  spent; a counter expires when the op says;
+  messages of one day: :mod:`egressd.fleet.quotas`) and answers what it added and the
+  count, ``U`` takes back what was not spent; a counter expires when the op says;
 - ``H`` is a heartbeat in a node set, answering how many are alive.
 
 One process answers every worker, one batch at a time, so the host's budgets are exact:
@@ -127,7 +127,8 @@ class BudgetBook:
                 key, code, float(p1), float(p2), int(float(p3)), int(float(p4)), now_us
             )
         if code == "Q":
-            return self._count(key, int(p1), int(p2), int(p3), now_ms), 0
+            granted = self._count(key, int(p1), int(p2), int(p3), now_ms)
+            return granted, self.count(key, now_ms)
         if code == "U":
             self._uncount(key, int(p1), int(p2), now_ms)
             return 0, 0

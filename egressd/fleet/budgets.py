@@ -20,8 +20,8 @@ clock (``TIME``), so that nodes whose clocks disagree still share one timeline:
   back by one emission interval per cell;
 - ``Q`` / ``U`` (take / give back a count): a counter that never passes its limit, set to
   expire after a time (a warming source's messages of one day to one provider, keyed by
-  the day: :mod:`egressd.warmup.shared`); ``Q`` adds up to a batch, ``U`` takes back what
-  was not spent;
+  the day: :mod:`egressd.fleet.quotas`); ``Q`` adds up to a batch (none: a look) and
+  answers what it added and the count, ``U`` takes back what was not spent;
 - ``H``: this process's heartbeat in ``{prefix}:budgets:nodes``, answering how many
   processes count shared budgets: the divisor of the local shares when Redis goes away.
   It counts processes, not hosts (the fleet view's ``alive_nodes()`` counts node names):
@@ -163,9 +163,11 @@ for i, key in ipairs(KEYS) do
   elseif op == 'Q' then
     local used = tonumber(redis.call('GET', key) or 0)
     local granted = math.min(tonumber(p2), tonumber(p1) - used)
+    r2 = used
     if granted >= 1 then
       redis.call('SET', key, used + granted, 'PX', p3)
       r1 = granted
+      r2 = used + granted
     end
   elseif op == 'U' then
     local used = redis.call('GET', key)
@@ -380,16 +382,20 @@ class FleetBudgets:
             self.quotas.unsent(ops)
 
     async def renew(self) -> None:
-        """Renew every slot this node holds, with this node's heartbeat."""
+        """Renew every slot this node holds, with this node's heartbeat (and a look at the
+        day's count of each shared warm-up quota)."""
         stale_ms = max(1, round(3 * self.renew_interval * 1000))  # unseen for 3 beats
         beat = Heartbeat(self._nodes_key(), self.ledger.node, stale_ms)
-        ops: list[Op | Heartbeat] = [beat, *self.ledger.renewals()]
+        looks = self.quotas.looks() if self.quotas is not None else []
+        ops: list[Op | Heartbeat] = [beat, *self.ledger.renewals(), *(w.op for w in looks)]
         try:
             results = await self._exchange(ops)
         except self.unavailable as exc:
             self._went_down(exc)
             return
         self.seen_nodes = max(1, results[0][0])
+        if self.quotas is not None and looks:
+            self.quotas.granted(looks, results[len(ops) - len(looks) :])
 
     async def probe(self) -> None:
         """Redis is away: try it; when it answers, register this node's connections

@@ -24,7 +24,11 @@ give-backs), so another process may use them; at midnight the day changes, so th
 does. A message counted without a ticket (a kept connection whose hold was given back
 first) is added to the counter with the next give-back, whatever the limit (it was sent).
 
-The engine is still asked first and still counts every outcome: its steps, holds and
+A restarted process (or a store restarted empty) does not find the day's messages in the
+counter, but its engine read them back from the state store: the first ask of the day
+raises the counter to at least the engine's count of the day (a seed op, in the same
+round trip), so what was sent before counts. The engine is still asked first and still
+counts every outcome: its steps, holds and
 signals are unchanged, and its refusal (this process's count alone) is the weaker one.
 
 **When the store is unreachable** (:meth:`went_down`), a quota is counted here as a *local
@@ -46,7 +50,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from egressd.shaping.ledger import GiveBackCount, Op, TakeCount, share_of_limit
-from egressd.warmup import Warmup
+from egressd.warmup import ALL_PROVIDERS, Warmup
 
 __all__ = ["FORCED", "QuotaWant", "SharedQuotas", "quota_batch"]
 
@@ -76,6 +80,10 @@ class QuotaWant:
 
     op: TakeCount
     key: DayKey
+    seed: bool = False
+    """Not a batch of tickets: a seed raises the counter to this process's count of the day
+    (a ``TakeCount`` whose limit and quantity are that count adds what is missing, nothing
+    when it is there); a look (quantity 0) reads it."""
 
 
 class SharedQuotas:
@@ -94,6 +102,8 @@ class SharedQuotas:
         self.owed: Counter[DayKey] = Counter()
         """Messages counted here and not yet in the store (added with the next returns)."""
         self._owed_keys: dict[str, DayKey] = {}
+        self._seeded: set[DayKey] = set()
+        """Counters this process raised to its own count of the day (see :meth:`wants`)."""
 
     # ------------------------------------------------------------------ Quotas
 
@@ -165,16 +175,39 @@ class SharedQuotas:
             if quota is None or self._spare(source, provider).count > 0:
                 continue
             key = self._key(source, provider)
-            op = TakeCount(self.store_key(key), quota.limit, quota_batch(quota.limit), self._ttl())
-            wants.append(QuotaWant(op, key))
+            store_key, ttl = self.store_key(key), self._ttl()
+            if key not in self._seeded and quota.used > 0:
+                seed = TakeCount(store_key, quota.used, quota.used, ttl)
+                wants.append(QuotaWant(seed, key, seed=True))
+            self._seeded.add(key)
+            wants.append(
+                QuotaWant(TakeCount(store_key, quota.limit, quota_batch(quota.limit), ttl), key)
+            )
         return wants
 
+    def looks(self) -> list[QuotaWant]:
+        """A look at today's counter of every warming (source, provider) this process
+        tracks (the shell asks with each heartbeat): the engine learns the fleet's count,
+        so that a day whose messages went through other processes is a sending day here."""
+        if self.down:
+            return []
+        looks: list[QuotaWant] = []
+        for source, provider in self.engine.tracked():
+            quota = self.engine.quota(source, provider) if provider != ALL_PROVIDERS else None
+            if quota is not None:
+                key = self._key(source, provider)
+                op = TakeCount(self.store_key(key), quota.limit, 0, self._ttl())
+                looks.append(QuotaWant(op, key, seed=True))
+        return looks
+
     def granted(self, wants: Sequence[QuotaWant], results: Sequence[tuple[int, int]]) -> None:
-        """The store's answers to ``wants``: the tickets granted are spare here."""
+        """The store's answers to ``wants``: the tickets granted are spare here, and the
+        day's count so far goes to the engine (its sending days count the fleet's)."""
         now = self.engine.clock()
-        for want, (count, _wait) in zip(wants, results, strict=True):
-            if count > 0:
+        for want, (count, total) in zip(wants, results, strict=True):
+            if count > 0 and not want.seed:
                 self._add_spare(want.key, count, now)
+            self.engine.fleet_count(*want.key, total)
 
     def returns(self, *, everything: bool = False) -> list[Op]:
         """What goes to the store now: spare tickets unused for :attr:`linger_s` (all when
@@ -211,6 +244,7 @@ class SharedQuotas:
         self.down = True
         self.nodes = max(1, nodes)
         self.spare.clear()
+        self._seeded.clear()  # the store may come back empty
 
     def came_back(self) -> None:
         """The store answers again: the next :meth:`returns` adds what was sent meanwhile."""

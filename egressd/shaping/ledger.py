@@ -234,7 +234,7 @@ class GiveBackCells:
 class TakeCount:
     """Add up to ``quantity`` to the counter ``store_key`` without passing ``limit``; the
     counter expires ``ttl_ms`` from now (a warm-up day's messages, keyed by the day:
-    :mod:`egressd.warmup.shared`); result ``(added, 0)``, ``(0, 0)`` when it is full."""
+    :mod:`egressd.fleet.quotas`); result ``(added, count after)`` (``quantity`` 0: a look)."""
 
     store_key: str
     limit: int

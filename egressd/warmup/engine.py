@@ -106,6 +106,9 @@ class _Track:
     signal_hold: str | None = None
     stepped_back: bool = False
     in_flight: int = 0
+    fleet_today: int = 0
+    """The open day's messages of every process sharing the quota (:meth:`Warmup.
+    fleet_count`), when they are counted in a shared store; 0 otherwise."""
 
 
 Key = tuple[str, str]
@@ -249,6 +252,14 @@ class Warmup:
         self._counts.setdefault((source, provider, day), Counts()).add(outcome)
         self._judge_signals(source, provider, track)
 
+    def fleet_count(self, source: str, provider: str, day: str, count: int) -> None:
+        """Every process sharing the quota sent ``count`` messages of ``day`` so far
+        (:mod:`egressd.fleet.quotas`): the day is a sending day by that count, not by this
+        process's own share of it."""
+        track = self._tracks.get((source, provider))
+        if track is not None and track.progress.day == day:
+            track.fleet_today = max(track.fleet_today, count)
+
     def _signals(self, today: Counts) -> tuple[str | None, bool]:
         """(the day's hold reason, whether it steps back) judged on the day's counts."""
         settings = self.settings
@@ -370,13 +381,15 @@ class Warmup:
         if provider != ALL_PROVIDERS and step < len(schedule) and self._advances(key, track):
             need = self.settings.sending_day_share * schedule[step]
             reason = (
-                f"sending day {day}: {track.today.total} of {schedule[step]} messages "
+                f"sending day {day}: {max(track.today.total, track.fleet_today)} of "
+                f"{schedule[step]} messages "
                 f"(>= {self.settings.sending_day_share:.0%}, {need:g})"
             )
             track.progress = replace(track.progress, step=step + 1)
             self._change(source, provider, "advanced", step, step + 1, reason)
         track.progress = replace(track.progress, day=today, signal_hold=None, updated=self.clock())
         track.today, track.signal_hold, track.stepped_back = Counts(), None, False
+        track.fleet_today = 0
         self._dirty.add(key)
 
     def _advances(self, key: Key, track: _Track) -> bool:
@@ -384,7 +397,8 @@ class Warmup:
             return False
         schedule = self._plan(self.sources[key[0]]).schedule(key[1])
         limit = schedule[track.progress.step]
-        return track.today.total >= self.settings.sending_day_share * limit
+        sent = max(track.today.total, track.fleet_today)
+        return sent >= self.settings.sending_day_share * limit
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -19,7 +19,8 @@ TTL = 60_000
 
 
 def model(ops: list[Op]) -> list[tuple[int, int]]:
-    """A counter per key that never passes the op's limit and is never below 0."""
+    """A counter per key that never passes the op's limit and is never below 0; a take
+    answers what it added and the count after."""
     counts: dict[str, int] = {}
     out: list[tuple[int, int]] = []
     for op in ops:
@@ -28,7 +29,7 @@ def model(ops: list[Op]) -> list[tuple[int, int]]:
             granted = max(0, min(op.quantity, op.limit - (used or 0)))
             if granted:
                 counts[op.store_key] = (used or 0) + granted
-            out.append((granted, 0))
+            out.append((granted, counts.get(op.store_key, 0)))
         elif isinstance(op, GiveBackCount):
             if used is not None:
                 counts[op.store_key] = max(0, used - op.quantity)
@@ -49,6 +50,7 @@ def script(key: str, other: str) -> list[Op]:
         TakeCount(key, 5, 1, TTL),
         GiveBackCount(key, 100, TTL),  # never below 0
         TakeCount(key, 5, 5, TTL),
+        TakeCount(key, 5, 0, TTL),  # a look
         GiveBackCount(other, 2, TTL),  # a counter that does not exist stays absent
         TakeCount(other, 3, 5, TTL),
     ]

@@ -117,3 +117,26 @@ def test_a_new_day_has_a_new_count_and_yesterdays_spares_are_dropped() -> None:
     clock.advance(DAY)
     assert one.quotas.returns() == []  # nothing to give back to yesterday's counter
     assert two.send()
+
+
+def test_after_a_restart_the_days_messages_read_back_count_in_the_new_store() -> None:
+    one, two, _ = two_processes()
+    for process in (one, two):  # both engines read back 6 messages of today
+        for _ in range(6):
+            process.quotas.engine.record("ip-1", "other", "sent")
+    sent = [process.send() for _ in range(QUOTA) for process in (one, two)]
+    assert sent.count(True) == QUOTA - 6
+
+
+def test_a_day_the_fleet_used_is_a_sending_day_for_each_process() -> None:
+    one, two, clock = two_processes()
+    sent = [process.send() for _ in range(QUOTA) for process in (one, two)]
+    assert sent.count(True) == QUOTA  # each process sent half: alone, not a sending day
+    for process in (one, two):
+        looks = process.quotas.looks()
+        process.quotas.granted(looks, process.run([look.op for look in looks]))
+    clock.advance(DAY)
+    steps = [p.quotas.engine.quota("ip-1", "other") for p in (one, two)]
+    assert [q.step if q is not None else None for q in steps] == [1, 1]
+    events = [e for e in one.quotas.engine.take_batch().events if e.kind == "advanced"]
+    assert f"{QUOTA} of {QUOTA} messages" in events[0].reason

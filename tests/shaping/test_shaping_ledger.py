@@ -92,9 +92,9 @@ class ModelStore:
             return 0, 0
         granted = min(op.quantity, op.limit - used)
         if granted < 1:
-            return 0, 0
+            return 0, used
         self.counters[op.store_key] = (used + granted, now + op.ttl_ms / 1000)
-        return granted, 0
+        return granted, used + granted
 
     def live(self, key: str) -> dict[str, float]:
         members = self.sets.setdefault(key, {})
