@@ -131,12 +131,16 @@ class Relay:
         return None
 
     async def prepare_send(self, event: Event) -> None:
-        """A MAIL on a kept remote: its shared message budgets are asked for ahead (the
-        core asks the lease synchronously before MAIL goes out)."""
+        """A MAIL on a kept remote: its shared message budgets and warm-up quota are asked
+        for ahead (the core asks them synchronously before MAIL goes out)."""
         remote = self.remote
-        if remote is None or remote.shaping is None:
+        if remote is None or not (
+            isinstance(event, MtaCommand) and isinstance(event.command, Mail)
+        ):
             return
-        if isinstance(event, MtaCommand) and isinstance(event.command, Mail):
+        if remote.quota is not None:  # the warm-up quota's ticket, when it is shared
+            await remote.quota.prepare()
+        if remote.shaping is not None:
             await remote.shaping.prepare_send()
 
     # ----------------------------------------------------------------------- the remote

@@ -164,6 +164,14 @@ class ConnectionQuota:
         self.inner = inner
         self._spare = first
         self._current: QuotaHold | None = None
+        self._ahead = quotas if isinstance(quotas, QuotasAskedAhead) else None
+
+    async def prepare(self) -> None:
+        """Before a MAIL on the kept connection: quotas counted in a shared store ask it
+        ahead for this message (:class:`QuotasAskedAhead`), so that :meth:`send` finds a
+        ticket instead of refusing (which would cost a new connection)."""
+        if self._spare is None and self._ahead is not None:
+            await self._ahead.prepare([self.source], self.provider)
 
     def send(self) -> MessageRefusal | None:
         """Before MAIL: hold this message, or say why not (nothing is held then)."""

@@ -87,3 +87,21 @@ async def test_two_workers_send_exactly_the_warming_sources_quota_together(
             assert served == (ROUNDS * CLIENTS // 2, ROUNDS * CLIENTS // 2)
             peers = [m.peer for m in mx.messages]
             assert (peers.count("127.0.0.3"), peers.count("127.0.0.4")) == (QUOTA, 2 * QUOTA)
+
+
+async def test_a_kept_connection_of_the_warming_source_carries_its_quota_then_moves_over(
+    short_dir: Path, sink: Sink
+) -> None:
+    """Later messages on a kept connection take their shared ticket before MAIL: the
+    warming source's quota goes over one connection, then the warm source takes over."""
+    with smtp_sink() as mx:
+        async with daemon_process(config(short_dir, mx.port)) as process:
+            w = Workers(process, short_dir, sink, 0)
+            port = await w.port("smtp")
+            with trio.fail_after(20):
+                async with w.only(2):
+                    await trio.to_thread.run_sync(send, port, 0, QUOTA + 2)
+        peers = [m.peer for m in mx.messages]
+        assert peers == ["127.0.0.3"] * QUOTA + ["127.0.0.4"] * 2
+        opened = [line.split()[0] for line in mx.connections]  # "PEER EHLO name"
+        assert (opened.count("127.0.0.3"), opened.count("127.0.0.4")) == (1, 1)
