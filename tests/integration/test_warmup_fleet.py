@@ -1,7 +1,8 @@
 """Two egressd daemons on one real redis-server send exactly a warming source's daily
 quota together (:mod:`egressd.fleet.quotas`): the day's count per (source, provider) is a
 counter in Redis, each daemon taking tickets ahead. Each daemon is ``python -m egressd
-run`` with ``[state] backend = "redis"``, stopped by PID; mail goes to a loopback sink."""
+run`` with ``[state] backend = "redis"``, stopped by PID; mail goes to a loopback sink.
+Redis killed: local shares, said by ``egressd status``; back empty: the count resumes."""
 
 from __future__ import annotations
 
@@ -91,3 +92,46 @@ async def test_two_daemons_on_one_redis_send_exactly_the_warming_sources_quota(
             assert "shaping budgets and warm-up quotas: shared through the store" in (
                 status.stdout.decode()
             )
+
+
+async def status_of(config: Path) -> str:
+    result = await trio.run_process(
+        [sys.executable, "-m", "egressd", "status", "-c", str(config)],
+        capture_stdout=True,
+        check=False,
+    )
+    return result.stdout.decode()
+
+
+def sequential(port: int, first: int, count: int) -> None:
+    for index in range(first, first + count):
+        send(port, index)
+
+
+async def test_without_redis_each_daemon_sends_its_local_share_and_the_count_resumes_after(
+    short_dir: Path, redis_server: RedisServer
+) -> None:
+    """Redis killed: a daemon sends half the quota (two daemons alive), and the status
+    says so; Redis back (empty): what it sent meanwhile counts, so the fleet still sends
+    the quota and no more."""
+    with smtp_sink() as mx:
+        one, one_port = node(short_dir / "one", redis_server, mx.port)
+        two, two_port = node(short_dir / "two", redis_server, mx.port)
+        async with AsyncExitStack() as stack:
+            for config in (one, two):
+                await stack.enter_async_context(daemon_process(config))
+            with trio.fail_after(30):
+                while "(2 nodes alive)" not in await status_of(one):
+                    await trio.sleep(0.1)
+                redis_server.kill()
+                await trio.to_thread.run_sync(sequential, one_port, 0, QUOTA)
+                peers = [m.peer for m in mx.messages]
+                assert (peers.count("127.0.0.3"), peers.count("127.0.0.4")) == (QUOTA // 2, 2)
+                assert "warm-up quotas: LOCAL SHARES (1/2 of each)" in await status_of(one)
+                redis_server.start()  # empty: the day's counter is gone
+                while "warm-up quotas: shared through the store" not in await status_of(one):
+                    await trio.sleep(0.1)
+                await trio.to_thread.run_sync(sequential, two_port, QUOTA, QUOTA)
+                await mx.wait(2 * QUOTA)
+        peers = [m.peer for m in mx.messages]
+        assert (peers.count("127.0.0.3"), peers.count("127.0.0.4")) == (QUOTA, QUOTA)
