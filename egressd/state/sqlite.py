@@ -152,14 +152,16 @@ class SqliteStore:
         """Check the file, refuse a newer schema, upgrade an older one, prove it writable."""
         if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise sqlite3.DatabaseError("database disk image is malformed")
-        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise StateError(
-                f"{self.path}: schema version {version} was written by a newer egressd "
-                f"(this one knows up to {SCHEMA_VERSION}); refusing to touch it"
-            )
         self._db.execute("BEGIN IMMEDIATE")  # fails here, at startup, when not writable
         try:
+            # read under the write lock: two workers opening a new file at once must not
+            # both see version 0 and both create the tables
+            version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"{self.path}: schema version {version} was written by a newer egressd "
+                    f"(this one knows up to {SCHEMA_VERSION}); refusing to touch it"
+                )
             for step in range(version, SCHEMA_VERSION):
                 for statement in _statements(UPGRADES[step]):
                     self._db.execute(statement)
