@@ -124,7 +124,7 @@ async def relay_session(
     The caller closes both streams.
     """
     traffic = Traffic()
-    keep_alive(client, dialed.stream)
+    keep_alive(dialed.stream)  # the client's socket has it from its listener
     try:
         async with runtime.source_in_use(dialed.source.name):
             result = await relay(

@@ -24,6 +24,7 @@ from egressd.config import Endpoint
 from egressd.log import get_logger
 from egressd.net.connection import Connection, close_socket, wait_readable
 from egressd.net.oserrors import host_port
+from egressd.net.splice import set_keepalive
 
 log = get_logger("listen")
 
@@ -47,6 +48,7 @@ def open_listener(address: Endpoint, backlog: int = 4096) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        set_keepalive(sock)  # accepted sockets inherit it: no setsockopt per session
         sock.bind((str(ip), address.port))
         sock.listen(backlog)
         sock.setblocking(False)

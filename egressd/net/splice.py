@@ -70,6 +70,7 @@ __all__ = [
     "can_splice",
     "keep_alive",
     "relay",
+    "set_keepalive",
 ]
 
 CHUNK_SIZE = 65536
@@ -208,20 +209,26 @@ def keep_alive(*streams: trio.abc.Stream) -> None:
     A spliced session whose peer vanished without a FIN or RST (a NAT that forgot it, a
     host that lost power) is then found dead by the kernel instead of holding a source
     slot until the idle timeout. A TLS stream's transport is used; a stream with no
-    socket under it is left alone.
+    socket under it is left alone. A socket accepted from ``open_listener`` already has
+    them (Linux copies them from the listening socket), so doors pass only the outbound one.
     """
     for stream in streams:
         while isinstance(stream, trio.SSLStream | TlsConnection):
             stream = stream.transport_stream
         sock = _socket_of(stream)
-        if sock is None:
-            continue
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            if hasattr(socket, "TCP_KEEPIDLE"):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        if sock is not None:
+            set_keepalive(sock)
+
+
+def set_keepalive(sock: AnySocket) -> None:
+    """The keepalive options of ``keep_alive`` on one socket (a listening one passes them
+    on to every socket it accepts); an OSError leaves the socket as it was."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
 def _tcp_socket(stream: trio.abc.Stream) -> AnySocket:

@@ -7,7 +7,9 @@ import socket
 import trio
 import trio.testing
 
+from egressd.config import Endpoint
 from egressd.net.connection import Connection
+from egressd.net.listen import open_listener
 from egressd.net.splice import keep_alive
 
 
@@ -45,3 +47,18 @@ async def test_keep_alive_on_a_connection_and_ignores_streams_without_a_socket()
     assert keepalive_options(raw) == (1, 300, 30, 3)
     peer.close()
     await connection.aclose()
+
+
+def test_a_socket_accepted_from_open_listener_has_the_keepalive_options_already() -> None:
+    """Doors call keep_alive on the outbound socket only: the client's comes from here."""
+    listener = open_listener(Endpoint("127.0.0.1", 0))
+    try:
+        raw = socket.create_connection(listener.getsockname())
+        listener.setblocking(True)
+        accepted, _ = listener.accept()
+    finally:
+        listener.close()
+    assert keepalive_options(accepted) == (1, 300, 30, 3)
+    assert keepalive_options(raw)[0] == 0
+    accepted.close()
+    raw.close()
