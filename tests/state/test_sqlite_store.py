@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ from egressd.state import (
     open_store,
     state_directory,
 )
-from egressd.state.sqlite import UPGRADES
+from egressd.state.sqlite import UPGRADES, SqliteStore
 
 
 def test_the_database_is_in_wal_mode(tmp_path: Path) -> None:
@@ -141,3 +142,41 @@ def test_the_directory_is_the_configured_one_else_systemds_else_the_default() ->
     )
     assert state_directory(None, {"STATE_DIRECTORY": "/run/x"}) == Path("/run/x")
     assert state_directory(None, {}) == Path("/var/lib/egressd")
+
+
+class _OtherWorkerFirst:
+    """A connection on which, just before this store takes the write lock, another
+    worker's store creates the schema (two workers opening a new file at once)."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self.db, self.path, self.raced = db, path, False
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "BEGIN IMMEDIATE" and not self.raced:
+            self.raced = True
+            SqliteStore(self.path).close()
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+
+def test_two_workers_opening_a_new_database_at_once_both_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / DATABASE_NAME
+    connect = SqliteStore._connect
+    first: list[_OtherWorkerFirst] = []
+
+    def racing(p: Path) -> object:
+        if first:  # the other worker's own connection
+            return connect(p)
+        first.append(_OtherWorkerFirst(connect(p), p))
+        return first[0]
+
+    monkeypatch.setattr(SqliteStore, "_connect", staticmethod(racing))
+    store = SqliteStore(path)  # the other one created the tables first: nothing to redo
+    assert first[0].raced
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
