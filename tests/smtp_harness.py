@@ -4,9 +4,9 @@ Theory of operation
 -------------------
 * :func:`smtp_sink` - an aiosmtpd server (in a thread of the test process) standing in for
   a recipient domain's MX. It records every accepted message with the peer address it came
-  from, the EHLO name, the TLS version, the envelope (with MAIL/RCPT parameters) and the
-  body. Recipients can be told to answer with a fixed reply (``rcpt_replies``), and STARTTLS
-  is offered when a trustme certificate is given.
+  from, the EHLO name, the TLS version, the envelope (with MAIL/RCPT parameters), the
+  body and its arrival time. Recipients can be told to answer with a fixed reply
+  (``rcpt_replies``), and STARTTLS is offered when a trustme certificate is given.
 * :class:`ScriptedMx` - a small trio SMTP server whose reply at every step (banner, EHLO,
   STARTTLS, MAIL, RCPT, DATA, final dot) can be scripted: a reply, ``DROP`` (close the
   connection there) or ``HANG`` (never answer). It records every command line and body
@@ -57,6 +57,8 @@ class SinkMessage:
     rcpt_tos: tuple[str, ...]
     rcpt_options: tuple[tuple[str, ...], ...]
     body: bytes
+    arrived: float = 0.0
+    """``time.monotonic()`` when the sink accepted the message (its final dot)."""
 
 
 @dataclass
@@ -123,6 +125,7 @@ class _SinkHandler:
             rcpt_tos=tuple(envelope.rcpt_tos),
             rcpt_options=tuple(tuple(o) for o in envelope.rcpt_options),
             body=bytes(envelope.original_content or b""),
+            arrived=time.monotonic(),
         )
         with self.sink._lock:
             self.sink.messages.append(message)
