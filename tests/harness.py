@@ -30,13 +30,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
@@ -222,6 +223,7 @@ class Process:
     argv: Sequence[str]
     popen: subprocess.Popen[bytes]
     _output: IO[bytes]
+    _mark: str = ""
 
     @property
     def pid(self) -> int:
@@ -239,48 +241,94 @@ class Process:
         return f"{' '.join(self.argv)} (pid {self.pid}, {state}); its output:\n{self.output()}"
 
     def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM by PID, SIGKILL after ``grace``; then SIGKILL what is left of its group.
+        """SIGTERM by PID, SIGKILL after ``grace``; then SIGKILL and reap its whole family.
 
-        The daemon runs in a session of its own (``start_new_session``), so its group ID is
-        its PID and its forked helpers share it; the test process is a child subreaper
-        (see :func:`_become_subreaper`), so orphaned helpers are reaped here, not left as
-        zombies under an init that may not reap.
+        The family is every process this daemon started, found in /proc again and again
+        until none is left: its process group and session (``start_new_session`` makes
+        both IDs its PID), the descendants of every member (a helper that called setsid
+        leaves the group but not the tree), and whatever carries the ``_FAMILY_MARK``
+        environment variable it was started with (a double-forked daemon is re-parented
+        to us and is no one's descendant any more). The test process is a child
+        subreaper (:func:`_become_subreaper`), so orphans come back to us and are reaped
+        here, not left as zombies under an init that may not reap. A helper that is
+        re-parented or forks while we kill is caught by the next pass; one still there
+        after ``grace`` fails the test, naming it, instead of being left behind.
         """
-        helpers = _group_members(self.pid)
+        family = _family(self.pid, self._mark)
         if self.popen.poll() is None:
             self.popen.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(grace)
-        helpers = sorted(set(helpers) | set(_group_members(self.pid)))
+        left = _kill_family(self.pid, self._mark, family, time.monotonic() + grace)
+        self.popen.poll()
+        if left:
+            raise RuntimeError(f"processes of {' '.join(self.argv)} still exist: {left}")
+
+
+_FAMILY_MARK = "EGRESSD_TEST_FAMILY"
+
+
+def _kill_family(leader: int, mark: str, known: set[int], deadline: float) -> dict[int, str]:
+    """SIGKILL and reap ``leader``'s family until it is gone; what is left at ``deadline``."""
+    while True:
+        known |= _family(leader, mark, known)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        deadline = time.monotonic() + grace
-        for pid in helpers:
-            while time.monotonic() < deadline:
-                try:
-                    reaped, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    break  # not ours (no subreaper) or already reaped
-                if reaped:
-                    break
-                time.sleep(0.01)
+            os.killpg(leader, signal.SIGKILL)
+        for pid in sorted(known):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        _reap(known)
+        left = {pid: state for pid in known if (state := _state(pid))}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.01)
 
 
-def _group_members(pgid: int) -> list[int]:
-    """PIDs of the processes in process group ``pgid`` other than its leader (from /proc)."""
-    members = []
+def _reap(pids: set[int]) -> None:
+    """Collect those of ``pids`` that are our exited children (the others: next pass)."""
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def _state(pid: int) -> str:
+    """``pid``'s /proc state letter (``Z``: a zombie), or "" when it no longer exists."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _family(leader: int, mark: str, known: Collection[int] = ()) -> set[int]:
+    """``leader``'s group and session, descendants of it and of ``known``, and ``mark``'s
+    holders, as /proc shows them now (``leader`` itself is waited for by Popen)."""
+    parents: dict[int, int] = {}
+    family: set[int] = set()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == pgid:
+        if not entry.name.isdigit() or int(entry.name) == leader:
             continue
-        with contextlib.suppress(OSError):
-            stat = (entry / "stat").read_text()
-            # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after ')'.
-            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
-                members.append(int(entry.name))
-    return members
+        pid = int(entry.name)
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            # pid (comm) state ppid pgrp session ...: comm may hold spaces, so split after ')'.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            parents[pid] = int(fields[1])
+            if leader in (int(fields[2]), int(fields[3])) or _has_mark(entry, mark):
+                family.add(pid)
+    roots = family | set(known) | {leader}
+    grown = True
+    while grown:
+        grown = False
+        for pid, parent in parents.items():
+            if parent in roots and pid not in roots:
+                roots.add(pid)
+                grown = True
+    return (roots | family) - {leader}
+
+
+def _has_mark(entry: Path, mark: str) -> bool:
+    with contextlib.suppress(OSError):
+        return f"{_FAMILY_MARK}={mark}".encode() in (entry / "environ").read_bytes().split(b"\0")
+    return False
 
 
 def _become_subreaper() -> None:
@@ -321,16 +369,17 @@ def start_process(
         port = ready_check if isinstance(ready_check, int) else ready_check[1]
         check = lambda: is_listening(port)  # noqa: E731
     with tempfile.TemporaryFile() as output:
+        mark = secrets.token_hex(8)
         popen = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
             cwd=cwd,
-            env=env,
+            env={**(os.environ if env is None else env), _FAMILY_MARK: mark},
             start_new_session=True,
         )
-        process = Process(argv=argv, popen=popen, _output=output)
+        process = Process(argv=argv, popen=popen, _output=output, _mark=mark)
         try:
             deadline = time.monotonic() + timeout
             while not check():
