@@ -155,6 +155,10 @@ source_address = "{SOURCE}"
 """
 
 
+LOAD_ALLOWANCE = 6.0
+"""Seconds a loaded machine may add to the polling of a test, never to what it asserts."""
+
+
 async def hold_one(port: int, sink_port: int, hold: float) -> bool:
     """One SOCKS5 CONNECT to the sink, held ``hold`` seconds: True, or False if refused."""
     try:
@@ -216,13 +220,26 @@ async def test_kill_9_of_a_daemon_returns_its_slots_within_the_lease_timeout(
             await first.wait_exit()
             for connection in held:
                 await connection.stream.aclose()
-            assert not await hold_one(two.socks_port, sink.port, 0)  # still leased in Redis
-            with trio.fail_after(4):
-                while not await hold_one(two.socks_port, sink.port, 0):
+            # Each attempt's start and outcome, measured from the kill: on a loaded machine
+            # an attempt takes a while, so what is asserted is when refusals began and when
+            # the first success ended, never how long the polling took.
+            attempts: list[tuple[float, float, bool]] = []
+            with trio.fail_after(4 + LOAD_ALLOWANCE):
+                while not attempts or not attempts[-1][2]:
+                    began = time.monotonic() - killed_at
+                    through = await hold_one(two.socks_port, sink.port, 0)
+                    attempts.append((began, time.monotonic() - killed_at, through))
                     await trio.sleep(0.1)
-            back_after = time.monotonic() - killed_at
         nursery.cancel_scope.cancel()
-    assert back_after <= 2.0 + 0.5, back_after  # the lease timeout, and a probe's delay
+    refused = [began for began, _, through in attempts if not through]
+    (ended,) = [ended for _, ended, through in attempts if through]
+    # The last renewal came about a renew interval (lease / 3) before the kill, so the
+    # slots stay leased in Redis for 2/3 of the lease after it; half of it leaves the
+    # renew timer's own lateness on a loaded machine a sixth of the lease...
+    assert ended >= 2.0 / 2, attempts
+    # ...and are back within the lease timeout: no refusal began later (0.5 s: the renew
+    # timer's and a probe's own delays).
+    assert max(refused, default=0.0) <= 2.0 + 0.5, attempts
 
 
 # --------------------------------------------------------------------------- SMTP door
