@@ -201,6 +201,8 @@ class Socks5Server:
             raise
 
     def _parse_or_incomplete(self) -> ServerEvent | NeedData:
+        if not self._buffer:  # every message starts with a byte: no parse, no _Incomplete
+            return self._on_incomplete()
         try:
             return self._parse_next()
         except _Incomplete:
