@@ -65,13 +65,23 @@ def require_binary(name: str) -> str:
     return path
 
 
+#: Every port :func:`free_port` has handed out in this process: never handed out twice.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (the kernel's pick for port 0)."""
+    """A TCP port that is free on ``host`` right now (the kernel's pick for port 0), and
+    that this process was never given before: two calls in one test's setup (a door and
+    the metrics endpoint) must not get the same port, which the kernel's pick allows once
+    the first probe is closed."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port: int = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def is_listening(port: int) -> bool:
