@@ -74,3 +74,24 @@ async def recording_daemon(
         recording = RecordingDaemon(daemon, door)
         daemon.runtime.session_hooks.append(recording.records.append)
         yield recording
+
+
+def cold_and_warm_pool(quota: int, mx_port: int) -> str:
+    """Config lines: pool "main" of a warming source "cold" (plan "test": ``quota`` a day,
+    127.0.0.3) weighted far above a warm source "warm" (127.0.0.4), every domain routed to
+    the sink on ``mx_port``: the cold source takes every message until its quota is used."""
+    return f"""
+[smtp.routes]
+"*" = "127.0.0.1:{mx_port}"
+[warmup.plan.test]
+days = [{quota}]
+[source."cold"]
+source_address = "127.0.0.3"
+warmup = "test"
+[source."warm"]
+source_address = "127.0.0.4"
+[pool."main"."cold"]
+weight = 1000
+[pool."main"."warm"]
+weight = 1
+"""

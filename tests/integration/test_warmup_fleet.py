@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from daemon_helpers import cold_and_warm_pool
 from harness import free_port
 from redis_harness import RedisServer
 from service_harness import daemon_process
@@ -29,7 +30,8 @@ def node(directory: Path, redis: RedisServer, mx_port: int) -> tuple[Path, int]:
     directory.mkdir()
     port = free_port()
     config = directory / "egressd.toml"
-    config.write_text(f"""
+    config.write_text(
+        f"""
 [state]
 backend = "redis"
 url = "{redis.url}"
@@ -43,20 +45,9 @@ deny_destinations = []
 [[smtp.listener]]
 address = "127.0.0.1:{port}"
 pool = "main"
-[smtp.routes]
-"*" = "127.0.0.1:{mx_port}"
-[warmup.plan.test]
-days = [{QUOTA}]
-[source."cold"]
-source_address = "127.0.0.3"
-warmup = "test"
-[source."warm"]
-source_address = "127.0.0.4"
-[pool."main"."cold"]
-weight = 1000
-[pool."main"."warm"]
-weight = 1
-""")
+"""
+        + cold_and_warm_pool(QUOTA, mx_port)
+    )
     return config, port
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from daemon_helpers import cold_and_warm_pool
 from harness import Sink
 from service_harness import daemon_process
 from smtp_harness import smtp_sink
@@ -27,7 +28,8 @@ CLIENTS = 3
 
 def config(directory: Path, mx_port: int) -> Path:
     path = directory / "egressd.toml"
-    path.write_text(f"""
+    path.write_text(
+        f"""
 [daemon]
 workers = 2
 [state]
@@ -39,20 +41,9 @@ deny_destinations = []
 [[smtp.listener]]
 address = "127.0.0.1:0"
 pool = "main"
-[smtp.routes]
-"*" = "127.0.0.1:{mx_port}"
-[warmup.plan.test]
-days = [{QUOTA}]
-[source."cold"]
-source_address = "127.0.0.3"
-warmup = "test"
-[source."warm"]
-source_address = "127.0.0.4"
-[pool."main"."cold"]
-weight = 1000
-[pool."main"."warm"]
-weight = 1
-""")
+"""
+        + cold_and_warm_pool(QUOTA, mx_port)
+    )
     return path
 
 
