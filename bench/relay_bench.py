@@ -8,9 +8,13 @@ throughput      one connection moves ``--gib`` GiB (default 1) client -> sink th
                 mode) and directly. Target: egressd >= socat.
 splice paths    the same through a bare trio relay built on egressd.net.splice, zero-copy
                 vs the portable trio path.
-session rate    ``--sessions`` short sessions (connect, SOCKS5 handshake, one line echoed,
-                close), ``--concurrency`` at a time, through egressd and through Dante.
-                Target: egressd >= Dante.
+session rate    ``--sessions`` short sessions (curl --parallel: connect, SOCKS5 handshake,
+                one HTTP exchange, close), ``--concurrency`` at a time, through egressd
+                and through Dante (which forks: its CPU is its whole process tree's, see
+                procs.py). ``--workers 1,2`` measures egressd with ``[daemon] workers =
+                1`` and ``2`` (supervisor and workers summed) in the same rounds. Issue
+                12's targets: a rate >= 2x Dante's (workers allowed), CPU per session
+                <= 0.6x Dante's.
 idle memory     ``--idle`` sessions opened through a fresh egressd, one exchange each, then
                 left idle; the daemon's RSS growth per session. Target: <= 20 KiB.
 
@@ -41,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +94,11 @@ def open_fds(pid: int) -> int:
 # --------------------------------------------------------------------------- servers
 
 
-def egressd_config(workdir: Path, port: int, destination_ports: Sequence[int]) -> Path:
+def egressd_config(
+    workdir: Path, port: int, destination_ports: Sequence[int], workers: int = 1
+) -> Path:
     path = workdir / f"egressd-{port}.toml"
+    daemon = f"\n[daemon]\nworkers = {workers}\n" if workers > 1 else ""
     path.write_text(
         f"""
 [source.a]
@@ -109,21 +116,34 @@ max_connections_per_source = 100000
 [[socks5.listener]]
 address = "127.0.0.1:{port}"
 pool = "main"
-"""
+{daemon}"""
     )
     return path
 
 
 @contextlib.contextmanager
 def egressd(
-    workdir: Path, destination_ports: Sequence[int], root: Path = ROOT
+    workdir: Path, destination_ports: Sequence[int], root: Path = ROOT, workers: int = 1
 ) -> Iterator[tuple[int, int]]:
-    """An egressd imported from the checkout ``root``: (port, pid)."""
+    """An egressd imported from the checkout ``root``, with ``[daemon] workers``: (port,
+    pid); its CPU (:func:`cpu_seconds` of the pid) is the supervisor's and the workers'."""
     port = free_port()
-    config = egressd_config(workdir, port, destination_ports)
+    config = egressd_config(workdir, port, destination_ports, workers)
     argv = [*EGRESSD, "run", "-c", str(config)]
-    with running(argv, port, workdir, f"egressd-{port}", root=root) as pid:
+    name = f"egressd-{port}"
+    with running(argv, port, workdir, name, root=root) as pid:
+        if workers > 1:
+            wait_ready(workdir / f"{name}.log")
         yield port, pid
+
+
+def wait_ready(log: Path, timeout: float = 60.0) -> None:
+    """Until the supervisor logged that every worker is ready (the port listens before)."""
+    deadline = time.monotonic() + timeout
+    while "egressd ready" not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            sys.exit(f"bench: the workers did not start:\n{log.read_text()}")
+        time.sleep(0.05)
 
 
 HAPROXY_CONFIG = """\
@@ -226,6 +246,37 @@ def pong_sink(workdir: Path) -> Iterator[tuple[int, int]]:
     config.write_text(PONG_CONFIG.format(port=port))
     with running([binary("haproxy"), "-f", str(config), "-db"], port, workdir, "pong") as pid:
         yield port, pid
+
+
+def contender_name(name: str, workers: int) -> str:
+    """``egressd`` or ``baseline`` with one worker, ``egressd w2`` with two."""
+    return name if workers == 1 else f"{name} w{workers}"
+
+
+def session_proxies(
+    servers: contextlib.ExitStack,
+    workdir: Path,
+    args: argparse.Namespace,
+    ours: tuple[int, int],
+    ports: Sequence[int],
+) -> dict[str, tuple[int, int]]:
+    """The short-session contenders, (port, pid) by name: egressd with each ``--workers``
+    count (``ours``, the throughput egressd, is the one with one worker), Dante, and the
+    baseline egressd with the same counts."""
+    proxies: dict[str, tuple[int, int]] = {}
+    roots = [("egressd", ROOT)]
+    if args.baseline is not None:
+        roots.append(("baseline", args.baseline.resolve()))
+    for name, root in roots:
+        for count in args.workers:
+            if name == "egressd" and count == 1:
+                proxies["egressd"] = ours
+            else:
+                started = egressd(workdir, ports, root, workers=count)
+                proxies[contender_name(name, count)] = servers.enter_context(started)
+        if name == "egressd":
+            proxies["Dante"] = servers.enter_context(dante(workdir))
+    return proxies
 
 
 # --------------------------------------------------------------------------- measurements
@@ -446,11 +497,7 @@ def run(args: argparse.Namespace) -> int:
                 "zero-copy": servers.enter_context(bare_relay(workdir, blast_port, True)),
                 "trio path": servers.enter_context(bare_relay(workdir, blast_port, False)),
             }
-            proxies = {"egressd": ours, "Dante": servers.enter_context(dante(workdir))}
-            if args.baseline is not None:
-                ports = [blast_port, session_sink[0]]
-                baseline = egressd(workdir, ports, args.baseline.resolve())
-                proxies["baseline"] = servers.enter_context(baseline)
+            proxies = session_proxies(servers, workdir, args, ours, [blast_port, session_sink[0]])
             print(
                 f"{args.repeat} rounds; each: {args.gib:g} GiB through each, then"
                 f" {args.sessions} short sessions ({args.client}) straight to the sink, through"
@@ -545,54 +592,68 @@ def table_rows(rounds: Rounds, args: argparse.Namespace, per_session: float, fds
             note=session_note("direct"),
         ),
         Row(
-            "short sessions, egressd",
-            med("egressd rate"),
-            "/s",
-            "Dante",
-            med("Dante rate"),
-            ">= 1.0x",
-            session_note("egressd"),
-        ),
-        Row(
-            "short sessions, no proxy / egressd",
+            "short sessions, no proxy / fastest egressd",
             med("direct rate"),
             "/s",
             "egressd",
-            med("egressd rate"),
+            max(med(f"{contender_name('egressd', n)} rate") for n in args.workers),
             ">= 3x: generator not the bottleneck",
         ),
         Row(
-            "proxy CPU per short session",
-            med("egressd cpu"),
-            "ms",
-            "Dante",
-            med("Dante cpu"),
-            note=session_note("Dante"),
+            "proxy CPU per short session, Dante", med("Dante cpu"), "ms", note=session_note("Dante")
         ),
     ]
-    if args.baseline is not None:
-        sessions += [
-            Row(
-                "short sessions, baseline egressd",
-                med("baseline rate"),
-                "/s",
-                "egressd",
-                med("egressd rate"),
-                note=session_note("baseline"),
-            ),
-            Row(
-                "proxy CPU per short session, baseline",
-                med("baseline cpu"),
-                "ms",
-                "egressd",
-                med("egressd cpu"),
-            ),
-        ]
+    for count in args.workers:
+        sessions += session_rows(rounds, "egressd", count, "Dante", session_note)
+    for count in args.workers if args.baseline is not None else []:
+        sessions += session_rows(
+            rounds, "baseline", count, contender_name("egressd", count), session_note
+        )
     idle = [
         Row(f"RSS per idle session ({args.idle} open)", per_session, "KiB", target="<= 20 KiB"),
         Row(f"daemon fds with {args.idle} idle sessions", fds, "fds"),
     ]
     return (throughput() if args.gib else []) + sessions + (idle if args.idle else [])
+
+
+def session_rows(
+    rounds: Rounds,
+    name: str,
+    workers: int,
+    reference: str,
+    session_note: Callable[[str], str],
+) -> list[Row]:
+    """Rate and CPU per session of the contender ``name`` with ``workers`` against
+    ``reference`` (Dante, issue 12's targets; or egressd, for the baseline)."""
+    med, contender = rounds.median, contender_name(name, workers)
+    dante = reference == "Dante"
+    label = f"{name} w{workers}"
+    return [
+        Row(
+            f"short sessions, {label}",
+            med(f"{contender} rate"),
+            "/s",
+            reference,
+            med(f"{reference} rate"),
+            ">= 2x (workers allowed)" if dante else "",
+            session_note(contender),
+        ),
+        Row(
+            f"proxy CPU per short session, {label}",
+            med(f"{contender} cpu"),
+            "ms",
+            reference,
+            med(f"{reference} cpu"),
+            "<= 0.6x" if dante else "",
+        ),
+    ]
+
+
+def worker_counts(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",")]
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"distinct worker counts >= 1, like 1,2: {text!r}")
+    return counts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -611,6 +672,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         metavar="DIR",
         help="also measure the session rate of an egressd from checkout DIR in the same rounds",
+    )
+    parser.add_argument(
+        "--workers",
+        type=worker_counts,
+        default=[1],
+        metavar="N[,M]",
+        help="short sessions through egressd with [daemon] workers = N (and M...) side by"
+        " side with Dante (and the baseline with the same counts); default 1",
     )
     parser.add_argument(
         "--client",
