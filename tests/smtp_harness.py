@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import smtplib
 import ssl
 import subprocess
 import tempfile
@@ -550,3 +551,54 @@ def postfix(
                     timeout=15,
                 )
                 instance.process = None
+
+
+# --------------------------------------------------------------------------- MTA side
+
+
+def send_one(
+    port: int, recipient: str, body: bytes = b"Subject: t\r\n\r\nbody\r\n", *, timeout: float = 15
+) -> str:
+    """One MTA session through egressd's SMTP door, one message (smtplib, blocking: run it in
+    a thread from trio). The outcome as text: ``sent``, the refusing reply as ``code text``,
+    or ``failed: ...`` when the session broke without a reply."""
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as client:
+            client.sendmail("a@sender.test", [recipient], body)
+        return "sent"
+    except smtplib.SMTPRecipientsRefused as exc:
+        code, text = exc.recipients[recipient]
+        return f"{code} {text.decode()}"
+    except smtplib.SMTPResponseException as exc:
+        error = exc.smtp_error
+        return f"{exc.smtp_code} {error.decode() if isinstance(error, bytes) else error}"
+    except (smtplib.SMTPException, OSError) as exc:
+        return f"failed: {exc}"
+
+
+async def send_lockstep(relay_port: int, recipient: str, body: bytes) -> str:
+    """One message to ``recipient`` through egressd, a command at a time on a trio stream:
+    the first reply that is not a success, else the final one (``code text``)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", relay_port)
+    async with stream:
+        buffer = b""
+
+        async def reply() -> str:
+            nonlocal buffer
+            with trio.fail_after(15):
+                while True:
+                    while b"\r\n" not in buffer:
+                        buffer += await stream.receive_some(65536)
+                    line, _, buffer = buffer.partition(b"\r\n")
+                    if line[3:4] != b"-":
+                        return line.decode()
+
+        await reply()
+        commands = ("EHLO mta.test", "MAIL FROM:<a@sender.test>", f"RCPT TO:<{recipient}>", "DATA")
+        for command in commands:
+            await stream.send_all(command.encode() + b"\r\n")
+            answer = await reply()
+            if not answer.startswith(("2", "3")):
+                return answer
+        await stream.send_all(body + b".\r\n")
+        return await reply()

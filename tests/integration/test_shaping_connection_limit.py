@@ -11,14 +11,13 @@ sessions that find no budget get ``451 4.7.0`` naming it.
 
 from __future__ import annotations
 
-import smtplib
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import trio
 from daemon_helpers import port_of, running_daemon
-from smtp_harness import dnsmasq
+from smtp_harness import dnsmasq, send_one
 
 from egressd.daemon import Daemon
 from egressd.doors.smtp import SmtpDoor
@@ -174,20 +173,6 @@ async def test_connection_limit_holds_through_the_socks5_door(tmp_path: Path) ->
                 await stream.aclose()
                 assert code == 0
         nursery.cancel_scope.cancel()
-
-
-def send_one(port: int, recipient: str) -> str:
-    """One MTA session, one message; the outcome as text (``sent`` or the reply)."""
-    try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
-            client.sendmail("a@sender.test", [recipient], b"Subject: t\r\n\r\nbody\r\n")
-        return "sent"
-    except smtplib.SMTPRecipientsRefused as exc:
-        code, text = exc.recipients[recipient]
-        return f"{code} {text.decode()}"
-    except smtplib.SMTPResponseException as exc:
-        error = exc.smtp_error
-        return f"{exc.smtp_code} {error.decode() if isinstance(error, bytes) else error}"
 
 
 async def test_connection_limit_holds_through_the_smtp_door(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ each limit with its file and section, the suspension, and the next pick (without
 from __future__ import annotations
 
 import io
-import smtplib
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import trio
 from daemon_helpers import port_of, running_daemon
 from prometheus_client.parser import text_string_to_metric_families
-from smtp_harness import dnsmasq, smtp_sink
+from smtp_harness import dnsmasq, send_one, smtp_sink
 
 from egressd.cli import main
 from egressd.config import load_config
@@ -40,16 +39,6 @@ regex = "\\[TSS04\\]"
 action = "Suspend"
 duration = "1h"
 """
-
-
-def send_one(port: int, recipient: str) -> str:
-    try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
-            client.sendmail("a@sender.test", [recipient], b"Subject: t\r\n\r\nbody\r\n")
-        return "sent"
-    except smtplib.SMTPRecipientsRefused as exc:
-        code, text = exc.recipients[recipient]
-        return f"{code} {text.decode()}"
 
 
 async def test_explain_shows_provider_limits_suspension_and_next_pick(short_dir: Path) -> None:

@@ -20,7 +20,6 @@ leave from ``b`` only, and ``a`` still delivers to the other provider.
 from __future__ import annotations
 
 import re
-import smtplib
 from collections.abc import Iterator
 from ipaddress import ip_address
 from pathlib import Path
@@ -29,7 +28,7 @@ import pytest
 import trio
 from daemon_helpers import port_of, running_daemon
 from harness import free_port
-from smtp_harness import Postfix, dnsmasq, postfix
+from smtp_harness import Postfix, dnsmasq, postfix, send_one
 
 from egressd.doors.smtp import SmtpDoor
 
@@ -72,18 +71,6 @@ def postfix_mx(mx_port: int) -> Iterator[Postfix]:
     main = MX_MAIN_CF.format(tss04=TSS04)
     with postfix(0, main, MX_MASTER_CF.format(port=mx_port)) as instance:
         yield instance
-
-
-def send_one(port: int, recipient: str) -> str:
-    try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
-            client.sendmail("a@sender.test", [recipient], b"Subject: t\r\n\r\nbody\r\n")
-        return "sent"
-    except smtplib.SMTPRecipientsRefused as exc:
-        code, text = exc.recipients[recipient]
-        return f"{code} {text.decode()}"
-    except (smtplib.SMTPException, OSError) as exc:
-        return f"failed: {exc}"
 
 
 def deliveries(log: str) -> list[tuple[str, str]]:

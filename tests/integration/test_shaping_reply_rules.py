@@ -8,13 +8,12 @@ answers RCPT for one address with Yahoo's TSS04 deferral.
 
 from __future__ import annotations
 
-import smtplib
 from pathlib import Path
 
 import pytest
 import trio
 from daemon_helpers import port_of, running_daemon
-from smtp_harness import dnsmasq, smtp_sink, start_scripted_mx
+from smtp_harness import dnsmasq, send_one, smtp_sink, start_scripted_mx
 
 from egressd.doors.smtp import SmtpDoor
 
@@ -30,18 +29,6 @@ regex = "\\[TSS04\\]"
 action = "Suspend"
 duration = "1h"
 """
-
-
-def send_one(port: int, recipient: str) -> str:
-    try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
-            client.sendmail("a@sender.test", [recipient], b"Subject: t\r\n\r\nbody\r\n")
-        return "sent"
-    except smtplib.SMTPRecipientsRefused as exc:
-        code, text = exc.recipients[recipient]
-        return f"{code} {text.decode()}"
-    except (smtplib.SMTPException, OSError) as exc:
-        return f"failed: {exc}"
 
 
 async def test_tss04_suspends_the_source_for_that_provider_only(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from daemon_helpers import port_of, running_daemon
 from dnssec_harness import SignedDns, Zone, forwarding_dnsmasq, signed_dns
 from harness import free_port
 from service_harness import sample, scrape
-from smtp_harness import SmtpSink, _SinkHandler, server_tls_context, smtp_sink
+from smtp_harness import SmtpSink, _SinkHandler, send_lockstep, server_tls_context, smtp_sink
 
 from egressd.checks import dane_resolver_warnings
 from egressd.config import load_config
@@ -173,30 +173,7 @@ def tls_sink(host: str, port: int, cert: Any | None) -> Iterator[SmtpSink]:
 
 
 async def send(relay_port: int, rcpt: str) -> str:
-    """One message to ``rcpt`` through egressd: the first reply that is not a success,
-    else the final one."""
-    stream = await trio.open_tcp_stream("127.0.0.1", relay_port)
-    async with stream:
-        buffer = b""
-
-        async def reply() -> str:
-            nonlocal buffer
-            with trio.fail_after(15):
-                while True:
-                    while b"\r\n" not in buffer:
-                        buffer += await stream.receive_some(65536)
-                    line, _, buffer = buffer.partition(b"\r\n")
-                    if line[3:4] != b"-":
-                        return line.decode()
-
-        await reply()
-        for command in ("EHLO mta.test", "MAIL FROM:<a@sender.test>", f"RCPT TO:<{rcpt}>", "DATA"):
-            await stream.send_all(command.encode() + b"\r\n")
-            answer = await reply()
-            if not answer.startswith(("2", "3")):
-                return answer
-        await stream.send_all(BODY + b".\r\n")
-        return await reply()
+    return await send_lockstep(relay_port, rcpt, BODY)
 
 
 def logs(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:

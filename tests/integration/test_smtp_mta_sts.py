@@ -28,7 +28,14 @@ import trustme
 from daemon_helpers import port_of, running_daemon
 from harness import free_port
 from service_harness import sample, scrape
-from smtp_harness import Dnsmasq, SmtpSink, dnsmasq, server_tls_context, smtp_sink
+from smtp_harness import (
+    Dnsmasq,
+    SmtpSink,
+    dnsmasq,
+    send_lockstep,
+    server_tls_context,
+    smtp_sink,
+)
 
 from egressd.config import load_config
 from egressd.doors.smtp import SmtpDoor
@@ -172,30 +179,7 @@ def tls_sink(port: int, cert: Any) -> Iterator[SmtpSink]:
 
 
 async def send(relay_port: int, rcpt: str) -> str:
-    """One message to ``rcpt`` through egressd: the first reply that is not a success,
-    else the final one."""
-    stream = await trio.open_tcp_stream("127.0.0.1", relay_port)
-    async with stream:
-        buffer = b""
-
-        async def reply() -> str:
-            nonlocal buffer
-            with trio.fail_after(15):
-                while True:
-                    while b"\r\n" not in buffer:
-                        buffer += await stream.receive_some(65536)
-                    line, _, buffer = buffer.partition(b"\r\n")
-                    if line[3:4] != b"-":
-                        return line.decode()
-
-        await reply()
-        for command in ("EHLO mta.test", "MAIL FROM:<a@sender.test>", f"RCPT TO:<{rcpt}>", "DATA"):
-            await stream.send_all(command.encode() + b"\r\n")
-            answer = await reply()
-            if not answer.startswith(("2", "3")):
-                return answer
-        await stream.send_all(BODY + b".\r\n")
-        return await reply()
+    return await send_lockstep(relay_port, rcpt, BODY)
 
 
 def logs(caplog: pytest.LogCaptureFixture, message: str = "transaction") -> list[dict[str, Any]]:

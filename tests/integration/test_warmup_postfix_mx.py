@@ -18,8 +18,8 @@ import pytest
 import trio
 from daemon_helpers import port_of, running_daemon
 from harness import free_port
-from smtp_harness import Postfix, dnsmasq, postfix
-from test_shaping_postfix_mx import MX_MAIN_CF, MX_MASTER_CF, SHAPING, TSS04, send_one
+from smtp_harness import Postfix, dnsmasq, postfix, send_one
+from test_shaping_postfix_mx import MX_MAIN_CF, MX_MASTER_CF, SHAPING, TSS04
 
 from egressd.doors.smtp import SmtpDoor
 
