@@ -76,22 +76,37 @@ async def recording_daemon(
         yield recording
 
 
+def cold_and_warm_sources(
+    remote_port: int | None = None,
+    *,
+    warming: bool = True,
+    cold: str = "127.0.0.3",
+    warm: str = "127.0.0.4",
+) -> str:
+    """Config lines: pool "main" of source "cold" (warming on plan "test" unless
+    ``warming`` is false) weighted 1000 against source "warm" weighted 1, both sending to
+    ``remote_port`` when given: the cold source takes every message its warm-up allows."""
+    port = "" if remote_port is None else f"remote_port = {remote_port}\n"
+    plan = 'warmup = "test"\n' if warming else ""
+    return f"""
+[source."cold"]
+source_address = "{cold}"
+{port}{plan}[source."warm"]
+source_address = "{warm}"
+{port}[pool."main"."cold"]
+weight = 1000
+[pool."main"."warm"]
+weight = 1
+"""
+
+
 def cold_and_warm_pool(quota: int, mx_port: int) -> str:
-    """Config lines: pool "main" of a warming source "cold" (plan "test": ``quota`` a day,
-    127.0.0.3) weighted far above a warm source "warm" (127.0.0.4), every domain routed to
-    the sink on ``mx_port``: the cold source takes every message until its quota is used."""
+    """Config lines: :func:`cold_and_warm_sources` on plan "test" of ``quota`` a day, every
+    domain routed to the sink on ``mx_port``: the cold source takes every message until its
+    quota is used."""
     return f"""
 [smtp.routes]
 "*" = "127.0.0.1:{mx_port}"
 [warmup.plan.test]
 days = [{quota}]
-[source."cold"]
-source_address = "127.0.0.3"
-warmup = "test"
-[source."warm"]
-source_address = "127.0.0.4"
-[pool."main"."cold"]
-weight = 1000
-[pool."main"."warm"]
-weight = 1
-"""
+{cold_and_warm_sources()}"""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import port_of, running_daemon
+from daemon_helpers import cold_and_warm_sources, port_of, running_daemon
 from harness import receive_exactly, start_sink
 from smtp_harness import smtp_sink
 
@@ -42,16 +42,7 @@ pool = "main"
 directory = "{state}"
 [warmup.plan.test]
 days = [{QUOTA}]
-[source."cold"]
-source_address = "127.0.0.3"
-remote_port = {port}
-warmup = "test"
-[source."warm"]
-source_address = "127.0.0.4"
-remote_port = {port}
-[pool."main"."cold"]
-weight = 1000
-[pool."main"."warm"]
+{cold_and_warm_sources(port)}
 """
 
 
@@ -123,14 +114,7 @@ pool = "main"
 directory = "{state}"
 [warmup.plan.test]
 days = [2]
-[source."cold"]
-source_address = "127.0.0.3"
-warmup = "test"
-[source."warm"]
-source_address = "127.0.0.4"
-[pool."main"."cold"]
-weight = 1000
-[pool."main"."warm"]
+{cold_and_warm_sources()}
 """
 
 

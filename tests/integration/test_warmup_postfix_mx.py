@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import port_of, running_daemon
+from daemon_helpers import cold_and_warm_sources, port_of, running_daemon
 from harness import free_port
 from smtp_harness import Postfix, dnsmasq, postfix, send_one
 from test_shaping_postfix_mx import MX_MAIN_CF, MX_MASTER_CF, SHAPING, TSS04
@@ -56,16 +56,7 @@ pool = "main"
 directory = "{directory / "state"}"
 [warmup.plan.test]
 days = [10, 20]
-[source."cold"]
-source_address = "127.0.0.3"
-remote_port = {mx_port}
-warmup = "test"
-[source."warm"]
-source_address = "127.0.0.4"
-remote_port = {mx_port}
-[pool."main"."cold"]
-weight = 1000
-[pool."main"."warm"]
+{cold_and_warm_sources(mx_port)}
 """
 
 

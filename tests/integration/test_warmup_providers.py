@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import port_of, running_daemon
+from daemon_helpers import cold_and_warm_sources, port_of, running_daemon
 from smtp_harness import dnsmasq, smtp_sink
 
 from egressd.doors.smtp import SmtpDoor
@@ -51,17 +51,7 @@ days = [10, 20]
 days = [2, 4]
 [warmup.plan.test.provider.minimail]
 days = [3, 6]
-[source."cold"]
-source_address = "{COLD}"
-remote_port = {port}
-warmup = "test"
-[source."warm"]
-source_address = "{WARM}"
-remote_port = {port}
-[pool."main"."cold"]
-weight = 1000
-[pool."main"."warm"]
-weight = 1
+{cold_and_warm_sources(port, cold=COLD, warm=WARM)}
 """
 
 

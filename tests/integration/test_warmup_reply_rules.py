@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import port_of, running_daemon
+from daemon_helpers import cold_and_warm_sources, port_of, running_daemon
 from smtp_harness import dnsmasq, smtp_sink
 from test_warmup_control import egressd
 from test_warmup_providers import HOSTS, MX, send_sync
@@ -51,17 +51,7 @@ pool = "main"
 directory = "{directory / "state"}"
 [warmup.plan.test]
 days = [10, 20]
-[source."cold"]
-source_address = "127.0.0.3"
-remote_port = {port}
-warmup = "test"
-[source."warm"]
-source_address = "127.0.0.4"
-remote_port = {port}
-[pool."main"."cold"]
-weight = 1000
-[pool."main"."warm"]
-weight = 1
+{cold_and_warm_sources(port)}
 """
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from daemon_helpers import cold_and_warm_sources
 from harness import free_port
 from service_harness import daemon_process
 from smtp_harness import smtp_sink
@@ -48,17 +49,7 @@ pool = "main"
 flush_interval = "{flush}"
 [warmup.plan.test]
 days = [{QUOTA}, 100]
-[source."cold"]
-source_address = "127.0.0.3"
-remote_port = {sink_port}
-warmup = "test"
-[source."warm"]
-source_address = "127.0.0.4"
-remote_port = {sink_port}
-[pool."main"."cold"]
-weight = 1000
-[pool."main"."warm"]
-weight = 1
+{cold_and_warm_sources(sink_port)}
 """
     )
     return path

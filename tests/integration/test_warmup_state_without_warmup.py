@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import port_of, running_daemon
+from daemon_helpers import cold_and_warm_sources, port_of, running_daemon
 from harness import free_port
 from service_harness import daemon_process
 from smtp_harness import dnsmasq, smtp_sink
@@ -62,16 +62,7 @@ address = "127.0.0.1:{relay_port}"
 pool = "main"
 [state]
 directory = "{directory / "state"}"
-[source."cold"]
-source_address = "127.0.0.3"
-remote_port = {sink_port}
-[source."warm"]
-source_address = "127.0.0.4"
-remote_port = {sink_port}
-[pool."main"."cold"]
-weight = 1000
-[pool."main"."warm"]
-weight = 1
+{cold_and_warm_sources(sink_port, warming=False)}
 """
     )
     return path
