@@ -28,11 +28,10 @@ from __future__ import annotations
 import dns.asyncresolver
 import dns.exception
 import dns.flags
-import dns.nameserver
 import dns.resolver
 
 from egressd.config import Config, DnsSettings
-from egressd.net.mx import MxHost, NextHop
+from egressd.net.mx import MxHost, NextHop, cached_resolver
 from egressd.tlspolicy.dane import DaneHost, DaneState, tlsa_name
 from egressd.tlspolicy.tlsa import Tlsa
 
@@ -44,25 +43,13 @@ _RESOLVERS: dict[DnsSettings, dns.asyncresolver.Resolver] = {}
 
 def dnssec_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:
     """The ``[dns]`` resolver asking with AD and DO (one per table, kept across calls)."""
-    resolver = _RESOLVERS.get(settings)
-    if resolver is None:
-        if settings.nameservers:
-            resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(server.host, server.port)
-                for server in settings.nameservers
-            ]
-        else:
-            resolver = dns.asyncresolver.Resolver()
-        resolver.lifetime = settings.timeout
-        resolver.timeout = min(resolver.timeout, settings.timeout)
-        resolver.flags = dns.flags.RD | dns.flags.AD
-        resolver.use_edns(0, dns.flags.DO, 1232)
-        resolver.cache = dns.resolver.LRUCache(DNSSEC_CACHE_ENTRIES)
-        if len(_RESOLVERS) > 16:
-            _RESOLVERS.clear()
-        _RESOLVERS[settings] = resolver
-    return resolver
+    return cached_resolver(_RESOLVERS, settings, _asking_for_dnssec)
+
+
+def _asking_for_dnssec(resolver: dns.asyncresolver.Resolver) -> None:
+    resolver.flags = dns.flags.RD | dns.flags.AD
+    resolver.use_edns(0, dns.flags.DO, 1232)
+    resolver.cache = dns.resolver.LRUCache(DNSSEC_CACHE_ENTRIES)
 
 
 def validated(answer: dns.resolver.Answer) -> bool:

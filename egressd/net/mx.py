@@ -33,7 +33,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -402,7 +402,24 @@ DNS_CACHE_ENTRIES = 10_000
 
 def resolver_for(settings: DnsSettings) -> dns.asyncresolver.Resolver:
     """One resolver per ``[dns]`` table, kept across calls (reading resolv.conf once)."""
-    resolver = _RESOLVERS.get(settings)
+    return cached_resolver(_RESOLVERS, settings, _plain)
+
+
+def _plain(resolver: dns.asyncresolver.Resolver) -> None:
+    """Answers are kept for their TTL (negative ones for the SOA minimum), as a caching
+    resolver would: MX, A/AAAA, TXT and TLSA look-ups repeat for every message."""
+    resolver.cache = dns.resolver.LRUCache(DNS_CACHE_ENTRIES)
+
+
+def cached_resolver(
+    kept: dict[DnsSettings, dns.asyncresolver.Resolver],
+    settings: DnsSettings,
+    finish: Callable[[dns.asyncresolver.Resolver], None],
+) -> dns.asyncresolver.Resolver:
+    """The resolver ``kept`` for one ``[dns]`` table, made on first use: its nameservers
+    (resolv.conf when it names none) and timeout, then ``finish`` (flags, cache). At most 16
+    tables are kept: a reload that changes ``[dns]`` starts afresh."""
+    resolver = kept.get(settings)
     if resolver is None:
         if settings.nameservers:
             resolver = dns.asyncresolver.Resolver(configure=False)
@@ -414,12 +431,10 @@ def resolver_for(settings: DnsSettings) -> dns.asyncresolver.Resolver:
             resolver = dns.asyncresolver.Resolver()
         resolver.lifetime = settings.timeout
         resolver.timeout = min(resolver.timeout, settings.timeout)
-        # Answers are kept for their TTL (negative ones for the SOA minimum), as a caching
-        # resolver would: MX, A/AAAA, TXT and TLSA look-ups repeat for every message.
-        resolver.cache = dns.resolver.LRUCache(DNS_CACHE_ENTRIES)
-        if len(_RESOLVERS) > 16:
-            _RESOLVERS.clear()
-        _RESOLVERS[settings] = resolver
+        finish(resolver)
+        if len(kept) > 16:
+            kept.clear()
+        kept[settings] = resolver
     return resolver
 
 
