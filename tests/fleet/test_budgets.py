@@ -4,6 +4,7 @@ an outage (local shares) and the reconciliation when Redis is back."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -160,16 +161,21 @@ async def test_the_lua_gcra_allows_the_same_burst_as_the_in_process_one(
             shell = FleetBudgets(SharedLedger("n"), client, unavailable=(RedisUnavailable,))
             key = client.key("gcra-test", text)
             granted = 0
+            started = time.monotonic()
             while True:
                 [(count, wait)] = await shell._exchange([TakeCells(key, spec, 1)])
                 if not count:
                     break
                 granted += count
+            # Redis's clock runs on while the burst is taken: on a busy machine a 100/min
+            # bucket (a cell every 0.6 s) may emit another cell before it is empty.
+            emitted = int((time.monotonic() - started) * 1e9 // spec.interval_ns)
             bucket = Gcra(spec)
             in_process = 0
             while bucket.take(0) == 0:
                 in_process += 1
-            assert granted == in_process == spec.burst, text
+            assert in_process == spec.burst, text
+            assert spec.burst <= granted <= spec.burst + emitted, text
             assert 0 < wait <= spec.interval_ns // 1000, text  # µs until the next cell
             await shell._exchange([GiveBackCells(key, spec, 2)])
             [(again, _)] = await shell._exchange([TakeCells(key, spec, 5)])
