@@ -154,14 +154,7 @@ def format_workers(workers: Sequence[Mapping[str, Any]]) -> str:
                 "-" if seen is None else f"{seen:.1f}s ago",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
-        + "  "
-        + row[-1]
-        + "\n"
-        for row in rows
-    )
+    return _columns(rows)
 
 
 def _or_dash(value: object) -> str:
@@ -251,6 +244,18 @@ def format_fleet(status: Mapping[str, Any], now: float) -> str:
     return "".join(lines)
 
 
+def _columns(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as aligned columns two spaces apart; the last column (free text) unpadded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
+        + "  "
+        + row[-1]
+        + "\n"
+        for row in rows
+    )
+
+
 def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "".join(
@@ -275,15 +280,8 @@ def format_breakers(breakers: Sequence[Mapping[str, Any]], total: object, now: f
                 f"{breaker['kind']}: {breaker['reason']}",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     shown = "" if total == len(breakers) else f" (the last {len(breakers)} of {total})"
-    return f"open destination circuit breakers{shown}:\n" + "".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
-        + "  "
-        + row[-1]
-        + "\n"
-        for row in rows
-    )
+    return f"open destination circuit breakers{shown}:\n" + _columns(rows)
 
 
 def format_shaping(effects: Sequence[Mapping[str, Any]], now: float) -> str:
@@ -301,14 +299,7 @@ def format_shaping(effects: Sequence[Mapping[str, Any]], now: float) -> str:
                 str(effect["reason"]),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
-        + "  "
-        + row[-1]
-        + "\n"
-        for row in rows
-    )
+    return _columns(rows)
 
 
 def format_sources(sources: Sequence[Mapping[str, Any]], now: float) -> str:
@@ -326,14 +317,7 @@ def format_sources(sources: Sequence[Mapping[str, Any]], now: float) -> str:
                 _last_failure(source),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
-        + "  "
-        + row[-1]
-        + "\n"
-        for row in rows
-    )
+    return _columns(rows)
 
 
 def _until(until: object, now: float) -> str:
