@@ -54,7 +54,14 @@ from egressd.metrics import Metrics
 from egressd.net import mtasts, sdnotify
 from egressd.net.channel import ChannelClosed
 from egressd.net.connection import Connection
-from egressd.net.listen import accept_loop, bound_port, close_listener, open_listener, peer_of
+from egressd.net.listen import (
+    Balance,
+    accept_loop,
+    bound_port,
+    close_listener,
+    open_listener,
+    peer_of,
+)
 from egressd.net.shaping import load_policy_in_thread
 from egressd.observe import Extras
 from egressd.runtime import Overloaded, Runtime, SessionRecord
@@ -175,9 +182,9 @@ class Daemon:
     """Binds a listener's socket; a worker takes the one its supervisor passed instead."""
     worker: int | None = None
     """This process's worker number under a supervisor (:mod:`egressd.supervisor`)."""
-    defer: Callable[[], float] | None = None
-    """A worker's wait before an accept while it is busier than another worker
-    (:mod:`egressd.net.balance`); None for a single process."""
+    balance: Balance | None = None
+    """A worker's count of its connections, and its wait before an accept while it is
+    busier than another worker (:mod:`egressd.net.balance`); None for a single process."""
     _lock: trio.Lock = field(default_factory=trio.Lock)
 
     def config_generation(self) -> str:
@@ -208,7 +215,7 @@ class Daemon:
         async def loop() -> None:
             try:
                 with running.scope:
-                    await accept_loop(socket_listener, handler, self.connections, self.defer)
+                    await accept_loop(socket_listener, handler, self.connections, self.balance)
             finally:
                 running.closed.set()
 
@@ -619,7 +626,7 @@ async def _serve(
                     link.generation - 1,
                     link.take,
                 )
-                daemon.defer = link.balance(daemon)
+                daemon.balance = link.balance()
                 await connections.start(link.run, daemon, stop.set)
                 if config.state.backend == "sqlite":
                     await share_host_budgets(runtime, config, link, connections)

@@ -34,7 +34,6 @@ import itertools
 import os
 import socket
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -43,7 +42,7 @@ from egressd.config import Config, Endpoint, parse_hostport
 from egressd.control import handle_request
 from egressd.log import get_logger
 from egressd.metrics import Metrics, snapshot
-from egressd.net.balance import SessionBoard
+from egressd.net.balance import SessionBoard, WorkerShare
 from egressd.net.channel import Channel, ChannelClosed, Message
 from egressd.net.listen import close_listener
 from egressd.observe import DaemonControls, Observed, refresh_gauges
@@ -112,6 +111,7 @@ class WorkerLink:
         self._stop: Callable[[str], None] = lambda reason: None
         self._ids = itertools.count(1)
         self.board: SessionBoard | None = None
+        self.share: WorkerShare | None = None
         """Every worker's open sessions (:mod:`egressd.net.balance`), from the hello."""
         self._asked: dict[int, tuple[trio.Event, list[Message]]] = {}
 
@@ -166,23 +166,18 @@ class WorkerLink:
 
     async def ready(self) -> None:
         """Tell the supervisor this worker serves (its listeners run)."""
-        if self.board is not None:
+        if self.share is not None:
+            self.share.serving()
+        elif self.board is not None:
             self.board.set(self.worker, 0)
         await self.channel.send({"type": "ready", "pid": os.getpid()})
 
-    def balance(self, daemon: Worked) -> Callable[[], float] | None:
-        """Keep this worker's open sessions on the board; the accept loops' wait while it is
+    def balance(self) -> WorkerShare | None:
+        """This worker's slot on the board, kept by its accept loops, which wait while it is
         busier than another worker (None without a board)."""
-        board, worker, runtime = self.board, self.worker, daemon.runtime
-        if board is None:
-            return None
-
-        def count(record: object) -> None:
-            board.set(worker, runtime.active_sessions)
-
-        runtime.session_opened_hooks.append(count)
-        runtime.session_hooks.append(count)
-        return partial(board.defer_for, worker)
+        if self.board is not None and self.share is None:
+            self.share = WorkerShare(self.board, self.worker)
+        return self.share
 
     async def request(self, message: Message, timeout: float = REQUEST_TIMEOUT) -> Message:
         """Ask the supervisor (e.g. the host's shared budgets); its answer. Raises

@@ -11,8 +11,12 @@ machine that is the worker already running, the busiest one, so a burst of conne
 The supervisor creates a :class:`SessionBoard`: one 8-byte slot per possible worker in a
 shared memory file (``memfd_create``), which every worker maps, after a header slot that
 holds how many workers there are now (:meth:`SessionBoard.set_workers`), so that a look
-covers only those. A worker writes its number of open
-sessions into its slot whenever it changes (one aligned store: no lock, no system call).
+covers only those. A worker's :class:`WorkerShare` writes its number of open connections
+into its slot at every accept and every close (one aligned store: no lock, no system
+call). It counts at the accept itself, not when the session starts: a worker takes a burst
+of waiting connections back to back before their sessions run (:mod:`egressd.net.listen`),
+and a count that waited for them let one worker take a whole burst (smtp-source opening 50
+sessions at once: 50 and 0).
 Before it accepts, a worker compares its count with the least busy worker's
 (:meth:`SessionBoard.defer_for`): more than :data:`SLACK` above it, it waits
 :data:`DEFER_PER_SESSION` per session of difference (at most :data:`MAX_DEFER`), so that
@@ -77,3 +81,34 @@ class SessionBoard:
         self._slots.release()
         self._map.close()
         os.close(self.fd)
+
+
+class WorkerShare:
+    """One worker's slot on the board, kept by its accept loops: connections accepted and
+    not closed yet. Nothing is written before :meth:`serving` (the slot says
+    :data:`NOT_SERVING` while the worker starts)."""
+
+    def __init__(self, board: SessionBoard, worker: int) -> None:
+        self.board = board
+        self.worker = worker
+        self.held = 0
+        self._serving = False
+
+    def serving(self) -> None:
+        """The worker is ready: its count starts to matter to the others."""
+        self._serving = True
+        self.board.set(self.worker, self.held)
+
+    def defer(self) -> float:
+        """Seconds to wait before the next accept (:meth:`SessionBoard.defer_for`)."""
+        return self.board.defer_for(self.worker)
+
+    def accepted(self) -> None:
+        self.held += 1
+        if self._serving:
+            self.board.set(self.worker, self.held)
+
+    def closed(self) -> None:
+        self.held -= 1
+        if self._serving:
+            self.board.set(self.worker, self.held)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 
@@ -32,6 +33,18 @@ Handler = Callable[[Connection], Awaitable[None]]
 
 ACCEPT_BURST = 64
 """Connections accepted back to back before the accept loop yields to them."""
+
+
+class Balance(Protocol):
+    """A worker's share of a listener it accepts on with other workers
+    (:class:`egressd.net.balance.WorkerShare`)."""
+
+    def defer(self) -> float: ...
+
+    def accepted(self) -> None: ...
+
+    def closed(self) -> None: ...
+
 
 _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _CAPACITY_PAUSE = 0.1
@@ -71,17 +84,18 @@ async def accept_loop(
     listener: socket.socket,
     handler: Handler,
     connections: trio.Nursery,
-    defer: Callable[[], float] | None = None,
+    balance: Balance | None = None,
 ) -> None:
     """Accept until cancelled; run each connection in ``connections``. Closes ``listener``.
 
-    ``defer`` (a worker's, :mod:`egressd.net.balance`): seconds to wait before each accept,
-    so that a less busy worker sharing the socket takes the connection first.
+    ``balance`` (a worker's, :mod:`egressd.net.balance`): counts every connection from its
+    accept to its close, and says how long to wait before each accept, so that a less busy
+    worker sharing the socket takes the connection first.
     """
     try:
         accepted = 0
         while True:
-            if defer is not None and (delay := defer()):
+            if balance is not None and (delay := balance.defer()):
                 await trio.sleep(delay)
             try:
                 sock, peer = listener.accept()
@@ -95,7 +109,10 @@ async def accept_loop(
                 log.error("accept paused: %s", exc.strerror)
                 await trio.sleep(_CAPACITY_PAUSE)
                 continue
-            connections.start_soon(run_handler, handler, Connection(sock, host_port(peer)))
+            if balance is not None:
+                balance.accepted()
+            connection = Connection(sock, host_port(peer))
+            connections.start_soon(run_handler, handler, connection, balance)
             accepted += 1
             if accepted >= ACCEPT_BURST:
                 accepted = 0
@@ -104,13 +121,17 @@ async def accept_loop(
         close_listener(listener)
 
 
-async def run_handler(handler: Handler, connection: Connection) -> None:
+async def run_handler(
+    handler: Handler, connection: Connection, balance: Balance | None = None
+) -> None:
     try:
         await handler(connection)
     except Exception:
         log.exception("connection handler failed")
     finally:
         connection.close()
+        if balance is not None:
+            balance.closed()
 
 
 def peer_of(connection: Connection) -> tuple[str, int]:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 
-from egressd.net.balance import MAX_DEFER, NOT_SERVING, SessionBoard
+import trio
+
+from egressd.config import Endpoint
+from egressd.net.balance import MAX_DEFER, NOT_SERVING, SLACK, SessionBoard, WorkerShare
+from egressd.net.connection import Connection
+from egressd.net.listen import accept_loop, open_listener
 
 
 def test_a_worker_defers_only_when_busier_than_the_least_busy_serving_worker() -> None:
@@ -39,3 +45,43 @@ def test_only_the_current_workers_count() -> None:
         assert board.defer_for(1) == 0.0015
     finally:
         board.close()
+
+
+async def test_a_burst_of_waiting_connections_is_shared_between_two_workers(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Two workers' accept loops on one listening socket (in one process here) with 20
+    connections already waiting: each worker counts a connection at its accept, so the
+    first to run defers once it holds more than the slack and the other takes its share.
+    Counted when the session starts, the first took all 20 in one burst."""
+    board = SessionBoard.create(2)
+    listener = open_listener(Endpoint("127.0.0.1", 0))
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(20)]
+    served: dict[int, int] = {1: 0, 2: 0}
+    release = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            for worker in (1, 2):
+                share = WorkerShare(board, worker)
+                share.serving()
+
+                async def hold(connection: Connection, worker: int = worker) -> None:
+                    served[worker] += 1
+                    await release.wait()
+
+                own = listener.dup()  # each worker has its own descriptor of the socket
+                own.setblocking(False)
+                nursery.start_soon(accept_loop, own, hold, nursery, share)
+            while sum(served.values()) < 20:
+                await trio.sleep(0.01)
+            assert board.get(1) + board.get(2) == 20  # open connections, on the board
+            release.set()
+            while board.get(1) or board.get(2):  # every close counted back
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        for client in clients:
+            client.close()
+        listener.close()
+        board.close()
+    assert abs(served[1] - served[2]) <= 2 * SLACK, served
