@@ -95,6 +95,8 @@ class Run:
     generator_cpu: float
     sink_cpu: float
     egressd_cpu: float = 0.0
+    supervisor_cpu: float = 0.0
+    """The supervisor's own CPU (``--workers`` above 1), included in ``egressd_cpu``."""
 
     @property
     def rate(self) -> float:
@@ -113,6 +115,9 @@ class Contender:
     egressd_pid: int | None = None
     workers: int = 1
     """``[daemon] workers`` of this egressd (``--workers``)."""
+    ideal: list[tuple[int, int]] = field(default_factory=list)
+    """The "ideal" contender of ``--workers``: ``workers`` independent single-worker
+    daemons, (port, pid) each, every one driven by its own share of the sessions."""
     runs: dict[Case, list[Run]] = field(default_factory=dict)
     size_for: dict[Case, int] = field(default_factory=dict)
 
@@ -190,7 +195,33 @@ def contenders(
             if count > 1:
                 wait_ready(workdir / f"{log}.log")
             found.append(Contender(relay_port, sink, pid, count))
+        for count in (count for count in workers if count > 1):
+            found.append(stack.enter_context(ideal(workdir, name, sink_port, sink, count)))
         yield found
+
+
+@contextlib.contextmanager
+def ideal(workdir: Path, name: str, sink_port: int, sink: int, count: int) -> Iterator[Contender]:
+    """``count`` independent egressd daemons with ``workers = 1`` on ``count`` ports in
+    front of the same sink: the machine's ceiling for ``count`` workers, with no shared
+    listener, supervisor or budget book between them."""
+    with contextlib.ExitStack() as stack:
+        daemons = []
+        for number in range(count):
+            relay_port = free_port()
+            config = workdir / f"egressd-{name}-ideal{count}-{number}.toml"
+            config.write_text(
+                EGRESSD_CONFIG.format(
+                    sink_port=sink_port, relay_port=relay_port, source=SOURCE_ADDRESS, workers=1
+                )
+            )
+            argv = [*EGRESSD, "run", "-c", str(config)]
+            log = f"egressd-{name}-ideal{count}-{number}"
+            daemons.append(
+                (relay_port, stack.enter_context(running(argv, relay_port, workdir, log)))
+            )
+        first_port, first_pid = daemons[0]
+        yield Contender(first_port, sink, first_pid, count, ideal=daemons)
 
 
 def wait_ready(log: Path, timeout: float = 60.0) -> None:
@@ -221,9 +252,12 @@ def generator_argv(client: str, port: int, case: Case, messages: int) -> list[st
 
 def run_once(client: str, contender: Contender, case: Case, messages: int) -> Run:
     """One generator run against ``contender``; CPU read around it."""
+    if contender.ideal:
+        return run_split(contender, case, messages)
     argv = generator_argv(client, contender.port, case, messages)
     sink_before = cpu_seconds(contender.sink_pid)
     egressd_before = cpu_seconds(contender.egressd_pid) if contender.egressd_pid else 0.0
+    supervisor_before = process_cpu_seconds(contender.egressd_pid) if contender.workers > 1 else 0
     generator_before = children_cpu_seconds()
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, check=False, env=python_env())
@@ -241,7 +275,50 @@ def run_once(client: str, contender: Contender, case: Case, messages: int) -> Ru
         egressd_cpu=(
             cpu_seconds(contender.egressd_pid) - egressd_before if contender.egressd_pid else 0.0
         ),
+        supervisor_cpu=(
+            process_cpu_seconds(contender.egressd_pid) - supervisor_before
+            if contender.workers > 1 and contender.egressd_pid
+            else 0.0
+        ),
     )
+
+
+def run_split(contender: Contender, case: Case, messages: int) -> Run:
+    """The ideal contender: one smtp-source per daemon at once, each with its share of the
+    sessions and messages; the run lasts until the last one is done."""
+    count = len(contender.ideal)
+    share = Case(case.size, max(1, case.sessions // count), case.pipelining)
+    pids = [pid for _, pid in contender.ideal]
+    sink_before = cpu_seconds(contender.sink_pid)
+    egressd_before = sum(cpu_seconds(pid) for pid in pids)
+    generator_before = children_cpu_seconds()
+    started = time.perf_counter()
+    generators = [
+        subprocess.Popen(
+            generator_argv("smtp-source", port, share, messages // count),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for port, _ in contender.ideal
+    ]
+    outputs = [generator.communicate()[0] for generator in generators]
+    seconds = time.perf_counter() - started
+    for generator, output in zip(generators, outputs, strict=True):
+        if generator.returncode != 0:
+            sys.exit(f"bench: smtp-source failed ({generator.returncode}):\n{output[-3000:]!r}")
+    return Run(
+        messages=messages // count * count,
+        seconds=seconds,
+        generator_cpu=children_cpu_seconds() - generator_before,
+        sink_cpu=cpu_seconds(contender.sink_pid) - sink_before,
+        egressd_cpu=sum(cpu_seconds(pid) for pid in pids) - egressd_before,
+    )
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of the one process ``pid`` (the supervisor without its workers)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / procs.CLOCK_TICKS
 
 
 def calibrate(client: str, contender: Contender, case: Case, seconds: float) -> None:
@@ -350,24 +427,37 @@ def print_baseline(rows: Sequence[dict[str, object]]) -> None:
         )
 
 
+def cores(runs: Sequence[Run], cpu: str) -> float:
+    """CPU seconds per wall second of one process (or group), median over the rounds."""
+    return round(statistics.median(getattr(run, cpu) / run.seconds for run in runs), 2)
+
+
 def workers_figures(case: Case, contenders: Sequence[Contender]) -> dict[str, object]:
-    """One row per number of workers: rate, speed-up over the first, CPU per message."""
+    """One row per number of workers (and per ideal contender): rate, speed-up over the
+    first, rate as a fraction of the ideal with as many workers, CPU per message and cores
+    of egressd, its supervisor, the generator and the sink."""
     direct = contenders[0].runs[case]
     first = median(contenders[1].runs[case], "rate")
+    ideals = {c.workers: median(c.runs[case], "rate") for c in contenders[1:] if c.ideal}
     rows = []
     for contender in contenders[1:]:
         r = contender.runs[case]
+        rate = median(r, "rate")
+        ceiling = ideals.get(contender.workers, first if contender.workers == 1 else None)
         rows.append(
             {
                 "workers": contender.workers,
-                "msgs_per_s": round(median(r, "rate"), 1),
-                "speedup": round(median(r, "rate") / first, 3),
+                "contender": "ideal" if contender.ideal else "workers",
+                "msgs_per_s": round(rate, 1),
+                "speedup": round(rate / first, 3),
+                "of_ideal": None if ceiling is None else round(rate / ceiling, 3),
                 "egressd_cpu_ms_per_msg": round(median_ms(r, "egressd_cpu"), 3),
-                "egressd_cores": round(
-                    statistics.median(run.egressd_cpu / run.seconds for run in r), 2
-                ),
+                "egressd_cores": cores(r, "egressd_cpu"),
+                "supervisor_cpu_ms_per_msg": round(median_ms(r, "supervisor_cpu"), 3),
                 "generator_cpu_ms_per_msg": round(median_ms(r, "generator_cpu"), 3),
+                "generator_cores": cores(r, "generator_cpu"),
                 "sink_cpu_ms_per_msg": round(median_ms(r, "sink_cpu"), 3),
+                "sink_cores": cores(r, "sink_cpu"),
                 "rounds": [round(run.rate, 1) for run in r],
             }
         )
@@ -383,12 +473,16 @@ def print_workers_table(rows: Sequence[dict[str, object]], rounds: int, load: st
     print(
         f"SMTP door by [daemon] workers, generator smtp-source, sink smtp-sink; medians of"
         f" {rounds} alternating rounds; load average {load} at the start.\n"
-        "CPU in ms per message (user+system); egressd's is the supervisor's and every"
-        " worker's summed; 'cores' is egressd's CPU seconds per second."
+        "CPU in ms per message (user+system) and cores (CPU seconds per second) of egressd"
+        " (the supervisor and every worker summed; 'sup' is the supervisor's part), the"
+        " generator and the sink.\n'ideal N' is N independent single-worker daemons on N"
+        " ports, each driven by its own smtp-source with 1/N of the sessions; 'of ideal' is"
+        " the rate against the ideal with as many workers."
     )
     header = (
-        f"{'case':<34} {'workers':>7} {'msgs/s':>8} {'speedup':>7} {'egressd':>8}"
-        f" {'cores':>5} {'gen':>7} {'sink':>7}"
+        f"{'case':<34} {'egressd':>9} {'msgs/s':>7} {'speedup':>7} {'ofideal':>7}"
+        f" {'CPU/msg':>8} {'cores':>5} {'sup':>7} {'gen':>7} {'cores':>5}"
+        f" {'sink':>7} {'cores':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -396,13 +490,17 @@ def print_workers_table(rows: Sequence[dict[str, object]], rounds: int, load: st
         per_count = row["workers"]
         assert isinstance(per_count, list)
         for item in per_count:
+            label = f"{item['contender']} {item['workers']}"
+            of_ideal = "" if item["of_ideal"] is None else f"{item['of_ideal']:.2f}"
             print(
-                f"{row['case']:<34} {item['workers']:>7} {item['msgs_per_s']:>8.0f}"
-                f" {item['speedup']:>6.2f}x {item['egressd_cpu_ms_per_msg']:>6.3f}ms"
-                f" {item['egressd_cores']:>5.2f} {item['generator_cpu_ms_per_msg']:>5.3f}ms"
-                f" {item['sink_cpu_ms_per_msg']:>5.3f}ms"
+                f"{row['case']:<34} {label:>9} {item['msgs_per_s']:>7.0f}"
+                f" {item['speedup']:>6.2f}x {of_ideal:>7}"
+                f" {item['egressd_cpu_ms_per_msg']:>6.3f}ms {item['egressd_cores']:>5.2f}"
+                f" {item['supervisor_cpu_ms_per_msg']:>5.3f}ms"
+                f" {item['generator_cpu_ms_per_msg']:>5.3f}ms {item['generator_cores']:>5.2f}"
+                f" {item['sink_cpu_ms_per_msg']:>5.3f}ms {item['sink_cores']:>5.2f}"
             )
-        print(f"{'':<34} {'direct':>7} {row['direct_msgs_per_s']:>8.0f}")
+        print(f"{'':<34} {'direct':>9} {row['direct_msgs_per_s']:>7.0f}")
 
 
 def load_average() -> str:
