@@ -11,6 +11,7 @@ command at a time, in order:
 :class:`ReplyMta`           queue the reply for the MTA (the door writes it before reading)
 :class:`OpenRemote`         :meth:`Relay.open`: the pool's next source, the next hop for its
                             IP version, the remote greeted and ready (:mod:`.smtp_remote`)
+:class:`AskSelection`       :func:`~.smtp_remote.selection_refusal`: could a source be picked
 :class:`ResolveNextHop`     :func:`egressd.net.mx.resolve_next_hop`
 :class:`SendRemote`         write through the client machine and read the replies, under
                             the ``[smtp.timeouts]`` deadline that fits (``trio.fail_after``)
@@ -34,6 +35,7 @@ from egressd.doors.smtp_remote import (
     converse,
     next_hop,
     open_remote,
+    selection_refusal,
 )
 from egressd.egress import ConnectionQuota, Egress
 from egressd.log import get_logger
@@ -41,6 +43,7 @@ from egressd.net.mx import NextHop
 from egressd.proto.smtp_common import Data, DataChunk, EndOfData, Mail, Reply
 from egressd.relay.core import RelayCore
 from egressd.relay.events import (
+    AskSelection,
     CloseRemote,
     Command,
     Event,
@@ -52,6 +55,7 @@ from egressd.relay.events import (
     RemoteReplied,
     ReplyMta,
     ResolveNextHop,
+    SelectionAnswered,
     SendRemote,
     SessionEnded,
     TransactionEnded,
@@ -122,6 +126,13 @@ class Relay:
             return NextHopResolved(found)
         elif isinstance(command, OpenRemote):
             return await self.open(command)
+        elif isinstance(command, AskSelection):
+            egress = command.egress
+            assert isinstance(egress, Egress)
+            args = (command.pool, command.domain, command.next_hops, self.hostname)
+            return SelectionAnswered(
+                await selection_refusal(egress, self.runtime, *args, leaving=command.leaving)
+            )
         elif isinstance(command, CloseRemote):
             await self.close_remote(polite=command.polite)
         elif isinstance(command, TransactionStarted):

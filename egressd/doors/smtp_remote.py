@@ -103,6 +103,7 @@ from egressd.log import get_logger
 from egressd.net.dane import dane_hosts
 from egressd.net.dialer import Dialed, connect
 from egressd.net.egress import execute
+from egressd.net.egress import selection_refusal as egress_selection_refusal
 from egressd.net.mtasts import mta_sts_policy
 from egressd.net.mx import MxHost, NextHop, NextHopError, resolve_next_hop
 from egressd.net.shaping import ShapedDestination, smtp_budget
@@ -134,6 +135,7 @@ __all__ = [
     "denied_addresses",
     "next_hop",
     "open_remote",
+    "selection_refusal",
 ]
 
 _log = get_logger("smtp")
@@ -738,6 +740,29 @@ async def open_remote(
     )
     session._exit.callback(session.quota.close)
     return session
+
+
+async def selection_refusal(
+    egress: Egress,
+    runtime: Runtime,
+    pool: str,
+    domain: str,
+    next_hops: NextHops,
+    hostname: str,
+    *,
+    leaving: str,
+) -> Reply | None:
+    """The reply :func:`open_remote` would fail with now for want of a source (the same
+    words), or None when it could pick one; nothing is picked, held or dialled. ``leaving``:
+    the source of the kept connection that would close first."""
+    opening = _Opening(egress, runtime, pool, domain, next_hops, hostname)
+    try:
+        budget = await opening.budget()
+    except RemoteError as exc:
+        return exc.reply
+    plan = Plan(egress, pool=pool, budget=budget, provider=opening.provider)
+    failure = await egress_selection_refusal(plan, leaving)
+    return None if failure is None else opening.failed(failure)
 
 
 def denied_addresses(next_hop: NextHop, config: Config) -> frozenset[IPAddress]:

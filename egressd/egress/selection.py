@@ -110,6 +110,38 @@ class Egress:
         except SelectionError as exc:
             raise EgressFailure(Failure.UNKNOWN_POOL, str(exc)) from None
 
+    def refusal(
+        self,
+        pool: str,
+        provider: str = "other",
+        budget: DestinationBudget | None = None,
+        leaving: str | None = None,
+    ) -> EgressFailure | None:
+        """What :meth:`pick` would raise now, or None when it would pick a source; the
+        rotation does not move. ``leaving``: a source whose one open connection is about
+        to close (a kept SMTP connection asks before it gives up its source)."""
+        cap = self.config.limits.max_connections_per_source
+        try:
+            entries = self.pools.selector(pool).pool.entries
+        except SelectionError as exc:
+            return EgressFailure(Failure.UNKNOWN_POOL, str(exc))
+        for entry in entries:
+            name = entry.source
+            connections = self.health.active_connections(name) - (name == leaving)
+            if (
+                entry.weight > 0
+                and not self.health.is_suspended(name)
+                and connections < cap
+                and self.quotas.refusal(name, provider) is None
+                and (budget is None or budget.refusal(name) is None)
+            ):
+                return None
+        try:
+            self.pick(pool, provider=provider, budget=budget)  # raises: nobody is eligible
+        except EgressFailure as failure:
+            return failure
+        return None  # pragma: no cover - unreachable while the checks above are pick's
+
     def check_budget(self, source: Source, budget: DestinationBudget | None) -> None:
         """Raise ``BUDGET`` when an exact ``source`` may not connect to the destination."""
         refusal = budget.refusal(source.name) if budget is not None else None

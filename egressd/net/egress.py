@@ -56,6 +56,7 @@ __all__ = [
     "dial",
     "execute",
     "open_within",
+    "selection_refusal",
 ]
 
 T = TypeVar("T")
@@ -105,6 +106,24 @@ async def execute(
     except BaseException:
         plan.release_budget()
         raise
+    finally:
+        if budget is not None:
+            budget.settle()
+
+
+async def selection_refusal(plan: Plan, leaving: str | None = None) -> EgressFailure | None:
+    """What the plan would give up with for want of an eligible source, or None when it
+    could pick one now; nothing is picked or held (:meth:`Egress.refusal`). Shared budgets
+    and quotas are asked ahead as :func:`execute` asks them, and settled back."""
+    budget = plan.budget
+    try:
+        if budget is not None:
+            await budget.prepare(candidate_sources(plan))
+        if isinstance(plan.egress.quotas, QuotasAskedAhead):
+            await plan.egress.quotas.prepare(candidate_sources(plan), plan.provider)
+        if plan.pool is None:
+            return None
+        return plan.egress.refusal(plan.pool, plan.provider, budget, leaving)
     finally:
         if budget is not None:
             budget.settle()

@@ -28,10 +28,14 @@ message is the remote server's own reply, or one of egressd's (:mod:`egressd.rel
 * Shaping: before MAIL goes to a remote, its per-message budgets are asked
   (:class:`~egressd.relay.events.MessageBudget`). A kept connection they refuse (it has
   carried ``max_deliveries_per_connection`` messages, its source's message rate is used
-  up, a rule suspended it) gets QUIT and a fresh one is opened: selection skips the
-  sources without budget, so the message moves to one that has some, or the open fails
-  with the ``451 4.7.0`` that names the budgets. A fresh connection refused (a race with
-  another session) is a ``451 4.7.0`` naming the budget, and the remote sees nothing.
+  up, a rule suspended it) first asks selection (:class:`~egressd.relay.events.
+  AskSelection`) whether a new connection could take the message: if so, it gets QUIT
+  and a fresh one is opened (selection skips the sources without budget, so the message
+  moves to one that has some); if not, the message gets the ``451 4.7.0`` that names the
+  budgets, which the open would have failed with, and the connection is kept for the
+  next one (at a steady backlog at the rate limit a message costs no new connection). A
+  fresh connection refused (a race with another session) is a ``451 4.7.0`` naming the
+  budget, and the remote sees nothing.
 * Later RCPTs ride the same transaction when their domain has the same next hop
   (``NextHop.same_destination``); others get ``452 4.5.3``, so the MTA sends them in
   another transaction.
@@ -65,6 +69,7 @@ from egressd.proto.smtp_common import EndOfData as EndOfDataCommand
 from egressd.relay import replies
 from egressd.relay.events import (
     AWAITING,
+    AskSelection,
     CloseRemote,
     Command,
     EgressView,
@@ -90,6 +95,7 @@ from egressd.relay.events import (
     RemoteTimedOut,
     ReplyMta,
     ResolveNextHop,
+    SelectionAnswered,
     SendRemote,
     SessionEnded,
     TransactionEnded,
@@ -380,7 +386,8 @@ class RelayCore:
         (``Remote.budget``): a kept connection they refuse (``max_deliveries_per_connection``
         carried, ``max_message_rate`` or ``source_selection_rate`` used up, a suspension,
         a warming source's quota full: :mod:`egressd.egress.quotas`)
-        gets QUIT and a fresh one is opened, from a source that has budget; a fresh one
+        gets QUIT and a fresh one is opened, from a source that has budget (when none has,
+        the connection is kept and the message gets selection's refusal); a fresh one
         they refuse is a ``451 4.7.0`` naming the budget for this and every later RCPT of
         the transaction, and nothing reaches the remote.
         """
@@ -393,6 +400,10 @@ class RelayCore:
             budget = remote.budget.send() if remote.budget is not None else None
             if budget is not None:
                 if not fresh:  # another source may still have budget: selection knows
+                    refusal = yield from self._selection_refusal(tx, domain, remote)
+                    if refusal is not None:  # none has: keep this one for the next message
+                        tx.mail_refusal = refusal
+                        return refusal
                     yield from self._drop_remote(polite=True)
                     continue
                 tx.mail_refusal = replies.message_budget(budget.reason)
@@ -472,6 +483,16 @@ class RelayCore:
         assert isinstance(result, RemoteOpened), result
         self.remote = self.last_remote = result.remote
         return result.remote, True
+
+    def _selection_refusal(self, tx: Transaction, domain: str, kept: Remote) -> Step[Reply | None]:
+        """The reply an open would fail with now for want of a source, or None when a new
+        connection could take the message (as :meth:`_remote_for` words an open's failure)."""
+        ask = AskSelection(tx.pool, domain, kept.source.name, tx.egress, tx.next_hops)
+        result = yield ask
+        assert isinstance(result, SelectionAnswered), result
+        if result.refusal is None or self.auth_user is not None:
+            return result.refusal
+        return replies.pool_unnamed(result.refusal, tx.pool)
 
     @staticmethod
     def _source_fits(tx: Transaction, source: Source) -> bool:

@@ -6,10 +6,11 @@ not be); a next hop was resolved; the remote replied, went silent, or broke. Com
 the shell what to do: reply to the MTA, open a remote through the egress, resolve a next
 next hop, send to the remote, close the remote, account for a transaction.
 
-Three commands wait for a result, which the shell feeds back as the next event:
+Four commands wait for a result, which the shell feeds back as the next event:
 
 ======================  =================================================================
 :class:`OpenRemote`     :class:`RemoteOpened` or :class:`OpenFailed`
+:class:`AskSelection`   :class:`SelectionAnswered`
 :class:`ResolveNextHop` :class:`NextHopResolved`
 :class:`SendRemote`     :class:`RemoteReplied`, :class:`RemoteTimedOut` or
                         :class:`RemoteLost`
@@ -50,6 +51,7 @@ from egressd.proto.smtp_common import (
 )
 
 __all__ = [
+    "AskSelection",
     "CloseRemote",
     "Command",
     "EgressView",
@@ -77,6 +79,7 @@ __all__ = [
     "RemoteTimedOut",
     "ReplyMta",
     "ResolveNextHop",
+    "SelectionAnswered",
     "SendRemote",
     "SessionEnded",
     "TransactionEnded",
@@ -245,6 +248,14 @@ class OpenFailed:
 
 
 @dataclass(frozen=True)
+class SelectionAnswered:
+    """The answer to :class:`AskSelection`: None when a source may take the message on a
+    new connection, else the reply an :class:`OpenRemote` would fail with now."""
+
+    refusal: Reply | None
+
+
+@dataclass(frozen=True)
 class NextHopResolved:
     """The next hop, or the reply for a next hop that cannot be found."""
 
@@ -290,6 +301,7 @@ Event = (
     | SessionEnded
     | RemoteOpened
     | OpenFailed
+    | SelectionAnswered
     | NextHopResolved
     | RemoteReplied
     | RemoteTimedOut
@@ -317,6 +329,19 @@ class OpenRemote:
     next_hops: NextHops = field(default_factory=dict, compare=False, repr=False)
     requiretls: bool = False
     """The MAIL carries REQUIRETLS (RFC 8689): only a remote that can honour it will do."""
+
+
+@dataclass(frozen=True)
+class AskSelection:
+    """Could :class:`OpenRemote` open a connection for ``domain`` through ``pool`` now?
+    Asked, without picking or holding anything, before a kept connection whose budgets
+    refused a message is given up; ``leaving`` is that connection's source."""
+
+    pool: str
+    domain: str
+    leaving: str
+    egress: EgressView | None = field(default=None, compare=False, repr=False)
+    next_hops: NextHops = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -366,6 +391,7 @@ class TransactionEnded:
 Command = (
     ReplyMta
     | OpenRemote
+    | AskSelection
     | ResolveNextHop
     | SendRemote
     | CloseRemote
@@ -374,4 +400,4 @@ Command = (
 )
 
 #: Commands whose result comes back as the next event.
-AWAITING = (OpenRemote, ResolveNextHop, SendRemote)
+AWAITING = (OpenRemote, AskSelection, ResolveNextHop, SendRemote)

@@ -507,3 +507,18 @@ def test_a_failure_knows_its_destination_only_past_the_proxy() -> None:
     assert at_proxy.destination is None
     assert at_destination.destination == LIVE
     assert EgressFailure(Failure.LOCAL, "x").destination is None
+
+
+def test_refusal_says_what_pick_would_raise_without_moving_the_rotation(clock: FakeClock) -> None:
+    egress = make_egress(clock, v4("a"), v4("b", "127.0.0.3"), cap=1)
+    assert egress.refusal("p") is None
+    assert [egress.pick("p").name for _ in range(2)] == ["a", "b"]  # refusal() picked none
+    egress.health.connection_opened("a")
+    egress.health.connection_opened("b")
+    failure = egress.refusal("p")
+    assert failure is not None and failure.kind is Failure.SOURCE_LIMIT
+    with pytest.raises(EgressFailure) as raised:
+        egress.pick("p")
+    assert str(raised.value) == str(failure)  # the same words
+    assert egress.refusal("p", leaving="b") is None  # b's kept connection would close first
+    assert egress.refusal("nope") is not None

@@ -12,6 +12,7 @@ the first source for a connection of the other.
 from __future__ import annotations
 
 import smtplib
+import time
 from pathlib import Path
 
 import pytest
@@ -30,11 +31,13 @@ match = [{{ MXSuffix = ".bigmail-mx.test" }}]
 """
 
 
-def send_all(port: int, recipients: list[str]) -> list[str]:
-    """Each recipient's message in turn on one MTA session: "sent" or the refusal."""
+def send_all(port: int, recipients: list[str], pauses: dict[int, float] | None = None) -> list[str]:
+    """Each recipient's message in turn on one MTA session: "sent" or the refusal
+    (``pauses``: seconds to wait before the message of that number)."""
     outcomes: list[str] = []
     with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
         for number, recipient in enumerate(recipients):
+            time.sleep((pauses or {}).get(number, 0.0))
             body = f"Subject: m{number}\r\n\r\nbody {number}\r\n".encode()
             try:
                 client.sendmail("a@sender.test", [recipient], body)
@@ -46,7 +49,12 @@ def send_all(port: int, recipients: list[str]) -> list[str]:
 
 
 async def through_the_door(
-    tmp_path: Path, key: str, value: str, count: int, sources: int = 1
+    tmp_path: Path,
+    key: str,
+    value: str,
+    count: int,
+    sources: int = 1,
+    pauses: dict[int, float] | None = None,
 ) -> tuple[list[str], SmtpSink]:
     """``count`` messages on one MTA session through a pool of ``sources`` sources
     (a 127.0.0.3, b 127.0.0.4...)."""
@@ -75,7 +83,7 @@ remote_port = {sink.port}
         async with running_daemon(text, tmp_path, {"smtp": SmtpDoor()}) as daemon:
             port = port_of(daemon, "smtp")
             recipients = [f"r{n}@bigmail.test" for n in range(count)]
-            outcomes = await trio.to_thread.run_sync(send_all, port, recipients)
+            outcomes = await trio.to_thread.run_sync(send_all, port, recipients, pauses)
     return outcomes, sink
 
 
@@ -114,3 +122,20 @@ async def test_a_kept_connection_out_of_message_rate_hands_the_next_message_to_t
     ), outcomes[2]
     assert [m.peer for m in sink.messages] == ["127.0.0.3", "127.0.0.4"]
     assert [c.split()[0] for c in sink.connections] == ["127.0.0.3", "127.0.0.4"]
+
+
+async def test_a_kept_connection_out_of_message_rate_is_kept_when_no_source_has_budget(
+    tmp_path: Path,
+) -> None:
+    """At a steady backlog at the rate limit, the refused message leaves the connection
+    open (no other source could take it either), and the next message, once the rate
+    allows it, rides the same connection: one remote connection, not one per message."""
+    pauses = {2: 1.2}  # the third message once the rate of one a second allows another
+    outcomes, sink = await through_the_door(tmp_path, "max_message_rate", '"1/s"', 3, pauses=pauses)
+    assert outcomes[0] == outcomes[2] == "sent", outcomes
+    assert outcomes[1].startswith(
+        '451 4.7.0 no source of pool "main" may connect to provider "bigmail" now (a: '
+        'max_message_rate 1/s used up for source "a"'
+    ), outcomes[1]
+    assert [m.rcpt_tos for m in sink.messages] == [("r0@bigmail.test",), ("r2@bigmail.test",)]
+    assert len(sink.connections) == 1, sink.connections  # was 2: QUIT at the refusal

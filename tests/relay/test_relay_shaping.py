@@ -17,17 +17,18 @@ from egressd.proto.smtp_common import Data, DataChunk, EndOfData, Reply
 from egressd.relay import replies
 from egressd.relay.core import RelayCore
 from egressd.relay.events import (
+    AskSelection,
     CloseRemote,
     MtaCommand,
     MtaEndOfData,
     NextHopResolved,
-    OpenFailed,
     OpenRemote,
     Remote,
     RemoteOpened,
     RemoteReplied,
     ReplyMta,
     ResolveNextHop,
+    SelectionAnswered,
     SendRemote,
     TransactionEnded,
     TransactionStarted,
@@ -96,6 +97,8 @@ def test_a_connection_that_carried_max_deliveries_is_quit_and_a_fresh_one_opened
         relay,
         ResolveNextHop("good.test", 4),
         NextHopResolved(GOOD),
+        AskSelection("main", "good.test", "a"),  # may a new connection take it?
+        SelectionAnswered(None),  # yes (a itself may open another)
         CloseRemote(polite=True),  # QUIT: it has carried its 2
         OpenRemote("main", "good.test"),
         RemoteOpened(second),
@@ -114,6 +117,8 @@ def test_a_kept_connection_out_of_message_rate_moves_the_message_to_another_sour
         relay,
         ResolveNextHop("good.test", 4),
         NextHopResolved(GOOD),
+        AskSelection("main", "good.test", "a"),
+        SelectionAnswered(None),  # b has budget
         CloseRemote(polite=True),  # a's hour is used: QUIT, and nothing went out on it
         OpenRemote("main", "good.test"),
         RemoteOpened(second),
@@ -122,7 +127,7 @@ def test_a_kept_connection_out_of_message_rate_moves_the_message_to_another_sour
     assert first_lease.released is False  # the shell releases it when the QUIT is done
 
 
-def test_a_kept_connection_out_of_budget_with_no_other_source_is_the_open_failure() -> None:
+def test_a_kept_connection_out_of_budget_with_no_other_source_gets_that_refusal_and_stays() -> None:
     the_shaper, _ = shaper('["default"]\nmax_message_rate = "1/h"\n')
     relay = core()
     opened, lease = leased(the_shaper)
@@ -144,18 +149,16 @@ def test_a_kept_connection_out_of_budget_with_no_other_source_is_the_open_failur
         MtaCommand(RCPT),
             ResolveNextHop("good.test", 4),
         NextHopResolved(GOOD),
-            CloseRemote(polite=True),
-            OpenRemote("main", "good.test"),
-        OpenFailed(summary),
+            AskSelection("main", "good.test", "a"),
+        SelectionAnswered(summary),  # no source has budget: no QUIT, no open
             ReplyMta(refusal),  # no SendRemote: nothing went out
         MtaCommand(RCPT2),
-            OpenRemote("main", "good.test"),  # the next RCPT asks selection again
-        OpenFailed(summary),
-            ReplyMta(refusal),
+            ReplyMta(refusal),  # the transaction's refusal
         MtaCommand(Data()),
             ReplyMta(replies.no_remote_transaction()),
     )  # fmt: skip
     assert lease.messages == 1
+    assert relay.remote is opened  # kept for the next message, which asks its budget again
 
 
 def test_a_fresh_connection_refused_by_the_message_rate_sends_nothing() -> None:
