@@ -200,29 +200,29 @@ class _Await(enum.Enum):
     STARTTLS = "STARTTLS"
 
 
-# RFC 2920 section 3.1: these end a pipelined group (the greeting comes first anyway).
-_GROUP_ENDERS: Final = frozenset(
-    {
-        _Await.GREETING,
-        _Await.EHLO,
-        _Await.HELO,
-        _Await.DATA,
-        _Await.NOOP,
-        _Await.QUIT,
-        _Await.STARTTLS,
-    }
+# RFC 2920 section 3.1: these end a pipelined group (the greeting comes first anyway). A
+# tuple: membership by identity, without Enum.__hash__ (a Python call) per command sent.
+_GROUP_ENDERS: Final = (
+    _Await.GREETING,
+    _Await.EHLO,
+    _Await.HELO,
+    _Await.DATA,
+    _Await.NOOP,
+    _Await.QUIT,
+    _Await.STARTTLS,
 )
+_CLOSED: Final = ConnectionClosed()  # no fields: one instance does for every session
 _VIOLATION_REPLY: Final = Reply.make(451, "Remote server broke the SMTP protocol", enhanced="4.5.0")
 
 
-def _parse_reply_line(line: bytes) -> tuple[int, bool, str] | None:
-    """``b"250-text"`` -> (250, True, "text"); None if it is not a reply line."""
+def _reply_code(line: bytes) -> int:
+    """The code of a reply line ``[2-5]dd`` followed by the end, a space or a hyphen; 0 if
+    the line is not a reply line."""
     if len(line) < 3 or line[0] not in b"2345" or not line[1:3].isdigit():
-        return None
-    separator = line[3:4]
-    if separator not in (b"", b" ", b"-"):
-        return None
-    return int(line[:3]), separator == b"-", line[4:].decode("utf-8", "surrogateescape")
+        return 0
+    if len(line) > 3 and line[3] != 0x20 and line[3] != 0x2D:  # " ", "-"
+        return 0
+    return int(line[:3])
 
 
 class SmtpClient:
@@ -296,20 +296,21 @@ class SmtpClient:
         if self._violation is not None:
             raise self._violation
         if self._state is ClientState.CLOSED:
-            return ConnectionClosed()
+            return _CLOSED
         if self._state is ClientState.TLS and len(self._buf):
             raise self._fail("plaintext after the 220 to STARTTLS (CVE-2011-0411 class)")
         event = self._next_reply()
         if event is NEED_DATA and self._buf.closed:
-            return ConnectionClosed()
+            return _CLOSED
         return event
 
     def send(self, command: ClientCommand) -> bytes:
         """The bytes for ``command``; the machine then awaits its reply."""
         state = self._state
-        if state in (ClientState.CLOSED, ClientState.ERROR) or self._quit_sent:
+        if state is ClientState.CLOSED or state is ClientState.ERROR or self._quit_sent:
             raise LocalProtocolError(f"cannot send {command!r}: the session is over")
-        if isinstance(command, (DataChunk, EndOfData)):
+        kind = type(command)
+        if kind is DataChunk or kind is EndOfData:
             if state is not ClientState.BODY:
                 raise LocalProtocolError("the body may only be sent after a 354 to DATA")
             if isinstance(command, DataChunk):
@@ -327,7 +328,7 @@ class SmtpClient:
             last = self._awaiting[-1]
             if last in _GROUP_ENDERS:
                 raise LocalProtocolError(f"{command!r} cannot follow {last.value} unanswered")
-            if not self.pipelining:
+            if "PIPELINING" not in self._extensions:
                 raise LocalProtocolError("the remote did not advertise PIPELINING")
         line, awaits = self._command_line(command)
         self._awaiting.append(awaits)
@@ -352,6 +353,45 @@ class SmtpClient:
             raise LocalProtocolError("non-ASCII command but the remote lacks SMTPUTF8")
 
     def _command_line(self, command: ClientCommand) -> tuple[str, _Await]:
+        # The transaction's commands (three per message) are told apart first.
+        if isinstance(command, (Mail, Rcpt, Data)):
+            return self._transaction_line(command)
+        return self._session_line(command)
+
+    def _transaction_line(self, command: Mail | Rcpt | Data) -> tuple[str, _Await]:
+        if not self._hello:
+            raise LocalProtocolError(f"{command!r} needs a successful EHLO or HELO first")
+        if isinstance(command, Mail):
+            return self._mail_line(command)
+        if not self._mail:
+            raise LocalProtocolError(f"{command!r} needs MAIL first")
+        if isinstance(command, Rcpt):
+            return self._rcpt_line(command)
+        if not self._rcpts:
+            raise LocalProtocolError("DATA needs RCPT first")
+        return "DATA", _Await.DATA
+
+    def _mail_line(self, command: Mail) -> tuple[str, _Await]:
+        if self._mail:
+            raise LocalProtocolError("MAIL inside a mail transaction")
+        line = f"MAIL FROM:<{command.address}>"
+        if command.params:
+            line += format_params(filter_mail_params(command.params, self._extensions))
+        self._need_utf8(line)
+        self._mail = True
+        self._rcpts = 0
+        return line, _Await.MAIL
+
+    def _rcpt_line(self, command: Rcpt) -> tuple[str, _Await]:
+        line = f"RCPT TO:<{command.address}>"
+        if command.params:
+            line += format_params(filter_rcpt_params(command.params, self._extensions))
+        self._need_utf8(line)
+        self._rcpts += 1
+        return line, _Await.RCPT
+
+    def _session_line(self, command: ClientCommand) -> tuple[str, _Await]:
+        """The commands outside a transaction's MAIL, RCPT and DATA."""
         if isinstance(command, Ehlo):
             return f"EHLO {command.name}", _Await.EHLO
         if isinstance(command, Helo):
@@ -373,28 +413,7 @@ class SmtpClient:
             if self._mail:
                 raise LocalProtocolError("STARTTLS inside a mail transaction")
             return "STARTTLS", _Await.STARTTLS
-        if isinstance(command, Mail):
-            if self._mail:
-                raise LocalProtocolError("MAIL inside a mail transaction")
-            line = f"MAIL FROM:<{command.address}>"
-            line += format_params(filter_mail_params(command.params, self._extensions))
-            self._need_utf8(line)
-            self._mail = True
-            self._rcpts = 0
-            return line, _Await.MAIL
-        if not self._mail:
-            raise LocalProtocolError(f"{command!r} needs MAIL first")
-        if isinstance(command, Rcpt):
-            line = f"RCPT TO:<{command.address}>"
-            line += format_params(filter_rcpt_params(command.params, self._extensions))
-            self._need_utf8(line)
-            self._rcpts += 1
-            return line, _Await.RCPT
-        if not isinstance(command, Data):
-            raise LocalProtocolError(f"the client machine does not send {command!r}")
-        if not self._rcpts:
-            raise LocalProtocolError("DATA needs RCPT first")
-        return "DATA", _Await.DATA
+        raise LocalProtocolError(f"the client machine does not send {command!r}")
 
     # ---------------------------------------------------------------- replies
 
@@ -406,25 +425,24 @@ class SmtpClient:
     def _next_reply(self) -> ClientEvent | Sentinel:
         buf = self._buf
         while True:
-            end = buf.find(b"\n")
-            if end < 0:
-                if len(buf) > self._max_line + 1:
+            line = buf.take_line(b"\n")
+            if line is None:
+                if len(buf.data) - buf.start > self._max_line + 1:
                     raise self._fail(f"reply line longer than {self._max_line} octets")
                 return NEED_DATA
-            first = buf.start
-            last = first + end  # the LF
-            if last > first and buf.data[last - 1] == 0x0D:
-                last -= 1
-            line = bytes(buf.data[first:last])  # one copy, without the line end
-            buf.skip(end + 1)
+            if line[-1:] == b"\r":
+                line = line[:-1]
             if len(line) > self._max_line:
                 raise self._fail(f"reply line longer than {self._max_line} octets")
             if b"\r" in line:
                 raise self._fail("bare CR in a reply line")
-            parsed = _parse_reply_line(line)
-            if parsed is None:
+            code = _reply_code(line)
+            if not code:
                 raise self._fail(f"malformed reply line {line[:80]!r}")
-            code, more, text = parsed
+            text = line[4:].decode("utf-8", "surrogateescape")
+            more = line[3:4] == b"-"
+            if not more and not self._lines:  # a one-line reply: most of them
+                return self._on_reply(Reply(code, (text,)))
             if self._lines and code != self._code:
                 raise self._fail(f"reply code changed from {self._code} to {code} mid-reply")
             self._code = code
@@ -437,26 +455,30 @@ class SmtpClient:
                 return self._on_reply(reply)
 
     def _on_reply(self, reply: Reply) -> ClientEvent:
-        if reply.code == 421:
+        code = reply.code
+        if code == 421:
             self._state = ClientState.CLOSED
             self._awaiting.clear()
             return reply
         if not self._awaiting:
             raise self._fail(f"unsolicited reply {reply.to_bytes()[:80]!r}")
         awaited = self._awaiting.popleft()
-        if awaited is _Await.GREETING:
+        success = code < 300
+        if awaited is _Await.RCPT or awaited is _Await.DOT:
+            pass  # the transaction's state moved when the command was sent
+        elif awaited is _Await.GREETING:
             self._state = ClientState.READY
-        elif awaited is _Await.EHLO and reply.is_success:
+        elif awaited is _Await.EHLO and success:
             self._extensions = parse_ehlo_extensions(reply)
             self._hello = True
-        elif awaited is _Await.HELO and reply.is_success:
+        elif awaited is _Await.HELO and success:
             self._extensions = {}
             self._hello = True
-        elif awaited is _Await.MAIL and not reply.is_success:
+        elif awaited is _Await.MAIL and not success:
             self._mail = False
-        elif awaited is _Await.DATA and reply.code == 354:
+        elif awaited is _Await.DATA and code == 354:
             self._state = ClientState.BODY
-        elif awaited is _Await.STARTTLS and reply.is_success:
+        elif awaited is _Await.STARTTLS and success:
             self._state = ClientState.TLS
         elif awaited is _Await.QUIT:
             self._state = ClientState.CLOSED

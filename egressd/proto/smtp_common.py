@@ -114,22 +114,21 @@ class Reply:
     code: int
     lines: tuple[str, ...] = ("",)
 
+    #: The serialized reply, filled by the first :meth:`to_bytes` (a reply is often sent many
+    #: times: egressd's own replies are built once and cached, see :mod:`egressd.relay.replies`).
+    _wire: bytes | None = field(default=None, init=False, repr=False, compare=False, hash=False)
+
     def __post_init__(self) -> None:
-        if isinstance(self.code, bool) or not isinstance(self.code, int):
-            raise LocalProtocolError(f"reply code must be an int, not {self.code!r}")
-        if not 200 <= self.code <= 599:
-            raise LocalProtocolError(f"reply code {self.code} is outside 200..599")
-        if not isinstance(self.lines, tuple) or not self.lines:
-            raise LocalProtocolError("reply lines must be a non-empty tuple of str")
-        for line in self.lines:
-            if not isinstance(line, str) or "\r" in line or "\n" in line:
-                raise LocalProtocolError(f"invalid reply line {line!r}")
-            if line.isascii():
-                continue
-            try:
-                line.encode("utf-8", "surrogateescape")
-            except UnicodeEncodeError as exc:
-                raise LocalProtocolError(f"unencodable reply line {line!r}") from exc
+        # The usual reply (an int code, a tuple of ASCII lines) passes with type checks and
+        # C-level string searches only; anything else gets the precise checks and errors.
+        code, lines = self.code, self.lines
+        if type(code) is int and 200 <= code <= 599 and type(lines) is tuple and lines:
+            for line in lines:
+                if type(line) is not str or "\r" in line or "\n" in line or not line.isascii():
+                    break
+            else:
+                return
+        _check_reply(code, lines)
 
     @classmethod
     def make(cls, code: int, *texts: str, enhanced: str | None = None) -> Reply:
@@ -187,16 +186,47 @@ class Reply:
 
         An empty last line is written as the bare code (``"250"``, RFC 5321 section 4.2).
         """
-        out: list[str] = []
-        last = len(self.lines) - 1
-        for index, line in enumerate(self.lines):
-            if index < last:
-                out.append(f"{self.code}-{line}\r\n")
-            elif line:
-                out.append(f"{self.code} {line}\r\n")
-            else:
-                out.append(f"{self.code}\r\n")
-        return "".join(out).encode("utf-8", "surrogateescape")
+        wire = self._wire
+        if wire is None:
+            wire = _serialize(self.code, self.lines)
+            object.__setattr__(self, "_wire", wire)  # a cache: the reply itself is unchanged
+        return wire
+
+
+def _check_reply(code: object, lines: object) -> None:
+    """The checks :class:`Reply` makes of its fields, with the precise error."""
+    if isinstance(code, bool) or not isinstance(code, int):
+        raise LocalProtocolError(f"reply code must be an int, not {code!r}")
+    if not 200 <= code <= 599:
+        raise LocalProtocolError(f"reply code {code} is outside 200..599")
+    if not isinstance(lines, tuple) or not lines:
+        raise LocalProtocolError("reply lines must be a non-empty tuple of str")
+    for line in lines:
+        if not isinstance(line, str) or "\r" in line or "\n" in line:
+            raise LocalProtocolError(f"invalid reply line {line!r}")
+        if line.isascii():
+            continue
+        try:
+            line.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as exc:
+            raise LocalProtocolError(f"unencodable reply line {line!r}") from exc
+
+
+def _serialize(code: int, lines: tuple[str, ...]) -> bytes:
+    if len(lines) == 1:  # most replies
+        line = lines[0]
+        text = f"{code} {line}\r\n" if line else f"{code}\r\n"
+        return text.encode("utf-8", "surrogateescape")
+    out: list[str] = []
+    last = len(lines) - 1
+    for index, line in enumerate(lines):
+        if index < last:
+            out.append(f"{code}-{line}\r\n")
+        elif line:
+            out.append(f"{code} {line}\r\n")
+        else:
+            out.append(f"{code}\r\n")
+    return "".join(out).encode("utf-8", "surrogateescape")
 
 
 _KEYWORD_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
@@ -299,7 +329,14 @@ def _parse_path_by_char(text: str, pos: int) -> tuple[str, int]:
     return address, index + 1
 
 
+# An address that is a path of plain characters (:data:`_SIMPLE_PATH_RE`) and does not start
+# with a source route: :func:`_check_address` accepts it in one C-level match.
+_PLAIN_ADDRESS_RE: Final = re.compile(r'[^\x00-\x20\x7f"<>\\@][^\x00-\x20\x7f"<>\\]*')
+
+
 def _check_address(address: str, *, allow_empty: bool) -> None:
+    if type(address) is str and _PLAIN_ADDRESS_RE.fullmatch(address):
+        return
     if not isinstance(address, str):
         raise LocalProtocolError(f"address must be a str, not {address!r}")
     if not address and not allow_empty:
@@ -337,7 +374,12 @@ def parse_esmtp_params(text: str) -> dict[str, str | None]:
     return params
 
 
+_NO_PARAMS: Final[Mapping[str, str | None]] = MappingProxyType({})
+
+
 def _freeze_params(params: Mapping[str, str | None]) -> Mapping[str, str | None]:
+    if not params:
+        return _NO_PARAMS  # read-only, so every command without parameters can share it
     frozen: dict[str, str | None] = {}
     for keyword, value in params.items():
         if not isinstance(keyword, str) or not _KEYWORD_RE.fullmatch(keyword):
@@ -539,6 +581,21 @@ class ReceiveBuffer:
             self._scan = max(self.start, len(self.data) - len(separator) + 1)
             return -1
         return index - self.start
+
+    def take_line(self, separator: bytes) -> bytes | None:
+        """The bytes up to the next ``separator``, consumed with it; None when there is none
+        yet (the next search resumes where this one stopped). :meth:`find`, :meth:`take` and
+        :meth:`skip` in one call: it runs for every command and reply line."""
+        data = self.data
+        start = self.start
+        scan = self._scan
+        index = data.find(separator, scan if scan > start else start)
+        if index < 0:
+            self._scan = max(start, len(data) - len(separator) + 1)
+            return None
+        line = bytes(data[start:index])
+        self.start = self._scan = index + len(separator)
+        return line
 
     def reset_scan(self) -> None:
         self._scan = self.start

@@ -246,8 +246,11 @@ class _Kind(enum.Enum):
     OTHER = "OTHER"  # NOOP, VRFY, HELP, refused commands
 
 
-_PAUSING: Final = frozenset({_Kind.DATA, _Kind.STARTTLS, _Kind.QUIT})
-_ASSUMED_CODE: Final = {_Kind.AUTH: 235}
+# Tuples, not sets: membership by identity, without Enum.__hash__ (a Python call).
+_PAUSING: Final = (_Kind.DATA, _Kind.STARTTLS, _Kind.QUIT)
+# The replies whose effect on the session depends on the reply being positive (2xx); the
+# projection assumes it is (and 235 to AUTH).
+_SUCCESS_MATTERS: Final = (_Kind.MAIL, _Kind.RCPT, _Kind.HELO, _Kind.EHLO)
 
 
 class _SessionState(NamedTuple):
@@ -259,6 +262,11 @@ class _SessionState(NamedTuple):
     mail: bool = False
     rcpts: int = 0
     authenticated: bool = False
+
+
+def _assumed_code(kind: _Kind) -> int:
+    """The reply an owed command is assumed to get until it is answered."""
+    return 235 if kind is _Kind.AUTH else 250
 
 
 def _after_reply(session: _SessionState, kind: _Kind, code: int) -> _SessionState:
@@ -282,6 +290,13 @@ def _reply(code: int, enhanced: str, text: str) -> Reply:
     return Reply.make(code, text, enhanced=enhanced)
 
 
+# The events without fields, made once: they are equal to any other instance, and immutable.
+_DATA: Final = Data()
+_RSET: Final = Rset()
+_QUIT: Final = Quit()
+_STARTTLS: Final = StartTls()
+_END_OF_DATA: Final = EndOfData()
+_CLOSED: Final = ConnectionClosed()
 _BARE_REPLY: Final = _reply(550, "5.6.11", "Bare CR or LF in message data is not allowed")
 _LOGIN_USERNAME: Final = Reply(334, ("VXNlcm5hbWU6",))  # "Username:"
 _LOGIN_PASSWORD: Final = Reply(334, ("UGFzc3dvcmQ6",))  # "Password:"
@@ -338,6 +353,7 @@ class SmtpServer:
         self._auth_requires_tls = auth_requires_tls
         self._max_line = max_line
         self._max_chunk = max_chunk
+        self._rcpt_allowed = frozenset({"NOTIFY", "ORCPT"} if "DSN" in offered else ())
 
         self._buf = ReceiveBuffer()
         self._state = ServerState.GREETING
@@ -352,6 +368,7 @@ class SmtpServer:
         self._auth_username: str | None = None
         self._challenges = 0  # AuthChallenge events not yet answered with a 334
         self._violation: RemoteProtocolError | None = None
+        self._mail_allowed = self._mail_params()  # again when TLS starts
 
     # ---------------------------------------------------------------- public properties
 
@@ -424,7 +441,7 @@ class SmtpServer:
         state = self._state
         event: ServerEvent | Sentinel
         if state is ServerState.CLOSED:
-            return ConnectionClosed()
+            return _CLOSED
         if state is ServerState.TLS:
             if len(self._buf):
                 raise self._fail("plaintext pipelined after STARTTLS (CVE-2011-0411 class)")
@@ -437,57 +454,60 @@ class SmtpServer:
             event = PAUSED
         else:
             event = self._next_command_event()
-        if isinstance(event, Sentinel) and self._buf.closed:
-            return ConnectionClosed()
+        if (event is NEED_DATA or event is PAUSED) and self._buf.closed:
+            return _CLOSED
         return event
 
     def send(self, reply: Reply) -> bytes:
         """Account for ``reply`` and return its bytes. The first reply is the greeting;
         each later one answers the oldest command still owed a reply; 421 may come any time.
         """
-        if not isinstance(reply, Reply):
+        if type(reply) is not Reply and not isinstance(reply, Reply):
             raise LocalProtocolError(f"send() takes a Reply, not {reply!r}")
-        if self._state in (ServerState.CLOSED, ServerState.ERROR):
+        if self._state is ServerState.CLOSED or self._state is ServerState.ERROR:
             raise LocalProtocolError(f"cannot send in state {self._state.value}")
-        if reply.code == 421:
+        code = reply.code
+        if code == 421:
             self._state = ServerState.CLOSED
             self._owed.clear()
             return reply.to_bytes()
         if self._state is ServerState.GREETING:
-            if reply.code not in (220, 554):
-                raise LocalProtocolError(f"the greeting must be 220, 554 or 421, not {reply.code}")
-            self._refused = reply.code == 554
+            if code != 220 and code != 554:
+                raise LocalProtocolError(f"the greeting must be 220, 554 or 421, not {code}")
+            self._refused = code == 554
             self._state = ServerState.COMMAND
             return reply.to_bytes()
-        if not self._owed:
-            raise LocalProtocolError(f"no command is owed a reply (sending {reply.code})")
-        kind = self._owed[0]
-        if reply.code == 334:
+        owed = self._owed
+        if not owed:
+            raise LocalProtocolError(f"no command is owed a reply (sending {code})")
+        kind = owed[0]
+        if code == 334:
             if kind is not _Kind.AUTH or self._challenges == 0:
                 raise LocalProtocolError("334 is only a reply to an AuthChallenge")
             self._challenges -= 1
             return reply.to_bytes()
-        if reply.code == 354:
+        if code == 354:
             if kind is not _Kind.DATA:
                 raise LocalProtocolError("354 is only a reply to DATA")
-            self._owed.popleft()
+            owed.popleft()
             self._state = ServerState.DATA
             self._line_start = True
             self._buf.reset_scan()
             return reply.to_bytes()
-        self._owed.popleft()
-        before = self._session
-        self._session = _after_reply(before, kind, reply.code)
-        if self._session != _after_reply(before, kind, _ASSUMED_CODE.get(kind, 250)):
+        owed.popleft()
+        self._session = _after_reply(self._session, kind, code)
+        if (kind in _SUCCESS_MATTERS and not 200 <= code < 300) or (
+            kind is _Kind.AUTH and code != 235
+        ):
             # The projection assumed success; recompute it from what really happened.
             self._projected = self._session
-            for owed in self._owed:
-                self._projected = _after_reply(self._projected, owed, _ASSUMED_CODE.get(owed, 250))
+            for later in owed:
+                self._projected = _after_reply(self._projected, later, _assumed_code(later))
         if kind is _Kind.AUTH:
             self._challenges = 0
             if self._state is ServerState.AUTH:
                 self._state = ServerState.COMMAND
-        elif kind is _Kind.STARTTLS and reply.is_success:
+        elif kind is _Kind.STARTTLS and code < 300:
             self._state = ServerState.TLS
         elif kind is _Kind.QUIT:
             self._state = ServerState.CLOSED
@@ -506,6 +526,7 @@ class SmtpServer:
             raise RemoteProtocolError("plaintext pipelined after STARTTLS")
         self._buf.reset_scan()
         self._tls_active = True
+        self._mail_allowed = self._mail_params()
         self._session = self._projected = _SessionState()
         self._state = ServerState.COMMAND
 
@@ -518,7 +539,7 @@ class SmtpServer:
 
     def _owe(self, kind: _Kind) -> None:
         self._owed.append(kind)
-        self._projected = _after_reply(self._projected, kind, _ASSUMED_CODE.get(kind, 250))
+        self._projected = _after_reply(self._projected, kind, _assumed_code(kind))
 
     def _refuse(self, refusal: _Refuse, command: str, *, in_auth: bool = False) -> CommandError:
         if in_auth:  # the reply answers the AUTH command, already owed
@@ -539,14 +560,13 @@ class SmtpServer:
             keep = 1 if len(buf) and buf.data[-1] == _CR else 0
             buf.skip(len(buf) - keep)
             return NEED_DATA
-        end = buf.find(b"\r\n")
-        if end < 0:
-            if len(buf) >= self._max_line + 2:
+        line = buf.take_line(b"\r\n")
+        if line is None:
+            if len(buf.data) - buf.start >= self._max_line + 2:
                 self._discarding_line = True
                 return self._refuse(_Refuse(500, "5.5.2", "Line too long"), "", in_auth=in_auth)
             return NEED_DATA
-        line = buf.take(end + 2)[:-2]
-        if end > self._max_line:
+        if len(line) > self._max_line:
             return self._refuse(_Refuse(500, "5.5.2", "Line too long"), "", in_auth=in_auth)
         return self._dispatch(line)
 
@@ -603,7 +623,9 @@ class SmtpServer:
     def _parse_params(
         self, text: str, allowed: frozenset[str], check: Callable[[str, str | None], None]
     ) -> dict[str, str | None]:
-        if text and text[0] != " ":
+        if not text:
+            return {}
+        if text[0] != " ":
             raise _Refuse(501, "5.5.4", "Syntax error after the address")
         try:
             params = parse_esmtp_params(text)
@@ -618,6 +640,7 @@ class SmtpServer:
         return params
 
     def _mail_params(self) -> frozenset[str]:
+        """The MAIL parameters accepted now (REQUIRETLS depends on TLS)."""
         offered = self._offered
         allowed = set()
         if "SIZE" in offered:
@@ -688,7 +711,7 @@ class SmtpServer:
             raise _Refuse(501, "5.1.7", "Bad sender address syntax") from None
         if address and "@" not in address:
             raise _Refuse(501, "5.1.7", "Bad sender address syntax")
-        params = self._parse_params(argument[end:], self._mail_params(), self._check_mail_param)
+        params = self._parse_params(argument[end:], self._mail_allowed, self._check_mail_param)
         if not address.isascii() and "SMTPUTF8" not in params:
             raise _Refuse(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
         event = Mail(address, params)
@@ -708,8 +731,7 @@ class SmtpServer:
             raise _Refuse(501, "5.1.3", "Bad recipient address syntax") from None
         if "@" not in address and address.lower() != "postmaster":
             raise _Refuse(501, "5.1.3", "Bad recipient address syntax")
-        allowed = frozenset({"NOTIFY", "ORCPT"}) if "DSN" in self._offered else frozenset()
-        params = self._parse_params(argument[end:], allowed, self._check_rcpt_param)
+        params = self._parse_params(argument[end:], self._rcpt_allowed, self._check_rcpt_param)
         event = Rcpt(address, params)
         self._owe(_Kind.RCPT)
         return event
@@ -722,12 +744,12 @@ class SmtpServer:
             raise _Refuse(503, "5.5.1", "Need RCPT command")
         self._no_argument("DATA", argument)
         self._owe(_Kind.DATA)
-        return Data()
+        return _DATA
 
     def _do_rset(self, argument: str) -> ServerEvent:
         self._no_argument("RSET", argument)
         self._owe(_Kind.RSET)
-        return Rset()
+        return _RSET
 
     def _do_noop(self, argument: str) -> ServerEvent:
         self._owe(_Kind.OTHER)
@@ -736,7 +758,7 @@ class SmtpServer:
     def _do_quit(self, argument: str) -> ServerEvent:
         self._no_argument("QUIT", argument)
         self._owe(_Kind.QUIT)
-        return Quit()
+        return _QUIT
 
     def _do_vrfy(self, argument: str) -> ServerEvent:
         if not argument.strip():
@@ -759,7 +781,7 @@ class SmtpServer:
             raise _Refuse(503, "5.5.1", "STARTTLS not permitted during a mail transaction")
         self._no_argument("STARTTLS", argument)
         self._owe(_Kind.STARTTLS)
-        return StartTls()
+        return _STARTTLS
 
     # ---------------------------------------------------------------- AUTH (RFC 4954)
 
@@ -844,7 +866,7 @@ class SmtpServer:
             return self._next_data_event_by_line()
         if end < 0:
             buf.skip(3)
-            return self._end_of_data(EndOfData())
+            return self._end_of_data(_END_OF_DATA)
         if end == start:
             return NEED_DATA
         data = buf.data
@@ -898,7 +920,7 @@ class SmtpServer:
                         if pos > start:
                             return self._chunk(pos)
                         buf.skip(3)
-                        return self._end_of_data(EndOfData())
+                        return self._end_of_data(_END_OF_DATA)
                     if len(tail) < 3 and b".\r\n".startswith(tail):
                         break
                 self._line_start = False

@@ -344,6 +344,35 @@ def test_reply_helpers() -> None:
 
 
 @pytest.mark.parametrize(
+    ("code", "lines"),
+    [
+        (True, ("ok",)),  # a bool is not a code
+        (250.0, ("ok",)),
+        (199, ("ok",)),
+        (250, ["ok"]),  # lines must be a tuple
+        (250, ()),
+        (250, ("ok", 7)),
+        (250, ("ok", "second\nline")),  # an LF in a later line
+        (250, ("h\u00e9llo\r",)),  # a CR in a non-ASCII line
+        (250, ("\ud800 lone surrogate",)),  # not UTF-8 and not from surrogateescape
+    ],
+)
+def test_a_reply_that_could_not_go_on_the_wire_cannot_be_built(code: object, lines: object) -> None:
+    with pytest.raises(LocalProtocolError):
+        Reply(code, lines)  # type: ignore[arg-type]
+
+
+def test_a_reply_is_the_same_value_after_it_was_sent() -> None:
+    sent = Reply(250, ("h\u00e9llo", "\udce9 escaped octet"))
+    wire = b"250-h\xc3\xa9llo\r\n250 \xe9 escaped octet\r\n"  # UTF-8, then a raw octet
+    assert sent.to_bytes() == wire
+    assert sent.to_bytes() == wire  # the second time from its cache: the same bytes
+    assert sent == Reply(250, ("h\u00e9llo", "\udce9 escaped octet"))
+    assert hash(sent) == hash(Reply(250, ("h\u00e9llo", "\udce9 escaped octet")))
+    assert repr(sent) == "Reply(code=250, lines=('h\u00e9llo', '\\udce9 escaped octet'))"
+
+
+@pytest.mark.parametrize(
     "when", ["greeting", "idle", "pipelined", "body", "final"], ids=lambda w: w
 )
 def test_unsolicited_421_is_a_reply(when: str) -> None:
