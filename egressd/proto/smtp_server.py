@@ -264,11 +264,6 @@ class _SessionState(NamedTuple):
     authenticated: bool = False
 
 
-def _assumed_code(kind: _Kind) -> int:
-    """The reply an owed command is assumed to get until it is answered."""
-    return 235 if kind is _Kind.AUTH else 250
-
-
 def _after_reply(session: _SessionState, kind: _Kind, code: int) -> _SessionState:
     ok = 200 <= code < 300
     if kind is _Kind.MAIL:
@@ -502,7 +497,8 @@ class SmtpServer:
             # The projection assumed success; recompute it from what really happened.
             self._projected = self._session
             for later in owed:
-                self._projected = _after_reply(self._projected, later, _assumed_code(later))
+                assumed = 235 if later is _Kind.AUTH else 250
+                self._projected = _after_reply(self._projected, later, assumed)
         if kind is _Kind.AUTH:
             self._challenges = 0
             if self._state is ServerState.AUTH:
@@ -538,8 +534,9 @@ class SmtpServer:
         return self._violation
 
     def _owe(self, kind: _Kind) -> None:
+        # Until it is answered, a command is assumed to succeed (235 to AUTH, else 250).
         self._owed.append(kind)
-        self._projected = _after_reply(self._projected, kind, _assumed_code(kind))
+        self._projected = _after_reply(self._projected, kind, 235 if kind is _Kind.AUTH else 250)
 
     def _refuse(self, refusal: _Refuse, command: str, *, in_auth: bool = False) -> CommandError:
         if in_auth:  # the reply answers the AUTH command, already owed

@@ -104,6 +104,13 @@ from egressd.relay.events import (
 
 __all__ = ["RelayCore", "Transaction", "pool_for", "recipient_domain"]
 
+#: The commands whose result is the next event, by type: a set lookup, no isinstance chain.
+_AWAITING: frozenset[type[Command]] = frozenset(AWAITING)
+# The commands without fields, made once (equal to any other instance, and immutable).
+_DATA = Data()
+_END_OF_DATA = EndOfDataCommand()
+_RSET = Rset()
+
 T = TypeVar("T")
 #: A step of the core: yields commands, receives the result of each awaiting one.
 Step = Generator[Command, "Event | None", T]
@@ -253,7 +260,7 @@ class RelayCore:
         """
         if self._step is not None:
             step, self._step = self._step, None
-            if not isinstance(event, SessionEnded):
+            if type(event) is not SessionEnded:
                 return self._run(step, event)
             step.close()
         return self._run(self._start(event), None)
@@ -266,52 +273,53 @@ class RelayCore:
             except StopIteration:
                 return commands
             commands.append(command)
-            if isinstance(command, AWAITING):
+            if type(command) in _AWAITING:
                 self._step = step
                 return commands
             value = None
 
     def _start(self, event: Event) -> Step[None]:
-        if isinstance(event, MtaCommand):
+        # By exact type, the most frequent first: an MTA command, the end of the body.
+        if type(event) is MtaCommand:
             return self._command(event.command)
-        if isinstance(event, MtaAuthenticated):
+        if type(event) is MtaEndOfData:
+            return self._end_of_data(event.chunks)
+        if type(event) is MtaBody:
+            return self._body(event.chunks)
+        if type(event) is MtaAuthenticated:
             self.auth_user = event.user
             return _nothing()
-        if isinstance(event, MtaBody):
-            return self._body(event.chunks)
-        if isinstance(event, MtaEndOfData):
-            return self._end_of_data(event.chunks)
-        if isinstance(event, MtaBareLineEnding):
+        if type(event) is MtaBareLineEnding:
             return self._abort_body("bare CR or LF in the message body")
-        if isinstance(event, MtaDataDiscarded):
+        if type(event) is MtaDataDiscarded:
             return self._discarded(event.reply)
-        if isinstance(event, MtaClosed):
+        if type(event) is MtaClosed:
             return self._mta_gone(
                 "the MTA disconnected in the middle of DATA", "mta disconnected mid-DATA"
             )
-        if isinstance(event, MtaTimedOut):
+        if type(event) is MtaTimedOut:
             return self._mta_gone(
                 f"the MTA sent no data for {event.seconds:g}s", "mta timeout mid-DATA"
             )
-        if isinstance(event, MtaTooSlow):
+        if type(event) is MtaTooSlow:
             return self._mta_gone(
                 f"the MTA sent the body below {event.rate} bytes/s", "mta too slow mid-DATA"
             )
-        if isinstance(event, SessionEnded):
+        if type(event) is SessionEnded:
             return self._close(clean=event.clean)
         raise AssertionError(f"{event!r} arrived while no command awaited a result")
 
     def _command(self, command: Mail | Rcpt | Data | Rset | Quit | Ehlo | Helo) -> Step[None]:
-        if isinstance(command, Mail):
+        if type(command) is Mail:
             yield from self._mail(command)
-        elif isinstance(command, Rcpt):
+        elif type(command) is Rcpt:
             yield from self._recipient(command)
-        elif isinstance(command, Data):
+        elif type(command) is Data:
             yield from self._data()
-        elif isinstance(command, Rset):
+        elif type(command) is Rset:
             yield from self._reset("reset")
             yield ReplyMta(replies.reset())
-        elif isinstance(command, Quit):
+        elif type(command) is Quit:
             yield from self._reset("quit")
             yield ReplyMta(replies.closing(self.hostname))
         else:  # EHLO and HELO end any transaction; the shell answers them
@@ -499,10 +507,15 @@ class RelayCore:
         """The kept connection's source may serve this transaction's pool right now."""
         config = tx.egress.config
         pool = config.pools.get(tx.pool)
-        if pool is None or config.sources.get(source.name) != source:
+        if pool is None:
             return False
-        in_pool = any(e.source == source.name and e.weight > 0 for e in pool.entries)
-        return in_pool and not tx.egress.health.is_suspended(source.name)
+        current = config.sources.get(source.name)
+        if current is not source and current != source:  # the same generation: no __eq__
+            return False
+        for entry in pool.entries:
+            if entry.source == source.name and entry.weight > 0:
+                return not tx.egress.health.is_suspended(source.name)
+        return False
 
     def _next_hop(self, tx: Transaction, domain: str, version: int | None) -> Step[NextHopView]:
         key = (domain, version)
@@ -517,7 +530,7 @@ class RelayCore:
 
     # ----------------------------------------------------------------------- the remote
 
-    def _exchange(self, commands: tuple[ClientCommand, ...], what: str) -> Step[list[Reply]]:
+    def _exchange(self, commands: tuple[ClientCommand, ...], what: str) -> Step[tuple[Reply, ...]]:
         """Send ``commands`` and return the remote's reply to each, in order.
 
         A 421 ends the connection: it stands for the replies that will never come. A
@@ -527,14 +540,16 @@ class RelayCore:
         assert remote is not None
         send = SendRemote(commands, what)
         result = yield send
-        if isinstance(result, (RemoteTimedOut, RemoteLost)):
-            detail = replies.remote_failure_detail(what, result)
-            raise _RemoteFailed(replies.remote_failure(remote.describe, detail))
-        assert isinstance(result, RemoteReplied), result
-        got = list(result.replies)
-        if got and got[-1].code == 421:
-            got += [got[-1]] * (send.replies_owed - len(got))
-        assert len(got) == send.replies_owed, (got, send)
+        if type(result) is not RemoteReplied:
+            if isinstance(result, (RemoteTimedOut, RemoteLost)):
+                detail = replies.remote_failure_detail(what, result)
+                raise _RemoteFailed(replies.remote_failure(remote.describe, detail))
+            raise AssertionError(f"{result!r} is no result of {send!r}")
+        got = result.replies
+        owed = send.replies_owed
+        if len(got) != owed and got and got[-1].code == 421:
+            got += (got[-1],) * (owed - len(got))
+        assert len(got) == owed, (got, send)
         return got
 
     def _drop_remote(self, *, polite: bool = False) -> Step[None]:
@@ -558,7 +573,7 @@ class RelayCore:
         if self.remote is None or not tx.remote_open:
             return replies.no_remote_transaction()
         try:
-            reply = yield from self._ask(tx, Data(), "DATA")
+            reply = yield from self._ask(tx, _DATA, "DATA")
         except _RemoteFailed as exc:
             return exc.reply  # egressd's own reply: no final reply from the remote
         if reply.code != 354:
@@ -569,7 +584,7 @@ class RelayCore:
         """Forward pieces of the body; a remote failure is kept for the final reply."""
         tx = self.tx
         assert tx is not None
-        tx.size += sum(len(chunk.data) for chunk in chunks)
+        tx.size += _size(chunks)
         if tx.body_failure is not None or self.remote is None:
             return
         if (yield from self._refuse_oversize(tx)):
@@ -602,13 +617,13 @@ class RelayCore:
         """Send the last pieces and the final dot; the remote's reply is the MTA's reply."""
         tx = self.tx
         assert tx is not None
-        tx.size += sum(len(chunk.data) for chunk in chunks)
+        tx.size += _size(chunks)
         yield from self._refuse_oversize(tx)
         if tx.body_failure is not None or self.remote is None:
             reply = tx.body_failure or replies.remote_gone()
         else:
             try:
-                [reply] = yield from self._exchange((*chunks, EndOfDataCommand()), "end of data")
+                [reply] = yield from self._exchange((*chunks, _END_OF_DATA), "end of data")
                 tx.remote_open = False
             except _RemoteFailed as exc:
                 reply = exc.reply
@@ -643,7 +658,7 @@ class RelayCore:
         remote = self.remote
         if remote is not None and (tx.remote_open or tx.final_reply is not None):
             try:
-                [reply] = yield from self._exchange((Rset(),), "RSET")
+                [reply] = yield from self._exchange((_RSET,), "RSET")
             except _RemoteFailed:
                 yield from self._drop_remote()
             else:
@@ -691,6 +706,13 @@ class RelayCore:
                 yield from self._drop_remote()  # mid-transaction: never let it complete
             yield from self._finish("abandoned")
         yield from self._drop_remote(polite=clean)
+
+
+def _size(chunks: tuple[DataChunk, ...]) -> int:
+    size = 0
+    for chunk in chunks:
+        size += len(chunk.data)
+    return size
 
 
 def _nothing() -> Step[None]:

@@ -358,10 +358,16 @@ class SendRemote:
 
     commands: tuple[ClientCommand, ...]
     what: str
+    #: How many replies the remote owes for ``commands``: one per command but body pieces.
+    replies_owed: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def replies_owed(self) -> int:
-        return sum(not isinstance(command, DataChunk) for command in self.commands)
+    def __post_init__(self) -> None:
+        # Counted once here: the core and the shell both read it, several times per message.
+        owed = len(self.commands)
+        for command in self.commands:
+            if type(command) is DataChunk:
+                owed -= 1
+        object.__setattr__(self, "replies_owed", owed)
 
 
 @dataclass(frozen=True)

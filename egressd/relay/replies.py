@@ -23,9 +23,17 @@ Typed failures from below are mapped here, not where they are raised:
 (the remote connection), the next hop's DNS failures (:func:`next_hop_failure`, from the
 kind and text that :mod:`egressd.net.mx` reports), and the open path's
 refusals (pool, source, addresses).
+
+The session replies that depend on nothing or on the configuration only (the greeting, the
+250 to MAIL, RSET, QUIT...) are built once and cached (:func:`_once`): a :class:`Reply` is
+immutable and caches its own bytes, so the MTA's every message reuses both.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar, cast
 
 from egressd.proto.smtp_common import Reply
 from egressd.relay.events import RemoteLost, RemoteTimedOut
@@ -73,6 +81,15 @@ __all__ = [
 ]
 
 
+_Builder = TypeVar("_Builder", bound=Callable[..., Reply])
+
+
+def _once(builder: _Builder) -> _Builder:
+    """Cache a reply builder whose arguments come from a small set (the configuration's
+    names), keeping its signature for the type checker."""
+    return cast(_Builder, functools.lru_cache(maxsize=256)(builder))
+
+
 def temporary(enhanced: str, text: str, code: int = 451) -> Reply:
     """A reply egressd itself gives the MTA (``451 4.x.y text``); CR and LF become spaces."""
     return Reply.make(code, text.replace("\r", " ").replace("\n", " "), enhanced=enhanced)
@@ -86,33 +103,40 @@ def local(code: int, enhanced: str, text: str) -> Reply:
 # --------------------------------------------------------------------------- session
 
 
+@_once
 def greeting(hostname: str) -> Reply:
     """The 220 banner, without an enhanced status code: the client has not said EHLO yet
     (RFC 2034 section 4: the codes are only for clients that asked for ENHANCEDSTATUSCODES)."""
     return Reply.make(220, f"{hostname} ESMTP egressd")
 
 
+@_once
 def reset() -> Reply:
     return local(250, "2.0.0", "Reset state")
 
 
+@_once
 def helo(hostname: str) -> Reply:
     """The reply to HELO (EHLO's lists the extensions: the SmtpServer machine builds it)."""
     return local(250, "2.0.0", hostname)
 
 
+@_once
 def noop() -> Reply:
     return local(250, "2.0.0", "OK")
 
 
+@_once
 def vrfy() -> Reply:
     return local(252, "2.5.0", "Cannot VRFY; send the message and see")
 
 
+@_once
 def help_text() -> Reply:
     return local(214, "2.0.0", "egressd relays mail; see RFC 5321")
 
 
+@_once
 def tls_ready() -> Reply:
     return local(220, "2.0.0", "Ready to start TLS")
 
@@ -122,6 +146,7 @@ def tls_unavailable() -> Reply:
     return local(454, "4.7.0", "TLS not available")
 
 
+@_once
 def closing(hostname: str) -> Reply:
     return local(221, "2.0.0", f"{hostname} closing connection")
 
@@ -141,10 +166,12 @@ def mta_timeout(hostname: str, in_data: bool) -> Reply:
     return local(421, "4.4.2", f"{hostname} timeout waiting for {what}")
 
 
+@_once
 def auth_succeeded() -> Reply:
     return local(235, "2.7.0", "Authentication succeeded")
 
 
+@_once
 def auth_failed() -> Reply:
     return local(535, "5.7.8", "Authentication credentials invalid")
 
@@ -155,6 +182,7 @@ def too_many_auth_failures(hostname: str) -> Reply:
     return local(421, "4.7.0", f"{hostname} Error: too many failed authentications")
 
 
+@_once
 def auth_required() -> Reply:
     """MAIL from a client that did not authenticate, where the listener requires it.
 
@@ -164,6 +192,7 @@ def auth_required() -> Reply:
     return local(451, "4.7.0", "Authentication required")
 
 
+@_once
 def sender_ok(pool: str, why: str, named: bool) -> Reply:
     """250 to MAIL; the pool is named only to an authenticated client."""
     return local(250, "2.1.0", f"Sender OK (pool {pool} by {why})" if named else "Sender OK")
