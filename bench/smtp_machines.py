@@ -3,7 +3,11 @@
 Run it through ``scripts/bench machines [--size BYTES] [--transactions N]``. The server
 machine parses MAIL, RCPT and DATA as smtp-source sends them, answers each, and takes an
 80-column body in 64 KiB reads up to the final dot; the client machine sends MAIL, RCPT and
-DATA (pipelined), the body and the dot, and parses the four replies. Each is timed with
+DATA (pipelined), the body and the dot, and parses the four replies. "relay" is the whole
+sans-IO half of one message as the SMTP door drives it: the server machine's events fed to
+the relay core (:class:`~egressd.relay.core.RelayCore`, on a kept remote connection), its
+commands executed on the server machine (replies to the MTA) and the client machine
+(commands to the remote, whose replies are canned bytes). Each is timed with
 the process's CPU clock over ``--transactions`` transactions, the best of five runs, so it
 stays comparable on a busy machine where the end-to-end figures of ``scripts/bench smtp``
 drift. With ``--baseline DIR`` the same is measured for the egressd in checkout ``DIR``
@@ -13,13 +17,20 @@ drift. With ``--baseline DIR`` the same is measured for the egressd in checkout 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import ipaddress
 import json
 import os
+import pstats
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
+from typing import Any
 
+from egressd.config import Config, Pool, PoolEntry, Source
+from egressd.net.mx import MxHost, NextHop
 from egressd.proto.smtp_client import SmtpClient
 from egressd.proto.smtp_common import (
     NEED_DATA,
@@ -32,6 +43,19 @@ from egressd.proto.smtp_common import (
     Reply,
 )
 from egressd.proto.smtp_server import SmtpServer
+from egressd.relay.core import RelayCore
+from egressd.relay.events import (
+    MtaCommand,
+    MtaEndOfData,
+    NextHopResolved,
+    OpenRemote,
+    Remote,
+    RemoteOpened,
+    RemoteReplied,
+    ReplyMta,
+    ResolveNextHop,
+    SendRemote,
+)
 
 OK = Reply.make(250, "Ok", enhanced="2.1.0")
 GO_AHEAD = Reply(354, ("End data with <CR><LF>.<CR><LF>",))
@@ -90,6 +114,92 @@ def client_transaction(client: SmtpClient, body: bytes) -> None:
     client.next_event()
 
 
+# --------------------------------------------------------------------------- the relay core
+
+SOURCE = Source("bench", source_address=ipaddress.ip_address("127.0.0.3"), ehlo_domain="out")
+MX = NextHop("e.f", "mx", (MxHost("mx.e.f", 10, (ipaddress.ip_address("127.0.0.1"),)),))
+#: The remote's replies to what the core sends, by the SendRemote's ``what``.
+REMOTE_SAYS = {
+    "MAIL FROM and RCPT TO": b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n",
+    "DATA": b"354 End data with <CR><LF>.<CR><LF>\r\n",
+    "end of data": b"250 2.0.0 Ok: queued as 12345\r\n",
+}
+
+
+class Healthy:
+    def is_suspended(self, name: str) -> bool:
+        return False
+
+
+class World:
+    """What the core reads at each MAIL: one source in one pool, no shaping, all healthy."""
+
+    config = Config(
+        path=Path("bench.toml"),
+        sources={"bench": SOURCE},
+        pools={"bench": Pool("bench", (PoolEntry("bench"),))},
+    )
+    health = Healthy()
+
+
+class Door:
+    """The SMTP door's loop without I/O: events to the core, its commands to the machines."""
+
+    def __init__(self) -> None:
+        self.server = ready_server()
+        self.client = ready_client()
+        world = World()
+        self.core = RelayCore("relay.bench", "bench", lambda: world)
+        self.to_mta: list[bytes] = []
+
+    def feed(self, event: Any) -> None:
+        commands = deque(self.core.handle(event))
+        while commands:
+            command = commands.popleft()
+            result: Any = None
+            if isinstance(command, ReplyMta):
+                self.to_mta.append(self.server.send(command.reply))
+            elif isinstance(command, SendRemote):
+                b"".join([self.client.send(c) for c in command.commands])
+                self.client.receive_data(REMOTE_SAYS[command.what])
+                got = [self.client.next_event() for _ in range(command.replies_owed)]
+                result = RemoteReplied(tuple(got))
+            elif isinstance(command, ResolveNextHop):
+                result = NextHopResolved(MX)
+            elif isinstance(command, OpenRemote):
+                result = RemoteOpened(remote())
+            if result is not None:
+                commands.extend(self.core.handle(result))
+
+    def transaction(self, wire: bytes) -> None:
+        """One message from the MTA's MAIL to the remote's reply to the final dot."""
+        server = self.server
+        for line in (b"MAIL FROM:<a@b.c>\r\n", b"RCPT TO:<d@e.f>\r\n", b"DATA\r\n"):
+            server.receive_data(line)
+            self.feed(MtaCommand(server.next_event()))
+        chunks = []
+        for start in range(0, len(wire), READ):
+            server.receive_data(wire[start : start + READ])
+            while (event := server.next_event()) is not NEED_DATA:
+                if not isinstance(event, DataChunk):
+                    self.feed(MtaEndOfData(tuple(chunks)))
+                    self.to_mta.clear()
+                    return
+                chunks.append(event)
+        raise AssertionError("the body did not end")
+
+
+def remote() -> Remote:
+    return Remote(
+        source=SOURCE,
+        next_hop=MX,
+        next_hop_address=(ipaddress.ip_address("127.0.0.1"), 25),
+        remote_text="mx.e.f[127.0.0.1]:25",
+        describe='source "bench" (127.0.0.3) to mx.e.f[127.0.0.1]:25',
+        extensions={"PIPELINING": "", "SIZE": "100000000"},
+    )
+
+
 def best_microseconds(run: object, transactions: int) -> float:
     assert callable(run)
     best = float("inf")
@@ -105,10 +215,30 @@ def measure(size: int, transactions: int) -> dict[str, float]:
     body = body_of(size)
     server, client = ready_server(), ready_client()
     wire = body + b".\r\n"
+    door = Door()
+    door.transaction(wire)  # opens the remote connection; the measured ones reuse it
     return {
         "server_us": best_microseconds(lambda: server_transaction(server, wire), transactions),
         "client_us": best_microseconds(lambda: client_transaction(client, body), transactions),
+        "relay_us": best_microseconds(lambda: door.transaction(wire), transactions),
+        "relay_calls": calls_per_transaction(door, wire),
     }
+
+
+def calls_per_transaction(door: Door, wire: bytes, transactions: int = 200) -> float:
+    """Function calls (Python and built-in, as cProfile counts them) per "relay"
+    transaction: egressd's, not the harness's own (its functions and the built-ins it calls)."""
+    profile = cProfile.Profile()
+    profile.runcall(lambda: [door.transaction(wire) for _ in range(transactions)])
+    harness = __file__
+    calls = 0
+    for (filename, _, _), (_, count, _, _, callers) in pstats.Stats(profile).stats.items():
+        if filename == harness:
+            continue
+        if filename == "~":  # a built-in: not those the harness called itself
+            count -= sum(c[1] for (caller, _, _), c in callers.items() if caller == harness)
+        calls += count
+    return calls / transactions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,18 +263,19 @@ def main(argv: list[str] | None = None) -> int:
         baseline = json.loads(done.stdout)
     print("CPU per transaction in the SMTP machines (best of 5, process CPU clock)")
     for size, figures in results.items():
-        line = (
-            f"{size:>7} B body: server {figures['server_us']:7.1f} us,"
-            f" client {figures['client_us']:6.1f} us"
-        )
+        line = f"{size:>7} B body: {_figures(figures)}"
         before = baseline.get(str(size))
         if before:
-            line += (
-                f"   baseline: server {before['server_us']:7.1f} us,"
-                f" client {before['client_us']:6.1f} us"
-            )
+            line += f"   baseline: {_figures(before)}"
         print(line)
     return 0
+
+
+def _figures(figures: dict[str, float]) -> str:
+    text = f"server {figures['server_us']:6.1f} us, client {figures['client_us']:5.1f} us"
+    if "relay_us" in figures:  # a baseline from before the relay column has none
+        text += f", relay {figures['relay_us']:6.1f} us ({figures['relay_calls']:.0f} calls)"
+    return text
 
 
 if __name__ == "__main__":
