@@ -61,6 +61,7 @@ extensions and requires a new EHLO; the driver then starts the handshake.
 from __future__ import annotations
 
 import enum
+import re
 from collections import deque
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -215,14 +216,8 @@ _CLOSED: Final = ConnectionClosed()  # no fields: one instance does for every se
 _VIOLATION_REPLY: Final = Reply.make(451, "Remote server broke the SMTP protocol", enhanced="4.5.0")
 
 
-def _reply_code(line: bytes) -> int:
-    """The code of a reply line ``[2-5]dd`` followed by the end, a space or a hyphen; 0 if
-    the line is not a reply line."""
-    if len(line) < 3 or line[0] not in b"2345" or not line[1:3].isdigit():
-        return 0
-    if len(line) > 3 and line[3] != 0x20 and line[3] != 0x2D:  # " ", "-"
-        return 0
-    return int(line[:3])
+#: The start of a reply line: its code, then the end, a space or a hyphen.
+_REPLY_CODE_RE: Final = re.compile(rb"[2-5][0-9][0-9](?:[ -]|\Z)")
 
 
 class SmtpClient:
@@ -330,7 +325,11 @@ class SmtpClient:
                 raise LocalProtocolError(f"{command!r} cannot follow {last.value} unanswered")
             if "PIPELINING" not in self._extensions:
                 raise LocalProtocolError("the remote did not advertise PIPELINING")
-        line, awaits = self._command_line(command)
+        # The transaction's commands (three per message) are told apart first.
+        if isinstance(command, (Mail, Rcpt, Data)):
+            line, awaits = self._transaction_line(command)
+        else:
+            line, awaits = self._session_line(command)
         self._awaiting.append(awaits)
         return line.encode("utf-8") + b"\r\n"
 
@@ -349,14 +348,8 @@ class SmtpClient:
     # ---------------------------------------------------------------- commands
 
     def _need_utf8(self, text: str) -> None:
-        if not text.isascii() and "SMTPUTF8" not in self._extensions:
+        if "SMTPUTF8" not in self._extensions:
             raise LocalProtocolError("non-ASCII command but the remote lacks SMTPUTF8")
-
-    def _command_line(self, command: ClientCommand) -> tuple[str, _Await]:
-        # The transaction's commands (three per message) are told apart first.
-        if isinstance(command, (Mail, Rcpt, Data)):
-            return self._transaction_line(command)
-        return self._session_line(command)
 
     def _transaction_line(self, command: Mail | Rcpt | Data) -> tuple[str, _Await]:
         if not self._hello:
@@ -377,7 +370,8 @@ class SmtpClient:
         line = f"MAIL FROM:<{command.address}>"
         if command.params:
             line += format_params(filter_mail_params(command.params, self._extensions))
-        self._need_utf8(line)
+        if not line.isascii():
+            self._need_utf8(line)
         self._mail = True
         self._rcpts = 0
         return line, _Await.MAIL
@@ -386,7 +380,8 @@ class SmtpClient:
         line = f"RCPT TO:<{command.address}>"
         if command.params:
             line += format_params(filter_rcpt_params(command.params, self._extensions))
-        self._need_utf8(line)
+        if not line.isascii():
+            self._need_utf8(line)
         self._rcpts += 1
         return line, _Await.RCPT
 
@@ -436,9 +431,9 @@ class SmtpClient:
                 raise self._fail(f"reply line longer than {self._max_line} octets")
             if b"\r" in line:
                 raise self._fail("bare CR in a reply line")
-            code = _reply_code(line)
-            if not code:
+            if _REPLY_CODE_RE.match(line) is None:
                 raise self._fail(f"malformed reply line {line[:80]!r}")
+            code = int(line[:3])
             text = line[4:].decode("utf-8", "surrogateescape")
             more = line[3:4] == b"-"
             if not more and not self._lines:  # a one-line reply: most of them

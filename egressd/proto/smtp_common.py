@@ -601,7 +601,11 @@ class ReceiveBuffer:
         self._scan = self.start
 
     def take(self, count: int) -> bytes:
-        chunk = bytes(self.data[self.start : self.start + count])
+        # One copy through a memoryview (a bytearray slice would be a second); the view is
+        # released at once, so the buffer can still grow.
+        start = self.start
+        with memoryview(self.data) as view:
+            chunk = bytes(view[start : start + count])
         self.skip(count)
         return chunk
 
