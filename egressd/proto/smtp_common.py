@@ -114,21 +114,22 @@ class Reply:
     code: int
     lines: tuple[str, ...] = ("",)
 
-    #: The serialized reply, filled by the first :meth:`to_bytes` (a reply is often sent many
-    #: times: egressd's own replies are built once and cached, see :mod:`egressd.relay.replies`).
-    _wire: bytes | None = field(default=None, init=False, repr=False, compare=False, hash=False)
+    #: The serialized reply, made with it: most replies are sent (the remote's to the MTA),
+    #: many several times (egressd's own are built once and cached, see
+    #: :mod:`egressd.relay.replies`), and the reply stays immutable.
+    _wire: bytes = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         # The usual reply (an int code, a tuple of ASCII lines) passes with type checks and
         # C-level string searches only; anything else gets the precise checks and errors.
         code, lines = self.code, self.lines
-        if type(code) is int and 200 <= code <= 599 and type(lines) is tuple and lines:
-            for line in lines:
-                if type(line) is not str or "\r" in line or "\n" in line or not line.isascii():
-                    break
-            else:
-                return
-        _check_reply(code, lines)
+        if not (type(code) is int and 200 <= code <= 599 and type(lines) is tuple and lines):
+            _check_reply(code, lines)
+        for line in lines:
+            if type(line) is not str or "\r" in line or "\n" in line or not line.isascii():
+                _check_reply(code, lines)
+                break
+        object.__setattr__(self, "_wire", _serialize(code, lines))
 
     @classmethod
     def make(cls, code: int, *texts: str, enhanced: str | None = None) -> Reply:
@@ -186,11 +187,7 @@ class Reply:
 
         An empty last line is written as the bare code (``"250"``, RFC 5321 section 4.2).
         """
-        wire = self._wire
-        if wire is None:
-            wire = _serialize(self.code, self.lines)
-            object.__setattr__(self, "_wire", wire)  # a cache: the reply itself is unchanged
-        return wire
+        return self._wire
 
 
 def _check_reply(code: object, lines: object) -> None:
