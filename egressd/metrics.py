@@ -299,7 +299,8 @@ class Metrics:
         )
         self.warmup_used = Gauge(
             "egressd_warmup_used",
-            "Messages of the source to the provider today, counted against its quota.",
+            "Messages of the source to the provider today, counted against its quota"
+            " (the shared day counter with workers or Redis).",
             ("source", "provider"),
             registry=registry,
         )

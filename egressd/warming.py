@@ -390,7 +390,7 @@ def warmup_status(warming: Warming, source: str | None) -> dict[str, Any]:
                     "step": None if quota is None else quota.step + 1,
                     "steps": None if quota is None else quota.steps,
                     "quota": None if quota is None else quota.limit,
-                    "used": None if quota is None else quota.used,
+                    "used": None if quota is None else quota.day_used,
                     "hold": None if quota is None else quota.hold,
                     "warm_on": engine.warm_on(name, provider),
                 }
@@ -464,7 +464,8 @@ def warmup_command(
 
 
 def metric_rows(warming: Warming | None) -> list[tuple[str, str, int, int, int]]:
-    """(source, provider, step from 1, quota, used) of every warming (source, provider).
+    """(source, provider, step from 1, quota, used) of every warming (source, provider);
+    used is the shared day counter's when the quota is shared (workers, Redis).
 
     Labels stay bounded: configured sources times the providers they sent to (the
     shaping files' providers and ``other``); the template ``*`` and warm sources are left out.
@@ -475,5 +476,5 @@ def metric_rows(warming: Warming | None) -> list[tuple[str, str, int, int, int]]
     for source, provider in sorted(engine.tracked()):
         quota = engine.quota(source, provider) if provider != ALL_PROVIDERS else None
         if quota is not None:
-            rows.append((source, provider, quota.step + 1, quota.limit, quota.used))
+            rows.append((source, provider, quota.step + 1, quota.limit, quota.day_used))
     return rows

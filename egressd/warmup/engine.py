@@ -91,10 +91,19 @@ class Quota:
     hold: str | None
     in_flight: int = 0
     """Messages held for sessions that have not had their final answer yet."""
+    fleet_used: int = 0
+    """Today's count in the shared store (every worker and node sharing the quota), as
+    last read (:meth:`Warmup.fleet_count`); 0 without one."""
 
     @property
     def used_up(self) -> bool:
         return self.used + self.in_flight >= self.limit
+
+    @property
+    def day_used(self) -> int:
+        """Today's messages of the host or fleet when the quota is shared (the store's day
+        counter), else this process's: what ``warmup status`` and the metric show."""
+        return max(self.used, self.fleet_used)
 
 
 @dataclass
@@ -179,6 +188,7 @@ class Warmup:
             resets_at=self.calendar.next_midnight(self.clock()),
             hold=self._hold_reason(source, provider),
             in_flight=track.in_flight,
+            fleet_used=track.fleet_today,
         )
 
     def refusal(self, source: str, provider: str) -> str | None:
