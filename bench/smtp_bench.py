@@ -41,6 +41,7 @@ import contextlib
 import itertools
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -115,9 +116,12 @@ class Contender:
     egressd_pid: int | None = None
     workers: int = 1
     """``[daemon] workers`` of this egressd (``--workers``)."""
-    ideal: list[tuple[int, int]] = field(default_factory=list)
-    """The "ideal" contender of ``--workers``: ``workers`` independent single-worker
-    daemons, (port, pid) each, every one driven by its own share of the sessions."""
+    ideal: list[int] = field(default_factory=list)
+    """The "ideal" contender of ``--workers``: the ports of ``workers`` independent
+    single-worker daemons, every one driven by its own share of the sessions."""
+    sessions: list[int] = field(default_factory=list)
+    """The ideal's sessions (one, or one per daemon with ``--ideal-apart``), whose CPU
+    is egressd's."""
     runs: dict[Case, list[Run]] = field(default_factory=dict)
     size_for: dict[Case, int] = field(default_factory=dict)
 
@@ -159,7 +163,11 @@ workers = {workers}
 
 @contextlib.contextmanager
 def contenders(
-    workdir: Path, pipelining: bool, baseline: Path | None, workers: Sequence[int] = ()
+    workdir: Path,
+    pipelining: bool,
+    baseline: Path | None,
+    workers: Sequence[int] = (),
+    ideal_apart: bool = False,
 ) -> Iterator[list[Contender]]:
     """A sink and an egressd in front of it, and the baseline egressd if asked for:
     [direct, through egressd, (through the baseline)]; with ``workers``, one egressd per
@@ -196,32 +204,53 @@ def contenders(
                 wait_ready(workdir / f"{log}.log")
             found.append(Contender(relay_port, sink, pid, count))
         for count in (count for count in workers if count > 1):
-            found.append(stack.enter_context(ideal(workdir, name, sink_port, sink, count)))
+            contender = ideal(workdir, name, sink_port, sink, count, ideal_apart)
+            found.append(stack.enter_context(contender))
         yield found
 
 
 @contextlib.contextmanager
-def ideal(workdir: Path, name: str, sink_port: int, sink: int, count: int) -> Iterator[Contender]:
+def ideal(
+    workdir: Path, name: str, sink_port: int, sink: int, count: int, apart: bool
+) -> Iterator[Contender]:
     """``count`` independent egressd daemons with ``workers = 1`` on ``count`` ports in
     front of the same sink: the machine's ceiling for ``count`` workers, with no shared
-    listener, supervisor or budget book between them."""
+    listener, supervisor or budget book between them.
+
+    They run in one session, as a supervisor and its workers do, unless ``apart``: with
+    the kernel's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``, on
+    here) CPU is shared fairly between sessions first, so on a busy machine N daemons in
+    N sessions get N shares where one egressd with N workers gets one."""
+    ports = [free_port() for _ in range(count)]
+    argvs = []
+    for number, relay_port in enumerate(ports):
+        config = workdir / f"egressd-{name}-ideal{count}-{number}.toml"
+        config.write_text(
+            EGRESSD_CONFIG.format(
+                sink_port=sink_port, relay_port=relay_port, source=SOURCE_ADDRESS, workers=1
+            )
+        )
+        argvs.append([*EGRESSD, "run", "-c", str(config)])
+    log = f"egressd-{name}-ideal{count}"
     with contextlib.ExitStack() as stack:
-        daemons = []
-        for number in range(count):
-            relay_port = free_port()
-            config = workdir / f"egressd-{name}-ideal{count}-{number}.toml"
-            config.write_text(
-                EGRESSD_CONFIG.format(
-                    sink_port=sink_port, relay_port=relay_port, source=SOURCE_ADDRESS, workers=1
-                )
-            )
-            argv = [*EGRESSD, "run", "-c", str(config)]
-            log = f"egressd-{name}-ideal{count}-{number}"
-            daemons.append(
-                (relay_port, stack.enter_context(running(argv, relay_port, workdir, log)))
-            )
-        first_port, first_pid = daemons[0]
-        yield Contender(first_port, sink, first_pid, count, ideal=daemons)
+        if apart:
+            sessions = [
+                stack.enter_context(running(argv, port, workdir, f"{log}-{number}"))
+                for number, (argv, port) in enumerate(zip(argvs, ports, strict=True))
+            ]
+        else:  # one shell in a new session starts them all; stopped with its group
+            script = " & ".join(shlex.join(argv) for argv in argvs) + " & wait"
+            sessions = [stack.enter_context(running(["sh", "-c", script], ports[0], workdir, log))]
+            wait_listening(ports[1:], workdir / f"{log}.log")
+        yield Contender(ports[0], sink, sessions[0], count, ideal=ports, sessions=sessions)
+
+
+def wait_listening(ports: Sequence[int], log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(procs.is_listening(port) for port in ports):
+        if time.monotonic() > deadline:
+            sys.exit(f"bench: the ideal's daemons did not start:\n{log.read_text()}")
+        time.sleep(0.05)
 
 
 def wait_ready(log: Path, timeout: float = 60.0) -> None:
@@ -288,7 +317,7 @@ def run_split(contender: Contender, case: Case, messages: int) -> Run:
     sessions and messages; the run lasts until the last one is done."""
     count = len(contender.ideal)
     share = Case(case.size, max(1, case.sessions // count), case.pipelining)
-    pids = [pid for _, pid in contender.ideal]
+    pids = contender.sessions
     sink_before = cpu_seconds(contender.sink_pid)
     egressd_before = sum(cpu_seconds(pid) for pid in pids)
     generator_before = children_cpu_seconds()
@@ -299,7 +328,7 @@ def run_split(contender: Contender, case: Case, messages: int) -> Run:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        for port, _ in contender.ideal
+        for port in contender.ideal
     ]
     outputs = [generator.communicate()[0] for generator in generators]
     seconds = time.perf_counter() - started
@@ -469,15 +498,18 @@ def workers_figures(case: Case, contenders: Sequence[Contender]) -> dict[str, ob
     }
 
 
-def print_workers_table(rows: Sequence[dict[str, object]], rounds: int, load: str) -> None:
+def print_workers_table(
+    rows: Sequence[dict[str, object]], rounds: int, load: str, apart: bool
+) -> None:
     print(
         f"SMTP door by [daemon] workers, generator smtp-source, sink smtp-sink; medians of"
         f" {rounds} alternating rounds; load average {load} at the start.\n"
         "CPU in ms per message (user+system) and cores (CPU seconds per second) of egressd"
         " (the supervisor and every worker summed; 'sup' is the supervisor's part), the"
         " generator and the sink.\n'ideal N' is N independent single-worker daemons on N"
-        " ports, each driven by its own smtp-source with 1/N of the sessions; 'of ideal' is"
-        " the rate against the ideal with as many workers."
+        " ports, each driven by its own smtp-source with 1/N of the sessions, "
+        + ("each in its own session" if apart else "all in one session as the workers are")
+        + "; 'of ideal' is the rate against the ideal with as many workers."
     )
     header = (
         f"{'case':<34} {'egressd':>9} {'msgs/s':>7} {'speedup':>7} {'ofideal':>7}"
@@ -528,7 +560,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         for pipelining in sorted({case.pipelining for case in cases}, reverse=True):
             sets[pipelining] = servers.enter_context(
-                contenders(Path(tmp), pipelining, baseline, workers)
+                contenders(Path(tmp), pipelining, baseline, workers, args.ideal_apart)
             )
         for case in cases:
             for contender in sets[case.pipelining]:
@@ -544,9 +576,14 @@ def run(args: argparse.Namespace) -> int:
     if workers:
         table = [workers_figures(case, sets[case.pipelining]) for case in cases]
         if args.json:
-            print(json.dumps({"cpus": os.cpu_count(), "load": load, "cases": table}))
+            apart = args.ideal_apart
+            print(
+                json.dumps(
+                    {"cpus": os.cpu_count(), "load": load, "ideal_apart": apart, "cases": table}
+                )
+            )
         else:
-            print_workers_table(table, args.rounds, load)
+            print_workers_table(table, args.rounds, load, args.ideal_apart)
             print(f"load average {load_average()} at the end")
         return 0
     rows = [figures(case, sets[case.pipelining]) for case in cases]
@@ -587,6 +624,12 @@ def main(argv: list[str] | None = None) -> int:
         "--workers",
         metavar="N,M",
         help="egressd with [daemon] workers = N, M... side by side (e.g. 1,2)",
+    )
+    parser.add_argument(
+        "--ideal-apart",
+        action="store_true",
+        help="with --workers: each ideal daemon in its own session (its own CPU share under"
+        " autogroup scheduling), not all in one as a supervisor and its workers are",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--python-load", type=int, help=argparse.SUPPRESS)
