@@ -14,9 +14,15 @@ type and labels), so the merge is per sample (name and labels):
   ``egressd_connections_total`` counts every session whichever worker served it. A worker
   that died leaves its last scraped counters behind as *retired* totals (the supervisor
   keeps them), so a restart does not make a counter go down;
-* gauges of things that add up (sessions and connections open now, recent failures) add
-  up; gauges that are flags or the same value seen by each worker (a source suspended,
-  warm-up step and quota, active shaping rules, ``egressd_build_info``) take the maximum;
+* gauges of things that add up (:data:`SUM_GAUGES`: sessions and connections open now,
+  recent failures, the processes' memory and descriptors) add up. Every other gauge is a
+  state (a flag, or a value each worker sees of something they share: a source suspended,
+  warm-up step, quota and day's count, active shaping rules, live fleet nodes,
+  ``egressd_build_info``) and takes the maximum, so a new gauge is never counted once per
+  worker by mistake; "up" flags (:data:`MIN_GAUGES`) take the minimum (down when a worker
+  is). ``egressd_destination_breakers_open`` counts the destinations open in any worker,
+  each once (:func:`count_open_breakers`: every worker has its own breakers, and a
+  destination failing for two is one destination);
 * ``process_*`` add up over the supervisor and every worker (CPU seconds, resident and
   virtual memory, open descriptors: the service's totals, as ``systemctl status`` counts
   its cgroup), except ``process_start_time_seconds`` and ``process_max_fds``, which are
@@ -32,7 +38,8 @@ end), and one row per worker.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 SampleRow = tuple[str, dict[str, str], float]
@@ -50,18 +57,25 @@ SUPERVISOR_ONLY = frozenset(
 )
 """Families a worker's snapshot does not contribute (:func:`worker_families`)."""
 
-MAX_GAUGES = frozenset(
+SUM_GAUGES = frozenset(
     {
-        "egressd_source_suspended",
-        "egress_source_health_suspended",
-        "egressd_warmup_step",
-        "egressd_warmup_quota",
-        "egressd_warmup_used",
-        "egressd_shaping_active",
-        "egressd_build_info",
+        "egressd_active_sessions",
+        "egressd_provider_open_connections",
+        "egressd_source_active_connections",
+        "egressd_source_recent_failures",
+        "proxy_active_connections",
+        "process_virtual_memory_bytes",
+        "process_resident_memory_bytes",
+        "process_open_fds",
     }
 )
-"""Gauges merged by their maximum; every other gauge adds up."""
+"""Gauges of things each worker holds its own of: they add up over the workers."""
+
+MIN_GAUGES = frozenset({"egressd_state_backend_up", "egressd_budgets_shared"})
+"""Flags that say something is up: the daemon's is up only while every worker's is."""
+
+BREAKERS_OPEN = "egressd_destination_breakers_open"
+"""Merged by :func:`count_open_breakers` (each destination once), else by the maximum."""
 
 CUMULATIVE = frozenset({"counter", "histogram", "summary"})
 
@@ -83,19 +97,43 @@ def merge_families(snapshots: Iterable[Iterable[FamilyRow]]) -> list[FamilyRow]:
         for name, kind, documentation, samples in families:
             entry = merged.setdefault(name, (kind, documentation, {}))
             values = entry[2]
-            take_max = kind == "gauge" and name in MAX_GAUGES
+            pick = _merge_rule(name, kind)
             for sample_name, labels, value in samples:
                 key = (sample_name, tuple(sorted(labels.items())))
-                if key not in values:
-                    values[key] = value
-                elif take_max:
-                    values[key] = max(values[key], value)
-                else:
-                    values[key] += value
+                values[key] = value if key not in values else pick(values[key], value)
     return [
         (name, kind, documentation, [(s, dict(labels), v) for (s, labels), v in values.items()])
         for name, (kind, documentation, values) in merged.items()
     ]
+
+
+def _merge_rule(name: str, kind: str) -> Callable[[float, float], float]:
+    """How two workers' values of one sample of family ``name`` merge."""
+    if kind != "gauge" or name in SUM_GAUGES:
+        return operator.add
+    return min if name in MIN_GAUGES else max
+
+
+def count_open_breakers(
+    families: list[FamilyRow], open_per_worker: Iterable[Iterable[Sequence[str]]]
+) -> list[FamilyRow]:
+    """``families`` with ``egressd_destination_breakers_open`` counting each destination
+    open in any worker once, by the kind of failure that opened it; ``open_per_worker``:
+    each worker's open breakers as (destination, kind). Kinds seen before and open
+    nowhere now read 0, as in one process."""
+    kinds: dict[str, str] = {}
+    for breakers in open_per_worker:
+        for destination, kind in breakers:
+            kinds[destination] = kind
+    merged = []
+    for name, kind, documentation, samples in families:
+        if name == BREAKERS_OPEN:
+            counts = {labels["kind"]: 0.0 for _, labels, _ in samples if "kind" in labels}
+            for opened in kinds.values():
+                counts[opened] = counts.get(opened, 0.0) + 1
+            samples = [(BREAKERS_OPEN, {"kind": k}, count) for k, count in counts.items()]
+        merged.append((name, kind, documentation, samples))
+    return merged
 
 
 def _family_row(family: Sequence[Any]) -> FamilyRow:

@@ -75,6 +75,7 @@ import trio
 from egressd import __version__
 from egressd.aggregate import (
     FamilyRow,
+    count_open_breakers,
     merge_families,
     merge_status,
     retired_families,
@@ -151,6 +152,8 @@ class Worker:
     replies: dict[int, tuple[trio.Event, list[Message]]] = field(default_factory=dict)
     families: list[FamilyRow] = field(default_factory=list)
     """Its last metrics snapshot (counters left behind when it dies)."""
+    breakers: list[list[str]] | None = None
+    """Its open destination breakers at its last snapshot, (destination, kind) each."""
 
     def row(self, now: float) -> dict[str, Any]:
         return {
@@ -667,10 +670,14 @@ class Supervisor:
         for number, reply in replies.items():
             if reply is not None and reply.get("ok"):
                 self.workers[number].families = worker_families(reply["families"])
+                self.workers[number].breakers = reply.get("breakers")
 
     def _families(self, own: list[FamilyRow]) -> list[FamilyRow]:
-        live = [w.families for w in self.workers.values() if w.state not in ("stopped", "retired")]
-        return merge_families([own, *live, self.retired])
+        live = [w for w in self.workers.values() if w.state not in ("stopped", "retired")]
+        merged = merge_families([own, *(w.families for w in live), self.retired])
+        if all(w.breakers is not None for w in live):  # workers from before: the maximum
+            merged = count_open_breakers(merged, (w.breakers or [] for w in live))
+        return merged
 
     def status_line(self) -> str:
         ready = sum(1 for w in self.workers.values() if w.state == "ready")

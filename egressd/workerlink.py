@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 import trio
 
-from egressd.config import Config, Endpoint, parse_hostport
+from egressd.config import Config, Endpoint, format_hostport, parse_hostport
 from egressd.control import handle_request
 from egressd.log import get_logger
 from egressd.metrics import Metrics, snapshot
@@ -246,7 +246,8 @@ class WorkerLink:
             return {"reply": handle_request(DaemonControls(daemon), str(message["line"]).encode())}
         if kind == "metrics":
             refresh_gauges(daemon)
-            return {"ok": True, "families": snapshot(daemon.metrics.registry)}
+            families = snapshot(daemon.metrics.registry)
+            return {"ok": True, "families": families, "breakers": open_breakers(daemon.runtime)}
         return {"ok": False, "error": f"unknown message {kind!r}"}
 
     async def _prepare(self, daemon: Worked, message: Message) -> Message:
@@ -311,3 +312,16 @@ class SupervisorBudgets:
 
     async def ping(self) -> None:
         await self.script("", [], ["0"])
+
+
+def open_breakers(runtime: Runtime) -> list[list[str]]:
+    """This worker's open destination breakers as (destination, kind of failure), for the
+    supervisor's count of each destination once (:func:`egressd.aggregate.
+    count_open_breakers`); a (source, site) path's breaker names its source."""
+    return [
+        [
+            format_hostport(*item.destination) + (f" source={item.source}" if item.source else ""),
+            str(item.last_kind),
+        ]
+        for item in runtime.breaker.open_breakers()
+    ]

@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from egressd.aggregate import (
     FamilyRow,
+    count_open_breakers,
     merge_breakers,
     merge_families,
     merge_shaping,
@@ -45,6 +46,35 @@ def test_counters_histograms_and_open_things_add_up_flags_take_the_maximum() -> 
     assert 'egressd_dial_duration_seconds_bucket{le="1.0"} 2.0' in text
     assert "egressd_dial_duration_seconds_count 2.0" in text
     assert "egressd_reloads" not in text  # the supervisor's own
+
+
+def state_registry(
+    alive_nodes: int, backend_up: int, open_breakers: dict[str, int]
+) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    Gauge("egressd_fleet_alive_nodes", "n", registry=registry).set(alive_nodes)
+    up = Gauge("egressd_state_backend_up", "u", ("backend",), registry=registry)
+    up.labels("redis").set(backend_up)
+    breakers = Gauge("egressd_destination_breakers_open", "b", ("kind",), registry=registry)
+    for kind, count in open_breakers.items():
+        breakers.labels(kind).set(count)
+    return registry
+
+
+def test_gauges_that_are_states_are_not_summed_over_the_workers() -> None:
+    """Both workers see the same 3 live nodes, one lost Redis, and both have the breaker of
+    192.0.2.1:25 open (each has its own breakers) and the first also that of x:25."""
+    one = worker_families(snapshot(state_registry(3, 1, {"refused": 1, "timeout": 1})))
+    two = worker_families(snapshot(state_registry(3, 0, {"refused": 1, "timeout": 0})))
+    merged = merge_families([one, two])
+    opened = [[["192.0.2.1:25", "refused"], ["x:25", "timeout"]], [["192.0.2.1:25", "refused"]]]
+    text = exposition(count_open_breakers(merged, opened))
+    assert "egressd_fleet_alive_nodes 3.0" in text  # not 6
+    assert 'egressd_state_backend_up{backend="redis"} 0.0' in text  # down in a worker
+    assert 'egressd_destination_breakers_open{kind="refused"} 1.0' in text  # not 2
+    assert 'egressd_destination_breakers_open{kind="timeout"} 1.0' in text
+    closed = exposition(count_open_breakers(merged, [[], []]))
+    assert 'egressd_destination_breakers_open{kind="refused"} 0.0' in closed  # seen before
 
 
 def test_a_dead_workers_counters_stay_and_its_gauges_go() -> None:
