@@ -6,17 +6,23 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from egressd.log import (
+    LOGGER_NAME,
+    PROCESS_FIELDS,
     JournalStreamHandler,
     TextFormatter,
     _format_value,
+    get_logger,
+    log_fields,
     make_handler,
     stderr_is_journal,
 )
@@ -132,3 +138,71 @@ def test_without_the_native_socket_every_traceback_line_keeps_the_priority(
     assert len(lines) > 3
     assert all(line.startswith("<3>") for line in lines)
     assert lines[-1] == "<3>RuntimeError: boom"
+
+
+# --------------------------------------------------------------------------- log_fields
+
+TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+FIELDS = {"client": "127.0.0.1:2", "reply": "250 2.0.0 Ok", "size": 5, "duration": 0.25}
+
+
+@pytest.fixture
+def egressd_logger() -> Iterator[logging.Logger]:
+    """The real ``egressd`` logger (log_fields' own route starts there), restored after."""
+    logger = logging.getLogger(LOGGER_NAME)
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield logger
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+    PROCESS_FIELDS.clear()
+
+
+def routed(logger: logging.Logger, fmt: str, journal: bool) -> io.StringIO:
+    stream = io.StringIO()
+    logger.handlers = [make_handler(fmt, journal=journal, stream=stream)]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return stream
+
+
+@pytest.mark.parametrize(("fmt", "journal"), [("text", False), ("text", True), ("json", False)])
+@pytest.mark.parametrize("worker", [None, 2])
+def test_log_fields_writes_the_line_logging_writes(
+    egressd_logger: logging.Logger, fmt: str, journal: bool, worker: int | None
+) -> None:
+    if worker is not None:
+        PROCESS_FIELDS["worker"] = worker
+    stream = routed(egressd_logger, fmt, journal)
+    child = get_logger("smtp")
+    child.info("transaction", extra={"fields": FIELDS})
+    log_fields(child, logging.INFO, "transaction", dict(FIELDS))
+    log_fields(child, logging.DEBUG, "transaction", dict(FIELDS))  # below the level: nothing
+    through_logging, direct = TIME.sub("T", stream.getvalue()).splitlines()
+    assert direct == through_logging
+    assert ("worker" in direct) is (worker is not None)
+
+
+class Collecting(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_log_fields_goes_through_logging_to_anyone_else_listening(
+    egressd_logger: logging.Logger,
+) -> None:
+    stream = routed(egressd_logger, "text", False)
+    listener = Collecting()
+    child = get_logger("smtp")
+    child.addHandler(listener)
+    try:
+        log_fields(child, logging.INFO, "transaction", dict(FIELDS))
+    finally:
+        child.removeHandler(listener)
+    egressd_logger.handlers[0].addFilter(lambda record: record.getMessage() != "transaction")
+    log_fields(child, logging.INFO, "transaction", dict(FIELDS))
+    [record] = listener.records
+    assert (record.getMessage(), getattr(record, "fields", None)) == ("transaction", FIELDS)
+    assert stream.getvalue().count("transaction") == 1  # the filter dropped the second line
