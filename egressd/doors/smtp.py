@@ -314,7 +314,7 @@ class MtaSession:
                 event = await self.next_event()
             except RemoteProtocolError as exc:
                 await self._peer_gone(exc)
-            if self._drain_now(event):
+            if self.runtime.draining and self._drain_now(event):
                 self.reply(replies.draining(self.hostname))
                 self.record.outcome = "drained"
                 break
@@ -336,16 +336,17 @@ class MtaSession:
             self.read_scope.cancel()
 
     async def dispatch(self, event: ServerEvent) -> None:
-        if isinstance(event, ConnectionClosed):
+        if isinstance(event, (Mail, Rcpt, Rset, Quit)):  # the usual ones first
+            assert self.relay is not None
+            await self.relay.feed(MtaCommand(event))
+            if not self.mail_started:
+                self.mail_started = self.relay.in_transaction
+        elif isinstance(event, Data):
+            await self._data(event)
+        elif isinstance(event, ConnectionClosed):
             await self._peer_gone(event)
         elif isinstance(event, (Ehlo, Helo)):
             await self._hello(event)
-        elif isinstance(event, (Mail, Rcpt, Rset, Quit)):
-            assert self.relay is not None
-            await self.relay.feed(MtaCommand(event))
-            self.mail_started = self.mail_started or self.relay.in_transaction
-        elif isinstance(event, Data):
-            await self._data(event)
         elif isinstance(event, Noop):
             self.reply(replies.noop())
         elif isinstance(event, Vrfy):
@@ -385,15 +386,15 @@ class MtaSession:
 
     async def next_event(self) -> ServerEvent:
         """The next event from the MTA, reading (and flushing replies) as needed."""
+        server = self.server
         while True:
-            event = self.server.next_event()
+            event = server.next_event()
             if event is NEED_DATA:
                 await self._feed()
-                continue
-            if event is PAUSED:  # every event is answered before the next is asked for
+            elif event is PAUSED:  # every event is answered before the next is asked for
                 raise AssertionError("the SMTP server machine is waiting for a reply")
-            assert not isinstance(event, type(NEED_DATA))
-            return event
+            else:
+                return event
 
     async def _feed(self) -> None:
         """Write the queued replies, then read from the MTA; one deadline covers both.
@@ -411,7 +412,10 @@ class MtaSession:
         """
         in_data = self.server.state in (ServerState.DATA, ServerState.DISCARD)
         seconds = self.door.data_timeout if in_data else self.door.command_timeout
-        wait, limit = self._deadline(in_data, seconds)
+        wait: float = seconds
+        limit: Literal["timeout", "first mail", "rate"] = "timeout"
+        if (self.pace is not None) if in_data else not self.mail_started:
+            wait, limit = self._deadline(in_data, seconds)
         idle = not in_data and (self.relay is None or not self.relay.in_transaction)
         started = trio.current_time()
         scope = self.read_scope
@@ -437,7 +441,7 @@ class MtaSession:
         if in_data and self.pace is not None:
             self.pace.waited += trio.current_time() - started
             self.pace.received += len(data)
-        self.server.receive_data(bytes(data))
+        self.server.receive_data(data if type(data) is bytes else bytes(data))
 
     def _deadline(
         self, in_data: bool, seconds: float

@@ -25,8 +25,8 @@ A timeout or a broken connection is not an exception here: it becomes the event
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from logging import INFO
 
 from egressd.config import SmtpTimeouts
 from egressd.doors.smtp_remote import (
@@ -38,8 +38,9 @@ from egressd.doors.smtp_remote import (
     selection_refusal,
 )
 from egressd.egress import ConnectionQuota, Egress
-from egressd.log import get_logger
+from egressd.log import get_logger, log_fields
 from egressd.net.mx import NextHop
+from egressd.proto.smtp_client import ClientCommand
 from egressd.proto.smtp_common import Data, DataChunk, EndOfData, Mail, Reply
 from egressd.relay.core import RelayCore
 from egressd.relay.events import (
@@ -104,20 +105,32 @@ class Relay:
 
     async def feed(self, event: Event) -> None:
         """Hand ``event`` to the core and execute what it says, results fed back, until it
-        has nothing left to do."""
-        await self.prepare_send(event)
-        commands = deque(self.core.handle(event))
-        while commands:
-            result = await self.execute(commands.popleft())
+        has nothing left to do.
+
+        Replies are queued inline (four of a message's seven commands), the rest go through
+        :meth:`execute`; a command with a result is the last of its batch (the core's
+        rule), but any left after one would still run first."""
+        if self.remote is not None and isinstance(event, MtaCommand):
+            await self.prepare_send(event)
+        core = self.core
+        commands = core.handle(event)
+        index = 0
+        while index < len(commands):
+            command = commands[index]
+            index += 1
+            if type(command) is ReplyMta:
+                self.reply(command.reply)
+                continue
+            result = await self.execute(command)
             if result is not None:
-                commands.extend(self.core.handle(result))
+                commands, index = commands[index:] + core.handle(result), 0
 
     async def execute(self, command: Command) -> Event | None:
         """Execute one command; its result, if it has one."""
+        if isinstance(command, SendRemote):
+            return await self.send(command)
         if isinstance(command, ReplyMta):
             self.reply(command.reply)
-        elif isinstance(command, SendRemote):
-            return await self.send(command)
         elif isinstance(command, ResolveNextHop):
             assert command.config is not None
             found = await next_hop(command.domain, command.version, command.config)
@@ -159,10 +172,15 @@ class Relay:
     async def send(self, command: SendRemote) -> Event:
         remote = self.remote
         assert remote is not None
-        data = b"".join([remote.client.send(c) for c in command.commands])
-        seconds = _deadline(remote.timeouts, command)
+        commands = command.commands
+        client = remote.client
+        if len(commands) == 1:
+            data = client.send(commands[0])
+        else:
+            data = b"".join([client.send(c) for c in commands])
+        seconds = _deadline(remote.timeouts, commands)
         event = await converse(remote, data, command.replies_owed, seconds)
-        if isinstance(event, RemoteReplied):
+        if remote.shaping is not None and isinstance(event, RemoteReplied):
             remote.hear(event.replies)  # the shaping reply rules
         return event
 
@@ -212,17 +230,23 @@ class Relay:
         if ended.final is not None:
             source = str(ended.fields.get("source") or "")
             self.runtime.smtp_transaction(ended.pool, ended.final.code, source, self.provider)
-        fields = {"client": self.record.client, **ended.fields}
-        log.info("transaction", extra={"fields": fields})
+        log_fields(log, INFO, "transaction", {"client": self.record.client, **ended.fields})
 
     async def close(self, *, clean: bool) -> None:
         """The MTA session is over: end any transaction, QUIT (or cut) the remote."""
         await self.feed(SessionEnded(clean=clean))
 
 
-def _deadline(timeouts: SmtpTimeouts, command: SendRemote) -> float:
-    """The ``[smtp.timeouts]`` entry for what ``command`` sends."""
-    kinds = {type(c) for c in command.commands}
+def _deadline(timeouts: SmtpTimeouts, commands: Sequence[ClientCommand]) -> float:
+    """The ``[smtp.timeouts]`` entry for what ``commands`` send."""
+    if len(commands) == 1:  # most sends: the same rule without building a set
+        kind = type(commands[0])
+        if kind is EndOfData:
+            return timeouts.final_dot
+        if kind is Data:
+            return timeouts.data_init
+        return timeouts.data_block if kind is DataChunk else timeouts.command
+    kinds = {type(c) for c in commands}
     if EndOfData in kinds:
         return timeouts.final_dot
     if Data in kinds:

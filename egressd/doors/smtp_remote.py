@@ -289,34 +289,33 @@ class RemoteSession:
 
     async def exchange(self, data: bytes, count: int) -> list[Reply]:
         """Write ``data`` (if any), then read ``count`` replies, or fewer when one is a 421
-        (the session is over). Raises :class:`RemoteBroken`."""
+        (the session is over). Raises :class:`RemoteBroken`.
+
+        One loop over the client machine's events, reading whenever it needs data (a
+        reply per hop counted a few microseconds on every exchange, three a message)."""
         self.sending = bool(data)
+        client = self.client
+        got: list[Reply] = []
         try:
             if data:
                 await self.stream.send_all(data)
             self.sending = False
-            got: list[Reply] = []
             while len(got) < count:
-                reply = await self._read_reply()
-                got.append(reply)
-                if reply.code == 421:
-                    break
+                event = client.next_event()
+                if type(event) is Reply:
+                    got.append(event)
+                    if event.code == 421:
+                        break
+                elif event is NEED_DATA:
+                    chunk = await self.stream.receive_some(_RECEIVE_SIZE)
+                    client.receive_data(chunk if type(chunk) is bytes else bytes(chunk))
+                else:
+                    got.append(_not_a_reply(event))
             return got
+        except RemoteProtocolError as exc:
+            raise RemoteBroken(RemoteLost("violation", detail=exc.description)) from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise RemoteBroken(RemoteLost("error", self.sending, _error_text(exc))) from exc
-
-    async def _read_reply(self) -> Reply:
-        while True:
-            try:
-                event = self.client.next_event()
-            except RemoteProtocolError as exc:
-                raise RemoteBroken(RemoteLost("violation", detail=exc.description)) from exc
-            if isinstance(event, Reply):
-                return event
-            if isinstance(event, ConnectionClosed):
-                raise RemoteBroken(RemoteLost("closed"))
-            assert event is NEED_DATA
-            self.client.receive_data(bytes(await self.stream.receive_some(_RECEIVE_SIZE)))
 
     async def quit(self) -> None:
         """QUIT politely (waiting briefly for the 221), then close."""
@@ -329,6 +328,15 @@ class RemoteSession:
         """Close at once: in the middle of DATA the remote never sees the final dot."""
         await trio.aclose_forcefully(self.stream)
         await self._exit.aclose()
+
+
+def _not_a_reply(event: object) -> Reply:
+    """A client event other than a reply or NEED_DATA: the remote closed (raises), or a
+    reply of a subclass."""
+    if isinstance(event, ConnectionClosed):
+        raise RemoteBroken(RemoteLost("closed"))
+    assert isinstance(event, Reply), event
+    return event
 
 
 @dataclass(frozen=True)
