@@ -588,7 +588,8 @@ class ReceiveBuffer:
         scan = self._scan
         index = data.find(separator, scan if scan > start else start)
         if index < 0:
-            self._scan = max(start, len(data) - len(separator) + 1)
+            scan = len(data) - len(separator) + 1
+            self._scan = scan if scan > start else start
             return None
         line = bytes(data[start:index])
         self.start = self._scan = index + len(separator)

@@ -310,20 +310,24 @@ class RelayCore:
         raise AssertionError(f"{event!r} arrived while no command awaited a result")
 
     def _command(self, command: Mail | Rcpt | Data | Rset | Quit | Ehlo | Helo) -> Step[None]:
+        """The step for an MTA command (the step itself, not a generator around it: one
+        frame less to resume at each of its results)."""
         if type(command) is Mail:
-            yield from self._mail(command)
-        elif type(command) is Rcpt:
-            yield from self._recipient(command)
-        elif type(command) is Data:
-            yield from self._data()
-        elif type(command) is Rset:
-            yield from self._reset("reset")
-            yield ReplyMta(replies.reset())
-        elif type(command) is Quit:
-            yield from self._reset("quit")
-            yield ReplyMta(replies.closing(self.hostname))
-        else:  # EHLO and HELO end any transaction; the shell answers them
-            yield from self._reset("reset")
+            return self._mail(command)
+        if type(command) is Rcpt:
+            return self._recipient(command)
+        if type(command) is Data:
+            return self._data()
+        if type(command) is Rset:
+            return self._reset_then(replies.reset(), "reset")
+        if type(command) is Quit:
+            return self._reset_then(replies.closing(self.hostname), "quit")
+        return self._reset("reset")  # EHLO and HELO end any transaction; the shell answers
+
+    def _reset_then(self, reply: Reply, outcome: str) -> Step[None]:
+        """RSET and QUIT: end the transaction, then give egressd's own ``reply``."""
+        yield from self._reset(outcome)
+        yield ReplyMta(reply)
 
     # ----------------------------------------------------------------------- MAIL
 
