@@ -24,16 +24,18 @@ Zero-copy path (Linux)
     When both ends are plain TCP sockets (a :class:`~egressd.net.connection.Connection`
     or a :class:`trio.SocketStream`), bytes move with ``os.splice`` through a pooled pipe
     and never enter user space. The pair is handed to the run's splice reactor
-    (:mod:`egressd.net.zerocopy`): no task or nursery per connection, one park until the
-    pair is done.
+    (:mod:`egressd.net.zerocopy`): no task, nursery or cancel scope per connection, one
+    park until the pair is done; the reactor also keeps the idle timeout (exact: cut after
+    ``idle_timeout`` of silence, no slack).
 
 Portable path
     Anywhere else (or when asked with ``zero_copy=False``), ``receive_some`` /
     ``send_all`` on the trio streams, 64 KiB at a time.
 
 Idle timeout
-    Not a call deadline (those belong to the caller) but an inactivity rule: the relay's
-    own cancel scope gets a deadline that every chunk pushes forward. To keep that cheap
+    Not a call deadline (those belong to the caller) but an inactivity rule. On the
+    portable path the relay's own cancel scope gets a deadline that every chunk pushes
+    forward. To keep that cheap
     at gigabytes per second the push happens at most once per ``slack`` (a tenth of the
     timeout, at most one second), and the deadline includes the slack, so a session is
     cut after between ``idle_timeout`` and ``idle_timeout + slack`` of silence in both
@@ -60,7 +62,7 @@ import trio
 from egressd.net.connection import Connection
 from egressd.net.oserrors import cause_text
 from egressd.net.tls import TlsConnection
-from egressd.net.zerocopy import AnySocket, SplicedPair
+from egressd.net.zerocopy import AnySocket, SplicedPair, Traffic
 
 __all__ = [
     "CHUNK_SIZE",
@@ -80,15 +82,7 @@ Outcome = Literal["ok", "idle_timeout", "reset"]
 Side = Literal["client", "remote"]
 
 
-@dataclass
-class Traffic:
-    """Bytes relayed so far: ``up`` client -> remote, ``down`` remote -> client."""
-
-    up: int = 0
-    down: int = 0
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RelayResult:
     """How a relay ended: ``ok`` (both sides finished), ``idle_timeout`` or ``reset``."""
 
@@ -143,37 +137,38 @@ async def relay(
     use_splice = can_splice(client, remote) if zero_copy is None else zero_copy
     if use_splice and not can_splice(client, remote):
         raise ValueError("zero_copy=True needs two TCP socket streams on Linux")
-    broken: str | None = None
-    with trio.CancelScope() as idle_scope:
-        watch = _IdleWatch(idle_scope, idle_timeout)
+    if use_splice:
+        pair = SplicedPair(
+            _tcp_socket(client),
+            _tcp_socket(remote),
+            traffic=traffic,
+            idle_timeout=idle_timeout,
+            to_remote_first=to_remote_first,
+            to_client_first=to_client_first,
+        )
+        await pair.run()
+        broken, timed_out = pair.broken, pair.timed_out
+    else:
+        broken = None
+        with trio.CancelScope() as idle_scope:
+            watch = _IdleWatch(idle_scope, idle_timeout)
 
-        def up(count: int) -> None:
-            traffic.up += count
-            watch.touch()
+            def up(count: int) -> None:
+                traffic.up += count
+                watch.touch()
 
-        def down(count: int) -> None:
-            traffic.down += count
-            watch.touch()
+            def down(count: int) -> None:
+                traffic.down += count
+                watch.touch()
 
-        if use_splice:
-            pair = SplicedPair(
-                _tcp_socket(client),
-                _tcp_socket(remote),
-                up=up,
-                down=down,
-                to_remote_first=to_remote_first,
-                to_client_first=to_client_first,
-            )
-            await pair.run()
-            broken = pair.broken
-        else:
             broken = await _relay_streams(
                 client, remote, to_remote_first, to_client_first, up, down
             )
+        timed_out = idle_scope.cancelled_caught
     if broken is not None:
         abort_on_close(client, remote)
         return RelayResult("reset", broken)
-    if idle_scope.cancelled_caught:
+    if timed_out:
         return RelayResult("idle_timeout", f"no traffic for {idle_timeout:g}s")
     return RelayResult("ok")
 

@@ -37,6 +37,17 @@ The reactor
     everyone else. After every batch of events the reactor yields to trio's scheduler; only
     when its own poll finds nothing does it park on its epoll descriptor.
 
+Idle timeout
+    The reactor keeps it, not a cancel scope per pair: a pair with an ``idle_timeout``
+    sits in one heap ordered by when it is due; every reactor turn that moves a pair's
+    bytes stamps its ``active`` time, and a timer task (one per run, sleeping until the
+    earliest due time) pops what is due: a pair that moved since is pushed back at
+    ``active + idle_timeout``, a silent one ends with ``timed_out``. So a session is cut
+    after ``idle_timeout`` of silence in both directions (plus the scheduler's delay),
+    and an idle pair costs one heap slot instead of a cancel scope, its status and its
+    deadline entry in trio. A pair that ends otherwise is dropped from the heap lazily
+    (the heap is rebuilt once it holds more finished pairs than live ones).
+
 Semantics (the same as the portable path in :mod:`egressd.net.splice`)
     EOF from one side ends that direction only: what was read is delivered, then the
     other side's write half is shut down, and the opposite direction keeps flowing until
@@ -44,10 +55,14 @@ Semantics (the same as the portable path in :mod:`egressd.net.splice`)
     which side and why. ``first`` bytes of a direction are written before anything read.
     The caller (:func:`egressd.net.splice.relay`) then passes the reset on to both sides.
 
-Cancellation and timeouts belong to the caller: :meth:`SplicedPair.run` parks until the
-pair is finished; when the caller's scope is cancelled (idle timeout, drain) the pair is
-taken out of the reactor at once and the cancellation propagates. The sockets are never
-closed here: their owner does that.
+Cancellation belongs to the caller: :meth:`SplicedPair.run` parks until the pair is
+finished; when the caller's scope is cancelled (a drain, a shutdown) the pair is taken out
+of the reactor at once and the cancellation propagates. The sockets are never closed
+here: their owner does that.
+
+Memory: an idle pair is a :class:`SplicedPair` and its two :class:`_Direction` (all with
+``__slots__``), its two epoll registrations and its heap slot; byte counts go straight
+into the caller's :class:`Traffic`, with no callbacks or closures per pair.
 """
 
 from __future__ import annotations
@@ -55,17 +70,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import heapq
+import math
 import os
 import select
 import socket
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import trio
 
 from egressd.net.oserrors import cause_text
 
-__all__ = ["PIPE_SIZE", "SplicedPair"]
+__all__ = ["PIPE_SIZE", "SplicedPair", "Traffic"]
 
 PIPE_SIZE = 1 << 20
 """Capacity asked for each splice pipe (F_SETPIPE_SZ); the kernel default is 64 KiB."""
@@ -81,6 +98,18 @@ Side = Literal["client", "remote"]
 AnySocket = socket.socket | trio.socket.SocketType
 
 
+_STALE_TIMERS = 64
+"""Finished pairs the timer heap may hold before it is rebuilt (also: more than live ones)."""
+
+
+@dataclass(slots=True)
+class Traffic:
+    """Bytes relayed so far: ``up`` client -> remote, ``down`` remote -> client."""
+
+    up: int = 0
+    down: int = 0
+
+
 class _Broken(Exception):
     """One side reset or broke its connection: the whole pair ends."""
 
@@ -88,30 +117,38 @@ class _Broken(Exception):
 # --------------------------------------------------------------------------- one direction
 
 _READ, _WRITE, _DONE = 0, 1, 2
+_UP: tuple[Side, Side] = ("client", "remote")
+_DOWN: tuple[Side, Side] = ("remote", "client")
 
 
 class _Direction:
     """src -> pipe -> dst; ``state`` says what it waits for: src readable, dst writable."""
 
-    __slots__ = ("count", "dst", "dst_fd", "first", "pending", "pipe", "sides", "src_fd", "state")
+    __slots__ = ("dst", "dst_fd", "first", "pending", "pipe", "sides", "src_fd", "state", "traffic")
 
     def __init__(
         self,
         src: AnySocket,
         dst: AnySocket,
         first: bytes,
-        count: Callable[[int], None],
+        traffic: Traffic,
         sides: tuple[Side, Side],
     ) -> None:
         self.src_fd = src.fileno()
         self.dst = dst
         self.dst_fd = dst.fileno()
         self.first = memoryview(first) if first else None
-        self.count = count
+        self.traffic = traffic
         self.sides = sides
         self.pipe: tuple[int, int] | None = None
         self.pending = 0  # bytes in the pipe
         self.state = _WRITE if first else _READ
+
+    def count(self, size: int) -> None:
+        if self.sides is _UP:
+            self.traffic.up += size
+        else:
+            self.traffic.down += size
 
     def waits_on(self, fd: int) -> bool:
         return (self.state == _READ and self.src_fd == fd) or (
@@ -202,28 +239,58 @@ class _Direction:
 
 
 class SplicedPair:
-    """Two TCP sockets relayed both ways through the run's reactor."""
+    """Two TCP sockets relayed both ways through the run's reactor; see the module doc.
+
+    After :meth:`run`: ``broken`` (why a side broke) or ``timed_out`` (``idle_timeout``
+    of silence), else both directions finished.
+    """
+
+    __slots__ = (
+        "_task",
+        "active",
+        "broken",
+        "client_fd",
+        "down",
+        "due",
+        "finished",
+        "idle_timeout",
+        "remote_fd",
+        "timed",
+        "timed_out",
+        "traffic",
+        "up",
+    )
 
     def __init__(
         self,
         client: AnySocket,
         remote: AnySocket,
         *,
-        up: Callable[[int], None],
-        down: Callable[[int], None],
+        traffic: Traffic,
+        idle_timeout: float | None = None,
         to_remote_first: bytes = b"",
         to_client_first: bytes = b"",
     ) -> None:
-        self.up = _Direction(client, remote, to_remote_first, up, ("client", "remote"))
-        self.down = _Direction(remote, client, to_client_first, down, ("remote", "client"))
+        self.up = _Direction(client, remote, to_remote_first, traffic, _UP)
+        self.down = _Direction(remote, client, to_client_first, traffic, _DOWN)
         self.client_fd = client.fileno()
         self.remote_fd = remote.fileno()
+        self.traffic = traffic
+        self.idle_timeout = idle_timeout
+        self.active = 0.0  # when bytes last moved (the reactor stamps it)
+        self.due = 0.0  # when the timer heap looks at it next
+        self.timed = False  # in the timer heap
         self.broken: str | None = None
+        self.timed_out = False
         self.finished = False
         self._task: trio.lowlevel.Task | None = None
 
+    def __lt__(self, other: SplicedPair) -> bool:  # the timer heap's order
+        return self.due < other.due
+
     async def run(self) -> None:
-        """Relay until both directions are done or a side broke (see ``broken``)."""
+        """Relay until both directions are done, a side broke (``broken``) or the pair
+        was silent for ``idle_timeout`` (``timed_out``)."""
         reactor = _reactor()
         try:
             reactor.add(self)
@@ -234,8 +301,7 @@ class SplicedPair:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             if not self.finished:  # cancelled from outside
-                reactor.remove(self)
-                self._finish()
+                reactor.retire(self)
 
     def _abort(self, _raise_cancel: object) -> trio.lowlevel.Abort:
         self._task = None
@@ -251,14 +317,19 @@ class SplicedPair:
                 mask |= select.EPOLLOUT
         return mask
 
-    def on_ready(self, fd: int) -> None:
-        """``fd`` is ready (or in error): step the directions that wait on it."""
+    def on_ready(self, fd: int, now: float) -> None:
+        """``fd`` is ready (or in error): step the directions that wait on it; a pair
+        whose bytes moved is ``active`` as of ``now``."""
+        traffic = self.traffic
+        before = traffic.up + traffic.down
         try:
             for direction in (self.up, self.down):
                 if direction.waits_on(fd):
                     direction.step()
         except _Broken as exc:
             self.broken = str(exc)
+        if traffic.up + traffic.down != before:
+            self.active = now
 
     def start(self) -> None:
         """Directions that begin with bytes to write try them at once."""
@@ -273,14 +344,11 @@ class SplicedPair:
     def done(self) -> bool:
         return self.broken is not None or (self.up.state == _DONE and self.down.state == _DONE)
 
-    def _finish(self) -> None:
+    def finish(self) -> None:
+        """The pair is over (the reactor has let go of it): wake its task, if it waits."""
         self.finished = True
         self.up.release()
         self.down.release()
-
-    def wake(self) -> None:
-        """Called by the reactor once the pair is done and out of the epoll set."""
-        self._finish()
         task, self._task = self._task, None
         if task is not None:
             trio.lowlevel.reschedule(task)
@@ -290,30 +358,41 @@ class SplicedPair:
 
 
 class _Reactor:
-    """One epoll set for every spliced socket of this trio run, served by a system task."""
+    """One epoll set for every spliced socket of this trio run, served by a system task;
+    and the idle timers of its pairs, served by another."""
 
     def __init__(self) -> None:
         self.epoll = select.epoll()
         self.owners: dict[int, SplicedPair] = {}
         self.registered: dict[int, int] = {}  # fd -> events in the epoll set
+        self.timers: list[SplicedPair] = []  # a heap by ``due``
+        self.stale = 0  # finished pairs still in ``timers``
+        self.timer_scope: trio.CancelScope | None = None  # the timer task's sleep
 
     def add(self, pair: SplicedPair) -> None:
         self.owners[pair.client_fd] = pair
         self.owners[pair.remote_fd] = pair
+        now = trio.current_time()
+        pair.active = now
         pair.start()
+        if pair.idle_timeout is not None and not pair.done:
+            self._arm(pair, now + pair.idle_timeout)
         self._settle(pair)
 
-    def remove(self, pair: SplicedPair) -> None:
+    def retire(self, pair: SplicedPair) -> None:
+        """Take the pair out of the epoll set and the timers; wake its task."""
         for fd in (pair.client_fd, pair.remote_fd):
             if self.owners.get(fd) is pair:
                 del self.owners[fd]
                 self._set(fd, 0)
+        pair.finish()
+        if pair.timed:
+            self._forget_timer()
 
     def _settle(self, pair: SplicedPair) -> None:
         """Bring the pair's registrations up to date, or end it when it is done."""
         if pair.done:
-            self.remove(pair)
-            pair.wake()
+            self.retire(pair)
             return
         self._set(pair.client_fd, pair.wants(pair.client_fd))
         self._set(pair.remote_fd, pair.wants(pair.remote_fd))
@@ -343,12 +422,13 @@ class _Reactor:
                 if not events:
                     await trio.lowlevel.wait_readable(self.epoll.fileno())
                     continue
+                now = trio.current_time()
                 for fd, _events in events:
                     pair = self.owners.get(fd)
                     if pair is None:  # pragma: no cover - removed earlier in this batch
                         self._set(fd, 0)
                         continue
-                    pair.on_ready(fd)
+                    pair.on_ready(fd, now)
                     self._settle(pair)
                 # Busy: let the other tasks run, then look again without re-arming trio's
                 # own epoll for the reactor's descriptor (the costlier way back).
@@ -356,6 +436,50 @@ class _Reactor:
         finally:
             trio.lowlevel.notify_closing(self.epoll.fileno())
             self.epoll.close()
+
+    # ------------------------------------------------------------------ idle timers
+
+    def _arm(self, pair: SplicedPair, due: float) -> None:
+        pair.due = due
+        pair.timed = True
+        heapq.heappush(self.timers, pair)
+        scope = self.timer_scope
+        if scope is not None and due < scope.deadline:
+            scope.deadline = due
+
+    def _forget_timer(self) -> None:
+        """A pair in the heap finished: leave it there until the heap is mostly such."""
+        self.stale += 1
+        if self.stale > _STALE_TIMERS and 2 * self.stale > len(self.timers):
+            self.timers = [pair for pair in self.timers if not pair.finished]
+            heapq.heapify(self.timers)
+            self.stale = 0
+
+    async def expire_idle(self) -> None:
+        """The timer task: sleep until the earliest due pair, then end the silent ones."""
+        while True:
+            due = self.timers[0].due if self.timers else math.inf
+            with trio.CancelScope(deadline=due) as self.timer_scope:
+                await trio.sleep_forever()
+            self.timer_scope = None
+            self._expire(trio.current_time())
+
+    def _expire(self, now: float) -> None:
+        timers = self.timers
+        while timers and timers[0].due <= now:
+            pair = heapq.heappop(timers)
+            if pair.finished:
+                self.stale -= 1
+                continue
+            assert pair.idle_timeout is not None
+            due = pair.active + pair.idle_timeout
+            if due > now:  # it moved bytes since: look again then
+                pair.due = due
+                heapq.heappush(timers, pair)
+                continue
+            pair.timed = False
+            pair.timed_out = True
+            self.retire(pair)
 
 
 _REACTOR: trio.lowlevel.RunVar[_Reactor] = trio.lowlevel.RunVar("egressd_splice_reactor")
@@ -367,6 +491,7 @@ def _reactor() -> _Reactor:
     except LookupError:
         reactor = _Reactor()
         trio.lowlevel.spawn_system_task(reactor.serve, name="egressd splice reactor")
+        trio.lowlevel.spawn_system_task(reactor.expire_idle, name="egressd splice idle timers")
         _REACTOR.set(reactor)
         return reactor
 

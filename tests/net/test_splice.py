@@ -7,6 +7,7 @@ whose inner ends the relay owns.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import struct
@@ -20,6 +21,7 @@ import trio.testing
 from harness import read_to_eof
 
 from egressd.net.splice import RelayResult, Traffic, can_splice, relay
+from egressd.net.zerocopy import SplicedPair
 
 PATHS = [pytest.param(True, id="splice"), pytest.param(False, id="trio")]
 
@@ -148,16 +150,16 @@ async def test_silence_ends_the_relay_after_the_idle_timeout_not_before(zero_cop
         with trio.fail_after(5):
             for _ in range(6):  # 0.6 s of trickling traffic keeps it alive
                 await r.client_app.send_all(b".")
+                last_sent = trio.current_time()
                 await trio.sleep(0.1)
             assert await r.remote_app.receive_some(100)
             assert not r.done.is_set()
-            quiet_from = trio.current_time()
             await r.done.wait()
-            silent_for = trio.current_time() - quiet_from
+            silent_for = trio.current_time() - last_sent
             # The owner closed both ends: the applications see EOF.
             assert await read_to_eof(r.client_app) == b""
     assert trio.current_time() - started > 0.6
-    assert silent_for >= 0.3 - 0.11  # the last byte went out up to 0.1 s before quiet_from
+    assert silent_for >= 0.3  # counted from the last byte, which the relay saw after it left
     assert r.result is not None and r.result.outcome == "idle_timeout"
     assert r.traffic.up == 6
 
@@ -276,3 +278,38 @@ async def test_a_relay_cancelled_midway_leaves_the_splice_reactor_serving_the_ne
                 assert await following.remote_app.receive_some(10) == b"two"
                 await following.remote_app.send_all(b"reply")
                 assert await following.client_app.receive_some(10) == b"reply"
+
+
+async def test_a_shorter_idle_timeout_ends_on_time_beside_longer_ones() -> None:
+    """The reactor's one timer wakes for a pair due before every pair it already holds."""
+    async with relayed(True, idle_timeout=600) as patient, relayed(True, idle_timeout=0.3) as quick:
+        await patient.client_app.send_all(b"x")
+        with trio.fail_after(5):
+            assert await patient.remote_app.receive_some(10) == b"x"
+            await quick.done.wait()
+        assert quick.result is not None and quick.result.outcome == "idle_timeout"
+        assert not patient.done.is_set()
+        await patient.client_app.send_all(b"still here")
+        with trio.fail_after(5):
+            assert await patient.remote_app.receive_some(20) == b"still here"
+
+
+async def test_finished_spliced_sessions_are_not_kept_for_their_idle_timeout() -> None:
+    """Sessions that end long before their idle timeout leave nothing behind in the reactor
+    (its timers would otherwise hold every pair, and its sockets, for idle_timeout)."""
+
+    def live_pairs() -> int:
+        return sum(isinstance(o, SplicedPair) for o in gc.get_objects())
+
+    sessions = 300
+    for _ in range(sessions):
+        async with relayed(True, idle_timeout=600) as r:
+            with trio.fail_after(5):
+                await r.client_app.send_all(b"QUIT\r\n")
+                await r.client_app.send_eof()
+                assert await read_to_eof(r.remote_app) == b"QUIT\r\n"
+                await r.remote_app.send_eof()
+                await r.done.wait()
+            assert r.result == RelayResult("ok")
+    gc.collect()
+    assert live_pairs() <= sessions // 2
