@@ -51,7 +51,7 @@ from egressd.fleet.node import Fleet, config_generation, open_fleet
 from egressd.fleet.quotas import SharedQuotas
 from egressd.log import PROCESS_FIELDS, get_logger, setup_logging
 from egressd.metrics import Metrics
-from egressd.net import mtasts, sdnotify
+from egressd.net import activation, mtasts, sdnotify
 from egressd.net.channel import ChannelClosed
 from egressd.net.connection import Connection
 from egressd.net.listen import (
@@ -765,6 +765,8 @@ def run_daemon(
         extra={"fields": {"config": str(config.path), "pid": os.getpid(), "open_files": soft}},
     )
     tune_garbage_collector()
+    if worker is None:  # systemd's sockets (a worker's come from its supervisor)
+        activation.inherit(key[1] for key in configured_listeners(config))
     link = None if worker is None else WorkerLink(worker[0], socket.socket(fileno=worker[1]))
     try:
         trio.run(partial(serve, config, json_logs=json_logs, link=link))

@@ -98,7 +98,7 @@ from egressd.daemon import (
 from egressd.hostbudgets import BudgetBook, BudgetRequestError
 from egressd.log import get_logger, setup_logging
 from egressd.metrics import SupervisorMetrics, serve_metrics
-from egressd.net import sdnotify
+from egressd.net import activation, sdnotify
 from egressd.net.balance import NOT_SERVING, SessionBoard
 from egressd.net.channel import Channel, ChannelClosed, Message, socket_pair
 from egressd.net.listen import close_listener, open_listener
@@ -894,6 +894,7 @@ def run_supervisor(config: Config, *, json_logs: bool = False) -> int:
         },
     )
     tune_garbage_collector()
+    activation.inherit(key[1] for key in configured_listeners(config))  # systemd's sockets
     try:
         code = trio.run(partial(supervise, config, json_logs=json_logs))
     except Exception as exc:

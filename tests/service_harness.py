@@ -124,6 +124,7 @@ async def daemon_process(
     ready_timeout: float = 15.0,
     journal: bool = False,
     open_files: int | None = None,
+    inherit: tuple[socket.socket, ...] = (),
 ) -> AsyncIterator[DaemonProcess]:
     """Start ``python -m egressd run -c config``; yield after READY=1; stop it by PID.
 
@@ -135,6 +136,9 @@ async def daemon_process(
 
     ``watchdog_pid_self`` sets ``WATCHDOG_PID`` to the daemon's own PID, as systemd does
     (a shell exports its ``$$`` and execs Python, which keeps that PID).
+
+    ``inherit``: listening sockets passed as systemd's socket activation passes them
+    (:data:`SOCKET_ACTIVATION`: descriptors from 3, ``LISTEN_FDS``, ``LISTEN_PID``).
     """
     with tempfile.TemporaryDirectory(prefix="egn-") as directory:
         notify = NotifySocket(os.path.join(directory, "notify"))
@@ -155,6 +159,9 @@ async def daemon_process(
             argv = [sys.executable, "-m", "egressd", "run", "-c", str(config), *args]
             if open_files is not None:  # util-linux's prlimit execs the daemon: same PID
                 argv = ["prlimit", f"--nofile={open_files}:{open_files}", "--", *argv]
+            if inherit:
+                fds = [str(sock.fileno()) for sock in inherit]
+                argv = [sys.executable, "-c", SOCKET_ACTIVATION, *fds, "--", *argv]
             if watchdog_pid_self:
                 argv = [
                     "/bin/sh",
@@ -171,6 +178,7 @@ async def daemon_process(
                 cwd=REPO,
                 env=env,
                 start_new_session=True,
+                pass_fds=[sock.fileno() for sock in inherit],
             )
         process = DaemonProcess(popen, config, log_path, notify)
         try:
@@ -182,6 +190,24 @@ async def daemon_process(
         finally:
             await _stop(process)
             notify.close()
+
+
+SOCKET_ACTIVATION = """
+import fcntl, os, sys
+split = sys.argv.index("--")
+given = [int(fd) for fd in sys.argv[1:split]]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in given]  # out of the way of 3, 4...
+for fd in given:
+    os.close(fd)
+for number, fd in enumerate(high):
+    os.dup2(fd, 3 + number)
+    os.close(fd)
+os.environ["LISTEN_FDS"] = str(len(high))
+os.environ["LISTEN_PID"] = str(os.getpid())  # exec keeps the PID, as systemd's fork does
+os.execv(sys.argv[split + 1], sys.argv[split + 1:])
+"""
+"""A launcher that does what systemd does for a socket-activated service: the sockets at
+descriptors 3, 4..., ``LISTEN_FDS`` and ``LISTEN_PID`` set, then exec."""
 
 
 async def _wait_ready(process: DaemonProcess, timeout: float) -> None:

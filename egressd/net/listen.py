@@ -23,6 +23,7 @@ import trio
 
 from egressd.config import Endpoint
 from egressd.log import get_logger
+from egressd.net import activation
 from egressd.net.connection import Connection, close_socket, wait_readable
 from egressd.net.oserrors import host_port
 from egressd.net.splice import set_keepalive
@@ -51,7 +52,12 @@ _CAPACITY_PAUSE = 0.1
 
 
 def open_listener(address: Endpoint, backlog: int = 4096) -> socket.socket:
-    """A non-blocking socket listening on ``address`` (an IP literal; port 0 picks one)."""
+    """A non-blocking socket listening on ``address`` (an IP literal; port 0 picks one): the
+    socket systemd passed for that address (:mod:`egressd.net.activation`), else a new one."""
+    inherited = activation.take(address)
+    if inherited is not None:
+        set_keepalive(inherited)
+        return inherited
     ip = address.ip
     if ip is None:
         raise OSError(errno.EINVAL, f"{address}: a listener needs an IP address")

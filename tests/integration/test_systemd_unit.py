@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from egressd.cli import EXIT_CONFIG
-from egressd.config import DEFAULT_CONFIG_PATH
+from egressd.config import DEFAULT_CONFIG_PATH, load_config
+from egressd.daemon import configured_listeners
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "egressd.service"
+SOCKET_UNIT = ROOT / "systemd" / "egressd.socket"
 INSTALLED_BINARY = "/usr/local/bin/egressd"
 
 pytestmark = pytest.mark.skipif(
@@ -60,6 +62,33 @@ def test_unit_verifies_clean(tmp_path: Path) -> None:
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 0, output
     assert output == ""
+
+
+def test_socket_unit_verifies_clean_and_names_the_shipped_listeners(tmp_path: Path) -> None:
+    """systemd/egressd.socket (socket activation) loads beside the service, and each of
+    its ListenStream= is the address of a listener of the shipped egressd.toml, as
+    egressd matches them (egressd.net.activation)."""
+    service = UNIT.read_text().replace(f"{INSTALLED_BINARY} ", f"{local_egressd()} ")
+    (tmp_path / "egressd.service").write_text(service)
+    socket_unit = tmp_path / "egressd.socket"
+    socket_unit.write_text(SOCKET_UNIT.read_text())
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(socket_unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0 and output == "", output
+    streams = [
+        line.removeprefix("ListenStream=")
+        for line in SOCKET_UNIT.read_text().splitlines()
+        if line.startswith("ListenStream=")
+    ]
+    config = load_config(ROOT / "config" / "egressd.toml")
+    addresses = {str(key[1]) for key in configured_listeners(config)}
+    assert streams and set(streams) == addresses, (streams, addresses)
 
 
 def test_unit_directives() -> None:
