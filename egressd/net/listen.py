@@ -47,6 +47,8 @@ class Balance(Protocol):
     def closed(self) -> None: ...
 
 
+_TASK_NAME = "egressd connection"
+"""Every connection task's name: one string, not one formatted per task."""
 _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _CAPACITY_PAUSE = 0.1
 
@@ -118,7 +120,7 @@ async def accept_loop(
             if balance is not None:
                 balance.accepted()
             connection = Connection(sock, host_port(peer))
-            connections.start_soon(run_handler, handler, connection, balance)
+            connections.start_soon(run_handler, handler, connection, balance, name=_TASK_NAME)
             accepted += 1
             if accepted >= ACCEPT_BURST:
                 accepted = 0

@@ -53,16 +53,15 @@ import math
 import os
 import socket
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal
 
 import trio
 
 from egressd.net.connection import Connection
 from egressd.net.oserrors import cause_text
 from egressd.net.tls import TlsConnection
-from egressd.net.zerocopy import AnySocket, SplicedPair, Traffic
+from egressd.net.zerocopy import AnySocket, RelayResult, SplicedPair, Traffic
 
 __all__ = [
     "CHUNK_SIZE",
@@ -78,16 +77,7 @@ __all__ = [
 CHUNK_SIZE = 65536
 """Bytes per receive on the portable path."""
 
-Outcome = Literal["ok", "idle_timeout", "reset"]
 Side = Literal["client", "remote"]
-
-
-@dataclass(frozen=True, slots=True)
-class RelayResult:
-    """How a relay ended: ``ok`` (both sides finished), ``idle_timeout`` or ``reset``."""
-
-    outcome: Outcome
-    detail: str | None = None
 
 
 class _Broken(Exception):
@@ -117,7 +107,7 @@ def _socket_of(stream: trio.abc.Stream) -> socket.socket | trio.socket.SocketTyp
     return None
 
 
-async def relay(
+def relay(
     client: trio.abc.HalfCloseableStream,
     remote: trio.abc.HalfCloseableStream,
     *,
@@ -126,13 +116,16 @@ async def relay(
     to_remote_first: bytes = b"",
     to_client_first: bytes = b"",
     zero_copy: bool | None = None,
-) -> RelayResult:
+) -> Coroutine[Any, Any, RelayResult]:
     """Relay until both directions saw EOF, a side broke, or ``idle_timeout`` of silence.
 
     ``to_remote_first`` / ``to_client_first`` are bytes already read from the other side
     (sent before anything else in their direction, and counted). ``zero_copy``: None picks
     the splice path when :func:`can_splice` allows it; False forces the portable path;
     True requires the splice path (ValueError when impossible).
+
+    A plain function that returns the chosen path's coroutine (``await relay(...)`` as
+    usual): an idle spliced session then waits with one frame less on its task's stack.
     """
     use_splice = can_splice(client, remote) if zero_copy is None else zero_copy
     if use_splice and not can_splice(client, remote):
@@ -146,29 +139,35 @@ async def relay(
             to_remote_first=to_remote_first,
             to_client_first=to_client_first,
         )
-        await pair.run()
-        broken, timed_out = pair.broken, pair.timed_out
-    else:
-        broken = None
-        with trio.CancelScope() as idle_scope:
-            watch = _IdleWatch(idle_scope, idle_timeout)
+        return pair.run()
+    return _relay_portable(client, remote, traffic, idle_timeout, to_remote_first, to_client_first)
 
-            def up(count: int) -> None:
-                traffic.up += count
-                watch.touch()
 
-            def down(count: int) -> None:
-                traffic.down += count
-                watch.touch()
+async def _relay_portable(
+    client: trio.abc.HalfCloseableStream,
+    remote: trio.abc.HalfCloseableStream,
+    traffic: Traffic,
+    idle_timeout: float | None,
+    to_remote_first: bytes,
+    to_client_first: bytes,
+) -> RelayResult:
+    broken = None
+    with trio.CancelScope() as idle_scope:
+        watch = _IdleWatch(idle_scope, idle_timeout)
 
-            broken = await _relay_streams(
-                client, remote, to_remote_first, to_client_first, up, down
-            )
-        timed_out = idle_scope.cancelled_caught
+        def up(count: int) -> None:
+            traffic.up += count
+            watch.touch()
+
+        def down(count: int) -> None:
+            traffic.down += count
+            watch.touch()
+
+        broken = await _relay_streams(client, remote, to_remote_first, to_client_first, up, down)
     if broken is not None:
         abort_on_close(client, remote)
         return RelayResult("reset", broken)
-    if timed_out:
+    if idle_scope.cancelled_caught:
         return RelayResult("idle_timeout", f"no traffic for {idle_timeout:g}s")
     return RelayResult("ok")
 

@@ -75,6 +75,7 @@ import math
 import os
 import select
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Literal
 
@@ -82,7 +83,7 @@ import trio
 
 from egressd.net.oserrors import cause_text
 
-__all__ = ["PIPE_SIZE", "SplicedPair", "Traffic"]
+__all__ = ["PIPE_SIZE", "RelayResult", "SplicedPair", "Traffic"]
 
 PIPE_SIZE = 1 << 20
 """Capacity asked for each splice pipe (F_SETPIPE_SZ); the kernel default is 64 KiB."""
@@ -108,6 +109,21 @@ class Traffic:
 
     up: int = 0
     down: int = 0
+
+
+Outcome = Literal["ok", "idle_timeout", "reset"]
+
+
+@dataclass(frozen=True, slots=True)
+class RelayResult:
+    """How a relay ended: ``ok`` (both sides finished), ``idle_timeout`` or ``reset``."""
+
+    outcome: Outcome
+    detail: str | None = None
+
+
+_OK = RelayResult("ok")
+_LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 class _Broken(Exception):
@@ -239,11 +255,7 @@ class _Direction:
 
 
 class SplicedPair:
-    """Two TCP sockets relayed both ways through the run's reactor; see the module doc.
-
-    After :meth:`run`: ``broken`` (why a side broke) or ``timed_out`` (``idle_timeout``
-    of silence), else both directions finished.
-    """
+    """Two TCP sockets relayed both ways through the run's reactor; see the module doc."""
 
     __slots__ = (
         "_task",
@@ -288,9 +300,10 @@ class SplicedPair:
     def __lt__(self, other: SplicedPair) -> bool:  # the timer heap's order
         return self.due < other.due
 
-    async def run(self) -> None:
-        """Relay until both directions are done, a side broke (``broken``) or the pair
-        was silent for ``idle_timeout`` (``timed_out``)."""
+    async def run(self) -> RelayResult:
+        """Relay until both directions are done, a side broke (``reset``: both sockets
+        then get ``SO_LINGER`` 0, so their owner's close passes the reset on) or the pair
+        was silent for ``idle_timeout``."""
         reactor = _reactor()
         try:
             reactor.add(self)
@@ -302,6 +315,17 @@ class SplicedPair:
         finally:
             if not self.finished:  # cancelled from outside
                 reactor.retire(self)
+        return self._result()
+
+    def _result(self) -> RelayResult:
+        if self.broken is not None:
+            for sock in (self.up.dst, self.down.dst):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+            return RelayResult("reset", self.broken)
+        if self.timed_out:
+            return RelayResult("idle_timeout", f"no traffic for {self.idle_timeout:g}s")
+        return _OK
 
     def _abort(self, _raise_cancel: object) -> trio.lowlevel.Abort:
         self._task = None
