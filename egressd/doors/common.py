@@ -25,8 +25,6 @@ and an exact source (a BIND, a PROXY header) is refused with ``WARMUP_QUOTA``.
 
 from __future__ import annotations
 
-import dataclasses
-
 import trio
 
 from egressd.config import IPAddress, Source, format_hostport
@@ -78,7 +76,8 @@ async def open_outbound(
     quota = plan.take_quota()
     if quota is not None:
         quota.settle("connected")  # the connection is what these doors count
-    return dataclasses.replace(dialed, release=plan.release_budget)
+    dialed.release = plan.release_budget
+    return dialed
 
 
 def note_destination(record: SessionRecord, host: str | IPAddress, port: int) -> None:

@@ -222,11 +222,14 @@ class _AcceptedConnection:
         self.pool: str | None = listener.pool
         self.source: Source | None = None
         self.client_eof = False
+        self.stage_at_eof = ""  # the handshake's stage when the client closed
 
     async def run(self) -> None:
         limits = self.config.limits
         try:
-            with trio.move_on_after(limits.handshake_timeout) as scope:
+            # A bare CancelScope: move_on_after's calls cost a little on every session.
+            deadline = trio.current_time() + limits.handshake_timeout
+            with trio.CancelScope(deadline=deadline) as scope:
                 request = await self.negotiate()
             if scope.cancelled_caught:
                 self.record.outcome = "timeout"
@@ -260,28 +263,32 @@ class _AcceptedConnection:
 
     async def negotiate(self) -> socks5.ConnectRequest | None:
         """Run the machine up to a CONNECT; None when it closed (reply already sent)."""
-        while not self.server.closed:
-            stage = self.server.state.value
+        server = self.server
+        while True:
             try:
-                event = self.server.next_event()
+                event = server.next_event()
             except socks5.Socks5ProtocolError as exc:
                 await self.broken(exc)
                 return None
             if event is NEED_DATA:
                 data = await _receive(self.stream)
-                self.client_eof = not data
-                self.server.receive_data(data)
+                if not data:
+                    self.client_eof = True
+                    self.stage_at_eof = server.state.value
+                server.receive_data(data)
             elif isinstance(event, socks5.ConnectRequest):
                 return event
             elif isinstance(event, socks5.ConnectionClosed):
-                self.record.detail = f"client closed during the {stage}"
+                self.record.detail = f"client closed during the {self.stage_at_eof}"
+                return None
             else:
                 answer = self.answer(event)
                 if isinstance(answer, socks5.AuthResult) and not answer.accepted:
                     assert isinstance(event, socks5.AuthRequest)
                     await self.login_failed(event.username)
-                await _send(self.stream, self.server.send(answer))
-        return None
+                await _send(self.stream, server.send(answer))
+                if server.closed:  # a refusal: nothing more to read
+                    return None
 
     def answer(
         self, event: socks5.Greeting | socks5.AuthRequest | socks5.BindRequest
@@ -298,7 +305,7 @@ class _AcceptedConnection:
         if method == socks5.METHOD_NO_ACCEPTABLE:
             self.record.outcome = "denied"
             self.record.detail = "client offers no acceptable authentication method"
-        return socks5.MethodChoice(method)
+        return _METHOD_CHOICES[method]
 
     def authenticate(self, request: socks5.AuthRequest) -> bool:
         username = request.username
@@ -421,6 +428,15 @@ def _bind_problem(source: Source) -> str | None:
             )
     return None
 
+
+_METHOD_CHOICES = {
+    method: socks5.MethodChoice(method)  # frozen: one of each serves every session
+    for method in (
+        socks5.METHOD_NO_AUTH,
+        socks5.METHOD_USERNAME_PASSWORD,
+        socks5.METHOD_NO_ACCEPTABLE,
+    )
+}
 
 _REPLIES: dict[Failure, socks5.ReplyCode] = {
     Failure.DENIED: socks5.ReplyCode.NOT_ALLOWED,

@@ -86,7 +86,11 @@ _SOCKS_DESTINATION_KINDS = {
 }
 
 
-@dataclass(frozen=True)
+def _nothing() -> None:
+    pass
+
+
+@dataclass(slots=True)
 class Dialed:
     """A connection to the destination, and the facts about how it was made.
 
@@ -95,6 +99,10 @@ class Dialed:
     0)`` for HAProxy (HAProxy picks the port), the CONNECT reply's BND.ADDR for SOCKS5.
     ``initial_data`` holds bytes the destination already sent that arrived with the
     proxy's last reply; deliver them before anything read from ``stream``.
+
+    Not frozen: whoever ran the plan sets :attr:`release` once the connection is made (a
+    frozen dataclass's ``__init__`` and ``dataclasses.replace`` cost a dozen calls more
+    per connection); nothing else changes it.
     """
 
     stream: Connection
@@ -104,7 +112,7 @@ class Dialed:
     remote_address: tuple[IPAddress, int]
     proxy_address: tuple[IPAddress, int] | None = None
     initial_data: bytes = b""
-    release: Callable[[], None] = lambda: None
+    release: Callable[[], None] = _nothing
     """Gives back what the connection holds beyond its socket (a shaping lease)."""
 
     def close(self) -> None:

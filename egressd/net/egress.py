@@ -27,8 +27,7 @@ timeout failure).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
-from typing import TypeVar
+from typing import TypeGuard, TypeVar
 
 import trio
 
@@ -42,7 +41,7 @@ from egressd.egress.plan import (
     Progress,
     Resolve,
 )
-from egressd.egress.quotas import QuotasAskedAhead
+from egressd.egress.quotas import Quotas, QuotasAskedAhead
 from egressd.egress.selection import Egress
 from egressd.health import SourceHealth
 from egressd.net.dialer import Dialed, connect, resolve_name
@@ -95,13 +94,12 @@ async def execute(
     budgets are asked for ahead, for every candidate source in one round trip, and what
     the plan did not use is settled back (:mod:`egressd.egress.budgets`)."""
     budget = plan.budget
-    if resolve is None:
-        resolve = partial(resolve_host, dns=plan.egress.config.dns)
+    quotas = plan.egress.quotas
     try:
         if budget is not None:
             await budget.prepare(candidate_sources(plan))
-        if isinstance(plan.egress.quotas, QuotasAskedAhead):
-            await plan.egress.quotas.prepare(candidate_sources(plan), plan.provider)
+        if _asks_ahead(quotas):
+            await quotas.prepare(candidate_sources(plan), plan.provider)
         return await _run(plan, step, resolve)
     except BaseException:
         plan.release_budget()
@@ -119,14 +117,29 @@ async def selection_refusal(plan: Plan, leaving: str | None = None) -> EgressFai
     try:
         if budget is not None:
             await budget.prepare(candidate_sources(plan))
-        if isinstance(plan.egress.quotas, QuotasAskedAhead):
-            await plan.egress.quotas.prepare(candidate_sources(plan), plan.provider)
+        quotas = plan.egress.quotas
+        if _asks_ahead(quotas):
+            await quotas.prepare(candidate_sources(plan), plan.provider)
         if plan.pool is None:
             return None
         return plan.egress.refusal(plan.pool, plan.provider, budget, leaving)
     finally:
         if budget is not None:
             budget.settle()
+
+
+_ASKS_AHEAD: dict[type, bool] = {}
+"""Whether a quotas class is :class:`QuotasAskedAhead`, by class: isinstance() against a
+runtime-checkable Protocol walks the protocol's members every time (about 40 Python calls,
+a twentieth of a short SOCKS5 session's), and a class does not change what it is."""
+
+
+def _asks_ahead(quotas: Quotas) -> TypeGuard[QuotasAskedAhead]:
+    kind = type(quotas)
+    asks = _ASKS_AHEAD.get(kind)
+    if asks is None:
+        asks = _ASKS_AHEAD[kind] = isinstance(quotas, QuotasAskedAhead)
+    return asks
 
 
 def candidate_sources(plan: Plan) -> list[str]:
@@ -142,14 +155,17 @@ def candidate_sources(plan: Plan) -> list[str]:
     return [entry.source for entry in entries if entry.weight > 0]
 
 
-async def _run(plan: Plan, step: AttemptStep[T], resolve: Resolver) -> T:
+async def _run(plan: Plan, step: AttemptStep[T], resolve: Resolver | None) -> T:
     while True:
         command = plan.next_step()
         if isinstance(command, GiveUp):
             raise command.failure
         if isinstance(command, Resolve):
             try:
-                destinations = await resolve(command)
+                if resolve is None:
+                    destinations = await resolve_host(command, plan.egress.config.dns)
+                else:
+                    destinations = await resolve(command)
             except EgressFailure as failure:
                 plan.failed(failure)
                 continue
