@@ -109,7 +109,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from egressd import __version__
@@ -497,40 +497,95 @@ class KumoMetrics:
         )
 
 
-class ProxyMetrics:
-    """KumoProxy's ``proxy_*`` metrics, for the SOCKS5 door, by listener address."""
+class ProxyCounts:
+    """One SOCKS5 listener's KumoProxy counts: plain integers, written by the door."""
+
+    __slots__ = ("accepted", "active", "bytes_received", "bytes_sent", "completed", "failed")
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.completed = 0
+        self.failed = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.active = 0
+
+
+_PROXY_COUNTERS = (
+    ("accepted", "proxy_connections_accepted", "SOCKS5 connections accepted (KumoProxy's name)."),
+    (
+        "completed",
+        "proxy_connections_completed",
+        "SOCKS5 sessions relayed to their end, both sides closing cleanly.",
+    ),
+    (
+        "failed",
+        "proxy_connections_failed",
+        "SOCKS5 connections that ended otherwise (refused, handshake, dial, reset, timeout).",
+    ),
+    (
+        "bytes_received",
+        "proxy_bytes_received",
+        "Bytes received from SOCKS5 clients (client to remote).",
+    ),
+    ("bytes_sent", "proxy_bytes_sent", "Bytes sent to SOCKS5 clients (remote to client)."),
+)
+_LAZY_PROXY_COUNTERS = frozenset({"completed", "failed"})
+"""Listed for a listener only once counted (as a labelled Counter child appears)."""
+
+
+class ProxyMetrics(Collector):
+    """KumoProxy's ``proxy_*`` metrics, for the SOCKS5 door, by listener address.
+
+    A short SOCKS5 session changes six of them. prometheus_client's ``inc()`` checks the
+    metric and takes a lock each time (about five calls); a session's share was some 30
+    Python calls. Here the door adds to plain integers (:meth:`counts`, one
+    :class:`ProxyCounts` per listener) and :meth:`collect` turns them into the same
+    families at scrape time. TLS handshake failures are rare and stay a Counter.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        def counter(name: str, text: str) -> Counter:
-            return Counter(name, text, ("listener",), registry=registry)
-
-        self.accepted = counter(
-            "proxy_connections_accepted", "SOCKS5 connections accepted (KumoProxy's name)."
-        )
-        self.completed = counter(
-            "proxy_connections_completed",
-            "SOCKS5 sessions relayed to their end, both sides closing cleanly.",
-        )
-        self.failed = counter(
-            "proxy_connections_failed",
-            "SOCKS5 connections that ended otherwise (refused, handshake, dial, reset, timeout).",
-        )
-        self.bytes_received = counter(
-            "proxy_bytes_received", "Bytes received from SOCKS5 clients (client to remote)."
-        )
-        self.bytes_sent = counter(
-            "proxy_bytes_sent", "Bytes sent to SOCKS5 clients (remote to client)."
-        )
-        self.tls_failures = counter(
+        self._by_listener: dict[str, ProxyCounts] = {}
+        registry.register(self)
+        self.tls_failures = Counter(
             "proxy_tls_handshake_failures",
             "TLS handshakes that failed on a use_tls SOCKS5 listener (KumoProxy's name).",
-        )
-        self.active = Gauge(
-            "proxy_active_connections",
-            "SOCKS5 connections open now (KumoProxy's name).",
             ("listener",),
             registry=registry,
         )
+
+    def counts(self, listener: str) -> ProxyCounts:
+        """``listener``'s counts (created at first use, as ``labels()`` would)."""
+        counts = self._by_listener.get(listener)
+        if counts is None:
+            counts = self._by_listener[listener] = ProxyCounts()
+        return counts
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families()
+
+    def _families(self) -> list[Metric]:
+        listeners = list(self._by_listener.items())
+        families: list[Metric] = []
+        for attribute, name, text in _PROXY_COUNTERS:
+            family = CounterMetricFamily(name, text, labels=("listener",))
+            for listener, counts in listeners:
+                value = getattr(counts, attribute)
+                if value or attribute not in _LAZY_PROXY_COUNTERS:
+                    family.add_metric((listener,), value)
+            families.append(family)
+        active = GaugeMetricFamily(
+            "proxy_active_connections",
+            "SOCKS5 connections open now (KumoProxy's name).",
+            labels=("listener",),
+        )
+        for listener, counts in listeners:
+            active.add_metric((listener,), counts.active)
+        families.append(active)
+        return families
 
 
 # --------------------------------------------------------------------------- workers

@@ -43,7 +43,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import trio
 from prometheus_client import Counter, Gauge
@@ -149,16 +149,14 @@ def outcome_label(outcome: str) -> str:
     return outcome if _OUTCOME.fullmatch(outcome) else "other"
 
 
-_Labelled = TypeVar("_Labelled", Counter, Gauge)
-
-
 class SessionCounters:
     """Counts finished sessions into ``metrics``; the labelled children are looked up once.
 
     ``Metric.labels()`` validates and stringifies its labels and takes a lock on every call;
     a session needs five of them. Labels are bounded (see the module doc), so the children
     are kept in dicts keyed by their label values (nothing ever removes these series), and
-    the per-session work is a dict lookup and the increments.
+    the per-session work is a dict lookup and the increments. The SOCKS5 door's KumoProxy
+    metrics are plain integers per listener (:class:`~egressd.metrics.ProxyMetrics`).
     """
 
     def __init__(self, metrics: Metrics, names: KnownNames) -> None:
@@ -166,7 +164,6 @@ class SessionCounters:
         self.names = names
         self._active: dict[str, Gauge] = {}
         self._finished: dict[tuple[str, str, str, str], tuple[Counter, Counter, Counter]] = {}
-        self._by_listener: dict[tuple[int, str], Any] = {}
 
     def active(self, door: str) -> Gauge:
         """The ``egressd_active_sessions{door}`` child."""
@@ -175,32 +172,26 @@ class SessionCounters:
             child = self._active[door] = self.metrics.active_sessions.labels(door)
         return child
 
-    def for_listener(self, metric: _Labelled, listener: str) -> _Labelled:
-        """``metric``'s child for ``listener``, looked up once (the KumoProxy metrics of
-        the SOCKS5 door: six per session); created at first use, as ``labels()`` would."""
-        key = (id(metric), listener)
-        child: _Labelled | None = self._by_listener.get(key)
-        if child is None:
-            child = self._by_listener[key] = metric.labels(listener)
-        return child
-
     def opened(self, record: SessionRecord) -> None:
         self.active(record.door).inc()
         if record.door == "socks5":
-            listener, proxy = record.listener or "", self.metrics.proxy
-            self.for_listener(proxy.accepted, listener).inc()
-            self.for_listener(proxy.active, listener).inc()
+            counts = self.metrics.proxy.counts(record.listener or "")
+            counts.accepted += 1
+            counts.active += 1
 
     def proxy_finished(self, record: SessionRecord) -> None:
-        """KumoProxy's view of a finished SOCKS5 session."""
+        """KumoProxy's view of a finished SOCKS5 session (plain integers: see ProxyMetrics)."""
         proxy, listener = self.metrics.proxy, record.listener or ""
-        self.for_listener(proxy.active, listener).dec()
-        ended = proxy.completed if record.outcome == "ok" else proxy.failed
-        self.for_listener(ended, listener).inc()
-        if record.outcome == "tls_failed":
-            self.for_listener(proxy.tls_failures, listener).inc()
-        self.for_listener(proxy.bytes_received, listener).inc(record.bytes_up)
-        self.for_listener(proxy.bytes_sent, listener).inc(record.bytes_down)
+        counts = proxy.counts(listener)
+        counts.active -= 1
+        if record.outcome == "ok":
+            counts.completed += 1
+        else:
+            counts.failed += 1
+            if record.outcome == "tls_failed":
+                proxy.tls_failures.labels(listener).inc()
+        counts.bytes_received += record.bytes_up
+        counts.bytes_sent += record.bytes_down
 
     def finished(self, record: SessionRecord) -> None:
         """A finished session: one connection, its bytes, one active session fewer."""

@@ -275,6 +275,28 @@ def test_failures_and_suspensions_are_counters_under_both_names() -> None:
     assert samples(text, "egressd_source_failures_total") == failures
 
 
+def test_proxy_metrics_are_kumoproxy_families_from_plain_counts() -> None:
+    """The SOCKS5 door adds to plain integers; a scrape shows KumoProxy's counter and gauge
+    families with their types, and completed/failed only once counted for a listener."""
+    metrics = Metrics()
+    a, b = metrics.proxy.counts("127.0.0.1:1080"), metrics.proxy.counts("[::1]:1080")
+    a.accepted, a.active, a.completed, a.bytes_received, a.bytes_sent = 3, 1, 2, 10, 20
+    b.accepted, b.failed = 1, 1
+    metrics.proxy.tls_failures.labels("[::1]:1080").inc()
+    text = metrics.exposition().decode()
+    v4, v6 = 'listener="127.0.0.1:1080"', 'listener="[::1]:1080"'
+    assert samples(text, "proxy_connections_accepted_total") == {v4: 3.0, v6: 1.0}
+    assert samples(text, "proxy_connections_completed_total") == {v4: 2.0}
+    assert samples(text, "proxy_connections_failed_total") == {v6: 1.0}
+    assert samples(text, "proxy_bytes_received_total") == {v4: 10.0, v6: 0.0}
+    assert samples(text, "proxy_bytes_sent_total") == {v4: 20.0, v6: 0.0}
+    assert samples(text, "proxy_active_connections") == {v4: 1.0, v6: 0.0}
+    assert samples(text, "proxy_tls_handshake_failures_total") == {v6: 1.0}
+    assert "# TYPE proxy_connections_accepted_total counter" in text
+    assert "# TYPE proxy_active_connections gauge" in text
+    assert "proxy_connections_accepted_created" not in text
+
+
 def test_process_metrics_count_this_process_open_files() -> None:
     text = Metrics().exposition().decode()
     open_fds = samples(text, "process_open_fds")[""]
