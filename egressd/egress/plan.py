@@ -225,9 +225,10 @@ class Plan:
             destination = self._queue.pop(0)
             port = destination_port(source, destination.port)
             step = Attempt(source, destination, port)
-            if self._destination_failing(step):
+            address = (destination.address, port)  # step.address
+            if self._destination_failing(step, address):
                 continue
-            self.progress.at(Stage.CONNECT, step.address)
+            self.progress.at(Stage.CONNECT, address)
             return step
         self.release_budget()
         return GiveUp(self._final)
@@ -330,9 +331,8 @@ class Plan:
             raise EgressFailure(
                 Failure.UNKNOWN_POOL, "the client named no pool and the listener has none"
             )
-        return self.egress.pick(
-            self.pool, avoid=frozenset(self.tried), provider=self.provider, budget=self.budget
-        )
+        avoid = frozenset(self.tried) if self.tried else _NOTHING_TRIED
+        return self.egress.pick(self.pool, avoid=avoid, provider=self.provider, budget=self.budget)
 
     def _take_budget(self, source: Source) -> None:
         """Hold ``source``'s lease in the destination's budgets (the previous one goes back)."""
@@ -386,9 +386,10 @@ class Plan:
             return
         self._queue = list(allowed)
 
-    def _destination_failing(self, step: Attempt) -> bool:
-        """True (and noted as a failure) when the destination's breaker is open."""
-        refusal = self.egress.breaker.check(step.address, step.source.name, self._site())
+    def _destination_failing(self, step: Attempt, address: tuple[IPAddress, int]) -> bool:
+        """True (and noted as a failure) when the destination's breaker is open for
+        ``step`` (to ``address``, its :attr:`~Attempt.address`)."""
+        refusal = self.egress.breaker.check(address, step.source.name, self._site())
         if refusal is None:
             return False
         self._source_refused_there = refusal.source is not None
@@ -398,7 +399,7 @@ class Plan:
                 refusal.describe(),
                 source=step.source.name,
                 stage=Stage.CONNECT,
-                address=step.address,
+                address=address,
                 cause=refusal.last_kind,
             )
         )
@@ -505,6 +506,8 @@ class Plan:
         )
         egress.observer.suspended(source, kind)
 
+
+_NOTHING_TRIED: frozenset[str] = frozenset()
 
 _STAGE_TEXT: dict[Stage, str] = {
     Stage.SELECT: "choosing a source for",

@@ -115,6 +115,9 @@ _ANSWERS: Final[dict[ServerState, tuple[type, ...]]] = {
     ServerState.SEND_BIND_REPLY: (Succeeded, Refused),
     ServerState.SEND_CONNECT_REPLY: (Succeeded, Refused),
 }
+_PENDING: Final = tuple(_ANSWERS)
+"""The states that wait for the driver's answer: ``in`` on a tuple compares identities,
+where a dict lookup calls Enum.__hash__ (a Python function) each time."""
 
 
 def choose_method(offered: tuple[int, ...], *, require_auth: bool) -> int:
@@ -178,7 +181,7 @@ class Socks5Server:
             self._eof = True
             return
         self._buffer += data
-        pending = self._state in _ANSWERS  # nothing is parsed until the driver answers
+        pending = self._state in _PENDING  # nothing is parsed until the driver answers
         if pending and len(self._buffer) > MAX_SERVER_BUFFER_SIZE:
             self._error = Socks5ProtocolError(
                 f"client sent more than {MAX_SERVER_BUFFER_SIZE} bytes unanswered",
@@ -190,7 +193,7 @@ class Socks5Server:
         """The next client message, or :data:`NEED_DATA`; Socks5ProtocolError if broken."""
         if self._error is not None:
             raise self._error
-        if self._state in _ANSWERS:
+        if self._state in _PENDING:
             raise LocalProtocolError(f"answer the pending message first ({self._state.value})")
         if self._state in (ServerState.DONE, ServerState.CLOSED):
             raise LocalProtocolError(f"there are no more events ({self._state.value})")
