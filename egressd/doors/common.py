@@ -61,8 +61,22 @@ async def open_outbound(
 
     Raises :class:`EgressFailure`.
     """
+    plan = outbound_plan(egress, host, port, pool=pool, source=source)
+    return connected(plan, await connect_within(plan))
+
+
+def outbound_plan(
+    egress: Egress,
+    host: str | IPAddress,
+    port: int,
+    *,
+    pool: str | None = None,
+    source: Source | None = None,
+) -> Plan:
+    """The plan :func:`open_outbound` runs, for a door that runs it itself (under a cancel
+    scope it already has, :func:`egressd.net.egress.execute`, then :func:`connected`)."""
     budget = egress.budget_for(host)
-    plan = Plan(
+    return Plan(
         egress,
         pool=pool,
         source=source,
@@ -72,7 +86,11 @@ async def open_outbound(
         budget=budget,
         provider=budget.provider() if isinstance(budget, ShapedDestination) else "other",
     )
-    dialed = await connect_within(plan)
+
+
+def connected(plan: Plan, dialed: Dialed) -> Dialed:
+    """``dialed``, made by ``plan``: its warm-up message counted as ``connected``, and the
+    plan's budget lease given back when it closes."""
     quota = plan.take_quota()
     if quota is not None:
         quota.settle("connected")  # the connection is what these doors count

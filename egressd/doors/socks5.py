@@ -34,9 +34,10 @@ with outcome ``timeout``):
   KumoProxy fails, and kumod then suspends the source on its side. The dial binds again at
   CONNECT time. BIND without a following CONNECT gets 07 (the machine does that).
 * ``CONNECT``: IPv4, IPv6 or a name. Source: the BIND's, else the pool named by the
-  username, else the listener's ``pool``. Access checks and dialing are
-  :func:`egressd.doors.common.open_outbound` (a name is resolved here, in the source's
-  family, and the resolved address is checked before it is dialed).
+  username, else the listener's ``pool``. Access checks and dialing are the plan of
+  :func:`egressd.doors.common.outbound_plan` (a name is resolved here, in the source's
+  family, and the resolved address is checked before it is dialed), run under the
+  handshake's cancel scope with its deadline moved to ``[dial] timeout``.
 
 Replies: 02 for access denials (and a pool that does not exist), 01 when no source can be
 had (all suspended, or at ``max_connections_per_source``), and for the typed failure
@@ -70,16 +71,18 @@ import trio
 from egressd.config import Config, LimitSettings, Listener, Socks5Listener, Source, User
 from egressd.doors.common import (
     client_host,
+    connected,
     note_destination,
     note_dialed,
     note_refusal,
-    open_outbound,
+    outbound_plan,
     relay_session,
 )
-from egressd.egress import Egress, EgressFailure, Failure, Stage
+from egressd.egress import Egress, EgressFailure, Failure, Plan, Stage
 from egressd.login import password_matches
 from egressd.net.connection import Connection
-from egressd.net.dialer import Dialed
+from egressd.net.dialer import Dialed, connect
+from egressd.net.egress import execute
 from egressd.net.tls import TlsConnection, server_context
 from egressd.proto import NEED_DATA, socks5
 from egressd.runtime import Runtime, SessionRecord, printable
@@ -227,19 +230,7 @@ class _AcceptedConnection:
     async def run(self) -> None:
         limits = self.config.limits
         try:
-            # A bare CancelScope: move_on_after's calls cost a little on every session.
-            deadline = trio.current_time() + limits.handshake_timeout
-            with trio.CancelScope(deadline=deadline) as scope:
-                request = await self.negotiate()
-            if scope.cancelled_caught:
-                self.record.outcome = "timeout"
-                self.record.detail = (
-                    f"SOCKS5 handshake not finished within {limits.handshake_timeout:g}s"
-                )
-                return
-            if request is None:
-                return
-            dialed = await self.connect(request)
+            dialed = await self.handshake_and_dial(limits)
             if dialed is None:
                 return
             try:
@@ -260,6 +251,44 @@ class _AcceptedConnection:
                 self.record.detail = f"client went away: {exc.__cause__ or exc}"
 
     # ------------------------------------------------------------------ handshake
+
+    async def handshake_and_dial(self, limits: LimitSettings) -> Dialed | None:
+        """The handshake within ``handshake_timeout``, then the CONNECT's dial within the
+        plan's ``[dial] timeout``; None when either failed (the reply owed was sent).
+
+        One cancel scope serves both, its deadline moved when the dial starts: entering
+        and leaving a trio cancel scope costs about 50 Python calls, a thirtieth of a
+        short session.
+        """
+        plan: Plan | None = None
+        failure: EgressFailure | None = None
+        with trio.CancelScope(deadline=trio.current_time() + limits.handshake_timeout) as scope:
+            request = await self.negotiate()
+            if request is None:
+                return None
+            note_destination(self.record, request.host, request.port)
+            plan = outbound_plan(
+                self.egress, request.host, request.port, pool=self.pool, source=self.source
+            )
+            scope.deadline = trio.current_time() + plan.timeout
+            try:
+                dialed = connected(plan, await execute(plan, connect))
+            except EgressFailure as exc:
+                failure = exc
+            else:
+                note_dialed(self.record, dialed, request.host)
+                return dialed
+        if plan is None:
+            self.record.outcome = "timeout"
+            self.record.detail = (
+                f"SOCKS5 handshake not finished within {limits.handshake_timeout:g}s"
+            )
+            return None
+        if failure is None:  # the dial's deadline expired
+            failure = plan.timed_out()
+        note_refusal(self.record, failure)
+        await _send(self.stream, self.server.send(socks5.Refused(_reply_for(failure))))
+        return None
 
     async def negotiate(self) -> socks5.ConnectRequest | None:
         """Run the machine up to a CONNECT; None when it closed (reply already sent)."""
@@ -379,21 +408,7 @@ class _AcceptedConnection:
             self.record.outcome = "protocol_error"
         self.record.detail = str(error)
 
-    # ------------------------------------------------------------------ connect
-
-    async def connect(self, request: socks5.ConnectRequest) -> Dialed | None:
-        """Dial the request's destination; on failure send the reply and return None."""
-        note_destination(self.record, request.host, request.port)
-        try:
-            dialed = await open_outbound(
-                self.egress, request.host, request.port, pool=self.pool, source=self.source
-            )
-        except EgressFailure as exc:
-            note_refusal(self.record, exc)
-            await _send(self.stream, self.server.send(socks5.Refused(_reply_for(exc))))
-            return None
-        note_dialed(self.record, dialed, request.host)
-        return dialed
+    # ------------------------------------------------------------------ reply
 
     async def reply_success(self, dialed: Dialed) -> None:
         bound, port = dialed.local_address
