@@ -186,15 +186,21 @@ class _Dial:
     def __init__(self, source: Source, progress: Progress) -> None:
         self.source = source
         self.progress = progress
-        bound = f" from {source.source_address}" if source.source_address is not None else ""
-        self.who = f"source {source.name!r}{bound}"
 
     async def run(self, address: IPAddress, port: int) -> Dialed:
-        if self.source.hop == "haproxy":
+        hop = self.source.hop  # a property of the source: read once
+        if hop == "haproxy":
             return await self._via_haproxy(address, port)
-        if self.source.hop == "socks5":
+        if hop == "socks5":
             return await self._via_socks5(address, port)
         return await self._direct(address, port)
+
+    @property
+    def who(self) -> str:
+        """``source 'a' from 192.0.2.1``, for failures (only they need it)."""
+        source = self.source
+        bound = f" from {source.source_address}" if source.source_address is not None else ""
+        return f"source {source.name!r}{bound}"
 
     @property
     def stage(self) -> Stage:
