@@ -107,8 +107,9 @@ class Greeting:
     methods: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if len(self.methods) > 255 or not all(0 <= m <= 0xFF for m in self.methods):
-            raise LocalProtocolError(f"a greeting offers up to 255 methods 0..255: {self.methods}")
+        methods = self.methods
+        if len(methods) > 255 or (methods and (min(methods) < 0 or max(methods) > 0xFF)):
+            raise LocalProtocolError(f"a greeting offers up to 255 methods 0..255: {methods}")
 
 
 @dataclass(frozen=True)

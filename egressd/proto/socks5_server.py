@@ -198,37 +198,35 @@ class Socks5Server:
         if self._state in (ServerState.DONE, ServerState.CLOSED):
             raise LocalProtocolError(f"there are no more events ({self._state.value})")
         try:
-            return self._parse_or_incomplete()
+            if not self._buffer:  # every message starts with a byte: no parse, no _Incomplete
+                return self._on_incomplete()
+            try:
+                return self._parse_next()
+            except _Incomplete:
+                return self._on_incomplete()
         except Socks5ProtocolError as exc:
             self._fail(exc)
             raise
-
-    def _parse_or_incomplete(self) -> ServerEvent | NeedData:
-        if not self._buffer:  # every message starts with a byte: no parse, no _Incomplete
-            return self._on_incomplete()
-        try:
-            return self._parse_next()
-        except _Incomplete:
-            return self._on_incomplete()
 
     # -- output ------------------------------------------------------------------------------
 
     def send(self, answer: ServerAnswer) -> bytes:
         """The bytes of ``answer`` to the pending message (or of the error's owed reply)."""
-        if self._state is ServerState.ERROR:
+        state = self._state
+        if state is ServerState.ERROR:
             return self._send_owed(answer)
-        expected = _ANSWERS.get(self._state, ())
-        if not isinstance(answer, expected):
-            raise LocalProtocolError(f"cannot send {answer!r} in state {self._state.value!r}")
-        if isinstance(answer, MethodChoice):
+        # The answers _ANSWERS allows, tested by identity (a dict lookup would hash the state).
+        if state is ServerState.SEND_METHOD and isinstance(answer, MethodChoice):
             return self._send_method(answer)
-        if isinstance(answer, AuthResult):
+        if state is ServerState.SEND_AUTH_RESULT and isinstance(answer, AuthResult):
             return self._send_auth_result(answer)
-        if isinstance(answer, Refused):
-            self._state = ServerState.CLOSED
-            return self._reply(answer)
-        assert isinstance(answer, Succeeded)
-        return self._send_success(answer)
+        if state is ServerState.SEND_CONNECT_REPLY or state is ServerState.SEND_BIND_REPLY:
+            if isinstance(answer, Succeeded):
+                return self._send_success(answer)
+            if isinstance(answer, Refused):
+                self._state = ServerState.CLOSED
+                return self._reply(answer)
+        raise LocalProtocolError(f"cannot send {answer!r} in state {state.value!r}")
 
     def _send_owed(self, answer: ServerAnswer) -> bytes:
         if self._owed is None or answer != self._owed:
@@ -319,13 +317,17 @@ class Socks5Server:
 
     def _parse_greeting(self) -> Greeting:
         """``05 NMETHODS METHODS`` (RFC 1928 section 3)."""
-        (version,) = self._peek(1)
+        buffer = self._buffer  # not empty: next_event() asks only then
+        version = buffer[0]
         if version != SOCKS_VERSION:
             raise self._broken(f"greeting has version {version:#04x}, not 0x05")
-        nmethods = self._peek(2)[1]
-        methods = self._take(2 + nmethods)[2:]
+        if len(buffer) < 2 or len(buffer) < 2 + buffer[1]:
+            raise _Incomplete
+        end = 2 + buffer[1]
+        methods = tuple(buffer[2:end])
+        del buffer[:end]
         self._state = ServerState.SEND_METHOD
-        return Greeting(tuple(methods))
+        return Greeting(methods)
 
     def _parse_credentials(self) -> AuthRequest:
         """``01 ULEN UNAME PLEN PASSWD`` (RFC 1929 section 2)."""
