@@ -513,15 +513,14 @@ async def _connect(sock: socket.socket, address: tuple[str, int]) -> None:
     even when it says EINPROGRESS; then there is nothing to wait for. Otherwise it waits,
     for as long as the caller's deadline allows; cancelled, the caller closes the socket.
     """
-    try:
-        sock.connect(address)
-    except BlockingIOError:
+    code = sock.connect_ex(address)  # an errno, not an exception: no raise and catch per dial
+    if code == errno.EINPROGRESS or code == errno.EAGAIN:
         if _is_connected(sock):
             return
         await wait_writable(sock)
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code != 0:
-            raise OSError(code, f"Error connecting to {address!r}: {os.strerror(code)}") from None
+    if code != 0:
+        raise OSError(code, f"Error connecting to {address!r}: {os.strerror(code)}")
 
 
 def _is_connected(sock: socket.socket) -> bool:
