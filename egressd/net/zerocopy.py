@@ -15,8 +15,13 @@ calls and fewer reactor turns per gigabyte. Measured through the SOCKS5 door, 1 
 --repeat 7 --baseline DIR``, load average 6-7): 0.33 s of CPU per GiB instead of 0.39
 (-15%), and 1.60x ``socat -b65536``'s throughput instead of 1.20x (medians). A direction
 whose destination is slow can so hold up to 1 MiB in its pipe (kernel pages the sender
-already handed over); when the kernel refuses the size (``pipe-user-pages-soft`` used up),
-the pipe keeps what it got.
+already handed over). Every pipe's capacity counts against its user's
+``pipe-user-pages-soft`` (64 MiB by default, shared by every worker of one user; root is
+exempt): past it the kernel makes new pipes 8 KiB and refuses to grow them, which is
+slower but still correct. So the pool keeps only :data:`POOLED_PIPES` (a pipe is in flight
+only while a chunk is, or while its destination is full), and a pipe that came out
+smaller than asked is closed when it is given back instead of being pooled, so that a
+later one can have the full size again.
 
 Why a reactor
     A relay is two directions that wait on two sockets. In trio that is a nursery and a
@@ -83,13 +88,15 @@ import trio
 
 from egressd.net.oserrors import cause_text
 
-__all__ = ["PIPE_SIZE", "RelayResult", "SplicedPair", "Traffic"]
+__all__ = ["PIPE_SIZE", "POOLED_PIPES", "RelayResult", "SplicedPair", "Traffic"]
 
 PIPE_SIZE = 1 << 20
 """Capacity asked for each splice pipe (F_SETPIPE_SZ); the kernel default is 64 KiB."""
 
-_POOLED_PIPES = 16
+POOLED_PIPES = 4
+"""Empty pipes kept for reuse per process (4 MiB of the user's pipe quota)."""
 _F_SETPIPE_SZ: int = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ: int = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _SPLICE_FLAGS: int = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _EVENTS_PER_POLL = 512
 CHUNKS_PER_TURN = 4
@@ -524,32 +531,41 @@ def _reactor() -> _Reactor:
 
 
 class _PipePool:
-    """Empty non-blocking pipes for splice, reused across connections (trio is one thread)."""
+    """Empty non-blocking pipes for splice, reused across connections (trio is one thread).
+
+    Only pipes of the full :data:`PIPE_SIZE` are kept; a smaller one (the kernel refused
+    the size) is closed when given back.
+    """
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
         self.free: list[tuple[int, int]] = []
+        self.small: set[int] = set()  # read ends of pipes smaller than PIPE_SIZE
 
     def take(self) -> tuple[int, int]:
         if self.free:
             return self.free.pop()
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # a smaller pipe still works
-            fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        try:
+            size = fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # a smaller pipe still works
+            size = 0
+        if size < PIPE_SIZE:
+            self.small.add(read_fd)
         return read_fd, write_fd
 
     def give(self, pipe: tuple[int, int]) -> None:
         """Return an *empty* pipe."""
-        if len(self.free) < self.keep:
+        if len(self.free) < self.keep and pipe[0] not in self.small:
             self.free.append(pipe)
         else:
             self.discard(pipe)
 
-    @staticmethod
-    def discard(pipe: tuple[int, int]) -> None:
+    def discard(self, pipe: tuple[int, int]) -> None:
+        self.small.discard(pipe[0])
         for fd in pipe:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
 
-_PIPES = _PipePool(_POOLED_PIPES)
+_PIPES = _PipePool(POOLED_PIPES)

@@ -7,6 +7,7 @@ whose inner ends the relay owns.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import os
 import socket
@@ -20,6 +21,7 @@ import trio
 import trio.testing
 from harness import read_to_eof
 
+from egressd.net import zerocopy
 from egressd.net.splice import RelayResult, Traffic, can_splice, relay
 from egressd.net.zerocopy import SplicedPair
 
@@ -313,3 +315,20 @@ async def test_finished_spliced_sessions_are_not_kept_for_their_idle_timeout() -
             assert r.result == RelayResult("ok")
     gc.collect()
     assert live_pairs() <= sessions // 2
+
+
+def test_the_pipe_pool_keeps_only_full_size_pipes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipe the kernel would not grow (the user's pipe quota used up) is closed when it
+    comes back, so the next chunk gets a new pipe, of full size once there is room again."""
+    pool = zerocopy._PipePool(keep=4)
+    full = pool.take()
+    assert fcntl.fcntl(full[1], zerocopy._F_GETPIPE_SZ) == zerocopy.PIPE_SIZE
+    monkeypatch.setattr(zerocopy, "_F_SETPIPE_SZ", -1)  # fcntl then fails, as with EPERM
+    small = pool.take()
+    pool.give(small)
+    pool.give(full)
+    assert pool.free == [full]
+    for fd in small:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    pool.discard(full)
