@@ -55,7 +55,7 @@ from egressd.egress import EgressFailure, EgressObserver
 from egressd.fleet.node import Fleet
 from egressd.health import SourceHealth
 from egressd.log import get_logger
-from egressd.metrics import Metrics, serve_metrics
+from egressd.metrics import Metrics, reply_class, serve_metrics
 from egressd.net.shaping import smtp_budget
 from egressd.runtime import Runtime, SessionRecord
 from egressd.shaping import Override, Suspension
@@ -216,6 +216,55 @@ class SessionCounters:
             self.proxy_finished(record)
 
 
+class TransactionCounters:
+    """Counts relayed transactions into ``egressd_smtp_transactions_total`` and
+    ``egressd_provider_messages_total``: the two children are looked up once per (pool,
+    code, source, provider) as the door reports them, not bounded and labelled per message.
+
+    The labels depend on the names known (:meth:`forget` after a reload adds some) and the
+    shaping providers (the shaper's policy is compared on each call: shaping files reload
+    on their own); at most :attr:`LIMIT` keys are kept.
+    """
+
+    LIMIT = 4096
+
+    def __init__(self, metrics: Metrics, names: KnownNames, runtime: Callable[[], Runtime]):
+        self.metrics = metrics
+        self.names = names
+        self.runtime = runtime
+        self._children: dict[tuple[str, int, str, str], tuple[Counter, Counter]] = {}
+        self._policy: object = None
+
+    def count(self, pool: str, code: int, source: str, provider: str) -> None:
+        shaper = self.runtime().shaper
+        policy = shaper.policy if shaper is not None else None
+        if policy is not self._policy:
+            self.forget()
+            self._policy = policy
+        key = (pool, code, source, provider)
+        children = self._children.get(key)
+        if children is None:
+            children = self._lookup(pool, code, source, provider)
+            if len(self._children) >= self.LIMIT:
+                self.forget()
+            self._children[key] = children
+        transactions, messages = children
+        transactions.inc()
+        messages.inc()
+
+    def forget(self) -> None:
+        self._children.clear()
+
+    def _lookup(self, pool: str, code: int, source: str, provider: str) -> tuple[Counter, Counter]:
+        names, metrics = self.names, self.metrics
+        source, klass = names.source(source), reply_class(code)
+        provider = provider_label(self.runtime(), provider)
+        return (
+            metrics.smtp_transactions.labels(names.pool(pool), source, klass),
+            metrics.provider_messages.labels(source, provider, klass),
+        )
+
+
 def count_into_metrics(daemon: Observed) -> None:
     """Attach ``daemon.metrics`` to the runtime's session, transaction and reload hooks."""
     metrics, runtime = daemon.metrics, daemon.runtime
@@ -226,16 +275,8 @@ def count_into_metrics(daemon: Observed) -> None:
         counters.active(door).set(0)
     runtime.session_opened_hooks.append(counters.opened)
     runtime.session_hooks.append(counters.finished)
-    runtime.transaction_hooks.append(
-        lambda pool, code, source, provider: metrics.count_transaction(
-            names.pool(pool), code, names.source(source)
-        )
-    )
-    runtime.transaction_hooks.append(
-        lambda pool, code, source, provider: metrics.count_provider_message(
-            names.source(source), provider_label(daemon.runtime, provider), code
-        )
-    )
+    transactions = TransactionCounters(metrics, names, lambda: daemon.runtime)
+    runtime.transaction_hooks.append(transactions.count)
     runtime.connection_hooks.append(
         lambda source, provider, delta: metrics.count_provider_connection(
             names.source(source), provider_label(daemon.runtime, provider), delta
@@ -249,6 +290,7 @@ def count_into_metrics(daemon: Observed) -> None:
         metrics.config_loaded(ok, time.time())
         if ok:
             names.add(daemon.runtime.config)
+            transactions.forget()
             metrics.reloads.inc()
         else:
             metrics.reload_failures.inc()

@@ -9,6 +9,8 @@ import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
@@ -20,6 +22,7 @@ from egressd.config import Endpoint, MetricsSettings, SuspendPolicy
 from egressd.config.model import LOOPBACK
 from egressd.health import SourceHealth
 from egressd.metrics import Metrics, PidOnlyProcessCollector, reply_class, serve_metrics
+from egressd.observe import KnownNames, TransactionCounters
 
 SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
 
@@ -354,3 +357,31 @@ def test_process_metrics_survive_procsubset_pid(tmp_path: Path) -> None:
     stock = CollectorRegistry()
     ProcessCollector(proc=str(tmp_path), registry=stock)
     assert "process_open_fds" not in generate_latest(stock).decode()  # what it fixes
+
+
+def test_transactions_are_labelled_by_the_names_and_providers_known_now() -> None:
+    """The door's transaction hook keeps the labelled children; a reload that adds a pool
+    and a source, and shaping files that add a provider, show in the next count."""
+    metrics = Metrics()
+    names = KnownNames()
+    runtime: Any = SimpleNamespace(shaper=None)
+    counters = TransactionCounters(metrics, names, lambda: runtime)
+    counters.count("p", 250, "s", "gmail")
+    counters.count("p", 250, "s", "gmail")
+    names.pools.add("p")
+    names.sources.add("s")
+    counters.forget()  # what a reload does
+    counters.count("p", 451, "s", "gmail")
+    providers = SimpleNamespace(sections=SimpleNamespace(providers={"gmail": None}))
+    runtime.shaper = SimpleNamespace(policy=providers)
+    counters.count("p", 451, "s", "gmail")
+    text = generate_latest(metrics.registry).decode()
+    assert samples(text, "egressd_smtp_transactions_total") == {
+        'pool="",reply_class="2xx",source=""': 2.0,
+        'pool="p",reply_class="4xx",source="s"': 2.0,
+    }
+    assert samples(text, "egressd_provider_messages_total") == {
+        'provider="other",reply_class="2xx",source=""': 2.0,
+        'provider="other",reply_class="4xx",source="s"': 1.0,
+        'provider="gmail",reply_class="4xx",source="s"': 1.0,
+    }
