@@ -67,8 +67,16 @@ def _format_value(value: object) -> str:
         return str(value)
     text = str(value)
     if not text or _NEEDS_QUOTES.search(text):
-        return json.dumps(text)
+        return _quoted(text)
     return text
+
+
+def _quoted(text: str) -> str:
+    """``json.dumps(text)``; printable ASCII without ``"`` or ``\\`` (a reply, a list of
+    recipients) needs no escape, so its quotes are added without the encoder's calls."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return json.dumps(text)
 
 
 def _format_fields(fields: Mapping[str, Any]) -> str:

@@ -45,6 +45,7 @@ def test_every_character_is_quoted_exactly_when_the_rule_says() -> None:
 @pytest.mark.parametrize(
     "value",
     ["", "ok", "127.0.0.1:25", "a b", 'say "hi"', "k=v", "tab\there", "nbsp\u00a0", 0, 5, -3,
+     "250 2.0.0 Ok: queued as 4Zx", "a@b=250,c@d=550", "back\\slash x", "caf\u00e9 ok",
      True, None, 0.25, float("inf"), 1e-05, b"bytes"],
 )  # fmt: skip
 def test_values(value: object) -> None:

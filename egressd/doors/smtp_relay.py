@@ -238,19 +238,19 @@ class Relay:
 
 
 def _deadline(timeouts: SmtpTimeouts, commands: Sequence[ClientCommand]) -> float:
-    """The ``[smtp.timeouts]`` entry for what ``commands`` send."""
-    if len(commands) == 1:  # most sends: the same rule without building a set
-        kind = type(commands[0])
+    """The ``[smtp.timeouts]`` entry for what ``commands`` send: the final dot's when it is
+    among them, else DATA's, else a body piece's when there are only those, else a
+    command's (one pass, no set of types)."""
+    data = False
+    chunks_only = bool(commands)
+    for command in commands:
+        kind = type(command)
         if kind is EndOfData:
             return timeouts.final_dot
         if kind is Data:
-            return timeouts.data_init
-        return timeouts.data_block if kind is DataChunk else timeouts.command
-    kinds = {type(c) for c in commands}
-    if EndOfData in kinds:
-        return timeouts.final_dot
-    if Data in kinds:
+            data = True
+        elif kind is not DataChunk:
+            chunks_only = False
+    if data:
         return timeouts.data_init
-    if kinds == {DataChunk}:
-        return timeouts.data_block
-    return timeouts.command
+    return timeouts.data_block if chunks_only else timeouts.command
