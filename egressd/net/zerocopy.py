@@ -16,12 +16,12 @@ calls and fewer reactor turns per gigabyte. Measured through the SOCKS5 door, 1 
 (-15%), and 1.60x ``socat -b65536``'s throughput instead of 1.20x (medians). A direction
 whose destination is slow can so hold up to 1 MiB in its pipe (kernel pages the sender
 already handed over). Every pipe's capacity counts against its user's
-``pipe-user-pages-soft`` (64 MiB by default, shared by every worker of one user; root is
-exempt): past it the kernel makes new pipes 8 KiB and refuses to grow them, which is
-slower but still correct. So the pool keeps only :data:`POOLED_PIPES` (a pipe is in flight
-only while a chunk is, or while its destination is full), and a pipe that came out
-smaller than asked is closed when it is given back instead of being pooled, so that a
-later one can have the full size again.
+``pipe-user-pages-soft`` (64 MiB by default, shared by every worker of one user; a
+process with CAP_SYS_RESOURCE or CAP_SYS_ADMIN is exempt): past it the kernel makes new
+pipes 8 KiB and refuses to grow them, which is slower but still correct. So the pool keeps
+only :data:`POOLED_PIPES` (a pipe is in flight only while a chunk is, or while its
+destination is full), and a pipe that came out smaller than asked is closed when it is
+given back instead of being pooled, so that a later one can have the full size again.
 
 Why a reactor
     A relay is two directions that wait on two sockets. In trio that is a nursery and a
@@ -58,7 +58,8 @@ Semantics (the same as the portable path in :mod:`egressd.net.splice`)
     other side's write half is shut down, and the opposite direction keeps flowing until
     its own EOF. An error on either socket (a reset) ends the whole pair, ``broken`` says
     which side and why. ``first`` bytes of a direction are written before anything read.
-    The caller (:func:`egressd.net.splice.relay`) then passes the reset on to both sides.
+    :meth:`SplicedPair.run` then passes the reset on: both sockets get ``SO_LINGER`` 0,
+    so their owner's close sends a RST, not a FIN.
 
 Cancellation belongs to the caller: :meth:`SplicedPair.run` parks until the pair is
 finished; when the caller's scope is cancelled (a drain, a shutdown) the pair is taken out
