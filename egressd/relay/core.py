@@ -29,7 +29,8 @@ message is the remote server's own reply, or one of egressd's (:mod:`egressd.rel
   (:class:`~egressd.relay.events.MessageBudget`). A kept connection they refuse (it has
   carried ``max_deliveries_per_connection`` messages, its source's message rate is used
   up, a rule suspended it) first asks selection (:class:`~egressd.relay.events.
-  AskSelection`) whether a new connection could take the message: if so, it gets QUIT
+  AskSelection`) whether a new connection could take the message (not for
+  ``max_deliveries_per_connection``, which a new connection starts afresh): if so, it gets QUIT
   and a fresh one is opened (selection skips the sources without budget, so the message
   moves to one that has some); if not, the message gets the ``451 4.7.0`` that names the
   budgets, which the open would have failed with, and the connection is kept for the
@@ -112,6 +113,11 @@ _END_OF_DATA = EndOfDataCommand()
 _RSET = Rset()
 
 T = TypeVar("T")
+
+PER_CONNECTION = frozenset({"max_deliveries_per_connection"})
+"""Message budgets a new connection from the same source starts afresh: a kept connection
+they refuse is replaced without asking selection (which would count the kept connection's
+own slot of a ``connection_limit``)."""
 #: A step of the core: yields commands, receives the result of each awaiting one.
 Step = Generator[Command, "Event | None", T]
 
@@ -412,7 +418,9 @@ class RelayCore:
             budget = remote.budget.send() if remote.budget is not None else None
             if budget is not None:
                 if not fresh:  # another source may still have budget: selection knows
-                    refusal = yield from self._selection_refusal(tx, domain, remote)
+                    refusal = None
+                    if budget.budget not in PER_CONNECTION:
+                        refusal = yield from self._selection_refusal(tx, domain, remote)
                     if refusal is not None:  # none has: keep this one for the next message
                         tx.mail_refusal = refusal
                         return refusal

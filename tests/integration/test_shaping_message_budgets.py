@@ -139,3 +139,15 @@ async def test_a_kept_connection_out_of_message_rate_is_kept_when_no_source_has_
     ), outcomes[1]
     assert [m.rcpt_tos for m in sink.messages] == [("r0@bigmail.test",), ("r2@bigmail.test",)]
     assert len(sink.connections) == 1, sink.connections  # was 2: QUIT at the refusal
+
+
+async def test_a_connection_at_max_deliveries_is_replaced_even_at_the_connection_limit(
+    tmp_path: Path,
+) -> None:
+    """A new connection from the same source starts its deliveries afresh, so the kept one
+    is QUIT and replaced without asking selection (which would count the kept connection's
+    own slot of ``connection_limit = 1`` and find no source)."""
+    value = "1\nmax_deliveries_per_connection = 2"
+    outcomes, sink = await through_the_door(tmp_path, "connection_limit", value, 3)
+    assert outcomes == ["sent"] * 3
+    assert len(sink.connections) == 2, sink.connections  # 2 + 1 messages

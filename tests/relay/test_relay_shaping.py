@@ -97,9 +97,7 @@ def test_a_connection_that_carried_max_deliveries_is_quit_and_a_fresh_one_opened
         relay,
         ResolveNextHop("good.test", 4),
         NextHopResolved(GOOD),
-        AskSelection("main", "good.test", "a"),  # may a new connection take it?
-        SelectionAnswered(None),  # yes (a itself may open another)
-        CloseRemote(polite=True),  # QUIT: it has carried its 2
+        CloseRemote(polite=True),  # QUIT: it has carried its 2 (a new one starts afresh)
         OpenRemote("main", "good.test"),
         RemoteOpened(second),
     )
