@@ -69,6 +69,21 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and epilogs keep their line breaks; defaults are shown."""
 
 
+class _Version(argparse.Action):
+    """``--version``: the version and the build, pure Python or compiled (mypyc); the
+    protocol modules it looks at are imported only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "show the version and the build (pure Python or compiled)")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from egressd.buildinfo import build
+
+        print(f"egressd {__version__}, {build()}")
+        parser.exit()
+
+
 def _add_command(
     commands: Any, name: str, summary: str, description: str, failure: str
 ) -> argparse.ArgumentParser:
@@ -114,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=MAIN_EPILOG,
         formatter_class=_Formatter,
     )
-    parser.add_argument("--version", action="version", version=f"egressd {__version__}")
+    parser.add_argument("--version", action=_Version)
     parser.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_check(commands)

@@ -44,6 +44,7 @@ import trio
 
 from egressd import observe
 from egressd.access import client_refusal
+from egressd.buildinfo import build
 from egressd.checks import config_errors
 from egressd.config import Config, ConfigError, Endpoint, Listener, load_config
 from egressd.fleet.budgets import FleetBudgets
@@ -763,7 +764,14 @@ def run_daemon(
     soft, _ = raise_open_files_limit()
     log.info(
         "starting",
-        extra={"fields": {"config": str(config.path), "pid": os.getpid(), "open_files": soft}},
+        extra={
+            "fields": {
+                "config": str(config.path),
+                "pid": os.getpid(),
+                "open_files": soft,
+                "build": build(),
+            }
+        },
     )
     tune_garbage_collector()
     if worker is None:  # systemd's sockets (a worker's come from its supervisor)
