@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import itertools
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 from chunking import SPLITTERS, Splitter, whole
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from egressd.buildinfo import is_compiled
+from egressd.proto import smtp_server
 from egressd.proto.smtp_common import (
     NEED_DATA,
     PAUSED,
@@ -665,7 +670,29 @@ def test_path_fast_match_agrees_with_the_character_loop(tokens: list[str]) -> No
     )
 
 
-class LineByLineServer(SmtpServer):
+def python_smtp_server() -> type[SmtpServer]:
+    """SmtpServer as Python runs it: the class itself, or, when mypyc compiled its module
+    (scripts/test's compiled pass), the class from the module's .py loaded afresh, since a
+    Python class cannot subclass a compiled one. That copy's other classes (events, states)
+    are swapped for the compiled module's, so both servers' events are of the same classes
+    and compare equal. The reference below then walks in Python what the compiled scan does
+    in C."""
+    if not is_compiled(smtp_server):
+        return SmtpServer
+    source = Path(str(smtp_server.__file__)).with_name("smtp_server.py")
+    spec = importlib.util.spec_from_file_location("python_smtp_server", source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    for name, value in vars(module).items():
+        if isinstance(value, type) and value.__module__ == spec.name and name != "SmtpServer":
+            setattr(module, name, getattr(smtp_server, name))
+    python: type[SmtpServer] = module.SmtpServer
+    return python
+
+
+class LineByLineServer(python_smtp_server()):  # type: ignore[misc]
     """The reference: every body window walked line by line, as before the whole-window
     scan (``_clean_end`` is the fast path; None sends every window to the walk)."""
 
