@@ -66,6 +66,15 @@ def binary(name: str) -> str:
     return path
 
 
+def compiled_build() -> Path:
+    """This checkout's mypyc-compiled egressd (``scripts/compiled`` builds it once per state
+    of the sources): the directory to import it from, as ``root`` of :func:`running`."""
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "compiled")], stdout=subprocess.PIPE, text=True, check=True
+    )
+    return Path(done.stdout.strip())
+
+
 def python_env(root: Path = ROOT) -> dict[str, str]:
     """The environment for Python children: egressd imported from ``root``."""
     return {**os.environ, "PYTHONPATH": str(root)}

@@ -6,6 +6,7 @@ Run it through ``scripts/bench smtp`` (``--help`` for the knobs)::
     scripts/bench smtp --full     # the matrix: 1, 10, 100 KiB x 1, 50 sessions x PIPELINING on/off
     scripts/bench smtp --client python   # second opinion: the Python client as the generator
     scripts/bench smtp --baseline DIR    # also an egressd from checkout DIR (before/after)
+    scripts/bench smtp --compiled        # the mypyc-compiled build against the pure one
 
 The load generator and the sink are Postfix's own C test tools, so that the figure is
 egressd's cost and not the generator's: ``smtp-source`` (``-d``: one session sends its
@@ -168,10 +169,12 @@ def contenders(
     baseline: Path | None,
     workers: Sequence[int] = (),
     ideal_apart: bool = False,
+    this: Path = procs.ROOT,
 ) -> Iterator[list[Contender]]:
     """A sink and an egressd in front of it, and the baseline egressd if asked for:
     [direct, through egressd, (through the baseline)]; with ``workers``, one egressd per
-    number of workers instead: [direct, through egressd with workers[0], ...]."""
+    number of workers instead: [direct, through egressd with workers[0], ...]. ``this`` is
+    where "this checkout's" egressd is imported from (its compiled build with --compiled)."""
     name = "pipelining" if pipelining else "plain"
     sink_port = free_port()
     with contextlib.ExitStack() as stack:
@@ -181,11 +184,9 @@ def contenders(
         )
         found = [Contender(sink_port, sink)]
         if workers:
-            setups = [(procs.ROOT, count) for count in workers]
+            setups = [(this, count) for count in workers]
         else:
-            setups = [
-                (root, 1) for root in ([procs.ROOT] if baseline is None else [procs.ROOT, baseline])
-            ]
+            setups = [(root, 1) for root in ([this] if baseline is None else [this, baseline])]
         for number, (root, count) in enumerate(setups):
             relay_port = free_port()
             config = workdir / f"egressd-{name}-{number}.toml"
@@ -409,7 +410,9 @@ def figures(case: Case, contenders: Sequence[Contender]) -> dict[str, object]:
     }
 
 
-def print_table(rows: Sequence[dict[str, object]], client: str, rounds: int) -> None:
+def print_table(
+    rows: Sequence[dict[str, object]], client: str, rounds: int, names: tuple[str, str]
+) -> None:
     print(
         f"SMTP door, generator {client}, sink smtp-sink; medians of {rounds} alternating rounds."
         "\nCPU in ms per message (user+system); gen and sink as direct/through egressd;"
@@ -433,12 +436,12 @@ def print_table(rows: Sequence[dict[str, object]], client: str, rounds: int) -> 
             f" {sink['direct']:>6.3f}/{sink['egressd']:<6.3f}"
         )
     if rows and "baseline_msgs_per_s" in rows[0]:
-        print_baseline(rows)
+        print_baseline(rows, names)
 
 
-def print_baseline(rows: Sequence[dict[str, object]]) -> None:
+def print_baseline(rows: Sequence[dict[str, object]], names: tuple[str, str]) -> None:
     """egressd against the baseline checkout, measured in the same rounds."""
-    print("\negressd (this checkout) against the --baseline checkout, same rounds:")
+    print(f"\negressd ({names[0]}) against {names[1]}, same rounds:")
     header = (
         f"{'case':<34} {'base/s':>9} {'ratio':>6} {'base':>8} {'core':>5}"
         f" {'egressd/s':>9} {'ratio':>6} {'egressd':>8} {'CPU/msg':>8}"
@@ -550,6 +553,11 @@ def run(args: argparse.Namespace) -> int:
         cases = [Case(c.size, args.sessions_per_case, c.pipelining) for c in cases]
     sets: dict[bool, list[Contender]] = {}
     baseline = Path(args.baseline).resolve() if args.baseline else None
+    this, names = procs.ROOT, ("this checkout", "the --baseline checkout")
+    if args.compiled:  # compiled against pure, this checkout's unless --baseline says
+        this, names = procs.compiled_build(), ("this checkout compiled by mypyc", names[1])
+        if baseline is None:
+            baseline, names = procs.ROOT, (names[0], "this checkout in pure Python")
     workers = [int(n) for n in args.workers.split(",")] if args.workers else []
     if workers and (baseline is not None or args.client != "smtp-source"):
         sys.exit("bench: --workers goes with neither --baseline nor --client python")
@@ -560,7 +568,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         for pipelining in sorted({case.pipelining for case in cases}, reverse=True):
             sets[pipelining] = servers.enter_context(
-                contenders(Path(tmp), pipelining, baseline, workers, args.ideal_apart)
+                contenders(Path(tmp), pipelining, baseline, workers, args.ideal_apart, this)
             )
         for case in cases:
             for contender in sets[case.pipelining]:
@@ -590,7 +598,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"client": args.client, "cpus": os.cpu_count(), "cases": rows}))
     else:
-        print_table(rows, args.client, args.rounds)
+        print_table(rows, args.client, args.rounds, names)
     return 0
 
 
@@ -613,6 +621,12 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline",
         metavar="DIR",
         help="also measure an egressd imported from the checkout DIR, in the same rounds",
+    )
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="run this checkout's mypyc-compiled build (scripts/compiled) against its pure"
+        " Python (or against --baseline DIR), in the same rounds",
     )
     parser.add_argument(
         "--sessions-per-case",

@@ -11,7 +11,10 @@ commands executed on the server machine (replies to the MTA) and the client mach
 the process's CPU clock over ``--transactions`` transactions, the best of five runs, so it
 stays comparable on a busy machine where the end-to-end figures of ``scripts/bench smtp``
 drift. With ``--baseline DIR`` the same is measured for the egressd in checkout ``DIR``
-(in a child process) and printed alongside.
+(in a child process) and printed alongside. With ``--compiled`` the measured egressd is this
+checkout's mypyc-compiled build (``scripts/compiled``), against its pure Python unless
+``--baseline`` names another (call counts then leave out the compiled functions, which
+cProfile does not see).
 """
 
 from __future__ import annotations
@@ -241,27 +244,44 @@ def calls_per_transaction(door: Door, wire: bytes, transactions: int = 200) -> f
     return calls / transactions
 
 
+def measured_in(root: Path, sizes: list[int], transactions: int) -> dict[str, dict[str, float]]:
+    """The figures of the egressd imported from ``root``, measured in a child process."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--json"]
+    argv += ["--transactions", str(transactions)]
+    argv += [item for size in sizes for item in ("--size", str(size))]
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONSAFEPATH": "1"}
+    done = subprocess.run(argv, capture_output=True, check=True, env=env)
+    figures: dict[str, dict[str, float]] = json.loads(done.stdout)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench machines", description=__doc__)
     parser.add_argument("--size", type=int, action="append", help="body bytes (1, 10, 100 KiB)")
     parser.add_argument("--transactions", type=int, default=2000)
     parser.add_argument("--baseline", metavar="DIR", help="also measure egressd from DIR")
+    parser.add_argument(
+        "--compiled", action="store_true", help="measure the mypyc-compiled build (against pure)"
+    )
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = args.size or [1024, 10240, 102400]
-    results = {size: measure(size, args.transactions) for size in sizes}
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps({size: measure(size, args.transactions) for size in sizes}))
         return 0
+    if args.compiled:
+        import procs
+
+        results = measured_in(procs.compiled_build(), sizes, args.transactions)
+        args.baseline = args.baseline or str(procs.ROOT)
+    else:
+        results = {str(size): measure(size, args.transactions) for size in sizes}
     baseline: dict[str, dict[str, float]] = {}
     if args.baseline:
-        argv = [sys.executable, str(Path(__file__).resolve()), "--json"]
-        argv += ["--transactions", str(args.transactions)]
-        argv += [item for size in sizes for item in ("--size", str(size))]
-        env = {**os.environ, "PYTHONPATH": str(Path(args.baseline).resolve())}
-        done = subprocess.run(argv, capture_output=True, check=True, env=env)
-        baseline = json.loads(done.stdout)
+        baseline = measured_in(Path(args.baseline).resolve(), sizes, args.transactions)
     print("CPU per transaction in the SMTP machines (best of 5, process CPU clock)")
+    if args.compiled:
+        print(f"compiled by mypyc, against the pure Python of {args.baseline}")
     for size, figures in results.items():
         line = f"{size:>7} B body: {_figures(figures)}"
         before = baseline.get(str(size))
