@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egressd.buildinfo import is_compiled
-from egressd.proto import smtp_client
+from egressd.proto import smtp_client, smtp_common
 from egressd.proto.smtp_client import (
     ClientEvent,
     ClientState,
@@ -346,18 +346,26 @@ def test_reply_helpers() -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "lines"),
+    ("code", "lines", "mistyped"),
     [
-        (True, ("ok",)),  # a bool is not a code
-        (199, ("ok",)),
-        (250, ()),
-        (250, ("ok", "second\nline")),  # an LF in a later line
-        (250, ("h\u00e9llo\r",)),  # a CR in a non-ASCII line
-        (250, ("\ud800 lone surrogate",)),  # not UTF-8 and not from surrogateescape
+        (True, ("ok",), False),  # a bool is not a code (an int to a type checker)
+        (250.0, ("ok",), True),
+        (199, ("ok",), False),
+        (250, ["ok"], True),  # lines must be a tuple
+        (250, (), False),
+        (250, ("ok", 7), True),
+        (250, ("ok", "second\nline"), False),  # an LF in a later line
+        (250, ("h\u00e9llo\r",), False),  # a CR in a non-ASCII line
+        (250, ("\ud800 lone surrogate",), False),  # not UTF-8 and not from surrogateescape
     ],
 )
-def test_a_reply_that_could_not_go_on_the_wire_cannot_be_built(code: object, lines: object) -> None:
-    with pytest.raises(LocalProtocolError):
+def test_a_reply_that_could_not_go_on_the_wire_cannot_be_built(
+    code: object, lines: object, mistyped: bool
+) -> None:
+    """Pure, Reply's checks refuse each with LocalProtocolError; compiled by mypyc, a value
+    of the wrong type for its annotation is a TypeError before the checks run."""
+    refused = TypeError if mistyped and is_compiled(smtp_common) else LocalProtocolError
+    with pytest.raises(refused):
         Reply(code, lines)  # type: ignore[arg-type]
 
 
