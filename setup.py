@@ -19,7 +19,10 @@ from setuptools import setup
 
 # The SMTP door's pure layers: its protocol machines and the relay core (no trio, no socket).
 # Not proto/machine.py: the SOCKS5 and PROXY machines, which stay Python, subclass its errors,
-# and Python classes cannot subclass compiled ones.
+# and Python classes cannot subclass compiled ones. Not those machines either: they are not on
+# the SMTP door's path, and compiled they fail their tests (socks5's `ReplyCode | int` values
+# become plain ints; proxy.py's next_event trusts a narrowing of self._header that _parse()
+# changes).
 COMPILED = ["egressd/proto/smtp*.py", "egressd/relay/*.py"]
 
 
