@@ -13,6 +13,7 @@ installed: ``EGRESSD_MYPYC=1 pip install --no-build-isolation .``.
 from __future__ import annotations
 
 import os
+import sys
 from glob import glob
 
 from setuptools import setup
@@ -30,12 +31,18 @@ def compiled_extensions() -> list[object]:
     """mypyc's extension modules for COMPILED, when EGRESSD_MYPYC=1 asks for them."""
     if os.environ.get("EGRESSD_MYPYC", "0") in ("", "0"):
         return []
+    if {"develop", "editable_wheel", "--inplace", "-i"} & set(sys.argv):
+        raise SystemExit(
+            "EGRESSD_MYPYC=1 builds a wheel, not an editable install: compiled modules beside "
+            "the .py files would shadow every later edit. For development, scripts/compiled "
+            "builds the compiled variant outside the checkout."
+        )
     try:
         from mypyc.build import mypycify
     except ImportError as error:
         raise SystemExit(
             "EGRESSD_MYPYC=1 needs mypy (it ships mypyc) in the build environment: "
-            "pip install mypy setuptools, then pip install --no-build-isolation ."
+            "pip install mypy setuptools wheel, then pip install --no-build-isolation ."
         ) from error
     paths = sorted(path for pattern in COMPILED for path in glob(pattern))
     return list(mypycify(paths, opt_level="3", group_name="egressd_native"))
