@@ -279,18 +279,23 @@ _FAMILY_MARK = "EGRESSD_TEST_FAMILY"
 
 
 def _kill_family(leader: int, mark: str, known: set[int], deadline: float) -> dict[int, str]:
-    """SIGKILL and reap ``leader``'s family until it is gone; what is left at ``deadline``."""
+    """SIGKILL and reap ``leader``'s family until it is gone; what is left at ``deadline``.
+
+    Gone means a fresh look at /proc finds no member, alive or a zombie: a helper forked
+    after one pass's scan is killed by that pass's ``killpg`` but is in no list yet, and
+    would stay a zombie if the pass that reaped every listed member ended the loop.
+    """
     while True:
         known |= _family(leader, mark, known)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(leader, signal.SIGKILL)
-        for pid in sorted(known):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        _reap(known)
         left = {pid: state for pid in known if (state := _state(pid))}
         if not left or time.monotonic() > deadline:
             return left
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(leader, signal.SIGKILL)
+        for pid in sorted(left):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        _reap(set(left))
         time.sleep(0.01)
 
 
