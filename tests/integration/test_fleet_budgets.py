@@ -341,7 +341,10 @@ async def test_redis_killed_mid_run_local_shares_then_reconciliation(
     with smtp_setup(short_dir, redis_server) as (sink, extra):
         async with two_daemons(short_dir, redis_server, shaping, extra) as (one, two, _, _):
             ports = (one.smtp_port, two.smtp_port)
-            await trio.sleep(0.5)  # a heartbeat: each daemon has seen the other
+            with trio.fail_after(10):  # a heartbeat: each daemon has seen the other
+                for daemon in (one, two):
+                    while "(2 nodes alive)" not in await daemon.status():
+                        await trio.sleep(0.05)
             state = short_dir / "probe.toml"
             state.write_text(f'[state]\nbackend = "redis"\nurl = "{redis_server.url}"\n')
             async with open_client(load_config(state).state) as client:
