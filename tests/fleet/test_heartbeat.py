@@ -58,12 +58,14 @@ async def test_alive_nodes_counts_nodes_not_workers_and_drops_one_that_leaves(
 async def test_a_member_that_stops_beating_turns_stale_and_the_count_survives_an_outage(
     redis_server: RedisServer,
 ) -> None:
-    async with client_of(redis_server, interval=0.05) as client:
+    # Records live 0.6 s (three intervals, a real Redis TTL): long enough that a busy
+    # machine does not let b's expire between its beat and a's read of it.
+    async with client_of(redis_server, interval=0.2) as client:
         a, b = member(client, "a"), member(client, "b")
         await b.beat()
         await a.beat()
         assert a.alive_nodes() == 2
-        await trio.sleep(0.2)  # b's record expires after three intervals (real Redis TTL)
+        await trio.sleep(0.7)  # b's record has expired
         await a.beat()
         assert [stale_id for stale_id, _ in a.view.stale] == ["b"]
         assert a.alive_nodes() == 1
