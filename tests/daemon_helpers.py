@@ -110,3 +110,29 @@ def cold_and_warm_pool(quota: int, mx_port: int) -> str:
 [warmup.plan.test]
 days = [{quota}]
 {cold_and_warm_sources()}"""
+
+
+def smtp_door_lines(
+    nameserver: object,
+    *,
+    shaping: bool = False,
+    control: object | None = None,
+    state: object | None = None,
+    home: Path | None = None,
+    port: int = 0,
+) -> str:
+    """Config lines: the SMTP door on 127.0.0.1:``port`` for pool "main", resolving through
+    the test's dnsmasq at ``nameserver`` with no destination denied (everything is on
+    loopback); ``shaping_files = ["shaping.toml"]`` first when ``shaping``, and a control
+    socket and a state directory when given (``home``: both, as ``home/control.sock`` and
+    ``home/state``). Top-level keys come first, so put it at the head of a configuration."""
+    if home is not None:
+        control, state = home / "control.sock", home / "state"
+    lines = ['shaping_files = ["shaping.toml"]'] if shaping else []
+    lines += ["[dns]", f'nameservers = ["{nameserver}"]', "[access]", "deny_destinations = []"]
+    if control is not None:
+        lines += ["[control]", f'socket = "{control}"']
+    lines += ["[[smtp.listener]]", f'address = "127.0.0.1:{port}"', 'pool = "main"']
+    if state is not None:
+        lines += ["[state]", f'directory = "{state}"']
+    return "\n".join(lines)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import port_of, running_daemon
+from daemon_helpers import port_of, running_daemon, smtp_door_lines
 from smtp_harness import SmtpSink, dnsmasq, smtp_sink
 
 from egressd.doors.smtp import SmtpDoor
@@ -63,14 +63,7 @@ async def through_the_door(
     hosts = {"mx1.bigmail-mx.test": ["127.0.0.1"]}
     with smtp_sink() as sink, dnsmasq(mx=mx, hosts=hosts) as dns:
         text = f"""
-shaping_files = ["shaping.toml"]
-[dns]
-nameservers = ["{dns.nameserver}"]
-[access]
-deny_destinations = []
-[[smtp.listener]]
-address = "127.0.0.1:0"
-pool = "main"
+{smtp_door_lines(dns.nameserver, shaping=True)}
 """
         for number in range(sources):
             name = "abcd"[number]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import port_of, running_daemon
+from daemon_helpers import port_of, running_daemon, smtp_door_lines
 from harness import free_port
 from smtp_harness import Postfix, dnsmasq, postfix, send_one
 
@@ -90,14 +90,7 @@ async def test_a_tss04_banner_moves_mail_to_the_other_source_for_that_provider_o
     hosts = {"mx1.bigmail-mx.test": ["127.0.0.1"], "mx1.other-mx.test": ["127.0.0.2"]}
     with dnsmasq(mx=mx, hosts=hosts) as dns:
         text = f"""
-shaping_files = ["shaping.toml"]
-[dns]
-nameservers = ["{dns.nameserver}"]
-[access]
-deny_destinations = []
-[[smtp.listener]]
-address = "127.0.0.1:0"
-pool = "main"
+{smtp_door_lines(dns.nameserver, shaping=True)}
 [source."a"]
 source_address = "127.0.0.3"
 remote_port = {mx_port}
@@ -144,13 +137,7 @@ async def test_repeated_tss04_greetings_close_the_site_to_that_source_only(
     mx = [("bigmail.test", "mx1.bigmail-mx.test", 10)]
     with dnsmasq(mx=mx, hosts={"mx1.bigmail-mx.test": ["127.0.0.1"]}) as dns:
         text = f"""
-[dns]
-nameservers = ["{dns.nameserver}"]
-[access]
-deny_destinations = []
-[[smtp.listener]]
-address = "127.0.0.1:0"
-pool = "main"
+{smtp_door_lines(dns.nameserver)}
 [source."a"]
 source_address = "127.0.0.3"
 remote_port = {mx_port}

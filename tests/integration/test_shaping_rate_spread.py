@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import port_of, running_daemon
+from daemon_helpers import port_of, running_daemon, smtp_door_lines
 from smtp_harness import dnsmasq, smtp_sink
 
 from egressd.doors.smtp import SmtpDoor
@@ -75,14 +75,7 @@ async def backlog_through_the_door(tmp_path: Path) -> tuple[int, list[str], list
     hosts = {"mx1.bigmail-mx.test": ["127.0.0.1"]}
     with smtp_sink() as sink, dnsmasq(mx=mx, hosts=hosts) as dns:
         text = f"""
-shaping_files = ["shaping.toml"]
-[dns]
-nameservers = ["{dns.nameserver}"]
-[access]
-deny_destinations = []
-[[smtp.listener]]
-address = "127.0.0.1:0"
-pool = "main"
+{smtp_door_lines(dns.nameserver, shaping=True)}
 [source."a"]
 source_address = "127.0.0.3"
 remote_port = {sink.port}

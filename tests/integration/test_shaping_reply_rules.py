@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import port_of, running_daemon
+from daemon_helpers import port_of, running_daemon, smtp_door_lines
 from smtp_harness import dnsmasq, send_one, smtp_sink, start_scripted_mx
 
 from egressd.doors.smtp import SmtpDoor
@@ -40,14 +40,7 @@ async def test_tss04_suspends_the_source_for_that_provider_only(tmp_path: Path) 
         dnsmasq(mx=mx, hosts=hosts) as dns,
     ):
         text = f"""
-shaping_files = ["shaping.toml"]
-[dns]
-nameservers = ["{dns.nameserver}"]
-[access]
-deny_destinations = []
-[[smtp.listener]]
-address = "127.0.0.1:0"
-pool = "main"
+{smtp_door_lines(dns.nameserver, shaping=True)}
 [source."a"]
 source_address = "127.0.0.3"
 remote_port = {sink.port}
@@ -111,14 +104,7 @@ async def test_replies_to_ehlo_and_starttls_go_to_the_reply_rules(
     mx = [("bigmail.test", "mx1.bigmail-mx.test", 10)]
     with dnsmasq(mx=mx, hosts={"mx1.bigmail-mx.test": ["127.0.0.1"]}) as dns:
         text = f"""
-shaping_files = ["shaping.toml"]
-[dns]
-nameservers = ["{dns.nameserver}"]
-[access]
-deny_destinations = []
-[[smtp.listener]]
-address = "127.0.0.1:0"
-pool = "main"
+{smtp_door_lines(dns.nameserver, shaping=True)}
 [source."a"]
 source_address = "127.0.0.3"
 remote_port = {mx_server.port}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import cold_and_warm_sources
+from daemon_helpers import cold_and_warm_sources, smtp_door_lines
 from harness import free_port
 from service_harness import daemon_process
 from smtp_harness import dnsmasq, smtp_sink
@@ -31,14 +31,7 @@ def write_config(
     path = directory / "egressd.toml"
     path.write_text(
         f"""
-shaping_files = ["shaping.toml"]
-[dns]
-nameservers = ["{nameserver}"]
-[access]
-deny_destinations = []
-[[smtp.listener]]
-address = "127.0.0.1:{relay_port}"
-pool = "main"
+{smtp_door_lines(nameserver, shaping=True, port=relay_port)}
 {state.toml()}
 [warmup]
 flush_interval = "1h"

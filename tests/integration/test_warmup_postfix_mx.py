@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import cold_and_warm_sources, port_of, running_daemon
+from daemon_helpers import cold_and_warm_sources, port_of, running_daemon, smtp_door_lines
 from harness import free_port
 from smtp_harness import Postfix, dnsmasq, postfix, send_one
 from test_shaping_postfix_mx import MX_MAIN_CF, MX_MASTER_CF, SHAPING, TSS04
@@ -42,18 +42,7 @@ def postfix_mx(mx_port: int) -> Iterator[Postfix]:
 
 def config(directory: Path, nameserver: str, mx_port: int) -> str:
     return f"""
-shaping_files = ["shaping.toml"]
-[dns]
-nameservers = ["{nameserver}"]
-[access]
-deny_destinations = []
-[control]
-socket = "{directory / "control.sock"}"
-[[smtp.listener]]
-address = "127.0.0.1:0"
-pool = "main"
-[state]
-directory = "{directory / "state"}"
+{smtp_door_lines(nameserver, shaping=True, home=directory)}
 [warmup.plan.test]
 days = [10, 20]
 {cold_and_warm_sources(mx_port)}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import cold_and_warm_sources, port_of, running_daemon
+from daemon_helpers import cold_and_warm_sources, port_of, running_daemon, smtp_door_lines
 from smtp_harness import dnsmasq, smtp_sink
 
 from egressd.doors.smtp import SmtpDoor
@@ -35,16 +35,7 @@ HOSTS = {"mx1.bigmail-mx.test": ["127.0.0.1"], "mx1.minimail-mx.test": ["127.0.0
 
 def config(nameserver: str, port: int, state: Path) -> str:
     return f"""
-shaping_files = ["shaping.toml"]
-[dns]
-nameservers = ["{nameserver}"]
-[access]
-deny_destinations = []
-[[smtp.listener]]
-address = "127.0.0.1:0"
-pool = "main"
-[state]
-directory = "{state}"
+{smtp_door_lines(nameserver, shaping=True, state=state)}
 [warmup.plan.test]
 days = [10, 20]
 [warmup.plan.test.provider.bigmail]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import cold_and_warm_sources, port_of, running_daemon
+from daemon_helpers import cold_and_warm_sources, port_of, running_daemon, smtp_door_lines
 from smtp_harness import dnsmasq, smtp_sink
 from test_warmup_control import egressd
 from test_warmup_providers import HOSTS, MX, send_sync
@@ -37,18 +37,7 @@ match = [{ MXSuffix = ".minimail-mx.test" }]
 
 def config(nameserver: str, port: int, directory: Path) -> str:
     return f"""
-shaping_files = ["shaping.toml"]
-[dns]
-nameservers = ["{nameserver}"]
-[access]
-deny_destinations = []
-[control]
-socket = "{directory / "control.sock"}"
-[[smtp.listener]]
-address = "127.0.0.1:0"
-pool = "main"
-[state]
-directory = "{directory / "state"}"
+{smtp_door_lines(nameserver, shaping=True, home=directory)}
 [warmup.plan.test]
 days = [10, 20]
 {cold_and_warm_sources(port)}

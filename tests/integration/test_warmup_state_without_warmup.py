@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import cold_and_warm_sources, port_of, running_daemon
+from daemon_helpers import cold_and_warm_sources, port_of, running_daemon, smtp_door_lines
 from harness import free_port
 from service_harness import daemon_process
 from smtp_harness import dnsmasq, smtp_sink
@@ -50,18 +50,7 @@ def write_config(directory: Path, nameserver: str, sink_port: int, relay_port: i
     path = directory / "egressd.toml"
     path.write_text(
         f"""
-shaping_files = ["shaping.toml"]
-[dns]
-nameservers = ["{nameserver}"]
-[access]
-deny_destinations = []
-[control]
-socket = "{directory / "control.sock"}"
-[[smtp.listener]]
-address = "127.0.0.1:{relay_port}"
-pool = "main"
-[state]
-directory = "{directory / "state"}"
+{smtp_door_lines(nameserver, shaping=True, home=directory, port=relay_port)}
 {cold_and_warm_sources(sink_port, warming=False)}
 """
     )
