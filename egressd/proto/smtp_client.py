@@ -216,6 +216,8 @@ _CLOSED: Final = ConnectionClosed()  # no fields: one instance does for every se
 _VIOLATION_REPLY: Final = Reply.make(451, "Remote server broke the SMTP protocol", enhanced="4.5.0")
 
 
+#: How many one-line replies a client machine keeps by their line (:meth:`SmtpClient._remember`).
+_SEEN_REPLIES: Final = 32
 #: The start of a reply line: its code, then the end, a space or a hyphen.
 _REPLY_CODE_RE: Final = re.compile(rb"[2-5][0-9][0-9](?:[ -]|\Z)")
 
@@ -239,6 +241,8 @@ class SmtpClient:
         self._rcpts = 0  # RCPTs sent in this transaction
         self._quit_sent = False
         self._violation: RemoteProtocolError | None = None
+        #: One-line replies by their line as received (:meth:`_remember`).
+        self._seen: dict[bytes, Reply] = {}
 
     # ---------------------------------------------------------------- public properties
 
@@ -425,6 +429,11 @@ class SmtpClient:
                 if len(buf.data) - buf.start > self._max_line + 1:
                     raise self._fail(f"reply line longer than {self._max_line} octets")
                 return NEED_DATA
+            if not self._lines:
+                seen = self._seen.get(line)
+                if seen is not None:  # this very line was a whole reply before
+                    return self._on_reply(seen)
+            wire = line
             if line[-1:] == b"\r":
                 line = line[:-1]
             if len(line) > self._max_line:
@@ -437,7 +446,7 @@ class SmtpClient:
             text = line[4:].decode("utf-8", "surrogateescape")
             more = line[3:4] == b"-"
             if not more and not self._lines:  # a one-line reply: most of them
-                return self._on_reply(Reply(code, (text,)))
+                return self._on_reply(self._remember(wire, Reply(code, (text,))))
             if self._lines and code != self._code:
                 raise self._fail(f"reply code changed from {self._code} to {code} mid-reply")
             self._code = code
@@ -448,6 +457,17 @@ class SmtpClient:
                 reply = Reply(code, tuple(self._lines))
                 self._lines = []
                 return self._on_reply(reply)
+
+    def _remember(self, wire: bytes, reply: Reply) -> Reply:
+        """Keep a one-line reply by its line as it came (most remotes answer MAIL, RCPT and
+        DATA with the same line every time): when that line comes again it is this same
+        immutable reply, without parsing, checking and serializing it anew. A few dozen
+        lines at most: the memory is cleared when full."""
+        seen = self._seen
+        if len(seen) >= _SEEN_REPLIES:
+            seen.clear()
+        seen[wire] = reply
+        return reply
 
     def _on_reply(self, reply: Reply) -> ClientEvent:
         code = reply.code

@@ -474,6 +474,47 @@ def test_pipelined_replies_are_matched_in_order() -> None:
     assert client.awaiting_replies == 0
 
 
+def test_a_reply_line_seen_before_means_the_same_in_any_place() -> None:
+    """A one-line reply is remembered by its line (a remote repeats its replies message
+    after message); the same line again is the same reply, but as the last line of a
+    multi-line reply it is still that reply's line, a 421 still closes, a reply nobody
+    awaits is still a violation, and many different lines are all parsed right."""
+    client = ready()
+    for n in range(3):  # three transactions: the replies are parsed, then remembered
+        client.send(Mail("a@b.c"))
+        client.send(Rcpt("x@e.f"))
+        client.send(Data())
+        events = feed(client, [b"250 2.1.0 Ok\r\n250 2.1.5 Ok\n354 go\r\n"])
+        assert [e.to_bytes() for e in events if isinstance(e, Reply)] == [
+            b"250 2.1.0 Ok\r\n",
+            b"250 2.1.5 Ok\r\n",
+            b"354 go\r\n",
+        ], n
+        client.send(EndOfData())
+        assert feed(client, [f"250 2.0.0 queued as {n}\r\n".encode()]) == [
+            Reply(250, (f"2.0.0 queued as {n}",))
+        ]
+    for n in range(100):  # more different lines than are remembered
+        client.send(Rset())
+        assert feed(client, [f"250 2.0.0 reset {n}\r\n".encode()]) == [
+            Reply(250, (f"2.0.0 reset {n}",))
+        ]
+    client.send(Noop())
+    assert feed(client, [b"250-first\r\n250 2.1.0 Ok\r\n"]) == [Reply(250, ("first", "2.1.0 Ok"))]
+    events = feed(client, [b"250 2.1.0 Ok\r\n"])  # awaited by nothing
+    assert len(events) == 1 and isinstance(events[0], RemoteProtocolError)
+
+    closing = ready()
+    closing.send(Noop())
+    bye = [Reply(421, ("4.3.2 bye",)), ConnectionClosed()]
+    assert feed(closing, [b"421 4.3.2 bye\r\n"]) == bye
+    again = ready()
+    again.send(Noop())
+    assert feed(again, [b"250 ok\r\n"]) == [Reply(250, ("ok",))]
+    assert feed(again, [b"421 4.3.2 bye\r\n"]) == bye
+    assert state_of(again) is ClientState.CLOSED
+
+
 def test_data_refused_leaves_the_body_closed() -> None:
     client = ready()
     client.send(Mail("a@b.c"))
