@@ -54,7 +54,7 @@ from egressd.doors.common import client_host
 from egressd.doors.smtp_relay import Relay
 from egressd.log import get_logger
 from egressd.login import FAILURES_PER_CONNECTION, password_matches
-from egressd.net.connection import Connection
+from egressd.net.connection import Connection, timed
 from egressd.net.tls import server_context
 from egressd.proto.smtp_common import (
     NEED_DATA,
@@ -216,7 +216,7 @@ class _SessionOver(Exception):
 
 
 class _ReadCut(Exception):
-    """A drain cancelled the session's read scope just as the read returned."""
+    """A read from the MTA missed its deadline, or a drain cut it short."""
 
 
 @dataclass(slots=True)
@@ -245,7 +245,10 @@ class MtaSession:
     ) -> None:
         self.door = door
         self.relay_type = relay_type
-        self.stream: trio.abc.Stream = stream
+        #: Where the deadline of each write and read towards the MTA is set: the connection
+        #: under the stream (and under TLS once STARTTLS is done).
+        self.timed = timed(stream)
+        self.stream: trio.abc.Stream = self.timed
         self.runtime = runtime
         self.listener = listener
         self.record = record
@@ -263,7 +266,8 @@ class MtaSession:
         self.pace: _Pace | None = None
         self.relay: Relay | None = None
         self.outbox = bytearray()
-        #: The session's one cancel scope for reads from the MTA (see :meth:`_feed`).
+        #: The session's one cancel scope for reads from the MTA: a drain cancels it (see
+        #: :meth:`_feed`).
         self.read_scope = trio.CancelScope()
         self.waiting: _Wait | None = None
 
@@ -404,11 +408,13 @@ class MtaSession:
         transaction a drain may cut the wait short, but never a write: a reply to a final
         dot is always delivered whole.
 
-        The deadline is the session's one :attr:`read_scope`'s, moved here for this read
-        and back to none after it, rather than a new cancel scope per read (measured with
-        smtp-source, the scopes were a tenth of egressd's CPU). When it passes, the
-        cancellation unwinds the whole conversation to :meth:`_converse_in_time`, which
-        answers as :attr:`waiting` says; every limit ends the session anyway.
+        The deadline is the stream's (:attr:`egressd.net.connection.Connection.deadline`,
+        set here for this write and read and back to none after them), not a cancel scope
+        per read: a scope is then made only when the read has to wait (see
+        :mod:`egressd.net.connection`). When it passes, or a drain cancels the session's
+        :attr:`read_scope` while it waits, :class:`_ReadCut` unwinds the whole conversation
+        to :meth:`_converse_in_time`, which answers as :attr:`waiting` says; every limit ends
+        the session anyway.
         """
         in_data = self.server.state in (ServerState.DATA, ServerState.DISCARD)
         seconds = self.door.data_timeout if in_data else self.door.command_timeout
@@ -418,9 +424,11 @@ class MtaSession:
             wait, limit = self._deadline(in_data, seconds)
         idle = not in_data and (self.relay is None or not self.relay.in_transaction)
         started = trio.current_time()
-        scope = self.read_scope
-        scope.deadline = started + wait
+        timed = self.timed
         self.waiting = waiting = _Wait(in_data, seconds, limit, idle)
+        if wait <= 0:  # the limit passed already: no write or read can be in time
+            raise _ReadCut
+        timed.deadline = started + wait
         try:
             if self.outbox:
                 out = bytes(self.outbox)
@@ -428,14 +436,17 @@ class MtaSession:
                 await self.stream.send_all(out)
                 self.record.bytes_down += len(out)
             if idle and self.runtime.draining:
-                scope.cancel()
+                self.read_scope.cancel()
             waiting.reading = True
             data = await self.stream.receive_some(_RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
-        if scope.cancel_called:  # too late for this read, but the scope is spent
+        except trio.TooSlowError:
+            raise _ReadCut from None
+        finally:
+            timed.deadline = math.inf
+        if self.read_scope.cancel_called:  # a drain, too late for this read
             raise _ReadCut
-        scope.deadline = math.inf
         self.waiting = None
         self.record.bytes_up += len(data)
         if in_data and self.pace is not None:

@@ -19,6 +19,17 @@ a minimal SOCKS5 relay (connect, one exchange, close): 0.72 ms of CPU per sessio
 * after :data:`YIELD_EVERY` calls in a row that did not park, one yields anyway, so a
   peer that always has data ready cannot starve the other connections.
 
+A caller that wants a time limit on its calls may set :attr:`Connection.deadline` (trio's
+clock) instead of putting a cancel scope around each one: a wait that reaches it raises
+:class:`trio.TooSlowError`. The scope is then made only for a call that has to wait, not for
+every call: the SMTP door's reads and remote exchanges, a scope and two deadline changes
+each, were about a twentieth of its CPU per message, and most of them find their bytes
+ready (measured with smtp-source, 50 sessions: 1.3 of 4 reads from the MTA and 1.5 of 3
+from the remote waited). A call that finds the bytes ready or the buffer free completes
+even past the deadline, as a call under a cancel scope would before trio's next
+checkpoint. :class:`TimedStream` gives any other stream the same attribute (a cancel scope
+around each call), so one caller serves both.
+
 Errors follow ``trio.SocketStream``: an OSError becomes :class:`trio.BrokenResourceError`
 (the OSError is its ``__cause__``), a use after close :class:`trio.ClosedResourceError`.
 ``TCP_NODELAY`` is set, as trio does: SMTP is small request/reply lines.
@@ -31,11 +42,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import socket
 
 import trio
 
-__all__ = ["YIELD_EVERY", "Connection", "close_socket", "wait_readable", "wait_writable"]
+__all__ = [
+    "YIELD_EVERY",
+    "Connection",
+    "TimedStream",
+    "close_socket",
+    "timed",
+    "wait_readable",
+    "wait_writable",
+]
 
 YIELD_EVERY = 16
 """Calls that completed without waiting after which a Connection yields anyway."""
@@ -54,6 +74,8 @@ class Connection(trio.abc.HalfCloseableStream):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket = sock
         self.peer = peer
+        #: A wait in any call that reaches this time (trio's clock) raises TooSlowError.
+        self.deadline = math.inf
         self._unparked = 0
         self._eof_sent = False
 
@@ -143,6 +165,16 @@ class Connection(trio.abc.HalfCloseableStream):
 
     async def _park_until(self, *, readable: bool) -> None:
         self._unparked = 0
+        deadline = self.deadline
+        if deadline == math.inf:
+            await self._park(readable)
+            return
+        with trio.CancelScope(deadline=deadline) as scope:
+            await self._park(readable)
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
+
+    async def _park(self, readable: bool) -> None:
         try:
             if readable:
                 await trio.lowlevel.wait_readable(self.socket)
@@ -154,6 +186,46 @@ class Connection(trio.abc.HalfCloseableStream):
             raise _stream_error(exc) from _cause(exc)
         if self.socket.fileno() == -1:
             raise trio.ClosedResourceError("this socket was closed while waiting")
+
+
+class TimedStream(trio.abc.HalfCloseableStream):
+    """Any stream with :attr:`Connection.deadline`: each call runs under a cancel scope with
+    it, and raises :class:`trio.TooSlowError` when the scope fires (for the streams that are
+    not a :class:`Connection`: a memory stream in a test)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.deadline = math.inf
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        with trio.CancelScope(deadline=self.deadline):
+            return await self.stream.receive_some(max_bytes)
+        raise trio.TooSlowError
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with trio.CancelScope(deadline=self.deadline) as scope:
+            await self.stream.send_all(data)
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if not isinstance(self.stream, trio.abc.HalfCloseableStream):
+            raise trio.ClosedResourceError("this stream cannot send EOF alone")
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def timed(stream: trio.abc.Stream) -> Connection | TimedStream:
+    """``stream`` itself when it has a ``deadline`` (a Connection), else a
+    :class:`TimedStream` around it."""
+    if isinstance(stream, (Connection, TimedStream)):
+        return stream
+    return TimedStream(stream)
 
 
 def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import socket
 
 import pytest
 import trio
+import trio.testing
 
-from egressd.net.connection import Connection
+from egressd.net.connection import Connection, TimedStream, timed
 
 
 def connected_pair() -> tuple[Connection, socket.socket]:
@@ -65,3 +67,61 @@ async def test_errors_are_trio_stream_errors() -> None:
     connection.close()
     with pytest.raises(trio.ClosedResourceError):
         await connection.receive_some(1)
+
+
+async def test_a_wait_that_reaches_the_deadline_raises_too_slow_at_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connection, peer = connected_pair()
+    connection.deadline = trio.current_time() + 30
+    with pytest.raises(trio.TooSlowError):
+        await connection.receive_some(10)
+    assert trio.current_time() == 30
+    connection.deadline = trio.current_time() + 5
+    with pytest.raises(trio.TooSlowError):
+        while True:  # until the buffers are full and the write waits
+            await connection.send_all(b"x" * 65536)
+    assert trio.current_time() == 35
+    connection.deadline = math.inf
+    peer.sendall(b"later")
+    assert await connection.receive_some(10) == b"later"  # the connection is still usable
+    connection.close()
+    peer.close()
+
+
+async def test_bytes_that_are_ready_are_taken_even_past_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connection, peer = connected_pair()
+    await trio.sleep(10)
+    connection.deadline = trio.current_time() - 1
+    peer.sendall(b"ready")
+    assert await connection.receive_some(10) == b"ready"  # no wait: no deadline either
+    await connection.send_all(b"fits")
+    assert peer.recv(10) == b"fits"
+    with pytest.raises(trio.TooSlowError):
+        await connection.receive_some(10)
+    assert trio.current_time() == 10
+    connection.close()
+    peer.close()
+
+
+async def test_a_timed_stream_gives_any_stream_the_same_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream = timed(ours)
+    assert isinstance(stream, TimedStream)
+    stream.deadline = trio.current_time() + 30
+    with pytest.raises(trio.TooSlowError):
+        await stream.receive_some(10)
+    assert trio.current_time() == 30
+    stream.deadline = math.inf
+    await theirs.send_all(b"now")
+    assert await stream.receive_some(10) == b"now"
+    await stream.send_all(b"back")
+    assert await theirs.receive_some(10) == b"back"
+    connection, peer = connected_pair()
+    assert timed(connection) is connection  # a Connection has its own
+    connection.close()
+    peer.close()
