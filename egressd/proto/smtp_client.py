@@ -158,6 +158,8 @@ def mail_incompatibility(mail: Mail, extensions: Mapping[str, str]) -> Reply | N
     REQUIRETLS only for a remote reached over verified TLS). None if all is well.
     """
     params = mail.params
+    if not params and mail.address.isascii():
+        return None  # the usual MAIL: it declares nothing a remote could lack
     if "REQUIRETLS" in params and "REQUIRETLS" not in extensions:
         return Reply.make(
             550,
