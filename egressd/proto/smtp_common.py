@@ -447,8 +447,10 @@ class Mail:
     params: Mapping[str, str | None] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        _check_address(self.address, allow_empty=True)
-        object.__setattr__(self, "params", _freeze_params(self.params))
+        address, params = self.address, self.params
+        if type(address) is not str or not _PLAIN_ADDRESS_RE.fullmatch(address):
+            _check_address(address, allow_empty=True)
+        object.__setattr__(self, "params", _freeze_params(params) if params else _NO_PARAMS)
 
 
 @dataclass(frozen=True)
@@ -459,8 +461,10 @@ class Rcpt:
     params: Mapping[str, str | None] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        _check_address(self.address, allow_empty=False)
-        object.__setattr__(self, "params", _freeze_params(self.params))
+        address, params = self.address, self.params
+        if type(address) is not str or not _PLAIN_ADDRESS_RE.fullmatch(address):
+            _check_address(address, allow_empty=False)
+        object.__setattr__(self, "params", _freeze_params(params) if params else _NO_PARAMS)
 
 
 @dataclass(frozen=True)

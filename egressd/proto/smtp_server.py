@@ -313,6 +313,11 @@ _BAD_COMMAND_CHARS: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CR_OR_LF: Final = re.compile(rb"[\r\n]")
 _FROM_RE: Final = re.compile(r"FROM: *", re.IGNORECASE)
 _TO_RE: Final = re.compile(r"TO: *", re.IGNORECASE)
+# FROM:/TO: and a path of plain characters without a source route, as _FROM_RE or _TO_RE
+# then parse_path's first match take it (one match instead of two and a call).
+_PLAIN_PATH: Final = r'<(?!@)([^\x00-\x20\x7f"<>\\]*)>'
+_PLAIN_FROM_RE: Final = re.compile(r"FROM: *" + _PLAIN_PATH, re.IGNORECASE)
+_PLAIN_TO_RE: Final = re.compile(r"TO: *" + _PLAIN_PATH, re.IGNORECASE)
 _XTEXT_RE: Final = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
 _ADDR_TYPE_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _NOT_IMPLEMENTED: Final = frozenset(
@@ -488,9 +493,17 @@ class SmtpServer:
             raise self._violation
         state = self._state
         event: ServerEvent | Sentinel
-        if state is ServerState.CLOSED:
+        if state is ServerState.COMMAND:  # the usual state first
+            owed = self._owed
+            if owed and owed[-1] in _PAUSING:
+                event = PAUSED
+            elif len(self._buf.data) > self._buf.start:
+                event = self._next_command_event()
+            else:  # nothing to parse: the usual call after each reply
+                event = NEED_DATA
+        elif state is ServerState.CLOSED:
             return _CLOSED
-        if state is ServerState.TLS:
+        elif state is ServerState.TLS:
             if len(self._buf):
                 raise self._fail("plaintext pipelined after STARTTLS (CVE-2011-0411 class)")
             event = NEED_DATA
@@ -543,6 +556,20 @@ class SmtpServer:
             self._buf.reset_scan()
             return reply.to_bytes()
         owed.popleft()
+        if code < 300:  # a message's usual replies, as after_reply takes them, inline
+            if kind is _Kind.RCPT:
+                self._session.rcpts += 1
+                return reply.to_bytes()
+            if kind is _Kind.MAIL:
+                session = self._session
+                session.mail = True
+                session.rcpts = 0
+                return reply.to_bytes()
+            if kind is _Kind.END:
+                session = self._session
+                session.mail = False
+                session.rcpts = 0
+                return reply.to_bytes()
         self._session.after_reply(kind, code)
         if (kind in _SUCCESS_MATTERS and not 200 <= code < 300) or (
             kind is _Kind.AUTH and code != 235
@@ -649,10 +676,6 @@ class SmtpServer:
             # An event refused a value the parser let through; answer, don't crash.
             return self._refuse(_Refuse(501, "5.5.4", "Invalid command arguments"), verb)
 
-    def _need_hello(self) -> None:
-        if not self._projected.hello:
-            raise _Refuse(503, "5.5.1", "Send EHLO or HELO first")
-
     @staticmethod
     def _no_argument(verb: str, argument: str) -> None:
         if argument.strip():
@@ -750,51 +773,83 @@ class SmtpServer:
                 raise _Refuse(501, "5.5.4", "ORCPT must be addr-type;xtext")
 
     def _do_mail(self, argument: str) -> ServerEvent:
-        self._need_hello()
-        if self._projected.mail:
+        projected = self._projected
+        if not projected.hello:
+            raise _Refuse(503, "5.5.1", "Send EHLO or HELO first")
+        if projected.mail:
             raise _Refuse(503, "5.5.1", "Nested MAIL command")
-        prefix = _FROM_RE.match(argument)
-        if prefix is None:
-            raise _Refuse(501, "5.5.4", "Syntax: MAIL FROM:<address>")
-        try:
-            address, end = parse_path(argument, prefix.end())
-        except PathSyntaxError:
-            raise _Refuse(501, "5.1.7", "Bad sender address syntax") from None
+        plain = _PLAIN_FROM_RE.match(argument)
+        if plain is not None:  # the usual sender: settled by one match
+            address, end = plain.group(1), plain.end()
+        else:
+            address, end = self._path(
+                argument, _FROM_RE, "MAIL FROM:<address>", "5.1.7", "Bad sender address syntax"
+            )
         if address and "@" not in address:
             raise _Refuse(501, "5.1.7", "Bad sender address syntax")
-        params = self._parse_params(argument[end:], self._mail_allowed, self._check_mail_param)
+        rest = argument[end:]
+        params = (
+            self._parse_params(rest, self._mail_allowed, self._check_mail_param) if rest else {}
+        )
         if not address.isascii() and "SMTPUTF8" not in params:
             raise _Refuse(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
         event = Mail(address, params)
-        self._owe(_Kind.MAIL)
+        # _owe(MAIL) inline (two calls for each of a message's commands): assumed accepted,
+        # MAIL opens the projected transaction.
+        self._owed.append(_Kind.MAIL)
+        projected.mail = True
+        projected.rcpts = 0
         return event
 
     def _do_rcpt(self, argument: str) -> ServerEvent:
-        self._need_hello()
-        if not self._projected.mail:
+        projected = self._projected
+        if not projected.hello:
+            raise _Refuse(503, "5.5.1", "Send EHLO or HELO first")
+        if not projected.mail:
             raise _Refuse(503, "5.5.1", "Need MAIL command")
-        prefix = _TO_RE.match(argument)
-        if prefix is None:
-            raise _Refuse(501, "5.5.4", "Syntax: RCPT TO:<address>")
-        try:
-            address, end = parse_path(argument, prefix.end())
-        except PathSyntaxError:
-            raise _Refuse(501, "5.1.3", "Bad recipient address syntax") from None
+        plain = _PLAIN_TO_RE.match(argument)
+        if plain is not None:  # the usual recipient: settled by one match
+            address, end = plain.group(1), plain.end()
+        else:
+            address, end = self._path(
+                argument, _TO_RE, "RCPT TO:<address>", "5.1.3", "Bad recipient address syntax"
+            )
         if "@" not in address and address.lower() != "postmaster":
             raise _Refuse(501, "5.1.3", "Bad recipient address syntax")
-        params = self._parse_params(argument[end:], self._rcpt_allowed, self._check_rcpt_param)
+        rest = argument[end:]
+        params = (
+            self._parse_params(rest, self._rcpt_allowed, self._check_rcpt_param) if rest else {}
+        )
         event = Rcpt(address, params)
-        self._owe(_Kind.RCPT)
+        self._owed.append(_Kind.RCPT)  # _owe(RCPT) inline: one more projected recipient
+        projected.rcpts += 1
         return event
 
+    @staticmethod
+    def _path(
+        argument: str, prefix_re: re.Pattern[str], syntax: str, enhanced: str, bad: str
+    ) -> tuple[str, int]:
+        """The address after ``FROM:`` / ``TO:`` by :func:`parse_path`, and where it ends;
+        refused with ``Syntax: {syntax}`` without the prefix, or ``bad`` (``enhanced``)."""
+        prefix = prefix_re.match(argument)
+        if prefix is None:
+            raise _Refuse(501, "5.5.4", f"Syntax: {syntax}")
+        try:
+            return parse_path(argument, prefix.end())
+        except PathSyntaxError:
+            raise _Refuse(501, enhanced, bad) from None
+
     def _do_data(self, argument: str) -> ServerEvent:
-        self._need_hello()
-        if not self._projected.mail:
+        projected = self._projected
+        if not projected.hello:
+            raise _Refuse(503, "5.5.1", "Send EHLO or HELO first")
+        if not projected.mail:
             raise _Refuse(503, "5.5.1", "Need MAIL command")
-        if not self._projected.rcpts:
+        if not projected.rcpts:
             raise _Refuse(503, "5.5.1", "Need RCPT command")
-        self._no_argument("DATA", argument)
-        self._owe(_Kind.DATA)
+        if argument:
+            self._no_argument("DATA", argument)
+        self._owed.append(_Kind.DATA)  # _owe(DATA) inline: DATA changes no session state
         return _DATA
 
     def _do_rset(self, argument: str) -> ServerEvent:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import itertools
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -690,6 +691,56 @@ def python_smtp_server() -> type[SmtpServer]:
             setattr(module, name, getattr(smtp_server, name))
     python: type[SmtpServer] = module.SmtpServer
     return python
+
+
+def path_by_path_smtp_server() -> type[SmtpServer]:
+    """A fresh Python copy of the server whose one-match MAIL and RCPT shortcuts never
+    match, so every address goes the long way (the prefix, then parse_path); its other
+    classes are the tested module's, so both servers' events compare equal."""
+    source = Path(str(smtp_server.__file__)).with_name("smtp_server.py")
+    spec = importlib.util.spec_from_file_location("path_by_path_smtp_server", source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    for name, value in vars(module).items():
+        if isinstance(value, type) and value.__module__ == spec.name and name != "SmtpServer":
+            setattr(module, name, getattr(smtp_server, name))
+    never = re.compile(r"(?!)")
+    setattr(module, "_PLAIN_FROM_RE", never)  # noqa: B010 (a module's private name)
+    setattr(module, "_PLAIN_TO_RE", never)  # noqa: B010
+    reference: type[SmtpServer] = module.SmtpServer
+    return reference
+
+
+PathByPathServer = path_by_path_smtp_server()
+ADDRESS_PREFIXES = ["FROM:", "from: ", "From:  ", "TO:", "to:", "To: ", "FROM", "TO:x"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from(ADDRESS_PREFIXES),
+    st.sampled_from(ADDRESS_PREFIXES),
+    st.lists(st.sampled_from(PATH_TOKENS), max_size=12),
+    st.lists(st.sampled_from(PATH_TOKENS), max_size=12),
+    st.sampled_from(["", " SIZE=10", " NOTIFY=NEVER", "x", " "]),
+)
+def test_mail_and_rcpt_shortcuts_give_what_parse_path_gives(
+    mail_prefix: str, rcpt_prefix: str, sender: list[str], recipient: list[str], tail: str
+) -> None:
+    """MAIL and RCPT settle a plain address with one match: for any argument the events
+    and replies are those of the long way (the prefix, then parse_path)."""
+    wire = (
+        f"EHLO mta\r\nMAIL {mail_prefix}<{''.join(sender)}{tail}\r\n"
+        f"MAIL FROM:<a@b.c>\r\nRCPT {rcpt_prefix}<{''.join(recipient)}{tail}\r\n"
+    )
+    data = wire.encode("utf-8", "surrogateescape")
+    results = []
+    for machine in (SmtpServer, PathByPathServer):
+        server = machine(extensions=EXTENSIONS)
+        server.send(GREETING)
+        results.append(run(server, [data]))
+    assert results[0] == results[1]
 
 
 class LineByLineServer(python_smtp_server()):  # type: ignore[misc]
