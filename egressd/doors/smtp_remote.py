@@ -107,7 +107,7 @@ from egressd.net.dialer import Dialed, connect
 from egressd.net.egress import execute
 from egressd.net.egress import selection_refusal as egress_selection_refusal
 from egressd.net.mtasts import mta_sts_policy
-from egressd.net.mx import MxHost, NextHop, NextHopError, resolve_next_hop
+from egressd.net.mx import NEXT_HOPS, MxHost, NextHop, NextHopError
 from egressd.net.shaping import ShapedDestination, smtp_budget
 from egressd.net.tls import client_context
 from egressd.proto.smtp_client import ClientCommand, SmtpClient
@@ -719,9 +719,9 @@ def session_fits(
 
 async def next_hop(domain: str, version: int | None, config: Config) -> NextHop | Reply:
     """The next hop of ``domain`` for a source of IP ``version``, or the reply for the MTA
-    when it cannot be found."""
+    when it cannot be found (kept between transactions: :class:`~egressd.net.mx.NextHopCache`)."""
     try:
-        return await resolve_next_hop(domain, config, version)
+        return await NEXT_HOPS.resolve(domain, config, version)
     except NextHopError as exc:
         return replies.next_hop_failure(str(exc.kind), exc.text)
 

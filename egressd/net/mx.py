@@ -21,6 +21,10 @@ both when the source leaves it to the kernel). Lookups go to ``[dns] nameservers
 (default: the system resolver) through dnspython's ``dns.asyncresolver``, which runs under
 trio (it detects trio through sniffio), each lookup bounded by ``[dns] timeout``.
 
+The SMTP door asks for a next hop per message; :class:`NextHopCache` keeps each for as
+long as the DNS answers behind it live (their TTL), reorders equal-preference MX hosts on
+every use as a fresh look-up would, and forgets everything when the configuration changes.
+
 Every failure is a :class:`NextHopError` with a :class:`NextHopProblem` kind and a text:
 NXDOMAIN, a null MX, no MX and no address, a bad address literal (the domain itself says
 no: permanent); a DNS timeout, SERVFAIL or REFUSED, or hosts without an address of the
@@ -32,7 +36,9 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import math
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -43,12 +49,15 @@ import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+from trio import current_time as trio_time
 
 from egressd.config import Config, DnsSettings, Endpoint, IPAddress
 
 __all__ = [
+    "NEXT_HOPS",
     "MxHost",
     "NextHop",
+    "NextHopCache",
     "NextHopError",
     "NextHopProblem",
     "blocking_resolver",
@@ -148,6 +157,8 @@ class NextHop:
         most preferred addresses of ``other`` (two domains hosted by one provider under
         different MX names).
         """
+        if other is self:  # the same entry of the next-hop cache
+            return True
         return self.identity == other.identity or connected in other.best_addresses()
 
 
@@ -165,15 +176,100 @@ async def resolve_next_hop(domain: str, config: Config, version: int | None) -> 
 
     Raises :class:`NextHopError` with the reply for the MTA.
     """
-    domain = normalize_domain(domain)
+    found, _ttl = await _resolve(normalize_domain(domain), config, version)
+    return found
+
+
+async def _resolve(domain: str, config: Config, version: int | None) -> tuple[NextHop, float]:
+    """:func:`resolve_next_hop` of a normalized ``domain``, and the seconds its DNS answers
+    stay valid (inf: none was needed; 0: do not keep it)."""
     resolver = resolver_for(config.dns)
     route = route_for(domain, config.smtp.routes)
     if route is not None:
         return await _route_next_hop(domain, route, resolver, version)
     literal = domain_literal(domain)
     if literal is not None:
-        return _literal_next_hop(domain, literal, version)
+        return _literal_next_hop(domain, literal, version), math.inf
     return await _mx_next_hop(domain, resolver, version)
+
+
+class NextHopCache:
+    """Next hops kept between transactions: the SMTP door resolves one per recipient
+    domain per message, and most messages go where the last ones went.
+
+    * An entry lives as long as the DNS answers it was built from (the smallest TTL left
+      among the MX and address records); one from no DNS answer at all (a route to an
+      address, a domain literal) until the configuration changes. A next hop that a failed
+      look-up left a host out of is not kept, nor is a failure.
+    * MX hosts of equal preference are put in a new random order (:data:`MX_SHUFFLE`) each
+      time an entry is used, as a fresh look-up would (RFC 5321 5.1).
+    * A configuration other than the last one seen (a reload, even an unchanged one: routes
+      and ``[dns]`` may differ) drops every entry.
+
+    ``clock`` is trio's (seconds; a test's fake clock moves it). At most ``size`` entries are
+    kept, the oldest going first.
+    """
+
+    def __init__(self, size: int = 10_000, clock: Callable[[], float] = trio_time) -> None:
+        self.size = size
+        self.clock = clock
+        self._config: Config | None = None
+        self._entries: dict[tuple[str, int | None], _Kept] = {}
+
+    async def resolve(self, domain: str, config: Config, version: int | None) -> NextHop:
+        """:func:`resolve_next_hop`, from the cache when it holds a live entry."""
+        if config is not self._config:
+            self._config = config
+            self._entries = {}
+        key = (normalize_domain(domain), version)
+        kept = self._entries.get(key)
+        if kept is not None:
+            if kept.expires > self.clock():
+                return kept.used()
+            del self._entries[key]
+        found, ttl = await _resolve(key[0], config, version)
+        if ttl > 0 and config is self._config:
+            if len(self._entries) >= self.size:
+                del self._entries[next(iter(self._entries))]
+            self._entries[key] = _Kept(found, self.clock() + ttl, _shuffles(found))
+        return found
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """One :class:`NextHopCache` entry: until when, and whether its hosts are reordered."""
+
+    next_hop: NextHop
+    expires: float
+    shuffle: bool
+
+    def used(self) -> NextHop:
+        if not self.shuffle:
+            return self.next_hop
+        hop = self.next_hop
+        return NextHop(hop.domain, hop.kind, shuffled_hosts(hop.hosts, MX_SHUFFLE))
+
+
+def _shuffles(next_hop: NextHop) -> bool:
+    """True when some hosts of ``next_hop`` share a preference (so their order is random)."""
+    preferences = [host.preference for host in next_hop.hosts]
+    return next_hop.kind == "mx" and len(set(preferences)) < len(preferences)
+
+
+def shuffled_hosts(hosts: tuple[MxHost, ...], rng: random.Random) -> tuple[MxHost, ...]:
+    """``hosts`` by preference, each group of equal preference in a new random order."""
+    shuffled = list(hosts)
+    rng.shuffle(shuffled)
+    shuffled.sort(key=_preference)  # stable: keeps the shuffle within a group
+    return tuple(shuffled)
+
+
+def _preference(host: MxHost) -> int:
+    return host.preference
+
+
+NEXT_HOPS = NextHopCache()
+"""The daemon's next hops (the SMTP door's; ``egressd explain`` and ``probe`` look up afresh)."""
 
 
 def domain_literal(domain: str) -> IPAddress | None:
@@ -196,7 +292,7 @@ def domain_literal(domain: str) -> IPAddress | None:
 
 async def _route_next_hop(
     domain: str, route: Endpoint, resolver: dns.asyncresolver.Resolver, version: int | None
-) -> NextHop:
+) -> tuple[NextHop, float]:
     literal = route.ip
     if literal is not None:
         if version is not None and literal.version != version:
@@ -204,13 +300,13 @@ async def _route_next_hop(
                 NextHopProblem.NO_ADDRESS,
                 f"the route of {domain} is {route}, but the source egresses over IPv{version}",
             )
-        return NextHop(domain, "route", (MxHost(route.host, 0, (literal,), route.port),))
+        host = MxHost(route.host, 0, (literal,), route.port)
+        return NextHop(domain, "route", (host,)), math.inf
     lookup = await _host_addresses(resolver, route.host, version)
     if not lookup.addresses:
         raise _no_address_error(domain, [(route.host, lookup)], version)
-    return NextHop(
-        domain, "route", (MxHost(normalize_domain(route.host), 0, lookup.addresses, route.port),)
-    )
+    host = MxHost(normalize_domain(route.host), 0, lookup.addresses, route.port)
+    return NextHop(domain, "route", (host,)), lookup.ttl
 
 
 def _literal_next_hop(domain: str, address: IPAddress, version: int | None) -> NextHop:
@@ -224,12 +320,13 @@ def _literal_next_hop(domain: str, address: IPAddress, version: int | None) -> N
 
 async def _mx_next_hop(
     domain: str, resolver: dns.asyncresolver.Resolver, version: int | None
-) -> NextHop:
-    records = await _mx_records(resolver, domain)
+) -> tuple[NextHop, float]:
+    records, ttl = await _mx_records(resolver, domain)
     if records is None:
         lookup = await _host_addresses(resolver, domain, version)
         if lookup.addresses:
-            return NextHop(domain, "implicit", (MxHost(domain, 0, lookup.addresses),))
+            implicit = (MxHost(domain, 0, lookup.addresses),)
+            return NextHop(domain, "implicit", implicit), 0.0  # NoAnswer: no MX TTL to keep
         if lookup.temporary is None and not lookup.other_version:
             raise NextHopError(
                 NextHopProblem.NO_MAIL_HOST,
@@ -242,17 +339,19 @@ async def _mx_next_hop(
         lookup = await _host_addresses(resolver, exchange, version)
         if lookup.addresses:
             hosts.append(MxHost(exchange, preference, lookup.addresses))
+            ttl = min(ttl, lookup.ttl)
         else:
             failures.append((exchange, lookup))
     if not hosts:
         raise _no_address_error(domain, failures, version)
-    return NextHop(domain, "mx", tuple(hosts))
+    return NextHop(domain, "mx", tuple(hosts)), 0.0 if failures else ttl
 
 
 async def _mx_records(
     resolver: dns.asyncresolver.Resolver, domain: str
-) -> list[tuple[int, str]] | None:
-    """``(preference, exchange)`` sorted by preference; None when the domain has no MX."""
+) -> tuple[list[tuple[int, str]] | None, float]:
+    """``(preference, exchange)`` sorted by preference, None when the domain has no MX;
+    and the seconds the answer stays valid."""
     try:
         answer = await resolver.resolve(domain, "MX", search=False)
     except dns.resolver.NXDOMAIN:
@@ -260,7 +359,7 @@ async def _mx_records(
             NextHopProblem.NO_SUCH_DOMAIN, f"domain {domain} does not exist (NXDOMAIN)"
         ) from None
     except dns.resolver.NoAnswer:
-        return None
+        return None, 0.0
     except dns.exception.DNSException as exc:
         raise NextHopError(
             NextHopProblem.DNS_FAILURE,
@@ -275,7 +374,7 @@ async def _mx_records(
         raise NextHopError(
             NextHopProblem.NULL_MX, f"{domain} accepts no mail: it publishes a null MX (RFC 7505)"
         )
-    return order_by_preference(real, MX_SHUFFLE)
+    return order_by_preference(real, MX_SHUFFLE), _ttl(answer)
 
 
 MX_SHUFFLE = random.Random()
@@ -305,6 +404,8 @@ class _Lookup:
     temporary: str | None = None
     other_version: bool = False
     no_such_name: bool = False
+    ttl: float = 0.0
+    """Seconds the address records stay valid (the smaller of A's and AAAA's)."""
 
 
 async def lookup_host(host: str, settings: DnsSettings, version: int | None) -> _Lookup:
@@ -323,6 +424,7 @@ async def _host_addresses(
     addresses: list[IPAddress] = []
     why: list[str] = []
     temporary: str | None = None
+    ttl = math.inf
     for rdtype in wanted:
         try:
             answer = await resolver.resolve(host, rdtype, search=False)
@@ -335,10 +437,18 @@ async def _host_addresses(
             temporary = f"{rdtype} lookup of {host} failed: {_dns_error_text(exc)}"
             continue
         addresses.extend(ipaddress.ip_address(rdata.address) for rdata in answer)
+        ttl = min(ttl, _ttl(answer))
     other_version = False
     if not addresses and not temporary and version is not None:
         other_version = await _has_other_version(resolver, host, version)
-    return _Lookup(tuple(addresses), "; ".join(why), temporary, other_version)
+    if temporary is not None or not addresses:
+        ttl = 0.0
+    return _Lookup(tuple(addresses), "; ".join(why), temporary, other_version, ttl=ttl)
+
+
+def _ttl(answer: dns.resolver.Answer) -> float:
+    """Seconds ``answer`` stays valid (dnspython's cache keeps it as long)."""
+    return max(answer.expiration - time.time(), 0.0)
 
 
 async def _has_other_version(resolver: dns.asyncresolver.Resolver, host: str, version: int) -> bool:
