@@ -23,6 +23,25 @@ only :data:`POOLED_PIPES` (a pipe is in flight only while a chunk is, or while i
 destination is full), and a pipe that came out smaller than asked is closed when it is
 given back instead of being pooled, so that a later one can have the full size again.
 
+Send buffers
+    A direction that moves a full pipe is a bulk transfer: its destination socket is then
+    given :data:`BULK_SEND_BUFFER` (4 MiB asked, 8 MiB granted: Linux doubles it) of send
+    buffer, once, instead of the kernel's autotuning (at most ``net.ipv4.tcp_wmem``'s
+    maximum, 4 MiB by default). When the destination is slower than the source, a full
+    send buffer makes the direction wait for EPOLLOUT, which the kernel signals once a
+    third of the buffer is free: a bigger buffer is fewer of those waits (four epoll
+    changes and a wake-up each) and more bytes per wake-up. Measured with 1 GiB through
+    the SOCKS5 door into the bench's sink, 15 rounds alternating with the code before it
+    (load average 4-5): 0.25 s of egressd CPU per GiB instead of 0.29 (per-round median
+    0.82x), throughput per-round median 1.10x (range 0.75-1.58x); the sink's CPU grew by
+    0.05 s/GiB (more bytes in flight), the three processes' sum fell from 0.82 to 0.77
+    s/GiB; context switches per GiB: about 400 instead of 600-800. Only where
+    ``net.core.wmem_max`` allows more than autotuning would reach (2 x min(4 MiB,
+    wmem_max) > tcp_wmem's maximum; Debian's default wmem_max of 208 KiB does not): a
+    smaller fixed buffer would be slower. A short session (SMTP lines, one HTTP exchange)
+    never fills a pipe and keeps the kernel's default. The buffer is a limit, not an
+    allocation: it costs memory only while the destination lags.
+
 Why a reactor
     A relay is two directions that wait on two sockets. In trio that is a nursery and a
     task per direction, and a trip through the scheduler for every wait: for a short SMTP
@@ -96,6 +115,9 @@ PIPE_SIZE = 1 << 20
 
 POOLED_PIPES = 4
 """Empty pipes kept for reuse per process (4 MiB of the user's pipe quota)."""
+
+BULK_SEND_BUFFER = 4 << 20
+"""SO_SNDBUF asked for on the destination of a bulk direction (see the module doc)."""
 _F_SETPIPE_SZ: int = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ: int = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _SPLICE_FLAGS: int = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -106,6 +128,31 @@ CHUNKS_PER_TURN = 4
 Side = Literal["client", "remote"]
 AnySocket = socket.socket | trio.socket.SocketType
 
+
+def bulk_send_buffer(wanted: int, wmem_max: int, tcp_wmem_max: int) -> int:
+    """The SO_SNDBUF to ask for on a bulk direction's destination, 0 to leave it alone.
+
+    Linux caps the request at ``net.core.wmem_max`` and doubles it, and a socket whose
+    SO_SNDBUF was set no longer autotunes (up to ``net.ipv4.tcp_wmem``'s maximum): so the
+    buffer is set only when that gives more room than autotuning would.
+    """
+    asked = min(wanted, wmem_max)
+    return asked if 2 * asked > tcp_wmem_max else 0
+
+
+def _system_bulk_send_buffer() -> int:
+    try:
+        with open("/proc/sys/net/core/wmem_max") as core:
+            wmem_max = int(core.read())
+        with open("/proc/sys/net/ipv4/tcp_wmem") as tcp:
+            tcp_wmem_max = int(tcp.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return bulk_send_buffer(BULK_SEND_BUFFER, wmem_max, tcp_wmem_max)
+
+
+_BULK_SNDBUF = _system_bulk_send_buffer()
+"""What :func:`bulk_send_buffer` allows on this host (read once, at import)."""
 
 _STALE_TIMERS = 64
 """Finished pairs the timer heap may hold before it is rebuilt (also: more than live ones)."""
@@ -148,7 +195,18 @@ _DOWN: tuple[Side, Side] = ("remote", "client")
 class _Direction:
     """src -> pipe -> dst; ``state`` says what it waits for: src readable, dst writable."""
 
-    __slots__ = ("dst", "dst_fd", "first", "pending", "pipe", "sides", "src_fd", "state", "traffic")
+    __slots__ = (
+        "bulk",
+        "dst",
+        "dst_fd",
+        "first",
+        "pending",
+        "pipe",
+        "sides",
+        "src_fd",
+        "state",
+        "traffic",
+    )
 
     def __init__(
         self,
@@ -167,6 +225,7 @@ class _Direction:
         self.pipe: tuple[int, int] | None = None
         self.pending = 0  # bytes in the pipe
         self.state = _WRITE if first else _READ
+        self.bulk = False  # moved a full pipe: dst has the bulk send buffer
 
     def count(self, size: int) -> None:
         if self.sides is _UP:
@@ -230,8 +289,17 @@ class _Direction:
             return 0
         self.pipe, self.pending = pipe, size
         self.count(size)
+        if size == PIPE_SIZE and not self.bulk:
+            self._go_bulk()
         self._drain()
         return size
+
+    def _go_bulk(self) -> None:
+        """A full pipe: a bulk transfer, so dst gets the bulk send buffer (once)."""
+        self.bulk = True
+        if _BULK_SNDBUF:
+            with contextlib.suppress(OSError):
+                self.dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BULK_SNDBUF)
 
     def _drain(self) -> bool:
         """Empty the pipe into dst; False when dst is full (then wait for EPOLLOUT)."""

@@ -332,3 +332,53 @@ def test_the_pipe_pool_keeps_only_full_size_pipes(monkeypatch: pytest.MonkeyPatc
         with pytest.raises(OSError):
             os.fstat(fd)
     pool.discard(full)
+
+
+def test_the_bulk_send_buffer_is_set_only_where_it_beats_autotuning() -> None:
+    """Linux doubles SO_SNDBUF, caps it at wmem_max, and stops autotuning a socket whose
+    buffer was set: a fixed buffer smaller than autotuning's maximum would be slower."""
+    mib = 1 << 20
+    assert zerocopy.bulk_send_buffer(4 * mib, 4 * mib, 4 * mib) == 4 * mib  # 8 MiB > 4 MiB
+    assert zerocopy.bulk_send_buffer(4 * mib, 16 * mib, 4 * mib) == 4 * mib
+    assert zerocopy.bulk_send_buffer(4 * mib, 3 * mib, 4 * mib) == 3 * mib  # 6 MiB > 4 MiB
+    assert zerocopy.bulk_send_buffer(4 * mib, 2 * mib, 4 * mib) == 0  # 4 MiB: no gain
+    assert zerocopy.bulk_send_buffer(4 * mib, 212992, 4 * mib) == 0  # Debian's wmem_max
+
+
+async def test_only_a_direction_that_fills_a_pipe_gets_the_bulk_send_buffer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upload raises the remote socket's send buffer; the short reply coming back leaves
+    the client socket's as the kernel made it."""
+    pool = zerocopy._PipePool(keep=4)  # small pipes must not stay in the shared pool
+    monkeypatch.setattr(zerocopy, "_PIPES", pool)
+    monkeypatch.setattr(zerocopy, "PIPE_SIZE", 16 << 10)
+    monkeypatch.setattr(zerocopy, "_BULK_SNDBUF", 64 << 10)
+    client_app, client_end = await tcp_pair()
+    remote_end, remote_app = await tcp_pair()
+
+    def send_buffer(stream: trio.SocketStream) -> int:
+        return stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+    client_before = send_buffer(client_end)
+    upload = os.urandom(48 << 10)
+    try:
+        with trio.fail_after(10):
+            await client_app.send_all(upload)  # queued before the relay's first read
+            await client_app.send_eof()
+            async with trio.open_nursery() as nursery:
+                pair = SplicedPair(
+                    client_end.socket, remote_end.socket, traffic=Traffic(), idle_timeout=None
+                )
+                nursery.start_soon(pair.run)
+                assert await read_to_eof(remote_app) == upload
+                await remote_app.send_all(b"250 ok\r\n")
+                await remote_app.send_eof()
+                assert await read_to_eof(client_app) == b"250 ok\r\n"
+        assert send_buffer(remote_end) == 2 * (64 << 10)
+        assert send_buffer(client_end) == client_before
+    finally:
+        for stream in (client_app, client_end, remote_end, remote_app):
+            await trio.aclose_forcefully(stream)
+        for pipe in pool.free:
+            pool.discard(pipe)
