@@ -37,6 +37,17 @@ one throughput run through each contender and one session-rate run through egres
 through Dante; the table shows medians over the rounds. (This machine's speed drifts by tens
 of percent over minutes; measuring in rounds spreads the drift over every contender.)
 
+Throughput is the noisiest figure (three busy processes, the generator, the proxy and the
+sink, on a shared 2-core machine: one transfer through the same proxy reads anywhere from
+0.5 to 1.9 GiB/s). So egressd runs back to back with socat and with the baseline in every
+round (the order reverses every other round), and those comparisons are the median of the
+per-round ratios, not the ratio of two medians taken minutes apart; below it the 95%
+interval of that median (distribution-free, from the binomial; 6 rounds at least) and the
+range, and for the target whether the interval settles it. Use ``--repeat 9`` or more
+when it says "not settled". Each contender's note also shows its CPU per GiB with the
+generator's and the sink's, and the three summed: with three processes on two cores, the
+sum is what bounds the throughput once the machine is busy.
+
 The load generators are bench/relay_load.py processes, so the client, the proxy and the
 sink do not share an interpreter. Nothing is installed: scripts/test sets up .venv and
 the Debian packages (haproxy, dante-server, socat).
@@ -47,6 +58,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -300,9 +312,12 @@ class Row:
     reference_value: float | None = None
     target: str = ""
     note: str = ""
+    paired: float | None = None  # the median of per-round ratios, shown instead
 
     @property
     def ratio(self) -> float | None:
+        if self.paired is not None:
+            return self.paired
         if self.reference_value:
             return self.value / self.reference_value
         return None
@@ -331,13 +346,13 @@ def blast_once(
     else:  # a plain TCP forwarder: connect to it as if it were the sink
         args = ["blast", "--dest", proxy[0]]
     proxy_before = cpu_seconds(proxy[1]) if proxy else 0.0
-    sink_before, generator_before = cpu_seconds(sink_pid), children_cpu_seconds()
+    sink_before = cpu_seconds(sink_pid)
     result = load(*args, "--bytes", str(size))
     gib = result["bytes"] / GIB
     return Blast(
         rate=gib / result["seconds"],
         proxy=(cpu_seconds(proxy[1]) - proxy_before) / gib if proxy else 0.0,
-        generator=(children_cpu_seconds() - generator_before) / gib,
+        generator=result["cpu"] / gib,  # the transfer's, not the interpreter's start-up
         sink=(cpu_seconds(sink_pid) - sink_before) / gib,
     )
 
@@ -516,8 +531,8 @@ def print_table(rows: Sequence[Row]) -> None:
         )
         ratio = f"{row.ratio:.2f}x" if row.ratio is not None else ""
         print(f"{row.name:<44} {value:>12}  {reference:<26} {ratio:>6}  {row.target}")
-        if row.note:
-            print(f"{'':<46}{row.note}")
+        for line in row.note.splitlines():
+            print(f"{'':<46}{line}")
 
 
 def raise_fd_limit(sessions: int) -> None:
@@ -567,15 +582,11 @@ def run(args: argparse.Namespace) -> int:
             )
             for number in range(1, args.repeat + 1):
                 print(f"round {number}", flush=True)
-                for name, proxy, socks in (
-                    blast_contenders(ours, forwarders, proxies) if size else []
-                ):
-                    blasted = blast_once(proxy, blast, size, socks)
-                    rounds.add(name, blasted.rate)
-                    rounds.add(f"{name} cpu/GiB", blasted.proxy)
-                    rounds.add(f"{name} gen", blasted.generator)
-                    rounds.add(f"{name} sink", blasted.sink)
-                    print(f"  {name}: {blasted.rate:.2f} GiB/s, {blasted.proxy:.2f} s CPU/GiB")
+                if size:
+                    contenders = blast_contenders(ours, forwarders, proxies)
+                    if number % 2 == 0:  # alternate which runs first
+                        contenders.reverse()
+                    throughput_round(contenders, blast, size, rounds)
                 through: list[tuple[str, tuple[int, int] | None]] = [("direct", None)]
                 order = list(proxies.items())
                 if number % 2 == 0:  # alternate which proxy runs first
@@ -599,21 +610,55 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+Contender = tuple[str, tuple[str, int] | None, bool]
+
+PAIRED = (("egressd", "socat"), ("egressd", "baseline"), ("zero-copy", "trio path"))
+"""Contenders compared round by round: each round's ratio, then their median and spread."""
+
+
 def blast_contenders(
     ours: tuple[int, int],
     forwarders: dict[str, tuple[int, int]],
     proxies: dict[str, tuple[int, int]],
-) -> list[tuple[str, tuple[str, int] | None, bool]]:
-    """(name, (address, pid) or None for direct, speaks SOCKS5) for one throughput round."""
-    contenders: list[tuple[str, tuple[str, int] | None, bool]] = [
+) -> list[Contender]:
+    """(name, (address, pid) or None for direct, speaks SOCKS5) for one throughput round,
+    egressd between socat and the baseline: the ratios that matter come from transfers
+    run back to back, whichever way round the order goes."""
+    address = {name: (f"127.0.0.1:{p}", pid) for name, (p, pid) in forwarders.items()}
+    contenders: list[Contender] = [
         ("direct", None, False),
+        ("socat", address["socat"], False),
         ("egressd", (f"127.0.0.1:{ours[0]}", ours[1]), True),
     ]
     if "baseline" in proxies:
         port, pid = proxies["baseline"]
         contenders.append(("baseline", (f"127.0.0.1:{port}", pid), True))
-    contenders += [(n, (f"127.0.0.1:{p}", pid), False) for n, (p, pid) in forwarders.items()]
+    contenders += [(n, a, False) for n, a in address.items() if n != "socat"]
     return contenders
+
+
+def throughput_round(
+    contenders: Sequence[Contender], blast: tuple[int, int], size: int, rounds: Rounds
+) -> None:
+    """One transfer through each contender; each pair of :data:`PAIRED`'s ratio."""
+    for name, proxy, socks in contenders:
+        blasted = blast_once(proxy, blast, size, socks)
+        rounds.add(name, blasted.rate)
+        rounds.add(f"{name} cpu/GiB", blasted.proxy)
+        rounds.add(f"{name} gen", blasted.generator)
+        rounds.add(f"{name} sink", blasted.sink)
+        print(f"  {name}: {blasted.rate:.2f} GiB/s, {blasted.proxy:.2f} s CPU/GiB", flush=True)
+    ratios = []
+    for name, reference in PAIRED:
+        if reference in rounds.values:
+            ratio = rounds.values[name][-1] / rounds.values[reference][-1]
+            rounds.add(f"{name}/{reference}", ratio)
+            ratios.append(f"{name}/{reference} {ratio:.2f}x")
+            if reference != "trio path":
+                cpu = rounds.values[f"{name} cpu/GiB"][-1]
+                cpu_reference = rounds.values[f"{reference} cpu/GiB"][-1]
+                rounds.add(f"{name}/{reference} cpu", cpu / cpu_reference)
+    print(f"  this round: {', '.join(ratios)}", flush=True)
 
 
 def idle_rounds(workdir: Path, sink: int, args: argparse.Namespace, rounds: Rounds) -> None:
@@ -674,40 +719,97 @@ def table_rows(rounds: Rounds, args: argparse.Namespace) -> list[Row]:
     return throughput_rows(rounds, args) + sessions + idle_rows(rounds, args)
 
 
+def median_interval(
+    values: Sequence[float], confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """A distribution-free interval holding the true median with ``confidence``: the
+    k-th smallest and k-th largest value, k from the binomial distribution (each value
+    falls below the median with probability 1/2); None when there are too few values
+    (fewer than 6 for 95%)."""
+    ordered, count = sorted(values), len(values)
+    k, below = 0, 0.0  # below: P(fewer than k+1 values under the median)
+    while k < count // 2:
+        below += math.comb(count, k) / 2**count
+        if 2 * below > 1 - confidence:
+            break
+        k += 1
+    if k == 0:
+        return None
+    return ordered[k - 1], ordered[count - k]
+
+
+def paired_note(values: Sequence[float], target: float | None = None, cpu: bool = False) -> str:
+    """Per-round ratios: their median, the 95% interval of that median and the range; with
+    a ``target`` (a floor, or a ceiling for CPU) whether the interval settles it."""
+    what = "CPU" if cpu else "GiB/s"
+    text = f"{what} ratio per round: median {statistics.median(values):.2f}x"
+    interval = median_interval(values)
+    if interval is not None:
+        text += f", 95% interval of the median {interval[0]:.2f}-{interval[1]:.2f}x"
+    text += f", range {min(values):.2f}-{max(values):.2f}x over {len(values)} rounds"
+    if target is not None:
+        if interval is None:
+            text += "; too few rounds to settle the target (6 at least)"
+        elif interval[0] >= target:
+            text += "; target met"
+        elif interval[1] < target:
+            text += "; target not met"
+        else:
+            text += "; not settled: the interval straddles the target (more rounds)"
+    return text
+
+
 def throughput_rows(rounds: Rounds, args: argparse.Namespace) -> list[Row]:
+    """Medians; a pair measured back to back in every round (:data:`PAIRED`) shows the
+    median of its per-round ratios (steadier than the ratio of medians when the machine's
+    speed drifts between rounds) and that median's 95% interval."""
     if not args.gib:
         return []
-    med = rounds.median
+    med, values = rounds.median, rounds.values
 
     def note(name: str) -> str:
+        proxy, gen, sink = (med(f"{name} {part}") for part in ("cpu/GiB", "gen", "sink"))
         return (
-            f"{med(f'{name} cpu/GiB'):.2f} s CPU/GiB; gen {med(f'{name} gen'):.2f},"
-            f" sink {med(f'{name} sink'):.2f} s/GiB"
+            f"{proxy:.2f} s CPU/GiB; gen {gen:.2f}, sink {sink:.2f}, all three"
+            f" {proxy + gen + sink:.2f} s/GiB; GiB/s range {min(values[name]):.2f}"
+            f"-{max(values[name]):.2f}"
         )
 
-    def row(name: str, label: str, reference: str, target: str = "") -> Row:
-        return Row(label, med(name), "GiB/s", reference, med(reference), target, note(name))
+    def row(name: str, label: str, reference: str, target: float | None = None) -> Row:
+        paired = values.get(f"{name}/{reference}")
+        return Row(
+            label,
+            med(name),
+            "GiB/s",
+            reference,
+            med(reference),
+            f">= {target:g}x" if target else "",
+            note(name) + ("\n" + paired_note(paired, target) if paired else ""),
+            statistics.median(paired) if paired else None,
+        )
+
+    def cpu_row(reference: str) -> Row:
+        paired = values.get(f"egressd/{reference} cpu")
+        return Row(
+            "egressd CPU per GiB",
+            med("egressd cpu/GiB"),
+            "s",
+            reference,
+            med(f"{reference} cpu/GiB"),
+            note=paired_note(paired, cpu=True) if paired else "",
+            paired=statistics.median(paired) if paired else None,
+        )
 
     rows = [
         Row("throughput, no proxy (loopback ceiling)", med("direct"), "GiB/s", note=note("direct")),
-        row("egressd", "throughput, egressd SOCKS5 (splice)", "socat", ">= 1.3x"),
+        row("egressd", "throughput, egressd SOCKS5 (splice)", "socat", 1.3),
+        cpu_row("socat"),
         row("egressd", "throughput, egressd SOCKS5 (splice)", "HAProxy"),
     ]
-    if "baseline" in rounds.values:  # the baseline egressd with one worker
-        rows.append(row("egressd", "throughput, egressd SOCKS5 (splice)", "baseline"))
-        rows.append(
-            Row(
-                "egressd CPU per GiB",
-                med("egressd cpu/GiB"),
-                "s",
-                "baseline",
-                med("baseline cpu/GiB"),
-            )
-        )
-    rows += [
-        Row("egressd CPU per GiB", med("egressd cpu/GiB"), "s", "socat", med("socat cpu/GiB")),
-        row("zero-copy", "throughput, splice.relay zero-copy", "trio path"),
-    ]
+    if "baseline" in values:  # the baseline egressd with one worker
+        rows += [row("egressd", "throughput, egressd SOCKS5 (splice)", "baseline")]
+        rows += [cpu_row("baseline")]
+    rows += [row("zero-copy", "throughput, splice.relay zero-copy", "trio path")]
     return rows
 
 

@@ -7,7 +7,8 @@ Subcommands (all on loopback):
 ``echo-sink PORT``  echoes each connection's first line, then holds it until the peer
                    closes (short sessions and idle connections; asyncio).
 ``blast``          one connection (direct, or through a SOCKS5 proxy) sends N bytes and
-                   half-closes, waits for the sink's count; prints seconds and bytes as JSON.
+                   half-closes, waits for the sink's count; prints seconds, bytes and its
+                   own CPU seconds over that time (not its start-up) as JSON.
 ``rate``           N short sessions through a SOCKS5 proxy (connect, handshake, one
                    exchange, close), C at a time, or straight to the sink without
                    ``--proxy``; prints sessions per second as JSON.
@@ -132,17 +133,17 @@ def blast(proxy: str | None, dest: str, size: int) -> None:
     if proxy:
         socks5_connect(sock, host, int(port))
     payload = memoryview(bytes(CHUNK))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     sent = 0
     while sent < size:
         sock.sendall(payload)
         sent += CHUNK
     sock.shutdown(socket.SHUT_WR)
     (received,) = struct.unpack("!Q", read_exactly(sock, 8))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     sock.close()
     assert received == sent, (received, sent)
-    print(json.dumps({"seconds": elapsed, "bytes": sent}))
+    print(json.dumps({"seconds": elapsed, "bytes": sent, "cpu": cpu}))
 
 
 # --------------------------------------------------------------------------- short sessions
