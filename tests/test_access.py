@@ -106,3 +106,33 @@ def test_clients_and_ports() -> None:
     assert destination_refusal(DEFAULT, "8.8.8.8", 22) == (
         "port 22 is not in access.destination_ports"
     )
+
+
+def test_a_reloaded_client_list_decides_for_an_address_seen_before() -> None:
+    """The verdict on a client address is remembered per configuration: a reload that
+    admits (or drops) a network changes the answer for an address asked about before."""
+    narrow = AccessSettings(clients=(ipaddress.ip_network("127.0.0.0/8"),))
+    wide = AccessSettings(
+        clients=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("192.0.2.0/24"))
+    )
+    for _ in range(2):  # the second round answers from what was remembered
+        assert client_refusal(narrow, "192.0.2.7") == "client 192.0.2.7 is not in access.clients"
+        assert client_refusal(wide, "192.0.2.7") is None
+        assert client_refusal(narrow, "127.0.0.1") is None
+        assert client_refusal(narrow, "not an address") == (
+            "client not an address is not an IP address"
+        )
+
+
+def test_remembered_client_verdicts_are_bounded() -> None:
+    """A scan from many addresses cannot grow the remembered verdicts without bound, and
+    the answers stay right after they are forgotten."""
+    from egressd import access
+
+    settings = AccessSettings(clients=(ipaddress.ip_network("10.0.0.0/8"),))
+    for number in range(access._CLIENT_VERDICTS + 10):
+        client = str(ipaddress.IPv4Address(0x0A000000 + number))
+        assert client_refusal(settings, client) is None
+    assert len(access._client_verdicts(settings.clients)) <= access._CLIENT_VERDICTS
+    assert client_refusal(settings, "10.0.0.1") is None
+    assert client_refusal(settings, "192.0.2.1") == "client 192.0.2.1 is not in access.clients"

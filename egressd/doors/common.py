@@ -62,7 +62,7 @@ async def open_outbound(
     Raises :class:`EgressFailure`.
     """
     plan = outbound_plan(egress, host, port, pool=pool, source=source)
-    return connected(plan, await connect_within(plan))
+    return connected(plan, await connect_within(plan, hold_slot=True))
 
 
 def outbound_plan(
@@ -90,11 +90,12 @@ def outbound_plan(
 
 def connected(plan: Plan, dialed: Dialed) -> Dialed:
     """``dialed``, made by ``plan``: its warm-up message counted as ``connected``, and the
-    plan's budget lease given back when it closes."""
+    source's connection slot (held since the dial: ``execute(..., hold_slot=True)``) and
+    the plan's budget lease given back when it closes."""
     quota = plan.take_quota()
     if quota is not None:
         quota.settle("connected")  # the connection is what these doors count
-    dialed.release = plan.release_budget
+    dialed.release = plan.release_connection
     return dialed
 
 
@@ -142,16 +143,15 @@ async def relay_session(
     """
     traffic = Traffic()
     keep_alive(dialed.stream)  # the client's socket has it from its listener
-    try:
-        async with runtime.source_in_use(dialed.source.name):
-            result = await relay(
-                client,
-                dialed.stream,
-                traffic=traffic,
-                idle_timeout=idle_timeout,
-                to_remote_first=client_data,
-                to_client_first=dialed.initial_data,
-            )
+    try:  # the source's connection slot is the dial's, held until dialed.close()
+        result = await relay(
+            client,
+            dialed.stream,
+            traffic=traffic,
+            idle_timeout=idle_timeout,
+            to_remote_first=client_data,
+            to_client_first=dialed.initial_data,
+        )
     finally:
         record.bytes_up, record.bytes_down = traffic.up, traffic.down
     record.outcome = result.outcome

@@ -180,6 +180,9 @@ class Plan:
     (:mod:`egressd.egress.quotas`): given back when the plan moves on or gives up; once
     connected, the caller settles it or takes it (:meth:`take_quota`)."""
     progress: Progress = field(default_factory=Progress)
+    held_slot: str | None = None
+    """The source whose connection slot the plan's connection holds (the executor's
+    ``hold_slot``), given back by :meth:`release_connection`."""
     tried: list[str] = field(default_factory=list)
     failures: list[EgressFailure] = field(default_factory=list)
     _queue: list[Destination] | None = None
@@ -240,6 +243,14 @@ class Plan:
             self.budget.release()
         if self.quota is not None:
             self.quota.release()
+
+    def release_connection(self) -> None:
+        """The plan's connection ended: the source's connection slot it held (if any) and
+        the destination budget's lease (:meth:`release_budget`) are given back."""
+        held, self.held_slot = self.held_slot, None
+        if held is not None:
+            self.egress.health.connection_closed(held)
+        self.release_budget()
 
     def take_quota(self) -> QuotaHold | None:
         """The held warm-up message, for the caller to settle; the plan forgets it."""

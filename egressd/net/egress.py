@@ -84,13 +84,18 @@ async def execute(
     plan: Plan,
     step: AttemptStep[T],
     resolve: Resolver | None = None,
+    *,
+    hold_slot: bool = False,
 ) -> T:
     """Run ``plan`` to its end: ``step``'s result, or the plan's final failure raised.
     ``resolve`` (None: :func:`resolve_host` through the plan's ``[dns]``) finds a name's
-    addresses.
+    addresses. ``hold_slot``: the successful attempt's source connection slot stays
+    taken for the connection's life (:attr:`Plan.held_slot`), instead of being given back
+    when the step returns for the caller to take again.
 
     On success the caller owns the plan's budget lease (:meth:`Plan.release_budget` when
-    the connection ends); on any failure or cancellation it is given back here. Shared
+    the connection ends; :meth:`Plan.release_connection` gives back the held slot too);
+    on any failure or cancellation it is given back here. Shared
     budgets are asked for ahead, for every candidate source in one round trip, and what
     the plan did not use is settled back (:mod:`egressd.egress.budgets`)."""
     budget = plan.budget
@@ -100,7 +105,7 @@ async def execute(
             await budget.prepare(candidate_sources(plan))
         if _asks_ahead(quotas):
             await quotas.prepare(candidate_sources(plan), plan.provider)
-        return await _run(plan, step, resolve)
+        return await _run(plan, step, resolve, hold_slot)
     except BaseException:
         plan.release_budget()
         raise
@@ -155,7 +160,7 @@ def candidate_sources(plan: Plan) -> list[str]:
     return [entry.source for entry in entries if entry.weight > 0]
 
 
-async def _run(plan: Plan, step: AttemptStep[T], resolve: Resolver | None) -> T:
+async def _run(plan: Plan, step: AttemptStep[T], resolve: Resolver | None, hold_slot: bool) -> T:
     while True:
         command = plan.next_step()
         if isinstance(command, GiveUp):
@@ -172,7 +177,7 @@ async def _run(plan: Plan, step: AttemptStep[T], resolve: Resolver | None) -> T:
             plan.resolved(destinations)
             continue
         try:
-            result = await _attempt(plan, command, step)
+            result = await _attempt(plan, command, step, hold_slot)
         except EgressFailure as failure:
             plan.failed(failure)
             continue
@@ -180,8 +185,9 @@ async def _run(plan: Plan, step: AttemptStep[T], resolve: Resolver | None) -> T:
         return result
 
 
-async def _attempt(plan: Plan, attempt: Attempt, step: AttemptStep[T]) -> T:
-    """Run ``step`` holding one of the source's connection slots."""
+async def _attempt(plan: Plan, attempt: Attempt, step: AttemptStep[T], hold_slot: bool) -> T:
+    """Run ``step`` holding one of the source's connection slots; with ``hold_slot`` a
+    step that succeeds keeps it (:attr:`Plan.held_slot`)."""
     health = plan.egress.health
     name = attempt.source.name
     progress = plan.progress
@@ -190,7 +196,12 @@ async def _attempt(plan: Plan, attempt: Attempt, step: AttemptStep[T]) -> T:
     health.connection_opened(name)
     try:
         result = await step(attempt, progress)
-    finally:
+    except BaseException:
+        health.connection_closed(name)
+        raise
+    if hold_slot:
+        plan.held_slot = name
+    else:
         health.connection_closed(name)
     seconds = progress.connected_in
     if seconds is None:  # a step that connects by other means: its whole time
@@ -203,18 +214,21 @@ async def open_within(
     plan: Plan,
     step: AttemptStep[T],
     resolve: Resolver | None = None,
+    *,
+    hold_slot: bool = False,
 ) -> T:
     """:func:`execute` under the plan's one deadline; expiry raises the plan's failure."""
     # A bare CancelScope: fail_after's generator costs a few microseconds per connection.
     with trio.CancelScope(deadline=trio.current_time() + plan.timeout) as scope:
-        return await execute(plan, step, resolve)
+        return await execute(plan, step, resolve, hold_slot=hold_slot)
     assert scope.cancelled_caught
     raise plan.timed_out()
 
 
-async def connect_within(plan: Plan) -> Dialed:
-    """The connection a plan leads to (the SOCKS5 and PROXY doors' step), under its deadline."""
-    return await open_within(plan, connect)
+async def connect_within(plan: Plan, *, hold_slot: bool = False) -> Dialed:
+    """The connection a plan leads to (the SOCKS5 and PROXY doors' step), under its deadline;
+    ``hold_slot`` as for :func:`execute`."""
+    return await open_within(plan, connect, hold_slot=hold_slot)
 
 
 async def dial(

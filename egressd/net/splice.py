@@ -89,15 +89,22 @@ class _Broken(Exception):
 
 def can_splice(*streams: trio.abc.Stream) -> bool:
     """True when ``os.splice`` can relay between these streams (all plain TCP sockets)."""
-    if not hasattr(os, "splice"):
+    if not _HAS_SPLICE:
         return False
     for stream in streams:
+        if type(stream) is Connection:  # it knows (reading sock.family/type: 16 calls)
+            if not stream.tcp:
+                return False
+            continue
         sock = _socket_of(stream)
         if sock is None or sock.type != socket.SOCK_STREAM:
             return False
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             return False
     return True
+
+
+_HAS_SPLICE = hasattr(os, "splice")
 
 
 def _socket_of(stream: trio.abc.Stream) -> socket.socket | trio.socket.SocketType | None:
@@ -127,8 +134,8 @@ def relay(
     A plain function that returns the chosen path's coroutine (``await relay(...)`` as
     usual): an idle spliced session then waits with one frame less on its task's stack.
     """
-    use_splice = can_splice(client, remote) if zero_copy is None else zero_copy
-    if use_splice and not can_splice(client, remote):
+    use_splice = can_splice(client, remote) if zero_copy is not False else False
+    if zero_copy and not use_splice:
         raise ValueError("zero_copy=True needs two TCP socket streams on Linux")
     if use_splice:
         pair = SplicedPair(

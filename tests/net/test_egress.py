@@ -94,6 +94,33 @@ async def test_dials_in_flight_count_against_the_per_source_cap(nursery: trio.Nu
     assert egress.health.active_connections("slow") == 0
 
 
+async def test_a_held_slot_counts_the_connection_from_its_dial_until_it_is_released(
+    sink: Sink,
+) -> None:
+    """``hold_slot``: the dial's connection slot stays taken while the connection lives
+    (the SOCKS5 and PROXY doors' sessions), so the per-source cap counts it without the
+    door taking a second slot, and closing the connection gives it back once."""
+    source = Source(name="a", source_address=ip("127.0.0.2"))
+    egress = make_egress({"a": source}, cap=1)
+    plan = Plan(egress, pool="p", host="127.0.0.1", port=sink.port)
+    dialed = await connect_within(plan, hold_slot=True)
+    dialed.release = plan.release_connection
+    try:
+        assert plan.held_slot == "a"
+        assert egress.health.active_connections("a") == 1
+        with pytest.raises(EgressFailure) as refused:
+            await connect_within(Plan(egress, pool="p", host="127.0.0.1", port=sink.port))
+        assert refused.value.kind is Failure.SOURCE_LIMIT
+    finally:
+        dialed.close()
+    assert egress.health.active_connections("a") == 0
+    dialed.close()  # a second close gives nothing back twice
+    assert egress.health.active_connections("a") == 0
+    again = await connect_within(Plan(egress, pool="p", host="127.0.0.1", port=sink.port))
+    again.close()
+    assert egress.health.active_connections("a") == 0  # without hold_slot: given back at once
+
+
 async def test_an_unplumbed_source_moves_on_to_the_pools_next_source(sink: Sink) -> None:
     egress = make_egress(
         {

@@ -382,3 +382,44 @@ async def test_only_a_direction_that_fills_a_pipe_gets_the_bulk_send_buffer(
             await trio.aclose_forcefully(stream)
         for pipe in pool.free:
             pool.discard(pipe)
+
+
+async def test_connections_say_whether_they_can_be_spliced() -> None:
+    """A Connection knows it is TCP (from TCP_NODELAY, without reading its family): two
+    TCP ones splice; a Unix one takes the portable path, and zero-copy is refused."""
+    from egressd.net.connection import Connection
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    dialed = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    unix_a, unix_b = socket.socketpair()
+    tcp_a, tcp_b = Connection(dialed), Connection(accepted)
+    unix_end, unix_app = Connection(unix_a), Connection(unix_b)
+    try:
+        assert tcp_a.tcp and tcp_b.tcp
+        assert not unix_end.tcp
+        assert can_splice(tcp_a, tcp_b)
+        assert not can_splice(tcp_a, unix_end)
+        with pytest.raises(ValueError):
+            await relay(tcp_a, unix_end, traffic=Traffic(), idle_timeout=None, zero_copy=True)
+        traffic = Traffic()
+        async with trio.open_nursery() as nursery:
+            results: list[RelayResult] = []
+
+            async def run() -> None:
+                results.append(await relay(unix_end, tcp_a, traffic=traffic, idle_timeout=None))
+
+            nursery.start_soon(run)
+            with trio.fail_after(5):
+                await unix_app.send_all(b"QUIT\r\n")
+                await unix_app.send_eof()
+                assert await read_to_eof(tcp_b) == b"QUIT\r\n"
+                await tcp_b.send_all(b"221 bye\r\n")
+                await tcp_b.send_eof()
+                assert await read_to_eof(unix_app) == b"221 bye\r\n"
+        assert results == [RelayResult("ok")]
+        assert (traffic.up, traffic.down) == (6, 9)
+    finally:
+        for stream in (tcp_a, tcp_b, unix_end, unix_app):
+            stream.close()
+        listener.close()
