@@ -275,18 +275,21 @@ class _AcceptedConnection:
             request = await self.negotiate()
             if request is None:
                 return None
-            note_destination(self.record, request.host, request.port)
             plan = outbound_plan(
                 self.egress, request.host, request.port, pool=self.pool, source=self.source
             )
             scope.deadline = trio.current_time() + plan.timeout
+            dialed: Dialed | None = None
             try:
                 dialed = connected(plan, await execute(plan, connect, hold_slot=True))
             except EgressFailure as exc:
                 failure = exc
             else:
-                note_dialed(self.record, dialed, request.host)
+                note_dialed(self.record, dialed, request.host)  # the destination dialed
                 return dialed
+            finally:  # a dial that failed, timed out or was cancelled: the destination asked
+                if dialed is None:
+                    note_destination(self.record, request.host, request.port)
         if plan is None:
             self.record.outcome = "timeout"
             self.record.detail = (

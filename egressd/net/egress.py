@@ -26,6 +26,7 @@ timeout failure).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeGuard, TypeVar
 
@@ -192,7 +193,7 @@ async def _attempt(plan: Plan, attempt: Attempt, step: AttemptStep[T], hold_slot
     name = attempt.source.name
     progress = plan.progress
     progress.connected_in = None
-    started = trio.current_time()
+    started = time.perf_counter()  # a duration: see connect()
     health.connection_opened(name)
     try:
         result = await step(attempt, progress)
@@ -205,7 +206,7 @@ async def _attempt(plan: Plan, attempt: Attempt, step: AttemptStep[T], hold_slot
         health.connection_closed(name)
     seconds = progress.connected_in
     if seconds is None:  # a step that connects by other means: its whole time
-        seconds = trio.current_time() - started
+        seconds = time.perf_counter() - started
     plan.egress.observer.dialed(attempt.source, seconds)
     return result
 
