@@ -33,7 +33,7 @@ from egressd.log import get_logger
 from egressd.net.dialer import Dialed
 from egressd.net.egress import connect_within
 from egressd.net.shaping import ShapedDestination
-from egressd.net.splice import Traffic, keep_alive, relay
+from egressd.net.splice import Traffic, relay, set_keepalive
 from egressd.runtime import Runtime, SessionRecord
 
 log = get_logger("doors")
@@ -142,7 +142,7 @@ async def relay_session(
     The caller closes both streams.
     """
     traffic = Traffic()
-    keep_alive(dialed.stream)  # the client's socket has it from its listener
+    set_keepalive(dialed.stream.socket)  # the client's socket has it from its listener
     try:  # the source's connection slot is the dial's, held until dialed.close()
         result = await relay(
             client,
