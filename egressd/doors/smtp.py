@@ -269,6 +269,8 @@ class MtaSession:
         #: The session's one cancel scope for reads from the MTA: a drain cancels it (see
         #: :meth:`_feed`).
         self.read_scope = trio.CancelScope()
+        #: The drain cancelled :attr:`read_scope` (its ``cancel_called`` reads the clock).
+        self.read_cut = False
         self.waiting: _Wait | None = None
 
     # ----------------------------------------------------------------------- the loop
@@ -337,7 +339,12 @@ class MtaSession:
         await self.runtime.drain_started.wait()
         waiting = self.waiting
         if waiting is not None and waiting.idle and waiting.reading:
-            self.read_scope.cancel()
+            self._cut_read()
+
+    def _cut_read(self) -> None:
+        """A drain ends the wait for the MTA's next command (see :meth:`_feed`)."""
+        self.read_cut = True
+        self.read_scope.cancel()
 
     async def dispatch(self, event: ServerEvent) -> None:
         if isinstance(event, (Mail, Rcpt, Rset, Quit)):  # the usual ones first
@@ -408,10 +415,10 @@ class MtaSession:
         transaction a drain may cut the wait short, but never a write: a reply to a final
         dot is always delivered whole.
 
-        The deadline is the stream's (:attr:`egressd.net.connection.Connection.deadline`,
+        The deadline is the stream's (:meth:`egressd.net.connection.Connection.time_limit`,
         set here for this write and read and back to none after them), not a cancel scope
-        per read: a scope is then made only when the read has to wait (see
-        :mod:`egressd.net.connection`). When it passes, or a drain cancels the session's
+        per read: a scope and a clock reading are then made only when the read has to wait
+        (see :mod:`egressd.net.connection`). When it passes, or a drain cancels the session's
         :attr:`read_scope` while it waits, :class:`_ReadCut` unwinds the whole conversation
         to :meth:`_converse_in_time`, which answers as :attr:`waiting` says; every limit ends
         the session anyway.
@@ -423,12 +430,13 @@ class MtaSession:
         if (self.pace is not None) if in_data else not self.mail_started:
             wait, limit = self._deadline(in_data, seconds)
         idle = not in_data and (self.relay is None or not self.relay.in_transaction)
-        started = trio.current_time()
+        pace = self.pace if in_data else None
+        started = trio.current_time() if pace is not None else 0.0
         timed = self.timed
         self.waiting = waiting = _Wait(in_data, seconds, limit, idle)
         if wait <= 0:  # the limit passed already: no write or read can be in time
             raise _ReadCut
-        timed.deadline = started + wait
+        timed.time_limit(wait)
         try:
             if self.outbox:
                 out = bytes(self.outbox)
@@ -436,7 +444,7 @@ class MtaSession:
                 await self.stream.send_all(out)
                 self.record.bytes_down += len(out)
             if idle and self.runtime.draining:
-                self.read_scope.cancel()
+                self._cut_read()
             waiting.reading = True
             data = await self.stream.receive_some(_RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -444,14 +452,14 @@ class MtaSession:
         except trio.TooSlowError:
             raise _ReadCut from None
         finally:
-            timed.deadline = math.inf
-        if self.read_scope.cancel_called:  # a drain, too late for this read
+            timed.time_limit(math.inf)
+        if self.read_cut:  # a drain, too late for this read
             raise _ReadCut
         self.waiting = None
         self.record.bytes_up += len(data)
-        if in_data and self.pace is not None:
-            self.pace.waited += trio.current_time() - started
-            self.pace.received += len(data)
+        if pace is not None:
+            pace.waited += trio.current_time() - started
+            pace.received += len(data)
         self.server.receive_data(data if type(data) is bytes else bytes(data))
 
     def _deadline(

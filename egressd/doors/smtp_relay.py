@@ -110,7 +110,11 @@ class Relay:
         Replies are queued inline (four of a message's seven commands), the rest go through
         :meth:`execute`; a command with a result is the last of its batch (the core's
         rule), but any left after one would still run first."""
-        if self.remote is not None and isinstance(event, MtaCommand):
+        if (
+            self.remote is not None
+            and isinstance(event, MtaCommand)
+            and isinstance(event.command, Mail)
+        ):
             await self.prepare_send(event)
         core = self.core
         commands = core.handle(event)

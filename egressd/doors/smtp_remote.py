@@ -373,11 +373,11 @@ async def converse(
 ) -> RemoteReplied | RemoteTimedOut | RemoteLost:
     """:meth:`RemoteSession.exchange` within ``seconds``, its outcome as the core's event.
 
-    The deadline is the connection's (:attr:`egressd.net.connection.Connection.deadline`),
+    The limit is the connection's (:meth:`egressd.net.connection.Connection.time_limit`),
     not a cancel scope per exchange (three or four a message): one is made only when the
     exchange has to wait."""
     timed = session.timed
-    timed.deadline = trio.current_time() + seconds
+    timed.time_limit(seconds)
     try:
         return RemoteReplied(tuple(await session.exchange(data, count)))
     except RemoteBroken as exc:
@@ -385,7 +385,7 @@ async def converse(
     except trio.TooSlowError:
         return RemoteTimedOut(seconds, session.sending)
     finally:
-        timed.deadline = math.inf
+        timed.time_limit(math.inf)
 
 
 async def _command(

@@ -19,16 +19,18 @@ a minimal SOCKS5 relay (connect, one exchange, close): 0.72 ms of CPU per sessio
 * after :data:`YIELD_EVERY` calls in a row that did not park, one yields anyway, so a
   peer that always has data ready cannot starve the other connections.
 
-A caller that wants a time limit on its calls may set :attr:`Connection.deadline` (trio's
-clock) instead of putting a cancel scope around each one: a wait that reaches it raises
-:class:`trio.TooSlowError`. The scope is then made only for a call that has to wait, not for
-every call: the SMTP door's reads and remote exchanges, a scope and two deadline changes
-each, were about a twentieth of its CPU per message, and most of them find their bytes
-ready (measured with smtp-source, 50 sessions: 1.3 of 4 reads from the MTA and 1.5 of 3
-from the remote waited). A call that finds the bytes ready or the buffer free completes
-even past the deadline, as a call under a cancel scope would before trio's next
-checkpoint. :class:`TimedStream` gives any other stream the same attribute (a cancel scope
-around each call), so one caller serves both.
+A caller that wants a time limit on its calls gives it with :meth:`Connection.time_limit`
+instead of putting a cancel scope around each one: from the first call that has to wait,
+the calls may wait that many seconds in all, and a wait that reaches the end raises
+:class:`trio.TooSlowError`. The scope (and the clock reading) is then made only for a call
+that has to wait, not for every call: the SMTP door's reads and remote exchanges, a scope
+and two deadline changes each, were about a twentieth of its CPU per message, and about
+half of them find their bytes ready (measured with smtp-source, 50 sessions: 1.3 of 4 reads
+from the MTA and 1.5 of 3 from the remote waited). A call that finds the bytes ready or the
+buffer free completes whatever the limit, as a call under a cancel scope would before
+trio's next checkpoint. :class:`TimedStream` gives any other stream the same method (a
+cancel scope around each call, the time counted from the first call), so one caller
+serves both.
 
 Errors follow ``trio.SocketStream``: an OSError becomes :class:`trio.BrokenResourceError`
 (the OSError is its ``__cause__``), a use after close :class:`trio.ClosedResourceError`.
@@ -79,8 +81,8 @@ class Connection(trio.abc.HalfCloseableStream):
         """A TCP socket (:func:`egressd.net.splice.can_splice` asks)."""
         self.socket = sock
         self.peer = peer
-        #: A wait in any call that reaches this time (trio's clock) raises TooSlowError.
-        self.deadline = math.inf
+        self._limit = math.inf  # see time_limit()
+        self._deadline = math.inf
         self._unparked = 0
         self._eof_sent = False
 
@@ -145,6 +147,12 @@ class Connection(trio.abc.HalfCloseableStream):
         self.close()
         await trio.lowlevel.checkpoint()
 
+    def time_limit(self, seconds: float) -> None:
+        """From the next call that has to wait, the calls may wait ``seconds`` in all; a
+        wait that reaches the end raises :class:`trio.TooSlowError` (``inf``: no limit)."""
+        self._limit = seconds
+        self._deadline = math.inf
+
     # ------------------------------------------------------------------ synchronous helpers
 
     def close(self) -> None:
@@ -170,10 +178,12 @@ class Connection(trio.abc.HalfCloseableStream):
 
     async def _park_until(self, *, readable: bool) -> None:
         self._unparked = 0
-        deadline = self.deadline
-        if deadline == math.inf:
+        if self._limit == math.inf:
             await self._park(readable)
             return
+        deadline = self._deadline
+        if deadline == math.inf:
+            deadline = self._deadline = trio.current_time() + self._limit
         with trio.CancelScope(deadline=deadline) as scope:
             await self._park(readable)
         if scope.cancelled_caught:
@@ -194,21 +204,33 @@ class Connection(trio.abc.HalfCloseableStream):
 
 
 class TimedStream(trio.abc.HalfCloseableStream):
-    """Any stream with :attr:`Connection.deadline`: each call runs under a cancel scope with
-    it, and raises :class:`trio.TooSlowError` when the scope fires (for the streams that are
-    not a :class:`Connection`: a memory stream in a test)."""
+    """Any stream with :meth:`Connection.time_limit`: each call runs under a cancel scope
+    with the deadline (counted from the first call after the limit was set), and raises
+    :class:`trio.TooSlowError` when the scope fires (for the streams that are not a
+    :class:`Connection`: a memory stream in a test)."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        self.deadline = math.inf
+        self._limit = math.inf
+        self._deadline = math.inf
+
+    def time_limit(self, seconds: float) -> None:
+        """As :meth:`Connection.time_limit`, counted from the next call."""
+        self._limit = seconds
+        self._deadline = math.inf
+
+    def _call_deadline(self) -> float:
+        if self._limit != math.inf and self._deadline == math.inf:
+            self._deadline = trio.current_time() + self._limit
+        return self._deadline
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        with trio.CancelScope(deadline=self.deadline):
+        with trio.CancelScope(deadline=self._call_deadline()):
             return await self.stream.receive_some(max_bytes)
         raise trio.TooSlowError
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with trio.CancelScope(deadline=self.deadline) as scope:
+        with trio.CancelScope(deadline=self._call_deadline()) as scope:
             await self.stream.send_all(data)
         if scope.cancelled_caught:
             raise trio.TooSlowError
@@ -226,7 +248,7 @@ class TimedStream(trio.abc.HalfCloseableStream):
 
 
 def timed(stream: trio.abc.Stream) -> Connection | TimedStream:
-    """``stream`` itself when it has a ``deadline`` (a Connection), else a
+    """``stream`` itself when it has :meth:`~Connection.time_limit` (a Connection), else a
     :class:`TimedStream` around it."""
     if isinstance(stream, (Connection, TimedStream)):
         return stream

@@ -224,7 +224,7 @@ class NextHopCache:
         key = (normalize_domain(domain), version)
         kept = self._entries.get(key)
         if kept is not None:
-            if kept.expires > self.clock():
+            if kept.expires == math.inf or kept.expires > self.clock():
                 return kept.used()
             del self._entries[key]
         found, ttl = await _resolve(key[0], config, version)

@@ -1,6 +1,6 @@
 """The SMTP door's timeouts over real connections (socket pairs), on a fake clock.
 
-The door sets each wait's deadline on the stream (``Connection.deadline``): a
+The door sets each wait's limit on the stream (``Connection.time_limit``): a
 :class:`~egressd.net.connection.Connection` makes a cancel scope only when a call has to
 wait, any other stream (the memory streams of ``test_smtp_door_shell``) gets one per call.
 The tests of ``test_smtp_door_shell`` that time something run here again, unchanged, with
@@ -81,7 +81,7 @@ class ConnectionRelay(Relay):
             stream=ours,
             client=client,
         )
-        assert self.remote.timed is ours  # the deadline is the connection's own
+        assert self.remote.timed is ours  # the limit is the connection's own
         return RemoteOpened(self.remote.view())
 
 

@@ -69,54 +69,75 @@ async def test_errors_are_trio_stream_errors() -> None:
         await connection.receive_some(1)
 
 
-async def test_a_wait_that_reaches_the_deadline_raises_too_slow_at_the_deadline(
+async def test_a_wait_that_reaches_the_time_limit_raises_too_slow_at_its_end(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     connection, peer = connected_pair()
-    connection.deadline = trio.current_time() + 30
+    connection.time_limit(30)
     with pytest.raises(trio.TooSlowError):
         await connection.receive_some(10)
     assert trio.current_time() == 30
-    connection.deadline = trio.current_time() + 5
+    connection.time_limit(5)
     with pytest.raises(trio.TooSlowError):
         while True:  # until the buffers are full and the write waits
             await connection.send_all(b"x" * 65536)
     assert trio.current_time() == 35
-    connection.deadline = math.inf
+    connection.time_limit(math.inf)
+    peer.recv(1 << 20)
     peer.sendall(b"later")
     assert await connection.receive_some(10) == b"later"  # the connection is still usable
     connection.close()
     peer.close()
 
 
-async def test_bytes_that_are_ready_are_taken_even_past_the_deadline(
+async def test_the_limit_counts_every_wait_from_the_first_one(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     connection, peer = connected_pair()
-    await trio.sleep(10)
-    connection.deadline = trio.current_time() - 1
-    peer.sendall(b"ready")
-    assert await connection.receive_some(10) == b"ready"  # no wait: no deadline either
-    await connection.send_all(b"fits")
-    assert peer.recv(10) == b"fits"
+    await trio.sleep(100)  # no wait yet: the limit starts with the first one
+    connection.time_limit(10)
+
+    async def answer_late() -> None:
+        await trio.sleep(6)
+        peer.sendall(b"first")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer_late)
+        assert await connection.receive_some(10) == b"first"  # waited 6 s of the 10
     with pytest.raises(trio.TooSlowError):
         await connection.receive_some(10)
-    assert trio.current_time() == 10
+    assert trio.current_time() == 110  # 4 s more, not 10
     connection.close()
     peer.close()
 
 
-async def test_a_timed_stream_gives_any_stream_the_same_deadline(
+async def test_bytes_that_are_ready_are_taken_whatever_the_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connection, peer = connected_pair()
+    connection.time_limit(0)
+    peer.sendall(b"ready")
+    assert await connection.receive_some(10) == b"ready"  # no wait: no limit either
+    await connection.send_all(b"fits")
+    assert peer.recv(10) == b"fits"
+    with pytest.raises(trio.TooSlowError):
+        await connection.receive_some(10)
+    assert trio.current_time() == 0
+    connection.close()
+    peer.close()
+
+
+async def test_a_timed_stream_gives_any_stream_the_same_limit(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     stream = timed(ours)
     assert isinstance(stream, TimedStream)
-    stream.deadline = trio.current_time() + 30
+    stream.time_limit(30)
     with pytest.raises(trio.TooSlowError):
         await stream.receive_some(10)
     assert trio.current_time() == 30
-    stream.deadline = math.inf
+    stream.time_limit(math.inf)
     await theirs.send_all(b"now")
     assert await stream.receive_some(10) == b"now"
     await stream.send_all(b"back")
