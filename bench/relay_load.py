@@ -2,11 +2,12 @@
 
 Subcommands (all on loopback):
 
-``blast-sink PORT`` reads each connection to EOF (thread per connection, recv_into into
-                   one buffer), then answers the byte count.
+``blast-sink PORT`` greets each connection with one byte, reads it to EOF (thread per
+                   connection, recv_into into one buffer), then answers the byte count.
 ``echo-sink PORT``  echoes each connection's first line, then holds it until the peer
                    closes (short sessions and idle connections; asyncio).
-``blast``          one connection (direct, or through a SOCKS5 proxy) sends N bytes and
+``blast``          one connection (direct, or through a SOCKS5 proxy) waits for the sink's
+                   greeting (the path is up: not timed), sends N bytes and
                    half-closes, waits for the sink's count; prints seconds, bytes and its
                    own CPU seconds over that time (not its start-up) as JSON.
 ``rate``           N short sessions through a SOCKS5 proxy (connect, handshake, one
@@ -58,10 +59,17 @@ def serve_blast_sink(port: int) -> None:
         threading.Thread(target=_discard, args=(sock,), daemon=True).start()
 
 
+GREETING = b"\x00"
+"""The blast sink's first byte: the generator starts its clock when it arrives, so a
+forwarder's own set-up (socat forks and connects per connection) is not timed, just as
+egressd's SOCKS5 handshake is not."""
+
+
 def _discard(sock: socket.socket) -> None:
     view = memoryview(bytearray(CHUNK))
     total = 0
     try:
+        sock.sendall(GREETING)
         while count := sock.recv_into(view):
             total += count
         sock.sendall(struct.pack("!Q", total))
@@ -132,6 +140,8 @@ def blast(proxy: str | None, dest: str, size: int) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if proxy:
         socks5_connect(sock, host, int(port))
+    if read_exactly(sock, len(GREETING)) != GREETING:  # the path to the sink is up
+        raise ConnectionError("the blast sink did not greet")
     payload = memoryview(bytes(CHUNK))
     started, cpu = time.perf_counter(), time.process_time()
     sent = 0
