@@ -91,8 +91,11 @@ class Door(Protocol):
         record: SessionRecord,
     ) -> None: ...
 
-    async def refuse(self, stream: Connection, runtime: Runtime, reason: str) -> None:
-        """Answer a connection that cannot be served (overload) protocol-correctly."""
+    async def refuse(
+        self, stream: Connection, runtime: Runtime, listener: Listener, reason: str
+    ) -> None:
+        """Answer a connection that cannot be served (overload) protocol-correctly, as a
+        client of ``listener`` expects to be answered (inside TLS on a TLS listener)."""
 
 
 def load_doors() -> dict[str, Door]:
@@ -324,9 +327,11 @@ class Daemon:
                 "connection refused", extra={"fields": {"client": client, "reason": str(exc)}}
             )
             self.metrics.connections.labels(door.name, "", "", "overloaded").inc()
-            await self._refuse(door, connection, str(exc))
+            await self._refuse(door, connection, running.listener, str(exc))
 
-    async def _refuse(self, door: Door, connection: Connection, reason: str) -> None:
+    async def _refuse(
+        self, door: Door, connection: Connection, listener: Listener, reason: str
+    ) -> None:
         """The door's protocol-correct refusal, within a few seconds, for a bounded number.
 
         A refused connection is outside every session cap, so the refusals in progress have
@@ -338,7 +343,7 @@ class Daemon:
         self.refusing += 1
         try:
             with trio.move_on_after(REFUSAL_TIMEOUT):
-                await door.refuse(connection, self.runtime, reason)
+                await door.refuse(connection, self.runtime, listener, reason)
         finally:
             self.refusing -= 1
 

@@ -100,7 +100,9 @@ class ProxyDoor:
         finally:
             dialed.close()  # the socket and the shaping lease; no checkpoint
 
-    async def refuse(self, stream: Connection, runtime: Runtime, reason: str) -> None:
+    async def refuse(
+        self, stream: Connection, runtime: Runtime, listener: Listener, reason: str
+    ) -> None:
         """Nothing can be said in the PROXY protocol: the daemon closes the connection."""
 
 

@@ -191,7 +191,9 @@ class SmtpDoor:
     ) -> None:
         await MtaSession(self, stream, runtime, listener, record).run()
 
-    async def refuse(self, stream: Connection, runtime: Runtime, reason: str) -> None:
+    async def refuse(
+        self, stream: Connection, runtime: Runtime, listener: Listener, reason: str
+    ) -> None:
         reply = replies.refused_at_capacity(await door_hostname(runtime.config), reason)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await stream.send_all(reply.to_bytes())

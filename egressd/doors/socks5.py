@@ -113,25 +113,43 @@ class Socks5Door:
             return _handle_tls(stream, runtime, listener, record)
         return _AcceptedConnection(stream, runtime, listener, record).run()
 
-    async def refuse(self, stream: Connection, runtime: Runtime, reason: str) -> None:
-        """Answer the greeting, then reply 01 (general failure) to the first request."""
-        server = socks5.Socks5Server()
-        try:
-            while not server.closed:
-                try:
-                    event = server.next_event()
-                except socks5.Socks5ProtocolError as exc:
-                    if exc.reply is not None:
-                        await _send(stream, server.send(exc.reply))
-                    return
-                if event is NEED_DATA:
-                    server.receive_data(await _receive(stream))
-                elif isinstance(event, socks5.ConnectionClosed):
-                    return
-                else:
-                    await _send(stream, server.send(_refusal_answer(event)))
-        except trio.BrokenResourceError:
+    async def refuse(
+        self, stream: Connection, runtime: Runtime, listener: Listener, reason: str
+    ) -> None:
+        """Answer the greeting, then reply 01 (general failure) to the first request; on a
+        ``use_tls`` listener inside TLS, since its clients read nothing else."""
+        if not (isinstance(listener, Socks5Listener) and listener.use_tls):
+            await _refuse(stream)
             return
+        record = SessionRecord(self.name, "")  # the refusal's own: the daemon logged it
+        tls = await _accept_tls(stream, listener, runtime.config.limits, record)
+        if tls is None:
+            return
+        try:
+            await _refuse(tls)
+        finally:
+            await _close_tls(tls)
+
+
+async def _refuse(stream: trio.abc.Stream) -> None:
+    """Just enough SOCKS5 to refuse: the greeting answered, then 01 to the first request."""
+    server = socks5.Socks5Server()
+    try:
+        while not server.closed:
+            try:
+                event = server.next_event()
+            except socks5.Socks5ProtocolError as exc:
+                if exc.reply is not None:
+                    await _send(stream, server.send(exc.reply))
+                return
+            if event is NEED_DATA:
+                server.receive_data(await _receive(stream))
+            elif isinstance(event, socks5.ConnectionClosed):
+                return
+            else:
+                await _send(stream, server.send(_refusal_answer(event)))
+    except trio.BrokenResourceError:
+        return
 
 
 async def _handle_tls(

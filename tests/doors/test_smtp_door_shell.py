@@ -465,7 +465,9 @@ async def test_an_overload_refusal_names_the_configured_host_without_a_lookup(
 
     monkeypatch.setattr(smtp_door_module, "_fqdn", no_lookup)
     mta_end, door_end = trio.testing.memory_stream_pair()
-    await SmtpDoor().refuse(door_end, Runtime(config()), "too many connections")  # type: ignore[arg-type]
+    listener = Listener(Endpoint("127.0.0.1", 2525), pool="main")
+    door = SmtpDoor()
+    await door.refuse(door_end, Runtime(config()), listener, "too many connections")  # type: ignore[arg-type]
     line = await mta_end.receive_some()
     assert line == b"421 4.3.2 relay.test too many connections; try again later\r\n"
 

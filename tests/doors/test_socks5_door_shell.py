@@ -223,7 +223,9 @@ async def test_an_unknown_pool_gets_02(autojump_clock: trio.testing.MockClock) -
 async def test_refuse_answers_the_greeting_then_01(autojump_clock: trio.testing.MockClock) -> None:
     client_end, door_end = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(Socks5Door().refuse, door_end, Runtime(config()), "overload")  # type: ignore[arg-type]
+        listener = Listener(Endpoint("127.0.0.1", 1080), pool="main")
+        refuse = Socks5Door().refuse
+        nursery.start_soon(refuse, door_end, Runtime(config()), listener, "overload")  # type: ignore[arg-type]
         await client_end.send_all(H("05020002") + H("01") + b"\x01u\x01p" + CONNECT_192_0_2_25)
         reply = bytearray()
         while len(reply) < 14:

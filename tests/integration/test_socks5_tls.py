@@ -37,9 +37,13 @@ def install(ca: trustme.CA, name: str, directory: Path) -> None:
         os.replace(directory / f"{final}.new", directory / final)
 
 
-def config_text(directory: Path, sink_port: int, *, client_ca: Path | None = None) -> str:
+def config_text(
+    directory: Path, sink_port: int, *, client_ca: Path | None = None, limits: str = ""
+) -> str:
     mutual = f'tls_required_client_ca = "{client_ca}"' if client_ca is not None else ""
     return f"""
+[limits]
+{limits}
 [source.a]
 source_address = "127.0.0.2"
 [pool.main.a]
@@ -127,6 +131,29 @@ async def test_socks5_over_tls_reaches_the_destination(sink: Sink, tmp_path: Pat
     assert sink.peers == ["127.0.0.2"]
     assert record.source == "a"
     assert record.bytes_down >= len(sink.banner)
+
+
+async def test_a_tls_listener_at_capacity_refuses_inside_tls_with_01(
+    sink: Sink, tmp_path: Path
+) -> None:
+    """Under overload the refusal is spoken inside TLS, the only thing a client of a TLS
+    listener can read: the handshake, the greeting's answer, then reply 01."""
+    ca = trustme.CA()
+    install(ca, "proxy.test", tmp_path)
+    text = config_text(tmp_path, sink.port, limits="max_connections = 1")
+    async with egressd(text, tmp_path) as e:
+        tcp = await trio.open_tcp_stream("127.0.0.1", e.port)
+        held = trio.SSLStream(tcp, client_context(ca), server_hostname="proxy.test")
+        with trio.fail_after(10):
+            await held.do_handshake()
+            await held.send_all(b"\x05\x01\x00")
+            assert await receive_exactly(held, 2) == b"\x05\x00"  # a session holds the slot
+            name, reply, banner = await socks_over_tls(e.port, client_context(ca), sink.port)
+        await trio.aclose_forcefully(held)
+    assert name == "proxy.test"
+    assert reply[:2] == b"\x05\x01"
+    assert banner == b""
+    assert sink.connections == []
 
 
 async def test_a_plaintext_socks_client_gets_nothing_from_a_tls_listener(
