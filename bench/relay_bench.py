@@ -28,9 +28,10 @@ idle memory     ``--idle`` sessions (10,000) opened through a fresh egressd, one
 ``--baseline DIR`` adds an egressd imported from the checkout ``DIR`` (say ``git worktree add
 DIR COMMIT``; it runs with this checkout's .venv) to the throughput and session-rate runs
 of every round, and to the idle-memory runs (alternating, ``--idle-rounds``), so a
-before/after comparison does not depend on how busy the machine was. ``--gib 0``,
-``--sessions 0`` and ``--idle 0`` leave out the throughput, session-rate and idle-memory
-parts.
+before/after comparison does not depend on how busy the machine was. ``--compiled`` makes
+that baseline this checkout's mypyc-compiled build (``scripts/compiled``), against the pure
+one. ``--gib 0``, ``--sessions 0`` and ``--idle 0`` leave out the throughput, session-rate
+and idle-memory parts.
 
 All servers run at once and the measurements alternate: each of ``--repeat`` rounds takes
 one throughput run through each contender and one session-rate run through egressd and
@@ -74,6 +75,7 @@ from procs import (
     ROOT,
     binary,
     children_cpu_seconds,
+    compiled_build,
     cpu_seconds,
     free_port,
     python_env,
@@ -915,6 +917,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also measure the session rate of an egressd from checkout DIR in the same rounds",
     )
     parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="the baseline is this checkout's mypyc-compiled build (scripts/compiled): its"
+        " rows, labelled baseline, compare it with this checkout in pure Python",
+    )
+    parser.add_argument(
         "--workers",
         type=worker_counts,
         default=[1],
@@ -929,7 +937,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="short-session generator: curl --parallel (C) into an HAProxy that answers"
         " HTTP itself (default), or the asyncio client into an asyncio echo sink",
     )
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.compiled:
+        if args.baseline is not None:
+            parser.error("--compiled is the baseline: not with --baseline")
+        args.baseline = compiled_build()
+        print(f"baseline: this checkout compiled by mypyc ({args.baseline})", flush=True)
+    return run(args)
 
 
 if __name__ == "__main__":
