@@ -24,6 +24,21 @@ from setuptools import setup
 # the SMTP door's path, and compiled they fail their tests (socks5's `ReplyCode | int` values
 # become plain ints; proxy.py's next_event trusts a narrowing of self._header that _parse()
 # changes).
+#
+# Not the trio shells (doors/smtp*.py, socks5.py, net/connection.py, egress.py, mx.py, log.py,
+# access.py): mypyc compiles them and trio runs the compiled coroutines (cancellation,
+# nursery.start, tracebacks), but they cost CPU instead of saving it. Measured 2026-11-30
+# at bd99302 against this list's build, same rounds (scripts/bench smtp --compiled --baseline DIR
+# --rounds 9 --seconds 3): +8% CPU per message with PIPELINING, +16% without; SOCKS5 short
+# sessions 1.01x pure; the door's three modules alone (doors/smtp*.py, at 7f9f4a4) +4% and
+# -8%, within the noise. Part of the cost, not all of it: a compiled function adds a
+# traceback entry for every exception that passes through it, caught or not (a raise and
+# catch: 0.93 us against 0.28 us), paid on every EAGAIN and at each session's end.
+# They would also need source changes: mypyc ignores a raise's ``from`` clause (the dialer
+# reads the errno from Connection's __cause__), checks argument types at run time (the tests
+# hand memory streams to parameters typed Connection), keeps a narrowing of an attribute
+# across an await that changes it, forbids Python subclasses of its classes (the SMTP door's
+# tests subclass Relay), and net/splice.py and zerocopy.py compiled miscount traffic.
 COMPILED = ["egressd/proto/smtp*.py", "egressd/relay/*.py"]
 
 
