@@ -10,36 +10,24 @@ the door's ends wrapped in ``Connection`` as the daemon and the dialer wrap them
 
 from __future__ import annotations
 
-import ipaddress
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 import test_smtp_door_shell as shell
 import trio
 import trio.testing
 from test_smtp_door_shell import (
-    NEXT_HOP,
-    SOURCE,
     Door,
-    Mta,
     Remote,
-    config,
     in_data,
 )
 
-from egressd.config import Endpoint, Listener
-from egressd.doors.smtp import MtaSession, SmtpDoor
-from egressd.doors.smtp_relay import Relay
-from egressd.doors.smtp_remote import RemoteSession
-from egressd.net.connection import Connection
-from egressd.net.dialer import Dialed
-from egressd.proto.smtp_client import SmtpClient
-from egressd.proto.smtp_common import Ehlo, Reply
+from egressd.doors.smtp import SmtpDoor
+from egressd.net.connection import Connection, TimedStream
 from egressd.proto.smtp_server import SmtpServer
-from egressd.relay.events import Event, OpenRemote, RemoteOpened
-from egressd.runtime import Runtime, SessionRecord
+from egressd.runtime import Runtime
 
 
 def socket_pair() -> tuple[Connection, trio.SocketStream]:
@@ -48,80 +36,39 @@ def socket_pair() -> tuple[Connection, trio.SocketStream]:
     return Connection(ours), trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
 
 
-class ConnectionRelay(Relay):
-    """A relay whose remotes are :class:`Remote` servers on socket pairs."""
-
-    remote_server: Remote
-    nursery: trio.Nursery
-
-    async def open(self, command: OpenRemote) -> Event:
-        ours, theirs = socket_pair()
-        client, machine = SmtpClient(), SmtpServer(extensions=("PIPELINING", "8BITMIME"))
-        machine.send(Reply.make(220, "mx.good.test ESMTP"))  # greeted and EHLO'd already
-        client.receive_data(b"220 mx.good.test ESMTP\r\n")
-        client.next_event()
-        machine.receive_data(client.send(Ehlo("out-a.test")))
-        machine.next_event()
-        client.receive_data(machine.send(machine.ehlo_reply("mx.good.test")))
-        client.next_event()
-        self.nursery.start_soon(self.remote_server.serve, theirs, machine)
-        dialed = Dialed(
-            stream=ours,
-            source=SOURCE,
-            via="direct",
-            local_address=(ipaddress.ip_address("127.0.0.3"), 40000),
-            remote_address=(ipaddress.ip_address("192.0.2.1"), 25),
-        )
-        self.remote = RemoteSession(
-            dialed=dialed,
-            mx_name="mx.good.test",
-            mx_port=25,
-            next_hop=NEXT_HOP,
-            timeouts=self.runtime.config.smtp.timeouts,
-            stream=ours,
-            client=client,
-        )
-        assert self.remote.timed is ours  # the limit is the connection's own
-        return RemoteOpened(self.remote.view())
+_door = shell.door  # the tests below swap shell.door for connection_door
 
 
-@asynccontextmanager
-async def connection_door(
+def connection_door(
     script: dict[str, str] | None = None,
     smtp_door: SmtpDoor | None = None,
     *,
     runtime: Runtime | None = None,
     client: str = "127.0.0.1:40000",
-) -> AsyncIterator[Door]:
+) -> AbstractAsyncContextManager[Door]:
     """``test_smtp_door_shell.door`` on socket pairs."""
-    runtime = runtime or Runtime(config())
-    record = SessionRecord(door="smtp", client=client)
-    remote = Remote(script or {})
-    door_end, mta_end = socket_pair()
-    listener = Listener(Endpoint("127.0.0.1", 2525), pool="main")
-    done = trio.Event()
-    async with mta_end, trio.open_nursery() as nursery:
+    return _door(script, smtp_door, runtime=runtime, client=client, pair=socket_pair)
 
-        class Shell(ConnectionRelay):
-            remote_server = remote
 
-        Shell.nursery = nursery
-        session = MtaSession(
-            smtp_door or SmtpDoor(), door_end, runtime, listener, record, relay_type=Shell
-        )
-        assert session.timed is door_end
-
-        async def run() -> None:
-            await session.run()
-            await door_end.aclose()
-            done.set()
-
-        nursery.start_soon(run)
-        mta = Mta(mta_end)
-        assert await mta.reply() == "220 relay.test ESMTP egressd"
-        yield Door(mta, remote, runtime, record, done)
-        nursery.cancel_scope.cancel()
-    door_end.close()
+async def test_the_door_sets_its_limits_on_the_connections_themselves(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A Connection is not wrapped (its limits make a scope only for a wait); on memory
+    streams each call gets a scope of its own (``TimedStream``)."""
+    async with connection_door() as d:
+        await in_data(d.mta)
+        await d.mta.stream.send_all(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        assert await d.mta.reply() == "250 2.0.0 ok"
+        relay = d.session.relay
+        assert relay is not None and relay.remote is not None
+        assert isinstance(d.session.timed, Connection)
+        assert isinstance(relay.remote.timed, Connection)
+    async with shell.door() as d:
+        await in_data(d.mta)
+        relay = d.session.relay
+        assert relay is not None and relay.remote is not None
+        assert isinstance(d.session.timed, TimedStream)
+        assert isinstance(relay.remote.timed, TimedStream)
 
 
 TIMED = [

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ipaddress
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -127,14 +127,29 @@ class Remote:
         return Reply.make(250, "ok", enhanced="2.0.0")
 
 
+StreamPair = Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]]
+"""Makes two connected streams: egressd's end, then the peer's (the MTA or a remote)."""
+
+
+def memory_pair() -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    ours, theirs = trio.testing.memory_stream_pair()
+    return ours, theirs
+
+
 class MemoryRelay(Relay):
-    """A relay whose remotes are :class:`Remote` servers on memory streams."""
+    """A relay whose remotes are :class:`Remote` servers on ``pair()`` streams (memory
+    streams unless :func:`door` is given another :data:`StreamPair`)."""
 
     remote_server: Remote
     nursery: trio.Nursery
+    pair: StreamPair = staticmethod(memory_pair)
+
+    opened: list[trio.abc.Stream]
+    """Both ends of every remote opened, closed by :func:`door` at the end."""
 
     async def open(self, command: OpenRemote) -> Event:
-        ours, theirs = trio.testing.memory_stream_pair()
+        ours, theirs = self.pair()
+        self.opened += (ours, theirs)
         client, machine = SmtpClient(), SmtpServer(extensions=("PIPELINING", "8BITMIME"))
         machine.send(Reply.make(220, "mx.good.test ESMTP"))  # greeted and EHLO'd already
         client.receive_data(b"220 mx.good.test ESMTP\r\n")
@@ -197,6 +212,7 @@ class Door:
     runtime: Runtime
     record: SessionRecord
     done: trio.Event
+    session: MtaSession
 
 
 def config() -> Config:
@@ -223,22 +239,31 @@ async def door(
     *,
     runtime: Runtime | None = None,
     client: str = "127.0.0.1:40000",
+    pair: StreamPair = memory_pair,
 ) -> AsyncIterator[Door]:
-    """An MTA session on the door's shell, greeted; the remote follows ``script``."""
+    """An MTA session on the door's shell, greeted; the remote follows ``script``. The MTA
+    and every remote are on ``pair()`` streams."""
     runtime = runtime or Runtime(config())
     record = SessionRecord(door="smtp", client=client)
     remote = Remote(script or {})
-    mta_end, door_end = trio.testing.memory_stream_pair()
+    door_end, mta_end = pair()
     listener = Listener(Endpoint("127.0.0.1", 2525), pool="main")
     done = trio.Event()
-    async with trio.open_nursery() as nursery:
+    async with mta_end, trio.open_nursery() as nursery:
 
         class Shell(MemoryRelay):
             remote_server = remote
 
         Shell.nursery = nursery
+        Shell.pair = staticmethod(pair)
+        Shell.opened = []
         session = MtaSession(
-            smtp_door or SmtpDoor(), door_end, runtime, listener, record, relay_type=Shell
+            smtp_door or SmtpDoor(),
+            door_end,
+            runtime,
+            listener,
+            record,
+            relay_type=Shell,
         )
 
         async def run() -> None:
@@ -249,8 +274,10 @@ async def door(
         nursery.start_soon(run)
         mta = Mta(mta_end)
         assert await mta.reply() == "220 relay.test ESMTP egressd"  # RFC 2034 4: no 2.0.0
-        yield Door(mta, remote, runtime, record, done)
+        yield Door(mta, remote, runtime, record, done, session)
         nursery.cancel_scope.cancel()
+    for stream in (door_end, *Shell.opened):
+        await trio.aclose_forcefully(stream)
 
 
 async def in_data(mta: Mta) -> None:
