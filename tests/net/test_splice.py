@@ -241,15 +241,17 @@ async def test_idle_spliced_connections_hold_no_pipe() -> None:
     assert during - before <= 4 * count + 2
 
 
-async def test_the_trio_path_relays_any_half_closeable_stream() -> None:
-    client_app, client_end = trio.testing.memory_stream_pair()
-    remote_end, remote_app = trio.testing.memory_stream_pair()
-    traffic = Traffic()
-    assert not can_splice(client_end, remote_end)
-    with pytest.raises(ValueError):
-        await relay(client_end, remote_end, traffic=traffic, idle_timeout=None, zero_copy=True)
+async def quit_through_the_trio_path(
+    client_app: trio.abc.HalfCloseableStream,
+    client_end: trio.abc.HalfCloseableStream,
+    remote_end: trio.abc.HalfCloseableStream,
+    remote_app: trio.abc.HalfCloseableStream,
+    traffic: Traffic,
+) -> RelayResult:
+    """QUIT and its reply relayed between ``client_end`` and ``remote_end``, each side
+    half-closing after its line; what the relay returned."""
+    results: list[RelayResult] = []
     async with trio.open_nursery() as nursery:
-        results: list[RelayResult] = []
 
         async def run() -> None:
             results.append(await relay(client_end, remote_end, traffic=traffic, idle_timeout=None))
@@ -262,7 +264,19 @@ async def test_the_trio_path_relays_any_half_closeable_stream() -> None:
             await remote_app.send_all(b"221 bye\r\n")
             await remote_app.send_eof()
             assert await read_to_eof(client_app) == b"221 bye\r\n"
-    assert results == [RelayResult("ok")]
+    [result] = results
+    return result
+
+
+async def test_the_trio_path_relays_any_half_closeable_stream() -> None:
+    client_app, client_end = trio.testing.memory_stream_pair()
+    remote_end, remote_app = trio.testing.memory_stream_pair()
+    traffic = Traffic()
+    assert not can_splice(client_end, remote_end)
+    with pytest.raises(ValueError):
+        await relay(client_end, remote_end, traffic=traffic, idle_timeout=None, zero_copy=True)
+    ends = (client_app, client_end, remote_end, remote_app)
+    assert await quit_through_the_trio_path(*ends, traffic) == RelayResult("ok")
 
 
 async def test_a_relay_cancelled_midway_leaves_the_splice_reactor_serving_the_next() -> None:
@@ -403,21 +417,8 @@ async def test_connections_say_whether_they_can_be_spliced() -> None:
         with pytest.raises(ValueError):
             await relay(tcp_a, unix_end, traffic=Traffic(), idle_timeout=None, zero_copy=True)
         traffic = Traffic()
-        async with trio.open_nursery() as nursery:
-            results: list[RelayResult] = []
-
-            async def run() -> None:
-                results.append(await relay(unix_end, tcp_a, traffic=traffic, idle_timeout=None))
-
-            nursery.start_soon(run)
-            with trio.fail_after(5):
-                await unix_app.send_all(b"QUIT\r\n")
-                await unix_app.send_eof()
-                assert await read_to_eof(tcp_b) == b"QUIT\r\n"
-                await tcp_b.send_all(b"221 bye\r\n")
-                await tcp_b.send_eof()
-                assert await read_to_eof(unix_app) == b"221 bye\r\n"
-        assert results == [RelayResult("ok")]
+        ends = (unix_app, unix_end, tcp_a, tcp_b)
+        assert await quit_through_the_trio_path(*ends, traffic) == RelayResult("ok")
         assert (traffic.up, traffic.down) == (6, 9)
     finally:
         for stream in (tcp_a, tcp_b, unix_end, unix_app):
