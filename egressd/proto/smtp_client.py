@@ -310,8 +310,12 @@ class SmtpClient:
         state = self._state
         if state is ClientState.CLOSED or state is ClientState.ERROR or self._quit_sent:
             raise LocalProtocolError(f"cannot send {command!r}: the session is over")
+        if type(command) is DataChunk:  # by exact type: the body's pieces first
+            if state is not ClientState.BODY:
+                raise LocalProtocolError("the body may only be sent after a 354 to DATA")
+            return command.data
         kind = type(command)
-        if kind is DataChunk or kind is EndOfData:
+        if kind is EndOfData or kind is DataChunk:
             if state is not ClientState.BODY:
                 raise LocalProtocolError("the body may only be sent after a 354 to DATA")
             if isinstance(command, DataChunk):

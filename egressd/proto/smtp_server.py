@@ -417,6 +417,7 @@ class SmtpServer:
         self._owed: deque[_Kind] = deque()
         self._discarding_line = False
         self._line_start = True  # in DATA: the next byte starts a line
+        self._window = b""  # the body bytes _clean_end found clean, for the next chunk
         self._auth_mechanism = ""
         self._auth_username: str | None = None
         self._challenges = 0  # AuthChallenge events not yet answered with a 334
@@ -959,9 +960,9 @@ class SmtpServer:
         terminator, is held back until the next bytes show what it is.
 
         The common case -- a read's worth of CRLF lines -- is settled by a few C-level
-        passes over the whole window, no Python per line (:meth:`_clean_end`):
-        :meth:`_window_end` finds where it ends (:func:`_crlf_dot` for a line-initial dot)
-        and :func:`_no_bare_line_ending` checks it. Only a window that holds a bare CR or LF
+        passes over the whole window, no Python per line: :meth:`_clean_end` finds where
+        it ends (:func:`_crlf_dot` for a line-initial dot) and :func:`_no_bare_line_ending`
+        checks it. Only a window that holds a bare CR or LF
         goes through the line-by-line walk (:meth:`_next_data_event_by_line`), which finds
         where it is. Measured with smtp-source, 10 KiB messages: the per-line walk was a
         fifth of egressd's CPU; ``scripts/bench machines``: the three ``count`` passes
@@ -977,27 +978,22 @@ class SmtpServer:
             return self._end_of_data(_END_OF_DATA)
         if end == start:
             return NEED_DATA
-        data = buf.data
-        self._line_start = data[end - 1] == _LF  # a clean window never ends between CR and LF
-        return self._chunk(end)
+        self._line_start = buf.data[end - 1] == _LF  # a clean window never ends in CR|LF
+        window, self._window = self._window, b""
+        if len(window) != end - start:
+            return self._chunk(end)
+        buf.skip(end - start)
+        return DataChunk(window)  # the copy _clean_end checked: the bytes are not copied again
 
     def _clean_end(self, data: bytearray, start: int) -> int | None:
         """Where the next clean chunk ends: an index (``start`` if nothing can go yet), -1
-        for the terminator at ``start``, or None when the window holds a bare CR or LF."""
-        end = self._window_end(data, start)
-        if end <= start:
-            return end
-        with memoryview(data) as view:
-            window = bytes(view[start:end])
-        return end if _no_bare_line_ending(window) else None
+        for the terminator at ``start``, or None when the window holds a bare CR or LF.
 
-    def _window_end(self, data: bytearray, start: int) -> int:
-        """Where the next window of body bytes ends: an index (``start`` if nothing can go
-        yet), or -1 for the terminator at ``start``. The window stops before a
-        line-initial dot (the terminator, or what may become it, starts a chunk) and before
-        a CR that ends what arrived (is it CRLF? the next byte will tell)."""
-        size = len(data)
-        limit = min(size, start + self._max_chunk)
+        The window stops before a line-initial dot (the terminator, or what may become it,
+        starts a chunk) and before a CR that ends what arrived (is it CRLF? the next byte
+        will tell). A clean window is kept for :meth:`_next_data_event`, which emits it
+        without copying it again."""
+        limit = min(len(data), start + self._max_chunk)
         if start >= limit:
             return start
         if self._line_start and data[start] == _DOT:
@@ -1017,7 +1013,14 @@ class SmtpServer:
         else:
             if data[end - 1] == _CR:
                 end -= 1
-        return end if end > start else start
+        if end <= start:
+            return start
+        with memoryview(data) as view:
+            window = bytes(view[start:end])
+        if not _no_bare_line_ending(window):
+            return None
+        self._window = window
+        return end
 
     def _next_data_event_by_line(self) -> ServerEvent | Sentinel:
         """:meth:`_next_data_event` line by line: for a window with a bare CR or LF."""

@@ -295,7 +295,14 @@ class RelayCore:
     def _start(self, event: Event) -> Step[None]:
         # By exact type, the most frequent first: an MTA command, the end of the body.
         if type(event) is MtaCommand:
-            return self._command(event.command)
+            command = event.command  # the step itself, not a generator around it
+            if type(command) is Mail:
+                return self._mail(command)
+            if type(command) is Rcpt:
+                return self._recipient(command)
+            if type(command) is Data:
+                return self._data()
+            return self._command(command)
         if type(event) is MtaEndOfData:
             return self._end_of_data(event.chunks)
         if type(event) is MtaBody:
@@ -652,7 +659,7 @@ class RelayCore:
             if reply.code == 421:
                 yield from self._drop_remote()
         tx.final_reply = reply
-        yield from self._finish("delivered" if reply.is_success else "refused")
+        yield from self._finish("delivered" if reply.code < 300 else "refused")
         yield ReplyMta(reply)
 
     def _discarded(self, reply: Reply) -> Step[None]:
