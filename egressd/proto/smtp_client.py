@@ -298,10 +298,13 @@ class SmtpClient:
             raise self._violation
         if self._state is ClientState.CLOSED:
             return _CLOSED
-        if self._state is ClientState.TLS and len(self._buf):
+        buf = self._buf
+        if len(buf.data) <= buf.start:  # nothing to parse: the usual call after a send
+            return _CLOSED if buf.closed else NEED_DATA
+        if self._state is ClientState.TLS:
             raise self._fail("plaintext after the 220 to STARTTLS (CVE-2011-0411 class)")
         event = self._next_reply()
-        if event is NEED_DATA and self._buf.closed:
+        if event is NEED_DATA and buf.closed:
             return _CLOSED
         return event
 

@@ -509,7 +509,8 @@ class SmtpServer:
                 raise self._fail("plaintext pipelined after STARTTLS (CVE-2011-0411 class)")
             event = NEED_DATA
         elif state is ServerState.DATA:
-            event = self._next_data_event()
+            buf = self._buf
+            event = self._next_data_event() if len(buf.data) > buf.start else NEED_DATA
         elif state is ServerState.DISCARD:
             event = self._discard_data()
         elif state is ServerState.GREETING or (self._owed and self._owed[-1] in _PAUSING):

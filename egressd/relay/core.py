@@ -268,7 +268,7 @@ class RelayCore:
         session's end may interrupt (the shell was cancelled): what was awaited is dropped.
         """
         step = self._step
-        value: Event | None = None
+        commands: list[Command] = []
         if step is None:
             step = self._start(event)
         else:
@@ -276,21 +276,24 @@ class RelayCore:
             if type(event) is SessionEnded:
                 step.close()
                 step = self._start(event)
-            else:
-                value = event
-        # Run the step until it awaits a result or ends (in here, not in a method of its
-        # own: one call less for each of the eight events of a message).
-        commands: list[Command] = []
-        while True:
-            try:
-                command = step.send(value)
-            except StopIteration:
-                return commands
+            else:  # the awaited result goes in; then the step runs on as below
+                try:
+                    command = step.send(event)
+                except StopIteration:
+                    return commands
+                commands.append(command)
+                if type(command) in _AWAITING:
+                    self._step = step
+                    return commands
+        # Run the step until it awaits a result or ends, in here (one call less for each
+        # of a message's eight events) and by iteration: a step that ends stops the loop
+        # without the StopIteration that send() raises.
+        for command in step:
             commands.append(command)
             if type(command) in _AWAITING:
                 self._step = step
                 return commands
-            value = None
+        return commands
 
     def _start(self, event: Event) -> Step[None]:
         # By exact type, the most frequent first: an MTA command, the end of the body.
