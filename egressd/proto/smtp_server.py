@@ -326,21 +326,19 @@ _NOT_IMPLEMENTED: Final = frozenset(
 _DOT, _CR, _LF = 0x2E, 0x0D, 0x0A
 
 
-#: ``bytes.translate`` tables marking CR, resp. LF, with 1 and every other byte with 0.
-_CR_MARKS: Final = bytes(1 if byte == _CR else 0 for byte in range(256))
-_LF_MARKS: Final = bytes(1 if byte == _LF else 0 for byte in range(256))
-
-
 def _no_bare_line_ending(window: bytes) -> bool:
     """Every CR in ``window`` is followed by an LF and every LF follows a CR (a window
     that starts or ends between the two counts as bare).
 
-    Two C-level passes, no Python per line: the CR marks shifted by one byte are exactly
-    the LF marks (``scripts/bench machines``: 12 us per 10 KiB against 15 us for counting
-    CR, LF and CRLF, which this replaces)."""
-    if window[0] == _LF or window[-1] == _CR:
-        return False
-    return window.translate(_CR_MARKS)[:-1] == window.translate(_LF_MARKS)[1:]
+    ``bytes.splitlines`` breaks lines at CRLF, a bare CR and a bare LF alike: the window is
+    clean exactly when its lines joined by CRLF give it back (with its last CRLF, if it
+    ends in one). Two C-level passes and a comparison, no Python per line
+    (``scripts/bench machines``: 8 us per 10 KiB, against 12 us for two ``translate``
+    passes compared one byte apart and 15 us for counting CR, LF and CRLF)."""
+    rejoined = b"\r\n".join(window.splitlines())
+    if len(rejoined) + 2 == len(window):
+        return window.endswith(b"\r\n") and window.startswith(rejoined)
+    return rejoined == window
 
 
 #: How many dots :func:`_crlf_dot` looks at one by one before it searches for CRLF-dot.
