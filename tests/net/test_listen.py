@@ -1,6 +1,6 @@
 """The accept loop: out of descriptors it pauses and retries; it never dies of it.
 
-The listener is a real loopback socket whose ``accept`` fails with EMFILE a few times
+The listener is a real loopback socket whose ``_accept`` fails with EMFILE a few times
 before it works, as it would while the process is at RLIMIT_NOFILE (without using up the
 machine's descriptors). Time is trio's fake clock.
 """
@@ -30,13 +30,13 @@ class OutOfDescriptors(socket.socket):
         self.failures = failures
         self.tries: list[tuple[float, str]] = []
 
-    def accept(self) -> tuple[socket.socket, object]:
+    def _accept(self) -> tuple[int, object]:  # what accept() and the accept loop call
         if self.failures:
             self.failures -= 1
             self.tries.append((trio.current_time(), "EMFILE"))
             raise OSError(errno.EMFILE, "Too many open files")
         try:
-            accepted = super().accept()
+            accepted: tuple[int, object] = super()._accept()  # type: ignore[misc]
         except BlockingIOError:
             self.tries.append((trio.current_time(), "nothing waiting"))
             raise
