@@ -323,10 +323,6 @@ class Runtime:
         """
         return _SessionScope(self, door, client, listener, client if host is None else host)
 
-    def source_in_use(self, source_name: str) -> AbstractAsyncContextManager[None]:
-        """Count an outbound connection against its source (per-source cap, status)."""
-        return _SourceInUse(self.health, source_name)
-
     def _open(self, door: str, client: str, listener: str | None, host: str) -> SessionRecord:
         refusal = self.admission.refusal(self.egress.config.limits, self.doors, door, host)
         if refusal is not None:
@@ -384,24 +380,3 @@ class _SessionScope:
     ) -> None:
         assert self._record is not None
         self._runtime._close(self._record, self._host, exc)
-
-
-class _SourceInUse:
-    """:meth:`Runtime.source_in_use`."""
-
-    __slots__ = ("_health", "_name")
-
-    def __init__(self, health: SourceHealth, name: str) -> None:
-        self._health = health
-        self._name = name
-
-    async def __aenter__(self) -> None:
-        self._health.connection_opened(self._name)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._health.connection_closed(self._name)

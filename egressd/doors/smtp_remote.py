@@ -601,7 +601,8 @@ class _Opening:
         return failed
 
     async def _dial(self, attempt: Attempt, progress: Progress, next_hop: NextHop) -> RemoteSession:
-        """Connect within ``[dial] timeout``; the session holds a source slot for its life."""
+        """Connect within ``[dial] timeout``. The attempt's source slot becomes the session's
+        (``hold_slot``): one slot from the dial to the close, never two."""
         destination = attempt.destination
         name = destination.name or str(destination.address)
         try:
@@ -614,12 +615,6 @@ class _Opening:
         except EgressFailure as exc:
             self._note(exc, f"{name}[{destination.address}]:{attempt.port}: {_dial_reason(exc)}")
             raise
-        stack = AsyncExitStack()
-        try:
-            await stack.enter_async_context(self.runtime.source_in_use(attempt.source.name))
-        except BaseException:
-            await trio.aclose_forcefully(dialed.stream)
-            raise
         session = RemoteSession(
             dialed=dialed,
             mx_name=name,
@@ -630,7 +625,6 @@ class _Opening:
             shaping=self.shaped,
             provider=self.provider,
             runtime=self.runtime,
-            _exit=stack,
         )
         if dialed.initial_data:
             session.client.receive_data(dialed.initial_data)
@@ -749,14 +743,14 @@ async def open_remote(
     provider = opening.provider
     plan = Plan(egress, pool=pool, budget=budget, provider=provider)
     try:
-        session = await execute(plan, opening.attempt, opening.resolve)
+        session = await execute(plan, opening.attempt, opening.resolve, hold_slot=True)
     except EgressFailure as exc:
         opening.count_failure()
         raise RemoteError(opening.failed(exc)) from exc
     except RemoteError:
         opening.count_failure()
         raise
-    session._exit.callback(plan.release_budget)  # the shaping lease lives as long
+    session._exit.callback(plan.release_connection)  # the slot and the shaping lease
     lease = session.shaping.lease if session.shaping is not None else None
     session.quota = ConnectionQuota(
         egress.quotas, session.source.name, provider, plan.take_quota(), lease

@@ -821,3 +821,24 @@ async def test_an_unplumbed_source_is_retried_once_on_the_pools_next_source(
     assert [dict(getattr(r, "fields", {})) for r in retries] == [
         {"pool": "mixed", "failed": "gone", "next": "a"}
     ]
+
+
+async def test_a_remote_being_greeted_counts_once_against_its_source(
+    tmp_path: Path, nursery: trio.Nursery, port: int
+) -> None:
+    """``max_connections_per_source = 2``: while one remote's greeting is still pending, a
+    second connection from the same source opens. The greeting's attempt and the session
+    it becomes hold one slot between them, not one each."""
+    slow = await start_scripted_mx(nursery, {"banner": HANG}, host="127.0.0.6", port=port)
+    await start_scripted_mx(nursery, port=port)
+    routes = {"slow.test": f"127.0.0.6:{port}", "*": f"127.0.0.1:{port}"}
+    text = config(port, routes=routes, extra="[limits]\nmax_connections_per_source = 2\n")
+    async with egressd(tmp_path, text) as relay, mta(relay) as first, mta(relay) as second:
+        assert (await first.command("MAIL FROM:<a@sender.test>")).startswith("250 ")
+        await first.send(b"RCPT TO:<r@slow.test>\r\n")  # its remote never sends a banner
+        with trio.fail_after(5):
+            while not slow.sessions:
+                await trio.sleep(0.01)
+        replies = await transaction(second, ["r@good.test"])
+    assert replies[1] == "250 2.1.5 recipient ok", replies
+    assert replies[-1] == "250 2.0.0 scripted queued", replies
