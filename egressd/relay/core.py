@@ -298,14 +298,7 @@ class RelayCore:
     def _start(self, event: Event) -> Step[None]:
         # By exact type, the most frequent first: an MTA command, the end of the body.
         if type(event) is MtaCommand:
-            command = event.command  # the step itself, not a generator around it
-            if type(command) is Mail:
-                return self._mail(command)
-            if type(command) is Rcpt:
-                return self._recipient(command)
-            if type(command) is Data:
-                return self._data()
-            return self._command(command)
+            return self._command(event.command)
         if type(event) is MtaEndOfData:
             return self._end_of_data(event.chunks)
         if type(event) is MtaBody:

@@ -47,21 +47,24 @@ def local_egressd() -> Path:
     return Path(found)
 
 
-def test_unit_verifies_clean(tmp_path: Path) -> None:
-    text = UNIT.read_text()
-    assert f"ExecStart={INSTALLED_BINARY} " in text
-    copy = tmp_path / "egressd.service"
-    copy.write_text(text.replace(f"{INSTALLED_BINARY} ", f"{local_egressd()} "))
+def systemd_verify(unit: Path) -> tuple[int, str]:
+    """``systemd-analyze verify`` of ``unit``: its exit status and what it printed."""
     result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(copy)],
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    output = (result.stdout + result.stderr).strip()
-    assert result.returncode == 0, output
-    assert output == ""
+    return result.returncode, (result.stdout + result.stderr).strip()
+
+
+def test_unit_verifies_clean(tmp_path: Path) -> None:
+    text = UNIT.read_text()
+    assert f"ExecStart={INSTALLED_BINARY} " in text
+    copy = tmp_path / "egressd.service"
+    copy.write_text(text.replace(f"{INSTALLED_BINARY} ", f"{local_egressd()} "))
+    assert systemd_verify(copy) == (0, "")
 
 
 def test_socket_unit_verifies_clean_and_names_the_shipped_listeners(tmp_path: Path) -> None:
@@ -72,15 +75,7 @@ def test_socket_unit_verifies_clean_and_names_the_shipped_listeners(tmp_path: Pa
     (tmp_path / "egressd.service").write_text(service)
     socket_unit = tmp_path / "egressd.socket"
     socket_unit.write_text(SOCKET_UNIT.read_text())
-    result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(socket_unit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    output = (result.stdout + result.stderr).strip()
-    assert result.returncode == 0 and output == "", output
+    assert systemd_verify(socket_unit) == (0, "")
     streams = [
         line.removeprefix("ListenStream=")
         for line in SOCKET_UNIT.read_text().splitlines()
