@@ -1,0 +1,121 @@
+"""Python calls per SMTP message through the SMTP door: a count that does not drift with the
+machine's load.
+
+Run it through ``scripts/bench smtp-calls`` (``--help`` for the knobs). CPU per message
+(``scripts/bench smtp``) is the measure that matters, but on a shared machine its rounds
+spread by tens of percent; the number of Python calls a message costs is exact (it moves by
+a few between runs, with how the sessions interleave), and on this path CPU follows it. An
+egressd from this checkout (and one from ``--baseline DIR``) runs under
+bench/call_counter.py with one worker, configured as ``scripts/bench smtp`` configures it
+(one listener, one pool with one source, a route to the sink, one log line per transaction);
+``smtp-source -s SESSIONS -d -l SIZE`` sends ``--messages`` through it into ``smtp-sink``
+(PIPELINING on, ``--no-pipelining`` for off) after a warm-up, and the calls egressd made
+between the two are divided by the messages. ``--top N`` also lists the N functions with the
+most calls made under them (inclusive, per message): where to cut next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from procs import ROOT, free_port, running
+from relay_bench import wait_ready
+from smtp_bench import EGRESSD_CONFIG, KIB, SOURCE_ADDRESS, Case, generator_argv, sink_argv
+
+COUNTER = [sys.executable, str(ROOT / "bench" / "call_counter.py")]
+WARM_UP = 500
+
+
+def send(port: int, case: Case, messages: int) -> None:
+    """``messages`` through ``port`` with smtp-source; exits the bench if it fails."""
+    argv = generator_argv("smtp-source", port, case, messages)
+    done = subprocess.run(argv, capture_output=True, check=False)
+    if done.returncode != 0:
+        output = (done.stdout + done.stderr).decode(errors="replace")
+        sys.exit(f"bench: {' '.join(argv)} failed ({done.returncode}):\n{output[-3000:]}")
+
+
+def count_calls(
+    workdir: Path, root: Path, sink_port: int, case: Case, messages: int
+) -> dict[str, object]:
+    """The call report (see call_counter.py) of ``messages`` through an egressd from
+    ``root`` in front of the sink at ``sink_port``."""
+    port = free_port()
+    name = f"calls-{port}"
+    config = workdir / f"{name}.toml"
+    config.write_text(
+        EGRESSD_CONFIG.format(
+            sink_port=sink_port, relay_port=port, source=SOURCE_ADDRESS, workers=1
+        )
+    )
+    out = workdir / f"{name}.json"
+    os.environ["EGRESSD_CALLS_OUT"] = str(out)
+    with running([*COUNTER, "run", "-c", str(config)], port, workdir, name, root=root) as pid:
+        wait_ready(workdir / f"{name}.log")
+        send(port, case, WARM_UP)
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.2)
+        send(port, case, messages)
+        time.sleep(0.5)  # the last sessions' QUIT, log lines and closes
+        os.kill(pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 30
+        while not out.exists() or not out.stat().st_size:
+            if time.monotonic() > deadline:
+                sys.exit(f"bench: no call report from {name}")
+            time.sleep(0.05)
+        time.sleep(0.2)
+        report: dict[str, object] = json.loads(out.read_text())
+    return report
+
+
+def print_top(report: dict[str, object], messages: int, top: int) -> None:
+    inclusive = report["inclusive"]
+    assert isinstance(inclusive, list)
+    for function, under, own in inclusive[:top]:
+        print(f"  {under / messages:8.1f} under  {own / messages:6.1f} own  {function}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench smtp-calls", description=__doc__)
+    parser.add_argument("--messages", type=int, default=2000, help="counted messages (2000)")
+    parser.add_argument("--sessions", type=int, default=50, help="smtp-source -s (50)")
+    parser.add_argument("--size", type=int, default=10 * KIB, help="smtp-source -l (10240)")
+    parser.add_argument(
+        "--no-pipelining", action="store_true", help="the sink does not offer PIPELINING"
+    )
+    parser.add_argument("--baseline", type=Path, metavar="DIR", help="also count checkout DIR")
+    parser.add_argument("--top", type=int, default=0, help="list the N costliest functions")
+    args = parser.parse_args(argv)
+    case = Case(args.size, args.sessions, not args.no_pipelining)
+    roots = [("egressd", ROOT)]
+    if args.baseline is not None:
+        roots.append(("baseline", args.baseline.resolve()))
+    totals: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="egressd-smtp-calls-") as tmp:
+        workdir = Path(tmp)
+        sink_port = free_port()
+        with running(sink_argv(sink_port, case.pipelining), sink_port, workdir, "sink"):
+            for name, root in roots:
+                report = count_calls(workdir, root, sink_port, case, args.messages)
+                calls = report["calls"]
+                assert isinstance(calls, int)
+                totals[name] = calls / args.messages
+                print(f"{name}: {totals[name]:.1f} Python calls per message ({case.name}; {root})")
+                if args.top:
+                    print_top(report, args.messages, args.top)
+    if "baseline" in totals:
+        print(f"egressd / baseline: {totals['egressd'] / totals['baseline']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
