@@ -303,7 +303,16 @@ class SmtpClient:
             return _CLOSED if buf.closed else NEED_DATA
         if self._state is ClientState.TLS:
             raise self._fail("plaintext after the 220 to STARTTLS (CVE-2011-0411 class)")
-        event = self._next_reply()
+        event: ClientEvent | Sentinel
+        if not self._lines:  # a reply's first line: maybe one seen before (_remember), here
+            line = buf.take_line(b"\n")
+            if line is None:
+                event = self._no_line()
+            else:
+                seen = self._seen.get(line)
+                event = self._on_reply(seen) if seen is not None else self._next_reply(line)
+        else:
+            event = self._next_reply(None)
         if event is NEED_DATA and buf.closed:
             return _CLOSED
         return event
@@ -338,9 +347,14 @@ class SmtpClient:
                 raise LocalProtocolError(f"{command!r} cannot follow {last.value} unanswered")
             if "PIPELINING" not in self._extensions:
                 raise LocalProtocolError("the remote did not advertise PIPELINING")
-        # The transaction's commands (three per message) are told apart first.
-        if isinstance(command, (Mail, Rcpt, Data)):
-            line, awaits = self._transaction_line(command)
+        # The transaction's commands (three per message) are told apart first, by exact
+        # type (the events are final), each straight to its own line.
+        if type(command) is Rcpt:
+            line, awaits = self._rcpt_line(command)
+        elif type(command) is Mail:
+            line, awaits = self._mail_line(command)
+        elif kind is Data:
+            line, awaits = self._data_line()
         else:
             line, awaits = self._session_line(command)
         self._awaiting.append(awaits)
@@ -364,20 +378,9 @@ class SmtpClient:
         if "SMTPUTF8" not in self._extensions:
             raise LocalProtocolError("non-ASCII command but the remote lacks SMTPUTF8")
 
-    def _transaction_line(self, command: Mail | Rcpt | Data) -> tuple[str, _Await]:
+    def _mail_line(self, command: Mail) -> tuple[str, _Await]:
         if not self._hello:
             raise LocalProtocolError(f"{command!r} needs a successful EHLO or HELO first")
-        if isinstance(command, Mail):
-            return self._mail_line(command)
-        if not self._mail:
-            raise LocalProtocolError(f"{command!r} needs MAIL first")
-        if isinstance(command, Rcpt):
-            return self._rcpt_line(command)
-        if not self._rcpts:
-            raise LocalProtocolError("DATA needs RCPT first")
-        return "DATA", _Await.DATA
-
-    def _mail_line(self, command: Mail) -> tuple[str, _Await]:
         if self._mail:
             raise LocalProtocolError("MAIL inside a mail transaction")
         line = f"MAIL FROM:<{command.address}>"
@@ -390,6 +393,8 @@ class SmtpClient:
         return line, _Await.MAIL
 
     def _rcpt_line(self, command: Rcpt) -> tuple[str, _Await]:
+        if not self._mail:  # a MAIL needed a successful EHLO or HELO
+            raise LocalProtocolError(f"{command!r} needs MAIL first")
         line = f"RCPT TO:<{command.address}>"
         if command.params:
             line += format_params(filter_rcpt_params(command.params, self._extensions))
@@ -397,6 +402,13 @@ class SmtpClient:
             self._need_utf8(line)
         self._rcpts += 1
         return line, _Await.RCPT
+
+    def _data_line(self) -> tuple[str, _Await]:
+        if not self._mail:
+            raise LocalProtocolError("DATA needs MAIL first")
+        if not self._rcpts:
+            raise LocalProtocolError("DATA needs RCPT first")
+        return "DATA", _Await.DATA
 
     def _session_line(self, command: ClientCommand) -> tuple[str, _Await]:
         """The commands outside a transaction's MAIL, RCPT and DATA."""
@@ -413,6 +425,12 @@ class SmtpClient:
         if isinstance(command, Quit):
             self._quit_sent = True
             return "QUIT", _Await.QUIT
+        if isinstance(command, Mail):  # a subclass: send() tells the events by exact type
+            return self._mail_line(command)
+        if isinstance(command, Rcpt):
+            return self._rcpt_line(command)
+        if isinstance(command, Data):
+            return self._data_line()
         if not self._hello:
             raise LocalProtocolError(f"{command!r} needs a successful EHLO or HELO first")
         if isinstance(command, StartTls):
@@ -430,18 +448,27 @@ class SmtpClient:
         self._state = ClientState.ERROR
         return self._violation
 
-    def _next_reply(self) -> ClientEvent | Sentinel:
+    def _no_line(self) -> Sentinel:
+        """No whole reply line yet: wait for more, unless what came is already too long."""
         buf = self._buf
+        if len(buf.data) - buf.start > self._max_line + 1:
+            raise self._fail(f"reply line longer than {self._max_line} octets")
+        return NEED_DATA
+
+    def _next_reply(self, first: bytes | None) -> ClientEvent | Sentinel:
+        """Read reply lines, from ``first`` (already taken from the buffer) if given, up to
+        the end of a reply."""
+        buf = self._buf
+        line = first
         while True:
-            line = buf.take_line(b"\n")
             if line is None:
-                if len(buf.data) - buf.start > self._max_line + 1:
-                    raise self._fail(f"reply line longer than {self._max_line} octets")
-                return NEED_DATA
-            if not self._lines:
-                seen = self._seen.get(line)
-                if seen is not None:  # this very line was a whole reply before
-                    return self._on_reply(seen)
+                line = buf.take_line(b"\n")
+                if line is None:
+                    return self._no_line()
+                if not self._lines:
+                    seen = self._seen.get(line)
+                    if seen is not None:  # this very line was a whole reply before
+                        return self._on_reply(seen)
             wire = line
             if line[-1:] == b"\r":
                 line = line[:-1]
@@ -466,6 +493,7 @@ class SmtpClient:
                 reply = Reply(code, tuple(self._lines))
                 self._lines = []
                 return self._on_reply(reply)
+            line = None
 
     def _remember(self, wire: bytes, reply: Reply) -> Reply:
         """Keep a one-line reply by its line as it came (most remotes answer MAIL, RCPT and

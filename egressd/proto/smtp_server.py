@@ -407,7 +407,9 @@ class SmtpServer:
         self._rcpt_allowed = frozenset({"NOTIFY", "ORCPT"} if "DSN" in offered else ())
 
         self._buf = ReceiveBuffer()
-        self._state = ServerState.GREETING
+        #: Where the session is. Read it, never set it: a plain attribute, not a property,
+        #: as the shell reads it several times per message (a property is a Python call).
+        self.state = ServerState.GREETING
         self._refused = False  # greeted with 554
         self._tls_active = False
         self._session = _Session()  # as the replies sent so far made it
@@ -423,10 +425,6 @@ class SmtpServer:
         self._mail_allowed = self._mail_params()  # again when TLS starts
 
     # ---------------------------------------------------------------- public properties
-
-    @property
-    def state(self) -> ServerState:
-        return self._state
 
     @property
     def tls_active(self) -> bool:
@@ -479,7 +477,7 @@ class SmtpServer:
             self._buf.closed = True
         elif self._buf.closed:
             raise LocalProtocolError("receive_data() after EOF")
-        elif self._state not in (ServerState.CLOSED, ServerState.ERROR):
+        elif self.state not in (ServerState.CLOSED, ServerState.ERROR):
             self._buf.feed(data)
 
     def next_event(self) -> ServerEvent | Sentinel:
@@ -490,16 +488,22 @@ class SmtpServer:
         """
         if self._violation is not None:
             raise self._violation
-        state = self._state
+        state = self.state
         event: ServerEvent | Sentinel
         if state is ServerState.COMMAND:  # the usual state first
             owed = self._owed
+            buf = self._buf
             if owed and owed[-1] in _PAUSING:
                 event = PAUSED
-            elif len(self._buf.data) > self._buf.start:
-                event = self._next_command_event()
-            else:  # nothing to parse: the usual call after each reply
+            elif len(buf.data) <= buf.start:  # nothing to parse: the usual call after a reply
                 event = NEED_DATA
+            elif self._discarding_line:
+                event = self._next_command_event()
+            else:  # a whole command line, the usual case, goes to _dispatch from here
+                line = buf.take_line(b"\r\n")
+                if line is not None and len(line) <= self._max_line:
+                    return self._dispatch(line)
+                event = self._after_line(line)
         elif state is ServerState.CLOSED:
             return _CLOSED
         elif state is ServerState.TLS:
@@ -525,19 +529,19 @@ class SmtpServer:
         """
         if type(reply) is not Reply and not isinstance(reply, Reply):
             raise LocalProtocolError(f"send() takes a Reply, not {reply!r}")
-        if self._state is ServerState.CLOSED or self._state is ServerState.ERROR:
-            raise LocalProtocolError(f"cannot send in state {self._state.value}")
+        if self.state is ServerState.CLOSED or self.state is ServerState.ERROR:
+            raise LocalProtocolError(f"cannot send in state {self.state.value}")
         code = reply.code
         if code == 421:
-            self._state = ServerState.CLOSED
+            self.state = ServerState.CLOSED
             self._owed.clear()
-            return reply.to_bytes()
-        if self._state is ServerState.GREETING:
+            return reply._wire
+        if self.state is ServerState.GREETING:
             if code != 220 and code != 554:
                 raise LocalProtocolError(f"the greeting must be 220, 554 or 421, not {code}")
             self._refused = code == 554
-            self._state = ServerState.COMMAND
-            return reply.to_bytes()
+            self.state = ServerState.COMMAND
+            return reply._wire
         owed = self._owed
         if not owed:
             raise LocalProtocolError(f"no command is owed a reply (sending {code})")
@@ -546,30 +550,30 @@ class SmtpServer:
             if kind is not _Kind.AUTH or self._challenges == 0:
                 raise LocalProtocolError("334 is only a reply to an AuthChallenge")
             self._challenges -= 1
-            return reply.to_bytes()
+            return reply._wire
         if code == 354:
             if kind is not _Kind.DATA:
                 raise LocalProtocolError("354 is only a reply to DATA")
             owed.popleft()
-            self._state = ServerState.DATA
+            self.state = ServerState.DATA
             self._line_start = True
             self._buf.reset_scan()
-            return reply.to_bytes()
+            return reply._wire
         owed.popleft()
         if code < 300:  # a message's usual replies, as after_reply takes them, inline
             if kind is _Kind.RCPT:
                 self._session.rcpts += 1
-                return reply.to_bytes()
+                return reply._wire
             if kind is _Kind.MAIL:
                 session = self._session
                 session.mail = True
                 session.rcpts = 0
-                return reply.to_bytes()
+                return reply._wire
             if kind is _Kind.END:
                 session = self._session
                 session.mail = False
                 session.rcpts = 0
-                return reply.to_bytes()
+                return reply._wire
         self._session.after_reply(kind, code)
         if (kind in _SUCCESS_MATTERS and not 200 <= code < 300) or (
             kind is _Kind.AUTH and code != 235
@@ -581,13 +585,13 @@ class SmtpServer:
             self._projected = projected
         if kind is _Kind.AUTH:
             self._challenges = 0
-            if self._state is ServerState.AUTH:
-                self._state = ServerState.COMMAND
+            if self.state is ServerState.AUTH:
+                self.state = ServerState.COMMAND
         elif kind is _Kind.STARTTLS and code < 300:
-            self._state = ServerState.TLS
+            self.state = ServerState.TLS
         elif kind is _Kind.QUIT:
-            self._state = ServerState.CLOSED
-        return reply.to_bytes()
+            self.state = ServerState.CLOSED
+        return reply._wire
 
     def start_tls(self) -> None:
         """Call after sending the 220 to STARTTLS, before the TLS handshake.
@@ -595,7 +599,7 @@ class SmtpServer:
         Raises RemoteProtocolError if plaintext bytes already followed STARTTLS.
         Otherwise resets the session as RFC 3207 section 4.2 requires.
         """
-        if self._state is not ServerState.TLS:
+        if self.state is not ServerState.TLS:
             raise LocalProtocolError("start_tls() only after a 220 reply to STARTTLS")
         if len(self._buf):
             self._fail("plaintext pipelined after STARTTLS (CVE-2011-0411 class)")
@@ -605,13 +609,13 @@ class SmtpServer:
         self._mail_allowed = self._mail_params()
         self._session = _Session()
         self._projected = _Session()
-        self._state = ServerState.COMMAND
+        self.state = ServerState.COMMAND
 
     # ---------------------------------------------------------------- commands
 
     def _fail(self, description: str) -> RemoteProtocolError:
         self._violation = RemoteProtocolError(description)
-        self._state = ServerState.ERROR
+        self.state = ServerState.ERROR
         return self._violation
 
     def _owe(self, kind: _Kind) -> None:
@@ -621,14 +625,13 @@ class SmtpServer:
 
     def _refuse(self, refusal: _Refuse, command: str, *, in_auth: bool = False) -> CommandError:
         if in_auth:  # the reply answers the AUTH command, already owed
-            self._state = ServerState.COMMAND
+            self.state = ServerState.COMMAND
             return CommandError(refusal.reply, "AUTH")
         self._owed.append(_Kind.OTHER)
         return CommandError(refusal.reply, command)
 
     def _next_command_event(self) -> ServerEvent | Sentinel:
         buf = self._buf
-        in_auth = self._state is ServerState.AUTH
         while self._discarding_line:
             end = buf.find(b"\r\n")
             if end >= 0:
@@ -639,17 +642,24 @@ class SmtpServer:
             buf.skip(len(buf) - keep)
             return NEED_DATA
         line = buf.take_line(b"\r\n")
+        if line is not None and len(line) <= self._max_line:
+            return self._dispatch(line)
+        return self._after_line(line)
+
+    def _after_line(self, line: bytes | None) -> ServerEvent | Sentinel:
+        """What a :meth:`ReceiveBuffer.take_line` that gave no command to dispatch means:
+        no whole line yet (or one too long to wait for), or a line too long."""
+        in_auth = self.state is ServerState.AUTH
         if line is None:
+            buf = self._buf
             if len(buf.data) - buf.start >= self._max_line + 2:
                 self._discarding_line = True
                 return self._refuse(_Refuse(500, "5.5.2", "Line too long"), "", in_auth=in_auth)
             return NEED_DATA
-        if len(line) > self._max_line:
-            return self._refuse(_Refuse(500, "5.5.2", "Line too long"), "", in_auth=in_auth)
-        return self._dispatch(line)
+        return self._refuse(_Refuse(500, "5.5.2", "Line too long"), "", in_auth=in_auth)
 
     def _dispatch(self, line: bytes) -> ServerEvent:
-        in_auth = self._state is ServerState.AUTH
+        in_auth = self.state is ServerState.AUTH
         verb = ""
         try:
             if _BAD_COMMAND_CHARS.search(line):
@@ -919,7 +929,7 @@ class SmtpServer:
         return self._challenge(_EMPTY_CHALLENGE if mechanism == "PLAIN" else _LOGIN_USERNAME)
 
     def _challenge(self, reply: Reply) -> AuthChallenge:
-        self._state = ServerState.AUTH
+        self.state = ServerState.AUTH
         self._challenges += 1
         return AuthChallenge(self._auth_mechanism, reply)
 
@@ -937,7 +947,7 @@ class SmtpServer:
             text = decoded.decode("utf-8")
         except UnicodeDecodeError:
             raise _Refuse(501, "5.5.2", "Client response is not UTF-8") from None
-        self._state = ServerState.COMMAND
+        self.state = ServerState.COMMAND
         if self._auth_mechanism == "PLAIN":
             parts = text.split("\0")
             if len(parts) != 3 or not parts[1]:
@@ -1057,7 +1067,7 @@ class SmtpServer:
             # A bare CR or a bare LF: emit what came before it, then refuse the message.
             if found > start:
                 return self._chunk(found)
-            self._state = ServerState.DISCARD
+            self.state = ServerState.DISCARD
             return BareLineEnding(_BARE_REPLY)
         if pos > start:
             return self._chunk(pos)
@@ -1067,7 +1077,7 @@ class SmtpServer:
         return DataChunk(self._buf.take(end - self._buf.start))
 
     def _end_of_data(self, event: EndOfData | DataDiscarded) -> EndOfData | DataDiscarded:
-        self._state = ServerState.COMMAND
+        self.state = ServerState.COMMAND
         self._buf.reset_scan()
         self._owe(_Kind.END)
         return event
