@@ -281,12 +281,16 @@ class SmtpClient:
 
         Bytes after EOF are a caller bug (LocalProtocolError).
         """
+        buf = self._buf
         if not data:
-            self._buf.closed = True
-        elif self._buf.closed:
+            buf.closed = True
+        elif buf.closed:
             raise LocalProtocolError("receive_data() after EOF")
-        elif self._state not in (ClientState.CLOSED, ClientState.ERROR):
-            self._buf.feed(data)
+        elif self._state is not ClientState.CLOSED and self._state is not ClientState.ERROR:
+            if buf.start:
+                buf.feed(data)
+            else:  # nothing consumed to drop: feed() without its call
+                buf.data += data
 
     def next_event(self) -> ClientEvent | Sentinel:
         """The next Reply (or ConnectionClosed), or ``NEED_DATA``.

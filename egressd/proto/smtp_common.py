@@ -554,6 +554,8 @@ class ReceiveBuffer:
     ``data[start:]`` is the unconsumed part. Consuming only moves ``start``; the consumed
     prefix is dropped when it is at least half the buffer, so each byte is copied a bounded
     number of times. :meth:`find` resumes where the previous unsuccessful search stopped.
+    While ``start`` is 0 there is nothing to drop, and a machine appends to ``data`` itself
+    (:meth:`take_line` empties a buffer it consumed whole, so that is the usual case).
     """
 
     __slots__ = ("_scan", "closed", "data", "start")
@@ -596,7 +598,11 @@ class ReceiveBuffer:
             self._scan = scan if scan > start else start
             return None
         line = bytes(data[start:index])
-        self.start = self._scan = index + len(separator)
+        end = index + len(separator)
+        if end == len(data):  # all consumed (lock-step, the usual case): start afresh, so
+            del data[:]  # the next receive_data() appends without a call to feed()
+            end = 0
+        self.start = self._scan = end
         return line
 
     def reset_scan(self) -> None:

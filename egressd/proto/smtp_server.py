@@ -473,12 +473,16 @@ class SmtpServer:
 
         Bytes after EOF are a caller bug (LocalProtocolError).
         """
+        buf = self._buf
         if not data:
-            self._buf.closed = True
-        elif self._buf.closed:
+            buf.closed = True
+        elif buf.closed:
             raise LocalProtocolError("receive_data() after EOF")
-        elif self.state not in (ServerState.CLOSED, ServerState.ERROR):
-            self._buf.feed(data)
+        elif self.state is not ServerState.CLOSED and self.state is not ServerState.ERROR:
+            if buf.start:
+                buf.feed(data)
+            else:  # nothing consumed to drop: feed() without its call
+                buf.data += data
 
     def next_event(self) -> ServerEvent | Sentinel:
         """The next event, ``NEED_DATA`` or ``PAUSED``.
@@ -1079,7 +1083,12 @@ class SmtpServer:
     def _end_of_data(self, event: EndOfData | DataDiscarded) -> EndOfData | DataDiscarded:
         self.state = ServerState.COMMAND
         self._buf.reset_scan()
-        self._owe(_Kind.END)
+        # _owe(END) inline (two calls a message): the end of data ends the projected
+        # transaction, whatever its reply.
+        self._owed.append(_Kind.END)
+        projected = self._projected
+        projected.mail = False
+        projected.rcpts = 0
         return event
 
     def _discard_data(self) -> ServerEvent | Sentinel:

@@ -397,28 +397,32 @@ class RelayCore:
         """The reply for one RCPT: the remote's, or egressd's refusal."""
         tx = self.tx
         assert tx is not None, "RCPT outside a transaction"
-        try:
-            reply = yield from self._take_recipient(tx, rcpt)
+        domain = recipient_domain(rcpt.address)
+        try:  # one step, not one around a second for the reply: three calls fewer a RCPT
+            if tx.mail_refusal is not None:
+                reply = tx.mail_refusal
+            elif tx.broken is not None:
+                reply = tx.broken
+            elif not domain:
+                reply = replies.no_recipient_domain(rcpt.address)
+            elif tx.remote_open and self.remote is not None:
+                reply = yield from self._later_recipient(tx, domain, rcpt)
+            else:
+                reply = yield from self._begin_remote(tx, domain, rcpt)
         except _Refusal as refusal:
             reply = refusal.reply
         tx.recipients.append((rcpt.address, reply.code))
         yield ReplyMta(reply)
 
-    def _take_recipient(self, tx: Transaction, rcpt: Rcpt) -> Step[Reply]:
-        if tx.mail_refusal is not None:
-            return tx.mail_refusal
-        if tx.broken is not None:
-            return tx.broken
-        domain = recipient_domain(rcpt.address)
-        if not domain:
-            return replies.no_recipient_domain(rcpt.address)
+    def _later_recipient(self, tx: Transaction, domain: str, rcpt: Rcpt) -> Step[Reply]:
+        """A RCPT after the remote transaction began: it rides that transaction when its
+        domain has the same next hop."""
         remote = self.remote
-        if tx.remote_open and remote is not None:
-            next_hop = yield from self._next_hop(tx, domain, remote.source.egress_version)
-            if not remote.next_hop.same_destination(next_hop, remote.next_hop_address):
-                return replies.another_next_hop(domain, remote.next_hop.domain, remote.remote_text)
-            return (yield from self._remote_rcpt(tx, rcpt))
-        return (yield from self._begin_remote(tx, domain, rcpt))
+        assert remote is not None
+        next_hop = yield from self._next_hop(tx, domain, remote.source.egress_version)
+        if not remote.next_hop.same_destination(next_hop, remote.next_hop_address):
+            return replies.another_next_hop(domain, remote.next_hop.domain, remote.remote_text)
+        return (yield from self._remote_rcpt(tx, rcpt))
 
     def _begin_remote(self, tx: Transaction, domain: str, rcpt: Rcpt) -> Step[Reply]:
         """MAIL FROM then the first RCPT at the remote (in one write when it pipelines).
@@ -459,11 +463,11 @@ class RelayCore:
             )
             try:
                 if together:
-                    mail_reply, rcpt_reply = yield from self._exchange(
-                        SendRemote((tx.mail, rcpt), "MAIL FROM and RCPT TO")
-                    )
+                    send = SendRemote((tx.mail, rcpt), "MAIL FROM and RCPT TO")
+                    mail_reply, rcpt_reply = self._replies(send, (yield send))
                 else:
-                    [mail_reply] = yield from self._exchange(SendRemote((tx.mail,), "MAIL FROM"))
+                    send = SendRemote((tx.mail,), "MAIL FROM")
+                    [mail_reply] = self._replies(send, (yield send))
             except _RemoteFailed as exc:
                 yield from self._drop_remote()
                 if fresh:
@@ -499,7 +503,7 @@ class RelayCore:
         the transaction: the connection is dropped, and every later command of the
         transaction gets the same reply."""
         try:
-            [reply] = yield from self._exchange(send)
+            [reply] = self._replies(send, (yield send))
         except _RemoteFailed as exc:
             yield from self._break(tx, exc.reply)
             raise
@@ -570,17 +574,19 @@ class RelayCore:
 
     # ----------------------------------------------------------------------- the remote
 
-    def _exchange(self, send: SendRemote) -> Step[tuple[Reply, ...]]:
-        """Send ``send``'s commands and return the remote's reply to each, in order.
+    def _replies(self, send: SendRemote, result: Event | None) -> tuple[Reply, ...]:
+        """The remote's reply to each of ``send``'s commands, in order, from ``result``:
+        what the shell fed back for ``send`` (a step writes ``self._replies(send, (yield
+        send))``: a function, not a step around the yield, is one call an exchange instead
+        of three).
 
         A 421 ends the connection: it stands for the replies that will never come. A
         failure raises :class:`_RemoteFailed` with the 4xx for the MTA.
         """
-        remote = self.remote
-        assert remote is not None
-        result = yield send
         if type(result) is not RemoteReplied:
             if isinstance(result, (RemoteTimedOut, RemoteLost)):
+                remote = self.remote
+                assert remote is not None
                 detail = replies.remote_failure_detail(send.what, result)
                 raise _RemoteFailed(replies.remote_failure(remote.describe, detail))
             raise AssertionError(f"{result!r} is no result of {send!r}")
@@ -628,8 +634,9 @@ class RelayCore:
         if self._oversize(tx):
             yield from self._refuse_oversize(tx)
             return
+        send = SendRemote(chunks, "the message body")
         try:
-            yield from self._exchange(SendRemote(chunks, "the message body"))
+            self._replies(send, (yield send))
         except _RemoteFailed as exc:
             tx.body_failure = exc.reply
             yield from self._drop_remote()
@@ -666,10 +673,9 @@ class RelayCore:
         if tx.body_failure is not None or self.remote is None:
             reply = tx.body_failure or replies.remote_gone()
         else:
+            send = SendRemote((*chunks, _END_OF_DATA), "end of data")
             try:
-                [reply] = yield from self._exchange(
-                    SendRemote((*chunks, _END_OF_DATA), "end of data")
-                )
+                [reply] = self._replies(send, (yield send))
                 tx.remote_open = False
             except _RemoteFailed as exc:
                 reply = exc.reply
@@ -704,11 +710,11 @@ class RelayCore:
         remote = self.remote
         if remote is not None and (tx.remote_open or tx.final_reply is not None):
             try:
-                [reply] = yield from self._exchange(_SEND_RSET)
+                [reply] = self._replies(_SEND_RSET, (yield _SEND_RSET))
             except _RemoteFailed:
                 yield from self._drop_remote()
             else:
-                if not reply.is_success:
+                if reply.code >= 300:
                     yield from self._drop_remote(polite=reply.code != 421)
         tx.remote_open = False
         yield from self._finish(outcome)

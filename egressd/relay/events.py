@@ -351,7 +351,7 @@ class ResolveNextHop:
     config: Config | None = field(default=None, compare=False, repr=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class SendRemote:
     """Write ``commands`` in one write and read a reply to each (none to body pieces);
     ``what`` names them for a failure reply."""
@@ -359,14 +359,17 @@ class SendRemote:
     commands: tuple[ClientCommand, ...]
     what: str
     #: How many replies the remote owes for ``commands``: one per command but body pieces.
-    replies_owed: int = field(init=False, repr=False, compare=False)
+    replies_owed: int = field(repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        # Counted once here: the core and the shell both read it, several times per message.
-        owed = len(self.commands)
-        for command in self.commands:
+    def __init__(self, commands: tuple[ClientCommand, ...], what: str) -> None:
+        # One call, not the generated __init__ and a __post_init__ (two sends a message).
+        # Counted once here: the core and the shell both read it, several times a message.
+        owed = len(commands)
+        for command in commands:
             if type(command) is DataChunk:
                 owed -= 1
+        object.__setattr__(self, "commands", commands)
+        object.__setattr__(self, "what", what)
         object.__setattr__(self, "replies_owed", owed)
 
 
