@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import ipaddress
+import json
+import logging
+import re
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -23,6 +28,8 @@ import trio
 import trio.testing
 
 import egressd.doors.smtp as smtp_door_module
+import egressd.doors.smtp_relay as smtp_relay_module
+import egressd.log as egressd_log
 from egressd.config import (
     Config,
     Endpoint,
@@ -301,6 +308,87 @@ async def test_a_message_goes_through_and_the_remote_reply_comes_back(
     assert d.remote.commands[-1] == "QUIT"
     assert d.record.outcome == "delivered"
     assert d.record.pool == "main"
+
+
+# The transaction log line, byte for byte: operators parse it, so a faster rendering must
+# not change one character of it (timestamp, order, quoting, the journald prefix, JSON).
+LINE_TIME = 1_764_480_001.25
+TEXT_LINES = [
+    "2025-11-30T05:20:01.250Z info egressd.smtp: transaction client=127.0.0.1:40000 pool=main"
+    " source=a local_address=127.0.0.3:40000 mx=mx.good.test"
+    " mx_address=mx.good.test[192.0.2.1]:25 tls_policy=opportunistic sender=a@sender.test"
+    ' recipients="one@good.test=250" reply="250 2.0.0 queued as X1" size=22 duration=1.5'
+    " outcome=delivered",
+    "2025-11-30T05:20:01.250Z info egressd.smtp: transaction client=127.0.0.1:40000 pool=main"
+    " source=a local_address=127.0.0.3:40000 mx=mx.good.test"
+    " mx_address=mx.good.test[192.0.2.1]:25 tls_policy=opportunistic sender=<>"
+    ' recipients="one@good.test=250,two@good.test=250" reply="250 2.0.0 queued as X1" size=0'
+    " duration=0.0 outcome=delivered",
+]
+
+
+def json_line(line: str, **extra: object) -> str:
+    """The JSON form of one of :data:`TEXT_LINES`."""
+    head, _, rest = line.partition(" info egressd.smtp: transaction ")
+    fields: dict[str, object] = {}
+    for key, value in re.findall(r'(\w+)=("[^"]*"|\S+)', rest):
+        text = value.strip('"')
+        fields[key] = int(text) if text.isdigit() else float(text) if key == "duration" else text
+    obj = {"time": head, "level": "info", "logger": "egressd.smtp", "message": "transaction"}
+    return json.dumps(obj | fields | extra)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "journal", "worker"),
+    [("text", False, None), ("text", True, None), ("text", False, 2), ("json", False, 2)],
+)
+async def test_the_transaction_line_is_exactly_what_operators_parse(
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    fmt: str,
+    journal: bool,
+    worker: int | None,
+) -> None:
+    monkeypatch.setattr(time, "time", lambda: LINE_TIME)
+
+    async def next_hop(domain: str, version: int | None, config: Config) -> NextHop:
+        return NEXT_HOP  # the second message's look-up, on the kept connection
+
+    monkeypatch.setattr(smtp_relay_module, "next_hop", next_hop)
+    logger = logging.getLogger(egressd_log.LOGGER_NAME)
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    stream = io.StringIO()
+    logger.handlers = [egressd_log.make_handler(fmt, journal=journal, stream=stream)]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if worker is not None:
+        egressd_log.PROCESS_FIELDS["worker"] = worker
+    try:
+        async with door({"dot": "250 2.0.0 queued as X1"}) as d:
+            assert d.session.relay is not None
+            d.session.relay.core.clock = trio.current_time  # durations on the fake clock
+            await in_data(d.mta)
+            await trio.sleep(1.5)
+            await d.mta.stream.send_all(b"Subject: hi\r\n\r\n..dot\r\n.\r\n")
+            assert await d.mta.reply() == "250 2.0.0 queued as X1"
+            assert (await d.mta.command("MAIL FROM:<>")).startswith("250 2.1.0")
+            assert await d.mta.command("RCPT TO:<one@good.test>") == "250 2.0.0 ok"
+            assert await d.mta.command("RCPT TO:<two@good.test>") == "250 2.0.0 ok"
+            assert await d.mta.command("DATA") == "354 go ahead"
+            await d.mta.stream.send_all(b".\r\n")
+            assert await d.mta.reply() == "250 2.0.0 queued as X1"
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+        egressd_log.PROCESS_FIELDS.clear()
+    lines = [line for line in stream.getvalue().splitlines() if "transaction" in line]
+    tail = "" if worker is None else f" worker={worker}"
+    if fmt == "json":
+        expected = [json_line(line, worker=worker) for line in TEXT_LINES]
+    elif journal:
+        expected = ["<6>" + line.split(" ", 1)[1] + tail for line in TEXT_LINES]
+    else:
+        expected = [line + tail for line in TEXT_LINES]
+    assert lines == expected
 
 
 async def test_an_mta_silent_between_commands_gets_421_after_the_command_timeout(
