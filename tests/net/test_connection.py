@@ -127,6 +127,90 @@ async def test_bytes_that_are_ready_are_taken_whatever_the_limit(
     peer.close()
 
 
+async def test_waits_on_many_connections_each_end_at_their_own_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """One task keeps every deadline: a later deadline filed first, an earlier one filed
+    after it, and a wait that ended in time must neither delay nor cut the others."""
+    pairs = [connected_pair() for _ in range(3)]
+    (slow, _), (fast, _), (answered, answered_peer) = pairs
+    ended: dict[str, float] = {}
+
+    async def wait_out(name: str, connection: Connection, limit: float) -> None:
+        connection.time_limit(limit)
+        with pytest.raises(trio.TooSlowError):
+            await connection.receive_some(10)
+        ended[name] = trio.current_time()
+
+    async def answered_in_time() -> None:
+        answered.time_limit(5)
+        assert await answered.receive_some(10) == b"in time"
+        answered.time_limit(math.inf)
+        assert await answered.receive_some(10) == b"much later"  # no limit: never cut
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_out, "slow", slow, 50)
+        nursery.start_soon(answered_in_time)
+        await trio.sleep(1)
+        nursery.start_soon(wait_out, "fast", fast, 10)  # earlier than the first one's
+        await trio.sleep(2)
+        answered_peer.sendall(b"in time")
+        await trio.sleep(100)
+        answered_peer.sendall(b"much later")
+    assert ended == {"fast": 11, "slow": 50}
+    for connection, peer in pairs:
+        connection.close()
+        peer.close()
+
+
+async def test_a_read_and_a_write_waiting_on_one_connection_share_its_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connection, peer = connected_pair()
+    connection.time_limit(20)
+    ended: list[tuple[str, float]] = []
+
+    async def read() -> None:
+        with pytest.raises(trio.TooSlowError):
+            await connection.receive_some(10)
+        ended.append(("read", trio.current_time()))
+
+    async def write() -> None:
+        with pytest.raises(trio.TooSlowError):
+            while True:  # until the buffers are full and the write waits
+                await connection.send_all(b"x" * 65536)
+        ended.append(("write", trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        nursery.start_soon(write)
+    assert sorted(ended) == [("read", 20), ("write", 20)]
+    connection.close()
+    peer.close()
+
+
+async def test_a_wait_cancelled_by_its_caller_leaves_no_deadline_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connection, peer = connected_pair()
+    connection.time_limit(30)
+    with trio.move_on_after(10):
+        await connection.receive_some(10)
+    assert trio.current_time() == 10
+    connection.time_limit(math.inf)
+
+    async def answer_late() -> None:
+        await trio.sleep(60)  # long after the cancelled wait's deadline
+        peer.sendall(b"late")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer_late)
+        assert await connection.receive_some(10) == b"late"
+    assert trio.current_time() == 70
+    connection.close()
+    peer.close()
+
+
 async def test_a_timed_stream_gives_any_stream_the_same_limit(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
