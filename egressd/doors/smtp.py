@@ -54,7 +54,7 @@ from egressd.doors.common import client_host
 from egressd.doors.smtp_relay import Relay
 from egressd.log import get_logger
 from egressd.login import FAILURES_PER_CONNECTION, password_matches
-from egressd.net.connection import Connection, timed
+from egressd.net.connection import Connection, clock, timed
 from egressd.net.tls import server_context
 from egressd.proto.smtp_common import (
     NEED_DATA,
@@ -224,12 +224,13 @@ class _ReadCut(Exception):
 @dataclass(slots=True)
 class _Wait:
     """The write and read to the MTA in progress (:meth:`MtaSession._feed`): what its
-    deadline is, for the reply when it passes, and whether a drain may cut it short."""
+    deadline is, for the reply when it passes, and whether a drain may cut it short. One
+    per session, filled in by each write and read."""
 
-    in_data: bool
-    seconds: float
-    limit: Literal["timeout", "first mail", "rate"]
-    idle: bool
+    in_data: bool = False
+    seconds: float = 0.0
+    limit: Literal["timeout", "first mail", "rate"] = "timeout"
+    idle: bool = False
     reading: bool = False
 
 
@@ -273,7 +274,9 @@ class MtaSession:
         self.read_scope = trio.CancelScope()
         #: The drain cancelled :attr:`read_scope` (its ``cancel_called`` reads the clock).
         self.read_cut = False
-        self.waiting: _Wait | None = None
+        self.waiting = _Wait()
+        #: The run's clock (trio's, read without its three-call path: twice a body).
+        self.now = clock()
 
     # ----------------------------------------------------------------------- the loop
 
@@ -292,7 +295,7 @@ class MtaSession:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_drain)
                 try:
-                    self.first_mail_by = trio.current_time() + self.timeouts.first_mail
+                    self.first_mail_by = self.now() + self.timeouts.first_mail
                     self.reply(replies.greeting(self.hostname))
                     await self._converse_in_time()
                     clean = True
@@ -313,7 +316,6 @@ class MtaSession:
                 return
         except _ReadCut:
             pass
-        assert self.waiting is not None
         await self._out_of_time(self.waiting)
 
     async def _converse(self) -> None:
@@ -340,7 +342,7 @@ class MtaSession:
     async def _watch_drain(self) -> None:
         await self.runtime.drain_started.wait()
         waiting = self.waiting
-        if waiting is not None and waiting.idle and waiting.reading:
+        if waiting.idle and waiting.reading:
             self._cut_read()
 
     def _cut_read(self) -> None:
@@ -403,14 +405,16 @@ class MtaSession:
         while True:
             event = server.next_event()
             if event is NEED_DATA:
-                await self._feed()
+                await self._feed(in_data=False)
             elif event is PAUSED:  # every event is answered before the next is asked for
                 raise AssertionError("the SMTP server machine is waiting for a reply")
             else:
                 return event
 
-    async def _feed(self) -> None:
+    async def _feed(self, *, in_data: bool) -> None:
         """Write the queued replies, then read from the MTA; one deadline covers both.
+        ``in_data``: the read is for a body (only :meth:`_relay_body` reads in DATA or
+        DISCARD, so the caller says so without asking the machine's state).
 
         The deadline is the command or data timeout, or sooner: the first MAIL's deadline
         before the first transaction, the minimum data rate during a body. Outside a
@@ -419,33 +423,25 @@ class MtaSession:
 
         The deadline is the stream's (:meth:`egressd.net.connection.Connection.time_limit`,
         set here for this write and read and back to none after them), not a cancel scope
-        per read: a scope and a clock reading are then made only when the read has to wait
-        (see :mod:`egressd.net.connection`). When it passes, or a drain cancels the session's
+        per read: a clock reading is then made only when the read has to wait (see
+        :mod:`egressd.net.connection`). When it passes, or a drain cancels the session's
         :attr:`read_scope` while it waits, :class:`_ReadCut` unwinds the whole conversation
         to :meth:`_converse_in_time`, which answers as :attr:`waiting` says; every limit ends
         the session anyway.
         """
-        in_data = self.server.state in (ServerState.DATA, ServerState.DISCARD)
-        seconds = self.door.data_timeout if in_data else self.door.command_timeout
-        wait: float = seconds
-        limit: Literal["timeout", "first mail", "rate"] = "timeout"
-        if (self.pace is not None) if in_data else not self.mail_started:
-            wait, limit = self._deadline(in_data, seconds)
-        idle = not in_data and (self.relay is None or not self.relay.in_transaction)
+        allowed = self._wait_for(in_data)
+        waiting = self.waiting
         pace = self.pace if in_data else None
-        started = trio.current_time() if pace is not None else 0.0
+        started = self.now() if pace is not None else 0.0
         timed = self.timed
-        self.waiting = waiting = _Wait(in_data, seconds, limit, idle)
-        if wait <= 0:  # the limit passed already: no write or read can be in time
-            raise _ReadCut
-        timed.time_limit(wait)
+        timed.time_limit(allowed)
         try:
             if self.outbox:
                 out = bytes(self.outbox)
                 self.outbox.clear()
                 await self.stream.send_all(out)
                 self.record.bytes_down += len(out)
-            if idle and self.runtime.draining:
+            if waiting.idle and self.runtime.draining:
                 self._cut_read()
             waiting.reading = True
             data = await self.stream.receive_some(_RECEIVE_SIZE)
@@ -457,19 +453,42 @@ class MtaSession:
             timed.time_limit(math.inf)
         if self.read_cut:  # a drain, too late for this read
             raise _ReadCut
-        self.waiting = None
+        waiting.reading = False
         self.record.bytes_up += len(data)
         if pace is not None:
-            pace.waited += trio.current_time() - started
+            pace.waited += self.now() - started
             pace.received += len(data)
         self.server.receive_data(data if type(data) is bytes else bytes(data))
+
+    def _wait_for(self, in_data: bool) -> float:
+        """Fill in :attr:`waiting` for the next write and read; the seconds they may take
+        (raises :class:`_ReadCut` when its limit passed already: none can be in time)."""
+        waiting = self.waiting
+        waiting.in_data = in_data
+        waiting.reading = False
+        waiting.limit = "timeout"
+        if in_data:
+            waiting.seconds = seconds = self.door.data_timeout
+            waiting.idle = False
+            if self.pace is None:
+                return seconds
+        else:
+            waiting.seconds = seconds = self.door.command_timeout
+            relay = self.relay
+            waiting.idle = relay is None or not relay.in_transaction
+            if self.mail_started:
+                return seconds
+        allowed, waiting.limit = self._deadline(in_data, seconds)
+        if allowed <= 0:
+            raise _ReadCut
+        return allowed
 
     def _deadline(
         self, in_data: bool, seconds: float
     ) -> tuple[float, Literal["timeout", "first mail", "rate"]]:
         """How long the next read may take, and which limit that is."""
         if not in_data and not self.mail_started:
-            left = self.first_mail_by - trio.current_time()
+            left = self.first_mail_by - self.now()
             if left < seconds:
                 return max(left, 0.0), "first mail"
         if in_data and self.pace is not None:
@@ -566,7 +585,7 @@ class MtaSession:
                 if chunks:
                     await relay.feed(MtaBody(tuple(chunks)))
                     chunks = []
-                await self._feed()
+                await self._feed(in_data=True)
                 continue
             if isinstance(event, DataChunk):
                 chunks.append(event)

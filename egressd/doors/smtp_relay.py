@@ -119,25 +119,26 @@ class Relay:
             await self.prepare_send(event)
         core = self.core
         commands = core.handle(event)
-        index = 0
-        while index < len(commands):
-            command = commands[index]
-            index += 1
-            if type(command) is ReplyMta:
-                self.reply(command.reply)
-                continue
-            if type(command) is SendRemote:
-                result: Event | None = await self.send(command)
-            elif type(command) is TransactionEnded:
-                self.account(command)
-                continue
-            elif type(command) is TransactionStarted:
-                self.record.pool = command.pool
-                continue
+        while commands:
+            for index, command in enumerate(commands):
+                if type(command) is ReplyMta:
+                    self.reply(command.reply)
+                    continue
+                if type(command) is SendRemote:
+                    result: Event | None = await self.send(command)
+                elif type(command) is TransactionEnded:
+                    self.account(command)
+                    continue
+                elif type(command) is TransactionStarted:
+                    self.record.pool = command.pool
+                    continue
+                else:
+                    result = await self.execute(command)
+                if result is not None:
+                    commands = commands[index + 1 :] + core.handle(result)
+                    break
             else:
-                result = await self.execute(command)
-            if result is not None:
-                commands, index = commands[index:] + core.handle(result), 0
+                return
 
     async def execute(self, command: Command) -> Event | None:
         """Execute one command; its result, if it has one."""

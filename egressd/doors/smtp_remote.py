@@ -113,7 +113,6 @@ from egressd.net.tls import client_context
 from egressd.proto.smtp_client import ClientCommand, SmtpClient
 from egressd.proto.smtp_common import (
     NEED_DATA,
-    ConnectionClosed,
     Ehlo,
     Helo,
     Quit,
@@ -130,7 +129,6 @@ from egressd.tlspolicy.dane import DaneHost
 from egressd.tlspolicy.tlsa import TlsaResult, match_tlsa
 
 __all__ = [
-    "RemoteBroken",
     "RemoteError",
     "RemoteSession",
     "converse",
@@ -153,14 +151,6 @@ class RemoteError(Exception):
         super().__init__(reply.text)
         self.reply = reply
         self.detail = detail or reply.text
-
-
-class RemoteBroken(Exception):
-    """The connection broke (see :class:`~egressd.relay.events.RemoteLost`)."""
-
-    def __init__(self, lost: RemoteLost) -> None:
-        super().__init__(lost.detail or lost.how)
-        self.lost = lost
 
 
 class _TlsFailed(Exception):
@@ -296,56 +286,17 @@ class RemoteSession:
 
     # ----------------------------------------------------------------------- I/O
 
-    async def exchange(self, data: bytes, count: int) -> list[Reply]:
-        """Write ``data`` (if any), then read ``count`` replies, or fewer when one is a 421
-        (the session is over). Raises :class:`RemoteBroken`.
-
-        One loop over the client machine's events, reading whenever it needs data (a
-        reply per hop counted a few microseconds on every exchange, three a message)."""
-        self.sending = bool(data)
-        client = self.client
-        got: list[Reply] = []
-        try:
-            if data:
-                await self.stream.send_all(data)
-            self.sending = False
-            while len(got) < count:
-                event = client.next_event()
-                if type(event) is Reply:
-                    got.append(event)
-                    if event.code == 421:
-                        break
-                elif event is NEED_DATA:
-                    chunk = await self.stream.receive_some(_RECEIVE_SIZE)
-                    client.receive_data(chunk if type(chunk) is bytes else bytes(chunk))
-                else:
-                    got.append(_not_a_reply(event))
-            return got
-        except RemoteProtocolError as exc:
-            raise RemoteBroken(RemoteLost("violation", detail=exc.description)) from exc
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise RemoteBroken(RemoteLost("error", self.sending, _error_text(exc))) from exc
-
     async def quit(self) -> None:
         """QUIT politely (waiting briefly for the 221), then close."""
         if self.client.awaiting_replies == 0:
-            with contextlib.suppress(Exception), trio.move_on_after(_QUIT_WAIT):
-                await self.exchange(self.client.send(Quit()), 1)
+            with contextlib.suppress(Exception):
+                await converse(self, self.client.send(Quit()), 1, _QUIT_WAIT)
         await self.abort()
 
     async def abort(self) -> None:
         """Close at once: in the middle of DATA the remote never sees the final dot."""
         await trio.aclose_forcefully(self.stream)
         await self._exit.aclose()
-
-
-def _not_a_reply(event: object) -> Reply:
-    """A client event other than a reply or NEED_DATA: the remote closed (raises), or a
-    reply of a subclass."""
-    if isinstance(event, ConnectionClosed):
-        raise RemoteBroken(RemoteLost("closed"))
-    assert isinstance(event, Reply), event
-    return event
 
 
 @dataclass(frozen=True)
@@ -371,17 +322,39 @@ class _TlsBoundNextHop:
 async def converse(
     session: RemoteSession, data: bytes, count: int, seconds: float
 ) -> RemoteReplied | RemoteTimedOut | RemoteLost:
-    """:meth:`RemoteSession.exchange` within ``seconds``, its outcome as the core's event.
+    """Write ``data`` (if any), then read ``count`` replies, or fewer when one is a 421 (the
+    session is over), within ``seconds``; the outcome as the core's event.
 
     The limit is the connection's (:meth:`egressd.net.connection.Connection.time_limit`),
-    not a cancel scope per exchange (three or four a message): one is made only when the
-    exchange has to wait."""
-    timed = session.timed
+    not a cancel scope per exchange (three or four a message). One coroutine, one loop over
+    the client machine's events, reading whenever it needs data: an exchange and a wrapper
+    turning its errors into events were a coroutine more to make and to resume after each
+    wait, three times a message."""
+    timed, client, stream = session.timed, session.client, session.stream
     timed.time_limit(seconds)
+    session.sending = bool(data)
+    got: list[Reply] = []
     try:
-        return RemoteReplied(tuple(await session.exchange(data, count)))
-    except RemoteBroken as exc:
-        return exc.lost
+        if data:
+            await stream.send_all(data)
+        session.sending = False
+        while count:
+            event = client.next_event()
+            if event is NEED_DATA:
+                chunk = await stream.receive_some(_RECEIVE_SIZE)
+                client.receive_data(chunk if type(chunk) is bytes else bytes(chunk))
+                continue
+            if not isinstance(event, Reply):  # the remote closed before every reply came
+                return RemoteLost("closed")
+            got.append(event)
+            if event.code == 421:  # the session is over: no more replies
+                break
+            count -= 1
+        return RemoteReplied(tuple(got))
+    except RemoteProtocolError as exc:
+        return RemoteLost("violation", detail=exc.description)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        return RemoteLost("error", session.sending, _error_text(exc))
     except trio.TooSlowError:
         return RemoteTimedOut(seconds, session.sending)
     finally:
