@@ -80,19 +80,34 @@ def _quoted(text: str) -> str:
 
 
 def _format_fields(fields: Mapping[str, Any]) -> str:
-    """``key=value ...`` (:func:`_format_value` each), its common types inline."""
-    parts = []
-    for key, value in fields.items():
-        kind = type(value)
-        if kind is str:
-            plain = value and not _NEEDS_QUOTES.search(value)
-        else:
-            plain = kind is int or kind is float
-        if plain:
-            parts.append(f"{key}={value}")
-        else:
-            parts.append(f"{key}={_format_value(value)}")
-    return " ".join(parts)
+    """``key=value ...`` (:func:`_format_value` each). A text value is looked up among the
+    ones already rendered (:data:`_RENDERED`): most of a transaction line's values are those
+    of the line before (pool, source, addresses, sender), and a look-up costs a fifth of
+    the pattern search; one list built in one expression, without a call per field."""
+    known = _RENDERED.get
+    return " ".join(
+        [
+            f"{key}={known(value) or _render_text(value)}"
+            if type(value) is str
+            else f"{key}={_format_value(value)}"
+            for key, value in fields.items()
+        ]
+    )
+
+
+_RENDERED: dict[str, str] = {}
+"""Text values as :func:`_format_value` renders them, kept for the next lines (at most
+:data:`_RENDERED_LIMIT`; forgotten all at once when full, so a value seen once in a while
+costs a look-up and a render)."""
+_RENDERED_LIMIT = 4096
+
+
+def _render_text(text: str) -> str:
+    rendered = _format_value(text)
+    if len(_RENDERED) >= _RENDERED_LIMIT:
+        _RENDERED.clear()
+    _RENDERED[text] = rendered
+    return rendered
 
 
 def utc_timestamp(created: float) -> str:
@@ -101,7 +116,7 @@ def utc_timestamp(created: float) -> str:
     second = _last_second
     if second[0] != whole:  # formatted once per second, not once per line
         second = _remember_second(whole)
-    return f"{second[1]}.{int((created - whole) * 1000):03d}Z"
+    return second[1] + _MILLISECONDS[int((created - whole) * 1000)]
 
 
 def _remember_second(whole: int) -> tuple[int, str]:
@@ -111,6 +126,9 @@ def _remember_second(whole: int) -> tuple[int, str]:
 
 
 _last_second: tuple[int, str] = (-1, "")
+_MILLISECONDS = [f".{milliseconds:03d}Z" for milliseconds in range(1000)]
+"""Each line's ``.mmmZ``, made once (a format with a width per line was a third of the
+time of a line's timestamp)."""
 
 
 class TextFormatter(logging.Formatter):
@@ -215,9 +233,11 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     :func:`log_fields` (no record)."""
 
     def write_line(self, text: str, levelno: int) -> None:
-        """Write ``text`` (no newline inside) as :meth:`emit` would; the lock is held."""
-        self.stream.write(text + self.terminator)
-        self.flush()
+        """Write ``text`` (no newline inside) as :meth:`emit` would; the lock is held (so
+        the stream is flushed directly, not through :meth:`flush`, which takes it again)."""
+        stream = self.stream
+        stream.write(text + self.terminator)
+        stream.flush()
 
 
 class JournalStreamHandler(LineHandler):
@@ -240,8 +260,9 @@ class JournalStreamHandler(LineHandler):
             self.handleError(record)
 
     def write_line(self, text: str, levelno: int) -> None:
-        self.stream.write(f"<{syslog_priority(levelno)}>{text}\n")
-        self.flush()
+        stream = self.stream
+        stream.write(f"<{syslog_priority(levelno)}>{text}\n")
+        stream.flush()
 
     def _send_native(self, priority: int, text: str) -> bool:
         try:
@@ -277,18 +298,18 @@ def log_fields(logger: logging.Logger, level: int, message: str, fields: dict[st
     assert isinstance(formatter, (TextFormatter, JsonFormatter))
     name = logger.name
     levelname = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
-    handler.acquire()
-    try:
-        text = formatter.line(levelname, name, message, time.time(), fields)
-        if "\n" not in text:  # always so (values are quoted); else emit() knows what to do
-            handler.write_line(text, level)
+    lock = handler.lock  # taken as handle() takes it (acquire() is two calls more)
+    assert lock is not None  # Handler.__init__ made it
+    with lock:
+        try:
+            text = formatter.line(levelname, name, message, time.time(), fields)
+            if "\n" not in text:  # always so (values are quoted); else emit() knows what to do
+                handler.write_line(text, level)
+                return
+        except Exception:
+            record = logger.makeRecord(name, level, "(unknown file)", 0, message, (), None)
+            handler.handleError(record)
             return
-    except Exception:
-        record = logger.makeRecord(name, level, "(unknown file)", 0, message, (), None)
-        handler.handleError(record)
-        return
-    finally:
-        handler.release()
     logger.log(level, message, extra={"fields": fields}, stacklevel=2)
 
 

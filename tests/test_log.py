@@ -16,10 +16,13 @@ from pathlib import Path
 import pytest
 
 from egressd.log import (
+    _RENDERED,
+    _RENDERED_LIMIT,
     LOGGER_NAME,
     PROCESS_FIELDS,
     JournalStreamHandler,
     TextFormatter,
+    _format_fields,
     _format_value,
     get_logger,
     log_fields,
@@ -58,6 +61,18 @@ def test_text_line() -> None:
     assert TextFormatter().format(record) == (
         'info egressd.session: connection door=socks5 bytes_up=5 detail="client went away" empty=""'
     )
+
+
+def test_text_values_rendered_before_are_rendered_alike_and_the_cache_stays_bounded() -> None:
+    values = ["a b", "plain", "", 'q"', "k=v", "tab\there", "caf\u00e9 ok", "x" * 300]
+    fields = {f"k{index}": value for index, value in enumerate(values)}
+    expected = " ".join(f"{key}={reference_format_value(value)}" for key, value in fields.items())
+    assert _format_fields(fields) == expected
+    assert _format_fields(fields) == expected  # from the cache this time
+    for number in range(_RENDERED_LIMIT + 10):  # more distinct values than it keeps
+        assert _format_fields({"n": f"v {number}"}) == f'n="v {number}"'
+    assert len(_RENDERED) <= _RENDERED_LIMIT
+    assert _format_fields(fields) == expected
 
 
 # --------------------------------------------------------------------------- journald
