@@ -110,6 +110,9 @@ def note_dialed(record: SessionRecord, dialed: Dialed, host: str | IPAddress) ->
     ip, port = dialed.remote_address
     if isinstance(host, str) and host != str(ip):
         record.destination = f"{format_hostport(host, port)} ({ip})"
+    elif dialed.via == "direct" and dialed.stream.peer is not None:
+        # the text the dialer connected to (str() of an IP address is four calls)
+        record.destination = format_hostport(dialed.stream.peer[0], port)
     else:
         record.destination = format_hostport(ip, port)
 

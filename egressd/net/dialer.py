@@ -47,7 +47,6 @@ every failure path, cancellation included.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
 import os
@@ -412,8 +411,10 @@ class _Dial:
 
     def _bind(self, sock: socket.socket, address: IPAddress, target: tuple[IPAddress, int]) -> None:
         """Bind the source address with IP_BIND_ADDRESS_NO_PORT (the port comes at connect)."""
-        with contextlib.suppress(OSError):  # pragma: no branch - Linux >= 4.2 has it
+        try:  # noqa: SIM105 - not contextlib.suppress: three calls less per dial
             sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+        except OSError:  # pragma: no cover - Linux >= 4.2 has it
+            pass
         try:
             sock.bind((str(address), 0))
         except OSError as exc:

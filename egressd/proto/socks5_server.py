@@ -37,6 +37,7 @@ message never holds more; bytes fed while an answer is pending are capped at
 from __future__ import annotations
 
 import enum
+import ipaddress
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -128,6 +129,9 @@ def choose_method(offered: tuple[int, ...], *, require_auth: bool) -> int:
     if METHOD_NO_AUTH in offered and not require_auth:
         return METHOD_NO_AUTH
     return METHOD_NO_ACCEPTABLE
+
+
+_SUCCEEDED_IPV4: Final = bytes([SOCKS_VERSION, ReplyCode.SUCCEEDED, 0, ATYP_IPV4])
 
 
 class _Incomplete(Exception):
@@ -266,7 +270,12 @@ class Socks5Server:
         if isinstance(answer, Refused):
             code, address, port = int(answer.code), None, 0
         else:
-            code, address, port = int(ReplyCode.SUCCEEDED), answer.address, answer.port
+            address, port = answer.address, answer.port
+            if type(address) is ipaddress.IPv4Address and self._request_atyp != ATYP_IPV6:
+                # What reply_address_for() and encode_reply() make of it, seven calls less
+                # (every successful CONNECT from an IPv4 source answers this way).
+                return _SUCCEEDED_IPV4 + address.packed + port.to_bytes(2, "big")
+            code = int(ReplyCode.SUCCEEDED)
         return encode_reply(code, reply_address_for(self._request_atyp, address), port)
 
     # -- parsing -----------------------------------------------------------------------------
