@@ -13,9 +13,17 @@ session rate    ``--sessions`` short sessions (curl --parallel: connect, SOCKS5 
                 one HTTP exchange, close), ``--concurrency`` at a time, through egressd
                 and through Dante (which forks: its CPU is its whole process tree's, see
                 procs.py). ``--workers 1,2`` measures egressd with ``[daemon] workers =
-                1`` and ``2`` (supervisor and workers summed) in the same rounds. Issue
-                12's targets: a rate >= 2x Dante's (workers allowed), CPU per session
-                <= 0.6x Dante's.
+                1`` and ``2`` (supervisor and workers summed) in the same rounds, and
+                beside each N above 1 the *ideal N*: N independent single-worker daemons
+                on N ports in one session and cgroup (as a supervisor and its workers
+                are), each driven by its own curl with 1/N of the sessions and of the
+                concurrency: no shared listening socket, supervisor or session board, so
+                the machine's ceiling for N workers. ``--syscalls`` also counts, with
+                ``perf stat`` on the syscall tracepoints of each contender's processes,
+                failed accepts (EAGAIN: a worker woken for a connection another took),
+                ``epoll_wait`` calls and context switches per session. Issue 12's
+                targets: a rate >= 2x Dante's (workers allowed), CPU per session <= 0.6x
+                Dante's.
 idle memory     ``--idle`` sessions (10,000) opened through a fresh egressd, one exchange
                 each, then left idle; the daemon's RSS growth per session. A spliced
                 session holds two sockets, so one process cannot hold 10,000 under a
@@ -62,13 +70,15 @@ import json
 import math
 import os
 import resource
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from procs import (
@@ -78,6 +88,7 @@ from procs import (
     compiled_build,
     cpu_seconds,
     free_port,
+    is_listening,
     python_env,
     running,
 )
@@ -158,6 +169,37 @@ def egressd(
         if workers > 1:
             wait_ready(workdir / f"{name}.log")
         yield port, pid
+
+
+IDEAL_PORTS: dict[int, list[int]] = {}
+"""The ports of an ideal contender's daemons, by the first one (the contender's port)."""
+
+
+@contextlib.contextmanager
+def ideal(
+    workdir: Path, destination_ports: Sequence[int], count: int, root: Path = ROOT
+) -> Iterator[tuple[int, int]]:
+    """``count`` independent egressd daemons with one worker each, started by one shell in
+    one session (and one cgroup: its CPU is theirs, as a supervisor's is its workers'):
+    (the first daemon's port, the shell's pid); every port is in :data:`IDEAL_PORTS`."""
+    ports = [free_port() for _ in range(count)]
+    argvs = [
+        [*EGRESSD, "run", "-c", str(egressd_config(workdir, port, destination_ports))]
+        for port in ports
+    ]
+    script = " & ".join(shlex.join(argv) for argv in argvs) + " & wait"
+    name = f"egressd-ideal{count}-{ports[0]}"
+    with running(["sh", "-c", script], ports[0], workdir, name, root=root) as pid:
+        deadline = time.monotonic() + 30
+        while not all(is_listening(port) for port in ports):
+            if time.monotonic() > deadline:
+                sys.exit(f"bench: the ideal's daemons did not start:\n{workdir / name}.log")
+            time.sleep(0.05)
+        IDEAL_PORTS[ports[0]] = ports
+        try:
+            yield ports[0], pid
+        finally:
+            del IDEAL_PORTS[ports[0]]
 
 
 def wait_ready(log: Path, timeout: float = 60.0) -> None:
@@ -276,6 +318,10 @@ def contender_name(name: str, workers: int) -> str:
     return name if workers == 1 else f"{name} w{workers}"
 
 
+def ideal_name(workers: int) -> str:
+    return f"ideal {workers}"
+
+
 def session_proxies(
     servers: contextlib.ExitStack,
     workdir: Path,
@@ -284,8 +330,8 @@ def session_proxies(
     ports: Sequence[int],
 ) -> dict[str, tuple[int, int]]:
     """The short-session contenders, (port, pid) by name: egressd with each ``--workers``
-    count (``ours``, the throughput egressd, is the one with one worker), Dante, and the
-    baseline egressd with the same counts."""
+    count (``ours``, the throughput egressd, is the one with one worker), the ideal for
+    each count above 1, Dante, and the baseline egressd with the same counts."""
     proxies: dict[str, tuple[int, int]] = {}
     roots = [("egressd", ROOT)]
     if args.baseline is not None:
@@ -297,6 +343,9 @@ def session_proxies(
             else:
                 started = egressd(workdir, ports, root, workers=count)
                 proxies[contender_name(name, count)] = servers.enter_context(started)
+        if name == "egressd" and args.client == "curl":  # the ideal needs one curl per port
+            for count in (count for count in args.workers if count > 1):
+                proxies[ideal_name(count)] = servers.enter_context(ideal(workdir, ports, count))
         if name == "egressd":
             proxies["Dante"] = servers.enter_context(dante(workdir))
     return proxies
@@ -361,29 +410,85 @@ def blast_once(
 
 @dataclass
 class Sample:
-    """One session-rate run: sessions/s and CPU ms per session of proxy, generator, sink."""
+    """One session-rate run: sessions/s and CPU ms per session of proxy, generator, sink;
+    with ``--syscalls``, the proxy's counts per session (:data:`SYSCALL_EVENTS`)."""
 
     rate: float
     proxy_ms: float
     generator_ms: float
     sink_ms: float
+    syscalls: dict[str, float] = field(default_factory=dict)
+
+
+SYSCALL_EVENTS = (
+    ("failed accepts", ["-e", "syscalls:sys_exit_accept4", "--filter", "ret < 0"]),
+    ("epoll_wait", ["-e", "syscalls:sys_enter_epoll_wait"]),
+    ("context switches", ["-e", "context-switches"]),
+)
+"""What ``--syscalls`` counts in each contender's processes, with ``perf stat``. With one
+worker, a connection costs one failed accept (the loop accepts until EAGAIN); every one
+above that is a worker that woke for a connection another worker took."""
+
+
+@contextlib.contextmanager
+def syscall_counts(pid: int | None, counts: dict[str, float]) -> Iterator[None]:
+    """Count :data:`SYSCALL_EVENTS` in ``pid`` and its children (a supervisor's workers,
+    the ideal's daemons) while the block runs, into ``counts``; nothing when ``pid`` is
+    None."""
+    if pid is None:
+        yield
+        return
+    output = Path(tempfile.mkstemp(prefix="egressd-bench-perf-")[1])
+    argv = [binary("perf"), "stat", "-x", ",", "-o", str(output)]
+    for _, event in SYSCALL_EVENTS:
+        argv += event
+    argv += ["-p", ",".join(str(member) for member in family(pid))]
+    perf = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)  # perf attaches
+        yield
+    finally:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
+    lines = [line.split(",") for line in output.read_text().splitlines() if "," in line]
+    output.unlink()
+    for (name, _), fields in zip(SYSCALL_EVENTS, lines, strict=False):
+        counts[name] = float(fields[0]) if fields[0].isdigit() else math.nan
 
 
 def curl_sessions(proxy: int | None, sink: int, sessions: int, concurrency: int) -> float:
     """``sessions`` HTTP requests with curl --parallel, each on a new connection (the sink
-    closes), through the SOCKS5 proxy or straight; returns the seconds they took."""
+    closes), through the SOCKS5 proxy or straight; returns the seconds they took. Through
+    an ideal contender, one curl per daemon at once, each with its share of the sessions
+    and of the concurrency."""
+    ports: list[int | None] = [proxy]
+    if proxy is not None and proxy in IDEAL_PORTS:
+        ports = list(IDEAL_PORTS[proxy])
+    shares = [sessions // len(ports) + (n < sessions % len(ports)) for n in range(len(ports))]
+    started = time.perf_counter()
+    curls = [
+        subprocess.Popen(
+            curl_argv(port, sink, share, max(1, concurrency // len(ports))),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        for port, share in zip(ports, shares, strict=True)
+    ]
+    outputs = [curl.communicate()[0] for curl in curls]
+    seconds = time.perf_counter() - started
+    ok = sum(output.split().count(b"200") for output in outputs)
+    if ok != sessions:
+        sys.exit(f"bench: {sessions - ok} of {sessions} curl sessions failed")
+    return seconds
+
+
+def curl_argv(proxy: int | None, sink: int, sessions: int, concurrency: int) -> list[str]:
     argv = [binary("curl"), "-s", "--parallel", "--parallel-max", str(concurrency)]
     argv += ["-o", "/dev/null", "-w", "%{http_code}\\n"]
     if proxy is not None:
         argv += ["--socks5", f"127.0.0.1:{proxy}"]
     argv.append(f"http://127.0.0.1:{sink}/[1-{sessions}]")
-    started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, check=False)
-    seconds = time.perf_counter() - started
-    ok = done.stdout.split().count(b"200")
-    if ok != sessions:
-        sys.exit(f"bench: {sessions - ok} of {sessions} curl sessions failed")
-    return seconds
+    return argv
 
 
 def python_sessions(proxy: int | None, sink: int, sessions: int, concurrency: int) -> float:
@@ -404,21 +509,27 @@ def sessions_once(
     sink: tuple[int, int],
     sessions: int,
     concurrency: int,
+    syscalls: bool = False,
 ) -> Sample:
     """One run of ``sessions`` short sessions through ``proxy`` (port, pid) or straight to
-    ``sink`` (port, pid); the CPU of the proxy, the generator and the sink per session."""
-    proxy_before = cpu_seconds(proxy[1]) if proxy else 0.0
-    sink_before = cpu_seconds(sink[1])
-    generator_before = children_cpu_seconds()
-    run = curl_sessions if client == "curl" else python_sessions
-    seconds = run(proxy[0] if proxy else None, sink[0], sessions, concurrency)
-    per_session = 1000 / sessions
-    return Sample(
-        rate=sessions / seconds,
-        proxy_ms=(cpu_seconds(proxy[1]) - proxy_before) * per_session if proxy else 0.0,
-        generator_ms=(children_cpu_seconds() - generator_before) * per_session,
-        sink_ms=(cpu_seconds(sink[1]) - sink_before) * per_session,
-    )
+    ``sink`` (port, pid); the CPU of the proxy, the generator and the sink per session,
+    and with ``syscalls`` the proxy's :data:`SYSCALL_EVENTS` per session."""
+    counts: dict[str, float] = {}
+    with syscall_counts(proxy[1] if syscalls and proxy else None, counts):
+        proxy_before = cpu_seconds(proxy[1]) if proxy else 0.0
+        sink_before = cpu_seconds(sink[1])
+        generator_before = children_cpu_seconds()
+        run = curl_sessions if client == "curl" else python_sessions
+        seconds = run(proxy[0] if proxy else None, sink[0], sessions, concurrency)
+        per_session = 1000 / sessions
+        sample = Sample(
+            rate=sessions / seconds,
+            proxy_ms=(cpu_seconds(proxy[1]) - proxy_before) * per_session if proxy else 0.0,
+            generator_ms=(children_cpu_seconds() - generator_before) * per_session,
+            sink_ms=(cpu_seconds(sink[1]) - sink_before) * per_session,
+        )
+    sample.syscalls = {name: count / sessions for name, count in counts.items()}
+    return sample
 
 
 class Rounds:
@@ -595,14 +706,23 @@ def run(args: argparse.Namespace) -> int:
                     order.reverse()
                 for name, via in [*through, *order] if args.sessions else []:
                     sample = sessions_once(
-                        args.client, via, session_sink, args.sessions, args.concurrency
+                        args.client,
+                        via,
+                        session_sink,
+                        args.sessions,
+                        args.concurrency,
+                        args.syscalls and name != "Dante",
                     )
                     rounds.add(f"{name} rate", sample.rate)
                     rounds.add(f"{name} cpu", sample.proxy_ms)
                     rounds.add(f"{name} session gen", sample.generator_ms)
                     rounds.add(f"{name} session sink", sample.sink_ms)
+                    for event, per_session in sample.syscalls.items():
+                        rounds.add(f"{name} {event}", per_session)
+                    counted = "".join(f", {v:.2f} {k}" for k, v in sample.syscalls.items())
                     print(
-                        f"  {name}: {sample.rate:.0f}/s, {sample.proxy_ms:.3f} ms CPU/session",
+                        f"  {name}: {sample.rate:.0f}/s, {sample.proxy_ms:.3f} ms CPU/session"
+                        + counted,
                         flush=True,
                     )
             if args.idle:
@@ -714,6 +834,10 @@ def table_rows(rounds: Rounds, args: argparse.Namespace) -> list[Row]:
     ]
     for count in args.workers:
         sessions += session_rows(rounds, "egressd", count, "Dante", session_note)
+    for count in (count for count in args.workers if f"{ideal_name(count)} rate" in rounds.values):
+        sessions += ideal_rows(rounds, count, session_note)
+    if args.syscalls:
+        sessions += syscall_rows(rounds)
     for count in args.workers if args.baseline is not None else []:
         sessions += session_rows(
             rounds, "baseline", count, contender_name("egressd", count), session_note
@@ -880,6 +1004,41 @@ def session_rows(
     ]
 
 
+def ideal_rows(rounds: Rounds, workers: int, session_note: Callable[[str], str]) -> list[Row]:
+    """egressd with ``workers`` workers against the ideal with as many daemons: rate (its
+    ratio is "of ideal") and CPU per session."""
+    med, contender, ideal = rounds.median, contender_name("egressd", workers), ideal_name(workers)
+    return [
+        Row(
+            f"short sessions, w{workers} / {ideal}",
+            med(f"{contender} rate"),
+            "/s",
+            ideal,
+            med(f"{ideal} rate"),
+            "of ideal",
+            session_note(ideal),
+        ),
+        Row(
+            f"proxy CPU per short session, w{workers} / {ideal}",
+            med(f"{contender} cpu"),
+            "ms",
+            ideal,
+            med(f"{ideal} cpu"),
+        ),
+    ]
+
+
+def syscall_rows(rounds: Rounds) -> list[Row]:
+    """``--syscalls``: each counted event per session, for every contender but Dante."""
+    rows = []
+    for event, _ in SYSCALL_EVENTS:
+        for name in rounds.values:
+            if name.endswith(f" {event}"):
+                label = name.removesuffix(f" {event}")
+                rows.append(Row(f"{event} per session, {label}", rounds.median(name), ""))
+    return rows
+
+
 def worker_counts(text: str) -> list[int]:
     counts = [int(part) for part in text.split(",")]
     if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
@@ -929,6 +1088,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N[,M]",
         help="short sessions through egressd with [daemon] workers = N (and M...) side by"
         " side with Dante (and the baseline with the same counts); default 1",
+    )
+    parser.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="count failed accepts, epoll_wait calls and context switches per short session"
+        " in each egressd contender (perf stat on syscall tracepoints; needs perf and root)",
     )
     parser.add_argument(
         "--client",
