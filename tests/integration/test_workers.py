@@ -491,3 +491,79 @@ pool = "main"
     assert result.returncode == 78, log
     assert re.search(r"supervisor: cannot start: worker \d exited \(status 78\) before", log), log
     assert str(database) in log and "corrupt" in log
+
+
+async def test_every_short_session_is_served_and_both_workers_take_a_share(
+    short_dir: Path, sink: Sink
+) -> None:
+    """Both workers accept from the one listening socket: 32 sessions opened eight at a
+    time all reach the sink, and while they are open each worker holds some of them (a
+    busier worker lets the other accept first, :mod:`egressd.net.balance`)."""
+    async with two_workers(short_dir, sink) as w:
+        socks = await w.port("socks5")
+        opened: list[Any] = []
+
+        async def open_one() -> None:
+            connection = await socks_connect(socks, "127.0.0.1", sink.port)
+            await connection.receive_until(DEFAULT_BANNER)
+            opened.append(connection)
+
+        with trio.fail_after(20):
+            for _ in range(4):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(8):
+                        nursery.start_soon(open_one)
+            held = [row["active_sessions"] for row in (await w.status())["workers"]]
+            for connection in opened:
+                await connection.finish()
+            await w.wait_sessions_logged("socks5", 32)
+        assert len(sink.connections) == 32
+        assert sum(held) == 32 and min(held) >= 32 // 4, held
+        assert w.sessions_of("socks5", 1) + w.sessions_of("socks5", 2) == 32
+
+
+def accept_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the listener on 127.0.0.1:``port`` (for a
+    listening socket, /proc/net/tcp's rx_queue is that queue's length)."""
+    local = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "0A":  # TCP_LISTEN
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+async def test_a_worker_killed_loses_no_connection_waiting_in_the_backlog(
+    short_dir: Path, sink: Sink
+) -> None:
+    """Connections the kernel queued on the shared listening socket belong to no worker: with
+    both workers stopped, ten clients connect and wait; worker 1 is killed, worker 2 goes on,
+    and all ten are served (with a socket per worker, SO_REUSEPORT, the kernel would have
+    hashed about half of them to worker 1's socket and reset them with it)."""
+    async with two_workers(short_dir, sink) as w:
+        socks = await w.port("socks5")
+        pids = await w.pids()
+        for pid in pids.values():
+            os.kill(pid, signal.SIGSTOP)
+        served: list[bytes] = []
+
+        async def one_session() -> None:
+            connection = await socks_connect(socks, "127.0.0.1", sink.port)
+            await connection.receive_until(DEFAULT_BANNER)
+            served.append(await connection.finish())
+
+        try:
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(10):
+                        nursery.start_soon(one_session)
+                    while accept_queue(socks) < 10:  # connected, queued, nobody accepts
+                        await trio.sleep(0.02)
+                    os.kill(pids[1], signal.SIGKILL)
+                    os.kill(pids[2], signal.SIGCONT)
+                await w.wait_sessions_logged("socks5", 10)
+        finally:
+            os.kill(pids[2], signal.SIGCONT)
+        assert len(served) == len(sink.connections) == 10
+        assert all(DEFAULT_BANNER in received for received in served)
+        assert "worker died, starting it again worker=1" in w.process.log()
