@@ -7,8 +7,11 @@ One egressd process uses one core. With ``workers`` above 1, ``egressd run`` bec
 (``python -m egressd run --worker N:FD``), each an ordinary daemon with its own trio loop
 (:func:`egressd.daemon.serve`) that accepts on the very sockets the supervisor bound,
 passed over a channel (:mod:`egressd.net.channel`, ``SCM_RIGHTS``). The kernel queues each
-connection once and wakes one accepting worker, so fixed ports, port 0 and IPv6 behave as
-with one process, and nothing depends on ``SO_REUSEPORT``'s hashing. With ``workers = 1``
+connection once and the workers take turns at it, so fixed ports, port 0 and IPv6 behave
+as with one process, nothing depends on ``SO_REUSEPORT``'s hashing, and a worker that dies
+or restarts loses none of the connections waiting in the queue (with a socket per worker,
+those hashed to its socket would be reset; why the wake-ups of a shared socket are kept is
+in :mod:`egressd.net.listen`). With ``workers = 1``
 (the default) there is no supervisor: ``egressd run`` is the daemon, as before.
 
 What the supervisor owns, so that the outside sees one daemon:

@@ -6,7 +6,11 @@ Theory of operation
 Workers accept on the same listening sockets (:mod:`egressd.supervisor`). The kernel wakes
 every worker waiting on a socket, and the first to run takes the connection; on a busy
 machine that is the worker already running, the busiest one, so a burst of connections
-(an MTA opening 50 sessions at once) can land on one worker while the other idles.
+(an MTA opening 50 sessions at once) can land on one worker while the other idles. (That
+every waiting worker is woken is also what makes a deferral safe: the worker that defers
+is never the only one told about the connection. An exclusive wake-up would tell one, and
+the ones measured gave nearly every connection to the same worker; see
+:mod:`egressd.net.listen`.)
 
 The supervisor creates a :class:`SessionBoard`: one 8-byte slot per possible worker in a
 shared memory file (``memfd_create``), which every worker maps, after a header slot that

@@ -10,6 +10,30 @@ descriptors (EMFILE and friends) the loop pauses briefly instead of dying.
 
 ``accept`` is tried before waiting for readiness, and a burst of waiting clients is taken
 in one go (yielding every :data:`ACCEPT_BURST` accepts so the connections get to run).
+
+Workers (:mod:`egressd.supervisor`) all run this loop on one shared listening socket. A
+connection then wakes every worker waiting on it, and all but one find nothing: measured
+with ``scripts/bench accept-wakeups`` (a trio-shaped epoll loop per worker), one shared
+socket costs 2.0 context switches per connection with 2 idle workers (4.1 with 4) against
+1.0 for a socket per worker, about 10-20 us of CPU per connection on the 2-core VM, most of
+it inside ``epoll_wait`` (the kernel re-checks the socket, finds it empty, and sleeps again
+without returning), and 0-0.24 wake-ups per connection that reach this loop and fail with
+EAGAIN. With SOCKS5 short sessions through 2 workers, ``scripts/bench relay --workers 1,2
+--syscalls`` counts 1.02-1.11 failed accepts per session (1.00 with one worker: the EAGAIN
+that ends each burst) and 1.5 more context switches than two independent daemons. The
+ways around it were measured and not taken:
+
+* ``EPOLLEXCLUSIVE`` would have to be in the epoll the worker blocks in, which is trio's own
+  (private, and re-armed with ``EPOLL_CTL_MOD``, which refuses the flag). In an inner epoll
+  waited on through trio's it changes nothing: the kernel's exclusive wake-up stops at an
+  epoll with a task blocked in it, nobody blocks in the inner one, so every worker's outer
+  epoll is still woken (1.00-1.47 wake-ups and 2.0 switches per connection). And where it
+  does work, it woke the same worker for 969-1000 of 1000 connections.
+* ``SO_REUSEPORT`` (a socket per worker) ends the herd, but the kernel hashes each
+  connection to a socket, whoever is busy, and the connections queued on a worker's socket
+  are reset when it exits or restarts: 87-97 of 200 queued clients with 2 workers, 56 of
+  200 with 4. On the shared socket a dying worker's share of the queue is simply taken by
+  the others (tested end to end in ``tests/integration/test_workers.py``).
 """
 
 from __future__ import annotations
