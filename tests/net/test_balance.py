@@ -85,3 +85,49 @@ async def test_a_burst_of_waiting_connections_is_shared_between_two_workers(
         listener.close()
         board.close()
     assert abs(served[1] - served[2]) <= 2 * SLACK, served
+
+
+async def test_a_connection_never_waits_for_a_busy_worker_while_another_is_idle(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Every worker waiting on the shared socket is woken for a connection (no exclusive
+    wake-up), so the busy worker's deferral delays nobody: with worker 1 holding ten
+    sessions and worker 2 none, each of five connections made while both wait is taken by
+    worker 2 at once, with no time gone by on the clock (worker 1 defers 4 ms each time)."""
+    board = SessionBoard.create(2)
+    listener = open_listener(Endpoint("127.0.0.1", 0))
+    taken: list[tuple[int, float]] = []
+    accepted = trio.Event()
+    clients = []
+    try:
+        async with trio.open_nursery() as nursery:
+            shares = {worker: WorkerShare(board, worker) for worker in (1, 2)}
+            for worker, share in shares.items():
+                share.serving()
+
+                async def hold(connection: Connection, worker: int = worker) -> None:
+                    taken.append((worker, trio.current_time()))
+                    accepted.set()
+                    await trio.sleep_forever()
+
+                own = listener.dup()
+                own.setblocking(False)
+                nursery.start_soon(accept_loop, own, hold, nursery, share)
+            for _ in range(10):
+                shares[1].accepted()  # worker 1 is busy
+            assert board.defer_for(1) > 0.0 and board.defer_for(2) == 0.0
+            for _ in range(5):
+                await trio.testing.wait_all_tasks_blocked()  # both wait on the socket
+                started = trio.current_time()
+                clients.append(socket.create_connection(listener.getsockname()))
+                await accepted.wait()
+                accepted = trio.Event()
+                assert taken[-1] == (2, started)
+                await trio.sleep(MAX_DEFER)  # worker 1's deferral runs out, it waits again
+            nursery.cancel_scope.cancel()
+    finally:
+        for client in clients:
+            client.close()
+        listener.close()
+        board.close()
+    assert [worker for worker, _ in taken] == [2] * 5
