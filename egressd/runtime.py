@@ -143,17 +143,25 @@ class _CurrentQuotas:
         if self._runtime.shared_quotas is not None and shared is not None:
             await shared.prepare_quotas(sources, provider)
 
+    # Without a warm-up engine (the usual case) each answers at once, without the property
+    # and NoQuotas' method: three times a relayed message.
+
     def refusal(self, source: str, provider: str) -> str | None:
+        if self._runtime.warmup is None:
+            return None
         return self._quotas.refusal(source, provider)
 
     def reserve(self, source: str, provider: str) -> bool:
+        if self._runtime.warmup is None:
+            return False
         return self._quotas.reserve(source, provider)
 
     def release(self, source: str, provider: str) -> None:
         self._quotas.release(source, provider)
 
     def record(self, source: str, provider: str, outcome: str, *, reserved: bool = False) -> None:
-        self._quotas.record(source, provider, outcome, reserved=reserved)
+        if self._runtime.warmup is not None:
+            self._quotas.record(source, provider, outcome, reserved=reserved)
 
 
 NO_QUOTAS = NoQuotas()

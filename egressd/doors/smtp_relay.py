@@ -141,17 +141,18 @@ class Relay:
                 return
 
     async def execute(self, command: Command) -> Event | None:
-        """Execute one command; its result, if it has one."""
-        if isinstance(command, SendRemote):
-            return await self.send(command)
-        if isinstance(command, ReplyMta):
-            self.reply(command.reply)
-        elif isinstance(command, ResolveNextHop):
+        """Execute one command; its result, if it has one (the next hop first: every
+        message asks for it; :meth:`feed` does the other per-message ones itself)."""
+        if type(command) is ResolveNextHop:
             assert command.config is not None
             found = await next_hop(command.domain, command.version, command.config)
             if self.remote is not None and isinstance(found, NextHop):
                 await self.remote.judge_tls(command.domain, found, command.config)
             return NextHopResolved(found)
+        if isinstance(command, SendRemote):
+            return await self.send(command)
+        if isinstance(command, ReplyMta):
+            self.reply(command.reply)
         elif isinstance(command, OpenRemote):
             return await self.open(command)
         elif isinstance(command, AskSelection):

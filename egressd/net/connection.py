@@ -92,7 +92,9 @@ class Connection(trio.abc.HalfCloseableStream):
         self.peer = peer
         self._limit = math.inf  # see time_limit()
         self._deadline = math.inf
-        self._expired = False  # the deadline task woke a wait of this limit (see _park)
+        self._expired = False  # the deadline task woke a wait of this limit (_park_until)
+        self._deadlines: _Deadlines | None = None  # the run's, from the first limited wait
+        self._waits: dict[tuple[Connection, bool], float] = {}  # its waits, once known
         self._unparked = 0
         self._eof_sent = False
 
@@ -188,24 +190,13 @@ class Connection(trio.abc.HalfCloseableStream):
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _park_until(self, *, readable: bool) -> None:
+        """Wait until the socket is readable (or writable), within the time limit if there
+        is one (one coroutine: the wait is here, not in a helper, as it is resumed through
+        every frame above it)."""
         self._unparked = 0
-        if self._limit == math.inf:
-            await self._park(readable)
-            return
-        if self._expired:  # an earlier wait of this limit reached its end
-            raise trio.TooSlowError
-        deadline = self._deadline
-        if deadline == math.inf:
-            deadline = self._deadline = trio.current_time() + self._limit
-        deadlines = _deadlines()
-        key = (self, readable)
-        deadlines.file(key, deadline)
-        try:
-            await self._park(readable)
-        finally:
-            deadlines.waits.pop(key, None)
-
-    async def _park(self, readable: bool) -> None:
+        key = None
+        if self._limit != math.inf:
+            key = self._file_deadline(readable)
         try:
             if readable:
                 await trio.lowlevel.wait_readable(self.socket)
@@ -217,12 +208,31 @@ class Connection(trio.abc.HalfCloseableStream):
             raise
         except OSError as exc:  # pragma: no cover - epoll refuses only a closed descriptor
             raise _stream_error(exc) from _cause(exc)
+        finally:
+            if key is not None:
+                self._waits.pop(key, None)
         if self.socket.fileno() == -1:
             raise trio.ClosedResourceError("this socket was closed while waiting")
 
+    def _file_deadline(self, readable: bool) -> tuple[Connection, bool]:
+        """File the coming wait's deadline with the run's deadline task; its key there
+        (raises :class:`trio.TooSlowError` when an earlier wait of this limit expired)."""
+        if self._expired:
+            raise trio.TooSlowError
+        deadline = self._deadline
+        if deadline == math.inf:
+            deadline = self._deadline = trio.current_time() + self._limit
+        deadlines = self._deadlines
+        if deadlines is None:
+            deadlines = self._deadlines = _deadlines()
+            self._waits = deadlines.waits
+        key = (self, readable)
+        deadlines.file(key, deadline)
+        return key
+
     def _expire(self) -> None:
         """The deadline of this limit passed while a call waited: wake every wait on the
-        socket (:meth:`_park` raises :class:`trio.TooSlowError`)."""
+        socket (:meth:`_park_until` raises :class:`trio.TooSlowError`)."""
         if self._expired:
             return
         self._expired = True
