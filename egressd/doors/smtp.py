@@ -199,10 +199,10 @@ class SmtpDoor:
             await stream.send_all(reply.to_bytes())
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pace:
     """How fast the MTA sends a body: only the time spent waiting for it counts, not the
-    time spent writing to the remote."""
+    time spent writing to the remote (one per session, reset at each body)."""
 
     rate: int
     waited: float = 0.0
@@ -434,9 +434,9 @@ class MtaSession:
         timed = self.timed
         timed.time_limit(allowed)
         try:
-            if self.outbox:
-                out = bytes(self.outbox)
-                self.outbox.clear()
+            out = self.outbox
+            if out:  # handed over whole, a new one for the next replies (no copy)
+                self.outbox = bytearray()
                 await self.stream.send_all(out)
                 self.record.bytes_down += len(out)
             if waiting.idle and self.runtime.draining:
@@ -563,8 +563,12 @@ class MtaSession:
     async def _relay_body(self, relay: Relay) -> None:
         """Stream the body to the remote: each read's worth of chunks in one write, and the
         last ones together with the final dot."""
-        rate = self.timeouts.min_data_rate
-        self.pace = _Pace(rate) if rate else None
+        pace = self.pace
+        if pace is not None:  # the session's, from the first body on
+            pace.waited = 0.0
+            pace.received = 0
+        elif self.timeouts.min_data_rate:
+            self.pace = _Pace(self.timeouts.min_data_rate)
         chunks: list[DataChunk] = []
         while True:
             try:
