@@ -245,14 +245,13 @@ class RelayCore:
         self.clock = clock
         self.auth_user: str | None = None
         self.tx: Transaction | None = None
+        #: ``tx is not None``, kept beside it (set with it at MAIL, cleared with it at the
+        #: end): the shell reads it three times a message, and a property is a call each.
+        self.in_transaction = False
         self.remote: Remote | None = None
         #: The last remote opened in this session (the log line's fallback).
         self.last_remote: Remote | None = None
         self._step: Step[None] | None = None
-
-    @property
-    def in_transaction(self) -> bool:
-        return self.tx is not None
 
     @property
     def waiting(self) -> bool:
@@ -380,6 +379,7 @@ class RelayCore:
             yield ReplyMta(replies.no_pool(mail.address))
             return
         self.tx = Transaction(mail=mail, pool=pool, egress=egress, started=self.clock())
+        self.in_transaction = True
         yield TransactionStarted(pool)
         yield ReplyMta(replies.sender_ok(pool, why, named=self.auth_user is not None))
 
@@ -728,6 +728,7 @@ class RelayCore:
     def _ended(self, tx: Transaction, outcome: str) -> TransactionEnded:
         """The current transaction ``tx`` is over: forgotten, and its log line made."""
         self.tx = None
+        self.in_transaction = False
         fields = self._log_fields(tx, outcome)
         return TransactionEnded(tx.pool, outcome, tx.final_reply, tx.size, fields)
 

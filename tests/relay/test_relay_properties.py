@@ -74,6 +74,9 @@ class Driver:
             result = self.execute(commands.pop(0), to_mta)
             if result is not None:
                 commands += self.relay.handle(result)
+        # The core keeps in_transaction beside tx (an attribute the shell reads, not a
+        # property): the two never disagree between events.
+        assert self.relay.in_transaction == (self.relay.tx is not None)
         return to_mta
 
     def execute(self, command: Command, to_mta: list[Reply]) -> Event | None:
