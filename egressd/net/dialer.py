@@ -122,6 +122,18 @@ class Dialed:
         finally:
             self.release()
 
+    def close_unwatched(self) -> None:
+        """:meth:`close` for a connection whose owner knows no task waits on its socket
+        (the session's own task, once its relay returned: the splice reactor waits with
+        its own epoll set, and has let go). Trio is then not told (``notify_closing``
+        wakes waiters, and there are none; the kernel drops the socket from trio's epoll
+        set as it closes it): about 14 Python calls and a failing ``epoll_ctl`` less per
+        connection."""
+        try:
+            self.stream.socket.close()
+        finally:
+            self.release()
+
 
 async def connect(attempt: Attempt, progress: Progress) -> Dialed:
     """Connect to ``attempt.address`` from ``attempt.source``; see the module doc.

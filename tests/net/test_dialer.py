@@ -98,6 +98,30 @@ async def test_direct_binds_source_address(sink: Sink, address: str) -> None:
     assert dialed.proxy_address is None
 
 
+async def test_a_connection_closed_unwatched_leaves_its_descriptor_to_the_next(sink: Sink) -> None:
+    """close_unwatched() does not tell trio, which has waited on the socket: the next socket
+    given the same descriptor is waited on as usual, and the lease is given back."""
+    source = Source(name="a", source_address=ip("127.0.0.2"))
+    dialed = await dial(source, "127.0.0.1", sink.port)
+    released: list[bool] = []
+    dialed.release = lambda: released.append(True)
+    assert await banner_of(dialed) == BANNER
+    async with trio.open_nursery() as nursery:  # trio registers the socket for a read
+        nursery.start_soon(dialed.stream.receive_some, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    descriptor = dialed.stream.fileno()
+    dialed.close_unwatched()
+    assert released == [True]
+    assert dialed.stream.socket.fileno() == -1
+    again = await dial(source, "127.0.0.1", sink.port)
+    assert again.stream.fileno() == descriptor
+    with trio.fail_after(5):
+        async with again.stream:
+            assert await banner_of(again) == BANNER
+            await echo_check(again)  # a wait on the reused descriptor, woken as usual
+
+
 async def test_direct_many_connections_share_nothing_but_the_address(sink: Sink) -> None:
     source = Source(name="a", source_address=ip("127.0.0.2"))
     dials = [await dial(source, "127.0.0.1", sink.port) for _ in range(20)]
