@@ -92,7 +92,8 @@ class Connection(trio.abc.HalfCloseableStream):
         self.peer = peer
         self._limit = math.inf  # see time_limit()
         self._deadline = math.inf
-        self._expired = False  # the deadline task woke a wait of this limit (_park_until)
+        self._expired = False  # a wait of this limit reached its deadline (_park_until)
+        self._late: set[bool] = set()  # the waits (readable or not) that reached theirs
         self._deadlines: _Deadlines | None = None  # the run's, from the first limited wait
         self._waits: dict[tuple[Connection, bool], float] = {}  # its waits, once known
         self._unparked = 0
@@ -198,19 +199,26 @@ class Connection(trio.abc.HalfCloseableStream):
         if self._limit != math.inf:
             key = self._file_deadline(readable)
         try:
-            if readable:
-                await trio.lowlevel.wait_readable(self.socket)
-            else:
-                await trio.lowlevel.wait_writable(self.socket)
-        except trio.ClosedResourceError:
-            if self._expired and self.socket.fileno() != -1:
-                raise trio.TooSlowError from None
-            raise
+            while True:
+                try:
+                    if readable:
+                        await trio.lowlevel.wait_readable(self.socket)
+                    else:
+                        await trio.lowlevel.wait_writable(self.socket)
+                    break
+                except trio.ClosedResourceError:
+                    if self.socket.fileno() == -1:
+                        raise
+                    if readable in self._late:  # this wait reached its deadline
+                        raise trio.TooSlowError from None
+                    # Woken because another wait on the socket (the other direction, in
+                    # another task) reached its deadline: this one waits on.
         except OSError as exc:  # pragma: no cover - epoll refuses only a closed descriptor
             raise _stream_error(exc) from _cause(exc)
         finally:
             if key is not None:
                 self._waits.pop(key, None)
+                self._late.discard(readable)
         if self.socket.fileno() == -1:
             raise trio.ClosedResourceError("this socket was closed while waiting")
 
@@ -230,12 +238,13 @@ class Connection(trio.abc.HalfCloseableStream):
         deadlines.file(key, deadline)
         return key
 
-    def _expire(self) -> None:
-        """The deadline of this limit passed while a call waited: wake every wait on the
-        socket (:meth:`_park_until` raises :class:`trio.TooSlowError`)."""
-        if self._expired:
-            return
-        self._expired = True
+    def _expire(self, readable: bool, deadline: float) -> None:
+        """The wait for ``readable`` (or writable) reached its ``deadline``: wake the waits
+        on the socket (that one raises :class:`trio.TooSlowError`, any other waits on), and
+        when it is this limit's deadline, the next waits under it raise at once."""
+        self._late.add(readable)
+        if deadline == self._deadline:
+            self._expired = True
         if self.socket.fileno() != -1:
             trio.lowlevel.notify_closing(self.socket)
 
@@ -270,7 +279,7 @@ class _Deadlines:
         for key, deadline in list(waits.items()):
             if deadline <= now:
                 del waits[key]
-                key[0]._expire()
+                key[0]._expire(key[1], deadline)
         self.wake_at = min(waits.values(), default=math.inf)
 
 

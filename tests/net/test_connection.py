@@ -189,6 +189,39 @@ async def test_a_read_and_a_write_waiting_on_one_connection_share_its_limit(
     peer.close()
 
 
+async def test_a_wait_without_a_limit_is_not_cut_by_another_waits_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The deadline task wakes every wait on the socket when one reaches its deadline; a
+    wait filed under no limit (another task's, after the limit was lifted) waits on."""
+    connection, peer = connected_pair()
+    connection.time_limit(5)
+    ended: dict[str, object] = {}
+
+    async def write() -> None:
+        with pytest.raises(trio.TooSlowError):
+            while True:  # until the buffers are full and the write waits
+                await connection.send_all(b"x" * 65536)
+        ended["write"] = trio.current_time()
+
+    async def read() -> None:
+        await trio.sleep(1)
+        connection.time_limit(math.inf)
+        ended["read"] = await connection.receive_some(10), trio.current_time()
+
+    async def answer_late() -> None:
+        await trio.sleep(10)
+        peer.sendall(b"late")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        nursery.start_soon(read)
+        nursery.start_soon(answer_late)
+    assert ended == {"write": 5, "read": (b"late", 10)}
+    connection.close()
+    peer.close()
+
+
 async def test_a_wait_cancelled_by_its_caller_leaves_no_deadline_behind(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
