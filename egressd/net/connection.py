@@ -50,6 +50,7 @@ The socket is a plain :class:`socket.socket` (``.socket``), so its descriptor ca
 from __future__ import annotations
 
 import errno
+import heapq
 import math
 import socket
 from collections.abc import Callable
@@ -251,19 +252,43 @@ class Connection(trio.abc.HalfCloseableStream):
 
 class _Deadlines:
     """The deadlines of the waits under a time limit, for one trio run (see the module doc):
-    ``waits`` maps (connection, readable) to the deadline of that wait in progress."""
+    ``waits`` maps (connection, readable) to the deadline of that wait in progress.
+
+    ``heap`` holds them by deadline, so a wake looks only at the waits due and the next
+    one: a scan of every wait at each wake made a run of timeouts quadratic (8000 waits
+    ending at their deadlines a millisecond apart, under MockClock: 13.8 s of CPU, against
+    1.7 s with a cancel scope per wait and 1.8 s with this heap). A wait that ends leaves
+    its entry behind (no heap call per wait): entries whose wait is gone are dropped when
+    they come up, and the heap is rebuilt from ``waits`` once it holds more than twice
+    their number (a long body's reads file the same deadline again and again)."""
 
     def __init__(self) -> None:
         self.waits: dict[tuple[Connection, bool], float] = {}
+        self.heap: list[tuple[float, int, tuple[Connection, bool]]] = []
+        self.filed = 0  # entries made: orders equal deadlines (keys do not compare)
+        self.rebuild_at = _REBUILD_SLACK
         self.wake_at = math.inf
         self.sleep: trio.CancelScope | None = None
 
     def file(self, key: tuple[Connection, bool], deadline: float) -> None:
         self.waits[key] = deadline
+        if self.filed >= self.rebuild_at:
+            self._rebuild()  # this wait included: it is in ``waits`` already
+        else:
+            self.filed += 1
+            heapq.heappush(self.heap, (deadline, self.filed, key))
         if deadline < self.wake_at:  # the task sleeps until later: wake it sooner
             self.wake_at = deadline
             if self.sleep is not None:
                 self.sleep.deadline = deadline
+
+    def _rebuild(self) -> None:
+        """The heap again from ``waits``: one entry per wait in progress."""
+        first = self.filed
+        self.heap = [(d, first + i, key) for i, (key, d) in enumerate(self.waits.items())]
+        heapq.heapify(self.heap)
+        self.filed = first + len(self.heap)
+        self.rebuild_at = self.filed + len(self.heap) + _REBUILD_SLACK
 
     async def expire(self) -> None:
         """The deadline task: sleep until the earliest deadline filed, then wake the waits
@@ -275,12 +300,19 @@ class _Deadlines:
             self._expire(trio.current_time())
 
     def _expire(self, now: float) -> None:
-        waits = self.waits
-        for key, deadline in list(waits.items()):
-            if deadline <= now:
+        waits, heap = self.waits, self.heap
+        while heap and heap[0][0] <= now:
+            deadline, _, key = heapq.heappop(heap)
+            if waits.get(key) == deadline:  # still waiting under this deadline
                 del waits[key]
                 key[0]._expire(key[1], deadline)
-        self.wake_at = min(waits.values(), default=math.inf)
+        while heap and waits.get(heap[0][2]) != heap[0][0]:  # that wait has ended
+            heapq.heappop(heap)
+        self.wake_at = heap[0][0] if heap else math.inf
+
+
+_REBUILD_SLACK = 1024
+"""Entries the heap may hold beyond twice the waits in progress before it is rebuilt."""
 
 
 _DEADLINES: trio.lowlevel.RunVar[_Deadlines] = trio.lowlevel.RunVar("egressd_deadlines")

@@ -263,3 +263,60 @@ async def test_a_timed_stream_gives_any_stream_the_same_limit(
     assert timed(connection) is connection  # a Connection has its own
     connection.close()
     peer.close()
+
+
+async def test_a_connection_closed_while_a_limited_wait_is_pending_is_closed_not_too_slow(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The deadline task wakes waits the way a close does (notify_closing): a close by
+    another task must still read as a close, at once, and not as a timeout."""
+    connection, peer = connected_pair()
+    connection.time_limit(30)
+
+    async def close_later() -> None:
+        await trio.sleep(5)
+        connection.close()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close_later)
+        with pytest.raises(trio.ClosedResourceError):
+            await connection.receive_some(10)
+    assert trio.current_time() == 5
+    peer.close()
+
+
+async def test_a_long_read_under_one_limit_ends_at_its_deadline_with_bounded_bookkeeping(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A body arriving in thousands of pieces under one limit files the same deadline at
+    every wait: the deadline task keeps about one entry per wait in progress, not one per
+    wait ever made, and still ends the limit on time."""
+    connection, peer = connected_pair()
+    other, other_peer = connected_pair()
+    connection.time_limit(10)
+    other.time_limit(10)  # the same deadline on another connection
+
+    async def trickle() -> None:
+        for _ in range(5000):
+            await trio.sleep(0.001)
+            peer.send(b"x")
+
+    async def wait_out_other() -> None:
+        with pytest.raises(trio.TooSlowError):
+            await other.receive_some(10)
+        assert trio.current_time() == 10
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_out_other)
+        nursery.start_soon(trickle)
+        received = 0
+        while received < 5000:
+            received += len(await connection.receive_some(10))
+    deadlines = connection._deadlines
+    assert deadlines is not None and len(deadlines.heap) < 2100
+    with pytest.raises(trio.TooSlowError):
+        await connection.receive_some(10)
+    assert trio.current_time() == 10  # 5 s of waits, then the rest of the 10
+    for conn, their in ((connection, peer), (other, other_peer)):
+        conn.close()
+        their.close()
