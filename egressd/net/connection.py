@@ -218,8 +218,11 @@ class Connection(trio.abc.HalfCloseableStream):
             raise _stream_error(exc) from _cause(exc)
         finally:
             if key is not None:
-                self._waits.pop(key, None)
+                waits = self._waits
+                waits.pop(key, None)
                 self._late.discard(readable)
+                if not waits and self._deadlines is not None:
+                    self._deadlines.idle()
         if self.socket.fileno() == -1:
             raise trio.ClosedResourceError("this socket was closed while waiting")
 
@@ -289,6 +292,19 @@ class _Deadlines:
         heapq.heapify(self.heap)
         self.filed = first + len(self.heap)
         self.rebuild_at = self.filed + len(self.heap) + _REBUILD_SLACK
+
+    def idle(self) -> None:
+        """No wait is in progress: forget the heap's entries and sleep until a wait is
+        filed. A deadline left behind would wake the task for nothing, and under MockClock's
+        autojump it would move the clock there whenever the run waits on a thread or real
+        I/O (a wait under a 300 s limit answered at once, then a thread: the clock read
+        300)."""
+        self.heap.clear()
+        self.rebuild_at = self.filed + _REBUILD_SLACK
+        if self.wake_at != math.inf:
+            self.wake_at = math.inf
+            if self.sleep is not None:
+                self.sleep.deadline = math.inf
 
     async def expire(self) -> None:
         """The deadline task: sleep until the earliest deadline filed, then wake the waits

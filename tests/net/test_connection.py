@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import socket
+import time
 
 import pytest
 import trio
@@ -240,6 +241,28 @@ async def test_a_wait_cancelled_by_its_caller_leaves_no_deadline_behind(
         nursery.start_soon(answer_late)
         assert await connection.receive_some(10) == b"late"
     assert trio.current_time() == 70
+    connection.close()
+    peer.close()
+
+
+async def test_a_wait_that_ended_leaves_no_deadline_for_the_clock_to_jump_to(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connection, peer = connected_pair()
+    connection.time_limit(300)
+
+    async def answer() -> None:
+        await trio.sleep(1)
+        peer.sendall(b"x")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        assert await connection.receive_some(10) == b"x"
+    connection.time_limit(math.inf)
+    # The run now waits on a thread only: autojump moves the clock to the next deadline, and
+    # the ended wait's 300 s must not be one.
+    await trio.to_thread.run_sync(time.sleep, 0.05)
+    assert trio.current_time() < 300
     connection.close()
     peer.close()
 
