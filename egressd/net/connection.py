@@ -98,6 +98,8 @@ class Connection(trio.abc.HalfCloseableStream):
         self._deadlines: _Deadlines | None = None  # the run's, from the first limited wait
         self._waits: dict[tuple[Connection, bool], float] = {}  # its waits, once known
         self._unparked = 0
+        self._parked = 0  # the waits in progress on the socket (_park_until), for close()
+        self._armed = False  # a wait ended without its event: trio's epoll may watch on
         self._eof_sent = False
 
     # ------------------------------------------------------------------ stream interface
@@ -171,10 +173,25 @@ class Connection(trio.abc.HalfCloseableStream):
     # ------------------------------------------------------------------ synchronous helpers
 
     def close(self) -> None:
-        """Close at once, without a checkpoint (a TCP socket has nothing to flush)."""
-        if self.socket.fileno() != -1:
-            trio.lowlevel.notify_closing(self.socket)
-            self.socket.close()
+        """Close at once, without a checkpoint (a TCP socket has nothing to flush).
+
+        Trio hears of it (``notify_closing``: about 14 Python calls and an ``epoll_ctl``
+        that fails for a socket trio never waited on) only when it has to: when a task
+        waits on the socket (every wait goes through :meth:`_park_until`), which must wake
+        with :class:`trio.ClosedResourceError`, or when a wait ended without its event (a
+        cancelled wait leaves the descriptor in trio's epoll set armed for EPOLLHUP and
+        EPOLLERR). Otherwise trio keeps nothing for the descriptor (it forgets a
+        descriptor once no task waits on it) and its epoll set holds it at most disabled
+        (EPOLLONESHOT, after the event that ended the last wait), which the kernel drops
+        as the socket closes: a socket given the same number next is registered afresh
+        (trio's EPOLL_CTL_MOD fails, its EPOLL_CTL_ADD succeeds), and even if the closed
+        socket outlived its descriptor (a fork's copy), its disabled entry reports nothing.
+        """
+        sock = self.socket
+        if sock.fileno() != -1:
+            if self._parked or self._armed:
+                trio.lowlevel.notify_closing(sock)
+            sock.close()
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -199,6 +216,7 @@ class Connection(trio.abc.HalfCloseableStream):
         key = None
         if self._limit != math.inf:
             key = self._file_deadline(readable)
+        self._parked += 1
         try:
             while True:
                 try:
@@ -215,8 +233,13 @@ class Connection(trio.abc.HalfCloseableStream):
                     # Woken because another wait on the socket (the other direction, in
                     # another task) reached its deadline: this one waits on.
         except OSError as exc:  # pragma: no cover - epoll refuses only a closed descriptor
+            self._armed = True
             raise _stream_error(exc) from _cause(exc)
+        except BaseException:  # cancelled, or closed: trio may still watch it (see close)
+            self._armed = True
+            raise
         finally:
+            self._parked -= 1
             if key is not None:
                 waits = self._waits
                 waits.pop(key, None)

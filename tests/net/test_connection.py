@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import socket
 import time
 
@@ -343,3 +345,85 @@ async def test_a_long_read_under_one_limit_ends_at_its_deadline_with_bounded_boo
     for conn, their in ((connection, peer), (other, other_peer)):
         conn.close()
         their.close()
+
+
+async def test_closing_a_connection_another_task_waits_on_wakes_it_with_closed() -> None:
+    connection, peer = connected_pair()
+    woken: list[str] = []
+
+    async def read() -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            await connection.receive_some(10)
+        woken.append("read")
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            connection.close()
+    assert woken == ["read"]
+    peer.close()
+
+
+async def test_a_descriptor_closed_after_its_waits_ended_is_waited_on_afresh_when_reused() -> None:
+    """No task waits when the connection closes, after waits that ended with their event:
+    a socket given the same descriptor next is waited on and woken as usual."""
+    connection, peer = connected_pair()
+    peer.sendall(b"ping")
+    await connection.receive_some(10)
+    async with trio.open_nursery() as nursery:  # trio registers the descriptor for a read
+        nursery.start_soon(connection.receive_some, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        peer.sendall(b"pong")
+    descriptor = connection.fileno()
+    connection.close()
+    peer.close()
+    again, other = connected_pair()
+    assert again.fileno() == descriptor
+    received: list[bytes] = []
+
+    async def read() -> None:
+        received.append(await again.receive_some(10))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            other.sendall(b"hello")
+    assert received == [b"hello"]
+    again.close()
+    other.close()
+
+
+async def test_a_closed_socket_that_outlives_its_descriptor_never_wakes_the_next_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A wait cancelled by its caller leaves the descriptor armed in trio's epoll set; the
+    socket may outlive the Connection's descriptor (a copy held elsewhere, as a forked
+    child holds it until exec). Closing tells trio, so when that socket hangs up later, a
+    wait on the next socket given the same descriptor is not woken by it."""
+    connection, peer = connected_pair()
+    # The socket outlives the connection's descriptor (a copy above the next free one).
+    copy = fcntl.fcntl(connection.fileno(), fcntl.F_DUPFD_CLOEXEC, 1000)
+    with trio.move_on_after(1):
+        await connection.receive_some(10)
+    descriptor = connection.fileno()
+    connection.close()
+    again, other = connected_pair()
+    assert again.socket.fileno() == descriptor
+    woken: list[bool] = []
+
+    async def wait() -> None:
+        await trio.lowlevel.wait_readable(again.socket)
+        woken.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        peer.close()  # the old socket hangs up (EPOLLHUP for its entry, if trio kept one)
+        await trio.sleep(1)
+        assert woken == []
+        nursery.cancel_scope.cancel()
+    os.close(copy)
+    other.close()
+    again.close()
