@@ -169,8 +169,6 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide; none wanted
         self.registry = CollectorRegistry()
         registry = self.registry
-        #: Children of the per-message counters by label values (bounded), see _counter.
-        self._counters: dict[tuple[str, str, str, str], Counter] = {}
         PidOnlyProcessCollector(registry=registry)
         self.connections = Counter(
             "egressd_connections",
@@ -211,19 +209,7 @@ class Metrics:
             "Configuration reloads rejected (the old configuration stayed).",
             registry=registry,
         )
-        self.smtp_transactions = Counter(
-            "egressd_smtp_transactions",
-            "Relayed SMTP transactions, by pool, source and class of the remote's final reply.",
-            ("pool", "source", "reply_class"),
-            registry=registry,
-        )
-        self.provider_messages = Counter(
-            "egressd_provider_messages",
-            "Relayed SMTP messages by source and shaping provider (unmatched destinations are "
-            '"other"), and the class of the final reply.',
-            ("source", "provider", "reply_class"),
-            registry=registry,
-        )
+        self.transactions = TransactionMetrics(registry)
         self.provider_connections_opened = Counter(
             "egressd_provider_connections",
             "Connections made with a shaping budget, by source and shaping provider "
@@ -381,20 +367,15 @@ class Metrics:
 
     def count_transaction(self, pool: str, code: int, source: str = "") -> None:
         """One relayed transaction whose final reply (to the dot) had ``code``."""
-        self._counter(self.smtp_transactions, "", pool, source, reply_class(code)).inc()
+        key = (pool, source, reply_class(code))
+        counts = self.transactions.transactions
+        counts[key] = counts.get(key, 0) + 1
 
     def count_provider_message(self, source: str, provider: str, code: int) -> None:
         """One relayed message from ``source`` to ``provider`` (labels already bounded)."""
-        self._counter(self.provider_messages, "p", source, provider, reply_class(code)).inc()
-
-    def _counter(self, metric: Counter, kind: str, a: str, b: str, c: str) -> Counter:
-        """``metric.labels(a, b, c)``, looked up once per label values: ``labels()``
-        validates and takes a lock on every call, twice per relayed message otherwise."""
-        key = (kind, a, b, c)
-        child = self._counters.get(key)
-        if child is None:
-            child = self._counters[key] = metric.labels(a, b, c)
-        return child
+        key = (source, provider, reply_class(code))
+        counts = self.transactions.messages
+        counts[key] = counts.get(key, 0) + 1
 
     def count_provider_connection(self, source: str, provider: str, delta: int) -> None:
         """A connection from ``source`` to ``provider`` made (+1) or ended (-1)."""
@@ -586,6 +567,48 @@ class ProxyMetrics(Collector):
             active.add_metric((listener,), counts.active)
         families.append(active)
         return families
+
+
+class TransactionMetrics(Collector):
+    """``egressd_smtp_transactions_total`` and ``egressd_provider_messages_total``.
+
+    Every relayed SMTP message adds one to each. prometheus_client's ``inc()`` checks the
+    metric and takes a lock each time (about five Python calls, ten per message); here the
+    door adds to plain integers keyed by their label values (:attr:`transactions`: pool,
+    source, reply_class; :attr:`messages`: source, provider, reply_class; the labels are
+    bounded by whoever adds) and :meth:`collect` turns them into the same counter families
+    at scrape time, as :class:`ProxyMetrics` does for KumoProxy's. A key is added with the
+    first message it counts, as a labelled child appears at its first ``inc()``.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.transactions: dict[tuple[str, str, str], int] = {}
+        self.messages: dict[tuple[str, str, str], int] = {}
+        registry.register(self)
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families()
+
+    def _families(self) -> list[Metric]:
+        transactions = CounterMetricFamily(
+            "egressd_smtp_transactions",
+            "Relayed SMTP transactions, by pool, source and class of the remote's final reply.",
+            labels=("pool", "source", "reply_class"),
+        )
+        for labels, value in list(self.transactions.items()):
+            transactions.add_metric(labels, float(value))
+        messages = CounterMetricFamily(
+            "egressd_provider_messages",
+            "Relayed SMTP messages by source and shaping provider (unmatched destinations are "
+            '"other"), and the class of the final reply.',
+            labels=("source", "provider", "reply_class"),
+        )
+        for labels, value in list(self.messages.items()):
+            messages.add_metric(labels, float(value))
+        return [transactions, messages]
 
 
 # --------------------------------------------------------------------------- workers

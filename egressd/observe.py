@@ -69,6 +69,8 @@ DOORS = ("smtp", "socks5", "proxy")
 STATUS_BREAKERS = 50
 """Open circuit breakers listed by ``status`` (the most recently failing; all are counted)."""
 _OUTCOME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_Key = tuple[str, str, str]
+"""A transaction count's label values (:class:`~egressd.metrics.TransactionMetrics`)."""
 
 
 class RunningListener(Protocol):
@@ -219,8 +221,9 @@ class SessionCounters:
 
 class TransactionCounters:
     """Counts relayed transactions into ``egressd_smtp_transactions_total`` and
-    ``egressd_provider_messages_total``: the two children are looked up once per (pool,
-    code, source, provider) as the door reports them, not bounded and labelled per message.
+    ``egressd_provider_messages_total`` (plain integers, :class:`~egressd.metrics.
+    TransactionMetrics`): the two keys are worked out once per (pool, code, source,
+    provider) as the door reports them, not bounded and labelled per message.
 
     The labels depend on the names known (:meth:`forget` after a reload adds some) and the
     shaping providers (the shaper's policy is compared on each call: shaping files reload
@@ -233,7 +236,7 @@ class TransactionCounters:
         self.metrics = metrics
         self.names = names
         self.runtime = runtime
-        self._children: dict[tuple[str, int, str, str], tuple[Counter, Counter]] = {}
+        self._children: dict[tuple[str, int, str, str], tuple[_Key, _Key]] = {}
         self._policy: object = None
 
     def count(self, pool: str, code: int, source: str, provider: str) -> None:
@@ -250,20 +253,23 @@ class TransactionCounters:
                 self.forget()
             self._children[key] = children
         transactions, messages = children
-        transactions.inc()
-        messages.inc()
+        counts = self.metrics.transactions
+        counts.transactions[transactions] += 1
+        counts.messages[messages] += 1
 
     def forget(self) -> None:
         self._children.clear()
 
-    def _lookup(self, pool: str, code: int, source: str, provider: str) -> tuple[Counter, Counter]:
-        names, metrics = self.names, self.metrics
+    def _lookup(self, pool: str, code: int, source: str, provider: str) -> tuple[_Key, _Key]:
+        """The two counts' keys (each counted from 0 if new)."""
+        names, counts = self.names, self.metrics.transactions
         source, klass = names.source(source), reply_class(code)
         provider = provider_label(self.runtime(), provider)
-        return (
-            metrics.smtp_transactions.labels(names.pool(pool), source, klass),
-            metrics.provider_messages.labels(source, provider, klass),
-        )
+        transactions = (names.pool(pool), source, klass)
+        messages = (source, provider, klass)
+        counts.transactions.setdefault(transactions, 0)
+        counts.messages.setdefault(messages, 0)
+        return transactions, messages
 
 
 def count_into_metrics(daemon: Observed) -> None:
