@@ -562,6 +562,9 @@ async def test_a_worker_killed_loses_no_connection_waiting_in_the_backlog(
                     os.kill(pids[1], signal.SIGKILL)
                     os.kill(pids[2], signal.SIGCONT)
                 await w.wait_sessions_logged("socks5", 10)
+                # Worker 2 can serve all ten before the supervisor has seen worker 1 die and
+                # logged it: wait for the restart that follows the log line.
+                await restarted(w, 1, pids[1])
         finally:
             os.kill(pids[2], signal.SIGCONT)
         assert len(served) == len(sink.connections) == 10
