@@ -42,6 +42,7 @@ import trio
 from egressd.admission import Admission
 from egressd.config import Config, IPAddress
 from egressd.egress import DestinationBreaker, Egress, EgressObserver, NoQuotas, Quotas
+from egressd.egress.quotas import SwitchedQuotas
 from egressd.health import SourceHealth
 from egressd.log import get_logger, log_fields
 from egressd.login import LoginThrottle
@@ -123,11 +124,17 @@ def printable(text: str, limit: int = 64) -> str:
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text[:limit])
 
 
-class _CurrentQuotas:
-    """:class:`~egressd.egress.quotas.Quotas` of the runtime's warm-up engine, if any."""
+class _CurrentQuotas(SwitchedQuotas):
+    """:class:`~egressd.egress.quotas.Quotas` of the runtime's warm-up engine, if any.
+
+    Asked at each question, not when a connection opens: a reload that turns warm-up on
+    governs the next message of every connection already open."""
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
+
+    def warming(self) -> bool:
+        return self._runtime.warmup is not None
 
     @property
     def _quotas(self) -> Quotas:

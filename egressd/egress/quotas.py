@@ -41,6 +41,7 @@ __all__ = [
     "QuotaRefusal",
     "Quotas",
     "QuotasAskedAhead",
+    "SwitchedQuotas",
     "outcome_of",
 ]
 
@@ -77,8 +78,21 @@ class QuotasAskedAhead(Quotas, Protocol):
     async def prepare(self, sources: Sequence[str], provider: str) -> None: ...
 
 
-class NoQuotas:
+class SwitchedQuotas:
+    """Quotas that may have no warm-up behind them for a while (the runtime's, before a
+    reload turns warm-up on): :meth:`warming` False means that every question answers
+    as :class:`NoQuotas` does, so a connection need not ask them message by message."""
+
+    def warming(self) -> bool:
+        """Some source warms up now (the questions may refuse, hold or count)."""
+        return True
+
+
+class NoQuotas(SwitchedQuotas):
     """No source warms up: nothing is refused, held or counted."""
+
+    def warming(self) -> bool:
+        return False
 
     def refusal(self, source: str, provider: str) -> str | None:
         return None
@@ -165,6 +179,7 @@ class ConnectionQuota:
         self._spare = first
         self._current: QuotaHold | None = None
         self._ahead = quotas if isinstance(quotas, QuotasAskedAhead) else None
+        self._switched = quotas if isinstance(quotas, SwitchedQuotas) else None
 
     async def prepare(self) -> None:
         """Before a MAIL on the kept connection: quotas counted in a shared store ask it
@@ -178,14 +193,18 @@ class ConnectionQuota:
         if self._current is None:
             if self._spare is not None:
                 self._current, self._spare = self._spare, None
-            else:
+            elif self._switched is None or self._switched.warming():
                 refusal = self.quotas.refusal(self.source, self.provider)
                 if refusal is not None:
                     return QuotaRefusal(WARMUP_QUOTA, refusal)
                 self._current = QuotaHold.take(self.quotas, self.source, self.provider)
+            # Else no warm-up now: nothing to refuse or hold (about ten Python calls a
+            # message less). The message goes unheld, as it would be held with held=False;
+            # settle() counts it all the same when a reload turned warm-up on meanwhile.
         refused = self.inner.send() if self.inner is not None else None
         if refused is not None:
-            self._current.release()
+            if self._current is not None:
+                self._current.release()
             self._current = None
         return refused
 

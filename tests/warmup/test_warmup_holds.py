@@ -7,6 +7,7 @@ The egress plan (pure) and the relay's per-message budget (pure) on the engine (
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from fake_clock import FakeClock
 from warmup_helpers import at
@@ -24,6 +25,7 @@ from egressd.egress import (
 from egressd.egress.quotas import WARMUP_QUOTA
 from egressd.health import SourceHealth
 from egressd.pools import PoolSet
+from egressd.runtime import _CurrentQuotas
 from egressd.warmup import Warmup
 
 CONFIG = """
@@ -135,3 +137,29 @@ def test_a_connection_closed_before_its_message_ended_still_counts_the_reply(
     connection.settle(421)
     quota = warmup.quota("cold", "other")
     assert quota is not None and (quota.used, quota.in_flight) == (1, 0)
+
+
+def test_a_reload_that_turns_warm_up_on_governs_the_next_messages_of_an_open_connection(
+    tmp_path: Path,
+) -> None:
+    """The runtime's quotas are asked at each message: a connection opened while nothing
+    warmed up holds nothing, and once a reload attaches the engine, the message under way
+    is counted at its end and the next ones are held and refused at the quota."""
+    _, warmup = make(tmp_path)
+    runtime = SimpleNamespace(warmup=None, shared_quotas=None, shared_budgets=None)
+    connection = ConnectionQuota(_CurrentQuotas(runtime), "cold", "other")  # type: ignore[arg-type]
+    assert connection.send() is None
+    runtime.warmup = warmup  # what the reload does (daemon.attach_warming)
+    connection.settle(250)
+    quota = warmup.quota("cold", "other")
+    assert quota is not None and (quota.used, quota.in_flight) == (1, 0)
+    assert connection.send() is None
+    quota = warmup.quota("cold", "other")
+    assert quota is not None and (quota.used, quota.in_flight) == (1, 1)
+    connection.settle(250)
+    assert connection.send() is None
+    connection.settle(451)
+    refused = connection.send()
+    assert refused is not None and refused.budget == WARMUP_QUOTA
+    quota = warmup.quota("cold", "other")
+    assert quota is not None and (quota.used, quota.in_flight) == (3, 0)
