@@ -94,9 +94,8 @@ class Connection(trio.abc.HalfCloseableStream):
         self._limit = math.inf  # see time_limit()
         self._deadline = math.inf
         self._expired = False  # a wait of this limit reached its deadline (_park_until)
-        self._late: set[bool] = set()  # the waits (readable or not) that reached theirs
+        self._late = 0  # the waits that reached theirs: _READ_LATE, _WRITE_LATE (bits)
         self._deadlines: _Deadlines | None = None  # the run's, from the first limited wait
-        self._waits: dict[tuple[Connection, bool], float] = {}  # its waits, once known
         self._unparked = 0
         self._parked = 0  # the waits in progress on the socket (_park_until), for close()
         self._armed = False  # a wait ended without its event: trio's epoll may watch on
@@ -228,7 +227,7 @@ class Connection(trio.abc.HalfCloseableStream):
                 except trio.ClosedResourceError:
                     if self.socket.fileno() == -1:
                         raise
-                    if readable in self._late:  # this wait reached its deadline
+                    if self._late & _late_bit(readable):  # this wait reached its deadline
                         raise trio.TooSlowError from None
                     # Woken because another wait on the socket (the other direction, in
                     # another task) reached its deadline: this one waits on.
@@ -241,11 +240,13 @@ class Connection(trio.abc.HalfCloseableStream):
         finally:
             self._parked -= 1
             if key is not None:
-                waits = self._waits
+                deadlines = self._deadlines
+                assert deadlines is not None  # filed by _file_deadline
+                waits = deadlines.waits
                 waits.pop(key, None)
-                self._late.discard(readable)
-                if not waits and self._deadlines is not None:
-                    self._deadlines.idle()
+                self._late &= ~_late_bit(readable)
+                if not waits:
+                    deadlines.idle()
         if self.socket.fileno() == -1:
             raise trio.ClosedResourceError("this socket was closed while waiting")
 
@@ -260,7 +261,6 @@ class Connection(trio.abc.HalfCloseableStream):
         deadlines = self._deadlines
         if deadlines is None:
             deadlines = self._deadlines = _deadlines()
-            self._waits = deadlines.waits
         key = (self, readable)
         deadlines.file(key, deadline)
         return key
@@ -269,11 +269,21 @@ class Connection(trio.abc.HalfCloseableStream):
         """The wait for ``readable`` (or writable) reached its ``deadline``: wake the waits
         on the socket (that one raises :class:`trio.TooSlowError`, any other waits on), and
         when it is this limit's deadline, the next waits under it raise at once."""
-        self._late.add(readable)
+        self._late |= _late_bit(readable)
         if deadline == self._deadline:
             self._expired = True
         if self.socket.fileno() != -1:
             trio.lowlevel.notify_closing(self.socket)
+
+
+_READ_LATE = 1
+_WRITE_LATE = 2
+
+
+def _late_bit(readable: bool) -> int:
+    """A wait's bit in ``Connection._late`` (an int, not a set: a set is 216 bytes a
+    connection, and an idle spliced session holds two)."""
+    return _READ_LATE if readable else _WRITE_LATE
 
 
 class _Deadlines:
