@@ -17,21 +17,16 @@ most calls made under them (inclusive, per message): where to cut next.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from procs import ROOT, free_port, running
-from relay_bench import wait_ready
 from smtp_bench import EGRESSD_CONFIG, KIB, SOURCE_ADDRESS, Case, generator_argv, sink_argv
+from socks_calls import calls_during
 
-COUNTER = [sys.executable, str(ROOT / "bench" / "call_counter.py")]
 WARM_UP = 500
 
 
@@ -57,24 +52,14 @@ def count_calls(
             sink_port=sink_port, relay_port=port, source=SOURCE_ADDRESS, workers=1
         )
     )
-    out = workdir / f"{name}.json"
-    os.environ["EGRESSD_CALLS_OUT"] = str(out)
-    with running([*COUNTER, "run", "-c", str(config)], port, workdir, name, root=root) as pid:
-        wait_ready(workdir / f"{name}.log")
-        send(port, case, WARM_UP)
-        os.kill(pid, signal.SIGUSR1)
-        time.sleep(0.2)
-        send(port, case, messages)
-        time.sleep(0.5)  # the last sessions' QUIT, log lines and closes
-        os.kill(pid, signal.SIGUSR2)
-        deadline = time.monotonic() + 30
-        while not out.exists() or not out.stat().st_size:
-            if time.monotonic() > deadline:
-                sys.exit(f"bench: no call report from {name}")
-            time.sleep(0.05)
-        time.sleep(0.2)
-        report: dict[str, object] = json.loads(out.read_text())
-    return report
+    return calls_during(
+        config,
+        port,
+        workdir,
+        root,
+        warm_up=lambda: send(port, case, WARM_UP),
+        load=lambda: send(port, case, messages),
+    )
 
 
 def print_top(report: dict[str, object], messages: int, top: int) -> None:

@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from procs import ROOT, free_port, running
@@ -34,18 +34,39 @@ def count_calls(
     workdir: Path, root: Path, sink: int, sessions: int, concurrency: int
 ) -> dict[str, object]:
     """The call report (see call_counter.py) of ``sessions`` through an egressd from
-    ``root``, the counts divided by the sessions."""
+    ``root`` (the caller divides the counts by the sessions)."""
     port = free_port()
     config = egressd_config(workdir, port, [sink])
+    return calls_during(
+        config,
+        port,
+        workdir,
+        root,
+        warm_up=lambda: curl_sessions(port, sink, WARM_UP, concurrency),
+        load=lambda: curl_sessions(port, sink, sessions, concurrency),
+    )
+
+
+def calls_during(
+    config: Path,
+    port: int,
+    workdir: Path,
+    root: Path,
+    warm_up: Callable[[], object],
+    load: Callable[[], object],
+) -> dict[str, object]:
+    """The call report (see call_counter.py) of an egressd from ``root`` running ``config``
+    (its door on ``port``) while ``load`` runs, after ``warm_up`` (not counted); for
+    smtp_calls.py too."""
     name = f"calls-{port}"
     out = workdir / f"{name}.json"
     os.environ["EGRESSD_CALLS_OUT"] = str(out)
     with running([*COUNTER, "run", "-c", str(config)], port, workdir, name, root=root) as pid:
         wait_ready(workdir / f"{name}.log")
-        curl_sessions(port, sink, WARM_UP, concurrency)
+        warm_up()
         os.kill(pid, signal.SIGUSR1)
         time.sleep(0.2)
-        curl_sessions(port, sink, sessions, concurrency)
+        load()
         time.sleep(0.5)  # the last sessions' log lines and closes
         os.kill(pid, signal.SIGUSR2)
         deadline = time.monotonic() + 30

@@ -755,10 +755,9 @@ async def test_verified_tls_checks_the_certificate_against_the_trust_store(
         egress_tls.client_context.cache_clear()
 
 
-async def test_the_mta_can_starttls_to_egressd(
-    tmp_path: Path, port: int, ca: trustme.CA, nursery: trio.Nursery
-) -> None:
-    await start_scripted_mx(nursery, port=port)
+def starttls_config(tmp_path: Path, ca: trustme.CA, port: int) -> tuple[str, ssl.SSLContext]:
+    """A configuration routing everything to 127.0.0.1:``port`` whose SMTP door offers
+    STARTTLS with a certificate of ``ca`` for relay.test, and an MTA's context trusting it."""
     cert = ca.issue_cert("relay.test")
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.cert_chain_pems[0].write_to_path(str(cert_path))
@@ -771,6 +770,14 @@ async def test_the_mta_can_starttls_to_egressd(
     client_context = ssl.create_default_context()
     client_context.check_hostname = False  # smtplib sends the IP literal as the server name
     ca.configure_trust(client_context)
+    return text, client_context
+
+
+async def test_the_mta_can_starttls_to_egressd(
+    tmp_path: Path, port: int, ca: trustme.CA, nursery: trio.Nursery
+) -> None:
+    await start_scripted_mx(nursery, port=port)
+    text, client_context = starttls_config(tmp_path, ca, port)
 
     def submit(relay_port: int) -> dict[str, Any]:
         with smtplib.SMTP("127.0.0.1", relay_port, timeout=10) as client:

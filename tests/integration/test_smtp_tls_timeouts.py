@@ -5,7 +5,6 @@ the door as a timeout and leave the TLS stream able to carry the 421."""
 from __future__ import annotations
 
 import smtplib
-import ssl
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import trio
 import trustme
 from harness import free_port
 from smtp_harness import start_scripted_mx
-from test_smtp_door import config, egressd
+from test_smtp_door import egressd, starttls_config
 
 from egressd.doors.smtp import SmtpDoor
 
@@ -25,19 +24,7 @@ async def test_an_mta_silent_after_starttls_gets_the_421_timeout_over_tls(
 ) -> None:
     port = free_port("127.0.0.1")
     await start_scripted_mx(nursery, port=port)
-    ca = trustme.CA()
-    cert = ca.issue_cert("relay.test")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    text = config(
-        port,
-        routes={"*": f"127.0.0.1:{port}"},
-        extra=f'[smtp.tls]\ncertificate = "{cert_path}"\nprivate_key = "{key_path}"\n',
-    )
-    context = ssl.create_default_context()
-    context.check_hostname = False  # smtplib sends the IP literal as the server name
-    ca.configure_trust(context)
+    text, context = starttls_config(tmp_path, trustme.CA(), port)
 
     def silent_after_mail(relay_port: int) -> tuple[int, bytes]:
         with smtplib.SMTP("127.0.0.1", relay_port, timeout=10) as client:
