@@ -23,9 +23,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from procs import ROOT, free_port, running
+from procs import free_port, running
 from smtp_bench import EGRESSD_CONFIG, KIB, SOURCE_ADDRESS, Case, generator_argv, sink_argv
-from socks_calls import calls_during
+from socks_calls import calls_during, compare
 
 WARM_UP = 500
 
@@ -62,13 +62,6 @@ def count_calls(
     )
 
 
-def print_top(report: dict[str, object], messages: int, top: int) -> None:
-    inclusive = report["inclusive"]
-    assert isinstance(inclusive, list)
-    for function, under, own in inclusive[:top]:
-        print(f"  {under / messages:8.1f} under  {own / messages:6.1f} own  {function}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench smtp-calls", description=__doc__)
     parser.add_argument("--messages", type=int, default=2000, help="counted messages (2000)")
@@ -81,24 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=0, help="list the N costliest functions")
     args = parser.parse_args(argv)
     case = Case(args.size, args.sessions, not args.no_pipelining)
-    roots = [("egressd", ROOT)]
-    if args.baseline is not None:
-        roots.append(("baseline", args.baseline.resolve()))
-    totals: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="egressd-smtp-calls-") as tmp:
         workdir = Path(tmp)
         sink_port = free_port()
         with running(sink_argv(sink_port, case.pipelining), sink_port, workdir, "sink"):
-            for name, root in roots:
-                report = count_calls(workdir, root, sink_port, case, args.messages)
-                calls = report["calls"]
-                assert isinstance(calls, int)
-                totals[name] = calls / args.messages
-                print(f"{name}: {totals[name]:.1f} Python calls per message ({case.name}; {root})")
-                if args.top:
-                    print_top(report, args.messages, args.top)
-    if "baseline" in totals:
-        print(f"egressd / baseline: {totals['egressd'] / totals['baseline']:.3f}")
+            compare(
+                args.baseline,
+                lambda root: count_calls(workdir, root, sink_port, case, args.messages),
+                args.messages,
+                f"message, {case.name}",
+                args.top,
+            )
     return 0
 
 

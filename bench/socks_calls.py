@@ -79,6 +79,32 @@ def calls_during(
     return report
 
 
+def compare(
+    baseline: Path | None,
+    count: Callable[[Path], dict[str, object]],
+    units: int,
+    unit: str,
+    top: int,
+) -> None:
+    """Count this checkout (and ``baseline``) with ``count(root)``; print the calls per
+    ``unit`` of each, the ``top`` costliest functions, and the ratio (for smtp_calls.py
+    too)."""
+    roots = [("egressd", ROOT)]
+    if baseline is not None:
+        roots.append(("baseline", baseline.resolve()))
+    totals: dict[str, float] = {}
+    for name, root in roots:
+        report = count(root)
+        calls, inclusive = report["calls"], report["inclusive"]
+        assert isinstance(calls, int) and isinstance(inclusive, list)
+        totals[name] = calls / units
+        print(f"{name}: {totals[name]:.1f} Python calls per {unit} ({root})")
+        for function, under, own in inclusive[:top]:
+            print(f"  {under / units:8.1f} under  {own / units:6.1f} own  {function}")
+    if "baseline" in totals:
+        print(f"egressd / baseline: {totals['egressd'] / totals['baseline']:.3f}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench socks-calls", description=__doc__)
     parser.add_argument("--sessions", type=int, default=1000, help="counted sessions (1000)")
@@ -86,29 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, metavar="DIR", help="also count checkout DIR")
     parser.add_argument("--top", type=int, default=0, help="list the N costliest functions")
     args = parser.parse_args(argv)
-    roots = [("egressd", ROOT)]
-    if args.baseline is not None:
-        roots.append(("baseline", args.baseline.resolve()))
-    totals: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="egressd-calls-") as tmp:
         workdir = Path(tmp)
         with pong_sink(workdir) as (sink, _pid):
-            for name, root in roots:
-                report = count_calls(workdir, root, sink, args.sessions, args.concurrency)
-                calls = report["calls"]
-                assert isinstance(calls, int)
-                totals[name] = calls / args.sessions
-                print(f"{name}: {totals[name]:.1f} Python calls per short session ({root})")
-                if args.top:
-                    inclusive = report["inclusive"]
-                    assert isinstance(inclusive, list)
-                    for function, under, own in inclusive[: args.top]:
-                        print(
-                            f"  {under / args.sessions:8.1f} under  {own / args.sessions:6.1f}"
-                            f" own  {function}"
-                        )
-    if "baseline" in totals:
-        print(f"egressd / baseline: {totals['egressd'] / totals['baseline']:.3f}")
+            compare(
+                args.baseline,
+                lambda root: count_calls(workdir, root, sink, args.sessions, args.concurrency),
+                args.sessions,
+                "short session",
+                args.top,
+            )
     return 0
 
 
