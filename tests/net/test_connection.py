@@ -57,6 +57,73 @@ async def test_a_cancelled_task_is_stopped_at_its_next_call_even_with_data_ready
     peer.close()
 
 
+class CountingSocket(socket.socket):
+    """A socket that counts its recv calls (system calls a Connection makes)."""
+
+    recvs = 0
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        self.recvs += 1
+        return super().recv(size, flags)
+
+
+def counting_pair() -> tuple[Connection, CountingSocket, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    counting = CountingSocket(ours.family, ours.type, 0, ours.detach())
+    return Connection(counting), counting, theirs
+
+
+async def test_after_a_short_read_the_next_read_waits_before_its_recv() -> None:
+    """A short read emptied the kernel's queue: in a lock-step exchange every later read
+    costs one recv, not a failed one and then another."""
+    connection, counting, peer = counting_pair()
+    peer.sendall(b"220 hello\r\n")
+    assert await connection.receive_some(100) == b"220 hello\r\n"
+    for reply in (b"250 one\r\n", b"250 two\r\n", b"221 bye\r\n"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.receive_some, 100)
+            await trio.testing.wait_all_tasks_blocked()
+            peer.sendall(reply)
+    assert counting.recvs == 4
+    peer.sendall(b"late")  # ready before the call: taken by the wait and one recv
+    assert await connection.receive_some(100) == b"late"
+    assert counting.recvs == 5
+    connection.close()
+    peer.close()
+
+
+async def test_after_a_full_read_the_next_read_tries_at_once() -> None:
+    """A read that filled its buffer may have left bytes behind (a message body): the next
+    read takes them without waiting, and only a short read makes the one after it wait."""
+    connection, counting, peer = counting_pair()
+    peer.sendall(b"x" * 25)
+    assert await connection.receive_some(10) == b"x" * 10
+    assert await connection.receive_some(10) == b"x" * 10
+    assert await connection.receive_some(10) == b"x" * 5
+    assert counting.recvs == 3
+    peer.close()
+    assert await connection.receive_some(10) == b""  # EOF after the wait
+    assert counting.recvs == 4
+    connection.close()
+
+
+async def test_a_read_after_a_short_read_takes_ready_bytes_once_its_limit_expired(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Waiting first is only a saving: bytes that are ready are still taken whatever the
+    limit, even after a wait under it reached its end."""
+    connection, peer = connected_pair()
+    connection.time_limit(5)
+    peer.sendall(b"a")
+    assert await connection.receive_some(10) == b"a"
+    with pytest.raises(trio.TooSlowError):
+        await connection.receive_some(10)
+    peer.sendall(b"b")
+    assert await connection.receive_some(10) == b"b"
+    connection.close()
+    peer.close()
+
+
 async def test_errors_are_trio_stream_errors() -> None:
     connection, peer = connected_pair()
     peer.close()
