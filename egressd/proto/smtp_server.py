@@ -330,15 +330,15 @@ def _no_bare_line_ending(window: bytes) -> bool:
     """Every CR in ``window`` is followed by an LF and every LF follows a CR (a window
     that starts or ends between the two counts as bare).
 
-    ``bytes.splitlines`` breaks lines at CRLF, a bare CR and a bare LF alike: the window is
-    clean exactly when its lines joined by CRLF give it back (with its last CRLF, if it
-    ends in one). Two C-level passes and a comparison, no Python per line
-    (``scripts/bench machines``: 8 us per 10 KiB, against 12 us for two ``translate``
-    passes compared one byte apart and 15 us for counting CR, LF and CRLF)."""
-    rejoined = b"\r\n".join(window.splitlines())
-    if len(rejoined) + 2 == len(window):
-        return window.endswith(b"\r\n") and window.startswith(rejoined)
-    return rejoined == window
+    With every CR deleted and every LF then written as CRLF, a window comes back unchanged
+    exactly when it is clean: what that makes has no bare CR or LF, so an equal window has
+    none; a clean window is lines joined by CRLF, which the two steps give back. Both are
+    single-byte ``replace`` calls, which find each CR or LF with ``memchr`` and copy the
+    rest whole: no Python and no object per line (``scripts/bench machines``: 3.5 us per
+    10 KiB of 80-column lines, against 9 us for ``splitlines`` rejoined with CRLF, 12 us
+    for two ``translate`` passes compared one byte apart and 15 us for counting CR, LF and
+    CRLF)."""
+    return window.replace(b"\r", b"").replace(b"\n", b"\r\n") == window
 
 
 #: How many dots :func:`_crlf_dot` looks at one by one before it searches for CRLF-dot.
