@@ -232,7 +232,7 @@ class SmtpClient:
             raise LocalProtocolError("max_line must be at least 64 and max_lines at least 1")
         self._max_line = max_line
         self._max_lines = max_lines
-        self._buf = ReceiveBuffer()
+        self._buf = ReceiveBuffer(b"\n")
         self._state = ClientState.GREETING
         self._awaiting: deque[_Await] = deque([_Await.GREETING])
         self._lines: list[str] = []  # lines of the reply being read
@@ -309,12 +309,12 @@ class SmtpClient:
             raise self._fail("plaintext after the 220 to STARTTLS (CVE-2011-0411 class)")
         event: ClientEvent | Sentinel
         if not self._lines:  # a reply's first line: maybe one seen before (_remember), here
-            line = buf.take_line(b"\n")
+            line = buf.take_line()
             if line is None:
                 event = self._no_line()
             else:
-                seen = self._seen.get(line)
-                event = self._on_reply(seen) if seen is not None else self._next_reply(line)
+                seen = self._seen  # a lookup by ``in``, not get(): no call for a miss or a hit
+                event = self._on_reply(seen[line]) if line in seen else self._next_reply(line)
         else:
             event = self._next_reply(None)
         if event is NEED_DATA and buf.closed:
@@ -466,13 +466,11 @@ class SmtpClient:
         line = first
         while True:
             if line is None:
-                line = buf.take_line(b"\n")
+                line = buf.take_line()
                 if line is None:
                     return self._no_line()
-                if not self._lines:
-                    seen = self._seen.get(line)
-                    if seen is not None:  # this very line was a whole reply before
-                        return self._on_reply(seen)
+                if not self._lines and line in self._seen:  # a whole reply before
+                    return self._on_reply(self._seen[line])
             wire = line
             if line[-1:] == b"\r":
                 line = line[:-1]

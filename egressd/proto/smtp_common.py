@@ -556,15 +556,21 @@ class ReceiveBuffer:
     number of times. :meth:`find` resumes where the previous unsuccessful search stopped.
     While ``start`` is 0 there is nothing to drop, and a machine appends to ``data`` itself
     (:meth:`take_line` empties a buffer it consumed whole, so that is the usual case).
+    ``line_end`` is what ends a line for :meth:`take_line` (CRLF for commands, LF for
+    replies, which may end leniently in a bare LF).
     """
 
-    __slots__ = ("_scan", "closed", "data", "start")
+    __slots__ = ("_line_end", "_line_end_size", "_scan", "closed", "data", "start")
 
-    def __init__(self) -> None:
+    def __init__(self, line_end: bytes = b"\r\n") -> None:
+        if not line_end:
+            raise LocalProtocolError("a line must end in something")
         self.data = bytearray()
         self.start = 0
         self._scan = 0
         self.closed = False
+        self._line_end = line_end
+        self._line_end_size = len(line_end)  # once, not at each line
 
     def __len__(self) -> int:
         return len(self.data) - self.start
@@ -585,21 +591,22 @@ class ReceiveBuffer:
             return -1
         return index - self.start
 
-    def take_line(self, separator: bytes) -> bytes | None:
-        """The bytes up to the next ``separator``, consumed with it; None when there is none
+    def take_line(self) -> bytes | None:
+        """The bytes up to the next line end, consumed with it; None when there is none
         yet (the next search resumes where this one stopped). :meth:`find`, :meth:`take` and
         :meth:`skip` in one call: it runs for every command and reply line."""
         data = self.data
         start = self.start
         scan = self._scan
-        index = data.find(separator, scan if scan > start else start)
+        index = data.find(self._line_end, scan if scan > start else start)
+        size = len(data)
         if index < 0:
-            scan = len(data) - len(separator) + 1
+            scan = size - self._line_end_size + 1
             self._scan = scan if scan > start else start
             return None
         line = bytes(data[start:index])
-        end = index + len(separator)
-        if end == len(data):  # all consumed (lock-step, the usual case): start afresh, so
+        end = index + self._line_end_size
+        if end == size:  # all consumed (lock-step, the usual case): start afresh, so
             del data[:]  # the next receive_data() appends without a call to feed()
             end = 0
         self.start = self._scan = end

@@ -504,7 +504,7 @@ class SmtpServer:
             elif self._discarding_line:
                 event = self._next_command_event()
             else:  # a whole command line, the usual case, goes to _dispatch from here
-                line = buf.take_line(b"\r\n")
+                line = buf.take_line()
                 if line is not None and len(line) <= self._max_line:
                     return self._dispatch(line)
                 event = self._after_line(line)
@@ -645,7 +645,7 @@ class SmtpServer:
             keep = 1 if len(buf) and buf.data[-1] == _CR else 0
             buf.skip(len(buf) - keep)
             return NEED_DATA
-        line = buf.take_line(b"\r\n")
+        line = buf.take_line()
         if line is not None and len(line) <= self._max_line:
             return self._dispatch(line)
         return self._after_line(line)
@@ -676,14 +676,13 @@ class SmtpServer:
                 return self._auth_response(text)
             verb, _, argument = text.partition(" ")
             verb = verb.upper()
-            handler = _HANDLERS.get(verb)
-            if handler is None:
+            if verb not in _HANDLERS:  # ``in`` and a subscript: no call, unlike get()
                 if verb in _NOT_IMPLEMENTED:
                     raise _Refuse(502, "5.5.1", "Command not implemented")
                 raise _Refuse(500, "5.5.2", "Command unrecognized")
             if self._refused and verb != "QUIT":
                 raise _Refuse(503, "5.5.1", "No service here; send QUIT")
-            return handler(self, argument)
+            return _HANDLERS[verb](self, argument)
         except _Refuse as refusal:
             return self._refuse(refusal, verb, in_auth=in_auth)
         except LocalProtocolError:

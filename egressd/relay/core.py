@@ -420,7 +420,7 @@ class RelayCore:
         domain has the same next hop."""
         remote = self.remote
         assert remote is not None
-        next_hop = yield from self._next_hop(tx, domain, remote.source.egress_version)
+        next_hop = yield from self._next_hop(tx, domain, remote.egress_version)
         if not remote.next_hop.same_destination(next_hop, remote.next_hop_address):
             return replies.another_next_hop(domain, remote.next_hop.domain, remote.remote_text)
         return (yield from self._remote_rcpt(tx, rcpt))
@@ -524,7 +524,7 @@ class RelayCore:
         kept = self.remote
         if kept is not None:
             if self._source_fits(tx, kept.source):
-                next_hop = yield from self._next_hop(tx, domain, kept.source.egress_version)
+                next_hop = yield from self._next_hop(tx, domain, kept.egress_version)
                 if kept.next_hop.same_destination(next_hop, kept.next_hop_address):
                     return kept, False
             yield from self._drop_remote(polite=True)

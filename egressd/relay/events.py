@@ -157,6 +157,12 @@ class Remote:
     extensions: Mapping[str, str] = field(default_factory=dict)
     #: The connection's shaping budgets per message (None without shaping files).
     budget: MessageBudget | None = field(default=None, compare=False, repr=False)
+    #: ``source.egress_version``, read once: the core asks it at every message (a property
+    #: of a property, six calls each time).
+    egress_version: int | None = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "egress_version", self.source.egress_version)
 
     @property
     def pipelining(self) -> bool:
