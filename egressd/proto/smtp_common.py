@@ -45,7 +45,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final
+from typing import ClassVar, Final
 
 from egressd.proto import machine
 from egressd.proto.machine import NEED_DATA as NEED_DATA
@@ -397,6 +397,42 @@ def format_params(params: Mapping[str, str | None]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Records: the events made per message
+# --------------------------------------------------------------------------------------------
+
+
+class Record:
+    """Base of the events made for every message (MAIL, RCPT, the body's pieces here, the
+    relay core's events and commands): a slotted object with one plain ``__init__`` that
+    validates its values, equal, hashed and printed by its fields as a frozen dataclass is.
+
+    A frozen dataclass sets each field with ``object.__setattr__`` (a call per field) and
+    validates in a second function, ``__post_init__``; a message makes about twenty such
+    events between the two machines and the relay core. A record's attributes are
+    ``Final``, so mypy refuses to assign them as it refuses a frozen dataclass's.
+    ``_fields`` names, in order, what equality, hashing and ``repr`` use.
+    """
+
+    __slots__ = ()
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple([getattr(self, name) for name in self._fields])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Record) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash((self.__class__, self._values()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join([f"{name}={getattr(self, name)!r}" for name in self._fields])
+        return f"{self.__class__.__name__}({fields})"
+
+
+# --------------------------------------------------------------------------------------------
 # Command events: emitted by the server machine, accepted by the client machine's send()
 # --------------------------------------------------------------------------------------------
 
@@ -434,37 +470,42 @@ class Ehlo:
         _check_domain("EHLO", self.name)
 
 
-@dataclass(frozen=True)
-class Mail:
+class Mail(Record):
     """``MAIL FROM:<address> params``; ``address`` is ``""`` for the null reverse-path.
 
     ``params`` maps upper-cased ESMTP keywords to their value, or None for a keyword without
     one (``SMTPUTF8``): RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8, RFC 3461 RET/ENVID,
-    RFC 4954 AUTH. It is read-only.
+    RFC 4954 AUTH. It is read-only. A :class:`Record`: one is made per message.
     """
 
-    address: str
-    params: Mapping[str, str | None] = field(default_factory=dict, hash=False)
+    __slots__ = ("address", "params")
+    _fields = ("address", "params")
 
-    def __post_init__(self) -> None:
-        address, params = self.address, self.params
+    def __init__(self, address: str, params: Mapping[str, str | None] = _NO_PARAMS) -> None:
         if type(address) is not str or not _PLAIN_ADDRESS_RE.fullmatch(address):
             _check_address(address, allow_empty=True)
-        object.__setattr__(self, "params", _freeze_params(params) if params else _NO_PARAMS)
+        self.address: Final = address
+        self.params: Final = _freeze_params(params) if params else _NO_PARAMS
+
+    def __hash__(self) -> int:
+        return hash((Mail, self.address))  # the parameters are a mapping: not hashed
 
 
-@dataclass(frozen=True)
-class Rcpt:
-    """``RCPT TO:<address> params`` (RFC 3461 NOTIFY and ORCPT are the usual params)."""
+class Rcpt(Record):
+    """``RCPT TO:<address> params`` (RFC 3461 NOTIFY and ORCPT are the usual params).
+    A :class:`Record`: one is made per recipient."""
 
-    address: str
-    params: Mapping[str, str | None] = field(default_factory=dict, hash=False)
+    __slots__ = ("address", "params")
+    _fields = ("address", "params")
 
-    def __post_init__(self) -> None:
-        address, params = self.address, self.params
+    def __init__(self, address: str, params: Mapping[str, str | None] = _NO_PARAMS) -> None:
         if type(address) is not str or not _PLAIN_ADDRESS_RE.fullmatch(address):
             _check_address(address, allow_empty=False)
-        object.__setattr__(self, "params", _freeze_params(params) if params else _NO_PARAMS)
+        self.address: Final = address
+        self.params: Final = _freeze_params(params) if params else _NO_PARAMS
+
+    def __hash__(self) -> int:
+        return hash((Rcpt, self.address))  # the parameters are a mapping: not hashed
 
 
 @dataclass(frozen=True)
@@ -519,20 +560,22 @@ class StartTls:
     """``STARTTLS`` (RFC 3207)."""
 
 
-@dataclass(frozen=True)
-class DataChunk:
+class DataChunk(Record):
     """A piece of the message body as it is on the wire: still dot-stuffed, CRLF lines.
 
     The server machine emits them in order; concatenated they are exactly the octets the MTA
     sent after the 354, up to but excluding the terminating ``.<CRLF>``. Written to the
     remote followed by ``.\\r\\n`` they reproduce the MTA's DATA stream octet for octet.
+    A :class:`Record`: one or more are made per message.
     """
 
-    data: bytes = field(repr=False)
+    __slots__ = ("data",)
+    _fields = ("data",)
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.data, bytes):
+    def __init__(self, data: bytes) -> None:
+        if type(data) is not bytes and not isinstance(data, bytes):
             raise LocalProtocolError("DataChunk.data must be bytes")
+        self.data: Final = data
 
     def __repr__(self) -> str:
         return f"DataChunk(<{len(self.data)} bytes>)"

@@ -16,7 +16,8 @@ Four commands wait for a result, which the shell feeds back as the next event:
                         :class:`RemoteLost`
 ======================  =================================================================
 
-Every command and event is a small frozen dataclass, so a test reads as a transcript::
+Every command and event is a small immutable record, equal by its fields, so a test reads
+as a transcript::
 
     >> MtaCommand(Rcpt("r@good.test"))
     << OpenRemote(pool="main", domain="good.test")
@@ -26,14 +27,16 @@ Every command and event is a small frozen dataclass, so a test reads as a transc
     << ReplyMta(Reply(250, ...))
 
 Nothing here does I/O or imports trio: the shell (:mod:`egressd.doors.smtp_relay`) executes
-the commands.
+the commands. The events and commands are :class:`~egressd.proto.smtp_common.Record` objects,
+not frozen dataclasses: a message makes about a dozen, and a record is one plain
+``__init__`` (its attributes are ``Final`` to mypy, as a frozen dataclass's are).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from egressd.addresses import IPAddress
 from egressd.config import Config, Source
@@ -46,6 +49,7 @@ from egressd.proto.smtp_common import (
     Mail,
     Quit,
     Rcpt,
+    Record,
     Reply,
     Rset,
 )
@@ -175,123 +179,172 @@ class Remote:
 # --------------------------------------------------------------------------- events
 
 
-@dataclass(frozen=True)
-class MtaCommand:
+class MtaCommand(Record):
     """A transaction command from the MTA (EHLO/HELO/RSET/QUIT end a transaction)."""
 
-    command: Mail | Rcpt | DataCommand | Rset | Quit | Ehlo | Helo
+    __slots__ = ("command",)
+    _fields = ("command",)
+
+    def __init__(self, command: Mail | Rcpt | DataCommand | Rset | Quit | Ehlo | Helo) -> None:
+        self.command: Final = command
 
 
-@dataclass(frozen=True)
-class MtaAuthenticated:
+class MtaAuthenticated(Record):
     """AUTH succeeded (``user`` names a pool), or was undone by STARTTLS (None)."""
 
-    user: str | None
+    __slots__ = ("user",)
+    _fields = ("user",)
+
+    def __init__(self, user: str | None) -> None:
+        self.user: Final = user
 
 
-@dataclass(frozen=True)
-class MtaBody:
+class MtaBody(Record):
     """Pieces of the body, as the MTA sent them (dot-stuffed), one read's worth."""
 
-    chunks: tuple[DataChunk, ...]
+    __slots__ = ("chunks",)
+    _fields = ("chunks",)
+
+    def __init__(self, chunks: tuple[DataChunk, ...]) -> None:
+        self.chunks: Final = chunks
 
 
-@dataclass(frozen=True)
-class MtaEndOfData:
+class MtaEndOfData(Record):
     """The last pieces of the body and the final dot."""
 
-    chunks: tuple[DataChunk, ...] = ()
+    __slots__ = ("chunks",)
+    _fields = ("chunks",)
+
+    def __init__(self, chunks: tuple[DataChunk, ...] = ()) -> None:
+        self.chunks: Final = chunks
 
 
-@dataclass(frozen=True)
-class MtaBareLineEnding:
+class MtaBareLineEnding(Record):
     """A bare CR or LF in the body: it must not end at the remote (SMTP smuggling)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
-class MtaDataDiscarded:
+
+class MtaDataDiscarded(Record):
     """The refused body ended; ``reply`` (550 5.6.11) is the MTA's answer."""
 
-    reply: Reply
+    __slots__ = ("reply",)
+    _fields = ("reply",)
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply: Final = reply
 
 
-@dataclass(frozen=True)
-class MtaClosed:
+class MtaClosed(Record):
     """The MTA disconnected (or broke the protocol)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
-class MtaTimedOut:
+
+class MtaTimedOut(Record):
     """The MTA sent nothing for ``seconds``."""
 
-    seconds: float
+    __slots__ = ("seconds",)
+    _fields = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds: Final = seconds
 
 
-@dataclass(frozen=True)
-class MtaTooSlow:
+class MtaTooSlow(Record):
     """The MTA sent the body slower than ``rate`` bytes per second on average."""
 
-    rate: int
+    __slots__ = ("rate",)
+    _fields = ("rate",)
+
+    def __init__(self, rate: int) -> None:
+        self.rate: Final = rate
 
 
-@dataclass(frozen=True)
-class SessionEnded:
+class SessionEnded(Record):
     """The MTA session is over; ``clean`` when it ended with QUIT."""
 
-    clean: bool
+    __slots__ = ("clean",)
+    _fields = ("clean",)
+
+    def __init__(self, clean: bool) -> None:
+        self.clean: Final = clean
 
 
-@dataclass(frozen=True)
-class RemoteOpened:
-    remote: Remote
+class RemoteOpened(Record):
+    __slots__ = ("remote",)
+    _fields = ("remote",)
+
+    def __init__(self, remote: Remote) -> None:
+        self.remote: Final = remote
 
 
-@dataclass(frozen=True)
-class OpenFailed:
+class OpenFailed(Record):
     """No remote could be opened; ``reply`` says why (see :mod:`egressd.relay.replies`)."""
 
-    reply: Reply
+    __slots__ = ("reply",)
+    _fields = ("reply",)
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply: Final = reply
 
 
-@dataclass(frozen=True)
-class SelectionAnswered:
+class SelectionAnswered(Record):
     """The answer to :class:`AskSelection`: None when a source may take the message on a
     new connection, else the reply an :class:`OpenRemote` would fail with now."""
 
-    refusal: Reply | None
+    __slots__ = ("refusal",)
+    _fields = ("refusal",)
+
+    def __init__(self, refusal: Reply | None) -> None:
+        self.refusal: Final = refusal
 
 
-@dataclass(frozen=True)
-class NextHopResolved:
+class NextHopResolved(Record):
     """The next hop, or the reply for a next hop that cannot be found."""
 
-    result: NextHopView | Reply
+    __slots__ = ("result",)
+    _fields = ("result",)
+
+    def __init__(self, result: NextHopView | Reply) -> None:
+        self.result: Final = result
 
 
-@dataclass(frozen=True)
-class RemoteReplied:
+class RemoteReplied(Record):
     """The remote's replies to a :class:`SendRemote`, in order; fewer when one is a 421
     (it stands for the replies that will never come)."""
 
-    replies: tuple[Reply, ...] = ()
+    __slots__ = ("replies",)
+    _fields = ("replies",)
+
+    def __init__(self, replies: tuple[Reply, ...] = ()) -> None:
+        self.replies: Final = replies
 
 
-@dataclass(frozen=True)
-class RemoteTimedOut:
+class RemoteTimedOut(Record):
     """No progress within the deadline, while ``sending`` or waiting for a reply."""
 
-    seconds: float
-    sending: bool = False
+    __slots__ = ("seconds", "sending")
+    _fields = ("seconds", "sending")
+
+    def __init__(self, seconds: float, sending: bool = False) -> None:
+        self.seconds: Final = seconds
+        self.sending: Final = sending
 
 
-@dataclass(frozen=True)
-class RemoteLost:
+class RemoteLost(Record):
     """The remote connection broke: an OS ``error``, ``closed`` by the remote, or a
     protocol ``violation``; ``detail`` is the error's text."""
 
-    how: Literal["error", "closed", "violation"]
-    sending: bool = False
-    detail: str = ""
+    __slots__ = ("detail", "how", "sending")
+    _fields = ("how", "sending", "detail")
+
+    def __init__(
+        self, how: Literal["error", "closed", "violation"], sending: bool = False, detail: str = ""
+    ) -> None:
+        self.how: Final = how
+        self.sending: Final = sending
+        self.detail: Final = detail
 
 
 Event = (
@@ -318,89 +371,133 @@ Event = (
 # --------------------------------------------------------------------------- commands
 
 
-@dataclass(frozen=True)
-class ReplyMta:
-    reply: Reply
+class ReplyMta(Record):
+    __slots__ = ("reply",)
+    _fields = ("reply",)
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply: Final = reply
 
 
-@dataclass(frozen=True)
-class OpenRemote:
+class OpenRemote(Record):
     """Open a remote for ``domain`` through ``pool``'s next source (retried once on another
     source when the first fails through its own fault), ready for MAIL. The shell resolves
-    the next hop for the picked source's IP version through ``next_hops`` (and fills it)."""
+    the next hop for the picked source's IP version through ``next_hops`` (and fills it).
+    ``requiretls``: the MAIL carries REQUIRETLS (RFC 8689), so only a remote that can
+    honour it will do. ``egress`` and ``next_hops`` are neither compared nor printed."""
 
-    pool: str
-    domain: str
-    egress: EgressView | None = field(default=None, compare=False, repr=False)
-    next_hops: NextHops = field(default_factory=dict, compare=False, repr=False)
-    requiretls: bool = False
-    """The MAIL carries REQUIRETLS (RFC 8689): only a remote that can honour it will do."""
+    __slots__ = ("domain", "egress", "next_hops", "pool", "requiretls")
+    _fields = ("pool", "domain", "requiretls")
+
+    def __init__(
+        self,
+        pool: str,
+        domain: str,
+        egress: EgressView | None = None,
+        next_hops: NextHops | None = None,
+        requiretls: bool = False,
+    ) -> None:
+        self.pool: Final = pool
+        self.domain: Final = domain
+        self.egress: Final = egress
+        self.next_hops: Final[NextHops] = {} if next_hops is None else next_hops
+        self.requiretls: Final = requiretls
 
 
-@dataclass(frozen=True)
-class AskSelection:
+class AskSelection(Record):
     """Could :class:`OpenRemote` open a connection for ``domain`` through ``pool`` now?
     Asked, without picking or holding anything, before a kept connection whose budgets
-    refused a message is given up; ``leaving`` is that connection's source."""
+    refused a message is given up; ``leaving`` is that connection's source. ``egress`` and
+    ``next_hops`` are neither compared nor printed."""
 
-    pool: str
-    domain: str
-    leaving: str
-    egress: EgressView | None = field(default=None, compare=False, repr=False)
-    next_hops: NextHops = field(default_factory=dict, compare=False, repr=False)
+    __slots__ = ("domain", "egress", "leaving", "next_hops", "pool")
+    _fields = ("pool", "domain", "leaving")
+
+    def __init__(
+        self,
+        pool: str,
+        domain: str,
+        leaving: str,
+        egress: EgressView | None = None,
+        next_hops: NextHops | None = None,
+    ) -> None:
+        self.pool: Final = pool
+        self.domain: Final = domain
+        self.leaving: Final = leaving
+        self.egress: Final = egress
+        self.next_hops: Final[NextHops] = {} if next_hops is None else next_hops
 
 
-@dataclass(frozen=True)
-class ResolveNextHop:
-    domain: str
-    version: int | None
-    config: Config | None = field(default=None, compare=False, repr=False)
+class ResolveNextHop(Record):
+    """``config`` is neither compared nor printed."""
+
+    __slots__ = ("config", "domain", "version")
+    _fields = ("domain", "version")
+
+    def __init__(self, domain: str, version: int | None, config: Config | None = None) -> None:
+        self.domain: Final = domain
+        self.version: Final = version
+        self.config: Final = config
 
 
-@dataclass(frozen=True, init=False)
-class SendRemote:
+class SendRemote(Record):
     """Write ``commands`` in one write and read a reply to each (none to body pieces);
-    ``what`` names them for a failure reply."""
+    ``what`` names them for a failure reply. ``replies_owed`` (neither compared nor
+    printed) is how many replies the remote owes: one per command but body pieces."""
 
-    commands: tuple[ClientCommand, ...]
-    what: str
-    #: How many replies the remote owes for ``commands``: one per command but body pieces.
-    replies_owed: int = field(repr=False, compare=False)
+    __slots__ = ("commands", "replies_owed", "what")
+    _fields = ("commands", "what")
 
     def __init__(self, commands: tuple[ClientCommand, ...], what: str) -> None:
-        # One call, not the generated __init__ and a __post_init__ (two sends a message).
         # Counted once here: the core and the shell both read it, several times a message.
         owed = len(commands)
         for command in commands:
             if type(command) is DataChunk:
                 owed -= 1
-        object.__setattr__(self, "commands", commands)
-        object.__setattr__(self, "what", what)
-        object.__setattr__(self, "replies_owed", owed)
+        self.commands: Final = commands
+        self.what: Final = what
+        self.replies_owed: Final = owed
 
 
-@dataclass(frozen=True)
-class CloseRemote:
+class CloseRemote(Record):
     """Close the remote connection: after QUIT when ``polite``, else at once (in the middle
     of DATA the remote then never sees the final dot)."""
 
-    polite: bool = False
+    __slots__ = ("polite",)
+    _fields = ("polite",)
+
+    def __init__(self, polite: bool = False) -> None:
+        self.polite: Final = polite
 
 
-@dataclass(frozen=True)
-class TransactionStarted:
-    pool: str
+class TransactionStarted(Record):
+    __slots__ = ("pool",)
+    _fields = ("pool",)
+
+    def __init__(self, pool: str) -> None:
+        self.pool: Final = pool
 
 
-@dataclass(frozen=True)
-class TransactionEnded:
-    """A transaction is over: its log line's ``fields``, and its final reply, if any."""
+class TransactionEnded(Record):
+    """A transaction is over: its log line's ``fields`` (neither compared nor printed), and
+    its final reply, if any."""
 
-    pool: str
-    outcome: str
-    final: Reply | None
-    size: int
-    fields: Mapping[str, object] = field(compare=False, repr=False, default_factory=dict)
+    __slots__ = ("fields", "final", "outcome", "pool", "size")
+    _fields = ("pool", "outcome", "final", "size")
+
+    def __init__(
+        self,
+        pool: str,
+        outcome: str,
+        final: Reply | None,
+        size: int,
+        fields: Mapping[str, object] | None = None,
+    ) -> None:
+        self.pool: Final = pool
+        self.outcome: Final = outcome
+        self.final: Final = final
+        self.size: Final = size
+        self.fields: Final[Mapping[str, object]] = {} if fields is None else fields
 
 
 Command = (
