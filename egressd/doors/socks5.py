@@ -270,8 +270,8 @@ class _AcceptedConnection:
                     idle_timeout=limits.idle_timeout,
                     client_data=self.server.trailing_data,
                 )
-            finally:  # the socket and the shaping lease; no checkpoint, no task waits on it
-                dialed.close_unwatched()
+            finally:  # the socket and the shaping lease (no checkpoint)
+                dialed.close()
         except trio.BrokenResourceError as exc:
             if self.record.outcome in ("closed", "ok"):
                 self.record.outcome = "closed"

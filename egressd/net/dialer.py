@@ -71,6 +71,7 @@ __all__ = ["Dialed", "connect", "resolve_name"]
 # Linux's value; the socket module names it only on Linux builds (and typeshed not at all).
 _IP_BIND_ADDRESS_NO_PORT: int = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _RECEIVE_SIZE = 4096
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 _LOCAL_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
@@ -116,21 +117,14 @@ class Dialed:
     """Gives back what the connection holds beyond its socket (a shaping lease)."""
 
     def close(self) -> None:
-        """Close the socket (synchronous: nothing to flush) and give back what it held."""
+        """Close the socket (synchronous: nothing to flush) and give back what it held.
+
+        :meth:`Connection.close` tells trio only when it must (a task may still wait on
+        the socket, or a wait ended without its event), so an owner that knows nobody waits
+        (a session whose relay returned) pays nothing for the rule, and one that is wrong
+        about it wakes the waiter instead of leaving it parked forever."""
         try:
             self.stream.close()
-        finally:
-            self.release()
-
-    def close_unwatched(self) -> None:
-        """:meth:`close` for a connection whose owner knows no task waits on its socket
-        (the session's own task, once its relay returned: the splice reactor waits with
-        its own epoll set, and has let go). Trio is then not told (``notify_closing``
-        wakes waiters, and there are none; the kernel drops the socket from trio's epoll
-        set as it closes it): about 14 Python calls and a failing ``epoll_ctl`` less per
-        connection."""
-        try:
-            self.stream.socket.close()
         finally:
             self.release()
 
@@ -414,12 +408,10 @@ class _Dial:
 
     def _socket(self, version: int, target: tuple[IPAddress, int]) -> socket.socket:
         family = socket.AF_INET6 if version == 6 else socket.AF_INET
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+        try:  # non-blocking from the start: no ioctl(FIONBIO) as setblocking() would make
+            return socket.socket(family, _STREAM_NONBLOCK)
         except OSError as exc:
             raise self._local_error(exc, target) from exc
-        sock.setblocking(False)
-        return sock
 
     def _bind(self, sock: socket.socket, address: IPAddress, target: tuple[IPAddress, int]) -> None:
         """Bind the source address with IP_BIND_ADDRESS_NO_PORT (the port comes at connect)."""

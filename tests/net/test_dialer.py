@@ -98,9 +98,10 @@ async def test_direct_binds_source_address(sink: Sink, address: str) -> None:
     assert dialed.proxy_address is None
 
 
-async def test_a_connection_closed_unwatched_leaves_its_descriptor_to_the_next(sink: Sink) -> None:
-    """close_unwatched() does not tell trio, which has waited on the socket: the next socket
-    given the same descriptor is waited on as usual, and the lease is given back."""
+async def test_a_closed_connection_leaves_its_descriptor_to_the_next(sink: Sink) -> None:
+    """Closing a connection whose last wait was cancelled (trio may still hold the
+    descriptor) gives back the lease, and the next socket given the same descriptor is
+    waited on as usual."""
     source = Source(name="a", source_address=ip("127.0.0.2"))
     dialed = await dial(source, "127.0.0.1", sink.port)
     released: list[bool] = []
@@ -111,7 +112,7 @@ async def test_a_connection_closed_unwatched_leaves_its_descriptor_to_the_next(s
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     descriptor = dialed.stream.fileno()
-    dialed.close_unwatched()
+    dialed.close()
     assert released == [True]
     assert dialed.stream.socket.fileno() == -1
     again = await dial(source, "127.0.0.1", sink.port)
@@ -120,6 +121,28 @@ async def test_a_connection_closed_unwatched_leaves_its_descriptor_to_the_next(s
         async with again.stream:
             assert await banner_of(again) == BANNER
             await echo_check(again)  # a wait on the reused descriptor, woken as usual
+
+
+async def test_closing_a_connection_wakes_a_task_still_waiting_on_it(sink: Sink) -> None:
+    """A task still reading the connection when its owner closes it wakes with
+    ClosedResourceError instead of waiting forever on a descriptor that is gone."""
+    source = Source(name="a", source_address=ip("127.0.0.2"))
+    dialed = await dial(source, "127.0.0.1", sink.port)
+    assert await banner_of(dialed) == BANNER  # the sink now waits: so does the reader
+    woken: list[type[BaseException]] = []
+
+    async def read() -> None:
+        try:
+            await dialed.stream.receive_some(10)
+        except trio.ClosedResourceError as exc:
+            woken.append(type(exc))
+
+    with trio.fail_after(2):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            dialed.close()
+    assert woken == [trio.ClosedResourceError]
 
 
 async def test_direct_many_connections_share_nothing_but_the_address(sink: Sink) -> None:
