@@ -50,7 +50,14 @@ from egressd.config import Config, ConfigError, Endpoint, Listener, load_config
 from egressd.fleet.budgets import FleetBudgets
 from egressd.fleet.node import Fleet, config_generation, open_fleet
 from egressd.fleet.quotas import SharedQuotas
-from egressd.log import PROCESS_FIELDS, get_logger, setup_logging
+from egressd.log import (
+    PROCESS_FIELDS,
+    get_logger,
+    held_interval,
+    hold_lines,
+    setup_logging,
+    write_held_lines,
+)
 from egressd.metrics import Metrics
 from egressd.net import activation, mtasts, sdnotify
 from egressd.net.channel import ChannelClosed
@@ -459,7 +466,11 @@ class Daemon:
             prepared.warming = None
         for running in self._adopt_listeners(config, prepared.opened):
             await running.closed.wait()
-        setup_logging("json" if self.json_logs else config.log.format, config.log.level)
+        setup_logging(
+            "json" if self.json_logs else config.log.format,
+            config.log.level,
+            config.log.flush_interval,
+        )
         if self.extras is not None:
             await self.extras.apply(config)
         return config
@@ -640,6 +651,7 @@ async def _serve(
             if warming is not None:  # after share_*budgets, which rebuild the shaper: the
                 daemon.adopt_warming(warming)  # suspensions restored go in the new one
             await daemon.reconcile_listeners(config)
+            connections.start_soon(write_log_lines)
             connections.start_soon(announce_recoveries, daemon)
             connections.start_soon(_handle_signals, daemon, signals, stop, link is None)
             connections.start_soon(mtasts.run_refresher, lambda: runtime.config)
@@ -664,6 +676,20 @@ async def _serve(
         await daemon.warming.close()
     if fleet is not None:
         await fleet.leave()
+
+
+async def write_log_lines() -> None:
+    """Write the held log lines ``[log] flush_interval`` after the first (see
+    :mod:`egressd.log`), and all of them when cancelled (shutdown, a crash)."""
+    try:
+        while True:
+            wake = trio.Event()
+            hold_lines(wake.set)
+            await wake.wait()
+            await trio.sleep(held_interval())
+            write_held_lines()
+    finally:
+        hold_lines(None)
 
 
 class _Stop:
@@ -765,7 +791,9 @@ def run_daemon(
     """
     if worker is not None:
         PROCESS_FIELDS["worker"] = worker[0]
-    setup_logging("json" if json_logs else config.log.format, config.log.level)
+    setup_logging(
+        "json" if json_logs else config.log.format, config.log.level, config.log.flush_interval
+    )
     soft, _ = raise_open_files_limit()
     log.info(
         "starting",

@@ -128,6 +128,9 @@ def test_example_error_message_names_file_and_key_path(tmp_path: Path) -> None:
             'smtp: tls: policy: example.com: "secure" is not one of "none", "may"',
         ),
         ("[smtp.tls]\nmta_sts = 1\n", "smtp: tls: mta_sts: expected"),
+        ('[log]\nflush_interval = "2s"\n', "log: flush_interval: 2s is longer than 1s"),
+        ('[log]\nflush_interval = "soon"\n', 'log: flush_interval: "soon" is not a duration'),
+        ("[log]\nflush_interval = -1\n", "log: flush_interval: -1 is negative"),
     ],
 )
 def test_each_class_of_bad_config_names_file_and_key_path(
@@ -136,6 +139,15 @@ def test_each_class_of_bad_config_names_file_and_key_path(
     path = write(tmp_path, "egressd.toml", text)
     errors = errors_of(path)
     assert any(e.startswith(f"{path}: ") and expected in e for e in errors), errors
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("", 0.05), ('flush_interval = "250ms"', 0.25),
+                                               ("flush_interval = 0", 0.0)])  # fmt: skip
+def test_log_flush_interval_defaults_to_50ms_and_reads_a_duration(
+    tmp_path: Path, text: str, seconds: float
+) -> None:
+    config = load_config(write(tmp_path, "egressd.toml", f"[log]\n{text}\n"))
+    assert config.log.flush_interval == seconds
 
 
 def test_problems_are_records_with_file_key_path_and_message(tmp_path: Path) -> None:

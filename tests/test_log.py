@@ -14,10 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
+from egressd import log
+from egressd.daemon import write_log_lines
 from egressd.log import (
     _RENDERED,
     _RENDERED_LIMIT,
+    HELD_BYTES,
     LOGGER_NAME,
     PROCESS_FIELDS,
     JournalStreamHandler,
@@ -27,6 +32,7 @@ from egressd.log import (
     get_logger,
     log_fields,
     make_handler,
+    setup_logging,
     stderr_is_journal,
 )
 
@@ -222,3 +228,159 @@ def test_log_fields_goes_through_logging_to_anyone_else_listening(
     [record] = listener.records
     assert (record.getMessage(), getattr(record, "fields", None)) == ("transaction", FIELDS)
     assert stream.getvalue().count("transaction") == 1  # the filter dropped the second line
+
+
+# --------------------------------------------------------------------------- held lines
+
+
+class Writes(io.StringIO):
+    """A stream that remembers each write (one write is one system call on stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+@pytest.fixture
+def stderr(egressd_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch) -> Writes:
+    """What :func:`setup` routes to (the flush interval restored after the test)."""
+    monkeypatch.setattr(log, "_interval", 0.0)
+    return Writes()
+
+
+def setup(stream: Writes, fmt: str, flush_interval: float) -> None:
+    """setup_logging to ``stream`` as stderr (pytest sets its own sys.stderr for the call
+    itself, so a fixture's would not be seen)."""
+    saved, sys.stderr = sys.stderr, stream
+    try:
+        setup_logging(fmt, "info", flush_interval)
+    finally:
+        sys.stderr = saved
+
+
+def n_of(text: str) -> list[int]:
+    return [int(n) for n in re.findall(r" n=(\d+)", text)]
+
+
+def transaction(n: int, level: int = logging.INFO) -> None:
+    log_fields(get_logger("smtp"), level, "transaction", {**FIELDS, "n": n})
+
+
+async def test_lines_are_held_until_the_flush_interval_then_written_in_one_write(
+    stderr: Writes, autojump_clock: trio.testing.MockClock
+) -> None:
+    setup(stderr, "text", 0.5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_log_lines)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        transaction(1)
+        await trio.sleep(0.3)
+        transaction(2)
+        assert stderr.writes == []
+        while not stderr.writes:
+            await trio.sleep(0.001)
+        assert trio.current_time() - start == pytest.approx(0.5, abs=0.002)
+        [written] = stderr.writes
+        assert n_of(written) == [1, 2]
+        await trio.sleep(5)  # nothing held: the writer sleeps, nothing more is written
+        assert len(stderr.writes) == 1
+        transaction(3)  # held again, and written half a second later
+        await trio.sleep(0.499)
+        assert len(stderr.writes) == 1
+        await trio.sleep(0.002)
+        assert n_of(stderr.writes[1]) == [3]
+        nursery.cancel_scope.cancel()
+
+
+async def test_warnings_and_other_records_are_written_at_once_after_what_is_held(
+    stderr: Writes, autojump_clock: trio.testing.MockClock
+) -> None:
+    setup(stderr, "text", 0.5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_log_lines)
+        await trio.testing.wait_all_tasks_blocked()
+        transaction(1)
+        transaction(2, logging.WARNING)
+        assert n_of(stderr.getvalue()) == [1, 2]
+        assert " warning egressd.smtp: transaction" in stderr.getvalue().splitlines()[1]
+        transaction(3)
+        get_logger("smtp").info("reload")  # through logging.Handler.emit
+        assert re.findall(r"(?:n=\d+|reload)$", stderr.getvalue(), re.M)[2:] == ["n=3", "reload"]
+        transaction(4)
+        get_logger("smtp").error("broken")
+        assert stderr.getvalue().rstrip().endswith("broken")
+        assert n_of(stderr.getvalue()) == [1, 2, 3, 4]
+        nursery.cancel_scope.cancel()
+
+
+async def test_held_lines_are_written_when_the_writer_stops(
+    stderr: Writes, autojump_clock: trio.testing.MockClock
+) -> None:
+    setup(stderr, "text", 0.5)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_log_lines)
+            await trio.testing.wait_all_tasks_blocked()
+            transaction(1)
+            assert stderr.writes == []
+            scope.cancel()  # shutdown, or a crash unwinding the run
+    assert n_of(stderr.getvalue()) == [1]
+    transaction(2)  # no writer: at once
+    assert n_of(stderr.getvalue()) == [1, 2]
+
+
+async def test_held_lines_are_written_at_a_reload_and_at_exit(
+    stderr: Writes, autojump_clock: trio.testing.MockClock
+) -> None:
+    setup(stderr, "text", 0.5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_log_lines)
+        await trio.testing.wait_all_tasks_blocked()
+        transaction(1)
+        setup(stderr, "json", 0.5)  # a reload
+        assert n_of(stderr.getvalue()) == [1]
+        transaction(2)
+        assert n_of(stderr.getvalue()) == [1]
+        logging.shutdown()  # at exit (atexit), also after an uncaught exception
+        assert stderr.getvalue().splitlines()[-1].endswith('"n": 2}')
+        nursery.cancel_scope.cancel()
+
+
+async def test_held_lines_go_out_before_they_pass_pipe_buf_each_write_whole_lines(
+    stderr: Writes, autojump_clock: trio.testing.MockClock
+) -> None:
+    setup(stderr, "text", 0.5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_log_lines)
+        await trio.testing.wait_all_tasks_blocked()
+        for n in range(100):
+            transaction(n)
+        line = len(stderr.writes[0].splitlines(keepends=True)[0])
+        assert len(stderr.writes) >= 2  # each write as full as whole lines make it:
+        assert all(HELD_BYTES - line < len(write.encode()) <= HELD_BYTES for write in stderr.writes)
+        assert all(write.endswith("\n") for write in stderr.writes)
+        await trio.sleep(0.501)
+        assert n_of(stderr.getvalue()) == list(range(100))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_flush_interval_of_0_writes_each_line_at_once(
+    stderr: Writes, autojump_clock: trio.testing.MockClock
+) -> None:
+    setup(stderr, "text", 0.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_log_lines)
+        await trio.testing.wait_all_tasks_blocked()
+        transaction(1)
+        transaction(2)
+        assert [n_of(write) for write in stderr.writes] == [[1], [2]]
+        setup(stderr, "text", 0.5)  # a reload turns holding on
+        transaction(3)
+        assert n_of(stderr.getvalue()) == [1, 2]
+        nursery.cancel_scope.cancel()
+    assert n_of(stderr.getvalue()) == [1, 2, 3]

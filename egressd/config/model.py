@@ -447,9 +447,25 @@ class _AuthTable:
 
 
 @dataclass(frozen=True)
+class _ShortDuration:
+    """A duration of at most ``ceiling`` seconds."""
+
+    ceiling: float
+
+    def read(self, value: object, where: Where) -> float:
+        seconds = Duration.read(value, where)
+        if seconds > self.ceiling:
+            raise ValueError(f"{seconds:g}s is longer than {self.ceiling:g}s")
+        return seconds
+
+
+@dataclass(frozen=True)
 class LogSettings:
     format: Literal["text", "json"] = setting(Choice(("text", "json")), "text")
     level: str = setting(Choice(("debug", "info", "warning", "error"), fold=True), "info")
+    flush_interval: float = setting(_ShortDuration(1.0), 0.05)
+    """How long a connection or transaction line may wait to be written with the next ones
+    (one write for many); 0: each at once. Warnings and errors never wait."""
 
 
 @dataclass(frozen=True)

@@ -290,6 +290,28 @@ async def test_sigterm_drains_in_flight_transfers_refuses_new_ones_and_exits_0(
     assert "grace period over" not in daemon.log()
 
 
+async def test_connection_lines_wait_at_most_the_flush_interval_and_precede_the_shutdown(
+    setup: Setup,
+) -> None:
+    config = setup.write(extra='[log]\nflush_interval = "200ms"\n')
+    async with daemon_process(config) as daemon:
+        with trio.fail_after(20):
+            await setup.open()
+            while " connection " not in daemon.log():  # written with nothing else to push it
+                await trio.sleep(0.02)
+            await setup.open()
+            await setup.wait_sessions_done()
+            daemon.send(signal.SIGTERM)
+            code = await daemon.wait_exit()
+
+    lines = daemon.log().splitlines()
+    connections = [n for n, line in enumerate(lines) if " connection " in line]
+    shutdown = next(n for n, line in enumerate(lines) if "shutting down" in line)
+    assert code == 0
+    assert len(connections) == 2
+    assert connections[-1] < shutdown
+
+
 async def test_sigint_after_the_grace_period_closes_what_is_left_and_exits_0(
     setup: Setup,
 ) -> None:
