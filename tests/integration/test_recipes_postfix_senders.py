@@ -129,6 +129,8 @@ async def send_from(mta: Postfix, sink: SmtpSink, *senders: str) -> dict[str, tu
     for sender in senders:
         mta.sendmail(sender, ["r@good.test"], f"Subject: from {sender}\n\nHello.\n".encode())
     messages = await sink.wait(len(senders), timeout=20)
+    if len(messages) < len(senders):  # say why: Postfix's log has each attempt's status
+        pytest.fail(f"{len(messages)} of {len(senders)} arrived; Postfix's log:\n{mta.log()}")
     return {message.mail_from: (message.peer, message.ehlo) for message in messages}
 
 
