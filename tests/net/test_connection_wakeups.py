@@ -198,7 +198,7 @@ async def test_a_reset_ends_a_write_waiting_for_room(
     connection, peer = tcp_pair()
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
-            big = b"x" * (64 << 20)  # more than the buffers hold: the write waits for room
+            big = b"x" * (16 << 20)  # more than the buffers hold: the write waits for room
             nursery.start_soon(raises, trio.BrokenResourceError, connection.send_all, big)
             await trio.testing.wait_all_tasks_blocked()
             reset(peer)
@@ -404,3 +404,28 @@ async def test_tls_over_connections_with_small_reads(
             assert received == big
     await client.aclose()
     await server.aclose()
+
+
+async def test_a_second_task_reading_at_once_is_refused_and_the_first_still_wakes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two tasks may not read one connection at once (a bug in the caller): the second is
+    refused with BusyResourceError, as trio refuses it, and the first is not forgotten --
+    it gets the bytes when they come instead of waiting forever."""
+    connection, peer = unix_pair()
+    with trio.fail_after(LIMIT):
+        await short_read(connection, peer)
+        got: list[bytes] = []
+
+        async def first() -> None:
+            got.append(await connection.receive_some(4096))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await connection.receive_some(4096)
+            peer.sendall(b"250 first\r\n")
+        assert got == [b"250 first\r\n"]
+    connection.close()
+    peer.close()
