@@ -303,7 +303,9 @@ class SmtpClient:
         if self._state is ClientState.CLOSED:
             return _CLOSED
         buf = self._buf
-        if len(buf.data) <= buf.start:  # nothing to parse: the usual call after a send
+        if not buf.data or (buf.start and len(buf.data) <= buf.start):
+            # Nothing to parse (the usual call after a send): an empty buffer, or one
+            # consumed to its end, told without len() while possible.
             return _CLOSED if buf.closed else NEED_DATA
         if self._state is ClientState.TLS:
             raise self._fail("plaintext after the 220 to STARTTLS (CVE-2011-0411 class)")

@@ -499,8 +499,9 @@ class SmtpServer:
             buf = self._buf
             if owed and owed[-1] in _PAUSING:
                 event = PAUSED
-            elif len(buf.data) <= buf.start:  # nothing to parse: the usual call after a reply
-                event = NEED_DATA
+            elif not buf.data or (buf.start and len(buf.data) <= buf.start):
+                event = NEED_DATA  # nothing to parse (the usual call after a reply): an empty
+                # buffer, or one consumed to its end, told without len() while possible
             elif self._discarding_line:
                 event = self._next_command_event()
             else:  # a whole command line, the usual case, goes to _dispatch from here
@@ -991,9 +992,7 @@ class SmtpServer:
         if end == start:
             return NEED_DATA
         self._line_start = buf.data[end - 1] == _LF  # a clean window never ends in CR|LF
-        window, self._window = self._window, b""
-        if len(window) != end - start:
-            return self._chunk(end)
+        window, self._window = self._window, b""  # data[start:end], as _clean_end checked
         buf.skip(end - start)
         return DataChunk(window)  # the copy _clean_end checked: the bytes are not copied again
 
@@ -1003,9 +1002,12 @@ class SmtpServer:
 
         The window stops before a line-initial dot (the terminator, or what may become it,
         starts a chunk) and before a CR that ends what arrived (is it CRLF? the next byte
-        will tell). A clean window is kept for :meth:`_next_data_event`, which emits it
-        without copying it again."""
-        limit = min(len(data), start + self._max_chunk)
+        will tell). A clean window, ``data[start:end]``, is kept for
+        :meth:`_next_data_event`, which emits it without copying it again."""
+        limit = start + self._max_chunk
+        size = len(data)
+        if limit > size:
+            limit = size
         if start >= limit:
             return start
         if self._line_start and data[start] == _DOT:

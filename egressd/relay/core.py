@@ -382,7 +382,7 @@ class RelayCore:
         self.tx = Transaction(mail=mail, pool=pool, egress=egress, started=self.clock())
         self.in_transaction = True
         named = self.auth_user is not None
-        return [TransactionStarted(pool), ReplyMta(replies.sender_ok(pool, why, named=named))]
+        return [TransactionStarted(pool), ReplyMta(replies.sender_ok(pool, why, named))]
 
     def _user_pools(self, egress: EgressView) -> tuple[str, ...] | None:
         """The pools the authenticated user may use; None without ``[auth.users]``."""

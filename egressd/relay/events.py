@@ -450,10 +450,10 @@ class SendRemote(Record):
 
     def __init__(self, commands: tuple[ClientCommand, ...], what: str) -> None:
         # Counted once here: the core and the shell both read it, several times a message.
-        owed = len(commands)
+        owed = 0
         for command in commands:
-            if type(command) is DataChunk:
-                owed -= 1
+            if type(command) is not DataChunk:
+                owed += 1
         self.commands: Final = commands
         self.what: Final = what
         self.replies_owed: Final = owed
