@@ -551,24 +551,27 @@ class RelayCore:
     def _source_fits(tx: Transaction, source: Source) -> bool:
         """The kept connection's source may serve this transaction's pool right now."""
         config = tx.egress.config
-        pool = config.pools.get(tx.pool)
-        if pool is None:
+        pools, sources, name = config.pools, config.sources, source.name
+        # ``in`` and a subscript, not get(): no call (every message asks).
+        if tx.pool not in pools or name not in sources:
             return False
-        current = config.sources.get(source.name)
+        current = sources[name]
         if current is not source and current != source:  # the same generation: no __eq__
             return False
-        for entry in pool.entries:
-            if entry.source == source.name and entry.weight > 0:
-                return not tx.egress.health.is_suspended(source.name)
+        for entry in pools[tx.pool].entries:
+            if entry.source == name and entry.weight > 0:
+                return not tx.egress.health.is_suspended(name)
         return False
 
     def _next_hop(self, tx: Transaction, domain: str, version: int | None) -> Step[NextHopView]:
         key = (domain, version)
-        found = tx.next_hops.get(key)
-        if found is None:
+        next_hops = tx.next_hops
+        if key in next_hops:  # ``in`` and a subscript, not get(): no call
+            found = next_hops[key]
+        else:
             result = yield ResolveNextHop(domain, version, tx.egress.config)
-            assert isinstance(result, NextHopResolved), result
-            found = tx.next_hops[key] = result.result
+            assert type(result) is NextHopResolved, result
+            found = next_hops[key] = result.result
         if isinstance(found, Reply):
             raise _Refusal(found)
         return found
