@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_smtp_server import EXTENSIONS, GREETING, Seen, merge_chunks, run
 
-from egressd.proto.smtp_common import DataChunk, EndOfData, Noop, Reply
+from egressd.proto.smtp_common import ConnectionClosed, DataChunk, EndOfData, Noop, Reply
 from egressd.proto.smtp_server import BareLineEnding, DataDiscarded, SmtpServer
 
 REFUSAL = Reply.make(550, "Bare CR or LF in message data is not allowed", enhanced="5.6.11")
@@ -142,3 +142,39 @@ def test_cr_at_the_end_of_a_read_then_lf_is_a_clean_line_end() -> None:
         pieces = [body[:at], body[at:] + b".\r\nNOOP\r\n"]
         for max_chunk in (64, 70, 71, 72, 73, 65536):
             assert events_of(pieces, max_chunk) == [DataChunk(body), EndOfData(), Noop()]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(min_value=0, max_value=70),
+    st.lists(st.sampled_from(BODY_TOKENS), max_size=24),
+)
+def test_a_body_cut_short_by_eof_never_ends_and_lets_out_nothing_bare(
+    filler: int, tokens: list[bytes]
+) -> None:
+    """The MTA closes in the middle of a body, read in any two pieces: no end of data
+    (the remote must not get the final dot), only a clean prefix of the body let out, and
+    the refusal exactly when the bytes that came already hold a bare CR or LF."""
+    body = (b"h" * filler + b"\r\n" if filler else b"") + b"".join(tokens)
+    end = (b"\r\n" + body).find(TERMINATOR)
+    if end >= 0:
+        body = body[:end]  # cut before the first end of data
+    decided = body[:-1] if body.endswith(b"\r") else body  # a last CR may yet be CRLF
+    bare = first_bare(decided)
+    for pieces in cuts(body) if body else [[]]:
+        events = run_to_eof(pieces)
+        assert events[-1] == ConnectionClosed()
+        assert not any(isinstance(e, EndOfData) for e in events)
+        let_out = b"".join(e.data for e in events if isinstance(e, DataChunk))
+        assert body.startswith(let_out) and first_bare(let_out) < 0
+        assert (BareLineEnding(REFUSAL) in events) == (bare >= 0), pieces
+        if bare >= 0:
+            assert let_out == body[:bare]
+
+
+def run_to_eof(pieces: list[bytes]) -> list[Seen]:
+    server = SmtpServer(extensions=EXTENSIONS, max_chunk=64)
+    server.send(GREETING)
+    run(server, [b"EHLO mta\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n"])
+    events, _ = run(server, pieces, eof=True)
+    return events
