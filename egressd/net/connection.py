@@ -14,17 +14,20 @@ a minimal SOCKS5 relay (connect, one exchange, close): 0.72 ms of CPU per sessio
 * every call first checks for cancellation (``checkpoint_if_cancelled``: it yields and
   raises ``Cancelled`` only when the task is cancelled), so a timeout or a drain that has
   already fired is honoured at the next call;
-* the system call is tried at once; only EAGAIN parks the task (``wait_readable`` /
-  ``wait_writable``), which is where timeouts normally strike;
+* the system call is tried at once; only EAGAIN parks the task, which is where timeouts
+  normally strike. It parks with the run's edge-triggered reactor
+  (:mod:`egressd.net.readiness`), not with trio's ``wait_readable`` / ``wait_writable``:
+  the socket is registered there once, at its first wait, so a wait costs no
+  ``epoll_ctl``, and the reactor remembers readiness between waits;
 * after :data:`YIELD_EVERY` calls in a row that did not park, one yields anyway, so a
   peer that always has data ready cannot starve the other connections.
 
 A receive that got fewer bytes than it asked for emptied the kernel's queue, so the next
 one parks first and then reads, instead of paying a ``recv`` that fails with EAGAIN (a
-system call, and a BlockingIOError raised and caught) before the same park: a wait that
-finds the bytes already there ends at the scheduler's next epoll turn. After a full
-read (a message body arriving faster than it is read) the next receive still tries at
-once. The SMTP door is lock-step (the MTA's command, the remote's reply, the answer), so
+system call, and a BlockingIOError raised and caught) before the same park, unless the
+reactor has reported the socket readable since (new bytes, or the peer's FIN). After a
+full read (a message body arriving faster than it is read) the next receive still tries
+at once. The SMTP door is lock-step (the MTA's command, the remote's reply, the answer), so
 after a reply is sent its next read nearly always has to wait: measured with perf under
 ``smtp-source -s 50 -d`` (10 KiB, into ``smtp-sink``), recvfrom per message fell from
 10.5 to 7.0, and ``scripts/bench smtp --baseline DIR --rounds 5 --seconds 3`` gave
@@ -43,9 +46,11 @@ call, the time counted from the first call), so one caller serves both.
 
 A wait under a limit makes no cancel scope either: it files its deadline with the run's one
 deadline task (:class:`_Deadlines`, a trio system task), which sleeps until the earliest
-deadline filed and wakes the waits that reached theirs with ``notify_closing`` (their
-``wait_readable`` raises ``ClosedResourceError``, turned into ``TooSlowError`` here; the
-socket stays open and usable, trio registers it again at the next wait). Filing is two
+deadline filed and wakes the waits that reached theirs with :class:`trio.TooSlowError`
+(through the reactor's :meth:`~egressd.net.readiness.Watch.wake`: only the late wait; a
+wait in the other direction on the same socket waits on; the late wait tries its call
+once more first, since the reactor's report of bytes that came by the deadline may be
+queued behind the deadline task in the same scheduler batch). Filing is two
 dict operations; a cancel scope with a deadline costs about forty Python calls to enter
 and leave, and the SMTP door waited about three times per message under load, all under a
 limit (measured with smtp-source, 50 sessions: 3.2 waits and 3.3 scopes per message).
@@ -69,6 +74,9 @@ import socket
 from collections.abc import Callable
 
 import trio
+
+from egressd.net import readiness
+from egressd.net.readiness import HUNG_UP, READ, WRITE, Watch
 
 __all__ = [
     "YIELD_EVERY",
@@ -106,13 +114,10 @@ class Connection(trio.abc.HalfCloseableStream):
         self.peer = peer
         self._limit = math.inf  # see time_limit()
         self._deadline = math.inf
-        self._expired = False  # a wait of this limit reached its deadline (_park_until)
-        self._late = 0  # the waits that reached theirs: _READ_LATE, _WRITE_LATE (bits)
+        self._expired = False  # a wait of this limit reached its deadline (_expire)
         self._deadlines: _Deadlines | None = None  # the run's, from the first limited wait
         self._unparked = 0
-        self._parked = 0  # the waits in progress on the socket (_park_until), for close()
-        self._armed = False  # a wait ended without its event: trio's epoll may watch on
-        self._drained = False  # the last recv was short: the kernel's queue was empty
+        self._watch: Watch | None = None  # in the run's reactor, from the first wait
         self._eof_sent = False
 
     # ------------------------------------------------------------------ stream interface
@@ -123,8 +128,9 @@ class Connection(trio.abc.HalfCloseableStream):
         if self._unparked >= YIELD_EVERY:
             await self._yield_anyway()
         size = _DEFAULT_RECEIVE_SIZE if max_bytes is None else max_bytes
-        if self._drained and not self._expired:  # the recv would fail: wait first
-            await self._park_until(readable=True)
+        watch = self._watch
+        if watch is not None and not watch.ready & READ and not self._expired:
+            await self._park_until(readable=True)  # the recv would fail: wait first
         while True:
             try:
                 data = self.socket.recv(size)
@@ -133,7 +139,10 @@ class Connection(trio.abc.HalfCloseableStream):
             except OSError as exc:
                 raise _stream_error(exc) from _cause(exc)
             else:
-                self._drained = len(data) < size
+                if len(data) < size and data:  # the queue is empty: the next read waits
+                    watch = self._watch or self._start_watch()
+                    if not watch.ready & HUNG_UP:  # unless the EOF is next (no event comes)
+                        watch.ready &= ~READ
                 return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -148,24 +157,34 @@ class Connection(trio.abc.HalfCloseableStream):
         try:  # usually the kernel takes it all at once: no memoryview to slice
             sent = self.socket.send(data)
         except BlockingIOError:
-            sent = 0
+            sent = -1
         except OSError as exc:
             raise _stream_error(exc) from _cause(exc)
-        if sent == len(data):
-            return
-        view = memoryview(data)[sent:]
-        while view:
+        if sent != len(data):
+            await self._send_rest(memoryview(data), sent)
+
+    async def _send_rest(self, view: memoryview, sent: int) -> None:
+        """Send what is left of ``view`` after ``sent`` bytes (-1: none, EAGAIN)."""
+        while True:
+            if sent < 0:
+                await self._park_until(readable=False)
+            else:
+                view = view[sent:]
+                if not view:
+                    return
             try:
                 sent = self.socket.send(view)
             except BlockingIOError:
-                await self._park_until(readable=False)
-                continue
+                sent = -1
             except OSError as exc:
                 raise _stream_error(exc) from _cause(exc)
-            view = view[sent:]
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self._park_until(readable=False)
+        watch = self._watch
+        if watch is not None and watch.ready & WRITE:
+            await trio.lowlevel.checkpoint()
+        else:
+            await self._park_until(readable=False)
 
     async def send_eof(self) -> None:
         await self._before_call()
@@ -193,23 +212,24 @@ class Connection(trio.abc.HalfCloseableStream):
     def close(self) -> None:
         """Close at once, without a checkpoint (a TCP socket has nothing to flush).
 
-        Trio hears of it (``notify_closing``: about 14 Python calls and an ``epoll_ctl``
-        that fails for a socket trio never waited on) only when it has to: when a task
-        waits on the socket (every wait goes through :meth:`_park_until`), which must wake
-        with :class:`trio.ClosedResourceError`, or when a wait ended without its event (a
-        cancelled wait leaves the descriptor in trio's epoll set armed for EPOLLHUP and
-        EPOLLERR). Otherwise trio keeps nothing for the descriptor (it forgets a
-        descriptor once no task waits on it) and its epoll set holds it at most disabled
-        (EPOLLONESHOT, after the event that ended the last wait), which the kernel drops
-        as the socket closes: a socket given the same number next is registered afresh
-        (trio's EPOLL_CTL_MOD fails, its EPOLL_CTL_ADD succeeds), and even if the closed
-        socket outlived its descriptor (a fork's copy), its disabled entry reports nothing.
+        A socket that waited is first taken out of the reactor's epoll set, waking a task
+        that still waits with :class:`trio.ClosedResourceError` (see "Closing" in
+        :mod:`egressd.net.readiness`: the kernel drops it from the set only when the last
+        reference to the file goes).
         """
-        sock = self.socket
-        if sock.fileno() != -1:
-            if self._parked or self._armed:
-                trio.lowlevel.notify_closing(sock)
-            sock.close()
+        watch = self._watch
+        if watch is not None:
+            self._watch = None
+            watch.release(self.socket, "this socket was closed while waiting")
+        self.socket.close()
+
+    def unwatch(self) -> None:
+        """The socket is about to be waited on elsewhere (the splice reactor): take it out
+        of the reactor; a later wait registers it again."""
+        watch = self._watch
+        if watch is not None:
+            self._watch = None
+            watch.release(self.socket, "this socket was handed over while waiting")
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -226,48 +246,51 @@ class Connection(trio.abc.HalfCloseableStream):
         self._unparked = 0
         await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def _start_watch(self) -> Watch:
+        watch = self._watch = readiness.watch(self.socket)
+        return watch
+
     async def _park_until(self, *, readable: bool) -> None:
-        """Wait until the socket is readable (or writable), within the time limit if there
-        is one (one coroutine: the wait is here, not in a helper, as it is resumed through
-        every frame above it)."""
+        """Wait until the reactor reports the socket readable (or writable), within the
+        time limit if there is one: the direction is not ready (EAGAIN, or a short read),
+        so its bit is cleared and the task waits for the next event (one coroutine: the
+        wait is here, not in a helper, as it is resumed through every frame above it)."""
         self._unparked = 0
+        watch = self._watch or self._start_watch()
+        task = trio.lowlevel.current_task()
+        if readable:
+            if watch.reader is not None:
+                raise trio.BusyResourceError("another task is already reading this socket")
+            watch.ready &= ~READ
+            abort = watch.abort_read
+        else:
+            if watch.writer is not None:
+                raise trio.BusyResourceError("another task is already writing this socket")
+            watch.ready &= ~WRITE
+            abort = watch.abort_write
         key = None
         if self._limit != math.inf:
             key = self._file_deadline(readable)
-        self._parked += 1
+        if readable:
+            watch.reader = task
+        else:
+            watch.writer = task
         try:
-            while True:
-                try:
-                    if readable:
-                        await trio.lowlevel.wait_readable(self.socket)
-                    else:
-                        await trio.lowlevel.wait_writable(self.socket)
-                    break
-                except trio.ClosedResourceError:
-                    if self.socket.fileno() == -1:
-                        raise
-                    if self._late & _late_bit(readable):  # this wait reached its deadline
-                        raise trio.TooSlowError from None
-                    # Woken because another wait on the socket (the other direction, in
-                    # another task) reached its deadline: this one waits on.
-        except OSError as exc:  # pragma: no cover - epoll refuses only a closed descriptor
-            self._armed = True
-            raise _stream_error(exc) from _cause(exc)
-        except BaseException:  # cancelled, or closed: trio may still watch it (see close)
-            self._armed = True
-            raise
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        except trio.TooSlowError:
+            # The deadline task ran before the reactor could report bytes (or room) that
+            # came by the deadline: the caller tries its call once more, and its next
+            # wait raises (_file_deadline). A limit replaced meanwhile: this wait raises.
+            if not self._expired:
+                raise
         finally:
-            self._parked -= 1
             if key is not None:
                 deadlines = self._deadlines
                 assert deadlines is not None  # filed by _file_deadline
                 waits = deadlines.waits
                 waits.pop(key, None)
-                self._late &= ~_late_bit(readable)
                 if not waits:
                     deadlines.idle()
-        if self.socket.fileno() == -1:
-            raise trio.ClosedResourceError("this socket was closed while waiting")
 
     def _file_deadline(self, readable: bool) -> tuple[Connection, bool]:
         """File the coming wait's deadline with the run's deadline task; its key there
@@ -285,24 +308,15 @@ class Connection(trio.abc.HalfCloseableStream):
         return key
 
     def _expire(self, readable: bool, deadline: float) -> None:
-        """The wait for ``readable`` (or writable) reached its ``deadline``: wake the waits
-        on the socket (that one raises :class:`trio.TooSlowError`, any other waits on), and
-        when it is this limit's deadline, the next waits under it raise at once."""
-        self._late |= _late_bit(readable)
+        """The wait for ``readable`` (or writable) reached its ``deadline``: it raises
+        :class:`trio.TooSlowError` (a wait in the other direction waits on), and when it
+        is this limit's deadline, the next waits under it raise at once (the late wait
+        itself first tries its call once more: see :meth:`_park_until`)."""
         if deadline == self._deadline:
             self._expired = True
-        if self.socket.fileno() != -1:
-            trio.lowlevel.notify_closing(self.socket)
-
-
-_READ_LATE = 1
-_WRITE_LATE = 2
-
-
-def _late_bit(readable: bool) -> int:
-    """A wait's bit in ``Connection._late`` (an int, not a set: a set is 216 bytes a
-    connection, and an idle spliced session holds two)."""
-    return _READ_LATE if readable else _WRITE_LATE
+        watch = self._watch
+        if watch is not None:
+            watch.wake(readable, trio.TooSlowError())
 
 
 class _Deadlines:

@@ -142,6 +142,8 @@ def relay(
         and client.tcp
         and remote.tcp
     ):  # what the doors pass: can_splice() and _tcp_socket() inline (11 calls a session)
+        client.unwatch()  # the splice reactor watches them now
+        remote.unwatch()
         return SplicedPair(
             client.socket,
             remote.socket,
@@ -257,6 +259,8 @@ _TCP_KEEPIDLE: int | None = getattr(socket, "TCP_KEEPIDLE", None)
 def _tcp_socket(stream: trio.abc.Stream) -> AnySocket:
     sock = _socket_of(stream)
     assert sock is not None  # can_splice() said so
+    if isinstance(stream, Connection):
+        stream.unwatch()  # the splice reactor watches it now
     return sock
 
 

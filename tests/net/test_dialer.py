@@ -579,6 +579,8 @@ async def test_failures_close_their_sockets(nursery: trio.Nursery) -> None:
         egressd_socks5_plain_connect=True,
     )
     closed = free_port()
+    with pytest.raises(EgressFailure):  # the run's Connection reactor (an epoll set) starts
+        await dial_within(0.01, slow, "127.0.0.1", 25)
     gc.collect()  # earlier tests' garbage (sockets in reference cycles) closes now, not mid-count
     before = open_fds()
     for _ in range(20):
