@@ -429,3 +429,32 @@ async def test_a_second_task_reading_at_once_is_refused_and_the_first_still_wake
         assert got == [b"250 first\r\n"]
     connection.close()
     peer.close()
+
+
+@pytest.mark.parametrize("size", [1, 3, 9, 10])
+@pytest.mark.parametrize("pair", [unix_pair, tcp_pair], ids=["unix", "tcp"])
+async def test_bytes_and_eof_read_in_small_pieces_give_every_byte_then_eof(
+    autojump_clock: trio.testing.MockClock,
+    size: int,
+    pair: Callable[[], tuple[Connection, socket.socket]],
+) -> None:
+    """The peer's last bytes and its FIN come together and are read a few bytes at a time
+    (a read that fills its buffer, then a short one that still leaves the EOF behind): no
+    later event will announce that EOF, yet every byte and then ``b""`` come."""
+    connection, peer = pair()
+    with trio.fail_after(LIMIT):
+        await short_read(connection, peer)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.receive_some, 1)  # parked: registered, if ever
+            await trio.testing.wait_all_tasks_blocked()
+            peer.sendall(b"2")
+        peer.sendall(b"21 bye\r\n")
+        peer.shutdown(socket.SHUT_WR)
+        await scheduler_turns()
+        received = b""
+        while chunk := await connection.receive_some(size):
+            received += chunk
+        assert received == b"21 bye\r\n"
+        assert await connection.receive_some(size) == b""
+    connection.close()
+    peer.close()
