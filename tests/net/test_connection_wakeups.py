@@ -14,7 +14,9 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import threading
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import pytest
 import trio
@@ -22,6 +24,7 @@ import trio.testing
 import trustme
 
 from egressd.net.connection import Connection
+from egressd.net.splice import Traffic, relay
 
 LIMIT = 5  # seconds on the fake clock: a lost wake-up makes it jump there and fail
 
@@ -458,3 +461,72 @@ async def test_bytes_and_eof_read_in_small_pieces_give_every_byte_then_eof(
         assert await connection.receive_some(size) == b""
     connection.close()
     peer.close()
+
+
+async def test_connections_that_waited_are_spliced_whole_and_their_numbers_reused_cleanly() -> None:
+    """The SOCKS5 door's shape: each side's Connection waits for a greeting first (so it
+    is watched, if waits have a watcher), then the sockets go to the splice path. Every
+    byte goes through both ways, both ends see the EOF, and a connection given one of
+    the closed sockets' numbers next waits for its own bytes and gets them."""
+    client, client_app = tcp_pair()
+    remote, remote_app = tcp_pair()
+    for connection, app in ((client, client_app), (remote, remote_app)):
+        await short_read(connection, app)
+    up, down = bytes(range(256)) * 4096, b"down" * 300_000
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            traffic = Traffic()
+            nursery.start_soon(
+                partial(relay, client, remote, traffic=traffic, idle_timeout=None, zero_copy=True)
+            )
+            got_up, got_down = await trio.to_thread.run_sync(
+                exchange, client_app, remote_app, up, down
+            )
+        assert (got_up, got_down) == (up, down)
+        assert (traffic.up, traffic.down) == (len(up), len(down))
+        numbers = {client.fileno(), remote.fileno()}
+        client.close()
+        remote.close()
+        fresh, fresh_peer = tcp_pair()
+        if fresh.fileno() not in numbers:  # pragma: no cover - the lowest free numbers
+            pytest.skip("the kernel gave other descriptor numbers")
+        await short_read(fresh, fresh_peer)
+        async with trio.open_nursery() as nursery:
+            got: list[bytes] = []
+
+            async def read() -> None:
+                got.append(await fresh.receive_some(4096))
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            fresh_peer.sendall(b"250 fresh\r\n")
+        assert got == [b"250 fresh\r\n"]
+    fresh.close()
+    for sock in (client_app, remote_app, fresh_peer):
+        sock.close()
+
+
+def exchange(
+    client_app: socket.socket, remote_app: socket.socket, up: bytes, down: bytes
+) -> tuple[bytes, bytes]:
+    """In a thread (blocking sockets): each app sends its bytes and EOF and reads the
+    other's to EOF; what each received."""
+    received: dict[str, bytes] = {}
+
+    def run(name: str, sock: socket.socket, data: bytes) -> None:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(1 << 16):
+            chunks.append(chunk)
+        received[name] = b"".join(chunks)
+
+    threads = [
+        threading.Thread(target=run, args=("down", client_app, up)),
+        threading.Thread(target=run, args=("up", remote_app, down)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    return received["up"], received["down"]
