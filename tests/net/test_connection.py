@@ -11,6 +11,7 @@ import time
 import pytest
 import trio
 import trio.testing
+from counting_sockets import counting_pair
 
 from egressd.net.connection import Connection, TimedStream, timed
 
@@ -55,22 +56,6 @@ async def test_a_cancelled_task_is_stopped_at_its_next_call_even_with_data_ready
     assert await connection.receive_some(10) == b"ready"  # nothing was consumed
     connection.close()
     peer.close()
-
-
-class CountingSocket(socket.socket):
-    """A socket that counts its recv calls (system calls a Connection makes)."""
-
-    recvs = 0
-
-    def recv(self, size: int, flags: int = 0) -> bytes:
-        self.recvs += 1
-        return super().recv(size, flags)
-
-
-def counting_pair() -> tuple[Connection, CountingSocket, socket.socket]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    counting = CountingSocket(ours.family, ours.type, 0, ours.detach())
-    return Connection(counting), counting, theirs
 
 
 async def test_after_a_short_read_the_next_read_waits_before_its_recv() -> None:

@@ -12,26 +12,11 @@ import socket
 import pytest
 import trio
 import trio.testing
+from counting_sockets import counting_pair
 
 from egressd.net import readiness
 from egressd.net.connection import Connection
 from egressd.net.splice import Traffic, relay
-
-
-class CountingSocket(socket.socket):
-    """A socket that counts its recv calls."""
-
-    recvs = 0
-
-    def recv(self, size: int, flags: int = 0) -> bytes:
-        self.recvs += 1
-        return super().recv(size, flags)
-
-
-def counting_pair() -> tuple[Connection, CountingSocket, socket.socket]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    counting = CountingSocket(ours.family, ours.type, 0, ours.detach())
-    return Connection(counting), counting, theirs
 
 
 def registered() -> list[int]:
