@@ -131,6 +131,11 @@ def test_example_error_message_names_file_and_key_path(tmp_path: Path) -> None:
         ('[log]\nflush_interval = "2s"\n', "log: flush_interval: 2s is longer than 1s"),
         ('[log]\nflush_interval = "soon"\n', 'log: flush_interval: "soon" is not a duration'),
         ("[log]\nflush_interval = -1\n", "log: flush_interval: -1 is negative"),
+        (
+            '[smtp.timeouts]\ndata_init = "120s"\n',
+            "smtp: timeouts: data_init: 120s must stay below Postfix's client timeout "
+            "(at most 110s)",
+        ),
     ],
 )
 def test_each_class_of_bad_config_names_file_and_key_path(

@@ -447,7 +447,7 @@ class _AuthTable:
 
 
 @dataclass(frozen=True)
-class _ShortDuration:
+class DurationAtMost:
     """A duration of at most ``ceiling`` seconds."""
 
     ceiling: float
@@ -455,15 +455,18 @@ class _ShortDuration:
     def read(self, value: object, where: Where) -> float:
         seconds = Duration.read(value, where)
         if seconds > self.ceiling:
-            raise ValueError(f"{seconds:g}s is longer than {self.ceiling:g}s")
+            raise ValueError(self.too_long(seconds))
         return seconds
+
+    def too_long(self, seconds: float) -> str:
+        return f"{seconds:g}s is longer than {self.ceiling:g}s"
 
 
 @dataclass(frozen=True)
 class LogSettings:
     format: Literal["text", "json"] = setting(Choice(("text", "json")), "text")
     level: str = setting(Choice(("debug", "info", "warning", "error"), fold=True), "info")
-    flush_interval: float = setting(_ShortDuration(1.0), 0.05)
+    flush_interval: float = setting(DurationAtMost(1.0), 0.05)
     """How long a connection or transaction line may wait to be written with the next ones
     (one write for many); 0: each at once. Warnings and errors never wait."""
 
@@ -527,18 +530,11 @@ class HealthSettings:
 
 
 @dataclass(frozen=True)
-class PostfixTimeout:
+class PostfixTimeout(DurationAtMost):
     """A duration that must stay below Postfix's client timeout for the same step."""
 
-    ceiling: int
-
-    def read(self, value: object, where: Where) -> float:
-        seconds = Duration.read(value, where)
-        if seconds > self.ceiling:
-            raise ValueError(
-                f"{seconds:g}s must stay below Postfix's client timeout (at most {self.ceiling}s)"
-            )
-        return seconds
+    def too_long(self, seconds: float) -> str:
+        return f"{seconds:g}s must stay below Postfix's client timeout (at most {self.ceiling:g}s)"
 
 
 @dataclass(frozen=True)
